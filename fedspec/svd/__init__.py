@@ -1,0 +1,21 @@
+"""fedspec SVD engine: truncated SVD (exact / randomized, top / bottom, batched) and the exact
+re-factorization of a low-rank product B·A through QR + an r×r SVD.
+
+Every decomposition runs in float32 or float64 whatever the model dtype, and without autograd.
+Singular-vector signs are arbitrary: compare products, never factors.
+"""
+
+from .grouping import group_by_shape
+from .precision import compute_dtype
+from .refactor import refactor_lowrank, refactor_lowrank_grouped
+from .truncated import METHODS, reconstruction_error, truncated_svd
+
+__all__ = [
+    "METHODS",
+    "compute_dtype",
+    "group_by_shape",
+    "reconstruction_error",
+    "refactor_lowrank",
+    "refactor_lowrank_grouped",
+    "truncated_svd",
+]

@@ -1,0 +1,39 @@
+"""Group named tensors that can be stacked into one batch.
+
+Batched torch.linalg calls amortize kernel-launch and Python overhead across all layers of one
+shape (e.g. the q/v projections of every transformer block), which is what the server needs when
+it decomposes or re-factorizes a whole model per round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+__all__ = ["TensorSignature", "group_by_shape", "signature"]
+
+# (shape, dtype, device) of each tensor in an entry; entries with equal signatures stack.
+TensorSignature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+def signature(value: torch.Tensor | Sequence[torch.Tensor]) -> TensorSignature:
+    """The stacking key of one entry: a single tensor or a tuple of tensors (e.g. a (B, A) pair)."""
+    tensors = (value,) if isinstance(value, torch.Tensor) else tuple(value)
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
+def group_by_shape(
+    tensors: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+) -> dict[TensorSignature, list[str]]:
+    """Map each stacking signature to the names that share it.
+
+    Values may be single tensors or tuples of tensors; an entry's key covers every tensor in it,
+    so a group can be `torch.stack`-ed position by position. dtype and device are part of the key
+    because stacking must not silently cast or move. Groups and the names inside them keep the
+    mapping's insertion order, so results are deterministic.
+    """
+    groups: dict[TensorSignature, list[str]] = {}
+    for name, value in tensors.items():
+        groups.setdefault(signature(value), []).append(name)
+    return groups

@@ -1,0 +1,463 @@
+"""Tests of the SVD engine: truncated SVD (exact / randomized) and the low-rank re-factorization.
+
+Singular-vector signs are arbitrary, so every comparison is on products U·diag(S)·Vh or B·A,
+never on factors. Sizes are tiny except the one 4096² timing check.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import fedspec.svd.refactor as refactor_module
+from fedspec.svd import (
+    group_by_shape,
+    reconstruction_error,
+    refactor_lowrank,
+    refactor_lowrank_grouped,
+    truncated_svd,
+)
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_orthonormal(rows: int, cols: int, g: torch.Generator, dtype=torch.float64) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=dtype)).Q
+
+
+def decaying_matrix(
+    m: int, n: int, *, decay: float = 0.7, seed: int = 0, dtype=torch.float64, batch: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """U diag(decay**i) Vᵀ with random orthonormal U, V: a spectrum with clear gaps."""
+    g = gen(seed)
+    k = min(m, n)
+    s = decay ** torch.arange(k, dtype=torch.float64)
+    mats = []
+    for _ in range(int(torch.tensor(batch).prod()) if batch else 1):
+        U = random_orthonormal(m, k, g)
+        V = random_orthonormal(n, k, g)
+        mats.append((U * s) @ V.T)
+    W = torch.stack(mats).reshape(*batch, m, n) if batch else mats[0]
+    return W.to(dtype)
+
+
+def product(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
+    return (U * S.unsqueeze(-2)) @ Vh
+
+
+def rel_err(X: torch.Tensor, Y: torch.Tensor) -> float:
+    X, Y = X.double(), Y.double()
+    return float(torch.linalg.norm(X - Y) / torch.linalg.norm(Y).clamp_min(1e-300))
+
+
+def orthonormality_err(A: torch.Tensor) -> float:
+    """max |A Aᵀ − I| over a (batch of) r×n matrices."""
+    A = A.double()
+    eye = torch.eye(A.shape[-2], dtype=torch.float64)
+    return float((A @ A.mT - eye).abs().max())
+
+
+def reference_svd(W: torch.Tensor, rank: int, smallest: bool = False) -> torch.Tensor:
+    """The rank-r product from a full float64 torch.linalg.svd."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    keep = slice(-rank, None) if smallest else slice(0, rank)
+    return product(U[..., keep], S[..., keep], Vh[..., keep, :])
+
+
+# ------------------------------------------------------------------------------------ truncated_svd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("m", "n", "rank"), [(60, 40, 5), (40, 70, 10), (50, 50, 1)])
+def test_randomized_error_within_one_percent_of_exact(dtype, m, n, rank):
+    W = decaying_matrix(m, n, dtype=dtype)
+    err_exact = reconstruction_error(W, *truncated_svd(W, rank, method="exact"))
+    err_rand = reconstruction_error(W, *truncated_svd(W, rank, method="randomized"))
+    assert float(err_rand) <= 1.01 * float(err_exact)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize(("m", "n"), [(48, 32), (32, 48)])
+def test_top_components_match_linalg_svd(method, m, n):
+    W = decaying_matrix(m, n)
+    U, S, Vh = truncated_svd(W, 6, method=method)
+    assert U.shape == (m, 6) and S.shape == (6,) and Vh.shape == (6, n)
+    tol = 1e-12 if method == "exact" else 1e-8
+    assert rel_err(product(U, S, Vh), reference_svd(W, 6)) < tol
+    full = torch.linalg.svdvals(W)
+    torch.testing.assert_close(S, full[:6], rtol=1e-10, atol=1e-12)
+    assert torch.all(S[:-1] >= S[1:])
+
+
+@pytest.mark.parametrize(("m", "n"), [(30, 20), (20, 30)])
+def test_smallest_components_match_linalg_svd(m, n):
+    W = decaying_matrix(m, n, decay=0.8)
+    U, S, Vh = truncated_svd(W, 4, method="exact", smallest=True)
+    assert U.shape == (m, 4) and S.shape == (4,) and Vh.shape == (4, n)
+    assert rel_err(product(U, S, Vh), reference_svd(W, 4, smallest=True)) < 1e-10
+    torch.testing.assert_close(S, torch.linalg.svdvals(W)[-4:])
+    assert torch.all(S[:-1] >= S[1:]), "bottom components keep the full SVD's non-increasing order"
+
+
+def test_full_rank_randomized_is_exact():
+    """q is capped at min(m, n): asking for every component recovers W exactly."""
+    W = torch.randn(20, 12, generator=gen(), dtype=torch.float64)
+    assert float(reconstruction_error(W, *truncated_svd(W, 12, method="randomized"))) < 1e-12
+
+
+def test_oversampling_and_power_iterations_each_improve_the_sketch():
+    """niter=0, oversample=0 is allowed but crude; either knob closes most of the gap to optimal."""
+    W = decaying_matrix(40, 30)
+    optimal = float(reconstruction_error(W, *truncated_svd(W, 3, method="exact")))
+
+    def ratio(niter: int, oversample: int) -> float:
+        approx = truncated_svd(W, 3, niter=niter, oversample=oversample)
+        return float(reconstruction_error(W, *approx)) / optimal
+
+    crude = ratio(0, 0)
+    assert 1.0 <= crude < 3.0
+    assert ratio(1, 0) < crude and ratio(0, 8) < crude
+    assert ratio(4, 8) < 1.0 + 1e-9
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("batch", [(3,), (2, 2)])
+def test_batched_equals_per_matrix(method, batch):
+    W = decaying_matrix(24, 16, batch=batch)
+    U, S, Vh = truncated_svd(W, 4, method=method)
+    assert U.shape == (*batch, 24, 4) and S.shape == (*batch, 4) and Vh.shape == (*batch, 4, 16)
+    flat_W = W.reshape(-1, 24, 16)
+    flat_P = product(U, S, Vh).reshape(-1, 24, 16)
+    for Wi, Pi in zip(flat_W, flat_P):
+        assert rel_err(Pi, product(*truncated_svd(Wi, 4, method=method))) < 1e-10
+    assert reconstruction_error(W, U, S, Vh).shape == batch
+
+
+def test_batched_smallest_equals_per_matrix():
+    W = decaying_matrix(12, 10, batch=(3,))
+    P = product(*truncated_svd(W, 3, method="exact", smallest=True))
+    for Wi, Pi in zip(W, P):
+        assert rel_err(Pi, reference_svd(Wi, 3, smallest=True)) < 1e-10
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_half_precision_input_is_computed_in_float32(half, method):
+    W = decaying_matrix(32, 24).to(half)
+    U, S, Vh = truncated_svd(W, 4, method=method)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    U32, S32, Vh32 = truncated_svd(W.float(), 4, method=method)
+    torch.testing.assert_close(product(U, S, Vh), product(U32, S32, Vh32))
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_float64_stays_float64(method):
+    U, S, Vh = truncated_svd(decaying_matrix(16, 12), 3, method=method)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float64
+
+
+def test_same_generator_seed_is_deterministic():
+    W = torch.randn(40, 30, generator=gen(1))  # flat spectrum: the sketch visibly matters
+    a = truncated_svd(W, 5, niter=1, oversample=0, generator=gen(7))
+    b = truncated_svd(W, 5, niter=1, oversample=0, generator=gen(7))
+    c = truncated_svd(W, 5, niter=1, oversample=0, generator=gen(8))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(product(*a), product(*c))
+
+
+def test_no_generator_is_deterministic_and_leaves_global_rng_alone():
+    W = torch.randn(40, 30, generator=gen(1))
+    state = torch.get_rng_state()
+    a = truncated_svd(W, 5, niter=1, oversample=0)
+    b = truncated_svd(W, 5, niter=1, oversample=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # generator=None means a local generator seeded with 0.
+    for x, y in zip(a, truncated_svd(W, 5, niter=1, oversample=0, generator=gen(0))):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_never_under_autograd(method):
+    W = torch.randn(10, 8, requires_grad=True)
+    U, S, Vh = truncated_svd(W, 2, method=method)
+    assert not (U.requires_grad or S.requires_grad or Vh.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_zero_matrix_is_finite(method):
+    U, S, Vh = truncated_svd(torch.zeros(12, 9), 3, method=method)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert torch.equal(S, torch.zeros(3))
+    assert float(reconstruction_error(torch.zeros(12, 9), U, S, Vh)) == 0.0
+
+
+@pytest.mark.parametrize("rank", [0, -1, 9])
+def test_rank_out_of_range_names_shape_and_range(rank):
+    with pytest.raises(ValueError, match=r"rank=.*\(12, 8\).*1 <= rank <= min\(m, n\) = 8"):
+        truncated_svd(torch.randn(12, 8), rank)
+
+
+def test_rank_must_be_int():
+    with pytest.raises(TypeError, match="rank must be an int"):
+        truncated_svd(torch.randn(12, 8), 2.0)
+
+
+def test_smallest_with_randomized_is_refused():
+    with pytest.raises(ValueError, match=r"top singular subspace.*method='exact'"):
+        truncated_svd(torch.randn(12, 8), 2, smallest=True)
+
+
+def test_unknown_method_lists_allowed_values():
+    with pytest.raises(ValueError, match=r"'lanczos'.*exact, randomized"):
+        truncated_svd(torch.randn(12, 8), 2, method="lanczos")
+
+
+@pytest.mark.parametrize("kwargs", [{"niter": -1}, {"oversample": -2}])
+def test_negative_niter_or_oversample_rejected(kwargs):
+    with pytest.raises(ValueError, match=">= 0"):
+        truncated_svd(torch.randn(12, 8), 2, **kwargs)
+
+
+def test_vector_input_rejected():
+    with pytest.raises(ValueError, match="matrix"):
+        truncated_svd(torch.randn(12), 1)
+
+
+# --------------------------------------------------------------------------------- refactor_lowrank
+
+
+def random_pair(m: int, r: int, n: int, dtype=torch.float64, seed: int = 0, batch=()) -> tuple:
+    g = gen(seed)
+    B = torch.randn(*batch, m, r, generator=g, dtype=torch.float64).to(dtype)
+    A = torch.randn(*batch, r, n, generator=g, dtype=torch.float64).to(dtype)
+    return B, A
+
+
+SHAPES = [(64, 8, 48), (48, 8, 64), (32, 8, 32), (5, 8, 40), (8, 8, 8), (1, 4, 10)]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(("m", "r", "n"), SHAPES)
+def test_refactor_preserves_product(dtype, tol, m, r, n):
+    B, A = random_pair(m, r, n, dtype)
+    B_new, A_new = refactor_lowrank(B, A)
+    assert B_new.shape == (m, r) and A_new.shape == (r, n)
+    assert B_new.dtype == A_new.dtype == dtype
+    assert rel_err(B_new @ A_new, B.double() @ A.double()) < tol
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize(("m", "r", "n"), SHAPES)
+def test_refactor_rows_of_a_are_orthonormal(dtype, tol, m, r, n):
+    _, A_new = refactor_lowrank(*random_pair(m, r, n, dtype))
+    assert orthonormality_err(A_new) < tol
+
+
+@pytest.mark.parametrize(("m", "r", "n"), SHAPES)
+def test_refactor_b_holds_the_singular_values(m, r, n):
+    """B_new = UΣ: orthogonal columns whose norms are the singular values of B·A, non-increasing."""
+    B, A = random_pair(m, r, n)
+    B_new, _ = refactor_lowrank(B, A)
+    sigma = torch.linalg.norm(B_new, dim=-2)
+    assert torch.all(sigma >= 0) and torch.all(sigma[:-1] >= sigma[1:])
+    expected = torch.zeros(r, dtype=torch.float64)
+    svals = torch.linalg.svdvals(B @ A)[:r]
+    expected[: svals.numel()] = svals
+    torch.testing.assert_close(sigma, expected, rtol=1e-10, atol=1e-10)
+    gram = B_new.mT @ B_new
+    torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("assume", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_refactor_zero_b_is_finite_and_orthonormal(assume, dtype):
+    A = random_orthonormal(40, 6, gen(), dtype).mT if assume else random_pair(32, 6, 40, dtype)[1]
+    B_new, A_new = refactor_lowrank(torch.zeros(32, 6, dtype=dtype), A, assume_orthonormal_rows=assume)
+    assert torch.isfinite(B_new).all() and torch.isfinite(A_new).all()
+    assert torch.count_nonzero(B_new) == 0
+    assert orthonormality_err(A_new) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_refactor_rank_deficient_product():
+    """Rank-2 B and a rank-deficient A (two equal rows): zeros in Σ, A still orthonormal."""
+    g = gen(3)
+    f64 = torch.float64
+    B = torch.randn(30, 2, generator=g, dtype=f64) @ torch.randn(2, 6, generator=g, dtype=f64)
+    A = torch.randn(6, 20, generator=g, dtype=torch.float64)
+    A[1] = A[0]
+    B_new, A_new = refactor_lowrank(B, A)
+    assert rel_err(B_new @ A_new, B @ A) < 1e-12
+    assert orthonormality_err(A_new) < 1e-12
+    assert torch.all(torch.linalg.norm(B_new, dim=-2)[2:] < 1e-10)
+
+
+@pytest.mark.parametrize(("m", "r", "n"), [(64, 8, 48), (5, 8, 40), (8, 8, 8)])
+def test_orthonormal_shortcut_matches_general_path(m, r, n):
+    # As in FedSVD round ≥ 2: A came out of a previous re-factorization, B was then updated.
+    B0, A0 = random_pair(m, r, n)
+    _, A = refactor_lowrank(B0, A0)
+    B = torch.randn(m, r, generator=gen(5), dtype=torch.float64)
+    general = refactor_lowrank(B, A)
+    shortcut = refactor_lowrank(B, A, assume_orthonormal_rows=True)
+    assert rel_err(shortcut[0] @ shortcut[1], general[0] @ general[1]) < 1e-12
+    assert rel_err(shortcut[0] @ shortcut[1], B @ A) < 1e-12
+    assert orthonormality_err(shortcut[1]) < 1e-12
+    torch.testing.assert_close(
+        torch.linalg.norm(shortcut[0], dim=-2), torch.linalg.norm(general[0], dim=-2), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_refactor_is_idempotent_in_product():
+    B, A = random_pair(40, 6, 30)
+    once = refactor_lowrank(B, A)
+    twice = refactor_lowrank(*once, assume_orthonormal_rows=True)
+    assert rel_err(twice[0] @ twice[1], B @ A) < 1e-12
+
+
+@pytest.mark.parametrize("assume", [False, True])
+def test_refactor_batched_equals_per_pair(assume):
+    B, A = random_pair(20, 4, 16, batch=(2, 3))
+    if assume:
+        A = torch.linalg.qr(A.mT).Q.mT
+    B_new, A_new = refactor_lowrank(B, A, assume_orthonormal_rows=assume)
+    assert B_new.shape == B.shape and A_new.shape == A.shape
+    for i in range(2):
+        for j in range(3):
+            b, a = refactor_lowrank(B[i, j], A[i, j], assume_orthonormal_rows=assume)
+            assert rel_err(B_new[i, j] @ A_new[i, j], b @ a) < 1e-12
+    assert orthonormality_err(A_new) < 1e-12
+
+
+def test_refactor_broadcasts_a_shared_factor():
+    B, _ = random_pair(20, 4, 16, batch=(3,))
+    _, A = random_pair(20, 4, 16, seed=1)
+    B_new, A_new = refactor_lowrank(B, A)
+    assert B_new.shape == (3, 20, 4) and A_new.shape == (3, 4, 16)
+    assert rel_err(B_new @ A_new, B @ A) < 1e-12
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_refactor_half_precision_returns_input_dtype(half):
+    B, A = random_pair(32, 4, 24, half)
+    B_new, A_new = refactor_lowrank(B, A)
+    assert B_new.dtype == A_new.dtype == half
+    # Computed in float32, rounded once at the end: product error is at the half-precision level.
+    assert rel_err(B_new.double() @ A_new.double(), B.double() @ A.double()) < 2e-2
+    b32, a32 = refactor_lowrank(B.float(), A.float())
+    torch.testing.assert_close(B_new, b32.to(half))
+    torch.testing.assert_close(A_new, a32.to(half))
+
+
+def test_refactor_mixed_dtypes_compute_in_float64():
+    B, A = random_pair(16, 4, 12)
+    B_new, A_new = refactor_lowrank(B.float(), A)
+    assert B_new.dtype == torch.float32 and A_new.dtype == torch.float64
+    assert orthonormality_err(A_new) < 1e-12
+
+
+def test_refactor_never_under_autograd():
+    B, A = random_pair(16, 4, 12)
+    B.requires_grad_(True)
+    B_new, A_new = refactor_lowrank(B, A)
+    assert not (B_new.requires_grad or A_new.requires_grad)
+
+
+def test_refactor_rejects_n_smaller_than_r():
+    with pytest.raises(ValueError, match=r"r=8 orthonormal rows of length n=5.*n >= r"):
+        refactor_lowrank(torch.randn(10, 8), torch.randn(8, 5))
+
+
+def test_refactor_rejects_mismatched_inner_dims():
+    with pytest.raises(ValueError, match="inner dimensions differ"):
+        refactor_lowrank(torch.randn(10, 8), torch.randn(4, 20))
+
+
+def test_refactor_rejects_unbroadcastable_batches():
+    with pytest.raises(ValueError, match="do not broadcast"):
+        refactor_lowrank(torch.randn(2, 10, 4), torch.randn(3, 4, 20))
+
+
+def test_refactor_large_layer_is_fast():
+    """4096×4096 with r=16: an m×n SVD would take seconds and 64 MiB per dense copy."""
+    g = gen()
+    B = torch.randn(4096, 16, generator=g)
+    A = torch.randn(16, 4096, generator=g)
+    refactor_lowrank(B, A)  # warm-up (LAPACK / allocator)
+    start = time.perf_counter()
+    B_new, A_new = refactor_lowrank(B, A)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 1.0, f"refactor of 4096x16 · 16x4096 took {elapsed:.3f}s"
+    assert orthonormality_err(A_new) < 1e-5
+    # Check the product on a few rows only, without building the 4096² matrix.
+    rows = torch.arange(0, 4096, 512)
+    assert rel_err(B_new[rows] @ A_new, B[rows] @ A) < 1e-5
+
+
+# ----------------------------------------------------------------------------- grouped re-factorization
+
+
+def model_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Interleaved layers of two shapes plus one float32 layer, as a model's adapters would be."""
+    pairs = {}
+    for i in range(3):
+        pairs[f"layer{i}.q"] = random_pair(24, 4, 16, seed=10 + i)
+        pairs[f"layer{i}.fc"] = random_pair(40, 4, 24, seed=20 + i)
+    pairs["head"] = random_pair(24, 4, 16, torch.float32, seed=30)
+    return pairs
+
+
+def test_grouped_matches_per_pair_and_keeps_order():
+    pairs = model_pairs()
+    grouped = refactor_lowrank_grouped(pairs)
+    assert list(grouped) == list(pairs)
+    for name, (B, A) in pairs.items():
+        b_new, a_new = grouped[name]
+        b, a = refactor_lowrank(B, A)
+        assert b_new.shape == B.shape and a_new.shape == A.shape and b_new.dtype == B.dtype
+        tol = 1e-12 if B.dtype == torch.float64 else 1e-5
+        assert rel_err(b_new @ a_new, b @ a) < tol
+        assert rel_err(b_new @ a_new, B @ A) < tol
+
+
+def test_grouped_makes_one_call_per_shape_group(monkeypatch):
+    calls = []
+    original = refactor_module.refactor_lowrank
+
+    def counting(B, A, **kwargs):
+        calls.append(tuple(B.shape))
+        return original(B, A, **kwargs)
+
+    monkeypatch.setattr(refactor_module, "refactor_lowrank", counting)
+    refactor_lowrank_grouped(model_pairs())
+    assert sorted(calls) == sorted([(3, 24, 4), (3, 40, 4), (1, 24, 4)])
+
+
+def test_grouped_orthonormal_shortcut_and_empty_input():
+    pairs = refactor_lowrank_grouped(model_pairs())
+    again = refactor_lowrank_grouped(pairs, assume_orthonormal_rows=True)
+    for name, (B, A) in pairs.items():
+        assert rel_err(again[name][0] @ again[name][1], B @ A) < 1e-5
+    assert refactor_lowrank_grouped({}) == {}
+
+
+def test_group_by_shape_keys_on_shape_dtype_and_device():
+    tensors = {
+        "a": torch.zeros(2, 3),
+        "b": torch.zeros(3, 2),
+        "c": torch.zeros(2, 3),
+        "d": torch.zeros(2, 3, dtype=torch.float64),
+    }
+    groups = list(group_by_shape(tensors).values())
+    assert groups == [["a", "c"], ["b"], ["d"]]
+    pairs = {"x": (torch.zeros(4, 2), torch.zeros(2, 5)), "y": (torch.zeros(4, 2), torch.zeros(2, 6))}
+    pair_groups = group_by_shape(pairs)
+    assert len(pair_groups) == 2
