@@ -1,0 +1,184 @@
+"""Build a task's (train, eval) examples from the ``data`` section of the config.
+
+``load_task`` reads plain attributes, so a Hydra/OmegaConf ``DictConfig``, a dataclass, a
+``SimpleNamespace`` or a dict all work; unset keys (missing or None) take the defaults below.
+
+Keys: ``source`` ("synthetic" | "file" | "hf"), ``path`` (file path, or dataset name for "hf"),
+``eval_path`` (file, optional), ``split`` / ``eval_split`` ("hf" only), ``text_field``,
+``label_field``, ``format``, ``has_header``, ``label_names``, ``num_examples`` (synthetic train size),
+``eval_examples`` (synthetic eval size, or the size of the held-out split carved from train when there
+is no separate eval data), ``max_examples`` (cap on train size; 0/None = all), ``seed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fedspec.data.examples import DataError, TextExamples
+from fedspec.data.sources import load_examples, load_hf_dataset
+from fedspec.data.synthetic import generate_topics
+
+SOURCES: tuple[str, ...] = ("synthetic", "file", "hf")
+DEFAULT_NUM_EXAMPLES = 2000
+DEFAULT_EVAL_EXAMPLES = 500
+# Without data.eval_examples, a held-out split carved from user data takes at most this share of it.
+DEFAULT_HOLDOUT_SHARE = 0.2
+
+
+def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
+    """Return (train, eval) examples for the configured data source; the seed drives every choice."""
+    source = _option(cfg, "source", "synthetic")
+    seed = int(_option(cfg, "seed", 0))
+    if source == "synthetic":
+        train, evaluation = _synthetic_task(cfg, seed)
+    elif source == "file":
+        train, evaluation = _file_task(cfg, seed)
+    elif source == "hf":
+        train, evaluation = _hf_task(cfg, seed)
+    else:
+        raise DataError(f"data.source={source!r} is not one of: {', '.join(SOURCES)}")
+    max_examples = _non_negative_int(cfg, "max_examples", 0)
+    return cap_examples(train, max_examples, seed), evaluation
+
+
+def split_holdout(examples: TextExamples, eval_size: int, seed: int) -> tuple[TextExamples, TextExamples]:
+    """Carve a class-stratified, seeded eval split of ``eval_size`` examples; the rest is train.
+
+    Stratified so that a small eval split still has every class in the data's proportions; both
+    splits keep the original order of the examples.
+    """
+    if not 0 <= eval_size < len(examples):
+        raise DataError(
+            f"data.eval_examples={eval_size} must be at least 0 and less than the {len(examples)} examples "
+            "it is carved from; lower data.eval_examples or give data.eval_path"
+        )
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(examples.labels, dtype=np.int64)
+    class_sizes = np.bincount(labels, minlength=examples.num_classes)
+    quotas = _proportional_quotas(class_sizes, eval_size)
+    is_eval = np.zeros(len(examples), dtype=bool)
+    for label, quota in enumerate(quotas):
+        members = np.flatnonzero(labels == label)
+        is_eval[rng.permutation(members)[:quota]] = True
+    train_indices, eval_indices = np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+    return examples.subset(train_indices.tolist()), examples.subset(eval_indices.tolist())
+
+
+def cap_examples(examples: TextExamples, max_examples: int | None, seed: int) -> TextExamples:
+    """A seeded random subset of at most ``max_examples`` examples (0/None keeps all), original order kept."""
+    if not max_examples or max_examples >= len(examples):
+        return examples
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(examples))[:max_examples])
+    return examples.subset(chosen.tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------
+
+
+def _synthetic_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
+    num_examples = _non_negative_int(cfg, "num_examples", DEFAULT_NUM_EXAMPLES)
+    eval_examples = _non_negative_int(cfg, "eval_examples", DEFAULT_EVAL_EXAMPLES)
+    if num_examples < 1:
+        raise DataError(f"data.num_examples={num_examples} must be at least 1 for data.source='synthetic'")
+    # One pool of distinct sentences, then a split: eval never repeats a training sentence.
+    pool = generate_topics(num_examples + eval_examples, seed)
+    return split_holdout(pool, eval_examples, seed)
+
+
+def _file_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
+    path = _option(cfg, "path", None)
+    if not path:
+        raise DataError(
+            "data.path is required when data.source='file'; point it at a .tsv, .csv or .jsonl file"
+        )
+    options = _file_options(cfg)
+    train = load_examples(path, path_key="data.path", **options)
+    eval_path = _option(cfg, "eval_path", None)
+    if eval_path:
+        # Reuse the train label mapping so label 2 means the same class in both files.
+        options["label_names"] = train.label_names
+        return train, load_examples(eval_path, path_key="data.eval_path", **options)
+    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+
+
+def _hf_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
+    name = _option(cfg, "path", None) or _option(cfg, "name", None)
+    if not name:
+        raise DataError("data.path must name the Hugging Face dataset when data.source='hf'")
+    fields = {
+        "text_field": str(_option(cfg, "text_field", "text")),
+        "label_field": str(_option(cfg, "label_field", "label")),
+    }
+    label_names = _label_names(cfg)
+    train = load_hf_dataset(str(name), str(_option(cfg, "split", "train")), label_names=label_names, **fields)
+    eval_split = _option(cfg, "eval_split", None)
+    if eval_split:
+        evaluation = load_hf_dataset(str(name), str(eval_split), label_names=train.label_names, **fields)
+        return train, evaluation
+    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading options defensively
+# --------------------------------------------------------------------------------------------------
+
+
+def _option(cfg: Any, key: str, default: Any) -> Any:
+    """``cfg.key`` (attribute or mapping item); a missing key or None gives ``default``."""
+    if isinstance(cfg, Mapping):
+        value = cfg.get(key, default)
+    else:
+        value = getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _non_negative_int(cfg: Any, key: str, default: int) -> int:
+    value = _option(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise DataError(f"data.{key}={value!r} must be a whole number, 0 or more")
+    return int(value)
+
+
+def _file_options(cfg: Any) -> dict[str, Any]:
+    has_header = _option(cfg, "has_header", None)
+    if has_header is not None and not isinstance(has_header, bool):
+        raise DataError(f"data.has_header={has_header!r} must be true, false or null (auto-detect)")
+    return {
+        "text_field": _option(cfg, "text_field", "text"),
+        "label_field": _option(cfg, "label_field", "label"),
+        "format": str(_option(cfg, "format", "auto")),
+        "has_header": has_header,
+        "label_names": _label_names(cfg),
+    }
+
+
+def _label_names(cfg: Any) -> list[str] | None:
+    names = _option(cfg, "label_names", None)
+    if names is None:
+        return None
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
+        raise DataError(f"data.label_names={names!r} must be a non-empty list of class names")
+    return [str(name) for name in names]
+
+
+def _holdout_size(cfg: Any, available: int) -> int:
+    explicit = _option(cfg, "eval_examples", None)
+    if explicit is not None:
+        return _non_negative_int(cfg, "eval_examples", 0)
+    return min(DEFAULT_EVAL_EXAMPLES, int(available * DEFAULT_HOLDOUT_SHARE))
+
+
+def _proportional_quotas(class_sizes: np.ndarray, total: int) -> list[int]:
+    """Split ``total`` over classes in proportion to their sizes (largest remainder, ties by class id)."""
+    exact = class_sizes * total / max(int(class_sizes.sum()), 1)
+    quotas = np.floor(exact).astype(np.int64)
+    remainder_order = sorted(range(len(exact)), key=lambda label: (-(exact[label] - quotas[label]), label))
+    for label in remainder_order[: total - int(quotas.sum())]:
+        quotas[label] += 1
+    return quotas.tolist()
