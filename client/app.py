@@ -1,0 +1,43 @@
+"""The Flower ClientApp: receive the global adapter, train locally under DP, reply with the update only.
+
+``query`` tells the server who this node is (client id, dataset size); ``train`` runs one round. The reply
+holds only the tensors the strategy lets clients train (for FedSVD: B and the head), as differences from
+what was received, plus metrics: examples, loss and the client's ε over *all* its steps so far.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedspec.config import unflatten_config
+
+
+def resolve_run_config(defaults: dict | None, context: Context):
+    return unflatten_config({**(defaults or {}), **dict(context.run_config)})
+
+
+def build_client_app(run_config: dict | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from .runtime import client_id, model_and_data
+
+        cfg = resolve_run_config(run_config, context)
+        _, data = model_and_data(cfg, context)
+        metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        from .local_round import train_one_round
+
+        cfg = resolve_run_config(run_config, context)
+        update, metrics = train_one_round(cfg, msg, context)
+        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

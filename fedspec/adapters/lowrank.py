@@ -1,0 +1,121 @@
+"""Shape 1, the low-rank additive adapter: y = W_base·x + b + s·B·(A·x).
+
+Laid out for Opacus: the trainable factors are ``nn.Linear`` submodules (exact per-sample gradients from
+Opacus' own Linear rule), and the frozen tensors are ``nn.Parameter(requires_grad=False)``, never buffers.
+No per-sample gradient is ever computed for the frozen base weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``scaling · lora_B(lora_A(x))``.
+
+    ``init_lora_A`` / ``init_lora_B`` hold the factors the residual was computed from when the base policy is
+    "residual" (PiSSA, MiLoRA): the original weight is ``base.weight + scaling · init_B · init_A``.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        scaling: float,
+        *,
+        dropout: float = 0.0,
+        base_policy: str = "keep",
+    ) -> None:
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rank = rank
+        self.scaling = scaling
+        self.base_policy = base_policy
+        self.merged = False
+        if base_policy == "residual":
+            self.init_lora_A = nn.Parameter(torch.zeros(rank, base.in_features, **factory), requires_grad=False)
+            self.init_lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory), requires_grad=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A, computed in float32 at least so a merge does not lose precision in low-precision models."""
+        compute = torch.promote_types(self.lora_B.weight.dtype, torch.float32)
+        return self.scaling * (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute))
+
+    @torch.no_grad()
+    def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        self.lora_B.weight.copy_(B)
+        self.lora_A.weight.copy_(A)
+
+    @torch.no_grad()
+    def set_residual_init(self, B0: torch.Tensor, A0: torch.Tensor) -> None:
+        """Turn the base into W - s·B0·A0, where W is the current original weight.
+
+        When the layer already holds a residual, W is rebuilt from the old init factors first, so loading an
+        adapter whose init differs from the current one stays correct.
+        """
+        if self.base_policy != "residual":
+            raise ValueError("set_residual_init needs base_policy='residual'")
+        weight = self.base.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        original = weight.to(compute) + self.scaling * (
+            self.init_lora_B.to(compute) @ self.init_lora_A.to(compute)
+        )
+        residual = original - self.scaling * (B0.to(compute) @ A0.to(compute))
+        weight.copy_(residual.to(weight.dtype))
+        self.init_lora_B.copy_(B0)
+        self.init_lora_A.copy_(A0)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the adapted weight, for inference."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.base.bias is not None,
+            device=self.base.weight.device,
+            dtype=self.base.weight.dtype,
+        )
+        with torch.no_grad():
+            weight = self.base.weight.to(torch.promote_types(self.base.weight.dtype, torch.float32))
+            if not self.merged:
+                weight = weight + self.delta_weight()
+            linear.weight.copy_(weight)
+            if self.base.bias is not None:
+                linear.bias.copy_(self.base.bias)
+        linear.requires_grad_(False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, base_policy={self.base_policy!r}, merged={self.merged}"

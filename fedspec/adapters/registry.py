@@ -1,0 +1,52 @@
+"""One registry of adapter methods.
+
+A method is not a class per paper: it is a small record that combines a *shape* (the layer type that
+computes the adapted weight), an *initializer* (which decomposition of what gives the starting factors)
+and a *base policy* (whether the frozen base keeps W or holds a residual W - s·B·A). Registering a method
+is one call to :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError
+
+# An initializer gets the layer's weight (out, in) in float32/64, the rank and the scaling s, and returns
+# the starting factors (B0 of shape (out, r), A0 of shape (r, in)) in the same dtype.
+Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    shape: str  # "lowrank": W_base + s·B·A
+    initializer: Initializer
+    # "keep": the base stays W.  "residual": the base becomes W - s·B0·A0, so the adapted layer equals W at
+    # initialization; B0 and A0 are saved with the adapter so the residual can always be rebuilt from W.
+    base_policy: str
+    summary: str
+    init_needs: str = "weights only"
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in METHODS:
+        raise ValueError(f"adapter method {spec.name!r} is already registered")
+    if spec.base_policy not in ("keep", "residual"):
+        raise ValueError(f"base_policy must be 'keep' or 'residual', got {spec.base_policy!r}")
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        allowed = ", ".join(sorted(METHODS))
+        raise AdapterError(f"adapter.method={name!r} is not a registered method; choose one of: {allowed}") from None

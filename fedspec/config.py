@@ -1,0 +1,286 @@
+"""Structured config: schemas, Hydra composition, validation, and the bridge to Flower's flat run_config.
+
+The YAML tree lives in ``configs/`` (installed as ``fedspec.configs``). ``compose_config(overrides)`` composes
+it with Hydra, checks types against the dataclass schemas below and validates values, so a bad value fails
+at once with one line naming the key and what is allowed. Flower's ``run_config`` only carries scalars:
+``flatten_config`` / ``unflatten_config`` turn the config into dotted scalar keys (lists as JSON strings) and
+back, both directions owned here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm"
+    path: str | None = None
+    max_length: int = 48
+    pooling: str = "mean"
+    dropout: float | None = 0.0  # None keeps the checkpoint's dropout
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | file | hf
+    path: str | None = None
+    eval_path: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    format: str = "auto"
+    num_examples: int = 4000
+    eval_examples: int = 500
+    max_examples: int | None = None
+    partition: str = "dirichlet"  # dirichlet | iid
+    alpha: float = 0.5
+    min_client_examples: int = 32
+
+
+@dataclass
+class AdapterSettings:
+    method: str = "pissa"
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank (scaling 1)
+    targets: list[str] | None = None  # None: the model family's attention query/value
+    dropout: float = 0.0
+    svd_method: str = "randomized"
+    niter: int = 4
+    oversample: int = 8
+    train_head: bool = True
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedsvd"  # fedsvd | ffa | fedit
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float | None = 8.0
+    noise_multiplier: float | None = None  # set to skip planning
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"  # rdp | prv
+    seed_noise: bool = False  # tests only: seeded noise is not private against an adversary who knows the seed
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 5e-3
+    batch_size: int = 32
+    local_steps: int = 8
+    epochs: int = 1  # centralized `fedspec train`
+    eval_batch_size: int = 128
+
+
+@dataclass
+class FederationConfig:
+    clients: int = 20
+    rounds: int = 5
+    fraction: float = 0.5
+    min_clients: int = 2
+    client_cpus: float = 1.0
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class RunConfig:
+    name: str | None = None
+    output_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+    progress: bool = True
+
+
+@dataclass
+class FedspecConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+STRATEGIES = ("fedsvd", "ffa", "fedit")
+CHOICES: dict[str, tuple] = {
+    "data.source": ("synthetic", "file", "hf"),
+    "data.partition": ("dirichlet", "iid"),
+    "data.format": ("auto", "tsv", "csv", "jsonl"),
+    "adapter.svd_method": ("randomized", "exact"),
+    "strategy.name": STRATEGIES,
+    "privacy.accountant": ("rdp", "prv"),
+    "train.optimizer": ("adam", "sgd"),
+    "model.pooling": ("mean", "last"),
+}
+
+
+def config_dir() -> Path:
+    import fedspec.configs
+
+    return Path(fedspec.configs.__file__).parent
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    return f"{key}: {message}" if key else message
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the Hydra config tree with ``key=value`` overrides, type-check it and validate it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = list(overrides or [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            raw = compose(config_name=config_name, overrides=overrides)
+    except HydraException as error:
+        raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return to_structured(raw)
+
+
+def to_structured(raw: Any) -> DictConfig:
+    """Merge a plain or DictConfig mapping into the schemas (type errors name the key) and validate values."""
+    schema = OmegaConf.structured(FedspecConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"invalid config value: {_one_line(error)}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express. Data-dependent checks (δ vs client sizes, budget
+    reachability) run when the data is loaded; see ``fedspec.privacy.planning``."""
+    from .adapters import METHODS
+
+    def fail(key: str, value: Any, allowed: str) -> None:
+        raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            fail(key, value, "choose one of: " + ", ".join(allowed))
+    if cfg.adapter.method not in METHODS:
+        fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
+    if cfg.adapter.rank < 1:
+        fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    if cfg.federation.clients < 1:
+        fail("federation.clients", cfg.federation.clients, "a federation needs at least 1 client (--clients N, N >= 1)")
+    if cfg.federation.rounds < 1:
+        fail("federation.rounds", cfg.federation.rounds, "it must be at least 1 (--rounds R)")
+    if not 0.0 < cfg.federation.fraction <= 1.0:
+        fail("federation.fraction", cfg.federation.fraction, "it must be in (0, 1] (--fraction F)")
+    if cfg.federation.min_clients < 1:
+        fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
+    for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",
+                "model.max_length"):
+        value = OmegaConf.select(cfg, key)
+        if value <= 0:
+            fail(key, value, "it must be positive")
+    if cfg.data.source in ("file", "hf") and not cfg.data.path:
+        fail("data.path", cfg.data.path, f"data.source={cfg.data.source} needs data.path")
+    if cfg.data.source == "file":
+        for key in ("data.path", "data.eval_path"):
+            value = OmegaConf.select(cfg, key)
+            if value and not Path(value).expanduser().is_file():
+                raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
+    if cfg.data.alpha <= 0:
+        fail("data.alpha", cfg.data.alpha, "the Dirichlet concentration must be > 0 (smaller = more skewed)")
+    privacy = cfg.privacy
+    if privacy.enabled:
+        if not 0.0 < privacy.delta < 1.0:
+            fail("privacy.delta", privacy.delta, "it must be in (0, 1), well below 1/(client dataset size)")
+        if privacy.max_grad_norm <= 0:
+            fail("privacy.max_grad_norm", privacy.max_grad_norm, "the clipping norm must be > 0")
+        if privacy.noise_multiplier is None and privacy.target_epsilon is None:
+            fail("privacy.target_epsilon", None, "set privacy.target_epsilon or privacy.noise_multiplier")
+        if privacy.noise_multiplier is not None and privacy.noise_multiplier <= 0:
+            fail("privacy.noise_multiplier", privacy.noise_multiplier, "it must be > 0")
+        if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
+            fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
+
+
+# --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------
+
+NONE_MARKER = "__none__"
+JSON_PREFIX = "json:"
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, bool | int | float | str]:
+    """Dotted scalar keys for Flower's run_config; lists become JSON strings, None a marker string."""
+    flat: dict[str, bool | int | float | str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            elif isinstance(value, list):
+                flat[dotted] = JSON_PREFIX + json.dumps(value)
+            elif value is None:
+                flat[dotted] = NONE_MARKER
+            else:
+                flat[dotted] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def unflatten_config(flat: dict[str, Any]) -> DictConfig:
+    """Inverse of :func:`flatten_config`, then the same type checks and validation as at the start."""
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        if value == NONE_MARKER:
+            value = None
+        elif isinstance(value, str) and value.startswith(JSON_PREFIX):
+            value = json.loads(value[len(JSON_PREFIX):])
+        node = nested
+        *parents, leaf = dotted.replace("-", "_").split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return to_structured(nested)
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def load_config_file(path: str | Path) -> DictConfig:
+    if not Path(path).is_file():
+        raise ConfigError(f"{path} does not exist")
+    return to_structured(OmegaConf.load(path))
+
+
+__all__ = [
+    "MISSING",
+    "FedspecConfig",
+    "compose_config",
+    "flatten_config",
+    "load_config_file",
+    "save_config",
+    "to_structured",
+    "unflatten_config",
+    "validate",
+]

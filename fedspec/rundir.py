@@ -1,0 +1,90 @@
+"""The layout of ``runs/<name>/`` and its append-only metrics log."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def privacy(self) -> Path:
+        return self.root / "privacy"
+
+    @property
+    def ledgers(self) -> Path:
+        """The server's mirror of every client's privacy history (what the clients reported)."""
+        return self.privacy / "ledgers"
+
+    @property
+    def clients(self) -> Path:
+        """Client-side state of simulated clients (each real client keeps its own, see ``state-dir``)."""
+        return self.root / "clients"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.md"
+
+
+def default_run_name(command: str) -> str:
+    return f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_paths(cfg: DictConfig) -> RunPaths:
+    if not cfg.run.name:
+        raise ConfigError("run.name is not set")
+    return RunPaths(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+
+
+def prepare_run_dir(cfg: DictConfig) -> RunPaths:
+    """Create the run folder; refuse to overwrite a finished or started run unless resuming it."""
+    paths = run_paths(cfg)
+    if paths.root.exists() and any(paths.root.iterdir()) and not cfg.run.resume:
+        raise ConfigError(
+            f"run folder {paths.root} already exists; choose another run.name, or continue it with run.resume=true"
+        )
+    if cfg.run.resume and not paths.root.exists():
+        raise ConfigError(f"run.resume=true but {paths.root} does not exist; check run.name and run.output_dir")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line (a round, a client's fit), appended as they happen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, kind: str, **fields) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,194 @@
+"""THE local training loop: used by `fedspec train` (centralized) and by every federated client.
+
+One function, :func:`train_steps`, runs a fixed number of optimizer steps on a tokenized dataset, either
+plainly or under record-level DP-SGD (Opacus: Poisson sampling, per-sample clipping, Gaussian noise).
+:func:`evaluate` reports loss and accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+from .models import Tokenized
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Record-level DP-SGD for one training call."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+    # Seeded noise and sampling are reproducible — and therefore not private against anyone who knows the
+    # seed. Tests only; by default both come from generators seeded with OS entropy.
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    examples: int  # records sampled over all steps
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate as Opacus derives it from a DataLoader: 1 / number of batches per epoch."""
+    return 1.0 / math.ceil(num_examples / batch_size)
+
+
+def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"train.optimizer={name!r} is not supported; choose adam or sgd")
+
+
+def _dataset(data: Tokenized, labels: torch.Tensor) -> TensorDataset:
+    return TensorDataset(data.input_ids, data.attention_mask, labels)
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop padding columns no example in the batch uses: the cost of a step follows its longest example."""
+    length = max(int(attention_mask.sum(1).max()), 1) if attention_mask.numel() else 1
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
+def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Exactly ``steps`` batches, cycling the loader (each pass of a Poisson loader draws fresh samples)."""
+    produced = 0
+    while produced < steps:
+        for batch in loader:
+            yield batch
+            produced += 1
+            if produced == steps:
+                return
+
+
+def _entropy_generator(seed: int | None) -> torch.Generator:
+    return torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+
+
+def train_steps(
+    model: nn.Module,
+    data: Tokenized,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    dp: DPSettings | None = None,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
+
+    Under DP each step is one Poisson-sampled batch (expected size ``batch_size``) with per-sample clipping and
+    noise; the steps taken are returned so the caller's privacy ledger records exactly what happened.
+    """
+    if len(data) == 0:
+        raise ValueError("train_steps got an empty dataset")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call fedspec.adapt first")
+    model.train()
+    opt = make_optimizer(params, optimizer, lr)
+    loss_fn = nn.CrossEntropyLoss()
+    dataset = _dataset(data, labels)
+    if dp is None:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
+        return _loop(model, opt, loss_fn, loader, steps, on_step)
+    return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step)
+
+
+def _mark_empty_batch(params: list[nn.Parameter]) -> None:
+    """Give Opacus zero per-sample gradients for a Poisson batch that sampled no record.
+
+    Transformers cannot run a forward pass on zero rows, yet DP-SGD must still take the step: the accountant
+    counts it and the noise is what makes an empty batch indistinguishable from a full one.
+    """
+    for p in params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+
+
+def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False) -> TrainResult:
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_loss, examples = 0.0, 0
+    for step, (input_ids, attention_mask, y) in enumerate(_batches(loader, steps)):
+        opt.zero_grad(set_to_none=True)
+        if len(y) > 0:
+            input_ids, attention_mask = _trim(input_ids, attention_mask)
+            loss = loss_fn(model(input_ids, attention_mask), y)
+            loss.backward()
+            total_loss += loss.item() * len(y)
+            examples += len(y)
+        elif private:
+            _mark_empty_batch(params)
+        else:
+            continue
+        opt.step()
+        if on_step is not None:
+            on_step(step, total_loss / max(examples, 1))
+    return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)
+
+
+def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step) -> TrainResult:
+    from opacus import PrivacyEngine
+
+    loader = DataLoader(dataset, batch_size=batch_size, generator=_entropy_generator(dp.seed))
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode is off: fedspec states the noise source in its privacy report.
+        warnings.filterwarnings("ignore", message=".*Secure RNG.*")
+        engine = PrivacyEngine(accountant=dp.accountant)
+        hooks, dp_opt, dp_loader = engine.make_private(
+            module=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1),
+            wrap_model=False,  # keep the caller's model object (and its cached adapter) as it is
+        )
+    try:
+        with warnings.catch_warnings():
+            # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, private=True)
+    finally:
+        hooks.cleanup()
+    (sigma, q, accounted_steps), *rest = engine.accountant.history or [(dp.noise_multiplier, 0.0, 0)]
+    if rest or accounted_steps != steps:
+        raise RuntimeError(f"Opacus accounted {engine.accountant.history}, expected {steps} steps of one setting")
+    return TrainResult(result.mean_loss, steps, result.examples, noise_multiplier=sigma, sample_rate=q)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: Tokenized, batch_size: int = 128) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        ids, mask = _trim(data.input_ids[start:start + batch_size], data.attention_mask[start:start + batch_size])
+        out.append(model(ids, mask))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def evaluate(model: nn.Module, data: Tokenized, labels: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
+    logits = predict_logits(model, data, batch_size)
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    return {"loss": loss, "accuracy": accuracy}

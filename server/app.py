@@ -1,0 +1,32 @@
+"""The Flower ServerApp.
+
+``app`` is what ``flwr run`` loads (``[tool.flwr.app.components]``): its config comes from the run_config
+(flattened dotted keys, see ``fedspec.config.flatten_config``). ``fedspec simulate`` builds its own instance
+with :func:`build_server_app`, handing it the resolved config directly.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedspec.config import unflatten_config
+
+
+def resolve_run_config(defaults: dict | None, context: Context):
+    return unflatten_config({**(defaults or {}), **dict(context.run_config)})
+
+
+def build_server_app(run_config: dict | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from .federation import run_federation
+
+        run_federation(grid, resolve_run_config(run_config, context))
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,106 @@
+"""Live progress of a federation and the table at the end (rich), or plain lines when not on a terminal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@dataclass
+class RoundRow:
+    round: int
+    train_loss: float | None
+    eval_accuracy: float
+    eval_loss: float
+    clients: int
+    max_epsilon: float | None
+    seconds: float
+
+
+def rounds_table(rows: list[RoundRow], title: str = "fedspec federation") -> Table:
+    table = Table(title=title)
+    for column in ("round", "train loss", "eval accuracy", "eval loss", "clients", "max client ε", "seconds"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row.round),
+            "—" if row.train_loss is None else f"{row.train_loss:.4f}",
+            f"{row.eval_accuracy:.4f}",
+            f"{row.eval_loss:.4f}",
+            str(row.clients),
+            "—" if row.max_epsilon is None else f"{row.max_epsilon:.3f}",
+            f"{row.seconds:.1f}",
+        )
+    return table
+
+
+def rounds_markdown(rows: list[RoundRow]) -> str:
+    lines = [
+        "| round | train loss | eval accuracy | eval loss | clients | max client ε | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        loss = "—" if r.train_loss is None else f"{r.train_loss:.4f}"
+        eps = "—" if r.max_epsilon is None else f"{r.max_epsilon:.3f}"
+        lines.append(f"| {r.round} | {loss} | {r.eval_accuracy:.4f} | {r.eval_loss:.4f} | {r.clients} | {eps} | {r.seconds:.1f} |")
+    return "\n".join(lines)
+
+
+class FederationProgress:
+    """A bar over rounds and one over the clients of the current round; a line per finished round."""
+
+    def __init__(self, total_rounds: int, *, enabled: bool = True, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self.total_rounds = total_rounds
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._rounds = None
+        self._clients = None
+
+    def __enter__(self) -> FederationProgress:
+        if self.live:
+            self._progress.start()
+            self._rounds = self._progress.add_task("rounds", total=self.total_rounds)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self._progress.stop()
+
+    def start_round(self, round_: int, clients: int, completed_rounds: int) -> None:
+        if not self.live:
+            return
+        self._progress.update(self._rounds, completed=completed_rounds)
+        if self._clients is not None:
+            self._progress.remove_task(self._clients)
+        self._clients = self._progress.add_task(f"round {round_}: clients", total=clients)
+
+    def client_done(self) -> None:
+        if self.live and self._clients is not None:
+            self._progress.advance(self._clients)
+
+    def round_done(self, row: RoundRow) -> None:
+        if self.live:
+            self._progress.advance(self._rounds)
+        if self.enabled:
+            loss = "—" if row.train_loss is None else f"{row.train_loss:.4f}"
+            eps = "" if row.max_epsilon is None else f"  max ε {row.max_epsilon:.3f}"
+            self.console.print(
+                f"round {row.round}/{self.total_rounds}  train loss {loss}  eval acc {row.eval_accuracy:.4f}  "
+                f"clients {row.clients}{eps}  ({row.seconds:.1f}s)"
+            )
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)

@@ -1,0 +1,173 @@
+"""Low-rank additive adapters: initial function, factors, merge, save/load, targets and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import fedspec
+from fedspec.adapters import (
+    METHODS,
+    adapter_layers,
+    adapter_state,
+    load_adapter,
+    load_adapter_state,
+    merge_in_place,
+    save_adapter,
+    unmerge,
+)
+from fedspec.errors import AdapterError
+from fedspec.models import build_classifier, tokenize
+
+TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled"]
+
+
+def _model(name: str = "tiny-bert", seed: int = 0):
+    pooling = "last" if name == "tiny-llama" else "mean"
+    return build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3, seed=seed)
+
+
+def _outputs(model, tokenizer) -> torch.Tensor:
+    batch = tokenize(tokenizer, TEXTS, 16)
+    model.eval()
+    with torch.no_grad():
+        return model(batch.input_ids, batch.attention_mask)
+
+
+def _perturb(model) -> None:
+    """Move every trainable tensor away from its initial value, as training would."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+def test_registry_lists_the_low_rank_methods():
+    assert {"lora", "pissa", "milora"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+@pytest.mark.parametrize("method", ["lora", "pissa", "milora"])
+def test_adapted_model_equals_base_at_initialization(name, method):
+    model, tokenizer = _model(name)
+    before = _outputs(model, tokenizer)
+    fedspec.adapt(model, method, 4, svd_method="exact")
+    assert torch.allclose(_outputs(model, tokenizer), before, atol=1e-5)
+
+
+def _original_weight(layer) -> torch.Tensor:
+    return layer.base.weight + layer.scaling * layer.init_lora_B @ layer.init_lora_A
+
+
+@pytest.mark.parametrize(("method", "smallest"), [("pissa", False), ("milora", True)])
+def test_residual_methods_start_from_the_top_or_bottom_singular_triplets(method, smallest):
+    model, _ = _model()
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
+    for name, layer in adapter_layers(model).items():
+        W = originals[name].double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        part = slice(-4, None) if smallest else slice(0, 4)
+        expected = U[:, part] @ torch.diag(S[part]) @ Vh[part]
+        got = layer.scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(_original_weight(layer).double(), W, atol=1e-5)
+
+
+def test_pissa_randomized_matches_exact_on_the_product():
+    exact, _ = _model()
+    randomized, _ = _model()
+    fedspec.adapt(exact, "pissa", 4, svd_method="exact")
+    fedspec.adapt(randomized, "pissa", 4, svd_method="randomized", niter=8, oversample=8)
+    for (name, a), (_, b) in zip(adapter_layers(exact).items(), adapter_layers(randomized).items()):
+        prod_a, prod_b = a.lora_B.weight @ a.lora_A.weight, b.lora_B.weight @ b.lora_A.weight
+        assert torch.linalg.norm(prod_a - prod_b) / torch.linalg.norm(prod_a) < 1e-3, name
+
+
+def test_lora_starts_with_zero_B_and_gaussian_A():
+    model, _ = _model()
+    fedspec.adapt(model, "lora", 4)
+    for layer in adapter_layers(model).values():
+        assert torch.count_nonzero(layer.lora_B.weight) == 0
+        assert layer.lora_A.weight.std() > 0
+
+
+def test_trainable_mask_and_frozen_A_mode():
+    model, _ = _model()
+    fedspec.adapt(model, "pissa", 4, train_A=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("lora_B.weight") for n in trainable)
+    assert not any(b.requires_grad for n, b in model.named_parameters() if "init_lora" in n or "base" in n)
+
+
+def test_merge_and_unmerge_preserve_the_function():
+    model, tokenizer = _model()
+    fedspec.adapt(model, "pissa", 4)
+    _perturb(model)
+    adapted = _outputs(model, tokenizer)
+    merge_in_place(model)
+    assert torch.allclose(_outputs(model, tokenizer), adapted, atol=1e-5)
+    unmerge(model)
+    assert torch.allclose(_outputs(model, tokenizer), adapted, atol=1e-5)
+    fedspec.merge(model)
+    assert not adapter_layers(model)
+    assert torch.allclose(_outputs(model, tokenizer), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
+    model, tokenizer = _model()
+    fedspec.adapt(model, method, 4)
+    model.head.requires_grad_(True)
+    _perturb(model)
+    expected = _outputs(model, tokenizer)
+    save_adapter(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    fresh, _ = _model()
+    load_adapter(fresh, tmp_path / "adapter")
+    assert torch.equal(_outputs(fresh, tokenizer), expected)
+
+
+def test_loading_new_init_factors_rebuilds_the_residual_from_the_original_weight():
+    source, tokenizer = _model()
+    fedspec.adapt(source, "pissa", 4, svd_method="exact")
+    _perturb(source)
+    target, _ = _model()
+    fedspec.adapt(target, "pissa", 4, initialize=False)  # base untouched, factors zero
+    load_adapter_state(target, adapter_state(source))
+    assert torch.allclose(_outputs(target, tokenizer), _outputs(source, tokenizer), atol=1e-5)
+
+
+def test_unknown_method_is_a_clear_error():
+    model, _ = _model()
+    with pytest.raises(AdapterError, match="adapter.method='nope' is not a registered method; choose one of: .*pissa"):
+        fedspec.adapt(model, "nope", 4)
+
+
+def test_rank_larger_than_the_layer_is_a_clear_error():
+    model, _ = _model()
+    with pytest.raises(AdapterError, match=r"adapter.rank=64 is larger than layer .* choose adapter.rank <= 32"):
+        fedspec.adapt(model, "pissa", 64)
+
+
+def test_target_matching_nothing_is_a_clear_error():
+    model, _ = _model()
+    with pytest.raises(AdapterError, match="pattern 'q_proj' matches no nn.Linear layer"):
+        fedspec.adapt(model, "lora", 4, ["q_proj"])
+
+
+def test_targets_by_suffix_and_by_regex():
+    model, _ = _model()
+    fedspec.adapt(model, "lora", 2, ["key", r".*layer\.1\..*intermediate\.dense"])
+    names = set(adapter_layers(model))
+    assert len([n for n in names if n.endswith("key")]) == 2
+    assert names - {n for n in names if n.endswith("key")} == {"encoder.encoder.layer.1.intermediate.dense"}
+
+
+def test_llama_default_targets_are_q_and_v_projections():
+    model, _ = _model("tiny-llama")
+    fedspec.adapt(model, "pissa", 4)
+    assert {n.rsplit(".", 1)[-1] for n in adapter_layers(model)} == {"q_proj", "v_proj"}
