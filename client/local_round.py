@@ -56,7 +56,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     }
     if dp is not None:
         ledger = load_ledger(cfg, context)
-        ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps)
+        ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps,
+                      attempt=ledger.next_attempt(round_))
         store_ledger(cfg, context, ledger)
         metrics.update({
             "noise-multiplier": result.noise_multiplier,

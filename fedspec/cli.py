@@ -160,7 +160,7 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
     if not paths.config.is_file():
         raise FedspecError(f"{args.run_dir} is not a fedspec run folder (no config.yaml)")
     cfg = load_config_file(paths.config)
-    ledgers = load_ledgers(paths.ledgers)
+    ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
     if not ledgers and (paths.privacy / "report.json").is_file():
         console.print(f"{paths.ledgers} holds no ledgers; keeping the existing report")
         return 0

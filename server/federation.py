@@ -60,7 +60,8 @@ def _mirror_client(ledgers: dict[str, PrivacyLedger], metrics, round_: int, cfg:
         return
     client = str(int(metrics["client-id"]))
     ledger = ledgers.setdefault(client, PrivacyLedger(client_id=client, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant))
-    ledger.record(round_, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]), int(metrics["steps"]))
+    ledger.record(round_, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]), int(metrics["steps"]),
+                  attempt=ledger.next_attempt(round_))
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
@@ -76,7 +77,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         model.load(checkpoint.state)
     global_state, base_init = split_init_factors(model.state())
     rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
-    ledgers = load_ledgers(paths.ledgers) if checkpoint else {}
+    ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
     start_round = checkpoint.round + 1 if checkpoint else 1
 
     nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout)

@@ -1,0 +1,50 @@
+"""Config composition, validation with one-line errors, and the round trip through Flower's run_config."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedspec.config import compose_config, flatten_config, unflatten_config
+from fedspec.errors import ConfigError
+
+
+def test_defaults_compose_to_the_documented_default_run():
+    cfg = compose_config([])
+    assert (cfg.model.name, cfg.data.source, cfg.adapter.method, cfg.strategy.name) == ("minilm", "synthetic", "pissa", "fedsvd")
+    assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 8.0
+    assert cfg.federation.clients == 20
+
+
+def test_group_and_key_overrides():
+    cfg = compose_config(["adapter=lora", "strategy=ffa", "adapter.rank=16", "adapter.targets=[query,key]"])
+    assert (cfg.adapter.method, cfg.strategy.name, cfg.adapter.rank) == ("lora", "ffa", 16)
+    assert list(cfg.adapter.targets) == ["query", "key"]
+
+
+def test_flower_run_config_round_trip_is_lossless():
+    cfg = compose_config(["adapter.targets=[query,value]", "privacy.noise_multiplier=1.5", "run.name=my-run"])
+    flat = flatten_config(cfg)
+    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
+    assert unflatten_config(flat) == cfg
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("adapter.method=nope", "adapter.method='nope' is not allowed; choose one of: .*pissa"),
+    ("strategy.name=fedprox", "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit"),
+    ("federation.clients=0", "federation.clients=0 is not allowed; a federation needs at least 1 client"),
+    ("federation.fraction=1.5", r"federation.fraction=1.5 is not allowed; it must be in \(0, 1\]"),
+    ("privacy.delta=2", r"privacy.delta=2.0 is not allowed; it must be in \(0, 1\)"),
+    ("privacy.accountant=gdp", "privacy.accountant='gdp' is not allowed; choose one of: rdp, prv"),
+    ("adapter.rank=zero", "invalid config value: adapter.rank"),
+    ("data=file_that_is_not_a_group", "bad override"),
+])
+def test_bad_values_fail_with_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        compose_config([override])
+    assert "\n" not in str(error.value)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nope.tsv"
+    with pytest.raises(ConfigError, match=f"data.path='{missing}' does not exist"):
+        compose_config(["data.source=file", f"data.path={missing}"])

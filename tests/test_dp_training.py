@@ -1,0 +1,128 @@
+"""DP-SGD on adapters: per-sample gradients are exact, frozen tensors never get any, training changes only
+what it should, and the steps Opacus accounts are the steps taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+import fedspec
+from fedspec.models import build_classifier, tokenize
+from fedspec.training import DPSettings, evaluate, sample_rate, train_steps
+
+TEXTS = [
+    "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
+    "rain delayed the match", "the bank raised its rates", "scientists found water on the moon",
+]
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def _adapted(name: str, method: str, train_A: bool):
+    pooling = "last" if name == "tiny-llama" else "mean"
+    model, tokenizer = build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3)
+    fedspec.adapt(model, method, 4, train_A=train_A)
+    model.head.requires_grad_(True)
+    with torch.no_grad():  # non-zero B so gradients of A are non-trivial too
+        for name_, p in model.named_parameters():
+            if name_.endswith("lora_B.weight"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    return model, tokenize(tokenizer, TEXTS, 12)
+
+
+def _per_example_grads(model, batch) -> dict[str, torch.Tensor]:
+    grads: dict[str, list[torch.Tensor]] = {}
+    for i in range(len(LABELS)):
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
+        torch.nn.functional.cross_entropy(out, LABELS[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                grads.setdefault(name, []).append(p.grad.detach().clone())
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+@pytest.mark.parametrize(("model_name", "method", "train_A"), [
+    ("tiny-bert", "pissa", False),  # FedSVD / FFA-LoRA client mode: B and head only
+    ("tiny-bert", "lora", True),
+    ("tiny-llama", "pissa", True),
+])
+def test_per_sample_gradients_match_a_per_example_loop(model_name, method, train_A):
+    model, batch = _adapted(model_name, method, train_A)
+    model.train()
+    expected = _per_example_grads(model, batch)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, LABELS), batch_size=len(LABELS))
+    hooks, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(params, lr=0.0), data_loader=loader,
+        noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False, wrap_model=False,
+    )
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(batch.input_ids, batch.attention_mask)
+        torch.nn.functional.cross_entropy(out, LABELS).backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad_sample, expected[name], atol=1e-6), name
+            else:
+                assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
+    finally:
+        hooks.cleanup()
+
+
+def _batch(texts=TEXTS, labels=LABELS):
+    model, tokenizer = build_classifier(OmegaConf.create({"name": "tiny-bert", "pooling": "mean", "dropout": 0.0}), 3)
+    return model, tokenize(tokenizer, texts, 12), labels
+
+
+def test_dp_training_changes_only_trainable_tensors_and_accounts_every_step():
+    model, batch, labels = _batch(TEXTS * 4, LABELS.repeat(4))
+    fedspec.adapt(model, "pissa", 4, train_A=False)
+    model.head.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_steps(model, batch, labels, steps=5, batch_size=8, lr=1e-2,
+                         dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    assert result.steps == 5
+    assert result.noise_multiplier == 1.0
+    assert result.sample_rate == pytest.approx(sample_rate(24, 8)) == pytest.approx(1 / 3)
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == p.requires_grad, name
+        assert getattr(p, "grad_sample", None) is None, "hooks must be removed after training"
+
+
+def test_empty_poisson_batches_still_take_a_noisy_step():
+    model, batch, labels = _batch(TEXTS[:2], LABELS[:2])
+    fedspec.adapt(model, "lora", 2)
+    model.head.requires_grad_(True)
+    before = model.head.weight.detach().clone()
+    # q = 1/2 over 2 records: with 20 steps some batches are empty; every step is still counted and noised.
+    result = train_steps(model, batch, labels, steps=20, batch_size=1, lr=1e-2,
+                         dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=3))
+    assert result.steps == 20
+    assert result.examples < 40
+    assert not torch.equal(model.head.weight, before)
+
+
+def test_seeded_dp_training_is_reproducible_and_unseeded_is_not():
+    def run(seed):
+        model, batch, labels = _batch(TEXTS * 2, LABELS.repeat(2))
+        fedspec.adapt(model, "lora", 2)
+        train_steps(model, batch, labels, steps=3, batch_size=4, lr=1e-2,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=seed))
+        return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(None), run(None))
+
+
+def test_plain_training_learns_a_separable_task():
+    model, batch, labels = _batch(TEXTS * 8, LABELS.repeat(8))
+    fedspec.adapt(model, "lora", 4)
+    model.head.requires_grad_(True)
+    start = evaluate(model, batch, labels)["loss"]
+    train_steps(model, batch, labels, steps=30, batch_size=12, lr=3e-2)
+    assert evaluate(model, batch, labels)["loss"] < 0.5 * start
