@@ -7,12 +7,11 @@ from omegaconf import DictConfig
 
 from fedspec.adapters import adapter_layers, adapter_state, load_adapter_state
 from fedspec.errors import FedspecError
-from fedspec.privacy.planning import client_noise_multiplier
 from fedspec.strategies import client_update, get_rule
 from fedspec.strategies.flower import BASE_INIT_KEY
 from fedspec.training import DPSettings, train_steps
 
-from .runtime import client_id, load_ledger, model_and_data, remember_base_init, store_ledger
+from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
 
 
 def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[dict, dict]:
@@ -33,7 +32,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
 
     dp = None
     if cfg.privacy.enabled:
-        sigma = client_noise_multiplier(cfg, len(data))
+        sigma = noise_multiplier(cfg, context, len(data))
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant, seed=seed)
     result = train_steps(

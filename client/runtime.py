@@ -22,11 +22,13 @@ from fedspec.builders import build_model, build_task, client_partitions, encode,
 from fedspec.data import load_examples
 from fedspec.models import Tokenized
 from fedspec.privacy import PrivacyLedger
+from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
 
 LEDGER_STATE_KEY = "privacy-ledger"
 BASE_INIT_STATE_KEY = "base-init"
+PLAN_STATE_KEY = "privacy-plan"
 
 
 @dataclass
@@ -128,3 +130,16 @@ def store_ledger(cfg: DictConfig, context: Context, ledger: PrivacyLedger) -> No
     path = ledger_path(cfg, context)
     path.parent.mkdir(parents=True, exist_ok=True)
     ledger.save(path)
+
+
+def noise_multiplier(cfg: DictConfig, context: Context, num_examples: int) -> float:
+    """This client's σ for the whole run, planned once per node (planning runs the accountant many times)."""
+    privacy = cfg.privacy
+    settings = json.dumps([privacy.target_epsilon, privacy.noise_multiplier, privacy.delta, privacy.accountant,
+                           num_examples, cfg.train.batch_size, schedule_steps(cfg)])
+    record = context.state.config_records.get(PLAN_STATE_KEY)
+    if record is not None and record["settings"] == settings:
+        return float(record["noise-multiplier"])
+    sigma = client_noise_multiplier(cfg, num_examples)
+    context.state[PLAN_STATE_KEY] = ConfigRecord({"settings": settings, "noise-multiplier": sigma})
+    return sigma

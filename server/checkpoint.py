@@ -1,15 +1,17 @@
 """Per-round checkpoints of the server: safetensors + JSON, written atomically, never pickle.
 
-A checkpoint holds the global adapter state (with the residual init factors), the last finished round,
-the strategy name and seed (client sampling is a pure function of seed and round, so no RNG state is
-needed), the mirrored privacy ledgers and the evaluation history. ``fedspec simulate run.resume=true``
-continues from it.
+``checkpoints/round-NNNN/`` holds the global adapter state (with the residual init factors), the strategy
+name and seed (client sampling is a pure function of seed and round, so no RNG state is needed) and the
+evaluation history. The mirrored privacy ledgers live beside them in ``privacy/ledgers/``. ``fedspec
+simulate --resume`` continues from the newest complete checkpoint; every round's checkpoint is kept (an
+adapter is small), so any round's global model can be loaded later.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
+_ROUND_DIR = re.compile(r"round-(\d{4,})")
 
 
 @dataclass
@@ -28,27 +31,34 @@ class Checkpoint:
     meta: dict
 
 
+def round_dir(directory: Path, round_: int) -> Path:
+    return directory / f"round-{round_:04d}"
+
+
 def save_checkpoint(directory: Path, round_: int, state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write ``directory/last`` atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write ``round-NNNN/`` through a temporary folder and a rename: a crash mid-write leaves no partial
+    checkpoint behind, only the previous rounds."""
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "last.tmp"
+    final = round_dir(directory, round_)
+    tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
     (tmp / META_FILE).write_text(json.dumps({"round": round_, **meta}, indent=2) + "\n")
-    final, old = directory / "last", directory / "last.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
+    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """The last checkpoint, or None when the run has none (a fresh run)."""
-    for candidate in (directory / "last", directory / "last.old"):
-        if (candidate / META_FILE).is_file() and (candidate / STATE_FILE).is_file():
-            meta = json.loads((candidate / META_FILE).read_text())
-            return Checkpoint(meta.pop("round"), load_file(str(candidate / STATE_FILE)), meta)
+    """The newest complete checkpoint, or None when the run has none (a fresh run)."""
+    if not directory.is_dir():
+        return None
+    rounds = sorted(
+        (int(m.group(1)), path) for path in directory.iterdir() if (m := _ROUND_DIR.fullmatch(path.name))
+    )
+    for _, path in reversed(rounds):
+        if (path / META_FILE).is_file() and (path / STATE_FILE).is_file():
+            meta = json.loads((path / META_FILE).read_text())
+            return Checkpoint(meta.pop("round"), load_file(str(path / STATE_FILE)), meta)
     return None

@@ -64,6 +64,12 @@ def _mirror_client(ledgers: dict[str, PrivacyLedger], metrics, round_: int, cfg:
                   attempt=ledger.next_attempt(round_))
 
 
+def _max_epsilon(previous: float | None, this_round: float | None) -> float | None:
+    """The largest ε of any client so far: ε only grows, and only this round's clients spent more."""
+    values = [v for v in (previous, this_round) if v is not None]
+    return max(values) if values else None
+
+
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     paths: RunPaths = run_paths(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -121,7 +127,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                 evaluation["accuracy"],
                 evaluation["loss"],
                 int(summary["clients"]),
-                max((l.epsilon() for l in ledgers.values()), default=None) if cfg.privacy.enabled else None,
+                _max_epsilon(rows[-1].max_epsilon, summary.get("max-epsilon")),
                 time.monotonic() - started,
             )
             rows.append(row)

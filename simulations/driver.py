@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fedspec.builders import build_task, client_partitions
+from fedspec.builders import build_model, build_task, client_partitions
 from fedspec.config import flatten_config, load_config_file, save_config
 from fedspec.privacy.planning import ClientPlan, plan_clients, plan_table
 from fedspec.rundir import RunPaths, prepare_run_dir
+from fedspec.strategies import get_rule
 
 FLOWER_OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -27,6 +28,7 @@ FLOWER_OFFLINE_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -46,25 +48,31 @@ def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
 
 
 def preflight(cfg: DictConfig) -> list[ClientPlan]:
-    """Partition the data as the clients will, and plan every client's noise; raises on bad input."""
+    """Everything that can fail on bad input, before any worker starts: place the adapter on the model (no
+    SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
+    many clients), and plan every client's noise (δ too large, an unreachable ε)."""
     task = build_task(cfg)
+    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False)
     parts = client_partitions(cfg, task.train.labels)
     return plan_clients(cfg, [len(p) for p in parts])
 
 
-class _HideDeprecation(logging.Filter):
-    """fedspec drives Flower's simulation runtime through ``run_simulation``; its deprecation notice is ours
-    to act on, not the user's."""
+class _HideInternalNotices(logging.Filter):
+    """Flower notices about fedspec's own choices, which the user cannot act on: the deprecation of
+    ``run_simulation`` (fedspec's driver), and skipped federated evaluation (the server evaluates itself)."""
+
+    NOTICES = ("run_simulation` function is deprecated", "deprecated feature", "Federated evaluation will be skipped")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "deprecated" not in record.getMessage()
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
 
 
 def _quiet_flower() -> None:
     logger = logging.getLogger("flwr")
     logger.setLevel(logging.WARNING)
-    for handler in logger.handlers:
-        handler.addFilter(_HideDeprecation())
+    if not any(isinstance(f, _HideInternalNotices) for f in logger.filters):
+        logger.addFilter(_HideInternalNotices())
 
 
 def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResult:

@@ -22,6 +22,7 @@ Rules that keep the numbers honest:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -266,29 +267,72 @@ def plan_noise(
     if not 0.0 < rtol < 1.0:
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
 
+    @functools.lru_cache(maxsize=None)  # the bracket and the solver revisit their end points
     def eps_at(sigma: float) -> float:
         return epsilon([(sigma, q, steps)], delta, accountant)
 
+    if target <= 0.0:
+        raise PrivacyBudgetError(_unreachable_message(target, eps_at(MAX_NOISE_MULTIPLIER), delta, q, steps, accountant))
     with warnings.catch_warnings():
-        # Large σ probes sit at RDP's largest order; the floor check below reports that case.
+        # Large σ probes sit at RDP's largest order; the floor check in _solve reports that case.
         warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING, category=UserWarning)
-        floor = eps_at(MAX_NOISE_MULTIPLIER)
-        if target <= 0.0 or floor > target:
+        high = _bracket_high(eps_at, target)
+        if high is None:
+            floor = eps_at(MAX_NOISE_MULTIPLIER)
             raise PrivacyBudgetError(_unreachable_message(target, floor, delta, q, steps, accountant))
-        return _bisect(eps_at, target, rtol)
+        return _solve(eps_at, target, rtol, high)
 
 
-def _bisect(eps_at: Callable[[float], float], target: float, rtol: float) -> float:
-    """Smallest σ with eps_at(σ) <= target; requires eps_at(MAX_NOISE_MULTIPLIER) <= target."""
-    low, high = 0.0, 1.0
-    while eps_at(high) > target:
-        low, high = high, min(2.0 * high, MAX_NOISE_MULTIPLIER)
+def _bracket_high(eps_at: Callable[[float], float], target: float) -> float | None:
+    """A σ with eps_at(σ) <= target, found by doubling from 1; None when even the largest σ misses the target.
+
+    The floor (ε as σ → ∞) is only computed when the target is out of reach: at large σ and large q,
+    Opacus' RDP evaluation is slow, and a reachable target never needs it.
+    """
+    sigma = 1.0
+    while eps_at(sigma) > target:
+        if sigma >= MAX_NOISE_MULTIPLIER:
+            return None
+        sigma = min(2.0 * sigma, MAX_NOISE_MULTIPLIER)
+    return sigma
+
+
+def _solve(eps_at: Callable[[float], float], target: float, rtol: float, high: float) -> float:
+    """Smallest σ (to relative precision ``rtol``) with eps_at(σ) <= target, given eps_at(high) <= target.
+
+    Regula falsi with the Illinois modification on log ε, which needs a handful of accountant evaluations
+    where bisection needs ~15; each step keeps a bracket [low, high] with ε(low) > target >= ε(high), and the
+    answer is always a ``high`` whose ε was computed.
+    """
+    def gap(sigma: float) -> float:
+        value = eps_at(sigma)
+        return math.log(value / target) if value > 0 else -math.inf
+
+    f_high = gap(high)
+    low = high / 2.0
+    f_low = gap(low)
+    while f_low <= 0.0:  # ε(low) within target too: move the bracket down
+        high, f_high, low = low, f_low, low / 2.0
+        f_low = gap(low)
+    retained = 0
     while high - low > rtol * high:
-        mid = 0.5 * (low + high)
-        if eps_at(mid) <= target:
-            high = mid
+        width = high - low
+        if math.isfinite(f_low) and math.isfinite(f_high) and f_low != f_high:
+            guess = high - f_high * width / (f_high - f_low)
+            guess = min(max(guess, low + 0.01 * width), high - 0.01 * width)
         else:
-            low = mid
+            guess = low + 0.5 * width
+        f_guess = gap(guess)
+        if f_guess <= 0.0:
+            high, f_high = guess, f_guess
+            if retained == +1:
+                f_low /= 2.0
+            retained = +1
+        else:
+            low, f_low = guess, f_guess
+            if retained == -1:
+                f_high /= 2.0
+            retained = -1
     return high
 
 
