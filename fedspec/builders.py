@@ -12,6 +12,7 @@ from torch import nn
 
 from .adapters import adapt
 from .data import TextExamples, load_task, partition
+from .errors import ConfigError, DataError
 from .models import Tokenized, build_classifier, tokenize
 
 
@@ -34,14 +35,21 @@ def build_task(cfg: DictConfig) -> Task:
 
 def client_partitions(cfg: DictConfig, labels: list[int]) -> list[list[int]]:
     """The indices of each client's records: a seeded IID or Dirichlet label-skew split."""
-    return partition(
-        labels,
-        cfg.federation.clients,
-        scheme=cfg.data.partition,
-        alpha=cfg.data.alpha,
-        seed=cfg.run.seed,
-        min_size=cfg.data.min_client_examples,
-    )
+    try:
+        return partition(
+            labels,
+            cfg.federation.clients,
+            scheme=cfg.data.partition,
+            alpha=cfg.data.alpha,
+            seed=cfg.run.seed,
+            min_size=cfg.data.min_client_examples,
+        )
+    except DataError as error:
+        raise ConfigError(
+            f"cannot split the data over the clients: {error} (settings: federation.clients={cfg.federation.clients}, "
+            f"data.min_client_examples={cfg.data.min_client_examples}, data.partition={cfg.data.partition}, "
+            f"data.alpha={cfg.data.alpha})"
+        ) from None
 
 
 def build_model(cfg: DictConfig, num_classes: int, *, train_A: bool, initialize: bool = True):

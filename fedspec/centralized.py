@@ -19,9 +19,10 @@ from rich.table import Table
 from .adapters import save_adapter
 from .builders import build_model, build_task, encode
 from .config import save_config
-from .privacy import PrivacyLedger, plan_noise, write_privacy_report
+from .errors import ConfigError
+from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
 from .privacy.planning import check_delta
-from .rundir import MetricsLog, RunPaths, prepare_run_dir
+from .rundir import MetricsLog, RunPaths, check_run_dir
 from .training import DPSettings, evaluate, sample_rate, train_steps
 
 CENTRAL_CLIENT = "centralized"
@@ -59,9 +60,9 @@ def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
 
 def train_centralized(cfg: DictConfig, console: Console | None = None) -> CentralResult:
     console = console or Console(stderr=True)
-    paths = prepare_run_dir(cfg)
-    save_config(cfg, paths.config)
-    log = MetricsLog(paths.metrics)
+    if cfg.run.resume:
+        raise ConfigError("fedspec train does not resume runs; start a new one (drop --resume / run.resume)")
+    paths = check_run_dir(cfg)
     task = build_task(cfg)
     model, tokenizer = build_model(cfg, task.num_classes, train_A=True)
     train_inputs, train_labels = encode(tokenizer, task.train, cfg.model.max_length)
@@ -76,6 +77,9 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         ledger = PrivacyLedger(client_id=CENTRAL_CLIENT, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config)
+    log = MetricsLog(paths.metrics)
 
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
@@ -97,6 +101,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)
+                ledger.save(paths.ledgers / ledger_filename(CENTRAL_CLIENT))
             rows.append(evaluation_row(epoch, result.mean_loss, started))
             log.write("epoch", **vars(rows[-1]))
             progress.remove_task(bar)

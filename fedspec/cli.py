@@ -190,12 +190,26 @@ COMMANDS = {
 }
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Overrides may come before, between or after the flags (argparse alone only takes them in one place)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    stray = [token for token in unknown if token.startswith("-") or "=" not in token]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown and not hasattr(args, "overrides"):
+        parser.error(f"{args.command} takes no key=value overrides: {' '.join(unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except FedspecError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; continue the run with --resume --name <name>")

@@ -61,16 +61,16 @@ def run_paths(cfg: DictConfig) -> RunPaths:
     return RunPaths(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
 
 
-def prepare_run_dir(cfg: DictConfig) -> RunPaths:
-    """Create the run folder; refuse to overwrite a finished or started run unless resuming it."""
+def check_run_dir(cfg: DictConfig) -> RunPaths:
+    """The run folder's paths; refuses to reuse a started run unless resuming it (nothing is created yet, so
+    a run that fails its checks leaves nothing behind)."""
     paths = run_paths(cfg)
     if paths.root.exists() and any(paths.root.iterdir()) and not cfg.run.resume:
         raise ConfigError(
-            f"run folder {paths.root} already exists; choose another run.name, or continue it with run.resume=true"
+            f"run folder {paths.root} already exists; choose another --name, or continue it with --resume"
         )
-    if cfg.run.resume and not paths.root.exists():
-        raise ConfigError(f"run.resume=true but {paths.root} does not exist; check run.name and run.output_dir")
-    paths.root.mkdir(parents=True, exist_ok=True)
+    if cfg.run.resume and not paths.config.is_file():
+        raise ConfigError(f"cannot resume: {paths.config} does not exist; check --name and --output-dir")
     return paths
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from fedspec.builders import build_model, build_task, client_partitions
 from fedspec.config import flatten_config, load_config_file, save_config
 from fedspec.privacy.planning import ClientPlan, plan_clients, plan_table
-from fedspec.rundir import RunPaths, prepare_run_dir
+from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
 
 FLOWER_OFFLINE_ENV = {
@@ -79,12 +79,13 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
     console = console or Console(stderr=True)
     for key, value in FLOWER_OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    paths = prepare_run_dir(cfg)
+    paths = check_run_dir(cfg)
     if cfg.run.resume:
         cfg = _resume_config(cfg, paths)
-    else:
-        save_config(cfg, paths.config)
     plans = preflight(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if not cfg.run.resume:
+        save_config(cfg, paths.config)
     if cfg.run.progress:
         console.print(f"fedspec simulate → {paths.root}")
         if cfg.privacy.enabled:

@@ -1,0 +1,87 @@
+"""The `fedspec` command: help, the centralized baseline, and bad input that fails early with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedspec.cli import main
+
+TINY = [
+    "model=tiny-bert", "data.num_examples=200", "data.eval_examples=32", "data.min_client_examples=8",
+    "train.local_steps=2", "train.batch_size=16", "--quiet",
+]
+
+
+def _fails(capsys, argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_help_explains_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("simulate", "train", "privacy-report", "privacy-plan"):
+        assert command in out
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    assert "--clients" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--clients", "0"], "federation.clients=0 is not allowed; a federation needs at least 1 client"),
+    (["adapter.method=nope"], "adapter.method='nope' is not allowed; choose one of:"),
+    (["strategy.name=fedprox"], "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit"),
+    (["adapter.rank=64"], "adapter.rank=64 is larger than layer"),
+    (["adapter.targets=[q_proj]"], "adapter.targets pattern 'q_proj' matches no nn.Linear layer"),
+    (["data.source=file", "data.path=/nonexistent/train.tsv"], "data.path='/nonexistent/train.tsv' does not exist"),
+    (["privacy.delta=0.05"], "privacy.delta=0.05 is not below 1/n for client"),
+    (["privacy.target_epsilon=0.01"], "target_epsilon=0.01 is unreachable"),
+    (["--clients", "500"], "clients"),
+])
+def test_bad_input_fails_before_anything_runs(capsys, tmp_path, extra, message):
+    argv = ["simulate", "--clients", "4", "--output-dir", str(tmp_path), "--name", "bad", *TINY, *extra]
+    _fails(capsys, argv, message)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_existing_run_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.yaml").write_text("x: 1\n")
+    _fails(capsys, ["simulate", "--output-dir", str(tmp_path), "--name", "taken", *TINY], "already exists")
+    assert (tmp_path / "taken" / "config.yaml").read_text() == "x: 1\n"
+
+
+def test_centralized_baseline_trains_under_dp_and_reports_its_epsilon(capsys, tmp_path):
+    argv = ["train", "--epochs", "2", "--output-dir", str(tmp_path), "--name", "central", *TINY]
+    assert main(argv) == 0
+    root = tmp_path / "central"
+    epochs = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    report = json.loads((root / "privacy" / "report.json").read_text())
+    (client,) = report["clients"].values()
+    assert len(client["rounds"]) == 2
+    assert client["final_epsilon"] <= 8.0
+    assert client["final_epsilon"] == pytest.approx(epochs[-1]["epsilon"])
+    assert (root / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_privacy_report_command_rewrites_the_report_from_the_ledgers(capsys, tmp_path):
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "r", *TINY]) == 0
+    privacy = tmp_path / "r" / "privacy"
+    before = json.loads((privacy / "report.json").read_text())
+    for name in ("report.json", "report.md", "epsilon.png"):
+        (privacy / name).unlink()
+    assert main(["privacy-report", str(tmp_path / "r")]) == 0
+    after = json.loads((privacy / "report.json").read_text())
+    assert after["clients"] == before["clients"]
+    assert (privacy / "epsilon.png").is_file()
+
+
+def test_privacy_report_of_a_folder_that_is_not_a_run(capsys, tmp_path):
+    _fails(capsys, ["privacy-report", str(tmp_path)], "is not a fedspec run folder")
