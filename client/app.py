@@ -10,11 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedspec.config import unflatten_config
-
-
-def resolve_run_config(defaults: dict | None, context: Context):
-    return unflatten_config({**(defaults or {}), **dict(context.run_config)})
+from fedspec.config import config_from_run_config
 
 
 def build_client_app(run_config: dict | None = None) -> ClientApp:
@@ -24,7 +20,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, model_and_data
 
-        cfg = resolve_run_config(run_config, context)
+        cfg = config_from_run_config(dict(context.run_config), run_config)
         _, data = model_and_data(cfg, context)
         metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -33,7 +29,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 
-        cfg = resolve_run_config(run_config, context)
+        cfg = config_from_run_config(dict(context.run_config), run_config)
         update, metrics = train_one_round(cfg, msg, context)
         return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

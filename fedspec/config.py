@@ -1,6 +1,7 @@
 """Structured config: schemas, Hydra composition, validation, and the bridge to Flower's flat run_config.
 
-The YAML tree lives in ``configs/`` (installed as ``fedspec.configs``). ``compose_config(overrides)`` composes
+The YAML tree lives in ``configs/`` (installed as ``fedspec.configs``) and is the one source of default
+values; the dataclasses below only fix the keys and their types. ``compose_config(overrides)`` composes
 it with Hydra, checks types against the dataclass schemas below and validates values, so a bad value fails
 at once with one line naming the key and what is allowed. Flower's ``run_config`` only carries scalars:
 ``flatten_config`` / ``unflatten_config`` turn the config into dotted scalar keys (lists as JSON strings) and
@@ -9,6 +10,7 @@ back, both directions owned here.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,85 +24,85 @@ from .errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    name: str = "minilm"
-    path: str | None = None
-    max_length: int = 48
-    pooling: str = "mean"
-    dropout: float | None = 0.0  # None keeps the checkpoint's dropout
+    name: str = MISSING
+    path: str | None = MISSING
+    max_length: int = MISSING
+    pooling: str = MISSING
+    dropout: float | None = MISSING  # None keeps the checkpoint's dropout
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | file | hf
-    path: str | None = None
-    eval_path: str | None = None
-    text_field: str = "text"
-    label_field: str = "label"
-    format: str = "auto"
-    num_examples: int = 4000
-    eval_examples: int = 500
-    max_examples: int | None = None
-    partition: str = "dirichlet"  # dirichlet | iid
-    alpha: float = 0.5
-    min_client_examples: int = 32
+    source: str = MISSING  # synthetic | file | hf
+    path: str | None = MISSING
+    eval_path: str | None = MISSING
+    text_field: str = MISSING
+    label_field: str = MISSING
+    format: str = MISSING
+    num_examples: int = MISSING
+    eval_examples: int = MISSING
+    max_examples: int | None = MISSING
+    partition: str = MISSING  # dirichlet | iid
+    alpha: float = MISSING
+    min_client_examples: int = MISSING
 
 
 @dataclass
 class AdapterSettings:
-    method: str = "pissa"
-    rank: int = 8
-    alpha: float | None = None  # None: alpha = rank (scaling 1)
-    targets: list[str] | None = None  # None: the model family's attention query/value
-    dropout: float = 0.0
-    svd_method: str = "randomized"
-    niter: int = 4
-    oversample: int = 8
-    train_head: bool = True
+    method: str = MISSING
+    rank: int = MISSING
+    alpha: float | None = MISSING  # None: alpha = rank (scaling 1)
+    targets: list[str] | None = MISSING  # None: the model family's attention query/value
+    dropout: float = MISSING
+    svd_method: str = MISSING
+    niter: int = MISSING
+    oversample: int = MISSING
+    train_head: bool = MISSING
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "fedsvd"  # fedsvd | ffa | fedit
+    name: str = MISSING  # fedsvd | ffa | fedit
 
 
 @dataclass
 class PrivacyConfig:
-    enabled: bool = True
-    target_epsilon: float | None = 8.0
-    noise_multiplier: float | None = None  # set to skip planning
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"  # rdp | prv
-    seed_noise: bool = False  # tests only: seeded noise is not private against an adversary who knows the seed
+    enabled: bool = MISSING
+    target_epsilon: float | None = MISSING
+    noise_multiplier: float | None = MISSING  # set to skip planning
+    delta: float = MISSING
+    max_grad_norm: float = MISSING
+    accountant: str = MISSING  # rdp | prv
+    seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
 
 
 @dataclass
 class TrainConfig:
-    optimizer: str = "adam"  # adam | sgd
-    lr: float = 5e-3
-    batch_size: int = 32
-    local_steps: int = 8
-    epochs: int = 1  # centralized `fedspec train`
-    eval_batch_size: int = 128
+    optimizer: str = MISSING  # adam | sgd
+    lr: float = MISSING
+    batch_size: int = MISSING
+    local_steps: int = MISSING
+    epochs: int = MISSING  # centralized `fedspec train`
+    eval_batch_size: int = MISSING
 
 
 @dataclass
 class FederationConfig:
-    clients: int = 20
-    rounds: int = 5
-    fraction: float = 0.5
-    min_clients: int = 2
-    client_cpus: float = 1.0
-    round_timeout: float = 3600.0
+    clients: int = MISSING
+    rounds: int = MISSING
+    fraction: float = MISSING
+    min_clients: int = MISSING
+    client_cpus: float = MISSING
+    round_timeout: float = MISSING
 
 
 @dataclass
 class RunConfig:
-    name: str | None = None
-    output_dir: str = "runs"
-    seed: int = 0
-    resume: bool = False
-    progress: bool = True
+    name: str | None = MISSING
+    output_dir: str = MISSING
+    seed: int = MISSING
+    resume: bool = MISSING
+    progress: bool = MISSING
 
 
 @dataclass
@@ -163,9 +165,9 @@ def to_structured(raw: Any) -> DictConfig:
     schema = OmegaConf.structured(FedspecConfig)
     try:
         cfg = OmegaConf.merge(schema, raw)
+        validate(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"invalid config value: {_one_line(error)}") from None
-    validate(cfg)
     return cfg
 
 
@@ -261,6 +263,21 @@ def unflatten_config(flat: dict[str, Any]) -> DictConfig:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return to_structured(nested)
+
+
+def config_from_run_config(run_config: dict[str, Any], resolved: dict[str, Any] | None = None) -> DictConfig:
+    """The config of a Flower app. ``fedspec simulate`` hands its apps the complete, already validated config
+    (``resolved``); under ``flwr run`` the run_config holds overrides (``[tool.flwr.app.config]`` and
+    ``--run-config``) of the config tree's defaults."""
+    if resolved is not None:
+        return unflatten_config({**resolved, **run_config})
+    return _compose_cached(tuple(sorted(f"{key}={value}" for key, value in run_config.items()))).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+    """Every ClientApp message carries the same run_config: compose the tree once per process."""
+    return compose_config(list(overrides))
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

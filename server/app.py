@@ -10,11 +10,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedspec.config import unflatten_config
-
-
-def resolve_run_config(defaults: dict | None, context: Context):
-    return unflatten_config({**(defaults or {}), **dict(context.run_config)})
+from fedspec.config import config_from_run_config
 
 
 def build_server_app(run_config: dict | None = None) -> ServerApp:
@@ -24,7 +20,7 @@ def build_server_app(run_config: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         from .federation import run_federation
 
-        run_federation(grid, resolve_run_config(run_config, context))
+        run_federation(grid, config_from_run_config(dict(context.run_config), run_config))
 
     return app
 

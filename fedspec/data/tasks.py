@@ -103,7 +103,9 @@ def _file_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
     if eval_path:
         # Reuse the train label mapping so label 2 means the same class in both files.
         options["label_names"] = train.label_names
-        return train, load_examples(eval_path, path_key="data.eval_path", **options)
+        evaluation = load_examples(eval_path, path_key="data.eval_path", **options)
+        # data.eval_examples caps a large eval file: the server evaluates on it every round.
+        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), seed)
     return split_holdout(train, _holdout_size(cfg, len(train)), seed)
 
 
