@@ -117,7 +117,7 @@ class FedspecConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-STRATEGIES = ("fedsvd", "ffa", "fedit")
+STRATEGIES = ("fedsvd", "ffa", "fedit", "fedavg")
 CHOICES: dict[str, tuple] = {
     "data.source": ("synthetic", "file", "hf"),
     "data.partition": ("dirichlet", "iid"),
@@ -185,6 +185,10 @@ def validate(cfg: DictConfig) -> None:
             fail(key, value, "choose one of: " + ", ".join(allowed))
     if cfg.adapter.method not in METHODS:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
+    if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
+        lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
+        fail("strategy.name", cfg.strategy.name,
+             f"it needs a low-rank (B·A) adapter method ({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}")
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
     if cfg.federation.clients < 1:

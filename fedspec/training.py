@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
+from .adapters.hooks import training_hooks
 from .models import Tokenized
 
 
@@ -125,6 +126,7 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
 
 def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
+    hooks = training_hooks(model)
     total_loss, examples = 0.0, 0
     for step, (input_ids, attention_mask, y) in enumerate(_batches(loader, steps)):
         opt.zero_grad(set_to_none=True)
@@ -139,6 +141,8 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False)
         else:
             continue
         opt.step()
+        for hook in hooks:
+            hook.after_step(model, step)
         if on_step is not None:
             on_step(step, total_loss / max(examples, 1))
     return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)

@@ -42,6 +42,10 @@ RULES: dict[str, AggregationRule] = {
         "fedit", clients_train_A=True, refactor=False,
         summary="clients train A and B; server averages each (inexact: mean(B)·mean(A) != mean(B·A))",
     ),
+    "fedavg": AggregationRule(
+        "fedavg", clients_train_A=True, refactor=False,
+        summary="clients train every trainable tensor; server averages them (exact for linear methods)",
+    ),
 }
 
 

@@ -36,7 +36,7 @@ def test_help_explains_the_commands(capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--clients", "0"], "federation.clients=0 is not allowed; a federation needs at least 1 client"),
     (["adapter.method=nope"], "adapter.method='nope' is not allowed; choose one of:"),
-    (["strategy.name=fedprox"], "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit"),
+    (["strategy.name=fedprox"], "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit, fedavg"),
     (["adapter.rank=64"], "adapter.rank=64 is larger than layer"),
     (["adapter.targets=[q_proj]"], "adapter.targets pattern 'q_proj' matches no nn.Linear layer"),
     (["data.source=file", "data.path=/nonexistent/train.tsv"], "data.path='/nonexistent/train.tsv' does not exist"),

@@ -30,7 +30,7 @@ def test_flower_run_config_round_trip_is_lossless():
 
 @pytest.mark.parametrize(("override", "message"), [
     ("adapter.method=nope", "adapter.method='nope' is not allowed; choose one of: .*pissa"),
-    ("strategy.name=fedprox", "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit"),
+    ("strategy.name=fedprox", "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit, fedavg"),
     ("federation.clients=0", "federation.clients=0 is not allowed; a federation needs at least 1 client"),
     ("federation.fraction=1.5", r"federation.fraction=1.5 is not allowed; it must be in \(0, 1\]"),
     ("privacy.delta=2", r"privacy.delta=2.0 is not allowed; it must be in \(0, 1\)"),

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
 from fedspec.models import build_classifier, tokenize
+from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
 from fedspec.training import DPSettings, evaluate, sample_rate, train_steps
 
 TEXTS = [
@@ -126,3 +127,32 @@ def test_plain_training_learns_a_separable_task():
     start = evaluate(model, batch, labels)["loss"]
     train_steps(model, batch, labels, steps=30, batch_size=12, lr=3e-2)
     assert evaluate(model, batch, labels)["loss"] < 0.5 * start
+
+
+class _ShrinkB(PenaltyStep):
+    """A test penalty: ½‖B‖² on every lora_B, so each hook call shrinks B by a known factor."""
+
+    def penalty(self, model):
+        return sum(0.5 * (p ** 2).sum() for n, p in model.named_parameters() if n.endswith("lora_B.weight"))
+
+
+def test_method_hooks_run_after_every_step_under_dp_and_without():
+    spec = register(MethodSpec(
+        name="test-shrink", shape="lowrank", initializer=METHODS["lora"].initializer, base_policy="keep",
+        summary="LoRA with a test penalty", hooks=lambda model, config: [_ShrinkB(weight=1.0, lr=0.5)],
+    ))
+    try:
+        for dp in (None, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)):
+            model, batch, labels = _batch()
+            fedspec.adapt(model, spec.name, 2)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("lora_B.weight"):
+                        p.fill_(1.0)
+            # lr 0 for the optimizer: only the hook moves B, by a factor 0.5 per step.
+            train_steps(model, batch, labels, steps=3, batch_size=3, optimizer="sgd", lr=0.0, dp=dp)
+            for n, p in model.named_parameters():
+                if n.endswith("lora_B.weight"):
+                    assert torch.allclose(p, torch.full_like(p, 0.125)), n
+    finally:
+        del METHODS[spec.name]

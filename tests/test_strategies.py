@@ -134,5 +134,5 @@ def test_float32_state_stays_float32_and_exact_to_float32_precision():
 
 
 def test_unknown_strategy_is_a_clear_error():
-    with pytest.raises(ValueError, match="strategy.name='fedprox' is not a strategy; choose one of: fedsvd, ffa, fedit"):
+    with pytest.raises(ValueError, match="strategy.name='fedprox' is not a strategy; choose one of: fedsvd, ffa, fedit, fedavg"):
         get_rule("fedprox")

@@ -1,6 +1,7 @@
 """Spectral adapter layers and the one registry of methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .hooks import PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
 from .lowrank import LowRankLinear
 from .registry import METHODS, MethodSpec, get_method, register
@@ -21,6 +22,8 @@ __all__ = [
     "AdapterConfig",
     "LowRankLinear",
     "MethodSpec",
+    "PenaltyStep",
+    "TrainingHook",
     "adapt",
     "adapter_config",
     "adapter_layers",
@@ -34,5 +37,6 @@ __all__ = [
     "read_adapter_config",
     "register",
     "save_adapter",
+    "training_hooks",
     "unmerge",
 ]

@@ -30,8 +30,15 @@ class MethodSpec:
     base_policy: str
     summary: str
     init_needs: str = "weights only"
+    # How a server aggregates the method exactly: "lowrank" (ΔW = s·B·A: FedSVD, FFA-LoRA or FedIT apply),
+    # "linear" (ΔW linear in the trained tensors: FedAvg of them is exact), "nonlinear" (FedAvg of the trained
+    # tensors is an approximation, documented by the method).
+    federated: str = "lowrank"
+    # Builds the training hooks the method needs from (model, AdapterConfig); see adapters/hooks.py.
+    hooks: Callable[..., list] | None = None
 
 
+FEDERATED_KINDS = ("lowrank", "linear", "nonlinear")
 METHODS: dict[str, MethodSpec] = {}
 
 
@@ -40,6 +47,8 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"adapter method {spec.name!r} is already registered")
     if spec.base_policy not in ("keep", "residual"):
         raise ValueError(f"base_policy must be 'keep' or 'residual', got {spec.base_policy!r}")
+    if spec.federated not in FEDERATED_KINDS:
+        raise ValueError(f"federated must be one of {FEDERATED_KINDS}, got {spec.federated!r}")
     METHODS[spec.name] = spec
     return spec
 
