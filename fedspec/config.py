@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,11 +272,11 @@ def unflatten_config(flat: dict[str, Any]) -> DictConfig:
 
 def config_from_run_config(run_config: dict[str, Any], resolved: dict[str, Any] | None = None) -> DictConfig:
     """The config of a Flower app. ``fedspec simulate`` hands its apps the complete, already validated config
-    (``resolved``); under ``flwr run`` the run_config holds overrides (``[tool.flwr.app.config]`` and
-    ``--run-config``) of the config tree's defaults."""
+    (``resolved``); under ``flwr run`` the run_config's ``overrides`` key holds Hydra overrides of the config
+    tree (``--run-config 'overrides="adapter.rank=16 federation.clients=4"'``)."""
     if resolved is not None:
-        return unflatten_config({**resolved, **run_config})
-    return _compose_cached(tuple(sorted(f"{key}={value}" for key, value in run_config.items()))).copy()
+        return unflatten_config(resolved)
+    return _compose_cached(tuple(shlex.split(str(run_config.get("overrides", ""))))).copy()
 
 
 @functools.lru_cache(maxsize=8)

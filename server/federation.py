@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec.builders import build_task
+from fedspec.config import save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
@@ -73,6 +74,8 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     paths: RunPaths = run_paths(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
+    if not paths.config.is_file():  # under `flwr run` no driver wrote it
+        save_config(cfg, paths.config)
     log = MetricsLog(paths.metrics)
     rule = get_rule(cfg.strategy.name)
     task = build_task(cfg)

@@ -60,6 +60,6 @@ def summary_markdown(cfg: DictConfig, rows: list[RoundRow], privacy_report: dict
         "",
         rounds_markdown(rows),
         "",
-        "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `checkpoints/last/`, `privacy/report.md`.",
+        "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `checkpoints/round-NNNN/`, `privacy/report.md`.",
         "",
     ])
