@@ -10,7 +10,20 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedspec import __version__
 from fedspec.config import config_from_run_config
+from fedspec.errors import FedspecError
+from fedspec.strategies.flower import VERSION_KEY
+
+
+def check_same_version(server_version: str | None) -> None:
+    """The app bundle carries no code: server and client each run the fedspec installed on their machine,
+    so they must be the same release (a different one may train, send or aggregate other tensors)."""
+    if server_version is not None and server_version != __version__:
+        raise FedspecError(
+            f"this node runs fedspec {__version__} but the server runs fedspec {server_version}; "
+            "install the same version on every machine"
+        )
 
 
 def build_client_app(run_config: dict | None = None) -> ClientApp:
@@ -20,7 +33,9 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, model_and_data
 
-        cfg = config_from_run_config(dict(context.run_config), run_config)
+        config = msg.content.config_records.get("config")
+        check_same_version(config.get(VERSION_KEY) if config is not None else None)
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
         _, data = model_and_data(cfg, context)
         metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -29,7 +44,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 
-        cfg = config_from_run_config(dict(context.run_config), run_config)
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
         update, metrics = train_one_round(cfg, msg, context)
         return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -78,6 +78,7 @@ def _cached_partition(model_key: str, client: int, data_path: str | None) -> Loc
             label_field=cfg.data.label_field,
             format=cfg.data.format,
             label_names=task.train.label_names,
+            path_key="data-path",  # a node-config key, not a config key
         )
     else:
         parts = client_partitions(cfg, task.train.labels)
@@ -92,7 +93,8 @@ def model_and_data(cfg: DictConfig, context: Context):
     """(model, local data) for this node; the model object is shared with other clients of this process."""
     key = _key(cfg)
     model, _ = _cached_model(key)
-    data = _cached_partition(key, client_id(context), context.node_config.get("data-path"))
+    data_path = context.node_config.get("data-path")
+    data = _cached_partition(key, client_id(context), str(Path(str(data_path)).expanduser()) if data_path else None)
     return model, data
 
 
@@ -111,7 +113,7 @@ def ledger_path(cfg: DictConfig, context: Context) -> Path:
     """Where this client keeps its ledger on disk: the node's ``state-dir`` (real clients) or, in a
     simulation, the run folder's ``clients/``."""
     state_dir = context.node_config.get("state-dir")
-    base = Path(str(state_dir)) / str(cfg.run.name) if state_dir else run_paths(cfg).clients
+    base = Path(str(state_dir)).expanduser() / str(cfg.run.name) if state_dir else run_paths(cfg).clients
     return base / f"client-{client_id(context)}" / "ledger.json"
 
 

@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--clients", type=int, help="number of clients (federation.clients)")
     plan.add_argument("--rounds", type=int, help="number of rounds (federation.rounds)")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra syntax)")
+
+    creds = sub.add_parser(
+        "credentials",
+        help="create TLS certificates and SuperNode keys for a real (deployed) federation",
+        description="Write a self-signed CA (ca.crt, ca.key), a SuperLink certificate signed by it (server.pem, "
+        "server.key; valid for localhost, 127.0.0.1, ::1 and every --host) and one ECDSA P-384 key pair per "
+        "SuperNode (supernodes/node-<i>, node-<i>.pub, OpenSSH format) into OUT_DIR. Private keys are mode 0600; "
+        "existing credentials are never overwritten. See docs/deployment.md.",
+    )
+    creds.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the credentials into")
+    creds.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
+    creds.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)")
+    creds.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
     return parser
 
 
@@ -182,11 +196,29 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from .deployment import create_credentials
+
+    creds = create_credentials(args.out_dir, args.nodes, args.host, args.days)
+    lines = [
+        f"wrote {creds.root}:",
+        "  ca.crt        give to every SuperNode and flwr CLI user (--root-certificates / root-certificates)",
+        "  ca.key        signs server certificates only: keep it offline",
+        "  server.pem, server.key   for the SuperLink (--ssl-certfile / --ssl-keyfile)",
+    ]
+    if creds.nodes:
+        lines.append(f"  supernodes/node-0 .. node-{creds.nodes - 1}   private keys: each goes to its SuperNode only")
+        lines.append("  supernodes/node-<i>.pub   register with: flwr supernode register <file> <connection>")
+    print("\n".join(lines))
+    return 0
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
     "train": cmd_train,
     "privacy-report": cmd_privacy_report,
     "privacy-plan": cmd_privacy_plan,
+    "credentials": cmd_credentials,
 }
 
 

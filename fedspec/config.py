@@ -270,13 +270,19 @@ def unflatten_config(flat: dict[str, Any]) -> DictConfig:
     return to_structured(nested)
 
 
-def config_from_run_config(run_config: dict[str, Any], resolved: dict[str, Any] | None = None) -> DictConfig:
+def config_from_run_config(
+    run_config: dict[str, Any], resolved: dict[str, Any] | None = None, run_id: int | None = None
+) -> DictConfig:
     """The config of a Flower app. ``fedspec simulate`` hands its apps the complete, already validated config
     (``resolved``); under ``flwr run`` the run_config's ``overrides`` key holds Hydra overrides of the config
-    tree (``--run-config 'overrides="adapter.rank=16 federation.clients=4"'``)."""
+    tree (``--run-config 'overrides="adapter.rank=16 federation.clients=4"'``). Without ``run.name``, a
+    ``flwr run`` is named after its Flower run id, the same on the server and on every client."""
     if resolved is not None:
         return unflatten_config(resolved)
-    return _compose_cached(tuple(shlex.split(str(run_config.get("overrides", ""))))).copy()
+    cfg = _compose_cached(tuple(shlex.split(str(run_config.get("overrides", ""))))).copy()
+    if not cfg.run.name and run_id is not None:
+        cfg.run.name = f"flwr-run-{run_id}"
+    return cfg
 
 
 @functools.lru_cache(maxsize=8)

@@ -7,10 +7,14 @@ with :func:`build_server_app`, handing it the resolved config directly.
 
 from __future__ import annotations
 
+from logging import INFO
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
 
 from fedspec.config import config_from_run_config
+from fedspec.rundir import check_run_dir
 
 
 def build_server_app(run_config: dict | None = None) -> ServerApp:
@@ -20,7 +24,12 @@ def build_server_app(run_config: dict | None = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         from .federation import run_federation
 
-        run_federation(grid, config_from_run_config(dict(context.run_config), run_config))
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
+        if run_config is None:  # `flwr run`: no driver checked the run folder (`fedspec simulate` did)
+            paths = check_run_dir(cfg)
+            # A relative run.output_dir is relative to where the SuperLink was started: say where.
+            log(INFO, "fedspec: run folder %s", paths.root.resolve())
+        run_federation(grid, cfg)
 
     return app
 

@@ -12,13 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from fedspec import __version__
 from fedspec.builders import build_task
 from fedspec.config import save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
-from fedspec.strategies.flower import AdapterStrategy
+from fedspec.strategies.flower import VERSION_KEY, AdapterStrategy
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_init_factors
@@ -42,7 +43,8 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, dic
         time.sleep(DISCOVERY_POLL_SECONDS)
         node_ids = list(grid.get_node_ids())
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord({})}), message_type=MessageType.QUERY, dst_node_id=n)
+        Message(content=RecordDict({"config": ConfigRecord({VERSION_KEY: __version__})}),
+                message_type=MessageType.QUERY, dst_node_id=n)
         for n in node_ids
     ]
     replies = exchange(grid, messages, timeout=timeout)
@@ -52,7 +54,20 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, dic
             raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         metrics = reply.content.metric_records["metrics"]
         found[reply.metadata.src_node_id] = {"client-id": int(metrics["client-id"]), "num-examples": int(metrics["num-examples"])}
+    _check_unique_client_ids(found)
     return found
+
+
+def _check_unique_client_ids(found: dict[int, dict]) -> None:
+    """Two SuperNodes started with the same partition-id would share one privacy ledger and one identity."""
+    seen: dict[int, int] = {}
+    for node, info in found.items():
+        if info["client-id"] in seen:
+            raise FedspecError(
+                f"nodes {seen[info['client-id']]} and {node} both have partition-id={info['client-id']}; "
+                "start every SuperNode with its own --node-config 'partition-id=<i>'"
+            )
+        seen[info["client-id"]] = node
 
 
 def _mirror_client(ledgers: dict[str, PrivacyLedger], metrics, round_: int, cfg: DictConfig) -> None:

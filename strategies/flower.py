@@ -24,6 +24,7 @@ from flwr.supercore import log
 from .aggregation import AggregationRule, aggregate
 
 BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
+VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
 
 

@@ -1,0 +1,348 @@
+"""Flower's deployment runtime: credentials (fast) and a real SuperLink + SuperNodes run over TLS with
+SuperNode authentication (slow).
+
+The slow test starts the same processes a user starts on separate machines (docs/deployment.md), each with
+its own FLWR_HOME, on free loopback ports: `flower-superlink` with TLS and --enable-supernode-auth, the node
+keys registered with `flwr supernode register`, two authenticated `flower-supernode`s (one on its own data
+file), one SuperNode with an unregistered key, and `flwr run`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from fedspec.cli import main as cli_main
+from fedspec.deployment import create_credentials
+from fedspec.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+# --- credentials --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory):
+    return create_credentials(tmp_path_factory.mktemp("creds") / "fed", nodes=3,
+                              hosts=["superlink.example.org", "10.0.0.5"])
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+@pytest.mark.parametrize("name", [
+    x509.DNSName("localhost"),
+    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    x509.IPAddress(ipaddress.ip_address("::1")),
+    x509.DNSName("superlink.example.org"),
+    x509.IPAddress(ipaddress.ip_address("10.0.0.5")),
+])
+def test_server_certificate_chains_to_the_ca_for_every_host(creds, name):
+    verifier = PolicyBuilder().store(Store([_load_cert(creds.ca_cert)])).build_server_verifier(name)
+    chain = verifier.verify(_load_cert(creds.server_cert), [])
+    assert [c.subject for c in chain] == [_load_cert(creds.server_cert).subject, _load_cert(creds.ca_cert).subject]
+
+
+def test_server_certificate_is_refused_for_a_host_it_does_not_name_and_by_another_ca(creds, tmp_path):
+    store = Store([_load_cert(creds.ca_cert)])
+    with pytest.raises(VerificationError, match="subjectAltName"):
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("evil.example.org")).verify(
+            _load_cert(creds.server_cert), [])
+    other = create_credentials(tmp_path / "other", nodes=0)
+    with pytest.raises(VerificationError):
+        PolicyBuilder().store(Store([_load_cert(other.ca_cert)])).build_server_verifier(
+            x509.DNSName("localhost")).verify(_load_cert(creds.server_cert), [])
+
+
+def test_server_key_matches_its_certificate_and_the_ca_is_a_ca(creds):
+    key = serialization.load_pem_private_key(creds.server_key.read_bytes(), password=None)
+    assert key.public_key() == _load_cert(creds.server_cert).public_key()
+    basic = _load_cert(creds.ca_cert).extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert basic.ca
+    assert not _load_cert(creds.server_cert).extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_supernode_keys_load_the_way_flower_loads_them(creds):
+    """flower-supernode: load_ssh_private_key → EC key; flwr supernode register: load_ssh_public_key → EC
+    key on a NIST curve. Every node has its own key, and the .pub file belongs to the private key."""
+    publics = []
+    for i in range(creds.nodes):
+        private = serialization.load_ssh_private_key(creds.node_key(i).read_bytes(), password=None)
+        public = serialization.load_ssh_public_key(creds.node_public_key(i).read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(public, ec.EllipticCurvePublicKey)
+        assert public.curve.name == "secp384r1"
+        assert private.public_key() == public
+        publics.append(public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    assert len(set(publics)) == creds.nodes
+
+
+def test_private_keys_are_readable_by_their_owner_only(creds):
+    private = [creds.ca_key, creds.server_key, *(creds.node_key(i) for i in range(creds.nodes))]
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for path in [creds.ca_cert, creds.server_cert, creds.node_public_key(0)]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0o044, path
+
+
+def test_existing_credentials_are_never_overwritten(tmp_path):
+    first = create_credentials(tmp_path / "fed", nodes=1)
+    before = {p: p.read_bytes() for p in first.files()}
+    with pytest.raises(ConfigError, match="already exists"):
+        create_credentials(tmp_path / "fed", nodes=2)  # even one that would only add a node
+    assert {p: p.read_bytes() for p in first.files()} == before
+    assert not (tmp_path / "fed" / "supernodes" / "node-1").exists()
+
+
+def test_cli_writes_credentials_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    assert cli_main(["credentials", str(tmp_path / "ok"), "--nodes", "2", "--host", "fed.example.org"]) == 0
+    assert (tmp_path / "ok" / "supernodes" / "node-1.pub").is_file()
+    assert cli_main(["credentials", str(tmp_path / "ok"), "--nodes", "2"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["credentials", str(tmp_path / "bad"), "--nodes", "1", "--host", "no such host"]) == 2
+    err = capsys.readouterr().err
+    assert "--host" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_app_bundle_carries_no_code_that_could_shadow_the_installed_package(tmp_path):
+    """`flwr run` ships a FAB that the SuperLink and SuperNodes put first on sys.path. A bare `fedspec/` folder
+    in it would hide the installed `fedspec.server` / `fedspec.client` (mapped from server/, client/)."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    app = tmp_path / "app"
+    shutil.copytree(ROOT, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.fab"))
+    subprocess.run([str(BIN / "flwr"), "build", "--app", str(app)], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
+    (fab,) = tmp_path.glob("*.fab")
+    names = zipfile.ZipFile(fab).namelist()
+    assert "pyproject.toml" in names
+    assert not [n for n in names if n.endswith(".py")], names
+
+
+# --- the deployment runtime, for real -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Processes:
+    """Every process the test starts, each in its own session; on exit the whole tree of each one is ended
+    (SuperLink and SuperNodes spawn SuperExec, which spawns the apps, some in sessions of their own)."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs, self.env, self.started = logs, env, []
+
+    def start(self, name: str, args: list[str], flwr_home: Path) -> subprocess.Popen:
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("w")
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**self.env, "FLWR_HOME": str(flwr_home)}, cwd=flwr_home)
+        self.started.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        tree = [pid for proc in self.started for pid in (proc.pid, *_descendants(proc.pid))]
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in tree:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            for proc in self.started:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            tree = [pid for pid in tree if _alive(pid)]
+            if not tree:
+                return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child is dead, it only waits to be reaped
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _register_when_up(public_key: Path, env: dict[str, str], timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = _flwr(["supernode", "register", str(public_key), "fedlink", "--format", "json"], env, 60)
+        try:  # with --format json a failure (e.g. the SuperLink is still starting) also exits 0
+            return int(json.loads(done.stdout)["node-id"])
+        except (ValueError, KeyError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"could not register {public_key}: {done.stdout}{done.stderr}")
+        time.sleep(1)
+
+
+def _own_data_file(path: Path, overrides: list[str], count: int) -> None:
+    """A real client's own records, labelled with the server task's label names (not its partition)."""
+    from fedspec.builders import build_task
+    from fedspec.config import compose_config
+
+    examples = build_task(compose_config([*overrides, "run.seed=7"])).train  # other records, same label names
+    with path.open("w") as f:
+        for text, label in list(zip(examples.texts, examples.labels))[:count]:
+            f.write(json.dumps({"text": text, "label": examples.label_names[label]}) + "\n")
+
+
+@pytest.mark.slow
+def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
+    started = time.monotonic()
+    creds = create_credentials(tmp_path / "creds", nodes=3)
+    link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLWR_")},
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cli_home = tmp_path / "cli-flwr"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedlink"\n\n'
+        f'[superlink.fedlink]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{creds.ca_cert}"\n'
+    )
+    cli_env = {**env, "FLWR_HOME": str(cli_home)}
+    overrides = ["model=tiny-bert", "federation.clients=2", "federation.rounds=2", "federation.round_timeout=240",
+                 "data.num_examples=400", "data.eval_examples=64", "data.min_client_examples=8",
+                 "train.local_steps=2", "run.name=deployed", f"run.output_dir={tmp_path / 'runs'}",
+                 "run.progress=false"]
+    own_data = tmp_path / "node-1-data.jsonl"
+    _own_data_file(own_data, overrides, count=48)
+
+    procs = Processes(tmp_path, env)
+    try:
+        link = procs.start("superlink", [
+            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
+            "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
+            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link_port),
+            "--disable-runtime-dependency-installation",
+        ], tmp_path / "superlink-home")
+        registered = [_register_when_up(creds.node_public_key(i), cli_env) for i in range(2)]
+        listed = _flwr(["supernode", "list", "fedlink", "--format", "json"], cli_env, 60)
+        assert listed.returncode == 0 and all(str(n) in listed.stdout for n in registered), listed.stdout
+
+        def supernode(i: int, node_config: str, *extra: str) -> subprocess.Popen:
+            return procs.start(f"supernode-{i}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{link_port}",
+                "--root-certificates", str(creds.ca_cert), "--auth-supernode-private-key", str(creds.node_key(i)),
+                "--host", "127.0.0.1", "--port", str(node_ports[i]), "--node-config", node_config, *extra,
+            ], tmp_path / f"supernode-{i}-home")
+
+        # node-2's key was never registered: the SuperLink must refuse it.
+        intruder = supernode(2, "partition-id=0", "--max-retries", "1", "--max-wait-time", "30")
+        states = [tmp_path / f"node-{i}-state" for i in range(2)]
+        supernode(0, f'partition-id=0 num-partitions=2 state-dir="{states[0]}"')
+        supernode(1, f'partition-id=1 num-partitions=2 state-dir="{states[1]}" data-path="{own_data}"')
+
+        run_started = time.monotonic()
+        ran = _flwr(["run", str(ROOT), "fedlink", "--stream",
+                     "--run-config", f'overrides="{" ".join(overrides)}"'], cli_env, timeout=480)
+        run_seconds = time.monotonic() - run_started
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+
+        assert intruder.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in procs.log("supernode-2")
+        assert "No SuperNode found with the given public key" in procs.log("superlink")
+        assert link.poll() is None, "the SuperLink died"
+        runs = _flwr(["list", "fedlink", "--format", "json"], cli_env, 60)
+        assert [r["status"] for r in json.loads(runs.stdout)["runs"]] == ["finished:completed"], runs.stdout
+    finally:
+        procs.stop_all()
+    leftovers = [p.pid for p in procs.started if _alive(p.pid)]
+    assert not leftovers, f"processes still running: {leftovers}"
+
+    run_dir = tmp_path / "runs" / "deployed"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if r["kind"] == "round"] == [0, 1, 2]
+    fits = [r for r in records if r["kind"] == "client"]
+    assert sorted((r["round"], r["client_id"]) for r in fits) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert {r["num_examples"] for r in fits if r["client_id"] == 1} == {48}  # node 1 trained on its own file
+    assert all(r["kind"] != "client-error" for r in records)
+
+    report = json.loads((run_dir / "privacy" / "report.json").read_text())
+    assert (run_dir / "privacy" / "report.md").is_file() and (run_dir / "adapter").is_dir()
+    for i, state in enumerate(states):  # each node's ledger lives in its own state-dir, and matches the server's
+        ledger = json.loads((state / "deployed" / f"client-{i}" / "ledger.json").read_text())
+        mirror = json.loads((run_dir / "privacy" / "ledgers" / f"client-{i}.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        assert ledger["entries"] == mirror["entries"]
+    assert set(report["clients"]) == {"0", "1"}
+    assert all(c["rounds_taken_part"] == 2 for c in report["clients"].values())
+    assert not (tmp_path / "runs" / "deployed" / "clients").exists()  # real clients keep no state on the server
+
+    total = time.monotonic() - started
+    print(f"\ndeployment runtime: flwr run {run_seconds:.1f}s, whole test {total:.1f}s")
+
+
+def test_a_client_refuses_a_server_running_another_fedspec_release():
+    from fedspec import __version__
+    from fedspec.client.app import check_same_version
+    from fedspec.errors import FedspecError
+
+    check_same_version(__version__)
+    with pytest.raises(FedspecError, match=f"fedspec {__version__} but the server runs fedspec 0.0.0-other"):
+        check_same_version("0.0.0-other")
+
+
+def test_an_unnamed_flwr_run_is_named_after_its_run_id_on_server_and_clients():
+    from fedspec.config import config_from_run_config
+
+    unnamed = {"overrides": "model=tiny-bert"}
+    assert config_from_run_config(unnamed, run_id=42).run.name == "flwr-run-42"
+    assert config_from_run_config({"overrides": "run.name=mine"}, run_id=42).run.name == "mine"
