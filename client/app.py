@@ -7,13 +7,13 @@ what was received, plus metrics: examples, loss and the client's ε over *all* i
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedspec import __version__
 from fedspec.config import config_from_run_config
 from fedspec.errors import FedspecError
-from fedspec.strategies.flower import VERSION_KEY
+from fedspec.strategies.flower import LABELS_KEY, VERSION_KEY
 
 
 def check_same_version(server_version: str | None) -> None:
@@ -31,11 +31,12 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        from .runtime import client_id, model_and_data
+        from .runtime import client_id, model_and_data, remember_label_names
 
-        config = msg.content.config_records.get("config")
-        check_same_version(config.get(VERSION_KEY) if config is not None else None)
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
+        config = msg.content.config_records.get("config") or ConfigRecord({})
+        check_same_version(config.get(VERSION_KEY))
+        remember_label_names(context, config.get(LABELS_KEY))
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         _, data = model_and_data(cfg, context)
         metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
@@ -44,7 +45,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         update, metrics = train_one_round(cfg, msg, context)
         return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
 

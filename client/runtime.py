@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedspec.builders import build_model, build_task, client_partitions, encode, torch_threads
 from fedspec.data import load_examples
+from fedspec.errors import FedspecError
 from fedspec.models import Tokenized
 from fedspec.privacy import PrivacyLedger
 from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
@@ -29,6 +30,7 @@ from fedspec.strategies import get_rule
 LEDGER_STATE_KEY = "privacy-ledger"
 BASE_INIT_STATE_KEY = "base-init"
 PLAN_STATE_KEY = "privacy-plan"
+LABELS_STATE_KEY = "label-names"
 
 
 @dataclass
@@ -53,12 +55,11 @@ def _key(cfg: DictConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_model(model_key: str):
+def _cached_model(model_key: str, num_classes: int):
     cfg = OmegaConf.create(json.loads(model_key))
     torch_threads(int(max(1, cfg.federation.client_cpus)))
-    task = _cached_task(model_key)
     rule = get_rule(cfg.strategy.name)
-    return build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=False)
+    return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False)
 
 
 @lru_cache(maxsize=2)
@@ -67,24 +68,32 @@ def _cached_task(model_key: str):
 
 
 @lru_cache(maxsize=64)
-def _cached_partition(model_key: str, client: int, data_path: str | None) -> LocalData:
+def _cached_partition(model_key: str, client: int) -> LocalData:
+    """A simulated client's share of the task's training records."""
     cfg = OmegaConf.create(json.loads(model_key))
-    _, tokenizer = _cached_model(model_key)
     task = _cached_task(model_key)
-    if data_path:  # a real client with its own file: all of it is its data, labelled as the server's task
-        examples = load_examples(
-            data_path,
-            text_field=cfg.data.text_field,
-            label_field=cfg.data.label_field,
-            format=cfg.data.format,
-            label_names=task.train.label_names,
-            path_key="data-path",  # a node-config key, not a config key
-        )
-    else:
-        parts = client_partitions(cfg, task.train.labels)
-        if client >= len(parts):
-            raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
-        examples = task.train.subset(parts[client])
+    _, tokenizer = _cached_model(model_key, task.num_classes)
+    parts = client_partitions(cfg, task.train.labels)
+    if client >= len(parts):
+        raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
+    inputs, labels = encode(tokenizer, task.train.subset(parts[client]), cfg.model.max_length)
+    return LocalData(inputs, labels)
+
+
+@lru_cache(maxsize=8)
+def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...]) -> LocalData:
+    """A real client's own file, all of it, labelled with the server task's class names. The node never
+    reads the task's data.path / data.eval_path: those are files on the server's machine."""
+    cfg = OmegaConf.create(json.loads(model_key))
+    _, tokenizer = _cached_model(model_key, len(label_names))
+    examples = load_examples(
+        data_path,
+        text_field=cfg.data.text_field,
+        label_field=cfg.data.label_field,
+        format=cfg.data.format,
+        label_names=list(label_names),
+        path_key="data-path",  # a node-config key, not a config key
+    )
     inputs, labels = encode(tokenizer, examples, cfg.model.max_length)
     return LocalData(inputs, labels)
 
@@ -92,13 +101,33 @@ def _cached_partition(model_key: str, client: int, data_path: str | None) -> Loc
 def model_and_data(cfg: DictConfig, context: Context):
     """(model, local data) for this node; the model object is shared with other clients of this process."""
     key = _key(cfg)
-    model, _ = _cached_model(key)
     data_path = context.node_config.get("data-path")
-    data = _cached_partition(key, client_id(context), str(Path(str(data_path)).expanduser()) if data_path else None)
-    return model, data
+    if data_path:
+        names = label_names(context)
+        model, _ = _cached_model(key, len(names))
+        return model, _cached_own_data(key, str(Path(str(data_path)).expanduser()), names)
+    model, _ = _cached_model(key, _cached_task(key).num_classes)
+    return model, _cached_partition(key, client_id(context))
 
 
 # --- node state: residual init factors and the privacy ledger ------------------------------------------------
+
+
+def remember_label_names(context: Context, names: list[str] | None) -> None:
+    """Keep the task's class names the server sends with its first query (a node with its own data file
+    labels it with them)."""
+    if names:
+        context.state[LABELS_STATE_KEY] = ConfigRecord({"names": list(names)})
+
+
+def label_names(context: Context) -> tuple[str, ...]:
+    record = context.state.config_records.get(LABELS_STATE_KEY)
+    if record is None:
+        raise FedspecError(
+            f"client {client_id(context)}: this node has a data-path but never received the task's label names "
+            "from the server (its state was lost); restart the run with run.resume=true"
+        )
+    return tuple(str(n) for n in record["names"])
 
 
 def remember_base_init(context: Context, record: ArrayRecord | None) -> dict[str, torch.Tensor]:

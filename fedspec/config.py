@@ -143,8 +143,11 @@ def _one_line(error: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
-def compose_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose the Hydra config tree with ``key=value`` overrides, type-check it and validate it."""
+def compose_config(
+    overrides: list[str] | None = None, config_name: str = "config", *, check_files: bool = True
+) -> DictConfig:
+    """Compose the Hydra config tree with ``key=value`` overrides, type-check it and validate it
+    (``check_files``: see :func:`validate`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -158,23 +161,25 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "confi
         raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
-    return to_structured(raw)
+    return to_structured(raw, check_files=check_files)
 
 
-def to_structured(raw: Any) -> DictConfig:
+def to_structured(raw: Any, *, check_files: bool = True) -> DictConfig:
     """Merge a plain or DictConfig mapping into the schemas (type errors name the key) and validate values."""
     schema = OmegaConf.structured(FedspecConfig)
     try:
         cfg = OmegaConf.merge(schema, raw)
-        validate(cfg)
+        validate(cfg, check_files=check_files)
     except OmegaConfBaseException as error:
         raise ConfigError(f"invalid config value: {_one_line(error)}") from None
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     """Value checks that types alone cannot express. Data-dependent checks (δ vs client sizes, budget
-    reachability) run when the data is loaded; see ``fedspec.privacy.planning``."""
+    reachability) run when the data is loaded; see ``fedspec.privacy.planning``. ``check_files=False`` skips
+    the existence of data.path / data.eval_path: on a deployed client they name files on the server's
+    machine (a client with its own data never reads them; one that does gets the loader's error)."""
     from .adapters import METHODS
 
     def fail(key: str, value: Any, allowed: str) -> None:
@@ -207,7 +212,7 @@ def validate(cfg: DictConfig) -> None:
             fail(key, value, "it must be positive")
     if cfg.data.source in ("file", "hf") and not cfg.data.path:
         fail("data.path", cfg.data.path, f"data.source={cfg.data.source} needs data.path")
-    if cfg.data.source == "file":
+    if cfg.data.source == "file" and check_files:
         for key in ("data.path", "data.eval_path"):
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
@@ -271,24 +276,29 @@ def unflatten_config(flat: dict[str, Any]) -> DictConfig:
 
 
 def config_from_run_config(
-    run_config: dict[str, Any], resolved: dict[str, Any] | None = None, run_id: int | None = None
+    run_config: dict[str, Any],
+    resolved: dict[str, Any] | None = None,
+    run_id: int | None = None,
+    *,
+    check_files: bool = True,
 ) -> DictConfig:
     """The config of a Flower app. ``fedspec simulate`` hands its apps the complete, already validated config
     (``resolved``); under ``flwr run`` the run_config's ``overrides`` key holds Hydra overrides of the config
     tree (``--run-config 'overrides="adapter.rank=16 federation.clients=4"'``). Without ``run.name``, a
-    ``flwr run`` is named after its Flower run id, the same on the server and on every client."""
+    ``flwr run`` is named after its Flower run id, the same on the server and on every client. Clients pass
+    ``check_files=False`` (see :func:`validate`)."""
     if resolved is not None:
         return unflatten_config(resolved)
-    cfg = _compose_cached(tuple(shlex.split(str(run_config.get("overrides", ""))))).copy()
+    cfg = _compose_cached(tuple(shlex.split(str(run_config.get("overrides", "")))), check_files).copy()
     if not cfg.run.name and run_id is not None:
         cfg.run.name = f"flwr-run-{run_id}"
     return cfg
 
 
 @functools.lru_cache(maxsize=8)
-def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+def _compose_cached(overrides: tuple[str, ...], check_files: bool) -> DictConfig:
     """Every ClientApp message carries the same run_config: compose the tree once per process."""
-    return compose_config(list(overrides))
+    return compose_config(list(overrides), check_files=check_files)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

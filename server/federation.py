@@ -19,7 +19,7 @@ from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
-from fedspec.strategies.flower import VERSION_KEY, AdapterStrategy
+from fedspec.strategies.flower import LABELS_KEY, VERSION_KEY, AdapterStrategy
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_init_factors
@@ -30,8 +30,9 @@ from .reports import write_final_reports
 DISCOVERY_POLL_SECONDS = 1.0
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, dict]:
-    """Ask every node who it is: {node id: {"client-id", "num-examples"}}. Waits for ``expected`` nodes."""
+def discover_clients(grid: Grid, expected: int, timeout: float, label_names: list[str]) -> dict[int, dict]:
+    """Ask every node who it is: {node id: {"client-id", "num-examples"}}. Waits for ``expected`` nodes.
+    The query carries the task's class names: a node with its own data file labels it with them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected:
@@ -43,7 +44,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[int, dic
         time.sleep(DISCOVERY_POLL_SECONDS)
         node_ids = list(grid.get_node_ids())
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord({VERSION_KEY: __version__})}),
+        Message(content=RecordDict({"config": ConfigRecord({VERSION_KEY: __version__, LABELS_KEY: list(label_names)})}),
                 message_type=MessageType.QUERY, dst_node_id=n)
         for n in node_ids
     ]
@@ -104,7 +105,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
     start_round = checkpoint.round + 1 if checkpoint else 1
 
-    nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout)
+    nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout, task.train.label_names)
     strategy = AdapterStrategy(
         rule,
         client_ids={node: info["client-id"] for node, info in nodes.items()},

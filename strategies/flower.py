@@ -25,6 +25,7 @@ from .aggregation import AggregationRule, aggregate
 
 BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
 VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
+LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
 
 

@@ -147,7 +147,7 @@ def _free_port() -> int:
 
 
 def _descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], check=True, capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
     for line in out.splitlines():
         child, parent = map(int, line.split())
@@ -209,7 +209,7 @@ def _alive(pid: int) -> bool:
 
 
 def _flwr(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([str(BIN / "flwr"), *args], check=False, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -226,12 +226,14 @@ def _register_when_up(public_key: Path, env: dict[str, str], timeout: float = 60
         time.sleep(1)
 
 
-def _own_data_file(path: Path, overrides: list[str], count: int) -> None:
-    """A real client's own records, labelled with the server task's label names (not its partition)."""
+def _labelled_file(path: Path, seed: int, count: int) -> None:
+    """Labelled news-topic records (fedspec's generator, one seed per owner), as a JSONL file with string
+    labels: what a user's own data looks like."""
     from fedspec.builders import build_task
     from fedspec.config import compose_config
 
-    examples = build_task(compose_config([*overrides, "run.seed=7"])).train  # other records, same label names
+    examples = build_task(compose_config(["data.num_examples=400", "data.eval_examples=64", f"run.seed={seed}"])).train
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for text, label in list(zip(examples.texts, examples.labels))[:count]:
             f.write(json.dumps({"text": text, "label": examples.label_names[label]}) + "\n")
@@ -258,12 +260,20 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
         f'[superlink.fedlink]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{creds.ca_cert}"\n'
     )
     cli_env = {**env, "FLWR_HOME": str(cli_home)}
+    # The server's task files sit in the SuperLink's working folder, named by relative paths that mean
+    # nothing on the SuperNodes (other working folders): a node that read them would fail. Each node trains
+    # on its own file only.
+    link_home = tmp_path / "superlink-home"
+    _labelled_file(link_home / "task" / "train.jsonl", seed=0, count=200)
+    _labelled_file(link_home / "task" / "eval.jsonl", seed=1, count=64)
+    own_data = [tmp_path / f"node-{i}-data.jsonl" for i in range(2)]
+    sizes = [40, 56]
+    for i, (path, size) in enumerate(zip(own_data, sizes)):
+        _labelled_file(path, seed=10 + i, count=size)
     overrides = ["model=tiny-bert", "federation.clients=2", "federation.rounds=2", "federation.round_timeout=240",
-                 "data.num_examples=400", "data.eval_examples=64", "data.min_client_examples=8",
-                 "train.local_steps=2", "run.name=deployed", f"run.output_dir={tmp_path / 'runs'}",
-                 "run.progress=false"]
-    own_data = tmp_path / "node-1-data.jsonl"
-    _own_data_file(own_data, overrides, count=48)
+                 "data.source=file", "data.path=task/train.jsonl", "data.eval_path=task/eval.jsonl",
+                 "data.min_client_examples=8", "train.local_steps=2", "train.batch_size=16", "run.name=deployed",
+                 f"run.output_dir={tmp_path / 'runs'}", "run.progress=false"]
 
     procs = Processes(tmp_path, env)
     try:
@@ -272,7 +282,7 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
             "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
             "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link_port),
             "--disable-runtime-dependency-installation",
-        ], tmp_path / "superlink-home")
+        ], link_home)
         registered = [_register_when_up(creds.node_public_key(i), cli_env) for i in range(2)]
         listed = _flwr(["supernode", "list", "fedlink", "--format", "json"], cli_env, 60)
         assert listed.returncode == 0 and all(str(n) in listed.stdout for n in registered), listed.stdout
@@ -287,14 +297,15 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
         # node-2's key was never registered: the SuperLink must refuse it.
         intruder = supernode(2, "partition-id=0", "--max-retries", "1", "--max-wait-time", "30")
         states = [tmp_path / f"node-{i}-state" for i in range(2)]
-        supernode(0, f'partition-id=0 num-partitions=2 state-dir="{states[0]}"')
-        supernode(1, f'partition-id=1 num-partitions=2 state-dir="{states[1]}" data-path="{own_data}"')
+        for i in range(2):
+            supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"')
 
         run_started = time.monotonic()
         ran = _flwr(["run", str(ROOT), "fedlink", "--stream",
                      "--run-config", f'overrides="{" ".join(overrides)}"'], cli_env, timeout=480)
         run_seconds = time.monotonic() - run_started
         assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert f"fedspec: run folder {tmp_path / 'runs' / 'deployed'}" in ran.stdout  # the user learns where
 
         assert intruder.wait(timeout=60) != 0
         assert "Failed to activate SuperNode" in procs.log("supernode-2")
@@ -312,7 +323,8 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
     assert [r["round"] for r in records if r["kind"] == "round"] == [0, 1, 2]
     fits = [r for r in records if r["kind"] == "client"]
     assert sorted((r["round"], r["client_id"]) for r in fits) == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert {r["num_examples"] for r in fits if r["client_id"] == 1} == {48}  # node 1 trained on its own file
+    for i, size in enumerate(sizes):  # each node trained on all of its own file
+        assert {r["num_examples"] for r in fits if r["client_id"] == i} == {size}
     assert all(r["kind"] != "client-error" for r in records)
 
     report = json.loads((run_dir / "privacy" / "report.json").read_text())
