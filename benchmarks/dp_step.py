@@ -83,7 +83,7 @@ def _stepper(model, batch, *, private: bool, mode: str = "hooks"):
 
 
 def run(quick: bool) -> list[Row]:
-    repeats = 5 if quick else 11
+    repeats = 3 if quick else 9
     base, batch = _classifier(), _batch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
