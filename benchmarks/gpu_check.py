@@ -190,7 +190,7 @@ def _cuda_llama():
 
 @check("4 Triton fused adapter forward")
 def check_kernel():
-    from fedspec.svd.kernels.lowrank_linear import lowrank_linear, lowrank_linear_reference, triton_available
+    from fedspec.svd.kernels.fused_lowrank import lowrank_linear, lowrank_linear_reference, triton_available
 
     require(triton_available(), "triton is not installed (pip install 'fedspec[gpu]')")
     g = torch.Generator(device="cuda").manual_seed(0)

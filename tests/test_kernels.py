@@ -13,9 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fedspec  # noqa: E402
-import fedspec.svd.kernels.lowrank_linear as kernel_module  # noqa: E402
+import fedspec.svd.kernels.fused_lowrank as kernel_module  # noqa: E402
 from fedspec.adapters import adapter_layers
-from fedspec.svd.kernels.lowrank_linear import lowrank_linear_reference
+from fedspec.svd.kernels.fused_lowrank import lowrank_linear_reference
 
 needs_triton = pytest.mark.skipif(not kernel_module.triton_available(), reason="triton is not installed (pip install 'fedspec[gpu]')")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -78,10 +78,13 @@ class LowRankLinear(nn.Module):
             raise ValueError("set_residual_init needs base_policy='residual'")
         weight = self.base.weight
         compute = torch.promote_types(weight.dtype, torch.float32)
-        # W_res = W_old + s·B_old·A_old − s·B0·A0 = W_old + s·[B_old, B0]·[A_old; −A0]: one rank-2r update,
-        # done in place (a single pass over W) when the weight is already float32/64.
-        B_cat = torch.cat([self.init_lora_B, B0.to(self.init_lora_B)], dim=1).to(compute)
-        A_cat = torch.cat([self.init_lora_A, -A0.to(self.init_lora_A)], dim=0).to(compute)
+        # W_res = W_old + s·B_old·A_old − s·B0·A0 = W_old + s·[B_old, B0]·[A_old; −A0]: one low-rank update
+        # (rank r on first initialization, 2r when replacing an earlier residual), done in place — a single
+        # pass over W — when the weight is already float32/64.
+        B_cat, A_cat = B0.to(compute), -A0.to(compute)
+        if self.init_lora_B.any():  # a residual is already in place: undo it in the same update
+            B_cat = torch.cat([self.init_lora_B.to(compute), B_cat], dim=1)
+            A_cat = torch.cat([self.init_lora_A.to(compute), A_cat], dim=0)
         if weight.dtype == compute:
             weight.addmm_(B_cat, A_cat, alpha=self.scaling)
         else:  # half precision: add in float32, round once

@@ -15,7 +15,7 @@ __all__ = ["BATCH_BYTES", "TensorSignature", "batch_chunks", "group_by_shape", "
 
 # Largest stack one batched call builds. Stacking copies every matrix, and batching amortizes only call
 # overhead, which matters for small matrices; large ones are compute-bound one by one anyway.
-BATCH_BYTES = 256 * 2**20
+BATCH_BYTES = 32 * 2**20
 
 # (shape, dtype, device) of each tensor in an entry; entries with equal signatures stack.
 TensorSignature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]

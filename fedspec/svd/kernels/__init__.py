@@ -4,6 +4,6 @@
   runs wherever Triton cannot). Install Triton with the `[gpu]` extra.
 """
 
-from .lowrank_linear import lowrank_linear, lowrank_linear_reference, triton_available, triton_runs_here
+from .fused_lowrank import lowrank_linear, lowrank_linear_reference, triton_available, triton_runs_here
 
 __all__ = ["lowrank_linear", "lowrank_linear_reference", "triton_available", "triton_runs_here"]
