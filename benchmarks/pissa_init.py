@@ -81,7 +81,7 @@ def _errors(original: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]
     return {name: float(residual[name].norm() / W.norm()) for name, W in original.items()}
 
 
-def _compare(label: str, build, targets: list[str], rank: int, repeats: int, exact: str) -> list[Row]:
+def _compare(label: str, build, targets: list[str], rank: int, repeats: int, exact: str, warmup: int = 1) -> list[Row]:
     from peft import LoraConfig, get_peft_model
 
     adapter = compose_config([]).adapter
@@ -111,7 +111,7 @@ def _compare(label: str, build, targets: list[str], rank: int, repeats: int, exa
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns that PiSSA changes the base weights
-        times = interleaved({"peft": run_peft, "fedspec": run_fedspec}, repeats=repeats)
+        times = interleaved({"peft": run_peft, "fedspec": run_fedspec}, repeats=repeats, warmup=warmup)
     t_fed, t_peft = median(times["fedspec"]), median(times["peft"])
     err_fed = _mean(list(errors["fedspec"].values()))
     err_peft = _mean(list(errors["peft"].values()))
@@ -144,9 +144,9 @@ def _exact_distances(original, residuals, rank: int) -> str:
 def _exact_energy(original, errors, rank: int) -> str:
     """Exact singular values of one matrix per shape: the optimum error and the share of the optimal
     top-r energy each method misses (W_r is a projection of W, so ‖W_r‖² = ‖W‖² − ‖W_res‖²)."""
-    by_shape: dict[tuple, str] = {}
+    by_shape: dict[tuple, str] = {}  # one matrix per shape, a shape and its transpose counted once
     for name, W in original.items():
-        by_shape.setdefault(tuple(W.shape), name)
+        by_shape.setdefault(tuple(sorted(W.shape)), name)
     optimum, missed = [], {method: [] for method in errors}
     for name in by_shape.values():
         W = original[name].double()
@@ -156,7 +156,7 @@ def _exact_energy(original, errors, rank: int) -> str:
         for method, layer_errors in errors.items():
             captured = total * (1 - layer_errors[name] ** 2)
             missed[method].append((top - captured) / top)
-    return (f"; exact {_mean(optimum):.5f} ({len(by_shape)} matrices, one per shape); top-r energy missed there: "
+    return (f"; exact {_mean(optimum):.5f} ({len(by_shape)} matrices, one per shape up to transposition); top-r energy missed there: "
             f"fedspec {100 * _mean(missed['fedspec']):.1f}%, PEFT {100 * _mean(missed['peft']):.1f}%")
 
 
@@ -168,6 +168,8 @@ def run(quick: bool) -> list[Row]:
     torch.manual_seed(0)
     rows = _compare("MiniLM-L6 (all linear layers)", minilm_builder(), MINILM_TARGETS, 8,
                     repeats=3 if quick else 7, exact="all")
+    # Large matrices need no warm-up round (one-time costs are negligible next to seconds of compute); --quick
+    # skips it to stay within its time budget.
     rows += _compare("Llama-7B-shaped, 2 layers, random weights", llama_builder(2), LLAMA_TARGETS, 16,
-                     repeats=2 if quick else 4, exact="per-shape")
+                     repeats=2 if quick else 4, exact="per-shape", warmup=0 if quick else 1)
     return rows

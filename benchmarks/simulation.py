@@ -22,13 +22,15 @@ FEDSPEC = str(Path(sys.executable).with_name("fedspec"))
 
 def simulate(clients: int, rounds: int, *overrides: str) -> tuple[float, float]:
     """(wall seconds, peak GiB of the process tree) of one `fedspec simulate` run in a scratch folder."""
-    out = Path(tempfile.mkdtemp(prefix="fedspec-bench-"))
+    out = Path(tempfile.mkdtemp(prefix="fedspec-bench-"))  # the run folder goes under out/, the log beside it
     try:
         command = [FEDSPEC, "simulate", "--clients", str(clients), "--rounds", str(rounds), "--name", "bench",
                    f"run.output_dir={out}", "run.progress=false", *overrides]
-        code, wall, peak = measure(command)
+        with open(out / "simulate.log", "w") as log:
+            code, wall, peak = measure(command, output=log)
         if code != 0:
-            raise RuntimeError(f"{' '.join(command)} exited with {code}")
+            tail = (out / "simulate.log").read_text().strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(command)} exited with {code}: {' / '.join(tail)}")
         return wall, peak / 2**30
     finally:
         shutil.rmtree(out, ignore_errors=True)
