@@ -1,4 +1,5 @@
-"""Top-r / bottom-r truncated SVD: exact, or randomized (Halko–Martinsson–Tropp).
+"""Top-r / bottom-r truncated SVD: exact, or randomized (block Krylov power iterations; with niter=0 the
+Halko–Martinsson–Tropp range finder).
 
 Why a module of its own rather than `torch.svd_lowrank`: that routine takes no oversampling
 parameter separate from q, draws its sketch from the global RNG, and is silently wrong for
