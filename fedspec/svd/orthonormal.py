@@ -44,8 +44,9 @@ def orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:
 
 
 # Up to this many columns LAPACK's Householder QR was the faster of the two (about 1 ms for 11008 × 16 on
-# 2 cores); at 64 columns it was ten times slower than CholeskyQR2, whose cost is two matrix products.
-HOUSEHOLDER_MAX_COLUMNS = 32
+# 2 cores). Wider, it was erratic: 6 × 1536 × 24 took 117 ms and 6 × 1536 × 32 took 515 ms where
+# CholeskyQR2, whose cost is two matrix products, took 4 ms.
+HOUSEHOLDER_MAX_COLUMNS = 16
 
 # Largest condition number of the Gram matrix accepted from one Cholesky QR pass in float64: beyond it
 # the first pass's Q can be too far from orthonormal for the second pass to repair.
