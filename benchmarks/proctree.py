@@ -31,10 +31,11 @@ def tree_rss(root: psutil.Process) -> int:
     return total
 
 
-def measure(command: list[str], interval: float = 0.2) -> tuple[int, float, int]:
-    """(exit code, wall seconds, peak tree RSS in bytes)."""
+def measure(command: list[str], interval: float = 0.2, *, output=None) -> tuple[int, float, int]:
+    """(exit code, wall seconds, peak tree RSS in bytes); `output` (a file) takes the command's stdout and
+    stderr, which otherwise go to this process's."""
     started = time.monotonic()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, stdout=output, stderr=output)
     root = psutil.Process(child.pid)
     peak = 0
     while child.poll() is None:

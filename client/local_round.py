@@ -34,7 +34,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     if cfg.privacy.enabled:
         sigma = noise_multiplier(cfg, context, len(data))
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
-        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant, seed=seed)
+        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
+                        grad_sample_mode=cfg.privacy.grad_sample_mode, seed=seed)
     result = train_steps(
         model,
         data.inputs,

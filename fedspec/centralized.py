@@ -75,6 +75,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         check_delta(float(cfg.privacy.delta), [n])
         sigma, _, steps_per_epoch = _noise(cfg, n)
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
+                        grad_sample_mode=cfg.privacy.grad_sample_mode,
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         ledger = PrivacyLedger(client_id=CENTRAL_CLIENT, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
     paths.root.mkdir(parents=True, exist_ok=True)

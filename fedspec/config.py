@@ -74,6 +74,7 @@ class PrivacyConfig:
     delta: float = MISSING
     max_grad_norm: float = MISSING
     accountant: str = MISSING  # rdp | prv
+    grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
 
 
@@ -126,6 +127,7 @@ CHOICES: dict[str, tuple] = {
     "adapter.svd_method": ("randomized", "exact"),
     "strategy.name": STRATEGIES,
     "privacy.accountant": ("rdp", "prv"),
+    "privacy.grad_sample_mode": ("hooks", "ghost"),
     "train.optimizer": ("adam", "sgd"),
     "model.pooling": ("mean", "last"),
 }

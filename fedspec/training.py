@@ -28,6 +28,9 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
     accountant: str = "rdp"
+    # How Opacus gets per-sample gradients: "hooks" (per-layer rules, per-sample gradients stored) or "ghost"
+    # (per-sample norms only, then a second backward pass); both exact, see fedspec.privacy.grad_samplers.
+    grad_sample_mode: str = "hooks"
     # Seeded noise and sampling are reproducible — and therefore not private against anyone who knows the
     # seed. Tests only; by default both come from generators seeded with OS entropy.
     seed: int | None = None
@@ -121,7 +124,8 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
     counts it and the noise is what makes an empty batch indistinguishable from a full one.
     """
     for p in params:
-        p.grad_sample = p.new_zeros((0, *p.shape))
+        p.grad_sample = p.new_zeros((0, *p.shape))  # hooks mode clips and sums these
+        p.grad = torch.zeros_like(p)  # ghost mode sums .grad directly
 
 
 def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False) -> TrainResult:
@@ -151,12 +155,15 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False)
 def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step) -> TrainResult:
     from opacus import PrivacyEngine
 
+    from .privacy.grad_samplers import check_exact_rules
+
+    check_exact_rules(model)  # never per-sample gradients of frozen weights (Opacus' functorch fallback)
     loader = DataLoader(dataset, batch_size=batch_size, generator=_entropy_generator(dp.seed))
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: fedspec states the noise source in its privacy report.
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
         engine = PrivacyEngine(accountant=dp.accountant)
-        hooks, dp_opt, dp_loader = engine.make_private(
+        hooks, dp_opt, *ghost_loss, dp_loader = engine.make_private(
             module=model,
             optimizer=opt,
             data_loader=loader,
@@ -165,7 +172,11 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
             poisson_sampling=True,
             noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1),
             wrap_model=False,  # keep the caller's model object (and its cached adapter) as it is
+            grad_sample_mode=dp.grad_sample_mode,
+            criterion=loss_fn,
         )
+    # Ghost mode returns its own criterion: its backward() runs the norm pass and the clipped pass.
+    loss_fn = ghost_loss[0] if ghost_loss else loss_fn
     try:
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.

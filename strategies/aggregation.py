@@ -89,10 +89,14 @@ def aggregate(
     global_state: dict[str, torch.Tensor],
     updates: Sequence[dict[str, torch.Tensor]],
     weights: Sequence[float],
+    *,
+    a_orthonormal: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The new global state: apply the weighted mean update, then (FedSVD) re-factorize every B·A.
 
-    No updates (every client dropped or declined) leaves the state, and so B·A, unchanged.
+    ``a_orthonormal=True`` tells the re-factorization that every A already has orthonormal rows — true in
+    every FedSVD round after the first, since clients never train A — so it only rotates (r×r) instead of
+    decomposing A. No updates (every client dropped or declined) leaves the state, and so B·A, unchanged.
     """
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
@@ -109,15 +113,15 @@ def aggregate(
         else:
             new_state[key] = value.clone()
     if rule.refactor:
-        new_state.update(refactor_all(new_state))
+        new_state.update(refactor_all(new_state, a_orthonormal=a_orthonormal))
     return new_state
 
 
-def refactor_all(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SVD re-factorization of every layer's B·A, one batched call per group of same-shape layers."""
+def refactor_all(state: dict[str, torch.Tensor], *, a_orthonormal: bool = False) -> dict[str, torch.Tensor]:
+    """SVD re-factorization of every layer's B·A, batched per group of same-shape layers."""
     layers = [k[: -len(B_SUFFIX)] for k in state if k.endswith(B_SUFFIX)]
     pairs = {name: (state[name + B_SUFFIX], state[name + A_SUFFIX]) for name in layers}
-    refactored = refactor_lowrank_grouped(pairs)
+    refactored = refactor_lowrank_grouped(pairs, assume_orthonormal_rows=a_orthonormal)
     out = {}
     for name, (B_new, A_new) in refactored.items():
         out[name + B_SUFFIX] = B_new

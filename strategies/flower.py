@@ -52,6 +52,9 @@ class AdapterStrategy(FedAvg):
         self.base_init = base_init
         self.nodes_with_base: set[int] = set()
         self._sent_state: dict[str, torch.Tensor] | None = None
+        # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
+        # so later rounds take the r×r rotation shortcut. A resumed run re-enters with False: one full round.
+        self._a_orthonormal = False
 
     def sample(self, server_round: int) -> list[int]:
         """A seeded sample of ⌈fraction·N⌉ nodes (at least ``min_train_nodes``), in client-id order."""
@@ -92,7 +95,9 @@ class AdapterStrategy(FedAvg):
             updates.append(update)
             weights.append(float(reply_metrics[self.weighted_by_key]))
             metrics.append(reply_metrics)
-        new_state = aggregate(self.rule, self._sent_state, updates, weights)
+        new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal)
+        if updates:  # a round without updates re-factorizes nothing
+            self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
         return ArrayRecord(new_state), summarize_train_metrics(metrics, weights)
 
 

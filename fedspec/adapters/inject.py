@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from ..svd import batch_chunks
 from .lowrank import LowRankLinear
 from .registry import get_method
 from .targets import default_targets, match_targets
@@ -73,21 +74,30 @@ def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
 def _initialize(
     layers: dict[str, LowRankLinear], initializer, scaling: float, generator: torch.Generator, options: dict
 ) -> None:
-    """Compute starting factors with one batched initializer call per group of same-shape layers."""
+    """Compute starting factors with one batched initializer call per group of same-shape layers (split into
+    chunks of bounded size when the layers are large: batching only pays for small matrices)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, layer in layers.items():
         groups[(tuple(layer.base.weight.shape), layer.base.weight.dtype)].append(name)
-    for (_, dtype), names in groups.items():
+    for (_, dtype), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        weights = torch.stack([layers[n].base.weight.detach().to("cpu", compute) for n in names])
-        rank = layers[names[0]].rank
-        B0, A0 = initializer(weights, rank, scaling, generator=generator, **options)
-        for i, name in enumerate(names):
-            layer = layers[name]
-            B, A = B0[i].to(layer.base.weight), A0[i].to(layer.base.weight)
-            layer.set_factors(B, A)
-            if layer.base_policy == "residual":
-                layer.set_residual_init(B, A)
+        item_bytes = layers[group[0]].base.weight.numel() * compute.itemsize
+        for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
+            _initialize_chunk(layers, names, compute, initializer, scaling, generator, options)
+
+
+def _initialize_chunk(layers, names, compute, initializer, scaling, generator, options) -> None:
+    # On the weights' own device (a CUDA model decomposes on the GPU); a single weight is not copied.
+    weights = [layers[n].base.weight.detach().to(dtype=compute) for n in names]
+    weights = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
+    rank = layers[names[0]].rank
+    B0, A0 = initializer(weights, rank, scaling, generator=generator, **options)
+    for i, name in enumerate(names):
+        layer = layers[name]
+        B, A = B0[i].to(layer.base.weight), A0[i].to(layer.base.weight)
+        layer.set_factors(B, A)
+        if layer.base_policy == "residual":
+            layer.set_residual_init(B, A)
 
 
 def adapt(

@@ -78,11 +78,17 @@ class LowRankLinear(nn.Module):
             raise ValueError("set_residual_init needs base_policy='residual'")
         weight = self.base.weight
         compute = torch.promote_types(weight.dtype, torch.float32)
-        original = weight.to(compute) + self.scaling * (
-            self.init_lora_B.to(compute) @ self.init_lora_A.to(compute)
-        )
-        residual = original - self.scaling * (B0.to(compute) @ A0.to(compute))
-        weight.copy_(residual.to(weight.dtype))
+        # W_res = W_old + s·B_old·A_old − s·B0·A0 = W_old + s·[B_old, B0]·[A_old; −A0]: one low-rank update
+        # (rank r on first initialization, 2r when replacing an earlier residual), done in place — a single
+        # pass over W — when the weight is already float32/64.
+        B_cat, A_cat = B0.to(compute), -A0.to(compute)
+        if self.init_lora_B.any():  # a residual is already in place: undo it in the same update
+            B_cat = torch.cat([self.init_lora_B.to(compute), B_cat], dim=1)
+            A_cat = torch.cat([self.init_lora_A.to(compute), A_cat], dim=0)
+        if weight.dtype == compute:
+            weight.addmm_(B_cat, A_cat, alpha=self.scaling)
+        else:  # half precision: add in float32, round once
+            weight.copy_(torch.addmm(weight.to(compute), B_cat, A_cat, alpha=self.scaling).to(weight.dtype))
         self.init_lora_B.copy_(B0)
         self.init_lora_A.copy_(A0)
 

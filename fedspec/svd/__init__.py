@@ -5,14 +5,17 @@ Every decomposition runs in float32 or float64 whatever the model dtype, and wit
 Singular-vector signs are arbitrary: compare products, never factors.
 """
 
-from .grouping import group_by_shape
+from .grouping import BATCH_BYTES, batch_chunks, group_by_shape
 from .precision import compute_dtype
 from .refactor import refactor_lowrank, refactor_lowrank_grouped
-from .truncated import METHODS, reconstruction_error, truncated_svd
+from .truncated import METHODS, error_vs_exact, reconstruction_error, truncated_svd
 
 __all__ = [
+    "BATCH_BYTES",
+    "batch_chunks",
     "METHODS",
     "compute_dtype",
+    "error_vs_exact",
     "group_by_shape",
     "reconstruction_error",
     "refactor_lowrank",

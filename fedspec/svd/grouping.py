@@ -11,7 +11,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["TensorSignature", "group_by_shape", "signature"]
+__all__ = ["BATCH_BYTES", "TensorSignature", "batch_chunks", "group_by_shape", "signature"]
+
+# Largest stack one batched call builds. Stacking copies every matrix, and batching amortizes only call
+# overhead, which matters for small matrices; large ones are compute-bound one by one anyway.
+BATCH_BYTES = 32 * 2**20
 
 # (shape, dtype, device) of each tensor in an entry; entries with equal signatures stack.
 TensorSignature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
@@ -37,3 +41,10 @@ def group_by_shape(
     for name, value in tensors.items():
         groups.setdefault(signature(value), []).append(name)
     return groups
+
+
+def batch_chunks(names: Sequence[str], item_bytes: int, limit: int = BATCH_BYTES) -> list[list[str]]:
+    """Split a same-shape group into consecutive chunks whose stacked size stays within `limit` bytes
+    (at least one item per chunk), so a batched call never doubles the memory of a large model."""
+    per_chunk = max(1, limit // max(1, item_bytes))
+    return [list(names[i:i + per_chunk]) for i in range(0, len(names), per_chunk)]

@@ -2,8 +2,10 @@
 
 FedSVD re-factorizes `M = B·A` every round so that A has orthonormal rows and B = UΣ holds all
 singular values. rank(M) <= r, so the rank-r SVD is exact and the model function is unchanged.
-A dense m×n SVD would cost O(m·n·min(m, n)) (seconds per 4096² layer on a CPU); going through
-thin QRs and an r×r SVD costs O((m + n)·r²) (sub-millisecond). See notes/fedsvd.md §4.
+A dense m×n SVD would cost O(m·n·min(m, n)) (a minute per 4096² layer on 2 CPU cores); going through
+a thin QR of Aᵀ and the r×r Gram matrix of B costs O((m + n)·r²) (about a millisecond). When A already
+has orthonormal rows — every FedSVD round after the first, because clients do not train A — even the QR
+is skipped: only an r×r rotation is computed. See notes/fedsvd.md §4.
 
 Convention: B is (..., m, r), A is (..., r, n), as PEFT's lora_B / lora_A. The scale α/r stays
 outside: callers re-factorize B·A, not s·B·A.
@@ -16,6 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from .grouping import group_by_shape
+from .orthonormal import gram, qr_tall
 from .precision import compute_dtype
 
 __all__ = ["refactor_lowrank", "refactor_lowrank_grouped"]
@@ -36,9 +39,12 @@ def refactor_lowrank(
     dimensions); m < r is allowed and pads B_new with zero columns.
 
     `assume_orthonormal_rows=True` skips the QR of A — valid only when A already has orthonormal
-    rows (every FedSVD round after the first): B = U S W gives B_new = U S and A_new = W A. The
-    flag is trusted, not checked; with a non-orthonormal A the product is still preserved but
-    A_new's rows are not orthonormal.
+    rows (every FedSVD round after the first): the eigenvectors V of the r×r Gram matrix BᵀB give
+    B_new = B V and A_new = Vᵀ A. The flag is trusted, not checked; with a non-orthonormal A the
+    product is still preserved but A_new's rows are not orthonormal.
+
+    Everything runs on the inputs' device (cuBLAS/cuSOLVER for CUDA tensors); the small r×r
+    decompositions run in float64 there too.
 
     Rank-deficient input (e.g. B = 0 for a layer no client updated) gives zero singular values
     and arbitrary but orthonormal directions: never NaN or Inf.
@@ -52,6 +58,8 @@ def refactor_lowrank(
         B_new, A_new = _refactor_orthonormal(Bc, Ac)
     else:
         B_new, A_new = _refactor_two_sided(Bc, Ac)
+    if m < r:  # rank(B·A) <= m: the trailing singular values are exactly zero, not rounding noise
+        B_new[..., m:] = 0
     return B_new.to(B.dtype), A_new.to(A.dtype)
 
 
@@ -59,56 +67,81 @@ def refactor_lowrank(
 def refactor_lowrank_grouped(
     pairs: Mapping[str, LowRankPair], *, assume_orthonormal_rows: bool = False
 ) -> dict[str, LowRankPair]:
-    """Re-factorize many named (B, A) pairs with one batched call per (shape, dtype, device) group.
+    """Re-factorize many named (B, A) pairs, batched per (shape, dtype, device) group.
 
-    The server re-factorizes every adapted layer of a model each round; layers of one shape
-    (all q_proj of a transformer, say) go through a single stacked QR/SVD instead of a Python
-    loop of tiny decompositions. Returns a new dict with the input's keys, in the input's order.
+    The server re-factorizes every adapted layer of a model each round. In the general path, layers of
+    one shape (all q_proj of a transformer, say) go through a single stacked call of
+    :func:`refactor_lowrank`. With `assume_orthonormal_rows=True` (FedSVD after its first round) the
+    only decomposition is the eigendecomposition of each layer's r×r Gram matrix BᵀB: those are batched
+    into one call per group, while the two thin products per layer (B·V and Vᵀ·A) run on the layers'
+    own tensors, so the factors are never copied into a stack. Returns a new dict with the input's keys,
+    in the input's order.
     """
     out: dict[str, LowRankPair] = {}
     for names in group_by_shape(pairs).values():
+        if assume_orthonormal_rows:
+            rotated = _rotate_group([pairs[name][0] for name in names], [pairs[name][1] for name in names])
+            out.update(zip(names, rotated))
+            continue
         B_stack = torch.stack([pairs[name][0] for name in names])
         A_stack = torch.stack([pairs[name][1] for name in names])
-        B_new, A_new = refactor_lowrank(B_stack, A_stack, assume_orthonormal_rows=assume_orthonormal_rows)
+        B_new, A_new = refactor_lowrank(B_stack, A_stack)
         for name, b, a in zip(names, B_new.unbind(0), A_new.unbind(0)):
             out[name] = (b, a)
     return {name: out[name] for name in pairs}
 
 
+def _rotate_group(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[LowRankPair]:
+    """The orthonormal-rows shortcut for same-shape layers: one batched r×r eigendecomposition."""
+    m, r, _ = _check_pair(Bs[0], As[0])
+    dtype = compute_dtype(Bs[0].dtype, As[0].dtype)
+    V_all, _ = _eigh_descending(torch.stack([_gram(B.detach().to(dtype)) for B in Bs]))
+    result = []
+    for B, A, V in zip(Bs, As, V_all.unbind(0)):
+        B_new = B.detach().to(dtype) @ V.to(dtype)
+        if m < r:
+            B_new[..., m:] = 0
+        result.append((B_new.to(B.dtype), (V.mT.to(dtype) @ A.detach().to(dtype)).to(A.dtype)))
+    return result
+
+
 def _refactor_two_sided(B: torch.Tensor, A: torch.Tensor) -> LowRankPair:
-    # B = Q_b R_b, Aᵀ = Q_a R_a  =>  B·A = Q_b (R_b R_aᵀ) Q_aᵀ, and an SVD of the small core
-    # R_b R_aᵀ = u s vh gives B·A = (Q_b u) s (vh Q_aᵀ) with both outer factors orthonormal.
-    # Householder QR returns an orthonormal Q even for zero or rank-deficient input, which is what
-    # keeps A_new orthonormal when B = 0.
-    Q_b, R_b = torch.linalg.qr(B, mode="reduced")  # (m, k), (k, r) with k = min(m, r)
-    Q_a, R_a = torch.linalg.qr(A.mT, mode="reduced")  # (n, r), (r, r); n >= r is checked
-    u, s, vh = _svd_square_right(R_b @ R_a.mT)
-    B_new = _pad_columns(Q_b @ (u * s.unsqueeze(-2)), B.shape[-1])
-    return B_new, vh @ Q_a.mT
+    # Aᵀ = Q_a R_a (thin QR)  =>  B·A = (B R_aᵀ) Q_aᵀ, and with the eigendecomposition of the r×r Gram
+    # matrix (B R_aᵀ)ᵀ(B R_aᵀ) = V Λ Vᵀ:  B·A = (B R_aᵀ V) (Vᵀ Q_aᵀ), columns of the left factor orthogonal
+    # with norms √Λ (the singular values), rows of the right factor orthonormal. B is never decomposed:
+    # only its r×r Gram matrix is formed, and it is multiplied once by an r×r matrix.
+    Q_a, R_a = qr_tall(A.mT)  # (n, r) in A's compute dtype, (r, r) float64; Householder if A is deficient
+    gram = R_a @ _gram(B) @ R_a.mT
+    V, _ = _eigh_descending(gram)
+    return B @ (R_a.mT @ V).to(B.dtype), (Q_a @ V.to(A.dtype)).mT
 
 
 def _refactor_orthonormal(B: torch.Tensor, A: torch.Tensor) -> LowRankPair:
-    # A = Q_aᵀ already, so only B needs decomposing: B = U S W  =>  B·A = U S (W A).
-    U, S, W = _svd_square_right(B)
-    return _pad_columns(U * S.unsqueeze(-2), B.shape[-1]), W @ A
+    # A = Q_aᵀ already (R_a = I), so the rotation V of BᵀB = V Λ Vᵀ is all that is needed:
+    # B·A = (B V)(Vᵀ A), O(m·r²) for the Gram matrix and one r×r product per factor.
+    V, _ = _eigh_descending(_gram(B))
+    return B @ V.to(B.dtype), V.mT.to(A.dtype) @ A
 
 
-def _svd_square_right(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of X (p, r) with a square r×r right factor, and U thin: (p, k), (k,), (r, r), k = min(p, r).
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """XᵀX (r×r), formed in X's dtype and returned in float64 for the eigendecomposition.
 
-    For p >= r the thin SVD already has a square right factor and avoids a p×p U (p can be 4096).
-    For p < r the full SVD is needed so that the right factor spans all r rows; its U is only p×p.
+    A float32 Gram matrix resolves singular values down to ~3e-4·σ₁: below that, B_new's columns are
+    orthogonal only to ~eps·σ₁², but the product B_new·A_new = B·V·Vᵀ·A stays exact and A's rows stay
+    orthonormal, because V comes from a float64 eigendecomposition. Forming it in float64 instead cost
+    ten times more on the CPU (a float64 copy of every B).
     """
-    p, r = X.shape[-2:]
-    return torch.linalg.svd(X, full_matrices=p < r)
+    return gram(X).to(torch.float64)
 
 
-def _pad_columns(X: torch.Tensor, width: int) -> torch.Tensor:
-    """Append zero columns (zero singular values) up to `width`; a no-op when already that wide."""
-    missing = width - X.shape[-1]
-    if missing == 0:
-        return X
-    return torch.nn.functional.pad(X, (0, missing))
+def _eigh_descending(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors and eigenvalues of symmetric G (float64), largest eigenvalue first.
+
+    A rank-deficient G (B = 0, or m < r) has zero eigenvalues whose eigenvectors are still orthonormal,
+    so the rotated factors stay finite and A's rows stay orthonormal.
+    """
+    evals, evecs = torch.linalg.eigh(G)
+    return evecs.flip(-1), evals.flip(-1)
 
 
 def _check_pair(B: torch.Tensor, A: torch.Tensor) -> tuple[int, int, int]:

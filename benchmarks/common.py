@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: interleaved timing, one result row type, the table, the machine.
+
+The benchmark machine is shared and noisy, so every comparison runs its candidates round-robin in one
+process (baseline, candidate, baseline, candidate, ...) after a warm-up, and reports medians and the ratio
+of medians — never a single timing.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Row:
+    benchmark: str
+    setting: str
+    fedspec: str
+    baseline: str
+    ratio: str  # speed-up (baseline / fedspec) or overhead (fedspec / baseline), as labelled
+    accuracy: str
+    target: str
+    met: str  # "yes", "no" or "—"
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each candidate per repeat, run round-robin so machine noise hits all of them alike.
+
+    A candidate may return a float: then that float is its timing (for calls whose timed part is only a
+    piece of what they do, e.g. building a fresh model first).
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, call in candidates.items():
+            gc.collect()
+            started = time.perf_counter()
+            result = call()
+            elapsed = result if isinstance(result, float) else time.perf_counter() - started
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def seconds(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f} s"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1000:.0f} ms" if value >= 0.01 else f"{value * 1000:.1f} ms"
+
+
+def timed(call: Callable[[], object]) -> float:
+    """For `interleaved`: time only `call`, after whatever set-up the caller did."""
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def yes_no(condition: bool) -> str:
+    return "yes" if condition else "**no**"
+
+
+def render(rows: list[Row]) -> str:
+    header = ["benchmark", "setting", "fedspec", "baseline", "ratio", "accuracy", "target", "met"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [row.benchmark, row.setting, row.fedspec, row.baseline, row.ratio, row.accuracy, row.target, row.met]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    cpu = platform.processor() or platform.machine()
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
+            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")

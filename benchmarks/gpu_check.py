@@ -1,0 +1,266 @@
+"""Every GPU check and timing in one command, for a CUDA machine; prints one table, finishes in < 5 minutes.
+
+    python benchmarks/gpu_check.py            # needs torch with CUDA; Triton ('fedspec[gpu]') for the kernel rows
+
+Checks (each row: what ran, its timing against the obvious torch alternative on the same GPU, and whether
+the result is right and stayed on the GPU):
+1. truncated_svd (randomized block Krylov and exact) on CUDA: accuracy vs the exact truncated SVD, devices,
+   dtypes; time vs torch.svd_lowrank (what PEFT's pissa_niter_4 runs).
+2. refactor_lowrank_grouped for a 7B-shaped adapter set (224 matrices, r = 16): round 1 and the rotation
+   shortcut; time vs a dense torch.linalg.svd of B·A (timed on two products, extrapolated).
+3. fedspec.adapt("pissa") on a CUDA 2-layer 7B-shaped Llama (bfloat16): every parameter still on the GPU,
+   residual exact; time vs PEFT pissa_niter_4 on the same GPU when PEFT is installed.
+4. The Triton fused adapter forward vs torch (unfused base + adapter, and the merged single matmul as the
+   lower bound), float16/bfloat16/float32, with max error against a float32 reference.
+5. A DP-SGD step (Opacus hooks) vs a non-DP step on CUDA (MiniLM, batch 32 × 128), functorch guard on.
+6. The `gpu`-marked tests (pytest -m gpu).
+Without CUDA it exits at once with status 2 and one line saying so. A global deadline skips what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+DEADLINE_S = 270.0
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ROWS: list[tuple[str, str, str, str, str]] = []  # check, setting, fedspec, baseline, result
+FAILED: list[str] = []
+STARTED = time.monotonic()
+
+
+def cuda_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    """Median seconds of fn() on the GPU (synchronized)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def check(name: str):
+    def decorator(fn):
+        def run():
+            if time.monotonic() - STARTED > DEADLINE_S:
+                ROWS.append((name, "skipped: global deadline reached", "—", "—", "SKIPPED"))
+                return
+            try:
+                fn()
+            except Exception as error:  # report and go on: one failing check must not hide the others
+                FAILED.append(name)
+                ROWS.append((name, "raised", "—", "—", f"FAIL: {type(error).__name__}: {str(error).splitlines()[0][:120]}"))
+                traceback.print_exc(file=sys.stderr)
+        return run
+    return decorator
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+@check("1 truncated_svd")
+def check_truncated_svd():
+    from fedspec.svd import error_vs_exact, truncated_svd
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(8, 1024, 768, device=dev, generator=g) * 0.02
+    U, S, Vh = truncated_svd(W, 16)
+    require(U.device.type == S.device.type == Vh.device.type == "cuda", "results left the GPU")
+    err = float(error_vs_exact(W, U, S, Vh).max())
+    Ue, Se, Vhe = truncated_svd(W, 16, method="exact")
+    require(float(error_vs_exact(W, Ue, Se, Vhe).max()) < 1e-4, "exact path is not exact")
+    big = torch.randn(11008, 4096, device=dev, generator=g) * 0.02
+    t_fed = cuda_time(lambda: truncated_svd(big, 16, niter=4, oversample=8))
+    t_torch = cuda_time(lambda: torch.svd_lowrank(big, q=16, niter=4))
+    ROWS.append(("1 truncated_svd", "batched 8×1024×768 accuracy; 11008×4096 r=16 timing", ms(t_fed),
+                 f"torch.svd_lowrank {ms(t_torch)}", f"OK, max ‖W_r−W_r*‖/‖W_r*‖ {err:.1e} (flat spectrum)"))
+
+
+@check("2 FedSVD refactor")
+def check_refactor():
+    from fedsvd_server import LAYERS, RANK, SHAPES, adapter_set
+
+    from fedspec.svd import refactor_lowrank_grouped
+
+    first = {k: (b.cuda(), a.cuda()) for k, (b, a) in adapter_set(False).items()}
+    later = {k: (b.cuda(), a.cuda()) for k, (b, a) in adapter_set(True, seed=1).items()}
+    out = refactor_lowrank_grouped(first)
+    for name, (B_new, A_new) in list(out.items())[:7]:
+        require(B_new.is_cuda and A_new.is_cuda, "results left the GPU")
+        B, A = first[name]
+        rows = torch.arange(0, B.shape[0], 64, device="cuda")
+        ref = B[rows].double() @ A.double()
+        require(float((B_new[rows].double() @ A_new.double() - ref).norm() / ref.norm()) < 1e-5, f"{name}: B·A changed")
+        gram = A_new.double() @ A_new.double().T
+        require(float((gram - torch.eye(RANK, device="cuda", dtype=torch.float64)).abs().max()) < 1e-5, "A not orthonormal")
+    t_general = cuda_time(lambda: refactor_lowrank_grouped(first), repeats=3)
+    t_short = cuda_time(lambda: refactor_lowrank_grouped(later, assume_orthonormal_rows=True), repeats=3)
+    B, A = first["layers.0.q_proj"]
+    t_dense = cuda_time(lambda: torch.linalg.svd(B @ A, full_matrices=False), repeats=1, warmup=1)
+    total = LAYERS * sum(t_dense * m * n * min(m, n) / 4096**3 for m, n in SHAPES.values())
+    ROWS.append(("2 FedSVD refactor", f"{LAYERS}×7 matrices, r={RANK}, fp32: round 1 / rotation shortcut",
+                 f"{ms(t_general)} / {ms(t_short)}", f"dense SVD {ms(total)} (one 4096² timed, extrapolated)",
+                 "OK: B·A kept, A orthonormal, on GPU"))
+
+
+@check("3 PiSSA init on GPU")
+def check_adapt():
+    from pissa_init import LLAMA_TARGETS
+
+    import fedspec
+    from fedspec.adapters import adapter_layers
+
+    build = _cuda_llama()
+    model = build()
+    original = {n: model.get_submodule(n).weight.detach().float().clone() for n, _ in _linear_names(model)}
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS)
+    torch.cuda.synchronize()
+    t_fed = time.perf_counter() - start
+    off = [n for n, p in model.named_parameters() if not p.is_cuda]
+    require(not off, f"parameters left the GPU: {off[:3]}")
+    worst = 0.0
+    for name, layer in adapter_layers(model).items():
+        rebuilt = layer.base.weight.float() + layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+        worst = max(worst, float((rebuilt - original[name]).norm() / original[name].norm()))
+    require(worst < 2e-2, f"residual + s·B·A differs from W by {worst:.1e} (bf16)")
+    baseline = "PEFT not installed"
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        model = build()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights="pissa_niter_4"))
+        torch.cuda.synchronize()
+        baseline = f"PEFT pissa_niter_4 {ms(time.perf_counter() - start)}"
+    except ImportError:
+        pass
+    ROWS.append(("3 PiSSA init on GPU", "2-layer 7B-shaped Llama, bf16, 14 layers, r=16 (first call, incl. warm-up)",
+                 ms(t_fed), baseline, f"OK: all on GPU, ‖W_res + sBA − W‖/‖W‖ ≤ {worst:.1e}"))
+
+
+def _linear_names(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "proj" in n]
+
+
+def _cuda_llama():
+    from transformers import LlamaConfig, LlamaModel
+    from transformers.initialization import no_init_weights
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                         num_attention_heads=32, num_key_value_heads=32)
+
+    def build():
+        with no_init_weights():
+            model = LlamaModel(config).to(device="cuda", dtype=torch.bfloat16)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02, generator=g)
+        return model
+
+    return build
+
+
+@check("4 Triton fused adapter forward")
+def check_kernel():
+    from fedspec.svd.kernels.fused_lowrank import lowrank_linear, lowrank_linear_reference, triton_available
+
+    require(triton_available(), "triton is not installed (pip install 'fedspec[gpu]')")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for tokens, K, N in ((4096, 4096, 4096), (4096, 4096, 11008), (256, 4096, 4096)):
+            r, s = 16, 2.0
+            x = torch.randn(tokens, K, device="cuda", generator=g).to(dtype)
+            W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
+            b = torch.randn(N, device="cuda", generator=g).to(dtype)
+            A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).to(dtype)
+            B = torch.randn(N, r, device="cuda", generator=g).to(dtype)
+            with torch.no_grad():
+                y = lowrank_linear(x, W, b, A, B, s)
+                ref = lowrank_linear_reference(x.float(), W.float(), b.float(), A.float(), B.float(), s)
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                require(err < (2e-2 if dtype != torch.float32 else 1e-4), f"{dtype} {tokens}×{K}→{N}: error {err:.1e}")
+                merged = W + s * (B @ A)
+                t_fused = cuda_time(lambda: lowrank_linear(x, W, b, A, B, s))
+                t_torch = cuda_time(lambda: lowrank_linear_reference(x, W, b, A, B, s))
+                t_merged = cuda_time(lambda: torch.nn.functional.linear(x, merged, b))
+            ROWS.append(("4 fused adapter forward", f"{str(dtype)[6:]} {tokens} tokens, {K}→{N}, r={r}", ms(t_fused),
+                         f"torch unfused {ms(t_torch)}; merged matmul {ms(t_merged)}",
+                         f"OK, max rel. error {err:.1e}; {t_torch / t_fused:.2f}× vs unfused"))
+
+
+@check("5 DP-SGD step on GPU")
+def check_dp():
+    import warnings
+
+    import dp_step
+
+    base, (ids, mask, y) = dp_step._classifier().cuda(), dp_step._batch()
+    batch = (ids.cuda(), mask.cuda(), y.cuda())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = dp_step._stepper(dp_step._fedspec_model(base, False), batch, private=False)
+        private = dp_step._stepper(dp_step._fedspec_model(base, False), batch, private=True)
+        t_plain, t_dp = cuda_time(plain), cuda_time(private)
+    ratio = t_dp / t_plain
+    ROWS.append(("5 DP-SGD step", "MiniLM, r=8 q/v + head, batch 32 × 128, FedSVD client, Opacus hooks",
+                 ms(t_dp), f"non-DP {ms(t_plain)}", f"{'OK' if ratio <= 1.3 else 'SLOW'}: {ratio:.2f}× the non-DP step"))
+
+
+@check("6 pytest -m gpu")
+def check_pytest():
+    left = max(30, int(DEADLINE_S + 25 - (time.monotonic() - STARTED)))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=left)
+    last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    require(proc.returncode == 0, f"pytest -m gpu: {last}")
+    ROWS.append(("6 pytest -m gpu", "tests marked gpu", "—", "—", f"OK: {last}"))
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False); "
+              "run it on a machine with an NVIDIA GPU and a CUDA build of torch", file=sys.stderr)
+        return 2
+    print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr, flush=True)
+    for run in (check_truncated_svd, check_refactor, check_adapt, check_kernel, check_dp, check_pytest):
+        run()
+        print(f"  {ROWS[-1][0]}: {ROWS[-1][-1]} ({time.monotonic() - STARTED:.0f} s)", file=sys.stderr, flush=True)
+    header = ("check", "setting", "fedspec", "baseline (same GPU)", "result")
+    print(f"\nGPU: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; {time.monotonic() - STARTED:.0f} s\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in ROWS:
+        print("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |")
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The CUDA path of the SVD engine and of adapter initialization: same results as on the CPU, and no tensor
+ever leaves the GPU (``gpu`` marker; skipped without CUDA). benchmarks/gpu_check.py runs these too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedspec
+from fedspec.adapters import adapter_layers
+from fedspec.svd import error_vs_exact, refactor_lowrank, refactor_lowrank_grouped, truncated_svd
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("method", ["randomized", "exact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_truncated_svd_on_cuda_matches_cpu_and_stays_there(method, dtype):
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(3, 96, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 64, dtype=torch.float64)).to(dtype)
+    U, S, Vh = truncated_svd(W.cuda(), 6, method=method, generator=torch.Generator().manual_seed(1))
+    assert U.is_cuda and S.is_cuda and Vh.is_cuda
+    assert U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    Uc, Sc, Vhc = truncated_svd(W, 6, method=method, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(S.cpu(), Sc, rtol=1e-4, atol=1e-5)
+    assert float(error_vs_exact(W.cuda(), U, S, Vh).max()) < 1e-3
+
+
+@pytest.mark.parametrize("assume", [False, True])
+def test_refactor_on_cuda_keeps_product_and_device(assume):
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(4, 300, 8, generator=g).cuda()
+    A = torch.randn(4, 8, 200, generator=g).cuda()
+    if assume:
+        A = torch.linalg.qr(A.mT).Q.mT
+    B_new, A_new = refactor_lowrank(B, A, assume_orthonormal_rows=assume)
+    assert B_new.is_cuda and A_new.is_cuda
+    torch.testing.assert_close(B_new @ A_new, B @ A, rtol=1e-4, atol=1e-4)
+    eye = torch.eye(8, device="cuda").expand(4, 8, 8)
+    torch.testing.assert_close(A_new @ A_new.mT, eye, rtol=0, atol=1e-5)
+    grouped = refactor_lowrank_grouped({"a": (B[0], A[0]), "b": (B[1], A[1])}, assume_orthonormal_rows=assume)
+    assert all(t.is_cuda for pair in grouped.values() for t in pair)
+
+
+@pytest.mark.parametrize("method", ["pissa", "milora", "lora"])
+def test_adapt_on_a_cuda_model_keeps_everything_on_the_gpu(method):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=96), add_pooling_layer=False).cuda()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fedspec.adapt(model, method, 4, ["query", "value", "dense"])
+    assert all(p.is_cuda for p in model.parameters())
+    for name, layer in adapter_layers(model).items():
+        rebuilt = layer.base.weight + layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight)
+        torch.testing.assert_close(rebuilt, original[f"{name}.weight"], rtol=1e-4, atol=1e-5)
+    ids = torch.randint(0, 60, (2, 7), device="cuda")
+    assert model(input_ids=ids).last_hidden_state.is_cuda
