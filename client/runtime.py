@@ -22,6 +22,7 @@ from fedspec.builders import build_model, build_task, client_partitions, encode,
 from fedspec.data import load_examples
 from fedspec.models import Tokenized
 from fedspec.privacy import PrivacyLedger
+from fedspec.privacy.audit import run_canaries, with_canaries
 from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
@@ -84,6 +85,10 @@ def _cached_partition(model_key: str, client: int, data_path: str | None) -> Loc
         if client >= len(parts):
             raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
         examples = task.train.subset(parts[client])
+    if cfg.audit.canaries:  # `fedspec audit`: this client's included canaries join its records
+        texts, assignment = run_canaries(cfg.audit.canaries, cfg.federation.clients, cfg.audit.seed,
+                                         tokenizer.get_vocab(), [*task.train.texts, *task.eval.texts], task.num_classes)
+        examples = with_canaries(examples, texts, assignment, client)
     inputs, labels = encode(tokenizer, examples, cfg.model.max_length)
     return LocalData(inputs, labels)
 

@@ -227,7 +227,9 @@ def test_negative_epsilon_from_opacus_is_clamped_up_to_zero():
 
 
 def test_nan_epsilon_from_opacus_raises(monkeypatch):
-    monkeypatch.setattr(RDPAccountant, "get_epsilon", lambda self, delta, **kwargs: float("nan"))
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    monkeypatch.setattr(rdp_analysis, "get_privacy_spent", lambda **kwargs: (float("nan"), 2.0))
     with pytest.raises(RuntimeError, match="NaN"):
         epsilon([(1.0, 0.1, 10)], DELTA, "rdp")
 
