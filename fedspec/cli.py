@@ -249,6 +249,8 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
         sizes = client_sizes(cfg)
     plan = plan_run(cfg, sizes, rounds_limit=10 * int(cfg.federation.rounds))
     out = Console()
+    if not out.is_terminal:  # piped or captured: rich would wrap the table at 80 columns
+        out = Console(width=120)
     if plan.clients:
         out.print(plan_table(cfg, plan.clients))
         short = [p for p in plan.clients if p.rounds_within_budget is not None and p.rounds_within_budget < cfg.federation.rounds]

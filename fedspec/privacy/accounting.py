@@ -280,16 +280,27 @@ def plan_noise(
     def eps_at(sigma: float) -> float:
         return epsilon([(sigma, q, steps)], delta, accountant)
 
-    if target <= 0.0:
-        raise PrivacyBudgetError(_unreachable_message(target, eps_at(MAX_NOISE_MULTIPLIER), delta, q, steps, accountant))
+    def floor() -> float:
+        # RDP's limit as σ → ∞ is the conversion of an all-zero RDP curve: exact and instant, where evaluating
+        # Opacus' RDP at σ = 1e6 and q = 0.5 takes minutes. PRV has no such shortcut.
+        return _rdp_floor(delta) if accountant == "rdp" else eps_at(MAX_NOISE_MULTIPLIER)
+
     with warnings.catch_warnings():
-        # Large σ probes sit at RDP's largest order; the floor check in _solve reports that case.
+        # Large σ probes sit at RDP's largest order; the floor check reports that case.
         warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING, category=UserWarning)
+        if target <= 0.0 or (accountant == "rdp" and target <= floor()):
+            raise PrivacyBudgetError(_unreachable_message(target, floor(), delta, q, steps, accountant))
         high = _bracket_high(eps_at, target)
         if high is None:
-            floor = eps_at(MAX_NOISE_MULTIPLIER)
-            raise PrivacyBudgetError(_unreachable_message(target, floor, delta, q, steps, accountant))
+            raise PrivacyBudgetError(_unreachable_message(target, floor(), delta, q, steps, accountant))
         return _solve(eps_at, target, rtol, high)
+
+
+def _rdp_floor(delta: float) -> float:
+    """The smallest ε the RDP accountant certifies at δ with any noise: every order's RDP is 0 in the limit."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)
+    return max(float(eps), 0.0)
 
 
 def _bracket_high(eps_at: Callable[[float], float], target: float) -> float | None:

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..training import sample_rate
-from .accounting import PrivacyBudgetError, cumulative_epsilons, epsilon, plan_noise
+from .accounting import PrivacyBudgetError, epsilon, plan_noise
 from .client_level import noise_std_of_mean
 
 __all__ = [
@@ -129,16 +129,16 @@ def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
         raise PrivacyBudgetError(f"privacy.{error} (a client with {num_examples} records)") from None
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=4096)
+def _epsilon_after(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    """ε after `steps` steps at (σ, q): exactly what a client's ledger computes for its merged history."""
+    return epsilon([(sigma, q, steps)], delta, accountant)
+
+
 def _epsilons_by_round(sigma: float, q: float, steps_per_round: int, rounds: int, delta: float,
                        accountant: str) -> tuple[float, ...]:
     """ε after taking part in 1, 2, ..., `rounds` rounds."""
-    return tuple(cumulative_epsilons([(sigma, q, steps_per_round)] * rounds, delta, accountant))
-
-
-@lru_cache(maxsize=4096)
-def _epsilon_after(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
-    return epsilon([(sigma, q, steps)], delta, accountant)
+    return tuple(_epsilon_after(sigma, q, k * steps_per_round, delta, accountant) for k in range(1, rounds + 1))
 
 
 def rounds_within_budget(
@@ -225,11 +225,12 @@ def plan_run(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = No
     needed = min(int(cfg.federation.min_clients), len(sizes))
     if plans and len(can_train) < needed:
         key = "privacy.budget_epsilon" if cfg.privacy.budget_epsilon is not None else "privacy.target_epsilon"
+        low, high = (f"{f(p.noise_multiplier for p in plans):.3g}" for f in (min, max))
+        sigmas = [low] if low == high else [low, high]
         raise ConfigError(
             f"{key}={budget_epsilon(cfg):g} allows not even one round of {cfg.train.local_steps} local steps for "
-            f"{len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier "
-            f"{min(p.noise_multiplier for p in plans):.3g}–{max(p.noise_multiplier for p in plans):.3g}, so fewer "
-            f"than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
+            f"{len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier {'–'.join(sigmas)}, "
+            f"so fewer than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
         )
     return PrivacyPlan(plans, plan_client_level(cfg))
 
