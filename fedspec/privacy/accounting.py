@@ -206,40 +206,19 @@ def _upper_bound(raw: float, history: list[HistoryEntry], accountant: str) -> fl
 def cumulative_epsilons(
     history: Sequence[Sequence[float]], delta: float, accountant: str = "rdp"
 ) -> list[float]:
-    """ε after each prefix of `history`: element k covers entries 0..k.
+    """ε after each prefix of `history`: element k is `epsilon(history[:k + 1])`, so a report's last value is
+    exactly the ledger's ε.
 
     The true ε never decreases as steps are added, but a numerical bound (PRV) computed afresh per
     prefix could come out a hair lower than the previous one; we report the running maximum,
-    which is still a valid bound and never smaller than the per-prefix one.
-
-    For RDP this costs one RDP curve per distinct (σ, q) instead of one per prefix: RDP is linear in
-    steps, so the prefix curves are cumulative sums, converted with the same Opacus functions and
-    orders RDPAccountant.get_epsilon uses.
+    which is still a valid bound and never smaller than the per-prefix one. For RDP each prefix costs
+    only a conversion: the one-step curves are cached (see `_rdp_epsilon`).
     """
     accountant = validate_accountant(accountant)
     delta = validate_delta(delta)
     entries = [validate_entry(*entry, where=f"history[{i}]") for i, entry in enumerate(history)]
-    if accountant == "rdp":
-        values = _rdp_prefix_epsilons(entries, delta)
-    else:
-        values = [epsilon(entries[: k + 1], delta, accountant) for k in range(len(entries))]
+    values = [epsilon(entries[: k + 1], delta, accountant) for k in range(len(entries))]
     return [float(v) for v in np.maximum.accumulate(values)] if values else []
-
-
-def _rdp_prefix_epsilons(entries: list[HistoryEntry], delta: float) -> list[float]:
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    total = np.zeros(len(orders))
-    total_steps = 0
-    values = []
-    for sigma, q, steps in entries:
-        total = total + _rdp_unit_curve(sigma, q) * steps
-        total_steps += steps
-        if total_steps == 0:
-            values.append(0.0)
-            continue
-        raw, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
-        values.append(_upper_bound(raw, entries, "rdp"))
-    return values
 
 
 # ------------------------------------------------------------------------------------------- planning

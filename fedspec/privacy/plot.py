@@ -60,13 +60,19 @@ def _drawable(eps: float) -> float:
 
 
 def _draw_curves(ax: Axes, clients: Mapping[str, Any], colors: Mapping[str, Any], target: float | None) -> None:
+    last = max((r["round"] for s in clients.values() for r in s["rounds"]), default=0)
     for client_id, section in clients.items():
         rounds = section["rounds"]
+        xs = [0] + [r["round"] for r in rounds]  # every client starts the run at ε = 0 ...
+        ys = [0.0] + [_drawable(r["epsilon"]) for r in rounds]
+        if xs[-1] < last:  # ... and keeps its ε through the rounds it sat out at the end
+            xs, ys = [*xs, last], [*ys, ys[-1]]
         ax.plot(
-            [r["round"] for r in rounds],
-            [_drawable(r["epsilon"]) for r in rounds],
+            xs,
+            ys,
             drawstyle="steps-post",  # ε holds still through rounds the client sat out
             marker="o",
+            markevery=list(range(1, len(rounds) + 1)),  # a dot for each round it took part in
             markersize=3,
             linewidth=1.2,
             color=colors[client_id],
@@ -93,7 +99,7 @@ def _draw_client_level(ax: Axes, level: Mapping[str, Any] | None) -> None:
     if not level or not level["rounds"]:
         return
     rounds = level["rounds"]
-    ax.plot([r["round"] for r in rounds], [_drawable(r["epsilon"]) for r in rounds], drawstyle="steps-post",
+    ax.plot([0] + [r["round"] for r in rounds], [0.0] + [_drawable(r["epsilon"]) for r in rounds], drawstyle="steps-post",
             color="black", linestyle="--", marker="s", markersize=3, linewidth=1.5,
             label=f"client-level ε (δ = {level['delta']:g})")
 
