@@ -41,7 +41,12 @@ def write_run_privacy_report(
     stopped: str | None = None,
     client_level: PrivacyLedger | None = None,
 ) -> dict:
-    """privacy/report.{json,md} and epsilon.png of a federated run, from its config and ledgers."""
+    """privacy/report.{json,md} and epsilon.png of a federated run, from its config and ledgers.
+
+    Under record-level DP every client of the federation appears, those never sampled with ε = 0."""
+    if cfg.privacy.enabled:
+        ledgers = {**{str(c): PrivacyLedger(str(c), delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+                      for c in range(int(cfg.federation.clients))}, **ledgers}
     level = None
     if client_level is not None:
         level_cfg = cfg.privacy.client_level

@@ -60,14 +60,14 @@ def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:
     return sizes
 
 
-def preflight(cfg: DictConfig, *, rounds_limit: int | None = None) -> PrivacyPlan:
+def preflight(cfg: DictConfig) -> PrivacyPlan:
     """Everything that can fail on bad input, before any worker starts: place the adapter on the model (no
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
     many clients), and plan every client's noise and the client-level noise (δ too large, an unreachable ε,
     a budget that lets too few clients train)."""
     task = build_task(cfg)
     build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False)
-    return plan_run(cfg, client_sizes(cfg, task), rounds_limit=rounds_limit)
+    return plan_run(cfg, client_sizes(cfg, task))
 
 
 class _HideInternalNotices(logging.Filter):

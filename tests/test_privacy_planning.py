@@ -74,7 +74,11 @@ def test_given_sigma_with_a_budget_shows_who_runs_out():
     assert budget_epsilon(cfg) == 2.0
     plans = plan_clients(cfg, SIZES, rounds_limit=100)
     assert plans[0].rounds_within_budget > 10  # large client: σ = 1 is plenty
-    assert plans[2].rounds_within_budget < 10  # q = 1/4: it runs out mid-run and will decline
+    short = plans[2]
+    assert short.rounds_within_budget < 10  # q = 1/4: it runs out mid-run and will decline
+    # it declines from then on, so its ε after the run stops at the last round its budget allows
+    at_cap = epsilon([(1.0, short.sample_rate, 20 * short.rounds_within_budget)], 1e-5)
+    assert short.epsilon == at_cap <= 2.0 and short.expected_epsilon <= at_cap
     assert budget_epsilon(cfg_with()) == 3.0  # no explicit budget: the target is the cap
     assert budget_epsilon(cfg_with("privacy.noise_multiplier=1.0", "privacy.target_epsilon=null")) is None
 

@@ -50,9 +50,9 @@ class ClientPlan:
     sample_rate: float
     steps: int  # the worst case: local steps of every round
     noise_multiplier: float
-    epsilon: float  # after the worst case (sampled in every round)
-    expected_rounds: float  # rounds it takes part in on average (participation probability × rounds)
-    expected_epsilon: float  # ε after the run, averaged over how often it is sampled
+    epsilon: float  # after the worst case (sampled in every round; capped by the budget, as it declines beyond)
+    expected_rounds: float  # rounds it is sampled in on average (participation probability × rounds)
+    expected_epsilon: float  # ε after the run, averaged over how often it is sampled (capped likewise)
     budget: float | None  # the ε it refuses to exceed (None: no cap)
     rounds_within_budget: int | None  # rounds of taking part its budget allows, up to rounds_limit
     rounds_limit: int  # the search for rounds_within_budget stopped here
@@ -184,6 +184,8 @@ def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None 
         sigma = client_noise_multiplier(cfg, n)
         by_round = _epsilons_by_round(sigma, q, local_steps, rounds, delta, accountant)
         within = None if budget is None else rounds_within_budget(sigma, q, local_steps, budget, delta, accountant, limit)
+        if within is not None and within < rounds:  # it declines every round beyond its budget: ε stops there
+            by_round = tuple(by_round[min(k, within) - 1] if min(k, within) else 0.0 for k in range(1, rounds + 1))
         plans.append(ClientPlan(
             client=client, num_examples=n, sample_rate=q, steps=rounds * local_steps, noise_multiplier=sigma,
             epsilon=by_round[-1], expected_rounds=p * rounds, expected_epsilon=_expected_epsilon(by_round, p),
@@ -260,7 +262,8 @@ def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = T
             f"σ {sigma}; {rounds} rounds × {cfg.train.local_steps} local steps, expected batch "
             f"{cfg.train.batch_size}, q = 1/⌈records/batch⌉. ε expected: averaged over how often the client is "
             f"sampled (probability {p:.3g} per round, {p * rounds:.3g} rounds on average). ε worst case: sampled in "
-            f"all {rounds} rounds. Rounds in budget: rounds of taking part that keep ε ≤ "
+            f"all {rounds} rounds. Both stop growing where a client's budget runs out (it declines from then on). "
+            f"Rounds in budget: rounds of taking part that keep ε ≤ "
             + ("the budget (no budget set)." if budget is None else f"{budget:g} (searched up to {limit}).")
         ),
         caption_justify="left",

@@ -193,6 +193,7 @@ def _summary(clients: dict[str, dict[str, Any]], target: float | None) -> dict[s
     finals = {client_id: section["final_epsilon"] for client_id, section in clients.items()}
     summary: dict[str, Any] = {
         "num_clients": len(finals),
+        "clients_trained": sum(1 for section in clients.values() if section["rounds_taken_part"]),
         "max_epsilon": None,
         "max_epsilon_client": None,
         "median_epsilon": None,
@@ -279,11 +280,11 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
     summary = report["summary"]
     lines = ["## Summary", ""]
     if report["record_level"]:
-        if summary["num_clients"]:
+        if summary["clients_trained"]:
             line = (f"Record-level: accountant {_ACCOUNTANT_NAMES[report['accountant']]}. "
-                    f"Clients that trained: {summary['num_clients']}. "
+                    f"Clients: {summary['num_clients']}, of which {summary['clients_trained']} trained. "
                     f"Max ε: {_fmt(summary['max_epsilon'])} (client {summary['max_epsilon_client']}). "
-                    f"Median ε: {_fmt(summary['median_epsilon'])}.")
+                    f"Median ε over all clients: {_fmt(summary['median_epsilon'])}.")
         else:
             line = "Record-level: no client trained, so no client spent any privacy."
         if summary["target_epsilon"] is not None:
