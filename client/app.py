@@ -38,7 +38,10 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         remember_label_names(context, config.get(LABELS_KEY))
         cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         _, data = model_and_data(cfg, context)
-        metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
+        metrics = {"client-id": client_id(context)}
+        if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
+            metrics["num-examples"] = len(data)
+        metrics = MetricRecord(metrics)
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     @app.train()

@@ -1,4 +1,10 @@
-"""One federated round on a client: load the global adapter, train under DP, account, build the reply."""
+"""One federated round on a client: check the budget, load the global adapter, train under DP, account, reply.
+
+Before training, a client under record-level DP asks its ledger whether this round's steps would push its
+ε past its budget (``privacy.budget_epsilon``, by default ``privacy.target_epsilon``). If so it declines:
+it replies with no update and the metric ``declined = 1`` (and its ε so far), trains nothing and spends
+nothing; the server records it and goes on without it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ from omegaconf import DictConfig
 from fedspec.adapters import adapter_layers, adapter_state, load_adapter_state
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
-from fedspec.strategies.flower import BASE_INIT_KEY
-from fedspec.training import DPSettings, train_steps
+from fedspec.privacy.planning import budget_epsilon
+from fedspec.strategies.flower import BASE_INIT_KEY, DECLINED
+from fedspec.training import DPSettings, sample_rate, train_steps
 
 from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
 
@@ -27,15 +34,18 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
             f"client {client}: adapter.method={cfg.adapter.method} keeps a residual base, but this node never "
             "received the server's init factors (its state was lost); restart the run with run.resume=true"
         )
-    received = msg.content.array_records["arrays"].to_torch_state_dict()
-    load_adapter_state(model, {**received, **base_init})
-
     dp = None
     if cfg.privacy.enabled:
         sigma = noise_multiplier(cfg, context, len(data))
+        declined = _decline_if_over_budget(cfg, context, client, sigma, len(data))
+        if declined is not None:
+            return {}, declined
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode, seed=seed)
+
+    received = msg.content.array_records["arrays"].to_torch_state_dict()
+    load_adapter_state(model, {**received, **base_init})
     result = train_steps(
         model,
         data.inputs,
@@ -48,12 +58,9 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         seed=cfg.run.seed + 1000 * round_ + client,
     )
     update = client_update(adapter_state(model), received, rule)
-    metrics = {
-        "client-id": client,
-        "num-examples": len(data),
-        "train-loss": result.mean_loss,
-        "steps": result.steps,
-    }
+    metrics = {"client-id": client, "train-loss": result.mean_loss, "steps": result.steps}
+    if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
+        metrics["num-examples"] = len(data)
     if dp is not None:
         ledger = load_ledger(cfg, context)
         ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps,
@@ -65,3 +72,15 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
             "epsilon": ledger.epsilon(),
         })
     return update, metrics
+
+
+def _decline_if_over_budget(cfg: DictConfig, context: Context, client: int, sigma: float, n: int) -> dict | None:
+    """The reply metrics of a declined round, or None when this round fits the client's budget."""
+    budget = budget_epsilon(cfg)
+    if budget is None:
+        return None
+    ledger = load_ledger(cfg, context)
+    q = sample_rate(n, cfg.train.batch_size)  # the rate Opacus will use: 1 / batches per epoch
+    if not ledger.would_exceed(budget, noise_multiplier=sigma, sample_rate=q, steps=int(cfg.train.local_steps)):
+        return None
+    return {"client-id": client, DECLINED: 1, "epsilon": ledger.epsilon(), "budget-epsilon": budget}

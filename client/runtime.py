@@ -23,6 +23,7 @@ from fedspec.data import load_examples
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized
 from fedspec.privacy import PrivacyLedger
+from fedspec.privacy.audit import run_canaries, with_canaries
 from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
@@ -76,7 +77,12 @@ def _cached_partition(model_key: str, client: int) -> LocalData:
     parts = client_partitions(cfg, task.train.labels)
     if client >= len(parts):
         raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
-    inputs, labels = encode(tokenizer, task.train.subset(parts[client]), cfg.model.max_length)
+    examples = task.train.subset(parts[client])
+    if cfg.audit.canaries:  # `fedspec audit`: this client's included canaries join its records
+        texts, assignment = run_canaries(cfg.audit.canaries, cfg.federation.clients, cfg.audit.seed,
+                                         tokenizer.get_vocab(), [*task.train.texts, *task.eval.texts], task.num_classes)
+        examples = with_canaries(examples, texts, assignment, client)
+    inputs, labels = encode(tokenizer, examples, cfg.model.max_length)
     return LocalData(inputs, labels)
 
 

@@ -21,6 +21,7 @@ from .builders import build_model, build_task, encode
 from .config import save_config
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
+from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta
 from .rundir import MetricsLog, RunPaths, check_run_dir
 from .training import DPSettings, evaluate, sample_rate, train_steps
@@ -110,13 +111,20 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 console.print(f"epoch {epoch}: train loss {result.mean_loss:.4f}  eval acc {rows[-1].eval_accuracy:.4f}")
 
     save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
-    write_privacy_report(
-        paths.privacy, {CENTRAL_CLIENT: ledger} if ledger else {}, delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant, max_grad_norm=cfg.privacy.max_grad_norm,
-        extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon},
-    )
+    write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {})
     paths.summary.write_text(_summary(cfg, rows))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
+
+
+def write_central_privacy_report(cfg: DictConfig, paths: RunPaths, ledgers: dict[str, PrivacyLedger]) -> dict:
+    """privacy/report.{json,md} and epsilon.png of a centralized run (one "client": the pooled data)."""
+    return write_privacy_report(
+        paths.privacy, ledgers, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
+        max_grad_norm=cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
+        extra={"record_level_dp": bool(cfg.privacy.enabled),
+               "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None},
+        record_level=bool(cfg.privacy.enabled), server_sees=server_sees(cfg, centralized=True),
+    )
 
 
 def epochs_table(rows: list[EpochRow]) -> Table:

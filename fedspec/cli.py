@@ -82,13 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "privacy-plan",
         help="plan each client's noise for a target epsilon before running",
-        description="Partition the data as `fedspec simulate` would and print the noise multiplier each client "
-        "needs to stay within privacy.target_epsilon over the whole run, and the epsilon it would reach.",
+        description="Print, for every client, the noise multiplier it needs to stay within the target epsilon over "
+        "the whole run (planned for the worst case: sampled in every round), the epsilon it can expect (averaged "
+        "over how often it is sampled) and in the worst case, and how many rounds of taking part its budget "
+        "allows at that noise. Client dataset sizes come from partitioning the configured data as `fedspec "
+        "simulate` would, or from --sizes. The same checks run before every `fedspec simulate`; a target no "
+        "noise level reaches is an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
+    plan.add_argument("--target-epsilon", type=float, help="each client's ε over the run (privacy.target_epsilon)")
+    plan.add_argument("--delta", type=float, help="δ of every client (privacy.delta)")
+    plan.add_argument("--noise-multiplier", type=float,
+                      help="a given σ instead of planning it (privacy.noise_multiplier): see how many rounds fit")
+    plan.add_argument("--budget-epsilon", type=float, help="the ε cap clients enforce (privacy.budget_epsilon)")
+    plan.add_argument("--accountant", help="rdp or prv (privacy.accountant)")
     plan.add_argument("--clients", type=int, help="number of clients (federation.clients)")
     plan.add_argument("--rounds", type=int, help="number of rounds (federation.rounds)")
+    plan.add_argument("--fraction", type=float, help="share of clients sampled per round (federation.fraction)")
+    plan.add_argument("--local-steps", type=int, help="DP-SGD steps per client per round (train.local_steps)")
+    plan.add_argument("--batch-size", type=int, help="expected (Poisson) batch size (train.batch_size)")
+    plan.add_argument("--sizes", help="comma-separated record counts, one per client, instead of the configured data "
+                      "(e.g. 1200,800,450); sets --clients")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra syntax)")
 
     creds = sub.add_parser(
@@ -104,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--host", action="append", default=[], metavar="NAME",
                        help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)")
     creds.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
+
+    audit = sub.add_parser(
+        "audit",
+        help="empirical lower bound on epsilon from one run with canaries (Steinke, Nasr & Jagielski 2023)",
+        description="Run one federation with M canaries (records of rare words with random labels) spread over the "
+        "clients, each included with probability 1/2; then score every canary by how much training lowered its "
+        "loss, guess which were included, and convert the correct guesses into a lower bound on epsilon at the "
+        "stated confidence (Theorem 3.1 of 'Privacy Auditing with One (1) Training Run'). A DP run should give "
+        "a bound below its accountant's epsilon. Writes runs/<name>/audit/report.{json,md} beside the run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    audit.add_argument("--canaries", type=int, help="number of canaries M (audit.canaries, e.g. 200)")
+    audit.add_argument("--confidence", type=float, help="confidence of the bound (audit.confidence, default 0.95)")
+    audit.add_argument("--clients", type=int, help="number of clients (federation.clients)")
+    audit.add_argument("--rounds", type=int, help="number of rounds (federation.rounds)")
+    audit.add_argument("--fraction", type=float, help="share of clients sampled per round (federation.fraction)")
+    _add_common(audit)
     return parser
 
 
@@ -116,6 +149,15 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "name": "run.name",
         "output_dir": "run.output_dir",
         "seed": "run.seed",
+        "target_epsilon": "privacy.target_epsilon",
+        "delta": "privacy.delta",
+        "noise_multiplier": "privacy.noise_multiplier",
+        "budget_epsilon": "privacy.budget_epsilon",
+        "accountant": "privacy.accountant",
+        "local_steps": "train.local_steps",
+        "batch_size": "train.batch_size",
+        "canaries": "audit.canaries",
+        "confidence": "audit.confidence",
     }
     overrides = list(args.overrides)
     for bad in (o for o in overrides if "=" not in o):
@@ -142,14 +184,12 @@ def _compose(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .rundir import MetricsLog
     from .simulations.driver import simulate
-    from .server.progress import RoundRow, rounds_table
+    from .server.progress import rounds_table
 
     started = time.monotonic()
     result = simulate(_compose(args), console)
-    rows = [RoundRow(**{k: v for k, v in r.items() if k not in ("kind", "time")})
-            for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "round"]
+    rows = _round_rows(result.paths)
     Console().print(rounds_table(rows, title=f"fedspec simulate — {result.paths.root}"))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
     return 0
@@ -165,34 +205,88 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _round_rows(paths):
+    from dataclasses import fields
+
+    from .rundir import MetricsLog
+    from .server.progress import RoundRow
+
+    names = {f.name for f in fields(RoundRow)}
+    return [RoundRow(**{k: v for k, v in r.items() if k in names})
+            for r in MetricsLog(paths.metrics).read() if r["kind"] == "round"]
+
+
 def cmd_privacy_report(args: argparse.Namespace) -> int:
     from .config import load_config_file
-    from .privacy import load_ledgers, write_privacy_report
-    from .rundir import RunPaths
+    from .rundir import MetricsLog, RunPaths
 
     paths = RunPaths(Path(args.run_dir))
     if not paths.config.is_file():
         raise FedspecError(f"{args.run_dir} is not a fedspec run folder (no config.yaml)")
     cfg = load_config_file(paths.config)
-    ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
-    if not ledgers and (paths.privacy / "report.json").is_file():
-        console.print(f"{paths.ledgers} holds no ledgers; keeping the existing report")
-        return 0
-    write_privacy_report(paths.privacy, ledgers, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
-                         max_grad_norm=cfg.privacy.max_grad_norm,
-                         extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon})
+    if any(line["kind"] == "epoch" for line in MetricsLog(paths.metrics).read()):
+        from .centralized import write_central_privacy_report
+        from .privacy import load_ledgers
+
+        ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
+        write_central_privacy_report(cfg, paths, ledgers)
+    else:
+        from .server.reports import rewrite_run_privacy_report
+
+        rewrite_run_privacy_report(cfg, paths)
     Console().print((paths.privacy / "report.md").read_text())
     return 0
 
 
-def cmd_privacy_plan(args: argparse.Namespace) -> int:
-    from .simulations.driver import preflight
-    from .privacy.planning import plan_table
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise FedspecError(f"--sizes={text!r} is not a comma-separated list of record counts (e.g. 1200,800,450)") from None
+    if not sizes or min(sizes) < 1:
+        raise FedspecError(f"--sizes={text!r}: every client needs at least 1 record")
+    return sizes
 
+
+def cmd_privacy_plan(args: argparse.Namespace) -> int:
+    from .privacy.planning import client_level_lines, plan_run, plan_table
+
+    sizes = _sizes(args.sizes) if args.sizes else None
+    if sizes:
+        args.clients = len(sizes)
     cfg = _compose(args)
-    if not cfg.privacy.enabled:
-        raise FedspecError("privacy.enabled=false: there is nothing to plan")
-    Console().print(plan_table(cfg, preflight(cfg)))
+    if not cfg.privacy.enabled and not cfg.privacy.client_level.enabled:
+        raise FedspecError("privacy.enabled=false and privacy.client_level.enabled=false: there is nothing to plan")
+    if sizes is None:
+        from .simulations.driver import client_sizes
+
+        sizes = client_sizes(cfg)
+    plan = plan_run(cfg, sizes, rounds_limit=10 * int(cfg.federation.rounds))
+    out = Console()
+    if not out.is_terminal:  # piped or captured: rich would wrap the table at 80 columns
+        out = Console(width=120)
+    if plan.clients:
+        out.print(plan_table(cfg, plan.clients))
+        short = [p for p in plan.clients if p.rounds_within_budget is not None and p.rounds_within_budget < cfg.federation.rounds]
+        if short:
+            out.print(f"{len(short)} of {len(plan.clients)} clients run out of budget before round "
+                      f"{cfg.federation.rounds} if sampled every round; they will decline the rounds beyond it.")
+    if plan.client_level:
+        out.print("\n".join(client_level_lines(plan.client_level)))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .privacy.audit import summary_lines
+    from .simulations.audit import run_audit
+
+    started = time.monotonic()
+    outcome = run_audit(_compose(args), console)
+    claimed = {"record-level ε claimed by the accountant (max over clients)": outcome.claimed_epsilon}
+    if outcome.client_level_epsilon is not None:
+        claimed["client-level ε claimed by the accountant"] = outcome.client_level_epsilon
+    Console().print("\n".join(summary_lines(outcome.result, claimed)))
+    console.print(f"done in {time.monotonic() - started:.1f}s; audit report: {outcome.paths.root / 'audit' / 'report.md'}")
     return 0
 
 
@@ -219,6 +313,7 @@ COMMANDS = {
     "privacy-report": cmd_privacy_report,
     "privacy-plan": cmd_privacy_plan,
     "credentials": cmd_credentials,
+    "audit": cmd_audit,
 }
 
 

@@ -67,15 +67,28 @@ class StrategyConfig:
 
 
 @dataclass
-class PrivacyConfig:
+class ClientLevelConfig:
+    """Client-level DP on the server: clip each client's whole update, Gaussian noise on the sum."""
+
     enabled: bool = MISSING
+    target_epsilon: float | None = MISSING  # over all rounds, with client sampling rate federation.fraction
+    noise_multiplier: float | None = MISSING  # set to skip planning
+    clipping_norm: float = MISSING  # bound on the L2 norm of one client's update (all its tensors together)
+    delta: float = MISSING  # must be well below 1/federation.clients
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = MISSING  # record-level DP-SGD on every client
     target_epsilon: float | None = MISSING
     noise_multiplier: float | None = MISSING  # set to skip planning
+    budget_epsilon: float | None = MISSING  # each client's hard cap (None: target_epsilon)
     delta: float = MISSING
     max_grad_norm: float = MISSING
     accountant: str = MISSING  # rdp | prv
     grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
+    client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
 
 
 @dataclass
@@ -96,6 +109,16 @@ class FederationConfig:
     min_clients: int = MISSING
     client_cpus: float = MISSING
     round_timeout: float = MISSING
+    weighting: str = MISSING  # examples | uniform (clients send a fixed weight, not their number of records)
+
+
+@dataclass
+class AuditConfig:
+    """The one-run canary audit (`fedspec audit`); canaries = 0 everywhere else."""
+
+    canaries: int = MISSING  # m canaries, each included in its client's data with probability 1/2
+    seed: int = MISSING  # draws the canaries, their owners, labels and inclusion bits
+    confidence: float = MISSING  # of the lower bound on epsilon
 
 
 @dataclass
@@ -116,6 +139,7 @@ class FedspecConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -128,6 +152,7 @@ CHOICES: dict[str, tuple] = {
     "strategy.name": STRATEGIES,
     "privacy.accountant": ("rdp", "prv"),
     "privacy.grad_sample_mode": ("hooks", "ghost"),
+    "federation.weighting": ("examples", "uniform"),
     "train.optimizer": ("adam", "sgd"),
     "model.pooling": ("mean", "last"),
 }
@@ -233,6 +258,35 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail("privacy.noise_multiplier", privacy.noise_multiplier, "it must be > 0")
         if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
+        if privacy.budget_epsilon is not None and privacy.budget_epsilon <= 0:
+            fail("privacy.budget_epsilon", privacy.budget_epsilon, "it must be > 0 (or null: use target_epsilon)")
+    _validate_client_level(cfg, fail)
+    audit = cfg.audit
+    if audit.canaries < 0:
+        fail("audit.canaries", audit.canaries, "it must be >= 0 (0: no canaries)")
+    if not 0.0 < audit.confidence < 1.0:
+        fail("audit.confidence", audit.confidence, "it must be in (0, 1), e.g. 0.95")
+
+
+def _validate_client_level(cfg: DictConfig, fail) -> None:
+    level = cfg.privacy.client_level
+    if not level.enabled:
+        return
+    if cfg.federation.weighting != "uniform":
+        fail("federation.weighting", cfg.federation.weighting,
+             "client-level DP (privacy.client_level.enabled=true) needs federation.weighting=uniform: a client's "
+             "weight must not depend on its data, or one client could move the aggregate by more than C/n")
+    if level.clipping_norm <= 0:
+        fail("privacy.client_level.clipping_norm", level.clipping_norm, "the clipping norm must be > 0")
+    if not 0.0 < level.delta < 1.0:
+        fail("privacy.client_level.delta", level.delta, "it must be in (0, 1), well below 1/federation.clients")
+    if level.noise_multiplier is None and level.target_epsilon is None:
+        fail("privacy.client_level.target_epsilon", None,
+             "set privacy.client_level.target_epsilon or privacy.client_level.noise_multiplier")
+    if level.noise_multiplier is not None and level.noise_multiplier <= 0:
+        fail("privacy.client_level.noise_multiplier", level.noise_multiplier, "it must be > 0")
+    if level.noise_multiplier is None and level.target_epsilon <= 0:
+        fail("privacy.client_level.target_epsilon", level.target_epsilon, "it must be > 0")
 
 
 # --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------

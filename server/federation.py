@@ -2,6 +2,8 @@
 
 Flower's ``Strategy.start`` always runs rounds 1..N from scratch; fedspec drives the rounds itself so that a
 run can resume from its last checkpoint, show progress per client, and keep the privacy mirror in step.
+Before every round it checks the privacy budgets (``budget.BudgetTracker``) and ends the run cleanly, with
+its reports, when too few clients have budget left (or the client-level guarantee would be exceeded).
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from fedspec.builders import build_task
 from fedspec.config import save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
+from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
+from fedspec.privacy.planning import plan_client_level
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
-from fedspec.strategies.flower import LABELS_KEY, VERSION_KEY, AdapterStrategy
+from fedspec.strategies.client_dp import ClientDP
+from fedspec.strategies.flower import DECLINED, LABELS_KEY, VERSION_KEY, AdapterStrategy
 
+from .budget import BudgetTracker
 from .checkpoint import load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_init_factors
 from .messaging import exchange
@@ -31,7 +37,7 @@ DISCOVERY_POLL_SECONDS = 1.0
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float, label_names: list[str]) -> dict[int, dict]:
-    """Ask every node who it is: {node id: {"client-id", "num-examples"}}. Waits for ``expected`` nodes.
+    """Ask every node who it is: {node id: {"client-id"}}. Waits for ``expected`` nodes.
     The query carries the task's class names: a node with its own data file labels it with them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
@@ -54,7 +60,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float, label_names: lis
         if reply.has_error():
             raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         metrics = reply.content.metric_records["metrics"]
-        found[reply.metadata.src_node_id] = {"client-id": int(metrics["client-id"]), "num-examples": int(metrics["num-examples"])}
+        found[reply.metadata.src_node_id] = {"client-id": int(metrics["client-id"])}
     _check_unique_client_ids(found)
     return found
 
@@ -87,6 +93,23 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
     return max(values) if values else None
 
 
+def _client_dp(cfg: DictConfig, num_clients: int) -> ClientDP | None:
+    plan = plan_client_level(cfg)
+    if plan is None:
+        return None
+    seed = cfg.run.seed if cfg.privacy.seed_noise else None
+    return ClientDP(plan.noise_multiplier, plan.clipping_norm, plan.sample_rate, num_clients, seed=seed)
+
+
+def _load_client_level_ledger(cfg: DictConfig, paths: RunPaths, resuming: bool) -> PrivacyLedger | None:
+    if not cfg.privacy.client_level.enabled:
+        return None
+    path = paths.privacy / CLIENT_LEVEL_LEDGER_FILE
+    if resuming and path.is_file():
+        return PrivacyLedger.load(path)
+    return client_level_ledger(cfg.privacy.client_level.delta, cfg.privacy.accountant)
+
+
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     paths: RunPaths = run_paths(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -103,9 +126,12 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     global_state, base_init = split_init_factors(model.state())
     rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
     ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
+    budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
+    level_ledger = _load_client_level_ledger(cfg, paths, checkpoint is not None)
     start_round = checkpoint.round + 1 if checkpoint else 1
 
     nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout, task.train.label_names)
+    client_dp = _client_dp(cfg, len(nodes))
     strategy = AdapterStrategy(
         rule,
         client_ids={node: info["client-id"] for node, info in nodes.items()},
@@ -113,7 +139,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
         seed=cfg.run.seed,
         base_init=ArrayRecord(base_init) if base_init else None,
+        weighting=cfg.federation.weighting,
+        client_dp=client_dp,
     )
+    all_clients = sorted(str(info["client-id"]) for info in nodes.values())
+    stopped = None
     with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as progress:
         if checkpoint is None:
             started = time.monotonic()
@@ -124,6 +154,14 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         else:
             progress.note(f"resuming {paths.root} after round {checkpoint.round}")
         for round_ in range(start_round, cfg.federation.rounds + 1):
+            stopped = budget.stop_reason(
+                all_clients, ledgers, level_ledger,
+                (client_dp.noise_multiplier, client_dp.sample_rate) if client_dp else None,
+            )
+            if stopped:
+                log.write("stopped", round=round_, reason=stopped)
+                progress.note(f"stopping before round {round_}: {stopped}")
+                break
             started = time.monotonic()
             messages = list(strategy.configure_train(round_, ArrayRecord(global_state), ConfigRecord({}), grid))
             progress.start_round(round_, len(messages), round_ - 1)
@@ -132,12 +170,20 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
             )
             arrays, summary = strategy.aggregate_train(round_, replies)
             global_state = arrays.to_torch_state_dict()
+            if level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
+                level_ledger.record(round_, client_dp.noise_multiplier, client_dp.sample_rate, 1,
+                                    attempt=level_ledger.next_attempt(round_))
             for reply in replies:
                 if reply.has_error():
                     log.write("client-error", round=round_, node=reply.metadata.src_node_id, reason=reply.error.reason)
                     continue
                 metrics = reply.content.metric_records["metrics"]
-                log.write("client", round=round_, **{k.replace("-", "_"): v for k, v in metrics.items()})
+                fields = {k.replace("-", "_"): v for k, v in metrics.items() if k != DECLINED}
+                if metrics.get(DECLINED, 0):
+                    log.write("client-declined", round=round_, **fields)
+                    budget.record_decline(str(int(metrics["client-id"])), round_)
+                    continue
+                log.write("client", round=round_, **fields)
                 _mirror_client(ledgers, metrics, round_, cfg)
             evaluation = model.evaluate(global_state)
             row = RoundRow(
@@ -150,15 +196,27 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                 time.monotonic() - started,
             )
             rows.append(row)
-            log.write("round", **vars(row))
+            log.write("round", **vars(row), **_client_level_fields(summary, level_ledger))
             for ledger in ledgers.values():
                 ledger.save(paths.ledgers / f"client-{ledger.client_id}.json")
+            if level_ledger is not None:
+                level_ledger.save(paths.privacy / CLIENT_LEVEL_LEDGER_FILE)
             save_checkpoint(
                 paths.checkpoints,
                 round_,
                 {**global_state, **base_init},
-                {"strategy": rule.name, "seed": cfg.run.seed, "rows": [vars(r) for r in rows]},
+                {"strategy": rule.name, "seed": cfg.run.seed, "rows": [vars(r) for r in rows],
+                 "declined": budget.declined},
             )
             progress.round_done(row)
-    write_final_reports(cfg, paths, model, rows, ledgers)
+    write_final_reports(cfg, paths, model, rows, ledgers, declined=budget.declined, stopped=stopped,
+                        client_level=level_ledger)
     return rows
+
+
+def _client_level_fields(summary, level_ledger: PrivacyLedger | None) -> dict:
+    """Extra fields of a round's metrics line under client-level DP: its ε so far, how many updates were clipped."""
+    if level_ledger is None:
+        return {}
+    return {"client_level_epsilon": level_ledger.epsilon(), "clipped": int(summary.get("clipped", 0)),
+            "noise_std": float(summary.get("noise-std", 0.0))}

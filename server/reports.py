@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fedspec.privacy import PrivacyLedger, write_privacy_report
-from fedspec.rundir import RunPaths
+from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
+from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
+from fedspec.privacy.disclosures import server_sees
+from fedspec.privacy.planning import budget_epsilon, participation_probability
+from fedspec.privacy.report import ClientLevelSettings
+from fedspec.rundir import MetricsLog, RunPaths
 
 from .global_model import GlobalModel
 from .progress import RoundRow, rounds_markdown
@@ -14,26 +18,90 @@ from .progress import RoundRow, rounds_markdown
 def privacy_settings(cfg: DictConfig) -> dict:
     return {
         "record_level_dp": bool(cfg.privacy.enabled),
-        "target_epsilon": cfg.privacy.target_epsilon,
+        "client_level_dp": bool(cfg.privacy.client_level.enabled),
+        # the ε the plan aims at: the target σ was planned for, or (σ given) the budget clients enforce
+        "target_epsilon": (None if not cfg.privacy.enabled else
+                           cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else budget_epsilon(cfg)),
+        "budget_epsilon": budget_epsilon(cfg) if cfg.privacy.enabled else None,
         "max_grad_norm": cfg.privacy.max_grad_norm,
         "rounds": cfg.federation.rounds,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
+        "participation_probability": participation_probability(cfg),
+        "weighting": cfg.federation.weighting,
     }
 
 
-def write_final_reports(
-    cfg: DictConfig, paths: RunPaths, model: GlobalModel, rows: list[RoundRow], ledgers: dict[str, PrivacyLedger]
-) -> None:
-    model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
-    report = write_privacy_report(
+def write_run_privacy_report(
+    cfg: DictConfig,
+    paths: RunPaths,
+    ledgers: dict[str, PrivacyLedger],
+    *,
+    declined: dict[str, list[int]] | None = None,
+    stopped: str | None = None,
+    client_level: PrivacyLedger | None = None,
+) -> dict:
+    """privacy/report.{json,md} and epsilon.png of a federated run, from its config and ledgers.
+
+    Under record-level DP every client of the federation appears, those never sampled with ε = 0."""
+    if cfg.privacy.enabled:
+        ledgers = {**{str(c): PrivacyLedger(str(c), delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+                      for c in range(int(cfg.federation.clients))}, **ledgers}
+    level = None
+    if client_level is not None:
+        level_cfg = cfg.privacy.client_level
+        level = ClientLevelSettings(
+            ledger=client_level,
+            clipping_norm=float(level_cfg.clipping_norm),
+            expected_clients=float(cfg.federation.fraction) * int(cfg.federation.clients),
+            target_epsilon=level_cfg.target_epsilon,
+        )
+    return write_privacy_report(
         paths.privacy,
         ledgers,
         delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
-        max_grad_norm=cfg.privacy.max_grad_norm,
+        max_grad_norm=cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
         extra=privacy_settings(cfg),
+        record_level=bool(cfg.privacy.enabled),
+        client_level=level,
+        declined=declined,
+        server_sees=server_sees(cfg),
+        stopped=stopped,
     )
+
+
+def rewrite_run_privacy_report(cfg: DictConfig, paths: RunPaths) -> dict:
+    """The report again from what the run folder holds: mirrored ledgers, the client-level ledger, and the
+    declines and early stop recorded in metrics.jsonl (`fedspec privacy-report`)."""
+    ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
+    declined: dict[str, list[int]] = {}
+    stopped = None
+    for line in MetricsLog(paths.metrics).read():
+        if line["kind"] == "client-declined":
+            declined.setdefault(str(int(line["client_id"])), []).append(int(line["round"]))
+        elif line["kind"] == "stopped":
+            stopped = str(line["reason"])
+    level_path = paths.privacy / CLIENT_LEVEL_LEDGER_FILE
+    client_level = PrivacyLedger.load(level_path) if level_path.is_file() else None
+    return write_run_privacy_report(cfg, paths, ledgers if cfg.privacy.enabled else {}, declined=declined,
+                                    stopped=stopped, client_level=client_level)
+
+
+def write_final_reports(
+    cfg: DictConfig,
+    paths: RunPaths,
+    model: GlobalModel,
+    rows: list[RoundRow],
+    ledgers: dict[str, PrivacyLedger],
+    *,
+    declined: dict[str, list[int]] | None = None,
+    stopped: str | None = None,
+    client_level: PrivacyLedger | None = None,
+) -> None:
+    model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
+    report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
+                                      client_level=client_level)
     paths.summary.write_text(summary_markdown(cfg, rows, report))
 
 
@@ -46,20 +114,33 @@ def summary_markdown(cfg: DictConfig, rows: list[RoundRow], privacy_report: dict
             f"({cfg.privacy.accountant.upper()}): max {max(epsilons):.3f}" if epsilons else "no client trained"
         )
     else:
-        privacy = "**no differential privacy** (privacy.enabled=false)"
-    return "\n".join([
+        privacy = "**no record-level differential privacy** (privacy.enabled=false)"
+    level = privacy_report.get("client_level")
+    if level:
+        privacy += (f"; client-level DP of the aggregate: ε = {level['final_epsilon']:.3f} at δ = {level['delta']:g} "
+                    f"after {level['rounds_released']} rounds")
+    declined = privacy_report.get("declined") or {}
+    lines = [
         f"# fedspec run `{cfg.run.name}`",
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}, "
         f"strategy: `{cfg.strategy.name}`",
         f"- federation: {cfg.federation.clients} clients, {cfg.federation.rounds} rounds, "
-        f"fraction {cfg.federation.fraction}, {cfg.train.local_steps} local steps of batch {cfg.train.batch_size}",
+        f"fraction {cfg.federation.fraction}, {cfg.train.local_steps} local steps of batch {cfg.train.batch_size}, "
+        f"weighting `{cfg.federation.weighting}`",
         f"- data: `{cfg.data.source}` ({cfg.data.partition}, α = {cfg.data.alpha})",
         f"- privacy: {privacy}",
+    ]
+    if declined:
+        lines.append(f"- budget enforcement: clients {', '.join(declined)} declined rounds their budget did not cover")
+    if privacy_report.get("stopped"):
+        lines.append(f"- **stopped after round {last.round}**: {privacy_report['stopped']}")
+    lines += [
         f"- eval accuracy: {first.eval_accuracy:.4f} (round {first.round}) → {last.eval_accuracy:.4f} (round {last.round})",
         "",
         rounds_markdown(rows),
         "",
         "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `checkpoints/round-NNNN/`, `privacy/report.md`.",
         "",
-    ])
+    ]
+    return "\n".join(lines)

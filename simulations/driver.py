@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fedspec.builders import build_model, build_task, client_partitions
+from fedspec.builders import Task, build_model, build_task, client_partitions
 from fedspec.config import flatten_config, load_config_file, save_config
-from fedspec.privacy.planning import ClientPlan, plan_clients, plan_table
+from fedspec.privacy.audit import canary_assignment
+from fedspec.privacy.planning import ClientPlan, PrivacyPlan, client_level_lines, plan_run, plan_table
 from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
 
@@ -37,6 +38,7 @@ class SimulationResult:
     paths: RunPaths
     plans: list[ClientPlan]
     seconds: float
+    privacy_plan: PrivacyPlan | None = None
 
 
 def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
@@ -47,14 +49,25 @@ def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
     return saved
 
 
-def preflight(cfg: DictConfig) -> list[ClientPlan]:
+def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:
+    """Every client's number of training records, as the clients will build them: the partition of the
+    configured data, plus the included canaries of an audited run. Fails on missing files or too many clients."""
+    task = task or build_task(cfg)
+    sizes = [len(p) for p in client_partitions(cfg, task.train.labels)]
+    if cfg.audit.canaries:
+        extra = canary_assignment(cfg.audit.canaries, len(sizes), task.num_classes, cfg.audit.seed)
+        sizes = [n + k for n, k in zip(sizes, extra.included_per_client(len(sizes)))]
+    return sizes
+
+
+def preflight(cfg: DictConfig) -> PrivacyPlan:
     """Everything that can fail on bad input, before any worker starts: place the adapter on the model (no
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
-    many clients), and plan every client's noise (δ too large, an unreachable ε)."""
+    many clients), and plan every client's noise and the client-level noise (δ too large, an unreachable ε,
+    a budget that lets too few clients train)."""
     task = build_task(cfg)
     build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False)
-    parts = client_partitions(cfg, task.train.labels)
-    return plan_clients(cfg, [len(p) for p in parts])
+    return plan_run(cfg, client_sizes(cfg, task))
 
 
 class _HideInternalNotices(logging.Filter):
@@ -82,14 +95,16 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
     paths = check_run_dir(cfg)
     if cfg.run.resume:
         cfg = _resume_config(cfg, paths)
-    plans = preflight(cfg)
+    plan = preflight(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     if not cfg.run.resume:
         save_config(cfg, paths.config)
     if cfg.run.progress:
         console.print(f"fedspec simulate → {paths.root}")
-        if cfg.privacy.enabled:
-            console.print(plan_table(cfg, plans))
+        if plan.clients:
+            console.print(plan_table(cfg, plan.clients, per_client=False))
+        if plan.client_level:
+            console.print("\n".join(client_level_lines(plan.client_level)))
 
     from flwr.simulation import run_simulation
 
@@ -113,4 +128,4 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
             },
         },
     )
-    return SimulationResult(paths, plans, time.monotonic() - started)
+    return SimulationResult(paths, plan.clients, time.monotonic() - started, plan)

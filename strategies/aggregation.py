@@ -105,7 +105,23 @@ def aggregate(
         extra = set(update) - allowed
         if extra:
             raise ValueError(f"client update carries tensors the {rule.name} rule does not train: {sorted(extra)[:3]}")
-    mean = weighted_mean(updates, weights)
+    return apply_mean_update(rule, global_state, weighted_mean(updates, weights), a_orthonormal=a_orthonormal)
+
+
+def apply_mean_update(
+    rule: AggregationRule,
+    global_state: dict[str, torch.Tensor],
+    mean: dict[str, torch.Tensor],
+    *,
+    a_orthonormal: bool = False,
+) -> dict[str, torch.Tensor]:
+    """global + mean update for the tensors in ``mean``, then (FedSVD) re-factorize every B·A.
+
+    ``mean`` may be a noised aggregate (client-level DP): the refactor only sees the result, so it is
+    post-processing. ``a_orthonormal``: see :func:`aggregate`."""
+    extra = set(mean) - set(trained_keys(global_state, rule))
+    if extra:
+        raise ValueError(f"the mean update carries tensors the {rule.name} rule does not train: {sorted(extra)[:3]}")
     new_state = {}
     for key, value in global_state.items():
         if key in mean:

@@ -6,6 +6,10 @@
   only B updates while the new state needs A too;
 - aggregation is :func:`aggregation.aggregate` under the configured rule; replies that are errors, declined
   (privacy budget spent) or carry non-finite tensors are left out, and the round goes on without them.
+
+Weights are the clients' ``num-examples`` (``weighting="examples"``) or 1 each (``"uniform"``). With client-level
+DP (``client_dp``) clients are Poisson-sampled and the mean is :func:`client_dp.private_mean` (clipped updates,
+noise on the sum, fixed denominator) before the rule's update and refactor.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .aggregation import AggregationRule, aggregate
+from .aggregation import AggregationRule, aggregate, apply_mean_update, trained_keys
+from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
 
 BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
 VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
 LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
+WEIGHTINGS = ("examples", "uniform")
 
 
 class AdapterStrategy(FedAvg):
@@ -39,7 +45,13 @@ class AdapterStrategy(FedAvg):
         min_train_nodes: int = 2,
         seed: int = 0,
         base_init: ArrayRecord | None = None,
+        weighting: str = "examples",
+        client_dp: ClientDP | None = None,
     ) -> None:
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if client_dp is not None and weighting != "uniform":
+            raise ValueError("client-level DP needs uniform weights: example weights break the C/(q·N) sensitivity")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=0.0,  # the server evaluates the global model itself on held-out data
@@ -51,14 +63,19 @@ class AdapterStrategy(FedAvg):
         self.seed = seed
         self.base_init = base_init
         self.nodes_with_base: set[int] = set()
+        self.weighting = weighting
+        self.client_dp = client_dp
         self._sent_state: dict[str, torch.Tensor] | None = None
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
         # so later rounds take the r×r rotation shortcut. A resumed run re-enters with False: one full round.
         self._a_orthonormal = False
 
     def sample(self, server_round: int) -> list[int]:
-        """A seeded sample of ⌈fraction·N⌉ nodes (at least ``min_train_nodes``), in client-id order."""
+        """A seeded sample of ⌈fraction·N⌉ nodes (at least ``min_train_nodes``), in client-id order; under
+        client-level DP each node independently with probability q (Poisson, possibly none)."""
         nodes = sorted(self.client_ids, key=self.client_ids.__getitem__)
+        if self.client_dp is not None:
+            return poisson_sample(nodes, self.client_dp.sample_rate, self.client_dp.seed, server_round)
         size = min(len(nodes), max(math.ceil(self.fraction_train * len(nodes)), self.min_train_nodes))
         rng = random.Random(f"{self.seed}:{server_round}")
         return sorted(rng.sample(nodes, size), key=self.client_ids.__getitem__)
@@ -93,18 +110,33 @@ class AdapterStrategy(FedAvg):
                 log(WARNING, "Dropping the update of node %s: it holds NaN or Inf", reply.metadata.src_node_id)
                 continue
             updates.append(update)
-            weights.append(float(reply_metrics[self.weighted_by_key]))
+            weights.append(float(reply_metrics[self.weighted_by_key]) if self.weighting == "examples" else 1.0)
             metrics.append(reply_metrics)
-        new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal)
-        if updates:  # a round without updates re-factorizes nothing
-            self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
-        return ArrayRecord(new_state), summarize_train_metrics(metrics, weights)
+        summary = summarize_train_metrics(metrics, weights)
+        if self.client_dp is None:
+            if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
+                return ArrayRecord(aggregate(self.rule, self._sent_state, [], [])), summary
+            new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal)
+        else:  # client-level DP releases a noised mean every round, with or without replies
+            template = {k: self._sent_state[k] for k in trained_keys(self._sent_state, self.rule)}
+            private = private_mean(
+                updates, template,
+                clipping_norm=self.client_dp.clipping_norm,
+                noise_multiplier=self.client_dp.noise_multiplier,
+                expected_clients=self.client_dp.expected_clients,
+                generator=noise_generator(self.client_dp.seed, server_round),
+            )
+            summary["clipped"] = private.clipped
+            summary["noise-std"] = private.noise_std
+            new_state = apply_mean_update(self.rule, self._sent_state, private.mean, a_orthonormal=self._a_orthonormal)
+        self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
+        return ArrayRecord(new_state), summary
 
 
 def summarize_train_metrics(metrics: list[MetricRecord], weights: list[float]) -> MetricRecord:
-    """Example-weighted mean loss, number of clients aggregated, and the largest client ε so far."""
+    """Weighted mean loss, number of clients aggregated, and the largest client ε so far."""
     total = sum(weights)
-    summary = {"clients": len(metrics), "num-examples": int(total)}
+    summary = {"clients": len(metrics)}
     if metrics:
         summary["train-loss"] = sum(m["train-loss"] * w for m, w in zip(metrics, weights)) / total
         epsilons = [m["epsilon"] for m in metrics if "epsilon" in m]

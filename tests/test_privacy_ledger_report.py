@@ -248,12 +248,83 @@ def test_plot_is_a_png_and_copes_with_many_clients(tmp_path):
     assert list(report["clients"])[:3] == ["0", "1", "2"] and list(report["clients"])[-1] == "24"
 
 
-def test_report_refuses_nothing_to_report_and_mislabelled_ledgers(tmp_path):
-    with pytest.raises(ValueError, match="no client ledgers"):
-        write_privacy_report(tmp_path, {}, delta=DELTA, accountant="rdp")
+def test_report_of_no_trained_client_and_refusals(tmp_path):
+    # A run where no client trained (all declined, or the run stopped first) still gets a report that says so.
+    report = write_privacy_report(tmp_path, {}, delta=DELTA, accountant="rdp")
+    assert report["summary"]["num_clients"] == 0 and report["summary"]["max_epsilon"] is None
+    assert "no client trained, so no client spent any privacy" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "epsilon.png").read_bytes().startswith(PNG_MAGIC)
     with pytest.raises(ValueError, match="belongs to client '0'"):
         write_privacy_report(tmp_path, {"9": make_ledger("0")}, delta=DELTA, accountant="rdp")
     with pytest.raises(ValueError, match="target_epsilon"):
         write_privacy_report(
             tmp_path, three_clients(), delta=DELTA, accountant="rdp", extra={"target_epsilon": -1}
         )
+    with pytest.raises(ValueError, match="record_level=False"):
+        write_privacy_report(tmp_path, three_clients(), delta=DELTA, accountant="rdp", record_level=False)
+
+
+def test_ledger_of_k_identical_rounds_equals_one_entry_with_k_times_the_steps():
+    rounds = PrivacyLedger("3", delta=DELTA)
+    for r in range(1, 9):
+        rounds.record(r, 1.1, 0.02, 25)
+    once = PrivacyLedger("3", delta=DELTA)
+    once.record(1, 1.1, 0.02, 200)
+    assert rounds.epsilon() == once.epsilon()  # equal (σ, q) entries are composed as one: exact
+    assert rounds.epsilon(DELTA, "prv") == once.epsilon(DELTA, "prv")
+
+
+def test_report_shows_both_guarantees_declines_and_what_the_server_sees(tmp_path):
+    from fedspec.privacy.client_level import client_level_ledger
+    from fedspec.privacy.report import ClientLevelSettings
+
+    level = client_level_ledger(1e-3)
+    for r in (1, 2, 3):
+        level.record(r, 1.2, 0.25, 1)
+    seen = ["**The number of training records of each client**", "Round-0 statistics: none in this run"]
+    report = write_privacy_report(
+        tmp_path, three_clients(), delta=DELTA, accountant="rdp", max_grad_norm=1.0,
+        client_level=ClientLevelSettings(level, clipping_norm=0.5, expected_clients=5.0, target_epsilon=8.0),
+        declined={"2": [4, 5], "0": []}, server_sees=seen, stopped="only 1 client left",
+    )
+    section = report["client_level"]
+    assert section["final_epsilon"] == pytest.approx(epsilon([(1.2, 0.25, 3)], 1e-3), rel=1e-12)
+    assert [r["round"] for r in section["rounds"]] == [1, 2, 3]
+    assert (section["sample_rate"], section["clipping_norm"], section["rounds_released"]) == (0.25, 0.5, 3)
+    assert report["declined"] == {"2": [4, 5]}
+    md = (tmp_path / "report.md").read_text()
+    for phrase in ("## What is protected", "Each client's individual training records (record-level DP)",
+                   "Whether a client took part at all (client-level DP)", "not against the server itself",
+                   "## What is not protected: what the server still sees", "- Round-0 statistics: none in this run",
+                   "## Client-level ε over rounds", "| 2 | 4, 5 |", "**The run stopped early:** only 1 client left"):
+        assert phrase in md, phrase
+    assert md.index("Record-level ε per client") < md.index("Client-level ε over rounds")
+
+
+def test_report_without_record_level_dp_says_records_are_not_protected(tmp_path):
+    write_privacy_report(tmp_path, {}, delta=DELTA, accountant="rdp", record_level=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "**Training records: not protected.**" in md and "**Whether a client took part: not protected.**" in md
+    assert "Record-level ε per client" not in md
+
+
+def test_what_the_server_sees_follows_the_settings(monkeypatch):
+    import dataclasses
+
+    from fedspec.adapters.registry import METHODS
+    from fedspec.config import compose_config
+    from fedspec.privacy.disclosures import server_sees
+
+    default = "\n".join(server_sees(compose_config([])))
+    assert "**The number of training records of each client**" in default
+    assert "Round-0 statistics of data-driven initializations: none in this run (adapter.method=pissa" in default
+    assert "not a cryptographically secure RNG" in default
+    uniform = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.seed_noise=true"])))
+    assert "No record counts as weights" in uniform and "for tests only" in uniform
+    no_dp = "\n".join(server_sees(compose_config(["privacy=none"])))
+    assert "without any noise" in no_dp and "sample rate q" not in no_dp
+    # a method whose initialization reads client data must say so
+    monkeypatch.setitem(METHODS, "pissa", dataclasses.replace(METHODS["pissa"], init_needs="activation covariance of client data"))
+    data_driven = "\n".join(server_sees(compose_config([])))
+    assert ("**Round-0 statistics of client data:** adapter.method=pissa initializes from activation covariance of "
+            "client data; these statistics are not privatized in this run.") in data_driven

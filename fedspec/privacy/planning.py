@@ -2,11 +2,18 @@
 
 A client's noise multiplier is planned for its *whole* schedule: every round it could take part in
 (``federation.rounds``, not the expected ``fraction × rounds``: a client sampled more often than average
-must not exceed its target) times ``train.local_steps``, at its own sample rate ``batch_size / n_k``.
+must not exceed its target, notes/fedsvd.md §10.1) times ``train.local_steps``, at its own sample rate
+``1 / ⌈n_k / batch_size⌉``. The plan also says what a client can expect — its ε averaged over how often it
+is sampled — and, for a given σ, how many rounds of taking part its budget allows: the budget each client
+enforces before every round (``privacy.budget_epsilon``, by default ``privacy.target_epsilon``).
+
+With client-level DP on, the server's guarantee is planned the same way over ``federation.rounds``
+releases at client sampling rate ``federation.fraction`` (see ``client_level``).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,7 +23,24 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from ..training import sample_rate
-from .accounting import epsilon, plan_noise
+from .accounting import PrivacyBudgetError, epsilon, plan_noise
+from .client_level import noise_std_of_mean
+
+__all__ = [
+    "ClientLevelPlan",
+    "ClientPlan",
+    "PrivacyPlan",
+    "budget_epsilon",
+    "check_delta",
+    "client_noise_multiplier",
+    "participation_probability",
+    "plan_client_level",
+    "plan_clients",
+    "plan_run",
+    "plan_table",
+    "rounds_within_budget",
+    "schedule_steps",
+]
 
 
 @dataclass(frozen=True)
@@ -24,14 +48,56 @@ class ClientPlan:
     client: int
     num_examples: int
     sample_rate: float
-    steps: int
+    steps: int  # the worst case: local steps of every round
     noise_multiplier: float
+    epsilon: float  # after the worst case (sampled in every round; capped by the budget, as it declines beyond)
+    expected_rounds: float  # rounds it is sampled in on average (participation probability × rounds)
+    expected_epsilon: float  # ε after the run, averaged over how often it is sampled (capped likewise)
+    budget: float | None  # the ε it refuses to exceed (None: no cap)
+    rounds_within_budget: int | None  # rounds of taking part its budget allows, up to rounds_limit
+    rounds_limit: int  # the search for rounds_within_budget stopped here
+
+
+@dataclass(frozen=True)
+class ClientLevelPlan:
+    noise_multiplier: float
+    clipping_norm: float
+    sample_rate: float  # Poisson client sampling rate = federation.fraction
+    rounds: int
+    delta: float
     epsilon: float
+    expected_clients: float  # q·N, the fixed denominator of the mean
+    noise_std: float  # per coordinate of the aggregated (mean) update: σ·C/(q·N)
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    clients: list[ClientPlan]
+    client_level: ClientLevelPlan | None
 
 
 def schedule_steps(cfg: DictConfig) -> int:
     """The most DP-SGD steps one client can take in the run: it may be sampled in every round."""
     return int(cfg.federation.rounds) * int(cfg.train.local_steps)
+
+
+def budget_epsilon(cfg: DictConfig) -> float | None:
+    """The ε each client refuses to exceed: privacy.budget_epsilon, else privacy.target_epsilon (None: no cap)."""
+    budget = cfg.privacy.budget_epsilon if cfg.privacy.budget_epsilon is not None else cfg.privacy.target_epsilon
+    return None if budget is None else float(budget)
+
+
+def participation_probability(cfg: DictConfig) -> float:
+    """Probability that a given client is sampled in a round.
+
+    Under client-level DP clients are Poisson-sampled with rate ``fraction``; otherwise the server samples
+    ⌈fraction·N⌉ clients (at least ``min_clients``) uniformly without replacement.
+    """
+    n = int(cfg.federation.clients)
+    if cfg.privacy.client_level.enabled:
+        return float(cfg.federation.fraction)
+    sampled = min(n, max(math.ceil(float(cfg.federation.fraction) * n), int(cfg.federation.min_clients)))
+    return sampled / n
 
 
 def check_delta(delta: float, sizes: list[int]) -> None:
@@ -54,38 +120,183 @@ def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
     if cfg.privacy.noise_multiplier is not None:
         return float(cfg.privacy.noise_multiplier)
     q = sample_rate(num_examples, cfg.train.batch_size)
-    return _planned_sigma(
-        float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg), cfg.privacy.accountant
-    )
+    try:
+        return _planned_sigma(
+            float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg),
+            cfg.privacy.accountant,
+        )
+    except PrivacyBudgetError as error:
+        raise PrivacyBudgetError(f"privacy.{error} (a client with {num_examples} records)") from None
 
 
-def plan_clients(cfg: DictConfig, sizes: list[int]) -> list[ClientPlan]:
-    """Every client's σ and ε after the whole schedule; raises on δ too large or an unreachable target."""
+@lru_cache(maxsize=4096)
+def _epsilon_after(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
+    """ε after `steps` steps at (σ, q): exactly what a client's ledger computes for its merged history."""
+    return epsilon([(sigma, q, steps)], delta, accountant)
+
+
+def _epsilons_by_round(sigma: float, q: float, steps_per_round: int, rounds: int, delta: float,
+                       accountant: str) -> tuple[float, ...]:
+    """ε after taking part in 1, 2, ..., `rounds` rounds."""
+    return tuple(_epsilon_after(sigma, q, k * steps_per_round, delta, accountant) for k in range(1, rounds + 1))
+
+
+def rounds_within_budget(
+    sigma: float, q: float, steps_per_round: int, budget: float, delta: float, accountant: str, limit: int
+) -> int:
+    """How many rounds of taking part (``steps_per_round`` steps at (σ, q) each) keep ε ≤ ``budget``, at most
+    ``limit``. ε grows with every round, so this is a search: doubling, then bisection."""
+    def fits(k: int) -> bool:
+        return k == 0 or _epsilon_after(sigma, q, k * steps_per_round, delta, accountant) <= budget
+
+    if fits(limit):
+        return limit
+    low, high = 0, 1  # fits(low), not fits(high)
+    while fits(high):
+        low, high = high, min(2 * high, limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def _expected_epsilon(by_round: tuple[float, ...], p: float) -> float:
+    """E[ε after the run] when the number of rounds a client takes part in is Binomial(R, p)."""
+    rounds = len(by_round)
+    return sum(math.comb(rounds, k) * p**k * (1 - p) ** (rounds - k) * by_round[k - 1] for k in range(1, rounds + 1))
+
+
+def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = None) -> list[ClientPlan]:
+    """Every client's σ, its expected and worst-case ε, and the rounds its budget allows; raises on δ too large
+    or an unreachable target. ``rounds_limit`` caps the search for rounds within budget (default: the
+    configured rounds, enough to tell whether a client runs out during the run)."""
     if not cfg.privacy.enabled:
         return []
-    check_delta(float(cfg.privacy.delta), sizes)
-    steps = schedule_steps(cfg)
+    delta, accountant = float(cfg.privacy.delta), str(cfg.privacy.accountant)
+    check_delta(delta, sizes)
+    rounds, local_steps = int(cfg.federation.rounds), int(cfg.train.local_steps)
+    p = participation_probability(cfg)
+    budget = budget_epsilon(cfg)
+    limit = rounds if rounds_limit is None else max(int(rounds_limit), rounds)
     plans = []
     for client, n in enumerate(sizes):
         q = sample_rate(n, cfg.train.batch_size)
         sigma = client_noise_multiplier(cfg, n)
-        eps = epsilon([(sigma, q, steps)], float(cfg.privacy.delta), accountant=cfg.privacy.accountant)
-        plans.append(ClientPlan(client, n, q, steps, sigma, eps))
+        by_round = _epsilons_by_round(sigma, q, local_steps, rounds, delta, accountant)
+        within = None if budget is None else rounds_within_budget(sigma, q, local_steps, budget, delta, accountant, limit)
+        if within is not None and within < rounds:  # it declines every round beyond its budget: ε stops there
+            by_round = tuple(by_round[min(k, within) - 1] if min(k, within) else 0.0 for k in range(1, rounds + 1))
+        plans.append(ClientPlan(
+            client=client, num_examples=n, sample_rate=q, steps=rounds * local_steps, noise_multiplier=sigma,
+            epsilon=by_round[-1], expected_rounds=p * rounds, expected_epsilon=_expected_epsilon(by_round, p),
+            budget=budget, rounds_within_budget=within, rounds_limit=limit,
+        ))
     return plans
 
 
-def plan_table(cfg: DictConfig, plans: list[ClientPlan]) -> Table:
-    """min / median / max over clients of what the plan gives each one."""
-    table = Table(title=f"privacy plan: record-level DP, δ = {cfg.privacy.delta:g}, {cfg.privacy.accountant.upper()}, "
-                        f"up to {schedule_steps(cfg)} steps per client")
-    for column in ("", "records", "sample rate", "σ", "ε after the run"):
+def plan_client_level(cfg: DictConfig) -> ClientLevelPlan | None:
+    """The server's client-level σ (given, or planned for the whole run) and its ε; None when it is off."""
+    level = cfg.privacy.client_level
+    if not level.enabled:
+        return None
+    n, q, rounds = int(cfg.federation.clients), float(cfg.federation.fraction), int(cfg.federation.rounds)
+    delta, accountant = float(level.delta), str(cfg.privacy.accountant)
+    if delta >= 1.0 / n:
+        raise ConfigError(
+            f"privacy.client_level.delta={delta:g} is not below 1/federation.clients = {1.0 / n:.3g}; "
+            f"choose privacy.client_level.delta < {1.0 / n:.3g} (well below: it is the chance of exposing a whole client)"
+        )
+    if level.noise_multiplier is not None:
+        sigma = float(level.noise_multiplier)
+    else:
+        try:
+            sigma = _planned_sigma(float(level.target_epsilon), delta, q, rounds, accountant)
+        except PrivacyBudgetError as error:
+            raise PrivacyBudgetError(f"privacy.client_level.{error}") from None
+    eps = epsilon([(sigma, q, rounds)], delta, accountant)
+    expected = q * n
+    return ClientLevelPlan(sigma, float(level.clipping_norm), q, rounds, delta, eps, expected,
+                           noise_std_of_mean(sigma, float(level.clipping_norm), expected))
+
+
+def plan_run(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = None) -> PrivacyPlan:
+    """The whole privacy plan of a run, and the checks every run makes before it starts: δ against every
+    client's size, reachable targets, and enough clients with budget for at least one round."""
+    plans = plan_clients(cfg, sizes, rounds_limit=rounds_limit)
+    can_train = [p for p in plans if p.rounds_within_budget is None or p.rounds_within_budget >= 1]
+    needed = min(int(cfg.federation.min_clients), len(sizes))
+    if plans and len(can_train) < needed:
+        key = "privacy.budget_epsilon" if cfg.privacy.budget_epsilon is not None else "privacy.target_epsilon"
+        low, high = (f"{f(p.noise_multiplier for p in plans):.3g}" for f in (min, max))
+        sigmas = [low] if low == high else [low, high]
+        raise ConfigError(
+            f"{key}={budget_epsilon(cfg):g} allows not even one round of {cfg.train.local_steps} local steps for "
+            f"{len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier {'–'.join(sigmas)}, "
+            f"so fewer than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
+        )
+    return PrivacyPlan(plans, plan_client_level(cfg))
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def _rounds_cell(plan: ClientPlan, rounds: int) -> str:
+    if plan.rounds_within_budget is None:
+        return "no cap"
+    if plan.rounds_within_budget >= plan.rounds_limit:
+        return f"≥ {plan.rounds_limit}"
+    warn = " (runs out)" if plan.rounds_within_budget < rounds else ""
+    return f"{plan.rounds_within_budget}{warn}"
+
+
+def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = True) -> Table:
+    """One row per client (or min / median / max over clients): σ, expected and worst-case ε, rounds in budget."""
+    rounds, p = int(cfg.federation.rounds), participation_probability(cfg)
+    budget = budget_epsilon(cfg)
+    sigma = ("given" if cfg.privacy.noise_multiplier is not None
+             else f"planned for ε ≤ {cfg.privacy.target_epsilon:g} in the worst case")
+    limit = plans[0].rounds_limit if plans else rounds
+    table = Table(
+        title=f"record-level DP-SGD plan (δ = {cfg.privacy.delta:g}, {cfg.privacy.accountant.upper()} accountant)",
+        caption=(
+            f"σ {sigma}; {rounds} rounds × {cfg.train.local_steps} local steps, expected batch "
+            f"{cfg.train.batch_size}, q = 1/⌈records/batch⌉. ε expected: averaged over how often the client is "
+            f"sampled (probability {p:.3g} per round, {p * rounds:.3g} rounds on average). ε worst case: sampled in "
+            f"all {rounds} rounds. Both stop growing where a client's budget runs out (it declines from then on). "
+            f"Rounds in budget: rounds of taking part that keep ε ≤ "
+            + ("the budget (no budget set)." if budget is None else f"{budget:g} (searched up to {limit}).")
+        ),
+        caption_justify="left",
+        title_justify="left",
+    )
+    for column in ("client", "records", "q", "σ", "ε expected", "ε worst case", "rounds in budget"):
         table.add_column(column, justify="right")
+    if per_client:
+        for plan in plans:
+            table.add_row(str(plan.client), str(plan.num_examples), f"{plan.sample_rate:.4f}",
+                          f"{plan.noise_multiplier:.4f}", f"{plan.expected_epsilon:.3f}", f"{plan.epsilon:.3f}",
+                          _rounds_cell(plan, rounds))
+        return table
     for name, pick in (("min", min), ("median", statistics.median), ("max", max)):
+        within = [p.rounds_within_budget for p in plans if p.rounds_within_budget is not None]
         table.add_row(
             name,
             f"{pick(p.num_examples for p in plans):g}",
             f"{pick(p.sample_rate for p in plans):.4f}",
-            f"{pick(p.noise_multiplier for p in plans):.3f}",
+            f"{pick(p.noise_multiplier for p in plans):.4f}",
+            f"{pick(p.expected_epsilon for p in plans):.3f}",
             f"{pick(p.epsilon for p in plans):.3f}",
+            f"{pick(within):g}" if within else "no cap",
         )
     return table
+
+
+def client_level_lines(plan: ClientLevelPlan) -> list[str]:
+    """Plain-words summary of the client-level plan."""
+    return [
+        f"client-level DP: each sampled client's whole update clipped to C = {plan.clipping_norm:g}, "
+        f"Gaussian noise σ·C on the sum with σ = {plan.noise_multiplier:.4f}, divided by q·N = "
+        f"{plan.expected_clients:g} expected clients (noise std {plan.noise_std:.3g} per coordinate of the mean update); "
+        f"clients Poisson-sampled with q = {plan.sample_rate:g}; ε = {plan.epsilon:.3f} at δ = {plan.delta:g} "
+        f"after {plan.rounds} rounds",
+    ]

@@ -1,8 +1,10 @@
-"""The privacy report of a run: per-client ε over rounds as JSON, Markdown and a plot.
+"""The privacy report of a run: what is protected, what is not, and every ε, as JSON, Markdown and a plot.
 
-Written to `runs/<name>/privacy/` (report.json, report.md, epsilon.png). Every ε in it is one
-client's cumulative guarantee for the whole run up to that round, recomputed from the ledgers at
-the report's δ and accountant, never a per-round figure.
+Written to `runs/<name>/privacy/` (report.json, report.md, epsilon.png). Every ε in it is a cumulative
+guarantee for the whole run up to that round, recomputed from the ledgers at the report's δ and
+accountant, never a per-round figure:
+- record-level: one ε per client (each client's own DP-SGD ledger);
+- client-level (when on): one ε for the noised aggregate, over every round it was released.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numbers
 import os
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,35 @@ from .ledger import PrivacyLedger, client_sort_key
 __all__ = [
     "REPORT_FORMAT",
     "REPORT_VERSION",
+    "ClientLevelSettings",
     "build_privacy_report",
     "render_markdown",
     "write_privacy_report",
 ]
 
 REPORT_FORMAT = "fedspec-privacy-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 GUARANTEE = (
     "record-level (epsilon, delta)-DP per client: each epsilon bounds what a client's released updates "
     "reveal about any single one of its training records, composed over every DP-SGD step of every "
     "round that client took part in (the whole run, not per round)"
 )
+CLIENT_LEVEL_GUARANTEE = (
+    "client-level (epsilon, delta)-DP of the aggregate: each round's global update is the clipped sum of the "
+    "sampled clients' updates plus Gaussian noise, so the sequence of global models reveals little about "
+    "whether any one client took part at all, composed over every released round"
+)
 _ACCOUNTANT_NAMES = {"rdp": "RDP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
+
+
+@dataclass(frozen=True)
+class ClientLevelSettings:
+    """The server's client-level DP: its ledger (one entry of one step per released round) and settings."""
+
+    ledger: PrivacyLedger
+    clipping_norm: float
+    expected_clients: float  # q·N, the fixed denominator
+    target_epsilon: float | None = None
 
 
 def write_privacy_report(
@@ -46,6 +65,11 @@ def write_privacy_report(
     accountant: str,
     max_grad_norm: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    record_level: bool = True,
+    client_level: ClientLevelSettings | None = None,
+    declined: Mapping[str, Sequence[int]] | None = None,
+    server_sees: Sequence[str] | None = None,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
     """Write `report.json`, `report.md` and `epsilon.png` into `out_dir`; return the report dict.
 
@@ -56,7 +80,9 @@ def write_privacy_report(
     from .plot import render_epsilon_png  # matplotlib loads only when a report is drawn
 
     report = build_privacy_report(
-        ledgers, delta=delta, accountant=accountant, max_grad_norm=max_grad_norm, extra=extra
+        ledgers, delta=delta, accountant=accountant, max_grad_norm=max_grad_norm, extra=extra,
+        record_level=record_level, client_level=client_level, declined=declined, server_sees=server_sees,
+        stopped=stopped,
     )
     out = Path(out_dir)
     text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
@@ -73,8 +99,14 @@ def build_privacy_report(
     accountant: str,
     max_grad_norm: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    record_level: bool = True,
+    client_level: ClientLevelSettings | None = None,
+    declined: Mapping[str, Sequence[int]] | None = None,
+    server_sees: Sequence[str] | None = None,
+    stopped: str | None = None,
 ) -> dict[str, Any]:
-    """The report as a dict: settings, per-client per-round ε, final ε per client, max and median."""
+    """The report as a dict: what is protected and what is not, settings, per-client per-round ε, final ε
+    per client with max and median, the client-level ε over rounds, and the rounds clients declined."""
     delta = validate_delta(delta)
     accountant = validate_accountant(accountant)
     if max_grad_norm is not None and not _positive(max_grad_norm):
@@ -83,8 +115,8 @@ def build_privacy_report(
     target = extra.get("target_epsilon")
     if target is not None and not _positive(target):
         raise ValueError(f"extra['target_epsilon'] must be a number > 0, got {target!r}")
-    if not ledgers:
-        raise ValueError("no client ledgers to report on")
+    if ledgers and not record_level:
+        raise ValueError("client ledgers given, but record_level=False: a run without record-level DP has none")
 
     clients = {}
     for client_id in sorted(ledgers, key=client_sort_key):
@@ -96,12 +128,18 @@ def build_privacy_report(
     return {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
-        "guarantee": GUARANTEE,
+        "record_level": bool(record_level),
+        "guarantee": GUARANTEE if record_level else None,
         "delta": delta,
         "accountant": accountant,
         "max_grad_norm": max_grad_norm,
         "summary": _summary(clients, target),
         "clients": clients,
+        "client_level": _client_level_section(client_level, accountant) if client_level else None,
+        "declined": {cid: sorted(int(r) for r in rounds) for cid, rounds in sorted(
+            (declined or {}).items(), key=lambda item: client_sort_key(item[0])) if rounds},
+        "server_sees": list(server_sees or []),
+        "stopped": stopped,
         "extra": extra,
     }
 
@@ -132,16 +170,39 @@ def _client_section(ledger: PrivacyLedger, delta: float, accountant: str) -> dic
     }
 
 
+def _client_level_section(settings: ClientLevelSettings, accountant: str) -> dict[str, Any]:
+    ledger = settings.ledger
+    by_round = ledger.epsilon_by_round(ledger.delta, accountant)
+    entries = ledger.entries
+    return {
+        "guarantee": CLIENT_LEVEL_GUARANTEE,
+        "delta": ledger.delta,
+        "accountant": accountant,
+        "clipping_norm": settings.clipping_norm,
+        "noise_multiplier": entries[-1].noise_multiplier if entries else None,
+        "sample_rate": entries[-1].sample_rate if entries else None,
+        "expected_clients": settings.expected_clients,
+        "target_epsilon": settings.target_epsilon,
+        "rounds_released": len(entries),
+        "final_epsilon": by_round[-1][1] if by_round else 0.0,
+        "rounds": [{"round": r, "epsilon": eps} for r, eps in by_round],
+    }
+
+
 def _summary(clients: dict[str, dict[str, Any]], target: float | None) -> dict[str, Any]:
     finals = {client_id: section["final_epsilon"] for client_id, section in clients.items()}
-    worst = max(finals, key=finals.__getitem__)
     summary: dict[str, Any] = {
         "num_clients": len(finals),
-        "max_epsilon": finals[worst],
-        "max_epsilon_client": worst,
-        "median_epsilon": statistics.median(finals.values()),
+        "clients_trained": sum(1 for section in clients.values() if section["rounds_taken_part"]),
+        "max_epsilon": None,
+        "max_epsilon_client": None,
+        "median_epsilon": None,
         "target_epsilon": target,
     }
+    if finals:
+        worst = max(finals, key=finals.__getitem__)
+        summary.update(max_epsilon=finals[worst], max_epsilon_client=worst,
+                       median_epsilon=statistics.median(finals.values()))
     if target is not None:
         summary["clients_above_target"] = [client_id for client_id, eps in finals.items() if eps > target]
     return summary
@@ -162,45 +223,96 @@ def _json_safe(value: Any) -> Any:
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """report.md: plain-words header, the summary line, a table of clients, a table of rounds."""
-    return "\n".join([*_header(report), "", *_clients_table(report), "", *_rounds_table(report), ""])
+    """report.md: what is protected and what is not in plain words, the numbers, then the tables."""
+    parts = [_header(report), _not_protected(report), _numbers(report)]
+    if report["record_level"]:
+        parts += [_clients_table(report)]
+    if report["client_level"]:
+        parts += [_client_level_table(report)]
+    if report["declined"]:
+        parts += [_declined_table(report)]
+    if report["record_level"]:
+        parts += [_rounds_table(report)]
+    return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
 def _header(report: Mapping[str, Any]) -> list[str]:
-    norm = report["max_grad_norm"]
-    clipping = "clipped" if norm is None else f"clipped to norm C = {norm:g}"
+    lines = ["# Privacy report", "", "## What is protected", ""]
+    if report["record_level"]:
+        norm = report["max_grad_norm"]
+        clipping = "clipped" if norm is None else f"clipped to norm C = {norm:g}"
+        lines += [
+            "- **Each client's individual training records (record-level DP).** Every client trains with "
+            f"record-level DP-SGD (Opacus: each record's gradient {clipping}, Gaussian noise added to the sum, "
+            "Poisson-sampled batches), so the updates it sends reveal little about any one of its records. "
+            f"Each client has one (ε, δ) guarantee, at δ = {report['delta']:g}, for the WHOLE run: composed over "
+            "every local step of every round the client took part in, not per round. A round a client sat "
+            "out costs it nothing. Smaller ε is stronger privacy.",
+        ]
+    else:
+        lines += ["- **Training records: not protected.** Record-level DP is off (privacy.enabled=false): clients "
+                  "train without DP-SGD, and their updates can reveal individual records."]
+    level = report["client_level"]
+    if level:
+        lines += [
+            "- **Whether a client took part at all (client-level DP).** The server clips each sampled client's "
+            f"whole update to L2 norm {level['clipping_norm']:g}, adds Gaussian noise to the sum and divides by "
+            f"the expected number of clients ({level['expected_clients']:g}); clients are Poisson-sampled with "
+            f"rate {_fmt(level['sample_rate'])} and weighted uniformly. The global models it releases carry one "
+            f"(ε, δ) guarantee for all clients, at δ = {level['delta']:g}, over every round released. It "
+            "protects against anyone who sees the global models (other clients, users of the final adapter), "
+            "not against the server itself, which sees each update before the noise.",
+        ]
+    else:
+        lines += ["- **Whether a client took part: not protected.** Client-level DP is off "
+                  "(privacy.client_level.enabled=false): one client's data as a whole, or its presence, can "
+                  "show in the global model."]
+    return lines
+
+
+def _not_protected(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## What is not protected: what the server still sees", ""]
+    seen = report["server_sees"] or ["(not stated: this report was written without the run's settings)"]
+    return lines + [f"- {item}" for item in seen]
+
+
+def _numbers(report: Mapping[str, Any]) -> list[str]:
     summary = report["summary"]
-    lines = [
-        "# Privacy report",
-        "",
-        "**What is protected:** each client's individual training records. Every client trains with "
-        f"record-level DP-SGD (Opacus: each record's gradient {clipping}, Gaussian noise added to the sum, "
-        "Poisson-sampled batches), so the updates it sends reveal little about any one of its records.",
-        "",
-        f"**What ε means here:** one (ε, δ) guarantee per client, at δ = {report['delta']:g}, "
-        "for the WHOLE run: composed over every local step of every round the client took part in, "
-        "not per round. A round a client sat out costs it nothing. Smaller ε is stronger privacy.",
-        "",
-        "**Not covered:** whether a client took part at all (this is record-level, not client-level, DP), "
-        "and anything outside DP-SGD training, such as evaluation metrics a client reports.",
-        "",
-        f"Accountant: {_ACCOUNTANT_NAMES[report['accountant']]}. "
-        f"Clients: {summary['num_clients']}. "
-        f"Max ε: {_fmt(summary['max_epsilon'])} (client {summary['max_epsilon_client']}). "
-        f"Median ε: {_fmt(summary['median_epsilon'])}.",
-    ]
-    if summary["target_epsilon"] is not None:
-        above = summary["clients_above_target"]
-        lines[-1] += (
-            f" Target ε: {_fmt(summary['target_epsilon'])}; "
-            + (f"above target: {', '.join(above)}." if above else "no client above it.")
-        )
+    lines = ["## Summary", ""]
+    if report["record_level"]:
+        if summary["clients_trained"]:
+            line = (f"Record-level: accountant {_ACCOUNTANT_NAMES[report['accountant']]}. "
+                    f"Clients: {summary['num_clients']}, of which {summary['clients_trained']} trained. "
+                    f"Max ε: {_fmt(summary['max_epsilon'])} (client {summary['max_epsilon_client']}). "
+                    f"Median ε over all clients: {_fmt(summary['median_epsilon'])}.")
+        else:
+            line = "Record-level: no client trained, so no client spent any privacy."
+        if summary["target_epsilon"] is not None:
+            above = summary["clients_above_target"]
+            line += (f" Target ε: {_fmt(summary['target_epsilon'])}; "
+                     + (f"above target: {', '.join(above)}." if above else "no client above it."))
+        budget = report["extra"].get("budget_epsilon")
+        if budget is not None:
+            line += f" Budget each client enforces before every round: ε ≤ {_fmt(budget)}."
+        lines.append(line)
+    level = report["client_level"]
+    if level:
+        target = level["target_epsilon"]
+        lines += ["", (f"Client-level: ε = {_fmt(level['final_epsilon'])} at δ = {level['delta']:g} after "
+                       f"{level['rounds_released']} released rounds (σ = {_fmt(level['noise_multiplier'])}, "
+                       f"q = {_fmt(level['sample_rate'])}, {_ACCOUNTANT_NAMES[level['accountant']]})"
+                       + (f"; target ε: {_fmt(target)}." if target is not None else "."))]
+    if report["declined"]:
+        lines += ["", f"Clients that declined a round because it would have exceeded their budget: "
+                      f"{', '.join(report['declined'])}."]
+    if report["stopped"]:
+        lines += ["", f"**The run stopped early:** {report['stopped']}"]
     return lines
 
 
 def _clients_table(report: Mapping[str, Any]) -> list[str]:
     lines = [
-        "## Clients",
+        "## Record-level ε per client",
         "",
         "| client | rounds taken part | total steps | σ (noise multiplier) | q (sample rate) | final ε |",
         "|---|---:|---:|---:|---:|---:|",
@@ -213,6 +325,32 @@ def _clients_table(report: Mapping[str, Any]) -> list[str]:
             f"| {client_id} | {section['rounds_taken_part']} | {section['total_steps']} | {sigma} | {q} "
             f"| {_fmt(section['final_epsilon'])} |"
         )
+    if not report["clients"]:
+        lines.append("| – | 0 | 0 | – | – | 0 |")
+    return lines
+
+
+def _client_level_table(report: Mapping[str, Any]) -> list[str]:
+    level = report["client_level"]
+    lines = ["## Client-level ε over rounds", "", "| round | ε after round |", "|---:|---:|"]
+    lines += [f"| {r['round']} | {_fmt(r['epsilon'])} |" for r in level["rounds"]]
+    return lines
+
+
+def _declined_table(report: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "## Budget enforcement",
+        "",
+        "Before training a round, each client checks whether that round would push its ε past its budget; if "
+        "so it declines (sends no update) and the server goes on without it.",
+        "",
+        "| client | rounds declined | ε when declining |",
+        "|---|---|---:|",
+    ]
+    for client_id, rounds in report["declined"].items():
+        section = report["clients"].get(client_id)
+        eps = section["final_epsilon"] if section else 0.0
+        lines.append(f"| {client_id} | {', '.join(map(str, rounds))} | {_fmt(eps)} |")
     return lines
 
 
@@ -234,7 +372,9 @@ def _rounds_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
     return "∞" if math.isinf(value) else f"{value:.4g}"
 
 

@@ -1,0 +1,83 @@
+"""What DP does not cover in a run, in plain words: everything the server still sees.
+
+The report lists these beside the guarantees, because a guarantee is only as useful as what it leaves out:
+the server sees every reply in the clear (fedspec has no secure aggregation), the metadata clients send to
+be weighted and accounted, the metrics they report, and any statistics of client data a data-driven
+adapter initialization needs at round 0.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ..adapters.registry import get_method
+
+__all__ = ["DATA_FREE_INITS", "init_uses_client_data", "server_sees"]
+
+# MethodSpec.init_needs values that touch no client data (the pretrained weights at most).
+DATA_FREE_INITS = ("weights only", "nothing")
+
+
+def init_uses_client_data(method: str) -> tuple[bool, str]:
+    """(whether the method's initialization needs statistics of client data, what it needs)."""
+    needs = get_method(method).init_needs
+    return needs not in DATA_FREE_INITS, needs
+
+
+def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
+    """Bullet points (Markdown) for the report's "what is not protected" section."""
+    privacy = cfg.privacy
+    if centralized:
+        return [
+            "Centralized baseline: all training records are pooled on one machine, so whoever runs it sees every "
+            "record; DP covers only what the released adapter reveals about any one record.",
+            _noise_source(privacy),
+        ]
+    level = privacy.client_level.enabled
+    items = []
+    if privacy.enabled:
+        items.append(
+            "**Each sampled client's update, in the clear, before aggregation** (fedspec has no secure "
+            "aggregation). Under record-level DP each update is itself a DP release, so this costs no more "
+            "privacy for records than the ε shown" + ("; client-level DP protects only what the server releases, "
+                                                     "not these individual updates." if level else ".")
+        )
+    else:
+        items.append("**Each sampled client's update, in the clear and without any noise** (no record-level DP, "
+                     "no secure aggregation): it can reveal individual training records to the server.")
+    if cfg.federation.weighting == "examples":
+        items.append("**The number of training records of each client** (`num-examples`, its aggregation "
+                     "weight). Set `federation.weighting=uniform` to send a fixed weight instead.")
+    else:
+        items.append("No record counts as weights: clients send a fixed weight (`federation.weighting=uniform`).")
+    if privacy.enabled:
+        items.append(
+            "**Each client's sample rate q = 1/⌈n/B⌉ and noise multiplier** (the server keeps a copy of every "
+            f"ledger for this report): they reveal its number of records n to within one batch of B = "
+            f"{cfg.train.batch_size} records, whatever the weighting."
+        )
+    items.append("**Each client's mean training loss in every round it trained** (computed on its records "
+                 "without noise: not covered by DP), its number of local steps" +
+                 (", its ε" if privacy.enabled else "") + ".")
+    items.append("**Who took part when:** which clients were sampled, which replied, which declined a round "
+                 "because their budget was spent, and which failed.")
+    uses_data, needs = init_uses_client_data(cfg.adapter.method)
+    if uses_data:
+        items.append(f"**Round-0 statistics of client data:** adapter.method={cfg.adapter.method} initializes from "
+                     f"{needs}; these statistics are not privatized in this run.")
+    else:
+        items.append(f"Round-0 statistics of data-driven initializations: none in this run "
+                     f"(adapter.method={cfg.adapter.method} initializes from {needs}, no client data).")
+    items.append("Evaluation: the server evaluates the global model on its own held-out data; clients send no "
+                 "evaluation metrics.")
+    if privacy.enabled or level:
+        items.append(_noise_source(privacy))
+    return items
+
+
+def _noise_source(privacy: DictConfig) -> str:
+    if privacy.seed_noise:
+        return ("**Noise source: seeded (privacy.seed_noise=true), for tests only** — anyone who knows the seed "
+                "can remove the noise; no guarantee holds against them.")
+    return ("Noise source: torch generators seeded from OS entropy (`secrets`), not a cryptographically secure "
+            "RNG (Opacus' secure_mode needs torchcsprng, which does not build on current torch).")
