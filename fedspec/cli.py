@@ -164,9 +164,12 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
     if not ledgers and (paths.privacy / "report.json").is_file():
         console.print(f"{paths.ledgers} holds no ledgers; keeping the existing report")
         return 0
+    from .builders import init_statistics_report
+
     write_privacy_report(paths.privacy, ledgers, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                          max_grad_norm=cfg.privacy.max_grad_norm,
-                         extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon})
+                         extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon,
+                                **init_statistics_report(cfg, None)})
     Console().print((paths.privacy / "report.md").read_text())
     return 0
 

@@ -58,6 +58,10 @@ class AdapterSettings:
     niter: int = MISSING
     oversample: int = MISSING
     train_head: bool = MISSING
+    # Data-driven initializers (CorDA, EVA, LoRA-GA, FWSVD): examples whose statistics initialize the adapter
+    # (centralized: from the pooled training data; federated: up to this many per client, summed in round 0).
+    calibration_examples: int = MISSING
+    options: dict[str, Any] = MISSING  # the method's own settings (e.g. CorDA's mode), checked by the method
 
 
 @dataclass
@@ -74,6 +78,11 @@ class PrivacyConfig:
     max_grad_norm: float = MISSING
     accountant: str = MISSING  # rdp | prv
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
+    # Round 0 of data-driven initializers: release each client's calibration sums clipped and noised (Gaussian
+    # mechanism, counted in the client's ε as one step with q = 1), or exactly.
+    private_init_stats: bool = MISSING
+    init_noise_multiplier: float = MISSING
+    init_max_norm: float = MISSING
 
 
 @dataclass
@@ -191,6 +200,14 @@ def validate(cfg: DictConfig) -> None:
              f"it needs a low-rank (B·A) adapter method ({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}")
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    spec = METHODS[cfg.adapter.method]
+    for key in cfg.adapter.options or {}:
+        if key not in spec.options:
+            fail(f"adapter.options.{key}", cfg.adapter.options[key],
+                 f"adapter.method={spec.name} takes " + (", ".join(spec.options) if spec.options else "no options"))
+    if spec.calibration and cfg.adapter.calibration_examples < 1:
+        fail("adapter.calibration_examples", cfg.adapter.calibration_examples,
+             f"adapter.method={spec.name} initializes from data: it must be at least 1")
     if cfg.federation.clients < 1:
         fail("federation.clients", cfg.federation.clients, "a federation needs at least 1 client (--clients N, N >= 1)")
     if cfg.federation.rounds < 1:
@@ -225,6 +242,10 @@ def validate(cfg: DictConfig) -> None:
             fail("privacy.noise_multiplier", privacy.noise_multiplier, "it must be > 0")
         if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
+        if privacy.private_init_stats:
+            for key in ("init_noise_multiplier", "init_max_norm"):
+                if privacy[key] <= 0:
+                    fail(f"privacy.{key}", privacy[key], "it must be > 0")
 
 
 # --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------
@@ -240,9 +261,9 @@ def flatten_config(cfg: DictConfig) -> dict[str, bool | int | float | str]:
     def walk(node: Any, prefix: str) -> None:
         for key, value in node.items():
             dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 walk(value, dotted + ".")
-            elif isinstance(value, list):
+            elif isinstance(value, (list, dict)):  # an empty dict would vanish as nested keys
                 flat[dotted] = JSON_PREFIX + json.dumps(value)
             elif value is None:
                 flat[dotted] = NONE_MARKER

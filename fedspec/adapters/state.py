@@ -103,6 +103,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         dropout=config.dropout,
         train_A=config.train_A,
         initialize=False,
+        rank_pattern=config.rank_pattern or None,
     )
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     # Trainable extras (e.g. a head) were trainable when saved; make them so again before loading.

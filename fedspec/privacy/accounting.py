@@ -244,8 +244,12 @@ def plan_noise(
     accountant: str = "rdp",
     *,
     rtol: float = 1e-4,
+    prior: Sequence[Sequence[float]] = (),
 ) -> float:
-    """Smallest noise multiplier σ (to relative precision `rtol`) with ε([(σ, q, steps)], δ) <= target.
+    """Smallest noise multiplier σ (to relative precision `rtol`) with ε([*prior, (σ, q, steps)], δ) <= target.
+
+    `prior` holds releases the same records pay for before DP-SGD at fixed settings, e.g. a privatized
+    round-0 statistic `(σ₀, 1.0, 1)`; the plan leaves them room within the target.
 
     Bisection on σ with the same `epsilon` used for reporting, so the plan and the report can
     never disagree. The returned σ is always one whose ε was computed and found <= target; it is
@@ -266,10 +270,11 @@ def plan_noise(
         raise ValueError("steps must be >= 1 to plan noise: zero steps spend no privacy at any noise level")
     if not 0.0 < rtol < 1.0:
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    prior = _canonical(prior)
 
     @functools.lru_cache(maxsize=None)  # the bracket and the solver revisit their end points
     def eps_at(sigma: float) -> float:
-        return epsilon([(sigma, q, steps)], delta, accountant)
+        return epsilon([*prior, (sigma, q, steps)], delta, accountant)
 
     if target <= 0.0:
         raise PrivacyBudgetError(_unreachable_message(target, eps_at(MAX_NOISE_MULTIPLIER), delta, q, steps, accountant))

@@ -2,7 +2,8 @@
 
 A client's noise multiplier is planned for its *whole* schedule: every round it could take part in
 (``federation.rounds``, not the expected ``fraction × rounds``: a client sampled more often than average
-must not exceed its target) times ``train.local_steps``, at its own sample rate ``batch_size / n_k``.
+must not exceed its target) times ``train.local_steps``, at its own sample rate ``batch_size / n_k``, after
+a privatized round-0 statistic when the run releases one (``init_statistics_entries``).
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ def check_delta(delta: float, sizes: list[int]) -> None:
             )
 
 
+def init_statistics_entries(cfg: DictConfig) -> tuple[tuple[float, float, int], ...]:
+    """The ledger entries of a privatized round-0 statistic (data-driven initializers with
+    ``privacy.private_init_stats``): one Gaussian mechanism, (σ₀, q = 1, 1 step). Empty otherwise."""
+    from ..adapters import get_method
+
+    privacy = cfg.privacy
+    if privacy.enabled and privacy.private_init_stats and get_method(cfg.adapter.method).calibration:
+        return ((float(privacy.init_noise_multiplier), 1.0, 1),)
+    return ()
+
+
 @lru_cache(maxsize=1024)
-def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return plan_noise(target, delta, q, steps, accountant=accountant)
+def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant: str,
+                   prior: tuple[tuple[float, float, int], ...] = ()) -> float:
+    return plan_noise(target, delta, q, steps, accountant=accountant, prior=prior)
 
 
 def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
@@ -55,7 +68,8 @@ def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
         return float(cfg.privacy.noise_multiplier)
     q = sample_rate(num_examples, cfg.train.batch_size)
     return _planned_sigma(
-        float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg), cfg.privacy.accountant
+        float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg), cfg.privacy.accountant,
+        init_statistics_entries(cfg),
     )
 
 
@@ -69,7 +83,8 @@ def plan_clients(cfg: DictConfig, sizes: list[int]) -> list[ClientPlan]:
     for client, n in enumerate(sizes):
         q = sample_rate(n, cfg.train.batch_size)
         sigma = client_noise_multiplier(cfg, n)
-        eps = epsilon([(sigma, q, steps)], float(cfg.privacy.delta), accountant=cfg.privacy.accountant)
+        history = [*init_statistics_entries(cfg), (sigma, q, steps)]
+        eps = epsilon(history, float(cfg.privacy.delta), accountant=cfg.privacy.accountant)
         plans.append(ClientPlan(client, n, q, steps, sigma, eps))
     return plans
 
