@@ -1,6 +1,7 @@
 """The Flower ClientApp: receive the global adapter, train locally under DP, reply with the update only.
 
-``query`` tells the server who this node is (client id, dataset size); ``train`` runs one round. The reply
+``query`` tells the server who this node is (client id, dataset size) or, flagged ``calibration-statistics``
+(round 0 of CorDA, EVA, LoRA-GA, FWSVD), returns the sums of its calibration statistics; ``train`` runs one round. The reply
 holds only the tensors the strategy lets clients train (for FedSVD: B and the head), as differences from
 what was received, plus metrics: examples, loss and the client's ε over *all* its steps so far.
 """
@@ -11,6 +12,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedspec.config import config_from_run_config
+from fedspec.strategies.flower import CALIBRATION_FLAG, STATISTICS_KEY
 
 
 def build_client_app(run_config: dict | None = None) -> ClientApp:
@@ -21,6 +23,13 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         from .runtime import client_id, model_and_data
 
         cfg = config_from_run_config(dict(context.run_config), run_config)
+        config = msg.content.config_records.get("config")
+        if config is not None and config.get(CALIBRATION_FLAG):  # round 0 of a data-driven initialization
+            from .statistics import client_statistics
+
+            statistics, metrics = client_statistics(cfg, context)
+            content = RecordDict({STATISTICS_KEY: ArrayRecord(statistics), "metrics": MetricRecord(metrics)})
+            return Message(content, reply_to=msg)
         _, data = model_and_data(cfg, context)
         metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)

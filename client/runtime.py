@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedspec.builders import build_model, build_task, client_partitions, encode, torch_threads
 from fedspec.data import load_examples
-from fedspec.models import Tokenized
+from fedspec.models import Tokenized, build_classifier, load_tokenizer
 from fedspec.privacy import PrivacyLedger
-from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
+from fedspec.privacy.planning import client_noise_multiplier, init_statistics_entries, schedule_steps
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
 
@@ -53,12 +53,32 @@ def _key(cfg: DictConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_model(model_key: str):
+def _cached_model(model_key: str, rank_pattern: str | None = None):
+    """The adapted model (factors zero, loaded from each message). ``rank_pattern`` (JSON): per-layer ranks
+    (EVA), read off the global state the server sends, since they are decided by the server in round 0."""
     cfg = OmegaConf.create(json.loads(model_key))
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     task = _cached_task(model_key)
     rule = get_rule(cfg.strategy.name)
-    return build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=False)
+    return build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=False,
+                       rank_pattern=json.loads(rank_pattern) if rank_pattern else None,
+                       total_steps=schedule_steps(cfg))
+
+
+@lru_cache(maxsize=1)
+def _cached_base_model(model_key: str):
+    """The un-adapted backbone + head, for round 0's calibration statistics (same seed, same head as the
+    server's)."""
+    cfg = OmegaConf.create(json.loads(model_key))
+    torch_threads(int(max(1, cfg.federation.client_cpus)))
+    model, _ = build_classifier(cfg.model, _cached_task(model_key).num_classes, seed=cfg.run.seed)
+    return model
+
+
+@lru_cache(maxsize=2)
+def _cached_tokenizer(model_key: str):
+    model_cfg = OmegaConf.create(json.loads(model_key)).model
+    return load_tokenizer(model_cfg.name, model_cfg.path)
 
 
 @lru_cache(maxsize=2)
@@ -69,7 +89,7 @@ def _cached_task(model_key: str):
 @lru_cache(maxsize=64)
 def _cached_partition(model_key: str, client: int, data_path: str | None) -> LocalData:
     cfg = OmegaConf.create(json.loads(model_key))
-    _, tokenizer = _cached_model(model_key)
+    tokenizer = _cached_tokenizer(model_key)
     task = _cached_task(model_key)
     if data_path:  # a real client with its own file: all of it is its data, labelled as the server's task
         examples = load_examples(
@@ -88,12 +108,19 @@ def _cached_partition(model_key: str, client: int, data_path: str | None) -> Loc
     return LocalData(inputs, labels)
 
 
-def model_and_data(cfg: DictConfig, context: Context):
+def model_and_data(cfg: DictConfig, context: Context, rank_pattern: dict[str, int] | None = None):
     """(model, local data) for this node; the model object is shared with other clients of this process."""
     key = _key(cfg)
-    model, _ = _cached_model(key)
+    model, _ = _cached_model(key, json.dumps(rank_pattern, sort_keys=True) if rank_pattern else None)
     data = _cached_partition(key, client_id(context), context.node_config.get("data-path"))
     return model, data
+
+
+def base_model_and_data(cfg: DictConfig, context: Context):
+    """(un-adapted model, local data): what round 0's statistics are computed on."""
+    key = _key(cfg)
+    data = _cached_partition(key, client_id(context), context.node_config.get("data-path"))
+    return _cached_base_model(key), data
 
 
 # --- node state: residual init factors and the privacy ledger ------------------------------------------------
@@ -136,7 +163,7 @@ def noise_multiplier(cfg: DictConfig, context: Context, num_examples: int) -> fl
     """This client's σ for the whole run, planned once per node (planning runs the accountant many times)."""
     privacy = cfg.privacy
     settings = json.dumps([privacy.target_epsilon, privacy.noise_multiplier, privacy.delta, privacy.accountant,
-                           num_examples, cfg.train.batch_size, schedule_steps(cfg)])
+                           num_examples, cfg.train.batch_size, schedule_steps(cfg), init_statistics_entries(cfg)])
     record = context.state.config_records.get(PLAN_STATE_KEY)
     if record is not None and record["settings"] == settings:
         return float(record["noise-multiplier"])

@@ -3,6 +3,7 @@ the same model, adapter and data for the same config."""
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
@@ -140,7 +141,12 @@ def statistics_privacy(cfg: DictConfig, seed: int | None = None) -> StatisticsPr
     if not (privacy.enabled and privacy.private_init_stats):
         return None
     generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-    return StatisticsPrivacy(float(privacy.init_noise_multiplier), float(privacy.init_max_norm), generator)
+    return StatisticsPrivacy(float(privacy.init_noise_multiplier), init_max_norm(cfg), generator)
+
+
+def init_max_norm(cfg: DictConfig) -> float:
+    """The clipping norm of the method's statistic (the root of the sum of squares for several kinds)."""
+    return math.sqrt(sum(float(cfg.privacy.init_max_norm[kind]) ** 2 for kind in calibration_kinds(cfg)))
 
 
 def calibrate(
@@ -185,7 +191,7 @@ def init_statistics_report(cfg: DictConfig, calibration: Calibration | None) -> 
         "examples_per_party": int(cfg.adapter.calibration_examples),
         "privatized": privatized,
         "noise_multiplier": float(cfg.privacy.init_noise_multiplier) if privatized else None,
-        "max_norm": float(cfg.privacy.init_max_norm) if privatized else None,
+        "max_norm": init_max_norm(cfg) if privatized else None,
         "accounted_as": "ledger round 0: (noise_multiplier, sample_rate=1, steps=1)" if privatized else None,
     }
     if calibration is not None:

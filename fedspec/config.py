@@ -82,7 +82,8 @@ class PrivacyConfig:
     # mechanism, counted in the client's ε as one step with q = 1), or exactly.
     private_init_stats: bool = MISSING
     init_noise_multiplier: float = MISSING
-    init_max_norm: float = MISSING
+    # Clipping norm of one record's whole contribution, per statistic kind (inputs, gradients, fisher).
+    init_max_norm: dict[str, float] = MISSING
 
 
 @dataclass
@@ -243,9 +244,13 @@ def validate(cfg: DictConfig) -> None:
         if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
         if privacy.private_init_stats:
-            for key in ("init_noise_multiplier", "init_max_norm"):
-                if privacy[key] <= 0:
-                    fail(f"privacy.{key}", privacy[key], "it must be > 0")
+            if privacy.init_noise_multiplier <= 0:
+                fail("privacy.init_noise_multiplier", privacy.init_noise_multiplier, "it must be > 0")
+            for kind in spec.calibration:
+                norm = (privacy.init_max_norm or {}).get(kind)
+                if norm is None or norm <= 0:
+                    fail(f"privacy.init_max_norm.{kind}", norm,
+                         f"adapter.method={spec.name} releases {kind} statistics: give their clipping norm (> 0)")
 
 
 # --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------

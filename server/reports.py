@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from fedspec.builders import init_statistics_report, write_peft_export
 from fedspec.privacy import PrivacyLedger, write_privacy_report
 from fedspec.rundir import RunPaths
 
@@ -19,6 +20,7 @@ def privacy_settings(cfg: DictConfig) -> dict:
         "rounds": cfg.federation.rounds,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
+        **init_statistics_report(cfg, None),
     }
 
 
@@ -26,6 +28,7 @@ def write_final_reports(
     cfg: DictConfig, paths: RunPaths, model: GlobalModel, rows: list[RoundRow], ledgers: dict[str, PrivacyLedger]
 ) -> None:
     model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
+    write_peft_export(model.model, paths.adapter_peft, cfg)
     report = write_privacy_report(
         paths.privacy,
         ledgers,

@@ -25,6 +25,9 @@ from .aggregation import AggregationRule, aggregate
 
 BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
+# Round 0 of a data-driven initialization: the QUERY config flag, and the reply's record of statistic sums.
+CALIBRATION_FLAG = "calibration-statistics"
+STATISTICS_KEY = "statistics"
 
 
 class AdapterStrategy(FedAvg):
