@@ -115,7 +115,7 @@ def apply_adapter(
         svd_method=adapter.svd_method,
         niter=adapter.niter,
         oversample=adapter.oversample,
-        **OmegaConf.to_container(adapter.options or {}, resolve=True),
+        **(OmegaConf.to_container(adapter.options, resolve=True) if adapter.options else {}),
         **schedule,
     )
     head: nn.Module = model.head

@@ -199,6 +199,10 @@ def _as_tokens(t: torch.Tensor, name: str, batch: int) -> torch.Tensor:
     return t.to(torch.float64)
 
 
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return (matrix + matrix.mT) / 2
+
+
 def _per_example(
     kinds: Sequence[str], X: torch.Tensor, mask: torch.Tensor, D: torch.Tensor | None
 ) -> dict[str, tuple[torch.Tensor, callable]]:
@@ -214,7 +218,7 @@ def _per_example(
         gram_m = gram_x * mask.unsqueeze(-1) * mask.unsqueeze(-2)
         xx_sq = (gram_m**2).sum((1, 2)) / tokens**2  # ‖XᵀX/T‖_F² = ‖XXᵀ‖_F²/T²
         mean_x = Xm.sum(1) / tokens.unsqueeze(-1)
-        out["xx"] = (xx_sq, lambda w: torch.einsum("bti,btj->ij", Xm * (w / tokens).sqrt()[:, None, None], Xm))
+        out["xx"] = (xx_sq, lambda w: _symmetric(torch.einsum("bti,btj->ij", Xm * (w / tokens)[:, None, None], Xm)))
         out["x"] = ((mean_x**2).sum(1), lambda w: (w.unsqueeze(-1) * mean_x).sum(0))
     if D is not None:
         gram_d = D @ D.mT
