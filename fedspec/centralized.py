@@ -136,12 +136,13 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
 
     save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
     write_peft_export(model, paths.adapter_peft, cfg)
-    write_privacy_report(
-        paths.privacy, {CENTRAL_CLIENT: ledger} if ledger else {}, delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant, max_grad_norm=cfg.privacy.max_grad_norm,
-        extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon,
-               **init_statistics_report(cfg, calibration)},
-    )
+    if ledger is not None:  # without DP there is no ledger and nothing to report (summary.md says so)
+        write_privacy_report(
+            paths.privacy, {CENTRAL_CLIENT: ledger}, delta=cfg.privacy.delta,
+            accountant=cfg.privacy.accountant, max_grad_norm=cfg.privacy.max_grad_norm,
+            extra={"record_level_dp": True, "target_epsilon": cfg.privacy.target_epsilon,
+                   **init_statistics_report(cfg, calibration)},
+        )
     paths.summary.write_text(_summary(cfg, rows))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
