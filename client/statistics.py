@@ -9,22 +9,31 @@ composes with every later DP-SGD step in the client's ε.
 
 from __future__ import annotations
 
+import torch
 from flwr.app import Context
 from omegaconf import DictConfig
+from torch import nn
 
+from fedspec.adapters import Calibration
 from fedspec.builders import calibrate, statistics_privacy
+from fedspec.models import Tokenized
 from fedspec.privacy.planning import init_statistics_entries
 
 from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
+
+
+def local_calibration(cfg: DictConfig, client: int, model: nn.Module, inputs: Tokenized, labels: torch.Tensor) -> Calibration:
+    """Client ``client``'s (possibly privatized) statistic sums over its seeded subset of records."""
+    noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
+    privacy = statistics_privacy(cfg, seed=noise_seed)
+    return calibrate(cfg, model, inputs, labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     """(flat statistic tensors, metrics) of this client's round-0 reply."""
     model, data = base_model_and_data(cfg, context)
     client = client_id(context)
-    noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
-    privacy = statistics_privacy(cfg, seed=noise_seed)
-    calibration = calibrate(cfg, model, data.inputs, data.labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
+    calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     metrics = {
         "client-id": client,
         "num-examples": len(data),

@@ -29,14 +29,16 @@ def write_final_reports(
 ) -> None:
     model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
     write_peft_export(model.model, paths.adapter_peft, cfg)
-    report = write_privacy_report(
-        paths.privacy,
-        ledgers,
-        delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        extra=privacy_settings(cfg),
-    )
+    report = {}
+    if ledgers:  # without DP (or before any client trained) there is no ledger and nothing to report
+        report = write_privacy_report(
+            paths.privacy,
+            ledgers,
+            delta=cfg.privacy.delta,
+            accountant=cfg.privacy.accountant,
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            extra=privacy_settings(cfg),
+        )
     paths.summary.write_text(summary_markdown(cfg, rows, report))
 
 
