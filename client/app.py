@@ -1,7 +1,8 @@
 """The Flower ClientApp: receive the global adapter, train locally under DP, reply with the update only.
 
 ``query`` tells the server who this node is (client id, dataset size) or, flagged ``calibration-statistics``
-(round 0 of CorDA, EVA, LoRA-GA, FWSVD), returns the sums of its calibration statistics; ``train`` runs one round. The reply
+(round 0 of CorDA, EVA, LoRA-GA, FWSVD), returns the sums of its calibration statistics; ``train`` runs one
+round. The reply
 holds only the tensors the strategy lets clients train (for FedSVD: B and the head), as differences from
 what was received, plus metrics: examples, loss and the client's ε over *all* its steps so far.
 """
@@ -20,7 +21,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        from .runtime import client_id, model_and_data
+        from .runtime import client_id, local_data
 
         cfg = config_from_run_config(dict(context.run_config), run_config)
         config = msg.content.config_records.get("config")
@@ -30,7 +31,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
             statistics, metrics = client_statistics(cfg, context)
             content = RecordDict({STATISTICS_KEY: ArrayRecord(statistics), "metrics": MetricRecord(metrics)})
             return Message(content, reply_to=msg)
-        _, data = model_and_data(cfg, context)
+        data = local_data(cfg, context)
         metrics = MetricRecord({"client-id": client_id(context), "num-examples": len(data)})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

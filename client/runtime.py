@@ -116,6 +116,11 @@ def model_and_data(cfg: DictConfig, context: Context, rank_pattern: dict[str, in
     return model, data
 
 
+def local_data(cfg: DictConfig, context: Context) -> LocalData:
+    """This node's tokenized records (no model is built for them)."""
+    return _cached_partition(_key(cfg), client_id(context), context.node_config.get("data-path"))
+
+
 def base_model_and_data(cfg: DictConfig, context: Context):
     """(un-adapted model, local data): what round 0's statistics are computed on."""
     key = _key(cfg)

@@ -22,7 +22,9 @@ from fedspec.privacy.planning import init_statistics_entries
 from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
 
 
-def local_calibration(cfg: DictConfig, client: int, model: nn.Module, inputs: Tokenized, labels: torch.Tensor) -> Calibration:
+def local_calibration(
+    cfg: DictConfig, client: int, model: nn.Module, inputs: Tokenized, labels: torch.Tensor
+) -> Calibration:
     """Client ``client``'s (possibly privatized) statistic sums over its seeded subset of records."""
     noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
     privacy = statistics_privacy(cfg, seed=noise_seed)

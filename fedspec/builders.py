@@ -163,7 +163,8 @@ def calibrate(
     kinds = calibration_kinds(cfg)
     layers = match_targets(model, adapter_targets(cfg) or list(default_targets(model)))
     n = len(labels)
-    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(cfg.adapter.calibration_examples, n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    chosen = order[: min(cfg.adapter.calibration_examples, n)]
     batch = (inputs.input_ids[chosen], inputs.attention_mask[chosen], labels[chosen])
     return collect_calibration(model, [batch], layers, kinds, privacy=privacy)
 

@@ -180,8 +180,8 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
 
     write_privacy_report(paths.privacy, ledgers, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                          max_grad_norm=cfg.privacy.max_grad_norm,
-                         extra={"record_level_dp": bool(cfg.privacy.enabled), "target_epsilon": cfg.privacy.target_epsilon,
-                                **init_statistics_report(cfg, None)})
+                         extra={"record_level_dp": bool(cfg.privacy.enabled),
+                                "target_epsilon": cfg.privacy.target_epsilon, **init_statistics_report(cfg, None)})
     Console().print((paths.privacy / "report.md").read_text())
     return 0
 

@@ -85,6 +85,10 @@ def _originals(model, targets=("query", "value")) -> dict[str, torch.Tensor]:
     return {n: model.get_submodule(n).weight.detach().double().clone() for n in match_targets(model, list(targets))}
 
 
+def _ranks(model) -> dict[str, int]:
+    return {name: layer.rank for name, layer in adapter_layers(model).items()}
+
+
 def _product(layer) -> torch.Tensor:
     return layer.scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
 
@@ -297,7 +301,7 @@ def test_save_load_round_trip_on_a_fresh_base_model_is_exact(tmp_path, method):
     fresh, _ = _model()
     load_adapter(fresh, tmp_path / "adapter")  # no calibration needed: the state holds everything
     assert torch.equal(_outputs(fresh, batch), expected)
-    assert {n: l.rank for n, l in adapter_layers(fresh).items()} == {n: l.rank for n, l in adapter_layers(model).items()}
+    assert _ranks(fresh) == _ranks(model)
 
 
 def test_eva_per_layer_ranks_survive_save_and_load(tmp_path):
@@ -311,7 +315,7 @@ def test_eva_per_layer_ranks_survive_save_and_load(tmp_path):
     fresh, _ = _model()
     load_adapter(fresh, tmp_path / "eva")
     assert torch.equal(_outputs(fresh, batch), _outputs(model, batch))
-    assert {n: l.rank for n, l in adapter_layers(fresh).items()} == {n: l.rank for n, l in adapter_layers(model).items()}
+    assert _ranks(fresh) == _ranks(model)
 
 
 # --- DP: exact per-sample gradients, one private step --------------------------------------------------------
@@ -397,7 +401,7 @@ def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
 def test_soma_without_its_schedule_is_an_error_not_plain_training():
     model, tokenizer = _model()
     fedspec.adapt(model, "soma", 2)
-    with pytest.raises(AdapterError, match="adapter.method=soma anneals weight decay over the run: pass lr and total_steps"):
+    with pytest.raises(AdapterError, match="adapter.method=soma anneals weight decay over the run: pass lr and"):
         train_steps(model, _batch(tokenizer), LABELS, steps=1, batch_size=6)
 
 
@@ -441,6 +445,24 @@ def test_exact_rules_give_the_average_of_the_clients_adapted_weights(method, str
         if strategy == "fedsvd":  # re-factorized: A has orthonormal rows
             A_new = new[f"{name}.lora_A.weight"].double()
             assert torch.allclose(A_new @ A_new.T, torch.eye(layer.rank, dtype=torch.float64), atol=1e-5)
+
+
+def test_fedsvd_re_factorizes_layers_of_different_ranks_exactly():
+    model, tokenizer = _model()
+    spectra = {name: ([50.0] * 6 + [0.01] * 26) if name.endswith("query") else [1.0] * 32
+               for name in match_targets(model, ["query", "value"])}
+    fedspec.adapt(model, "eva", 2, calibration=_synthetic_inputs(spectra), rho=3.0, train_A=False)
+    rule = get_rule("fedsvd")
+    state = _global_state(model)
+    updates = _client_states(model, 2, rule)
+    new = aggregate(rule, state, updates, [1.0, 3.0])
+    for name, layer in adapter_layers(model).items():
+        A = state[f"{name}.lora_A.weight"].double()
+        mean_B = state[f"{name}.lora_B.weight"].double() + (updates[0][f"{name}.lora_B.weight"].double()
+                                                            + 3 * updates[1][f"{name}.lora_B.weight"].double()) / 4
+        got = new[f"{name}.lora_B.weight"].double() @ new[f"{name}.lora_A.weight"].double()
+        assert new[f"{name}.lora_A.weight"].shape[0] == layer.rank
+        assert torch.allclose(got, mean_B @ A, atol=1e-5), name
 
 
 @pytest.mark.parametrize("method", ["corda", "fwsvd"])

@@ -31,7 +31,7 @@ their number of records for weighting).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +89,9 @@ class Calibration:
     def mean(self, layer: str, key: str) -> torch.Tensor:
         """The per-example average of one statistic of one layer (sum / count)."""
         if layer not in self.sums:
-            raise AdapterError(f"the calibration statistics hold no layer {layer!r}; collect them for the adapted layers")
+            raise AdapterError(
+                f"the calibration statistics hold no layer {layer!r}; collect them for the adapted layers"
+            )
         if key not in self.sums[layer]:
             raise AdapterError(f"the calibration statistics of layer {layer!r} hold no {key!r} (kinds: {self.kinds})")
         if self.count <= 0:
@@ -205,12 +207,12 @@ def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
 
 def _per_example(
     kinds: Sequence[str], X: torch.Tensor, mask: torch.Tensor, D: torch.Tensor | None
-) -> dict[str, tuple[torch.Tensor, callable]]:
+) -> dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
     """For one layer: {key: (per-example squared norms (b,), weighted-sum function w ↦ Σ_i w_i c_i)}.
 
     Contributions are never materialized per example (b × out × in); norms come from token Gram matrices.
     """
-    out: dict[str, tuple[torch.Tensor, callable]] = {}
+    out: dict[str, tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = {}
     gram_x = X @ X.mT  # (b, T, T)
     if "inputs" in kinds:
         tokens = mask.sum(1).clamp(min=1.0)  # (b,)

@@ -86,7 +86,9 @@ def corda(
     scale of C). Full SVD in float64, as the reference.
     """
     if mode not in CORDA_MODES:
-        raise AdapterError(f"adapter.options.mode={mode!r} is not a CorDA mode; choose one of: {', '.join(CORDA_MODES)}")
+        raise AdapterError(
+            f"adapter.options.mode={mode!r} is not a CorDA mode; choose one of: {', '.join(CORDA_MODES)}"
+        )
     C = _statistic(statistics, "xx", "corda")
     damped, inverse = _damped(C)
     W = weights.to(torch.float64)
@@ -201,7 +203,9 @@ def lora_ga(
         raise AdapterError(f"adapter.options.direction={direction!r} is not allowed; choose one of: "
                            f"{', '.join(LORA_GA_DIRECTIONS)}")
     if scale not in LORA_GA_SCALES:
-        raise AdapterError(f"adapter.options.scale={scale!r} is not allowed; choose one of: {', '.join(LORA_GA_SCALES)}")
+        raise AdapterError(
+            f"adapter.options.scale={scale!r} is not allowed; choose one of: {', '.join(LORA_GA_SCALES)}"
+        )
     G = _statistic(statistics, "grad", "lora_ga").to(torch.float32 if weights.dtype != torch.float64 else torch.float64)
     out_features, in_features = weights.shape[-2:]
     if 2 * rank > min(out_features, in_features):

@@ -64,15 +64,13 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _check_rank(model: nn.Module, ranks: dict[str, int], rank: int) -> None:
-    if rank < 1:
-        raise AdapterError(f"adapter.rank={rank} must be a positive integer")
-    for name, rank in ranks.items():
+def _check_rank(model: nn.Module, ranks: dict[str, int]) -> None:
+    for name, layer_rank in ranks.items():
         layer = model.get_submodule(name)
         limit = min(layer.in_features, layer.out_features)
-        if rank > limit:
+        if layer_rank > limit:
             raise AdapterError(
-                f"adapter.rank={rank} is larger than layer {name!r} allows "
+                f"adapter.rank={layer_rank} is larger than layer {name!r} allows "
                 f"({layer.out_features}x{layer.in_features}: at most {limit}); choose adapter.rank <= {limit}"
             )
 
@@ -166,6 +164,8 @@ def adapt(
     spec = get_method(method)
     if hasattr(model, CONFIG_ATTRIBUTE):
         raise AdapterError("this model already carries a fedspec adapter; start from a fresh base model")
+    if rank < 1:
+        raise AdapterError(f"adapter.rank={rank} must be a positive integer")
     target_patterns = list(targets) if targets else list(default_targets(model))
     names = match_targets(model, target_patterns)
     if initialize and spec.calibration:
@@ -177,7 +177,7 @@ def adapt(
         calibration.require(spec.calibration, names, method)
     alpha = float(alpha) if alpha is not None else float(rank)
     ranks = _layer_ranks(model, spec, names, rank, rank_pattern, calibration, initialize, options)
-    _check_rank(model, ranks, rank)
+    _check_rank(model, ranks)
 
     model.requires_grad_(False)
     layers: dict[str, nn.Module] = {}

@@ -111,6 +111,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         train_A=config.train_A,
         initialize=False,
         rank_pattern=config.rank_pattern or None,
+        **config.options,  # e.g. the schedule a hook follows (SoMA's lr and total_steps)
     )
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     # Trainable extras (e.g. a head) were trainable when saved; make them so again before loading.
