@@ -157,12 +157,17 @@ def test_eva_matches_peft_ranks_and_components():
 
 
 def test_lora_ga_matches_peft():
-    """q = min(4r, 32) = 32 makes PEFT's randomized SVD exact; directions match up to their sign."""
+    """q = min(4r, 32) = 32 makes PEFT's randomized SVD exact. PEFT decomposes the gradient in float32, where
+    singular directions of nearly equal singular values are defined only up to a rotation (the tiny model's
+    gradient has relative gaps ~1e-6), so the comparison uses what is well defined: the subspace A spans, B·Bᵀ
+    (the directions with their scaled singular values) and the residual base + s·B·A = W on both sides."""
     from peft import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
     model, tokenizer = _model()
     enc = _encoded(tokenizer)
+    originals = {n: model.get_submodule(n).weight.detach().double().clone()
+                 for n in match_targets(model, ["query", "value"])}
     theirs_model = copy.deepcopy(model)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights="lora_ga",
                         lora_ga_config=LoraGAConfig())
@@ -180,18 +185,19 @@ def test_lora_ga_matches_peft():
     fedspec.adapt(model, "lora_ga", 8, alpha=16.0, calibration=calibration, svd_method="exact")
     peft_layers = {name.replace("base_model.model.", "", 1): m for name, m in theirs.named_modules()
                    if hasattr(m, "lora_A") and "default" in m.lora_A}
+
+    def close(a, b, rtol=1e-3):
+        return float(torch.linalg.norm(a - b)) <= rtol * float(torch.linalg.norm(b))
+
     for name, layer in adapter_layers(model).items():
         other = peft_layers[name]
         A, B = layer.lora_A.weight.double(), layer.lora_B.weight.double()
         A_p, B_p = other.lora_A["default"].weight.double(), other.lora_B["default"].weight.double()
-        sa, sb = torch.sign((A * A_p).sum(1)), torch.sign((B * B_p).sum(0))
-        assert torch.allclose(A * sa.unsqueeze(1), A_p, atol=1e-4), name
-        assert torch.allclose(B * sb, B_p, atol=1e-4), name
-        # with the signs aligned, the products and the residual bases agree
-        aligned = layer.scaling * (B * sb) @ (A * sa.unsqueeze(1))
-        assert torch.allclose(aligned, _peft_product(other), atol=1e-4), name
-        original = layer.base.weight.double() + _ours_product(layer)
-        assert torch.allclose(original - aligned, other.base_layer.weight.double(), atol=1e-4), name
+        assert close(A.T @ A, A_p.T @ A_p), name
+        assert close(B @ B.T, B_p @ B_p.T), name
+        assert torch.allclose(layer.scaling * torch.ones(1), other.scaling["default"] * torch.ones(1))
+        for base, product in ((layer.base.weight, _ours_product(layer)), (other.base_layer.weight, _peft_product(other))):
+            assert torch.allclose(base.double() + product, originals[name], atol=1e-5), name
 
 
 # --- export --------------------------------------------------------------------------------------------------
