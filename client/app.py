@@ -1,6 +1,8 @@
 """The Flower ClientApp: receive the global adapter, train locally under DP, reply with the update only.
 
-``query`` tells the server who this node is (client id, dataset size); ``train`` runs one round. The reply
+``query`` tells the server who this node is (client id, dataset size) or, flagged ``calibration-statistics``
+(round 0 of CorDA, EVA, LoRA-GA, FWSVD), returns the sums of its calibration statistics; ``train`` runs one
+round. The reply
 holds only the tensors the strategy lets clients train (for FedSVD: B and the head), as differences from
 what was received, plus metrics: examples, loss and the client's ε over *all* its steps so far.
 """
@@ -13,7 +15,7 @@ from flwr.clientapp import ClientApp
 from fedspec import __version__
 from fedspec.config import config_from_run_config
 from fedspec.errors import FedspecError
-from fedspec.strategies.flower import LABELS_KEY, VERSION_KEY
+from fedspec.strategies.flower import CALIBRATION_FLAG, LABELS_KEY, STATISTICS_KEY, VERSION_KEY
 
 
 def check_same_version(server_version: str | None) -> None:
@@ -31,13 +33,19 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        from .runtime import client_id, model_and_data, remember_label_names
+        from .runtime import client_id, local_data, remember_label_names
 
         config = msg.content.config_records.get("config") or ConfigRecord({})
         check_same_version(config.get(VERSION_KEY))
         remember_label_names(context, config.get(LABELS_KEY))
         cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
-        _, data = model_and_data(cfg, context)
+        if config.get(CALIBRATION_FLAG):  # round 0 of a data-driven initialization
+            from .statistics import client_statistics
+
+            statistics, metrics = client_statistics(cfg, context)
+            content = RecordDict({STATISTICS_KEY: ArrayRecord(statistics), "metrics": MetricRecord(metrics)})
+            return Message(content, reply_to=msg)
+        data = local_data(cfg, context)
         metrics = {"client-id": client_id(context)}
         if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
             metrics["num-examples"] = len(data)

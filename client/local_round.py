@@ -11,7 +11,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from fedspec.adapters import adapter_layers, adapter_state, load_adapter_state
+from fedspec.adapters import adapter_layers, adapter_state, get_method, load_adapter_state, ranks_in_state
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import budget_epsilon
@@ -24,7 +24,10 @@ from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, r
 def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[dict, dict]:
     round_ = int(msg.content.config_records["config"]["server-round"])
     rule = get_rule(cfg.strategy.name)
-    model, data = model_and_data(cfg, context)
+    received = msg.content.array_records["arrays"].to_torch_state_dict()
+    # Per-layer ranks (EVA) were decided by the server in round 0: the received state carries them.
+    rank_pattern = ranks_in_state(received) if get_method(cfg.adapter.method).ranks is not None else None
+    model, data = model_and_data(cfg, context, rank_pattern)
     client = client_id(context)
 
     base_init = remember_base_init(context, msg.content.array_records.get(BASE_INIT_KEY))
@@ -44,7 +47,6 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode, seed=seed)
 
-    received = msg.content.array_records["arrays"].to_torch_state_dict()
     load_adapter_state(model, {**received, **base_init})
     result = train_steps(
         model,
@@ -56,6 +58,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         lr=cfg.train.lr,
         dp=dp,
         seed=cfg.run.seed + 1000 * round_ + client,
+        first_step=(round_ - 1) * cfg.train.local_steps,
     )
     update = client_update(adapter_state(model), received, rule)
     metrics = {"client-id": client, "train-loss": result.mean_loss, "steps": result.steps}

@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from fedspec.builders import build_model, build_task, client_partitions, encode, torch_threads
 from fedspec.data import load_examples
 from fedspec.errors import FedspecError
-from fedspec.models import Tokenized
+from fedspec.models import Tokenized, build_classifier, load_tokenizer
 from fedspec.privacy import PrivacyLedger
 from fedspec.privacy.audit import run_canaries, with_canaries
-from fedspec.privacy.planning import client_noise_multiplier, schedule_steps
+from fedspec.privacy.planning import client_noise_multiplier, init_statistics_entries, schedule_steps
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
 
@@ -56,11 +56,31 @@ def _key(cfg: DictConfig) -> str:
 
 
 @lru_cache(maxsize=2)
-def _cached_model(model_key: str, num_classes: int):
+def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = None):
+    """The adapted model (factors zero, loaded from each message). ``rank_pattern`` (JSON): per-layer ranks
+    (EVA), read off the global state the server sends, since they are decided by the server in round 0."""
     cfg = OmegaConf.create(json.loads(model_key))
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     rule = get_rule(cfg.strategy.name)
-    return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False)
+    return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False,
+                       rank_pattern=json.loads(rank_pattern) if rank_pattern else None,
+                       total_steps=schedule_steps(cfg))
+
+
+@lru_cache(maxsize=1)
+def _cached_base_model(model_key: str, num_classes: int):
+    """The un-adapted backbone + head, for round 0's calibration statistics (same seed, same head as the
+    server's)."""
+    cfg = OmegaConf.create(json.loads(model_key))
+    torch_threads(int(max(1, cfg.federation.client_cpus)))
+    model, _ = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    return model
+
+
+@lru_cache(maxsize=2)
+def _cached_tokenizer(model_key: str):
+    model_cfg = OmegaConf.create(json.loads(model_key)).model
+    return load_tokenizer(model_cfg.name, model_cfg.path)
 
 
 @lru_cache(maxsize=2)
@@ -73,7 +93,7 @@ def _cached_partition(model_key: str, client: int) -> LocalData:
     """A simulated client's share of the task's training records."""
     cfg = OmegaConf.create(json.loads(model_key))
     task = _cached_task(model_key)
-    _, tokenizer = _cached_model(model_key, task.num_classes)
+    tokenizer = _cached_tokenizer(model_key)
     parts = client_partitions(cfg, task.train.labels)
     if client >= len(parts):
         raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
@@ -91,7 +111,6 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
     """A real client's own file, all of it, labelled with the server task's class names. The node never
     reads the task's data.path / data.eval_path: those are files on the server's machine."""
     cfg = OmegaConf.create(json.loads(model_key))
-    _, tokenizer = _cached_model(model_key, len(label_names))
     examples = load_examples(
         data_path,
         text_field=cfg.data.text_field,
@@ -100,20 +119,36 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
         label_names=list(label_names),
         path_key="data-path",  # a node-config key, not a config key
     )
-    inputs, labels = encode(tokenizer, examples, cfg.model.max_length)
+    inputs, labels = encode(_cached_tokenizer(model_key), examples, cfg.model.max_length)
     return LocalData(inputs, labels)
 
 
-def model_and_data(cfg: DictConfig, context: Context):
-    """(model, local data) for this node; the model object is shared with other clients of this process."""
+def local_data(cfg: DictConfig, context: Context) -> LocalData:
+    """This node's tokenized records (no model is built for them): its own file (``data-path``) or, in a
+    simulation, its partition of the task."""
     key = _key(cfg)
     data_path = context.node_config.get("data-path")
     if data_path:
-        names = label_names(context)
-        model, _ = _cached_model(key, len(names))
-        return model, _cached_own_data(key, str(Path(str(data_path)).expanduser()), names)
-    model, _ = _cached_model(key, _cached_task(key).num_classes)
-    return model, _cached_partition(key, client_id(context))
+        return _cached_own_data(key, str(Path(str(data_path)).expanduser()), label_names(context))
+    return _cached_partition(key, client_id(context))
+
+
+def _num_classes(cfg: DictConfig, context: Context) -> int:
+    if context.node_config.get("data-path"):
+        return len(label_names(context))
+    return _cached_task(_key(cfg)).num_classes
+
+
+def model_and_data(cfg: DictConfig, context: Context, rank_pattern: dict[str, int] | None = None):
+    """(model, local data) for this node; the model object is shared with other clients of this process."""
+    pattern = json.dumps(rank_pattern, sort_keys=True) if rank_pattern else None
+    model, _ = _cached_model(_key(cfg), _num_classes(cfg, context), pattern)
+    return model, local_data(cfg, context)
+
+
+def base_model_and_data(cfg: DictConfig, context: Context):
+    """(un-adapted model, local data): what round 0's statistics are computed on."""
+    return _cached_base_model(_key(cfg), _num_classes(cfg, context)), local_data(cfg, context)
 
 
 # --- node state: residual init factors and the privacy ledger ------------------------------------------------
@@ -173,7 +208,7 @@ def noise_multiplier(cfg: DictConfig, context: Context, num_examples: int) -> fl
     """This client's σ for the whole run, planned once per node (planning runs the accountant many times)."""
     privacy = cfg.privacy
     settings = json.dumps([privacy.target_epsilon, privacy.noise_multiplier, privacy.delta, privacy.accountant,
-                           num_examples, cfg.train.batch_size, schedule_steps(cfg)])
+                           num_examples, cfg.train.batch_size, schedule_steps(cfg), init_statistics_entries(cfg)])
     record = context.state.config_records.get(PLAN_STATE_KEY)
     if record is not None and record["settings"] == settings:
         return float(record["noise-multiplier"])

@@ -3,6 +3,8 @@ the same model, adapter and data for the same config."""
 
 from __future__ import annotations
 
+import math
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -10,7 +12,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from .adapters import adapt
+from .adapters import (
+    Calibration,
+    StatisticsPrivacy,
+    adapt,
+    collect_calibration,
+    export_peft,
+    get_method,
+    peft_exportable,
+)
+from .adapters.targets import default_targets, match_targets
 from .data import TextExamples, load_task, partition
 from .errors import ConfigError, DataError
 from .models import Tokenized, build_classifier, tokenize
@@ -52,31 +63,110 @@ def client_partitions(cfg: DictConfig, labels: list[int]) -> list[list[int]]:
         ) from None
 
 
-def build_model(cfg: DictConfig, num_classes: int, *, train_A: bool, initialize: bool = True):
+def build_model(
+    cfg: DictConfig,
+    num_classes: int,
+    *,
+    train_A: bool,
+    initialize: bool = True,
+    calibration: Calibration | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    total_steps: int | None = None,
+):
     """The pretrained backbone + head with the configured adapter; returns (model, tokenizer).
 
     ``initialize=False`` leaves the adapter factors at zero and the base untouched, for a model whose adapter
     state (and residual init factors) will be loaded from elsewhere — a client, or a resumed server.
+    ``calibration`` feeds the data-driven initializers (see :func:`calibrate`); ``rank_pattern`` fixes per-layer
+    ranks (EVA's, read back from a global state); ``total_steps`` is the run's number of optimizer steps, which
+    schedules spanning the run (SoMA's weight decay) follow.
     """
     model, tokenizer = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    apply_adapter(cfg, model, train_A=train_A, initialize=initialize, calibration=calibration,
+                  rank_pattern=rank_pattern, total_steps=total_steps)
+    return model, tokenizer
+
+
+def apply_adapter(
+    cfg: DictConfig,
+    model: nn.Module,
+    *,
+    train_A: bool,
+    initialize: bool = True,
+    calibration: Calibration | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    total_steps: int | None = None,
+) -> nn.Module:
+    """Put the configured adapter on a model from :func:`fedspec.models.build_classifier`, in place."""
     adapter = cfg.adapter
+    schedule = {"lr": float(cfg.train.lr)} | ({"total_steps": int(total_steps)} if total_steps else {})
     adapt(
         model,
         adapter.method,
         adapter.rank,
-        list(adapter.targets) if adapter.targets else None,
+        adapter_targets(cfg),
         alpha=adapter.alpha,
         dropout=adapter.dropout,
         train_A=train_A,
         initialize=initialize,
         seed=cfg.run.seed,
+        calibration=calibration,
+        rank_pattern=rank_pattern,
         svd_method=adapter.svd_method,
         niter=adapter.niter,
         oversample=adapter.oversample,
+        **(OmegaConf.to_container(adapter.options, resolve=True) if adapter.options else {}),
+        **schedule,
     )
     head: nn.Module = model.head
     head.requires_grad_(bool(adapter.train_head))
-    return model, tokenizer
+    return model
+
+
+def adapter_targets(cfg: DictConfig) -> list[str] | None:
+    return list(cfg.adapter.targets) if cfg.adapter.targets else None
+
+
+# --- calibration for the data-driven initializers (CorDA, EVA, LoRA-GA, FWSVD) -------------------------------
+
+
+def calibration_kinds(cfg: DictConfig) -> tuple[str, ...]:
+    """The statistics the configured method initializes from; empty for methods that need only weights."""
+    return get_method(cfg.adapter.method).calibration
+
+
+def statistics_privacy(cfg: DictConfig, seed: int | None = None) -> StatisticsPrivacy | None:
+    """The round-0 Gaussian mechanism, when ``privacy.private_init_stats`` is on (and DP is)."""
+    privacy = cfg.privacy
+    if not (privacy.enabled and privacy.private_init_stats):
+        return None
+    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+    return StatisticsPrivacy(float(privacy.init_noise_multiplier), init_max_norm(cfg), generator)
+
+
+def init_max_norm(cfg: DictConfig) -> float:
+    """The clipping norm of the method's statistic (the root of the sum of squares for several kinds)."""
+    return math.sqrt(sum(float(cfg.privacy.init_max_norm[kind]) ** 2 for kind in calibration_kinds(cfg)))
+
+
+def calibrate(
+    cfg: DictConfig,
+    model: nn.Module,
+    inputs: Tokenized,
+    labels: torch.Tensor,
+    *,
+    privacy: StatisticsPrivacy | None = None,
+    seed: int = 0,
+) -> Calibration:
+    """The configured method's statistics over a seeded random subset of up to ``adapter.calibration_examples``
+    of these records, on the (un-adapted) model."""
+    kinds = calibration_kinds(cfg)
+    layers = match_targets(model, adapter_targets(cfg) or list(default_targets(model)))
+    n = len(labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    chosen = order[: min(cfg.adapter.calibration_examples, n)]
+    batch = (inputs.input_ids[chosen], inputs.attention_mask[chosen], labels[chosen])
+    return collect_calibration(model, [batch], layers, kinds, privacy=privacy)
 
 
 def encode(tokenizer, examples: TextExamples, max_length: int) -> tuple[Tokenized, torch.Tensor]:
@@ -88,3 +178,34 @@ def torch_threads(threads: int) -> int:
     """Set torch's intra-op threads once per process (simulated clients share the machine's cores)."""
     torch.set_num_threads(max(1, threads))
     return threads
+
+
+def init_statistics_report(cfg: DictConfig, calibration: Calibration | None) -> dict:
+    """What the privacy report says about a data-driven initialization's statistic (empty for other methods)."""
+    kinds = calibration_kinds(cfg)
+    if not kinds:
+        return {}
+    privatized = bool(cfg.privacy.enabled and cfg.privacy.private_init_stats)
+    section = {
+        "method": cfg.adapter.method,
+        "statistics": list(kinds),
+        "examples_per_party": int(cfg.adapter.calibration_examples),
+        "privatized": privatized,
+        "noise_multiplier": float(cfg.privacy.init_noise_multiplier) if privatized else None,
+        "max_norm": init_max_norm(cfg) if privatized else None,
+        "accounted_as": "ledger round 0: (noise_multiplier, sample_rate=1, steps=1)" if privatized else None,
+    }
+    if calibration is not None:
+        section["examples_total"] = calibration.count
+    return {"init_statistics": section}
+
+
+def write_peft_export(model: nn.Module, directory, cfg: DictConfig) -> str | None:
+    """Write the PEFT LoRA export of a finished run's adapter; returns why not when the method does not allow it."""
+    reason = peft_exportable(model)
+    if reason is None:
+        from .models import packaged_minilm_path
+
+        base = cfg.model.path or (str(packaged_minilm_path()) if cfg.model.name == "minilm" else cfg.model.name)
+        export_peft(model, directory, base_model_name_or_path=base)
+    return reason

@@ -17,12 +17,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .adapters import save_adapter
-from .builders import build_model, build_task, encode
+from .builders import (
+    apply_adapter,
+    build_task,
+    calibrate,
+    calibration_kinds,
+    encode,
+    init_statistics_report,
+    statistics_privacy,
+    write_peft_export,
+)
 from .config import save_config
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
+from .models import build_classifier
 from .privacy.disclosures import server_sees
-from .privacy.planning import check_delta
+from .privacy.planning import check_delta, init_statistics_entries
 from .rundir import MetricsLog, RunPaths, check_run_dir
 from .training import DPSettings, evaluate, sample_rate, train_steps
 
@@ -47,14 +57,15 @@ class CentralResult:
 
 
 def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
-    """(σ, q, steps per epoch) for the pooled dataset, σ planned for all epochs."""
+    """(σ, q, steps per epoch) for the pooled dataset, σ planned for all epochs (after a privatized
+    initialization statistic, if any)."""
     q = sample_rate(n, cfg.train.batch_size)
     steps_per_epoch = math.ceil(n / cfg.train.batch_size)
     if cfg.privacy.noise_multiplier is not None:
         return float(cfg.privacy.noise_multiplier), q, steps_per_epoch
     sigma = plan_noise(
         float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q,
-        steps_per_epoch * cfg.train.epochs, accountant=cfg.privacy.accountant,
+        steps_per_epoch * cfg.train.epochs, accountant=cfg.privacy.accountant, prior=init_statistics_entries(cfg),
     )
     return sigma, q, steps_per_epoch
 
@@ -65,10 +76,20 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         raise ConfigError("fedspec train does not resume runs; start a new one (drop --resume / run.resume)")
     paths = check_run_dir(cfg)
     task = build_task(cfg)
-    model, tokenizer = build_model(cfg, task.num_classes, train_A=True)
+    model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     train_inputs, train_labels = encode(tokenizer, task.train, cfg.model.max_length)
     eval_inputs, eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
     n = len(train_labels)
+    total_steps = math.ceil(n / cfg.train.batch_size) * cfg.train.epochs
+    init_started = time.monotonic()
+    calibration = None
+    if calibration_kinds(cfg):  # data-driven init: statistics of (a seeded subset of) the training records first
+        if cfg.privacy.enabled:
+            check_delta(float(cfg.privacy.delta), [n])
+        privacy = statistics_privacy(cfg, seed=cfg.run.seed if cfg.privacy.seed_noise else None)
+        calibration = calibrate(cfg, model, train_inputs, train_labels, privacy=privacy, seed=cfg.run.seed)
+    apply_adapter(cfg, model, train_A=True, calibration=calibration, total_steps=total_steps)
+    init_seconds = time.monotonic() - init_started
 
     dp, ledger = None, None
     steps_per_epoch = math.ceil(n / cfg.train.batch_size)
@@ -79,9 +100,14 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         ledger = PrivacyLedger(client_id=CENTRAL_CLIENT, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        for sigma0, q0, steps0 in init_statistics_entries(cfg):  # the privatized init statistic: "epoch 0"
+            ledger.record(0, sigma0, q0, steps0)
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config)
     log = MetricsLog(paths.metrics)
+    log.write("init", method=cfg.adapter.method, seconds=init_seconds,
+              calibration_examples=calibration.count if calibration else 0,
+              statistics_privatized=bool(calibration and calibration.privatized))
 
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
@@ -99,7 +125,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             result = train_steps(
                 model, train_inputs, train_labels, steps=steps_per_epoch, batch_size=cfg.train.batch_size,
                 optimizer=cfg.train.optimizer, lr=cfg.train.lr, dp=dp, seed=cfg.run.seed + epoch,
-                on_step=lambda *_: progress.advance(bar),
+                on_step=lambda *_: progress.advance(bar), first_step=(epoch - 1) * steps_per_epoch,
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)
@@ -111,18 +137,24 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 console.print(f"epoch {epoch}: train loss {result.mean_loss:.4f}  eval acc {rows[-1].eval_accuracy:.4f}")
 
     save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
-    write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {})
+    write_peft_export(model, paths.adapter_peft, cfg)
+    write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
+                                 init_statistics_report(cfg, calibration))
     paths.summary.write_text(_summary(cfg, rows))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
 
-def write_central_privacy_report(cfg: DictConfig, paths: RunPaths, ledgers: dict[str, PrivacyLedger]) -> dict:
-    """privacy/report.{json,md} and epsilon.png of a centralized run (one "client": the pooled data)."""
+def write_central_privacy_report(
+    cfg: DictConfig, paths: RunPaths, ledgers: dict[str, PrivacyLedger], init_statistics: dict | None = None
+) -> dict:
+    """privacy/report.{json,md} and epsilon.png of a centralized run (one "client": the pooled data);
+    ``init_statistics`` describes the statistics a data-driven initialization computed first."""
     return write_privacy_report(
         paths.privacy, ledgers, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
         max_grad_norm=cfg.privacy.max_grad_norm if cfg.privacy.enabled else None,
         extra={"record_level_dp": bool(cfg.privacy.enabled),
-               "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None},
+               "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+               **(init_statistics or {})},
         record_level=bool(cfg.privacy.enabled), server_sees=server_sees(cfg, centralized=True),
     )
 

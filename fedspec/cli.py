@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder, e.g. runs/simulate-20261127-101500")
 
+    export = sub.add_parser(
+        "export-peft",
+        help="write a run's adapter as a Hugging Face PEFT LoRA adapter of the original backbone",
+        description="Load ADAPTER_DIR (e.g. runs/NAME/adapter; the run's config.yaml beside it names the model) on "
+        "the original base model and write OUT_DIR/adapter_config.json + adapter_model.safetensors in PEFT's "
+        "format, which peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), OUT_DIR) loads with the "
+        "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
+        "written beside (classifier_head.safetensors, fedspec_head.json).",
+    )
+    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
+
     plan = sub.add_parser(
         "privacy-plan",
         help="plan each client's noise for a target epsilon before running",
@@ -225,11 +237,12 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         raise FedspecError(f"{args.run_dir} is not a fedspec run folder (no config.yaml)")
     cfg = load_config_file(paths.config)
     if any(line["kind"] == "epoch" for line in MetricsLog(paths.metrics).read()):
+        from .builders import init_statistics_report
         from .centralized import write_central_privacy_report
         from .privacy import load_ledgers
 
         ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
-        write_central_privacy_report(cfg, paths, ledgers)
+        write_central_privacy_report(cfg, paths, ledgers, init_statistics_report(cfg, None))
     else:
         from .server.reports import rewrite_run_privacy_report
 
@@ -246,6 +259,33 @@ def _sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise FedspecError(f"--sizes={text!r}: every client needs at least 1 record")
     return sizes
+
+
+def cmd_export_peft(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .adapters import load_adapter, read_adapter_config
+    from .builders import write_peft_export
+    from .config import load_config_file
+    from .models import build_classifier
+
+    adapter_dir = Path(args.adapter_dir)
+    read_adapter_config(adapter_dir)  # a clear error when it is not a fedspec adapter
+    run_config = adapter_dir.parent / "config.yaml"
+    if not run_config.is_file():
+        raise FedspecError(f"{run_config} does not exist: ADAPTER_DIR must sit in a run folder (runs/NAME/adapter)")
+    cfg = load_config_file(run_config)
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
+        if "head.weight" not in weights.keys():
+            raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
+        num_classes = weights.get_slice("head.weight").get_shape()[0]
+    model, _ = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    load_adapter(model, adapter_dir)
+    reason = write_peft_export(model, Path(args.out_dir), cfg)
+    if reason is not None:
+        raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
+    console.print(f"PEFT LoRA adapter written to {args.out_dir}")
+    return 0
 
 
 def cmd_privacy_plan(args: argparse.Namespace) -> int:
@@ -314,6 +354,7 @@ COMMANDS = {
     "privacy-plan": cmd_privacy_plan,
     "credentials": cmd_credentials,
     "audit": cmd_audit,
+    "export-peft": cmd_export_peft,
 }
 
 

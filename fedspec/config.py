@@ -59,6 +59,10 @@ class AdapterSettings:
     niter: int = MISSING
     oversample: int = MISSING
     train_head: bool = MISSING
+    # Data-driven initializers (CorDA, EVA, LoRA-GA, FWSVD): examples whose statistics initialize the adapter
+    # (centralized: from the pooled training data; federated: up to this many per client, summed in round 0).
+    calibration_examples: int = MISSING
+    options: dict[str, Any] = MISSING  # the method's own settings (e.g. CorDA's mode), checked by the method
 
 
 @dataclass
@@ -88,6 +92,12 @@ class PrivacyConfig:
     accountant: str = MISSING  # rdp | prv
     grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
+    # Round 0 of data-driven initializers: release each client's calibration sums clipped and noised (Gaussian
+    # mechanism, counted in the client's ε as one step with q = 1), or exactly.
+    private_init_stats: bool = MISSING
+    init_noise_multiplier: float = MISSING
+    # Clipping norm of one record's whole contribution, per statistic kind (inputs, gradients, fisher).
+    init_max_norm: dict[str, float] = MISSING
     client_level: ClientLevelConfig = field(default_factory=ClientLevelConfig)
 
 
@@ -224,6 +234,14 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
              f"it needs a low-rank (B·A) adapter method ({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}")
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    spec = METHODS[cfg.adapter.method]
+    for key in cfg.adapter.options or {}:
+        if key not in spec.options:
+            fail(f"adapter.options.{key}", cfg.adapter.options[key],
+                 f"adapter.method={spec.name} takes " + (", ".join(spec.options) if spec.options else "no options"))
+    if spec.calibration and cfg.adapter.calibration_examples < 1:
+        fail("adapter.calibration_examples", cfg.adapter.calibration_examples,
+             f"adapter.method={spec.name} initializes from data: it must be at least 1")
     if cfg.federation.clients < 1:
         fail("federation.clients", cfg.federation.clients, "a federation needs at least 1 client (--clients N, N >= 1)")
     if cfg.federation.rounds < 1:
@@ -260,6 +278,14 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
         if privacy.budget_epsilon is not None and privacy.budget_epsilon <= 0:
             fail("privacy.budget_epsilon", privacy.budget_epsilon, "it must be > 0 (or null: use target_epsilon)")
+        if privacy.private_init_stats:
+            if privacy.init_noise_multiplier <= 0:
+                fail("privacy.init_noise_multiplier", privacy.init_noise_multiplier, "it must be > 0")
+            for kind in spec.calibration:
+                norm = (privacy.init_max_norm or {}).get(kind)
+                if norm is None or norm <= 0:
+                    fail(f"privacy.init_max_norm.{kind}", norm,
+                         f"adapter.method={spec.name} releases {kind} statistics: give their clipping norm (> 0)")
     _validate_client_level(cfg, fail)
     audit = cfg.audit
     if audit.canaries < 0:
@@ -302,9 +328,9 @@ def flatten_config(cfg: DictConfig) -> dict[str, bool | int | float | str]:
     def walk(node: Any, prefix: str) -> None:
         for key, value in node.items():
             dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
+            if isinstance(value, dict) and value:
                 walk(value, dotted + ".")
-            elif isinstance(value, list):
+            elif isinstance(value, (list, dict)):  # an empty dict would vanish as nested keys
                 flat[dotted] = JSON_PREFIX + json.dumps(value)
             elif value is None:
                 flat[dotted] = NONE_MARKER

@@ -33,6 +33,11 @@ class RunPaths:
         return self.root / "adapter"
 
     @property
+    def adapter_peft(self) -> Path:
+        """The final adapter as a PEFT LoRA adapter of the original backbone (methods that allow it)."""
+        return self.root / "adapter-peft"
+
+    @property
     def privacy(self) -> Path:
         return self.root / "privacy"
 

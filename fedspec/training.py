@@ -95,8 +95,13 @@ def train_steps(
     dp: DPSettings | None = None,
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
+    first_step: int = 0,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
+
+    ``first_step`` is the run's global index of this call's first step (an epoch's or a federated round's
+    offset): the adapter's hooks see global steps, so a schedule (weight-decay annealing, rank budgets) spans
+    the whole run rather than restarting with every call. ``on_step`` still gets the step within the call.
 
     Under DP each step is one Poisson-sampled batch (expected size ``batch_size``) with per-sample clipping and
     noise; the steps taken are returned so the caller's privacy ledger records exactly what happened.
@@ -113,8 +118,9 @@ def train_steps(
     if dp is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
-        return _loop(model, opt, loss_fn, loader, steps, on_step)
-    return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step)
+        return _loop(model, opt, loss_fn, loader, steps, on_step, first_step=first_step)
+    return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step,
+                          first_step=first_step)
 
 
 def _mark_empty_batch(params: list[nn.Parameter]) -> None:
@@ -128,7 +134,7 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
         p.grad = torch.zeros_like(p)  # ghost mode sums .grad directly
 
 
-def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False) -> TrainResult:
+def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False, first_step: int = 0) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = training_hooks(model)
     total_loss, examples = 0.0, 0
@@ -146,13 +152,15 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False)
             continue
         opt.step()
         for hook in hooks:
-            hook.after_step(model, step)
+            hook.after_step(model, first_step + step)
         if on_step is not None:
             on_step(step, total_loss / max(examples, 1))
     return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)
 
 
-def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step) -> TrainResult:
+def _train_private(
+    model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, first_step: int = 0
+) -> TrainResult:
     from opacus import PrivacyEngine
 
     from .privacy.grad_samplers import check_exact_rules
@@ -181,7 +189,7 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, private=True)
+            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, private=True, first_step=first_step)
     finally:
         hooks.cleanup()
     (sigma, q, accounted_steps), *rest = engine.accountant.history or [(dp.noise_multiplier, 0.0, 0)]

@@ -15,7 +15,8 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec import __version__
-from fedspec.builders import build_task
+from fedspec.adapters import get_method, ranks_in_state
+from fedspec.builders import build_task, calibration_kinds
 from fedspec.config import save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
@@ -32,6 +33,7 @@ from .global_model import GlobalModel, split_init_factors
 from .messaging import exchange
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
+from .round_zero import collect_statistics
 
 DISCOVERY_POLL_SECONDS = 1.0
 
@@ -119,11 +121,6 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     rule = get_rule(cfg.strategy.name)
     task = build_task(cfg)
     checkpoint = load_checkpoint(paths.checkpoints) if cfg.run.resume else None
-
-    model = GlobalModel(cfg, task, initialize=checkpoint is None)
-    if checkpoint is not None:
-        model.load(checkpoint.state)
-    global_state, base_init = split_init_factors(model.state())
     rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
     ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
     budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
@@ -132,6 +129,20 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
 
     nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout, task.train.label_names)
     client_dp = _client_dp(cfg, len(nodes))
+    calibration = None
+    if checkpoint is None and calibration_kinds(cfg):  # round 0: the global init needs the clients' statistics
+        calibration, replies = collect_statistics(grid, sorted(nodes), cfg, log)
+        for metrics in replies:
+            _mirror_client(ledgers, metrics, 0, cfg)
+        for ledger in ledgers.values():
+            ledger.save(paths.ledgers / f"client-{ledger.client_id}.json")
+    # Per-layer ranks (EVA) are part of the adapter's structure: a resumed server reads them off its checkpoint.
+    per_layer = checkpoint is not None and get_method(cfg.adapter.method).ranks is not None
+    model = GlobalModel(cfg, task, initialize=checkpoint is None, calibration=calibration,
+                        rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None)
+    if checkpoint is not None:
+        model.load(checkpoint.state)
+    global_state, base_init = split_init_factors(model.state())
     strategy = AdapterStrategy(
         rule,
         client_ids={node: info["client-id"] for node, info in nodes.items()},

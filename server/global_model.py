@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from fedspec.adapters import adapter_state, load_adapter_state, save_adapter
+from fedspec.adapters import Calibration, adapter_state, load_adapter_state, save_adapter
 from fedspec.adapters.state import INIT_KEYS
 from fedspec.builders import Task, build_model, encode
+from fedspec.privacy.planning import schedule_steps
 from fedspec.training import evaluate
 from fedspec.strategies import get_rule
 
@@ -24,10 +25,23 @@ def split_init_factors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
 
 
 class GlobalModel:
-    def __init__(self, cfg: DictConfig, task: Task, *, initialize: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        task: Task,
+        *,
+        initialize: bool = True,
+        calibration: Calibration | None = None,
+        rank_pattern: dict[str, int] | None = None,
+    ) -> None:
+        """``calibration``: the clients' summed round-0 statistics (data-driven methods); ``rank_pattern``: the
+        per-layer ranks of a resumed EVA adapter."""
         rule = get_rule(cfg.strategy.name)
         self.cfg = cfg
-        self.model, tokenizer = build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=initialize)
+        self.model, tokenizer = build_model(
+            cfg, task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
+            rank_pattern=rank_pattern, total_steps=schedule_steps(cfg),
+        )
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
 
     def state(self) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from fedspec.builders import init_statistics_report, write_peft_export
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
@@ -29,6 +30,7 @@ def privacy_settings(cfg: DictConfig) -> dict:
         "batch_size": cfg.train.batch_size,
         "participation_probability": participation_probability(cfg),
         "weighting": cfg.federation.weighting,
+        **init_statistics_report(cfg, None),
     }
 
 
@@ -100,6 +102,7 @@ def write_final_reports(
     client_level: PrivacyLedger | None = None,
 ) -> None:
     model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
+    write_peft_export(model.model, paths.adapter_peft, cfg)
     report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
                                       client_level=client_level)
     paths.summary.write_text(summary_markdown(cfg, rows, report))

@@ -33,6 +33,9 @@ VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query co
 LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
 WEIGHTINGS = ("examples", "uniform")
+# Round 0 of a data-driven initialization: the QUERY config flag, and the reply's record of statistic sums.
+CALIBRATION_FLAG = "calibration-statistics"
+STATISTICS_KEY = "statistics"
 
 
 class AdapterStrategy(FedAvg):

@@ -308,10 +308,7 @@ def test_report_without_record_level_dp_says_records_are_not_protected(tmp_path)
     assert "Record-level ε per client" not in md
 
 
-def test_what_the_server_sees_follows_the_settings(monkeypatch):
-    import dataclasses
-
-    from fedspec.adapters.registry import METHODS
+def test_what_the_server_sees_follows_the_settings():
     from fedspec.config import compose_config
     from fedspec.privacy.disclosures import server_sees
 
@@ -323,8 +320,10 @@ def test_what_the_server_sees_follows_the_settings(monkeypatch):
     assert "No record counts as weights" in uniform and "for tests only" in uniform
     no_dp = "\n".join(server_sees(compose_config(["privacy=none"])))
     assert "without any noise" in no_dp and "sample rate q" not in no_dp
-    # a method whose initialization reads client data must say so
-    monkeypatch.setitem(METHODS, "pissa", dataclasses.replace(METHODS["pissa"], init_needs="activation covariance of client data"))
-    data_driven = "\n".join(server_sees(compose_config([])))
-    assert ("**Round-0 statistics of client data:** adapter.method=pissa initializes from activation covariance of "
-            "client data; these statistics are not privatized in this run.") in data_driven
+    # a method whose initialization reads client data must say so, and whether the statistics were privatized
+    exact = "\n".join(server_sees(compose_config(["adapter=corda"])))
+    assert "**Round-0 statistics of client data:** adapter.method=corda initializes from" in exact
+    assert "not privatized in this run (set privacy.private_init_stats=true)" in exact
+    private = "\n".join(server_sees(compose_config(["adapter=corda", "privacy.private_init_stats=true"])))
+    assert "each client clipped and noised its sums (Gaussian mechanism, σ = 5)" in private
+    assert "not privatized" not in private

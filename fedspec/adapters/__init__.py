@@ -3,7 +3,10 @@
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .hooks import PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
+from .calibration import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
+from .compression import FactorizedLinear
 from .lowrank import LowRankLinear
+from .peft_export import export_peft, peft_exportable
 from .registry import METHODS, MethodSpec, get_method, register
 from .state import (
     adapter_state,
@@ -11,6 +14,7 @@ from .state import (
     load_adapter_state,
     merge,
     merge_in_place,
+    ranks_in_state,
     read_adapter_config,
     save_adapter,
     unmerge,
@@ -20,6 +24,9 @@ from .targets import match_targets
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "Calibration",
+    "FactorizedLinear",
+    "StatisticsPrivacy",
     "LowRankLinear",
     "MethodSpec",
     "PenaltyStep",
@@ -28,15 +35,20 @@ __all__ = [
     "adapter_config",
     "adapter_layers",
     "adapter_state",
+    "collect_calibration",
+    "export_peft",
     "get_method",
     "load_adapter",
     "load_adapter_state",
     "match_targets",
     "merge",
     "merge_in_place",
+    "peft_exportable",
+    "ranks_in_state",
     "read_adapter_config",
     "register",
     "save_adapter",
+    "sum_calibrations",
     "training_hooks",
     "unmerge",
 ]

@@ -11,8 +11,10 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..svd import batch_chunks
+from .calibration import KINDS, Calibration
+from .compression import FactorizedLinear
 from .lowrank import LowRankLinear
-from .registry import get_method
+from .registry import MethodSpec, get_method
 from .targets import default_targets, match_targets
 
 CONFIG_ATTRIBUTE = "fedspec_adapter"
@@ -31,6 +33,8 @@ class AdapterConfig:
     train_A: bool = True
     dropout: float = 0.0
     options: dict = field(default_factory=dict)
+    # Per-layer ranks where they differ between layers (EVA); empty when every layer has ``rank``.
+    rank_pattern: dict = field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
@@ -46,8 +50,12 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def adapter_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+ADAPTER_LAYER_TYPES = (LowRankLinear, FactorizedLinear)
+
+
+def adapter_layers(model: nn.Module) -> dict[str, LowRankLinear | FactorizedLinear]:
+    """Every adapted layer: each has ``lora_A``/``lora_B`` factors, ``to_linear()``, ``merge()``/``unmerge()``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYER_TYPES)}
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:
@@ -57,47 +65,87 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    if rank < 1:
-        raise AdapterError(f"adapter.rank={rank} must be a positive integer")
-    for name in names:
+def _check_rank(model: nn.Module, ranks: dict[str, int]) -> None:
+    for name, layer_rank in ranks.items():
         layer = model.get_submodule(name)
         limit = min(layer.in_features, layer.out_features)
-        if rank > limit:
+        if layer_rank > limit:
             raise AdapterError(
-                f"adapter.rank={rank} is larger than layer {name!r} allows "
+                f"adapter.rank={layer_rank} is larger than layer {name!r} allows "
                 f"({layer.out_features}x{layer.in_features}: at most {limit}); choose adapter.rank <= {limit}"
             )
 
 
 @torch.no_grad()
 def _initialize(
-    layers: dict[str, LowRankLinear], initializer, scaling: float, generator: torch.Generator, options: dict
+    layers: dict[str, nn.Module],
+    originals: dict[str, torch.Tensor],
+    spec: MethodSpec,
+    scaling: float,
+    generator: torch.Generator,
+    options: dict,
+    calibration: Calibration | None,
 ) -> None:
-    """Compute starting factors with one batched initializer call per group of same-shape layers (split into
-    chunks of bounded size when the layers are large: batching only pays for small matrices)."""
+    """Compute starting factors with one batched initializer call per group of same-shape, same-rank layers
+    (split into chunks of bounded size when the layers are large: batching only pays for small matrices)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name, layer in layers.items():
-        groups[(tuple(layer.base.weight.shape), layer.base.weight.dtype)].append(name)
-    for (_, dtype), group in groups.items():
+        groups[(tuple(originals[name].shape), originals[name].dtype, layer.rank)].append(name)
+    keys = [key for kind in spec.calibration for key in KINDS[kind]]
+    for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        item_bytes = layers[group[0]].base.weight.numel() * compute.itemsize
+        item_bytes = originals[group[0]].numel() * compute.itemsize
         for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
-            _initialize_chunk(layers, names, compute, initializer, scaling, generator, options)
+            _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration,
+                              scaling, generator, options)
 
 
-def _initialize_chunk(layers, names, compute, initializer, scaling, generator, options) -> None:
+def _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration, scaling, generator,
+                      options) -> None:
     # On the weights' own device (a CUDA model decomposes on the GPU); a single weight is not copied.
-    weights = [layers[n].base.weight.detach().to(dtype=compute) for n in names]
+    weights = [originals[n].detach().to(dtype=compute) for n in names]
     weights = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
-    rank = layers[names[0]].rank
-    B0, A0 = initializer(weights, rank, scaling, generator=generator, **options)
+    extra = {}
+    if keys:
+        extra["statistics"] = {
+            key: torch.stack([calibration.mean(n, key) for n in names]).to(weights.device) for key in keys
+        }
+    B0, A0 = spec.initializer(weights, rank, scaling, generator=generator, **options, **extra)
     for i, name in enumerate(names):
         layer = layers[name]
-        B, A = B0[i].to(layer.base.weight), A0[i].to(layer.base.weight)
+        B, A = B0[i].to(originals[name]), A0[i].to(originals[name])
         layer.set_factors(B, A)
         if layer.base_policy == "residual":
             layer.set_residual_init(B, A)
+
+
+def _layer_ranks(
+    model: nn.Module,
+    spec: MethodSpec,
+    names: list[str],
+    rank: int,
+    rank_pattern: dict[str, int] | None,
+    calibration: Calibration | None,
+    initialize: bool,
+    options: dict,
+) -> dict[str, int]:
+    """{layer: rank} of the layers that get an adapter (a layer allocated rank 0 keeps its nn.Linear)."""
+    if rank_pattern:
+        unknown = [n for n in rank_pattern if n not in names]
+        if unknown:
+            raise AdapterError(f"rank_pattern names layer {unknown[0]!r}, which adapter.targets does not match")
+        ranks = {n: int(rank_pattern.get(n, 0)) for n in names}
+    elif spec.ranks is not None and initialize:
+        keys = [key for kind in spec.calibration for key in KINDS[kind]]
+        per_layer = {n: {key: calibration.mean(n, key) for key in keys} for n in names}
+        limits = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+        ranks = spec.ranks(per_layer, rank, limits=limits, **options)
+    else:
+        ranks = dict.fromkeys(names, rank)
+    ranks = {n: r for n, r in ranks.items() if r > 0}
+    if not ranks:
+        raise AdapterError(f"adapter.method={spec.name}: no layer was given a positive rank")
+    return ranks
 
 
 def adapt(
@@ -111,6 +159,8 @@ def adapt(
     train_A: bool = True,
     initialize: bool = True,
     seed: int = 0,
+    calibration: Calibration | None = None,
+    rank_pattern: dict[str, int] | None = None,
     **options,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers by adapters of ``method`` and freeze everything else.
@@ -118,27 +168,46 @@ def adapt(
     ``alpha`` defaults to ``rank`` (scaling s = α/r = 1). ``train_A=False`` freezes A, the mode FedSVD and
     FFA-LoRA clients train in. ``initialize=False`` skips the initializer (factors start at zero, the base is
     untouched) for a model whose adapter state is loaded right after, e.g. a federated client receiving the
-    server's factors. Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``).
+    server's factors. Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``,
+    and the method's own, e.g. CorDA's ``mode``).
+
+    ``calibration``: statistics of data (:func:`fedspec.adapters.collect_calibration`), required by the
+    data-driven methods (CorDA, EVA, LoRA-GA, FWSVD) when initializing. ``rank_pattern``: explicit per-layer
+    ranks (layers absent or at 0 keep their ``nn.Linear``), e.g. to rebuild an EVA adapter's structure.
     """
     spec = get_method(method)
     if hasattr(model, CONFIG_ATTRIBUTE):
         raise AdapterError("this model already carries a fedspec adapter; start from a fresh base model")
+    if rank < 1:
+        raise AdapterError(f"adapter.rank={rank} must be a positive integer")
     target_patterns = list(targets) if targets else list(default_targets(model))
     names = match_targets(model, target_patterns)
-    _check_rank(model, names, rank)
+    if initialize and spec.calibration:
+        if calibration is None:
+            raise AdapterError(
+                f"adapter.method={method} initializes from data: pass calibration=collect_calibration(model, batches, "
+                f"layers, kinds={list(spec.calibration)}) to fedspec.adapt (fedspec train and simulate collect it)"
+            )
+        calibration.require(spec.calibration, names, method)
     alpha = float(alpha) if alpha is not None else float(rank)
+    ranks = _layer_ranks(model, spec, names, rank, rank_pattern, calibration, initialize, options)
+    _check_rank(model, ranks)
 
     model.requires_grad_(False)
-    layers: dict[str, LowRankLinear] = {}
-    for name in names:
-        layer = LowRankLinear(
-            model.get_submodule(name), rank, alpha / rank, dropout=dropout, base_policy=spec.base_policy
-        )
+    layers: dict[str, nn.Module] = {}
+    originals: dict[str, torch.Tensor] = {}
+    for name, layer_rank in ranks.items():
+        linear = model.get_submodule(name)
+        originals[name] = linear.weight
+        if spec.shape == "compression":
+            layer = FactorizedLinear(linear, layer_rank, alpha / rank, dropout=dropout)
+        else:
+            layer = LowRankLinear(linear, layer_rank, alpha / rank, dropout=dropout, base_policy=spec.base_policy)
         _set_submodule(model, name, layer)
         layers[name] = layer
     if initialize:
         generator = torch.Generator().manual_seed(seed)
-        _initialize(layers, spec.initializer, alpha / rank, generator, options)
+        _initialize(layers, originals, spec, alpha / rank, generator, options, calibration)
     for layer in layers.values():
         layer.lora_B.weight.requires_grad_(True)
         layer.lora_A.weight.requires_grad_(train_A)
@@ -148,11 +217,12 @@ def adapt(
         rank=rank,
         alpha=alpha,
         targets=target_patterns,
-        layers=names,
+        layers=list(ranks),
         base_policy=spec.base_policy,
         train_A=train_A,
         dropout=dropout,
         options={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
+        rank_pattern=dict(ranks) if any(r != rank for r in ranks.values()) else {},
     )
     # A plain attribute: nn.Module.__setattr__ stores non-module values in __dict__.
     object.__setattr__(model, CONFIG_ATTRIBUTE, config)

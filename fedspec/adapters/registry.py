@@ -23,10 +23,11 @@ Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    shape: str  # "lowrank": W_base + s·B·A
+    shape: str  # "lowrank": W_base + s·B·A; "compression": s·B·A + bias in place of the layer
     initializer: Initializer
     # "keep": the base stays W.  "residual": the base becomes W - s·B0·A0, so the adapted layer equals W at
     # initialization; B0 and A0 are saved with the adapter so the residual can always be rebuilt from W.
+    # "replace": W is dropped for the factors (compression).
     base_policy: str
     summary: str
     init_needs: str = "weights only"
@@ -36,17 +37,28 @@ class MethodSpec:
     federated: str = "lowrank"
     # Builds the training hooks the method needs from (model, AdapterConfig); see adapters/hooks.py.
     hooks: Callable[..., list] | None = None
+    # --- data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD) ---
+    # The calibration statistics the initializer reads (kinds of fedspec.adapters.calibration.KINDS); a method
+    # with any cannot be initialized without calibration=... (an AdapterError, never a silent fallback).
+    calibration: tuple[str, ...] = ()
+    # Per-layer ranks from the calibration statistics (EVA): (per-layer statistics, rank, **options) ->
+    # {layer: rank}; a layer given rank 0 keeps its plain nn.Linear.
+    ranks: Callable[..., dict] | None = None
+    # Names of the method's own options (adapter.options.* in the config), checked when the config is built.
+    options: tuple[str, ...] = ()
 
 
 FEDERATED_KINDS = ("lowrank", "linear", "nonlinear")
+# "replace": the layer's weight is replaced by the adapter's own factors (compression, FWSVD).
+BASE_POLICIES = ("keep", "residual", "replace")
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHODS:
         raise ValueError(f"adapter method {spec.name!r} is already registered")
-    if spec.base_policy not in ("keep", "residual"):
-        raise ValueError(f"base_policy must be 'keep' or 'residual', got {spec.base_policy!r}")
+    if spec.base_policy not in BASE_POLICIES:
+        raise ValueError(f"base_policy must be one of {BASE_POLICIES}, got {spec.base_policy!r}")
     if spec.federated not in FEDERATED_KINDS:
         raise ValueError(f"federated must be one of {FEDERATED_KINDS}, got {spec.federated!r}")
     METHODS[spec.name] = spec

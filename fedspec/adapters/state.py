@@ -69,6 +69,13 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
             target.copy_(value.to(target))
 
 
+def ranks_in_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """{layer: rank} of every adapted layer in an adapter state (the rows of its A factor): the structure a model
+    must have to load it, e.g. EVA's per-layer ranks."""
+    suffix = "." + FACTOR_KEYS[0]
+    return {key[: -len(suffix)]: int(value.shape[0]) for key, value in state.items() if key.endswith(suffix)}
+
+
 def save_adapter(model: nn.Module, directory: str | Path, *, metadata: dict | None = None) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (fedspec format) into ``directory``."""
     directory = Path(directory)
@@ -103,6 +110,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         dropout=config.dropout,
         train_A=config.train_A,
         initialize=False,
+        rank_pattern=config.rank_pattern or None,
+        **config.options,  # e.g. the schedule a hook follows (SoMA's lr and total_steps)
     )
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     # Trainable extras (e.g. a head) were trainable when saved; make them so again before loading.

@@ -236,8 +236,12 @@ def plan_noise(
     accountant: str = "rdp",
     *,
     rtol: float = 1e-4,
+    prior: Sequence[Sequence[float]] = (),
 ) -> float:
-    """Smallest noise multiplier σ (to relative precision `rtol`) with ε([(σ, q, steps)], δ) <= target.
+    """Smallest noise multiplier σ (to relative precision `rtol`) with ε([*prior, (σ, q, steps)], δ) <= target.
+
+    `prior` holds releases the same records pay for before DP-SGD at fixed settings, e.g. a privatized
+    round-0 statistic `(σ₀, 1.0, 1)`; the plan leaves them room within the target.
 
     Bisection on σ with the same `epsilon` used for reporting, so the plan and the report can
     never disagree. The returned σ is always one whose ε was computed and found <= target; it is
@@ -258,10 +262,11 @@ def plan_noise(
         raise ValueError("steps must be >= 1 to plan noise: zero steps spend no privacy at any noise level")
     if not 0.0 < rtol < 1.0:
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    prior = _canonical(prior)
 
     @functools.lru_cache(maxsize=None)  # the bracket and the solver revisit their end points
     def eps_at(sigma: float) -> float:
-        return epsilon([(sigma, q, steps)], delta, accountant)
+        return epsilon([*prior, (sigma, q, steps)], delta, accountant)
 
     def floor() -> float:
         # RDP's limit as σ → ∞ is the conversion of an all-zero RDP curve: exact and instant, where evaluating

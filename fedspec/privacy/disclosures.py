@@ -62,9 +62,13 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
     items.append("**Who took part when:** which clients were sampled, which replied, which declined a round "
                  "because their budget was spent, and which failed.")
     uses_data, needs = init_uses_client_data(cfg.adapter.method)
-    if uses_data:
+    if uses_data and privacy.private_init_stats:
+        items.append(f"Round-0 statistics of client data: adapter.method={cfg.adapter.method} initializes from "
+                     f"{needs}; each client clipped and noised its sums (Gaussian mechanism, "
+                     f"σ = {privacy.init_noise_multiplier:g}), counted in its ε as round 0.")
+    elif uses_data:
         items.append(f"**Round-0 statistics of client data:** adapter.method={cfg.adapter.method} initializes from "
-                     f"{needs}; these statistics are not privatized in this run.")
+                     f"{needs}; these statistics are not privatized in this run (set privacy.private_init_stats=true).")
     else:
         items.append(f"Round-0 statistics of data-driven initializations: none in this run "
                      f"(adapter.method={cfg.adapter.method} initializes from {needs}, no client data).")

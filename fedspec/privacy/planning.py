@@ -3,7 +3,8 @@
 A client's noise multiplier is planned for its *whole* schedule: every round it could take part in
 (``federation.rounds``, not the expected ``fraction × rounds``: a client sampled more often than average
 must not exceed its target, notes/fedsvd.md §10.1) times ``train.local_steps``, at its own sample rate
-``1 / ⌈n_k / batch_size⌉``. The plan also says what a client can expect — its ε averaged over how often it
+``1 / ⌈n_k / batch_size⌉``, after a privatized round-0 statistic when the run releases one
+(``init_statistics_entries``). The plan also says what a client can expect — its ε averaged over how often it
 is sampled — and, for a given σ, how many rounds of taking part its budget allows: the budget each client
 enforces before every round (``privacy.budget_epsilon``, by default ``privacy.target_epsilon``).
 
@@ -110,9 +111,21 @@ def check_delta(delta: float, sizes: list[int]) -> None:
             )
 
 
+def init_statistics_entries(cfg: DictConfig) -> tuple[tuple[float, float, int], ...]:
+    """The ledger entries of a privatized round-0 statistic (data-driven initializers with
+    ``privacy.private_init_stats``): one Gaussian mechanism, (σ₀, q = 1, 1 step). Empty otherwise."""
+    from ..adapters import get_method
+
+    privacy = cfg.privacy
+    if privacy.enabled and privacy.private_init_stats and get_method(cfg.adapter.method).calibration:
+        return ((float(privacy.init_noise_multiplier), 1.0, 1),)
+    return ()
+
+
 @lru_cache(maxsize=1024)
-def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return plan_noise(target, delta, q, steps, accountant=accountant)
+def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant: str,
+                   prior: tuple[tuple[float, float, int], ...] = ()) -> float:
+    return plan_noise(target, delta, q, steps, accountant=accountant, prior=prior)
 
 
 def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
@@ -123,31 +136,37 @@ def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
     try:
         return _planned_sigma(
             float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg),
-            cfg.privacy.accountant,
+            cfg.privacy.accountant, init_statistics_entries(cfg),
         )
     except PrivacyBudgetError as error:
         raise PrivacyBudgetError(f"privacy.{error} (a client with {num_examples} records)") from None
 
 
+Prior = tuple[tuple[float, float, int], ...]
+
+
 @lru_cache(maxsize=4096)
-def _epsilon_after(sigma: float, q: float, steps: int, delta: float, accountant: str) -> float:
-    """ε after `steps` steps at (σ, q): exactly what a client's ledger computes for its merged history."""
-    return epsilon([(sigma, q, steps)], delta, accountant)
+def _epsilon_after(sigma: float, q: float, steps: int, delta: float, accountant: str, prior: Prior = ()) -> float:
+    """ε after `steps` steps at (σ, q), following the ``prior`` entries (a privatized round-0 statistic):
+    exactly what a client's ledger computes for its history."""
+    history = [*prior, (sigma, q, steps)] if steps else list(prior)
+    return epsilon(history, delta, accountant)
 
 
 def _epsilons_by_round(sigma: float, q: float, steps_per_round: int, rounds: int, delta: float,
-                       accountant: str) -> tuple[float, ...]:
+                       accountant: str, prior: Prior = ()) -> tuple[float, ...]:
     """ε after taking part in 1, 2, ..., `rounds` rounds."""
-    return tuple(_epsilon_after(sigma, q, k * steps_per_round, delta, accountant) for k in range(1, rounds + 1))
+    return tuple(_epsilon_after(sigma, q, k * steps_per_round, delta, accountant, prior) for k in range(1, rounds + 1))
 
 
 def rounds_within_budget(
-    sigma: float, q: float, steps_per_round: int, budget: float, delta: float, accountant: str, limit: int
+    sigma: float, q: float, steps_per_round: int, budget: float, delta: float, accountant: str, limit: int,
+    prior: Prior = (),
 ) -> int:
     """How many rounds of taking part (``steps_per_round`` steps at (σ, q) each) keep ε ≤ ``budget``, at most
     ``limit``. ε grows with every round, so this is a search: doubling, then bisection."""
     def fits(k: int) -> bool:
-        return k == 0 or _epsilon_after(sigma, q, k * steps_per_round, delta, accountant) <= budget
+        return k == 0 or _epsilon_after(sigma, q, k * steps_per_round, delta, accountant, prior) <= budget
 
     if fits(limit):
         return limit
@@ -160,10 +179,12 @@ def rounds_within_budget(
     return low
 
 
-def _expected_epsilon(by_round: tuple[float, ...], p: float) -> float:
-    """E[ε after the run] when the number of rounds a client takes part in is Binomial(R, p)."""
+def _expected_epsilon(by_round: tuple[float, ...], p: float, before: float = 0.0) -> float:
+    """E[ε after the run] when the number of rounds a client takes part in is Binomial(R, p); ``before`` is its
+    ε without taking part (a privatized round-0 statistic, else 0)."""
     rounds = len(by_round)
-    return sum(math.comb(rounds, k) * p**k * (1 - p) ** (rounds - k) * by_round[k - 1] for k in range(1, rounds + 1))
+    return (1 - p) ** rounds * before + sum(
+        math.comb(rounds, k) * p**k * (1 - p) ** (rounds - k) * by_round[k - 1] for k in range(1, rounds + 1))
 
 
 def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = None) -> list[ClientPlan]:
@@ -182,13 +203,16 @@ def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None 
     for client, n in enumerate(sizes):
         q = sample_rate(n, cfg.train.batch_size)
         sigma = client_noise_multiplier(cfg, n)
-        by_round = _epsilons_by_round(sigma, q, local_steps, rounds, delta, accountant)
-        within = None if budget is None else rounds_within_budget(sigma, q, local_steps, budget, delta, accountant, limit)
+        prior = init_statistics_entries(cfg)
+        before = _epsilon_after(sigma, q, 0, delta, accountant, prior)
+        by_round = _epsilons_by_round(sigma, q, local_steps, rounds, delta, accountant, prior)
+        within = (None if budget is None
+                  else rounds_within_budget(sigma, q, local_steps, budget, delta, accountant, limit, prior))
         if within is not None and within < rounds:  # it declines every round beyond its budget: ε stops there
-            by_round = tuple(by_round[min(k, within) - 1] if min(k, within) else 0.0 for k in range(1, rounds + 1))
+            by_round = tuple(by_round[min(k, within) - 1] if min(k, within) else before for k in range(1, rounds + 1))
         plans.append(ClientPlan(
             client=client, num_examples=n, sample_rate=q, steps=rounds * local_steps, noise_multiplier=sigma,
-            epsilon=by_round[-1], expected_rounds=p * rounds, expected_epsilon=_expected_epsilon(by_round, p),
+            epsilon=by_round[-1], expected_rounds=p * rounds, expected_epsilon=_expected_epsilon(by_round, p, before),
             budget=budget, rounds_within_budget=within, rounds_limit=limit,
         ))
     return plans

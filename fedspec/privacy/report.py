@@ -224,7 +224,7 @@ def _json_safe(value: Any) -> Any:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md: what is protected and what is not in plain words, the numbers, then the tables."""
-    parts = [_header(report), _not_protected(report), _numbers(report)]
+    parts = [_header(report), *_init_statistics(report), _not_protected(report), _numbers(report)]
     if report["record_level"]:
         parts += [_clients_table(report)]
     if report["client_level"]:
@@ -234,6 +234,29 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["record_level"]:
         parts += [_rounds_table(report)]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
+
+
+def _init_statistics(report: Mapping[str, Any]) -> list[list[str]]:
+    """The round-0 statistic of a data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD), when there is one."""
+    section = (report.get("extra") or {}).get("init_statistics")
+    if not section:
+        return []  # a list of parts: none
+    what = f"{', '.join(section['statistics'])} statistics of up to {section['examples_per_party']} records"
+    if section["privatized"]:
+        text = (
+            f"**Initialization statistic (round 0): privatized.** `{section['method']}` initialized from {what} "
+            f"per client; each record's whole contribution was clipped to norm {section['max_norm']:g} and Gaussian "
+            f"noise of std {section['noise_multiplier']:g} × that norm added to the sums (the Gaussian mechanism). "
+            "Each client's ledger counts it as round 0 with σ = "
+            f"{section['noise_multiplier']:g}, q = 1, 1 step, so every ε below includes it."
+        )
+    else:
+        text = (
+            f"**Initialization statistic (round 0): NOT privatized.** `{section['method']}` initialized from exact "
+            f"{what} per client, released without noise; the ε values below cover DP-SGD training only, not this "
+            "statistic. Set privacy.private_init_stats=true to clip and noise it and count it in ε."
+        )
+    return [[text]]
 
 
 def _header(report: Mapping[str, Any]) -> list[str]:

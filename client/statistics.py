@@ -1,0 +1,53 @@
+"""Round 0 on a client: its calibration statistics for a data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD).
+
+The client computes the per-layer sums over up to ``adapter.calibration_examples`` of its records (a seeded
+subset) on the un-adapted model, and replies with the sums only. With ``privacy.private_init_stats`` the sums are
+clipped per record and noised (the Gaussian mechanism, ``fedspec.adapters.calibration``) and the release is
+recorded in the client's privacy ledger as round 0, (σ₀, q = 1, 1 step), before it leaves the client, so it
+composes with every later DP-SGD step in the client's ε.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context
+from omegaconf import DictConfig
+from torch import nn
+
+from fedspec.adapters import Calibration
+from fedspec.builders import calibrate, statistics_privacy
+from fedspec.models import Tokenized
+from fedspec.privacy.planning import init_statistics_entries
+
+from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
+
+
+def local_calibration(
+    cfg: DictConfig, client: int, model: nn.Module, inputs: Tokenized, labels: torch.Tensor
+) -> Calibration:
+    """Client ``client``'s (possibly privatized) statistic sums over its seeded subset of records."""
+    noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
+    privacy = statistics_privacy(cfg, seed=noise_seed)
+    return calibrate(cfg, model, inputs, labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
+
+
+def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
+    """(flat statistic tensors, metrics) of this client's round-0 reply."""
+    model, data = base_model_and_data(cfg, context)
+    client = client_id(context)
+    calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
+    metrics = {
+        "client-id": client,
+        "calibration-examples": calibration.count,
+        "privatized": int(calibration.privatized),
+    }
+    if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
+        metrics["num-examples"] = len(data)
+    if calibration.privatized:
+        ledger = load_ledger(cfg, context)
+        for sigma, q, steps in init_statistics_entries(cfg):
+            ledger.record(0, sigma, q, steps, attempt=ledger.next_attempt(0))
+            metrics.update({"noise-multiplier": sigma, "sample-rate": q, "steps": steps})
+        store_ledger(cfg, context, ledger)
+        metrics["epsilon"] = ledger.epsilon()
+    return calibration.to_tensors(), metrics

@@ -1,0 +1,54 @@
+"""Parameter-group policies applied as training hooks: SoMA's cosine-annealed weight decay.
+
+Decoupled weight decay (AdamW's θ ← θ − η·λ_t·θ) after every optimizer step, on every trainable parameter (what
+AdamW's ``weight_decay`` touches), with λ_t cosine-annealed from ``weight_decay`` to ``weight_decay_end`` over the
+run's optimizer steps. As a hook it depends only on parameters, so under DP-SGD it is post-processing of the
+privatized step and costs no privacy. ``step`` is the run's global step (the training loop is told where a call
+starts: an epoch, a federated round), so the schedule spans the whole run, not one training call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError
+
+
+class AnnealedWeightDecay:
+    def __init__(self, start: float, end: float, total_steps: int, lr: float) -> None:
+        if start < 0 or end < 0:
+            raise AdapterError(f"adapter.options.weight_decay={start!r} and weight_decay_end={end!r} must be >= 0")
+        if total_steps < 1:
+            raise AdapterError(f"the weight-decay schedule needs total_steps >= 1, got {total_steps!r}")
+        self.start, self.end, self.total_steps, self.lr = float(start), float(end), int(total_steps), float(lr)
+
+    def decay(self, step: int) -> float:
+        """λ_t = λ_end + ½(λ_start − λ_end)(1 + cos(π·t/T)), held at λ_end after T steps."""
+        progress = min(max(step, 0), self.total_steps) / self.total_steps
+        return self.end + 0.5 * (self.start - self.end) * (1.0 + math.cos(math.pi * progress))
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int) -> None:
+        factor = 1.0 - self.lr * self.decay(step)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(factor)
+
+
+def soma_hooks(model: nn.Module, config) -> list[AnnealedWeightDecay]:
+    """SoMA (Yun et al., CVPR 2025): weight decay 0.05 → 1e-5, cosine over the whole run.
+
+    Needs the run's schedule: ``lr`` and ``total_steps`` options (``fedspec train`` / ``simulate`` pass them).
+    """
+    options = config.options
+    missing = [key for key in ("lr", "total_steps") if key not in options]
+    if missing:
+        raise AdapterError(
+            f"adapter.method=soma anneals weight decay over the run: pass {' and '.join(missing)}=... to fedspec.adapt "
+            "(the optimizer's learning rate and the run's number of optimizer steps)"
+        )
+    return [AnnealedWeightDecay(options.get("weight_decay", 0.05), options.get("weight_decay_end", 1e-5),
+                                options["total_steps"], options["lr"])]

@@ -1,0 +1,61 @@
+"""Round 0 of a data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD): the server asks every client for its
+calibration statistics, sums them, and initializes the global adapter from the sum.
+
+The message is a QUERY carrying the flag ``calibration-statistics``; each client answers with the per-layer SUMS of
+its statistics (clipped and noised when ``privacy.private_init_stats``, see ``fedspec.adapters.calibration``) and
+its count. The server adds them: the sum of the clients' sums is the statistic of the pooled data, so only a
+sum is needed and secure aggregation could sit underneath. A client that fails is left out (its statistic is
+missing from the sum, the others are unaffected); round 0 needs at least one answer.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedspec.adapters import Calibration, sum_calibrations
+from fedspec.builders import calibration_kinds, init_max_norm
+from fedspec.errors import FedspecError
+from fedspec.rundir import MetricsLog
+from fedspec.strategies.flower import CALIBRATION_FLAG, STATISTICS_KEY
+
+from .messaging import exchange
+
+
+def collect_statistics(grid: Grid, nodes: list[int], cfg: DictConfig, log: MetricsLog) -> tuple[Calibration, list]:
+    """(the summed calibration of every answering client, their metric records)."""
+    started = time.monotonic()
+    messages = [
+        Message(content=RecordDict({"config": ConfigRecord({CALIBRATION_FLAG: True})}),
+                message_type=MessageType.QUERY, dst_node_id=node)
+        for node in nodes
+    ]
+    replies = exchange(grid, messages, timeout=cfg.federation.round_timeout)
+    privacy = cfg.privacy
+    private = bool(privacy.enabled and privacy.private_init_stats)
+    parts, metrics = [], []
+    for reply in replies:
+        if reply.has_error():
+            log.write("client-error", round=0, node=reply.metadata.src_node_id, reason=reply.error.reason)
+            continue
+        reply_metrics = reply.content.metric_records["metrics"]
+        parts.append(Calibration.from_tensors(
+            reply.content.array_records[STATISTICS_KEY].to_torch_state_dict(),
+            kinds=calibration_kinds(cfg),
+            noise_multiplier=float(privacy.init_noise_multiplier) if private else None,
+            max_norm=init_max_norm(cfg) if private else None,
+        ))
+        metrics.append(reply_metrics)
+        log.write("client", round=0, **{k.replace("-", "_"): v for k, v in reply_metrics.items()})
+    if not parts:
+        raise FedspecError(
+            f"round 0: no client sent its calibration statistics for adapter.method={cfg.adapter.method} "
+            "(see client-error lines in metrics.jsonl)"
+        )
+    total = sum_calibrations(parts)
+    log.write("init", round=0, method=cfg.adapter.method, clients=len(parts), calibration_examples=total.count,
+              statistics_privatized=private, seconds=time.monotonic() - started)
+    return total, metrics

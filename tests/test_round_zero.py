@@ -1,0 +1,103 @@
+"""Federated round 0 of the data-driven initializers on Flower's simulation runtime (one EVA federation): the
+server's global adapter is initialized from the exact sum of the clients' statistics, a privatized statistic is
+counted in every client's ε (as the Gaussian mechanism (σ₀, q = 1, 1 step), before any DP-SGD step), the privacy
+report says it was privatized, and EVA's per-layer ranks reach the clients. (The residual methods' init factors
+travel like PiSSA's, see test_simulation.py; that the sum of statistics is the pooled statistic, see
+test_calibration.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedspec
+from fedspec.adapters import adapter_layers, load_adapter, sum_calibrations
+from fedspec.builders import build_task, client_partitions, encode
+from fedspec.models import build_classifier
+from fedspec.privacy import PrivacyLedger, load_ledgers
+from fedspec.rundir import MetricsLog
+from fedspec.simulations.driver import simulate
+
+SIGMA0 = 4.0
+
+
+def _config(tmp_path, *overrides):
+    from fedspec.config import compose_config
+
+    return compose_config([
+        "model=tiny-bert", "data.num_examples=240", "data.partition=iid", "data.eval_examples=32",
+        "data.min_client_examples=8",
+        "federation.clients=3", "federation.rounds=1", "federation.fraction=1.0", "train.local_steps=1",
+        "train.batch_size=16", "adapter.rank=4", "adapter.calibration_examples=24", "privacy.seed_noise=true",
+        f"run.output_dir={tmp_path}", "run.progress=false", *overrides,
+    ])
+
+
+def _expected_calibration(cfg):
+    """Every client's statistic as the client computes it, summed: what the server must initialize from."""
+    from fedspec.client.statistics import local_calibration
+
+    task = build_task(cfg)
+    model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
+    parts = []
+    for client, indices in enumerate(client_partitions(cfg, task.train.labels)):
+        inputs, labels = encode(tokenizer, task.train.subset(indices), cfg.model.max_length)
+        parts.append(local_calibration(cfg, client, model, inputs, labels))
+    return task, sum_calibrations(parts)
+
+
+@pytest.fixture(scope="module")
+def eva_run(tmp_path_factory):
+    """EVA under FFA-LoRA: A stays at its round-0 value, so the final adapter shows the init the server computed."""
+    cfg = _config(tmp_path_factory.mktemp("runs"), "adapter=eva", "strategy=ffa", "run.name=eva",
+                  "adapter.targets=[query,value,attention.output.dense]", "adapter.options.rho=8.0",
+                  "privacy.private_init_stats=true", f"privacy.init_noise_multiplier={SIGMA0}",
+                  "privacy.init_max_norm.inputs=1.0")
+    return cfg, simulate(cfg)
+
+
+def test_the_global_init_is_computed_from_the_sum_of_the_clients_privatized_statistics(eva_run):
+    """The server's round-0 init equals EVA computed from the sum of the clients' (seeded, privatized)
+    statistics — including the per-layer ranks, which the clients rebuild from the state they receive."""
+    cfg, result = eva_run
+    task, calibration = _expected_calibration(cfg)
+    assert calibration.privatized and calibration.count == 3 * 24
+    model, _ = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
+    fedspec.adapt(model, "eva", 4, list(cfg.adapter.targets), calibration=calibration, rho=8.0)
+    trained, _ = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
+    load_adapter(trained, result.paths.adapter)
+    expected, got = adapter_layers(model), adapter_layers(trained)
+    assert {n: layer.rank for n, layer in got.items()} == {n: layer.rank for n, layer in expected.items()}
+    assert len({layer.rank for layer in got.values()}) > 1  # the budget was redistributed: ranks differ per layer
+    for name, layer in expected.items():
+        assert torch.allclose(got[name].lora_A.weight, layer.lora_A.weight, atol=1e-6), name
+    clients = [r for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "client" and r["round"] == 1]
+    assert len(clients) == 3  # every client loaded the state into its EVA-shaped model and trained
+    peft_config = json.loads((result.paths.adapter_peft / "adapter_config.json").read_text())
+    assert peft_config["rank_pattern"]  # EVA's ranks travel to PEFT too
+
+
+def test_the_privatized_statistic_is_round_0_of_every_clients_ledger(eva_run):
+    cfg, result = eva_run
+    mirror = load_ledgers(result.paths.ledgers)
+    assert set(mirror) == {"0", "1", "2"}
+    for client, ledger in mirror.items():
+        own = PrivacyLedger.load(result.paths.clients / f"client-{client}" / "ledger.json")
+        assert own.history() == ledger.history()
+        assert own.entries[0].round == 0 and own.history()[0] == (SIGMA0, 1.0, 1)
+        assert [e.round for e in own.entries] == [0, 1]
+        assert own.epsilon() <= cfg.privacy.target_epsilon + 1e-9  # planned with room for round 0
+        without_round_0 = PrivacyLedger.from_dict({**own.to_dict(), "entries": own.to_dict()["entries"][1:]})
+        assert own.epsilon() > without_round_0.epsilon()
+    rows = [r for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "init"]
+    assert rows and rows[0]["statistics_privatized"] and rows[0]["clients"] == 3
+
+
+def test_the_privacy_report_says_the_init_statistic_was_privatized(eva_run):
+    _, result = eva_run
+    report = json.loads((result.paths.privacy / "report.json").read_text())
+    section = report["extra"]["init_statistics"]
+    assert section["privatized"] and section["noise_multiplier"] == SIGMA0 and section["statistics"] == ["inputs"]
+    assert "Initialization statistic (round 0): privatized." in (result.paths.privacy / "report.md").read_text()
