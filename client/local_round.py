@@ -5,7 +5,8 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from fedspec.adapters import adapter_layers, adapter_state, load_adapter_state
+from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, load_adapter_state
+from fedspec.adapters.state import TRAINED
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.strategies.flower import BASE_INIT_KEY
@@ -21,11 +22,12 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     client = client_id(context)
 
     base_init = remember_base_init(context, msg.content.array_records.get(BASE_INIT_KEY))
-    needs_base = any(layer.base_policy == "residual" for layer in adapter_layers(model).values())
-    if needs_base and not base_init:
+    needs_fixed = any(layer.fixed_tensor_names() for layer in adapter_layers(model).values())
+    if needs_fixed and not base_init:
         raise FedspecError(
-            f"client {client}: adapter.method={cfg.adapter.method} keeps a residual base, but this node never "
-            "received the server's init factors (its state was lost); restart the run with run.resume=true"
+            f"client {client}: adapter.method={cfg.adapter.method} has fixed tensors (a residual base or frozen "
+            "factors), but this node never received them from the server (its state was lost); "
+            "restart the run with run.resume=true"
         )
     received = msg.content.array_records["arrays"].to_torch_state_dict()
     load_adapter_state(model, {**received, **base_init})
@@ -45,8 +47,12 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         lr=cfg.train.lr,
         dp=dp,
         seed=cfg.run.seed + 1000 * round_ + client,
+        # Schedules (AdaLoRA's rank budget) run over the client's whole schedule, not one round.
+        first_step=(round_ - 1) * cfg.train.local_steps,
+        total_steps=cfg.federation.rounds * cfg.train.local_steps,
     )
-    update = client_update(adapter_state(model), received, rule)
+    client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
+    update = client_update(adapter_state(model), received, rule, client_trained=client_trained)
     metrics = {
         "client-id": client,
         "num-examples": len(data),

@@ -58,7 +58,7 @@ def _cached_model(model_key: str):
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     task = _cached_task(model_key)
     rule = get_rule(cfg.strategy.name)
-    return build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=False)
+    return build_model(cfg, task.num_classes, train_A=rule.clients_train_A, initialize=False, federated=True)
 
 
 @lru_cache(maxsize=2)

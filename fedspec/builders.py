@@ -52,11 +52,13 @@ def client_partitions(cfg: DictConfig, labels: list[int]) -> list[list[int]]:
         ) from None
 
 
-def build_model(cfg: DictConfig, num_classes: int, *, train_A: bool, initialize: bool = True):
+def build_model(cfg: DictConfig, num_classes: int, *, train_A: bool, initialize: bool = True,
+                federated: bool = False):
     """The pretrained backbone + head with the configured adapter; returns (model, tokenizer).
 
     ``initialize=False`` leaves the adapter factors at zero and the base untouched, for a model whose adapter
     state (and residual init factors) will be loaded from elsewhere — a client, or a resumed server.
+    ``federated=True`` applies the method's federated trainable mask (the server and every client use it).
     """
     model, tokenizer = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
     adapter = cfg.adapter
@@ -70,9 +72,11 @@ def build_model(cfg: DictConfig, num_classes: int, *, train_A: bool, initialize:
         train_A=train_A,
         initialize=initialize,
         seed=cfg.run.seed,
+        federated=federated,
         svd_method=adapter.svd_method,
         niter=adapter.niter,
         oversample=adapter.oversample,
+        **OmegaConf.to_container(adapter.options, resolve=True),
     )
     head: nn.Module = model.head
     head.requires_grad_(bool(adapter.train_head))

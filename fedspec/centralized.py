@@ -98,6 +98,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 model, train_inputs, train_labels, steps=steps_per_epoch, batch_size=cfg.train.batch_size,
                 optimizer=cfg.train.optimizer, lr=cfg.train.lr, dp=dp, seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
+                first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)

@@ -58,6 +58,7 @@ class AdapterSettings:
     niter: int = MISSING
     oversample: int = MISSING
     train_head: bool = MISSING
+    options: dict[str, Any] = MISSING  # the method's own hyperparameters (METHODS[method].options)
 
 
 @dataclass
@@ -185,6 +186,12 @@ def validate(cfg: DictConfig) -> None:
             fail(key, value, "choose one of: " + ", ".join(allowed))
     if cfg.adapter.method not in METHODS:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
+    known = METHODS[cfg.adapter.method].options
+    for key in cfg.adapter.options:
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            fail(f"adapter.options.{key}", cfg.adapter.options[key],
+                 f"adapter.method={cfg.adapter.method} has the options: {allowed}")
     if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
         lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
         fail("strategy.name", cfg.strategy.name,
@@ -240,7 +247,9 @@ def flatten_config(cfg: DictConfig) -> dict[str, bool | int | float | str]:
     def walk(node: Any, prefix: str) -> None:
         for key, value in node.items():
             dotted = f"{prefix}{key}"
-            if isinstance(value, dict):
+            if isinstance(value, dict) and not value:
+                flat[dotted] = JSON_PREFIX + "{}"  # an empty mapping has no dotted keys to carry it
+            elif isinstance(value, dict):
                 walk(value, dotted + ".")
             elif isinstance(value, list):
                 flat[dotted] = JSON_PREFIX + json.dumps(value)

@@ -20,7 +20,7 @@ from fedspec.strategies import get_rule
 from fedspec.strategies.flower import AdapterStrategy
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .global_model import GlobalModel, split_init_factors
+from .global_model import GlobalModel, split_fixed
 from .messaging import exchange
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
@@ -81,7 +81,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     model = GlobalModel(cfg, task, initialize=checkpoint is None)
     if checkpoint is not None:
         model.load(checkpoint.state)
-    global_state, base_init = split_init_factors(model.state())
+    global_state, base_init = split_fixed(model.state(), model.roles())
     rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
     ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
     start_round = checkpoint.round + 1 if checkpoint else 1
@@ -94,6 +94,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
         seed=cfg.run.seed,
         base_init=ArrayRecord(base_init) if base_init else None,
+        client_trained=model.client_trained(),
     )
     with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as progress:
         if checkpoint is None:
@@ -112,7 +113,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                 grid, messages, timeout=cfg.federation.round_timeout, on_reply=lambda _: progress.client_done()
             )
             arrays, summary = strategy.aggregate_train(round_, replies)
-            global_state = arrays.to_torch_state_dict()
+            global_state = model.after_round(arrays.to_torch_state_dict(), round_)
             for reply in replies:
                 if reply.has_error():
                     log.write("client-error", round=round_, node=reply.metadata.src_node_id, reason=reply.error.reason)

@@ -52,7 +52,8 @@ def preflight(cfg: DictConfig) -> list[ClientPlan]:
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
     many clients), and plan every client's noise (δ too large, an unreachable ε)."""
     task = build_task(cfg)
-    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False)
+    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False,
+                federated=True)
     parts = client_partitions(cfg, task.train.labels)
     return plan_clients(cfg, [len(p) for p in parts])
 

@@ -23,7 +23,7 @@ from flwr.supercore import log
 
 from .aggregation import AggregationRule, aggregate
 
-BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
+BASE_INIT_KEY = "base-init"  # RecordDict key of the fixed adapter tensors (e.g. residual init factors), sent once
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
 
 
@@ -37,6 +37,7 @@ class AdapterStrategy(FedAvg):
         min_train_nodes: int = 2,
         seed: int = 0,
         base_init: ArrayRecord | None = None,
+        client_trained: set[str] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -48,6 +49,7 @@ class AdapterStrategy(FedAvg):
         self.client_ids = client_ids  # node id -> client (partition) id, learned by the server at start
         self.seed = seed
         self.base_init = base_init
+        self.client_trained = client_trained  # the keys clients train (the method's federated rule)
         self.nodes_with_base: set[int] = set()
         self._sent_state: dict[str, torch.Tensor] | None = None
 
@@ -90,7 +92,7 @@ class AdapterStrategy(FedAvg):
             updates.append(update)
             weights.append(float(reply_metrics[self.weighted_by_key]))
             metrics.append(reply_metrics)
-        new_state = aggregate(self.rule, self._sent_state, updates, weights)
+        new_state = aggregate(self.rule, self._sent_state, updates, weights, client_trained=self.client_trained)
         return ArrayRecord(new_state), summarize_train_metrics(metrics, weights)
 
 

@@ -1,11 +1,13 @@
 """Spectral adapter layers and the one registry of methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .hooks import PenaltyStep, TrainingHook, training_hooks
+from .hooks import HookContext, PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
+from .layer import AdapterLayer
 from .lowrank import LowRankLinear
 from .registry import METHODS, MethodSpec, get_method, register
 from .state import (
+    adapter_roles,
     adapter_state,
     load_adapter,
     load_adapter_state,
@@ -20,6 +22,8 @@ from .targets import match_targets
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterLayer",
+    "HookContext",
     "LowRankLinear",
     "MethodSpec",
     "PenaltyStep",
@@ -27,6 +31,7 @@ __all__ = [
     "adapt",
     "adapter_config",
     "adapter_layers",
+    "adapter_roles",
     "adapter_state",
     "get_method",
     "load_adapter",

@@ -9,11 +9,12 @@ is one call to :func:`register`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AdapterError
+from .layer import BASE_POLICIES
 
 # An initializer gets the layer's weight (out, in) in float32/64, the rank and the scaling s, and returns
 # the starting factors (B0 of shape (out, r), A0 of shape (r, in)) in the same dtype.
@@ -23,10 +24,11 @@ Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    shape: str  # "lowrank": W_base + s·B·A
+    shape: str  # "lowrank": W_base + s·B·A; "core": + s·B·C·A; "spectrum": + U·g(σ;θ)·Vᵀ; "factor"; "dora"
     initializer: Initializer
     # "keep": the base stays W.  "residual": the base becomes W - s·B0·A0, so the adapted layer equals W at
     # initialization; B0 and A0 are saved with the adapter so the residual can always be rebuilt from W.
+    # "truncated" (KaSA) and "owned" (the factors carry all of W): see adapters/layer.py.
     base_policy: str
     summary: str
     init_needs: str = "weights only"
@@ -34,8 +36,22 @@ class MethodSpec:
     # "linear" (ΔW linear in the trained tensors: FedAvg of them is exact), "nonlinear" (FedAvg of the trained
     # tensors is an approximation, documented by the method).
     federated: str = "lowrank"
-    # Builds the training hooks the method needs from (model, AdapterConfig); see adapters/hooks.py.
+    # Builds the training hooks the method needs from (model, AdapterConfig, HookContext); see adapters/hooks.py.
     hooks: Callable[..., list] | None = None
+    # Builds one adapter layer: (base nn.Linear, rank, scaling, *, dropout, options) -> AdapterLayer.
+    # None: the low-rank additive LowRankLinear.
+    layer: Callable[..., torch.nn.Module] | None = None
+    # The method's own hyperparameters and their defaults (the paper's); adapter.options may override them.
+    options: dict = field(default_factory=dict)
+    # Layer tensors clients do not train in a federation (the server owns them, e.g. LoLDU's scalar σ, which makes
+    # the method linear in what clients train).
+    federated_frozen: tuple[str, ...] = ()
+    # A step the server runs on the global model after aggregating each round: (model, AdapterConfig, round).
+    server_step: Callable[..., None] | None = None
+
+    def resolve_options(self, given: dict) -> dict:
+        """The method's options: its defaults updated by ``given`` (only the keys it knows)."""
+        return {**self.options, **{k: v for k, v in given.items() if k in self.options}}
 
 
 FEDERATED_KINDS = ("lowrank", "linear", "nonlinear")
@@ -45,8 +61,8 @@ METHODS: dict[str, MethodSpec] = {}
 def register(spec: MethodSpec) -> MethodSpec:
     if spec.name in METHODS:
         raise ValueError(f"adapter method {spec.name!r} is already registered")
-    if spec.base_policy not in ("keep", "residual"):
-        raise ValueError(f"base_policy must be 'keep' or 'residual', got {spec.base_policy!r}")
+    if spec.base_policy not in BASE_POLICIES:
+        raise ValueError(f"base_policy must be one of {BASE_POLICIES}, got {spec.base_policy!r}")
     if spec.federated not in FEDERATED_KINDS:
         raise ValueError(f"federated must be one of {FEDERATED_KINDS}, got {spec.federated!r}")
     METHODS[spec.name] = spec
