@@ -192,10 +192,6 @@ def validate(cfg: DictConfig) -> None:
             allowed = ", ".join(sorted(known)) or "none"
             fail(f"adapter.options.{key}", cfg.adapter.options[key],
                  f"adapter.method={cfg.adapter.method} has the options: {allowed}")
-    if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
-        lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
-        fail("strategy.name", cfg.strategy.name,
-             f"it needs a low-rank (B·A) adapter method ({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}")
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
     if cfg.federation.clients < 1:
@@ -232,6 +228,19 @@ def validate(cfg: DictConfig) -> None:
             fail("privacy.noise_multiplier", privacy.noise_multiplier, "it must be > 0")
         if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
+
+
+def check_federated(cfg: DictConfig) -> None:
+    """The checks only a federation needs (`fedspec train` ignores the strategy): the strategy must suit the
+    method's federated rule — FedSVD, FFA-LoRA and FedIT need a low-rank B·A method, FedAvg takes any."""
+    from .adapters import METHODS
+
+    if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
+        lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
+        raise ConfigError(
+            f"strategy.name={cfg.strategy.name!r} is not allowed; it needs a low-rank (B·A) adapter method "
+            f"({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}"
+        )
 
 
 # --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------
@@ -305,6 +314,7 @@ def load_config_file(path: str | Path) -> DictConfig:
 
 __all__ = [
     "MISSING",
+    "check_federated",
     "FedspecConfig",
     "compose_config",
     "flatten_config",

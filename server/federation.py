@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec.builders import build_task
+from fedspec.config import check_federated
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
@@ -71,6 +72,7 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
+    check_federated(cfg)
     paths: RunPaths = run_paths(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(paths.metrics)

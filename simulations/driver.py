@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fedspec.builders import build_model, build_task, client_partitions
-from fedspec.config import flatten_config, load_config_file, save_config
+from fedspec.config import check_federated, flatten_config, load_config_file, save_config
 from fedspec.privacy.planning import ClientPlan, plan_clients, plan_table
 from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
@@ -51,6 +51,7 @@ def preflight(cfg: DictConfig) -> list[ClientPlan]:
     """Everything that can fail on bad input, before any worker starts: place the adapter on the model (no
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
     many clients), and plan every client's noise (δ too large, an unreachable ε)."""
+    check_federated(cfg)
     task = build_task(cfg)
     build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False,
                 federated=True)

@@ -32,3 +32,6 @@ register(
         summary="W_res + s·B·A; B·A = bottom-r SVD of W",
     )
 )
+
+# Shapes 2–4 (low rank with a core, spectrum, factor) and DoRA, grouped in their own module.
+from . import structured_methods  # noqa: E402,F401
