@@ -2,7 +2,8 @@
 
     W′ = diag(μ / n) · (W + s·B·A),   n = ‖W + s·B·A‖ per output row, treated as a constant in backward
 
-y = μ ⊙ (W x + s·B A x) / n + b, exactly PEFT's ``use_dora=True`` forward (the bias is not rescaled). μ (one value
+y = μ ⊙ (W x + s·B A x) / n + b, exactly PEFT's ``use_dora=True`` forward (the bias is not rescaled; with dropout,
+the base path sees x and the DoRA terms dropout(x), as in PEFT). μ (one value
 per output, ``magnitude``) is a :class:`~fedspec.adapters.parts.Diagonal`, so its per-sample gradient
 Σ_t g_t ⊙ h_t has an exact Opacus rule; A and B are the ``nn.Linear`` factors of :class:`LowRankLinear`.
 
@@ -49,8 +50,11 @@ class DoRALinear(LowRankLinear):
         if self.merged:
             return self.base(x)
         x_in = self.dropout(x)
-        direction = nn.functional.linear(x_in, self.base.weight) + self.lora_B(self.lora_A(x_in)) * self.scaling
+        base_in = nn.functional.linear(x_in, self.base.weight)
+        direction = base_in + self.lora_B(self.lora_A(x_in)) * self.scaling
         y = self.magnitude(direction / self.weight_norm().to(direction.dtype))
+        if not isinstance(self.dropout, nn.Identity):  # PEFT: the base path sees x, the DoRA correction dropout(x)
+            y = y + nn.functional.linear(x, self.base.weight) - base_in
         return y if self.base.bias is None else y + self.base.bias
 
     def adapted_weight(self) -> torch.Tensor:

@@ -2,9 +2,10 @@
 
 Each takes a batch of same-shape weights ``W`` (b, out, in) in float32/float64 and returns a dict of batched
 tensors (leading dimension b) named as the layer's parameters (``"lora_A.weight"``, ``"core.weight"``,
-``"removed_S"``, ...); the layer's ``set_initial`` loads them and derives its base. Decompositions run in float64
-(the spectrum methods reconstruct W from all k triplets, so the layer equals the base to float32 rounding) and
-never draw from the global RNG: random parts come from the generator the injector passes.
+``"removed_S"``, ...); the layer's ``set_initial`` loads them and derives its base. Decompositions run in the
+compute dtype (float32, or float64 for a float64 model; a float32 SVD reconstructs W to ~1e-6 relative, and the
+residual methods equal W at start by construction whatever the SVD's precision) and never draw from the global
+RNG: random parts come from the generator the injector passes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import initializers
 
 
 def _full_svd(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.linalg.svd(weights.double(), full_matrices=False)
+    return torch.linalg.svd(weights, full_matrices=False)
 
 
 def _kaiming_uniform(shape: tuple[int, ...], fan_in: int, generator: torch.Generator, dtype) -> torch.Tensor:
@@ -67,9 +68,9 @@ def kasa(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.G
     U, S, Vh = _full_svd(weights)
     return _cast({
         "removed_B": U[..., -rank:], "removed_S": S[..., -rank:], "removed_A": Vh[..., -rank:, :],
-        "lora_B.weight": torch.zeros(b, m, rank, dtype=torch.float64),
-        "lora_A.weight": _kaiming_uniform((b, rank, n), n, generator, torch.float64),
-        "core.weight": torch.randn(b, rank, generator=generator, dtype=torch.float64),
+        "lora_B.weight": torch.zeros(b, m, rank, dtype=weights.dtype),
+        "lora_A.weight": _kaiming_uniform((b, rank, n), n, generator, weights.dtype),
+        "core.weight": torch.randn(b, rank, generator=generator, dtype=weights.dtype),
     }, weights.dtype)
 
 
@@ -136,11 +137,11 @@ def salt(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.G
     U, S, Vh = _full_svd(weights)
     k = S.shape[-1]
     out = {"left.weight": U, "right.weight": Vh, "spectrum.sigma": S,
-           "spectrum.scale": torch.ones(b, rank, dtype=torch.float64),
-           "spectrum.shift": torch.zeros(b, rank, dtype=torch.float64)}
+           "spectrum.scale": torch.ones(b, rank, dtype=weights.dtype),
+           "spectrum.shift": torch.zeros(b, rank, dtype=weights.dtype)}
     if lora_rank > 0 and k > rank:
-        out["spectrum.lora_X"] = _kaiming_uniform((b, k - rank, lora_rank), lora_rank, generator, torch.float64)
-        out["spectrum.lora_Y"] = torch.zeros(b, lora_rank, k - rank, dtype=torch.float64)
+        out["spectrum.lora_X"] = _kaiming_uniform((b, k - rank, lora_rank), lora_rank, generator, weights.dtype)
+        out["spectrum.lora_Y"] = torch.zeros(b, lora_rank, k - rank, dtype=weights.dtype)
     return _cast(out, weights.dtype)
 
 
@@ -148,12 +149,14 @@ def loldu(weights: torch.Tensor, rank: int, scaling: float, **_: object) -> dict
     """LoLDU (Shi et al., 2024): LU with partial pivoting W = P·L·U_lu, D = diag(U_lu), U = D⁻¹·U_lu. The bases are
     P·L_r (the permutation folded into L's first r columns: an m×r matrix, not a dense m×m P) and U_r (first r rows
     of U); z starts at D_{1..r}, the scalar σ at α/r; the base keeps W − σ·P·L_r·diag(z)·U_r."""
-    P, L, U_lu = torch.linalg.lu(weights.double())
+    # One LU per matrix: with torch 2.13's CPU build, a *batched* torch.linalg.lu after torch.set_num_threads (as
+    # every simulated client calls) stops in MKL ("Parameter 6 was incorrect on entry to SLASWP") and hangs.
+    P, L, U_lu = (torch.stack(t) for t in zip(*(torch.linalg.lu(w) for w in weights)))
     D = torch.diagonal(U_lu, dim1=-2, dim2=-1)[..., :rank]
     left = P @ L[..., :rank]
     right = U_lu[..., :rank, :] / D.unsqueeze(-1)
     b = weights.shape[0]
-    scale = torch.full((b, 1), scaling, dtype=torch.float64)
+    scale = torch.full((b, 1), scaling, dtype=weights.dtype)
     return _cast({"left.weight": left, "right.weight": right, "spectrum.weight": D, "spectrum.scale": scale,
                   "init_spectrum": scaling * D}, weights.dtype)
 
