@@ -79,11 +79,14 @@ def test_simulation_of_a_fedavg_method_with_frozen_bases_sent_once(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_simulation_of_sst_with_server_coordinated_resampling(tiny_cfg):
+@pytest.mark.parametrize("method", ["sst", "sorsa", "kasa", "adalora", "sora", "effort", "svfit", "clip-svd", "salt",
+                                    "loldu", "dora"])
+def test_simulation_of_every_method_with_fedavg(tiny_cfg, method):
+    """Every structured method federates under FedAvg (SST with the server's resampling between rounds)."""
     from fedspec.simulations.driver import simulate
 
-    cfg = tiny_cfg("adapter=sst", "adapter.rank=4", "strategy=fedavg", "federation.clients=3",
-                   "federation.rounds=2", "privacy.seed_noise=true", "run.name=sim-sst")
+    cfg = tiny_cfg(f"adapter={method}", "adapter.rank=4", "strategy=fedavg", "federation.clients=3",
+                   "federation.rounds=2", "privacy.seed_noise=true", f"run.name=sim-{method}")
     result = simulate(cfg)
     rounds = [r for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "round"]
     assert _reloaded_accuracy(cfg, result.paths.adapter) == pytest.approx(rounds[-1]["eval_accuracy"], abs=1e-6)

@@ -83,7 +83,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
             missing = [prefix + k for k in layer.adapter_tensors() if k not in fixed and prefix + k not in state]
             if missing:
                 raise AdapterError(f"adapter state lacks {missing[0]}")
-        layer.load_tensors({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        layer.load_tensors({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k in params})
     inside_adapter = tuple(f"{name}." for name in layers)
     for key, value in state.items():
         if key in params and not key.startswith(inside_adapter):
