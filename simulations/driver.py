@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
@@ -101,18 +102,32 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
     _quiet_flower()
     flat = flatten_config(cfg)
     started = time.monotonic()
-    run_simulation(
-        server_app=build_server_app(flat),
-        client_app=build_client_app(flat),
-        num_supernodes=cfg.federation.clients,
-        backend_config={
-            "client_resources": {"num_cpus": float(cfg.federation.client_cpus), "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-                "logging_level": logging.ERROR,
-                "log_to_driver": False,
+    with _restored_environment():
+        run_simulation(
+            server_app=build_server_app(flat),
+            client_app=build_client_app(flat),
+            num_supernodes=cfg.federation.clients,
+            backend_config={
+                "client_resources": {"num_cpus": float(cfg.federation.client_cpus), "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": os.cpu_count() or 1,
+                    "include_dashboard": False,
+                    "logging_level": logging.ERROR,
+                    "log_to_driver": False,
+                },
             },
-        },
-    )
+        )
     return SimulationResult(paths, plans, time.monotonic() - started)
+
+
+@contextmanager
+def _restored_environment():
+    """Ray writes PYTHONPATH, PYTHONBREAKPOINT and more into os.environ and leaves them there; later subprocesses
+    of the same process (a second run, a test) would inherit them. Put the environment back as it was."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
