@@ -11,10 +11,11 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from fedspec.adapters import adapter_layers, adapter_state, get_method, load_adapter_state, ranks_in_state
+from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, get_method, load_adapter_state, ranks_in_state
+from fedspec.adapters.state import TRAINED
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
-from fedspec.privacy.planning import budget_epsilon
+from fedspec.privacy.planning import budget_epsilon, schedule_steps
 from fedspec.strategies.flower import BASE_INIT_KEY, DECLINED
 from fedspec.training import DPSettings, sample_rate, train_steps
 
@@ -31,11 +32,12 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     client = client_id(context)
 
     base_init = remember_base_init(context, msg.content.array_records.get(BASE_INIT_KEY))
-    needs_base = any(layer.base_policy == "residual" for layer in adapter_layers(model).values())
-    if needs_base and not base_init:
+    needs_fixed = any(layer.fixed_tensor_names() for layer in adapter_layers(model).values())
+    if needs_fixed and not base_init:
         raise FedspecError(
-            f"client {client}: adapter.method={cfg.adapter.method} keeps a residual base, but this node never "
-            "received the server's init factors (its state was lost); restart the run with run.resume=true"
+            f"client {client}: adapter.method={cfg.adapter.method} has fixed tensors (a residual base or frozen "
+            "factors), but this node never received them from the server (its state was lost); "
+            "restart the run with run.resume=true"
         )
     dp = None
     if cfg.privacy.enabled:
@@ -58,9 +60,12 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         lr=cfg.train.lr,
         dp=dp,
         seed=cfg.run.seed + 1000 * round_ + client,
+        # Schedules (SoMA's weight decay, AdaLoRA's rank budget) span the client's whole schedule, not one round.
         first_step=(round_ - 1) * cfg.train.local_steps,
+        total_steps=schedule_steps(cfg),
     )
-    update = client_update(adapter_state(model), received, rule)
+    client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
+    update = client_update(adapter_state(model), received, rule, client_trained=client_trained)
     metrics = {"client-id": client, "train-loss": result.mean_loss, "steps": result.steps}
     if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
         metrics["num-examples"] = len(data)

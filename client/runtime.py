@@ -63,8 +63,7 @@ def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = N
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     rule = get_rule(cfg.strategy.name)
     return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False,
-                       rank_pattern=json.loads(rank_pattern) if rank_pattern else None,
-                       total_steps=schedule_steps(cfg))
+                       rank_pattern=json.loads(rank_pattern) if rank_pattern else None, federated=True)
 
 
 @lru_cache(maxsize=1)

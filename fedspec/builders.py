@@ -71,19 +71,19 @@ def build_model(
     initialize: bool = True,
     calibration: Calibration | None = None,
     rank_pattern: dict[str, int] | None = None,
-    total_steps: int | None = None,
+    federated: bool = False,
 ):
     """The pretrained backbone + head with the configured adapter; returns (model, tokenizer).
 
     ``initialize=False`` leaves the adapter factors at zero and the base untouched, for a model whose adapter
     state (and residual init factors) will be loaded from elsewhere — a client, or a resumed server.
     ``calibration`` feeds the data-driven initializers (see :func:`calibrate`); ``rank_pattern`` fixes per-layer
-    ranks (EVA's, read back from a global state); ``total_steps`` is the run's number of optimizer steps, which
-    schedules spanning the run (SoMA's weight decay) follow.
+    ranks (EVA's, read back from a global state). ``federated=True`` applies the method's federated trainable mask
+    (the server and every client use it).
     """
     model, tokenizer = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
     apply_adapter(cfg, model, train_A=train_A, initialize=initialize, calibration=calibration,
-                  rank_pattern=rank_pattern, total_steps=total_steps)
+                  rank_pattern=rank_pattern, federated=federated)
     return model, tokenizer
 
 
@@ -95,11 +95,10 @@ def apply_adapter(
     initialize: bool = True,
     calibration: Calibration | None = None,
     rank_pattern: dict[str, int] | None = None,
-    total_steps: int | None = None,
+    federated: bool = False,
 ) -> nn.Module:
     """Put the configured adapter on a model from :func:`fedspec.models.build_classifier`, in place."""
     adapter = cfg.adapter
-    schedule = {"lr": float(cfg.train.lr)} | ({"total_steps": int(total_steps)} if total_steps else {})
     adapt(
         model,
         adapter.method,
@@ -112,11 +111,11 @@ def apply_adapter(
         seed=cfg.run.seed,
         calibration=calibration,
         rank_pattern=rank_pattern,
+        federated=federated,
         svd_method=adapter.svd_method,
         niter=adapter.niter,
         oversample=adapter.oversample,
         **(OmegaConf.to_container(adapter.options, resolve=True) if adapter.options else {}),
-        **schedule,
     )
     head: nn.Module = model.head
     head.requires_grad_(bool(adapter.train_head))

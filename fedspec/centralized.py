@@ -80,7 +80,6 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     train_inputs, train_labels = encode(tokenizer, task.train, cfg.model.max_length)
     eval_inputs, eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
     n = len(train_labels)
-    total_steps = math.ceil(n / cfg.train.batch_size) * cfg.train.epochs
     init_started = time.monotonic()
     calibration = None
     if calibration_kinds(cfg):  # data-driven init: statistics of (a seeded subset of) the training records first
@@ -88,7 +87,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             check_delta(float(cfg.privacy.delta), [n])
         privacy = statistics_privacy(cfg, seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         calibration = calibrate(cfg, model, train_inputs, train_labels, privacy=privacy, seed=cfg.run.seed)
-    apply_adapter(cfg, model, train_A=True, calibration=calibration, total_steps=total_steps)
+    apply_adapter(cfg, model, train_A=True, calibration=calibration)
     init_seconds = time.monotonic() - init_started
 
     dp, ledger = None, None
@@ -125,7 +124,8 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             result = train_steps(
                 model, train_inputs, train_labels, steps=steps_per_epoch, batch_size=cfg.train.batch_size,
                 optimizer=cfg.train.optimizer, lr=cfg.train.lr, dp=dp, seed=cfg.run.seed + epoch,
-                on_step=lambda *_: progress.advance(bar), first_step=(epoch - 1) * steps_per_epoch,
+                on_step=lambda *_: progress.advance(bar),
+                first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)

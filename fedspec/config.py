@@ -62,7 +62,7 @@ class AdapterSettings:
     # Data-driven initializers (CorDA, EVA, LoRA-GA, FWSVD): examples whose statistics initialize the adapter
     # (centralized: from the pooled training data; federated: up to this many per client, summed in round 0).
     calibration_examples: int = MISSING
-    options: dict[str, Any] = MISSING  # the method's own settings (e.g. CorDA's mode), checked by the method
+    options: dict[str, Any] = MISSING  # the method's own hyperparameters (METHODS[method].options: their defaults)
 
 
 @dataclass
@@ -228,17 +228,13 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail(key, value, "choose one of: " + ", ".join(allowed))
     if cfg.adapter.method not in METHODS:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
-    if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
-        lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
-        fail("strategy.name", cfg.strategy.name,
-             f"it needs a low-rank (B·A) adapter method ({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}")
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
     spec = METHODS[cfg.adapter.method]
     for key in cfg.adapter.options or {}:
         if key not in spec.options:
             fail(f"adapter.options.{key}", cfg.adapter.options[key],
-                 f"adapter.method={spec.name} takes " + (", ".join(spec.options) if spec.options else "no options"))
+                 f"adapter.method={spec.name} has the options: " + (", ".join(sorted(spec.options)) or "none"))
     if spec.calibration and cfg.adapter.calibration_examples < 1:
         fail("adapter.calibration_examples", cfg.adapter.calibration_examples,
              f"adapter.method={spec.name} initializes from data: it must be at least 1")
@@ -313,6 +309,19 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
         fail("privacy.client_level.noise_multiplier", level.noise_multiplier, "it must be > 0")
     if level.noise_multiplier is None and level.target_epsilon <= 0:
         fail("privacy.client_level.target_epsilon", level.target_epsilon, "it must be > 0")
+
+
+def check_federated(cfg: DictConfig) -> None:
+    """The checks only a federation needs (`fedspec train` ignores the strategy): the strategy must suit the
+    method's federated rule — FedSVD, FFA-LoRA and FedIT need a low-rank B·A method, FedAvg takes any."""
+    from .adapters import METHODS
+
+    if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
+        lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
+        raise ConfigError(
+            f"strategy.name={cfg.strategy.name!r} is not allowed; it needs a low-rank (B·A) adapter method "
+            f"({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}"
+        )
 
 
 # --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------
@@ -395,6 +404,7 @@ def load_config_file(path: str | Path) -> DictConfig:
 
 __all__ = [
     "MISSING",
+    "check_federated",
     "FedspecConfig",
     "compose_config",
     "flatten_config",

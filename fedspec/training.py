@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from .adapters.hooks import training_hooks
+from .adapters.hooks import HookContext, training_hooks
 from .models import Tokenized
 
 
@@ -96,6 +96,7 @@ def train_steps(
     seed: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     first_step: int = 0,
+    total_steps: int | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
 
@@ -105,6 +106,10 @@ def train_steps(
 
     Under DP each step is one Poisson-sampled batch (expected size ``batch_size``) with per-sample clipping and
     noise; the steps taken are returned so the caller's privacy ledger records exactly what happened.
+
+    After every step the adapter method's hooks run (see ``fedspec.adapters.hooks``). When this call is one part
+    of a longer training (an epoch, a federated round), ``first_step`` is the global index of its first step and
+    ``total_steps`` the length of the whole training, for schedules; by default this call is all of it.
     """
     if len(data) == 0:
         raise ValueError("train_steps got an empty dataset")
@@ -115,12 +120,13 @@ def train_steps(
     opt = make_optimizer(params, optimizer, lr)
     loss_fn = nn.CrossEntropyLoss()
     dataset = _dataset(data, labels)
+    schedule = (first_step, total_steps if total_steps is not None else first_step + steps, lr, seed)
     if dp is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
-        return _loop(model, opt, loss_fn, loader, steps, on_step, first_step=first_step)
+        return _loop(model, opt, loss_fn, loader, steps, on_step, schedule)
     return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step,
-                          first_step=first_step)
+                          schedule=schedule)
 
 
 def _mark_empty_batch(params: list[nn.Parameter]) -> None:
@@ -134,9 +140,11 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
         p.grad = torch.zeros_like(p)  # ghost mode sums .grad directly
 
 
-def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False, first_step: int = 0) -> TrainResult:
+def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: bool = False) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
-    hooks = training_hooks(model)
+    first_step, total_steps, lr, seed = schedule
+    # Hooks see the (DP) optimizer: after its step, p.grad holds the privatized gradient.
+    hooks = training_hooks(model, HookContext(lr=lr, total_steps=total_steps, optimizer=opt, seed=seed))
     total_loss, examples = 0.0, 0
     for step, (input_ids, attention_mask, y) in enumerate(_batches(loader, steps)):
         opt.zero_grad(set_to_none=True)
@@ -158,9 +166,7 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, *, private: bool = False,
     return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)
 
 
-def _train_private(
-    model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, first_step: int = 0
-) -> TrainResult:
+def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, schedule) -> TrainResult:
     from opacus import PrivacyEngine
 
     from .privacy.grad_samplers import check_exact_rules
@@ -189,7 +195,7 @@ def _train_private(
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, private=True, first_step=first_step)
+            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, schedule, private=True)
     finally:
         hooks.cleanup()
     (sigma, q, accounted_steps), *rest = engine.accountant.history or [(dp.noise_multiplier, 0.0, 0)]

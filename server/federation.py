@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from fedspec import __version__
 from fedspec.adapters import get_method, ranks_in_state
 from fedspec.builders import build_task, calibration_kinds
-from fedspec.config import save_config
+from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
@@ -29,7 +29,7 @@ from fedspec.strategies.flower import DECLINED, LABELS_KEY, VERSION_KEY, Adapter
 
 from .budget import BudgetTracker
 from .checkpoint import load_checkpoint, save_checkpoint
-from .global_model import GlobalModel, split_init_factors
+from .global_model import GlobalModel, split_fixed
 from .messaging import exchange
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
@@ -113,6 +113,7 @@ def _load_client_level_ledger(cfg: DictConfig, paths: RunPaths, resuming: bool) 
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
+    check_federated(cfg)
     paths: RunPaths = run_paths(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     if not paths.config.is_file():  # under `flwr run` no driver wrote it
@@ -142,7 +143,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                         rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None)
     if checkpoint is not None:
         model.load(checkpoint.state)
-    global_state, base_init = split_init_factors(model.state())
+    global_state, base_init = split_fixed(model.state(), model.roles())
     strategy = AdapterStrategy(
         rule,
         client_ids={node: info["client-id"] for node, info in nodes.items()},
@@ -152,6 +153,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         base_init=ArrayRecord(base_init) if base_init else None,
         weighting=cfg.federation.weighting,
         client_dp=client_dp,
+        client_trained=model.client_trained(),
     )
     all_clients = sorted(str(info["client-id"]) for info in nodes.values())
     stopped = None
@@ -180,7 +182,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                 grid, messages, timeout=cfg.federation.round_timeout, on_reply=lambda _: progress.client_done()
             )
             arrays, summary = strategy.aggregate_train(round_, replies)
-            global_state = arrays.to_torch_state_dict()
+            global_state = model.after_round(arrays.to_torch_state_dict(), round_)
             if level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
                 level_ledger.record(round_, client_dp.noise_multiplier, client_dp.sample_rate, 1,
                                     attempt=level_ledger.next_attempt(round_))

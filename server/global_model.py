@@ -1,7 +1,9 @@
 """The server's copy of the model: initializes the global adapter once and evaluates every round.
 
-Initialization runs here, once (e.g. PiSSA's SVD): clients receive the factors and, for residual methods,
-the init factors ``B0, A0`` from which they rebuild ``W - s·B0·A0`` on their own copy of the base weights.
+Initialization runs here, once (e.g. PiSSA's SVD): clients receive the adapter tensors and, once per node, the
+*fixed* ones (e.g. PiSSA's init factors ``B0, A0``, LoRA-XS's frozen bases) from which they rebuild the base on
+their own copy of the original weights. Which tensors are fixed, trained by clients or owned by the server is
+the method's federated rule, read from the model (``fedspec.adapters.adapter_roles``).
 """
 
 from __future__ import annotations
@@ -9,19 +11,28 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from fedspec.adapters import Calibration, adapter_state, load_adapter_state, save_adapter
-from fedspec.adapters.state import INIT_KEYS
+from fedspec.adapters import (
+    Calibration,
+    adapter_config,
+    adapter_roles,
+    adapter_state,
+    get_method,
+    load_adapter_state,
+    save_adapter,
+)
+from fedspec.adapters.state import FIXED, TRAINED
 from fedspec.builders import Task, build_model, encode
-from fedspec.privacy.planning import schedule_steps
 from fedspec.training import evaluate
 from fedspec.strategies import get_rule
 
 
-def split_init_factors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(trainable/broadcast tensors, residual init factors): the second part is sent once per node."""
-    init = {k: v for k, v in state.items() if k.endswith(INIT_KEYS)}
-    rest = {k: v for k, v in state.items() if k not in init}
-    return rest, init
+def split_fixed(
+    state: dict[str, torch.Tensor], roles: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(tensors broadcast every round, fixed tensors): the second part is sent once per node."""
+    fixed = {k: v for k, v in state.items() if roles.get(k) == FIXED}
+    rest = {k: v for k, v in state.items() if k not in fixed}
+    return rest, fixed
 
 
 class GlobalModel:
@@ -40,12 +51,31 @@ class GlobalModel:
         self.cfg = cfg
         self.model, tokenizer = build_model(
             cfg, task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
-            rank_pattern=rank_pattern, total_steps=schedule_steps(cfg),
+            rank_pattern=rank_pattern, federated=True,
         )
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in adapter_state(self.model).items()}
+
+    def roles(self) -> dict[str, str]:
+        return adapter_roles(self.model)
+
+    def client_trained(self) -> set[str]:
+        """The keys clients train and send (the method's federated rule under the configured strategy)."""
+        return {k for k, role in self.roles().items() if role == TRAINED}
+
+    def after_round(self, state: dict[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+        """Run the method's server step (e.g. SST's coordinated resampling) on the aggregated state; returns the
+        state to broadcast next round (unchanged for methods without one)."""
+        config = adapter_config(self.model)
+        step = get_method(config.method).server_step
+        if step is None:
+            return state
+        self.load(state)
+        step(self.model, config, round_)
+        broadcast, _ = split_fixed(self.state(), self.roles())
+        return broadcast
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.model, state, strict=False)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
 from rich.console import Console
 
 from fedspec.builders import Task, build_model, build_task, client_partitions
-from fedspec.config import flatten_config, load_config_file, save_config
+from fedspec.config import check_federated, flatten_config, load_config_file, save_config
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PrivacyPlan, client_level_lines, plan_run, plan_table
 from fedspec.rundir import RunPaths, check_run_dir
@@ -65,8 +66,10 @@ def preflight(cfg: DictConfig) -> PrivacyPlan:
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
     many clients), and plan every client's noise and the client-level noise (δ too large, an unreachable ε,
     a budget that lets too few clients train)."""
+    check_federated(cfg)
     task = build_task(cfg)
-    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False)
+    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False,
+                federated=True)
     return plan_run(cfg, client_sizes(cfg, task))
 
 
@@ -114,18 +117,32 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
     _quiet_flower()
     flat = flatten_config(cfg)
     started = time.monotonic()
-    run_simulation(
-        server_app=build_server_app(flat),
-        client_app=build_client_app(flat),
-        num_supernodes=cfg.federation.clients,
-        backend_config={
-            "client_resources": {"num_cpus": float(cfg.federation.client_cpus), "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "include_dashboard": False,
-                "logging_level": logging.ERROR,
-                "log_to_driver": False,
+    with _restored_environment():
+        run_simulation(
+            server_app=build_server_app(flat),
+            client_app=build_client_app(flat),
+            num_supernodes=cfg.federation.clients,
+            backend_config={
+                "client_resources": {"num_cpus": float(cfg.federation.client_cpus), "num_gpus": 0.0},
+                "init_args": {
+                    "num_cpus": os.cpu_count() or 1,
+                    "include_dashboard": False,
+                    "logging_level": logging.ERROR,
+                    "log_to_driver": False,
+                },
             },
-        },
-    )
+        )
     return SimulationResult(paths, plan.clients, time.monotonic() - started, plan)
+
+
+@contextmanager
+def _restored_environment():
+    """Ray writes PYTHONPATH, PYTHONBREAKPOINT and more into os.environ and leaves them there; later subprocesses
+    of the same process (a second run, a test) would inherit them. Put the environment back as it was."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)

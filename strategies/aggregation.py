@@ -8,7 +8,7 @@ weighted sum of client updates, so secure aggregation can sit underneath.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +56,16 @@ def get_rule(name: str) -> AggregationRule:
         raise ValueError(f"strategy.name={name!r} is not a strategy; choose one of: {', '.join(RULES)}") from None
 
 
-def trained_keys(state: dict[str, torch.Tensor], rule: AggregationRule) -> list[str]:
-    """The keys clients train and send under ``rule``: everything in the state except frozen A factors."""
+def trained_keys(
+    state: dict[str, torch.Tensor], rule: AggregationRule, client_trained: Collection[str] | None = None
+) -> list[str]:
+    """The keys clients train and send under ``rule``.
+
+    ``client_trained`` is the method's explicit answer (the keys whose role is "trained", see
+    ``fedspec.adapters.adapter_roles``); without it, everything in the state except frozen A factors.
+    """
+    if client_trained is not None:
+        return [k for k in state if k in client_trained]
     return [k for k in state if rule.clients_train_A or not k.endswith(A_SUFFIX)]
 
 
@@ -91,21 +99,24 @@ def aggregate(
     weights: Sequence[float],
     *,
     a_orthonormal: bool = False,
+    client_trained: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The new global state: apply the weighted mean update, then (FedSVD) re-factorize every B·A.
 
     ``a_orthonormal=True`` tells the re-factorization that every A already has orthonormal rows — true in
     every FedSVD round after the first, since clients never train A — so it only rotates (r×r) instead of
     decomposing A. No updates (every client dropped or declined) leaves the state, and so B·A, unchanged.
+    ``client_trained``: see :func:`trained_keys`.
     """
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
-    allowed = set(trained_keys(global_state, rule))
+    allowed = set(trained_keys(global_state, rule, client_trained))
     for update in updates:
         extra = set(update) - allowed
         if extra:
             raise ValueError(f"client update carries tensors the {rule.name} rule does not train: {sorted(extra)[:3]}")
-    return apply_mean_update(rule, global_state, weighted_mean(updates, weights), a_orthonormal=a_orthonormal)
+    return apply_mean_update(rule, global_state, weighted_mean(updates, weights), a_orthonormal=a_orthonormal,
+                             client_trained=client_trained)
 
 
 def apply_mean_update(
@@ -114,12 +125,13 @@ def apply_mean_update(
     mean: dict[str, torch.Tensor],
     *,
     a_orthonormal: bool = False,
+    client_trained: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """global + mean update for the tensors in ``mean``, then (FedSVD) re-factorize every B·A.
 
     ``mean`` may be a noised aggregate (client-level DP): the refactor only sees the result, so it is
-    post-processing. ``a_orthonormal``: see :func:`aggregate`."""
-    extra = set(mean) - set(trained_keys(global_state, rule))
+    post-processing. ``a_orthonormal``, ``client_trained``: see :func:`aggregate`."""
+    extra = set(mean) - set(trained_keys(global_state, rule, client_trained))
     if extra:
         raise ValueError(f"the mean update carries tensors the {rule.name} rule does not train: {sorted(extra)[:3]}")
     new_state = {}
@@ -146,7 +158,12 @@ def refactor_all(state: dict[str, torch.Tensor], *, a_orthonormal: bool = False)
 
 
 def client_update(
-    trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor], rule: AggregationRule
+    trained: dict[str, torch.Tensor],
+    received: dict[str, torch.Tensor],
+    rule: AggregationRule,
+    *,
+    client_trained: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """What a client sends: trained - received, for the tensors ``rule`` lets it train."""
-    return {k: (trained[k].detach().cpu() - received[k].detach().cpu()) for k in trained_keys(received, rule)}
+    keys = trained_keys(received, rule, client_trained)
+    return {k: (trained[k].detach().cpu() - received[k].detach().cpu()) for k in keys}

@@ -28,7 +28,7 @@ from flwr.supercore import log
 from .aggregation import AggregationRule, aggregate, apply_mean_update, trained_keys
 from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
 
-BASE_INIT_KEY = "base-init"  # RecordDict key of the residual init factors, sent once per node
+BASE_INIT_KEY = "base-init"  # RecordDict key of the fixed adapter tensors (e.g. residual init factors), sent once
 VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
 LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
@@ -50,6 +50,7 @@ class AdapterStrategy(FedAvg):
         base_init: ArrayRecord | None = None,
         weighting: str = "examples",
         client_dp: ClientDP | None = None,
+        client_trained: set[str] | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -65,6 +66,7 @@ class AdapterStrategy(FedAvg):
         self.client_ids = client_ids  # node id -> client (partition) id, learned by the server at start
         self.seed = seed
         self.base_init = base_init
+        self.client_trained = client_trained  # the keys clients train (the method's federated rule)
         self.nodes_with_base: set[int] = set()
         self.weighting = weighting
         self.client_dp = client_dp
@@ -119,9 +121,10 @@ class AdapterStrategy(FedAvg):
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
                 return ArrayRecord(aggregate(self.rule, self._sent_state, [], [])), summary
-            new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal)
+            new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal,
+                                  client_trained=self.client_trained)
         else:  # client-level DP releases a noised mean every round, with or without replies
-            template = {k: self._sent_state[k] for k in trained_keys(self._sent_state, self.rule)}
+            template = {k: self._sent_state[k] for k in trained_keys(self._sent_state, self.rule, self.client_trained)}
             private = private_mean(
                 updates, template,
                 clipping_norm=self.client_dp.clipping_norm,
@@ -131,7 +134,8 @@ class AdapterStrategy(FedAvg):
             )
             summary["clipped"] = private.clipped
             summary["noise-std"] = private.noise_std
-            new_state = apply_mean_update(self.rule, self._sent_state, private.mean, a_orthonormal=self._a_orthonormal)
+            new_state = apply_mean_update(self.rule, self._sent_state, private.mean, a_orthonormal=self._a_orthonormal,
+                                          client_trained=self.client_trained)
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
         return ArrayRecord(new_state), summary
 

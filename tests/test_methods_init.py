@@ -15,6 +15,7 @@ from fedspec.adapters import (
     METHODS,
     Calibration,
     FactorizedLinear,
+    HookContext,
     adapter_config,
     adapter_layers,
     adapter_state,
@@ -22,6 +23,7 @@ from fedspec.adapters import (
     load_adapter,
     merge_in_place,
     save_adapter,
+    training_hooks,
     unmerge,
 )
 from fedspec.adapters.data_driven import activation_pca, eva_ranks
@@ -39,7 +41,6 @@ TEXTS = [
 ]
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 NEW_METHODS = ["olora", "soma", "corda", "eva", "lora_ga", "fwsvd"]
-SCHEDULE = {"lr": 0.01, "total_steps": 10}  # SoMA's weight-decay schedule (fedspec train passes the run's)
 
 
 def _model(name: str = "tiny-bert"):
@@ -63,7 +64,7 @@ def _adapted(method: str, rank: int = 4, name: str = "tiny-bert", **options):
     model, tokenizer = _model(name)
     batch = _batch(tokenizer)
     calibration = _calibration(model, batch, method)
-    fedspec.adapt(model, method, rank, calibration=calibration, **{"svd_method": "exact", **SCHEDULE, **options})
+    fedspec.adapt(model, method, rank, calibration=calibration, **{"svd_method": "exact", **options})
     return model, batch
 
 
@@ -104,7 +105,7 @@ def test_adapted_model_equals_the_base_at_initialization(name, method):
     before = _outputs(model, batch)
     targets = ("q_proj", "v_proj") if name == "tiny-llama" else ("query", "value")
     calibration = _calibration(model, batch, method, targets)
-    fedspec.adapt(model, method, 4, calibration=calibration, svd_method="exact", **SCHEDULE)
+    fedspec.adapt(model, method, 4, calibration=calibration, svd_method="exact")
     assert torch.allclose(_outputs(model, batch), before, atol=1e-5)
 
 
@@ -154,7 +155,7 @@ def test_olora_is_the_first_r_columns_and_rows_of_the_qr_decomposition():
 def test_soma_starts_from_the_minor_singular_triplets():
     model, _ = _model()
     originals = _originals(model)
-    fedspec.adapt(model, "soma", 4, alpha=8.0, **SCHEDULE)
+    fedspec.adapt(model, "soma", 4, alpha=8.0)
     for name, layer in adapter_layers(model).items():
         U, S, Vh = torch.linalg.svd(originals[name])
         assert torch.allclose(_product(layer), U[:, -4:] @ torch.diag(S[-4:]) @ Vh[-4:], atol=1e-5)
@@ -385,12 +386,13 @@ def test_soma_weight_decay_is_cosine_annealed_over_the_run():
 
 
 def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
-    model, tokenizer = _model()
-    batch = _batch(tokenizer)
-    fedspec.adapt(model, "soma", 2, lr=0.5, total_steps=4)
+    model, _ = _model()
+    fedspec.adapt(model, "soma", 2)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    # The optimizer does nothing (lr 0); the hook applies θ ← θ·(1 − 0.5·λ_t) at global steps 2 and 3.
-    train_steps(model, batch, LABELS, steps=2, batch_size=6, optimizer="sgd", lr=0.0, first_step=2)
+    # The training loop builds the hooks with its lr and the whole run's length, and calls them at global steps.
+    (hook,) = training_hooks(model, HookContext(lr=0.5, total_steps=4))
+    hook.after_step(model, 2)
+    hook.after_step(model, 3)
     schedule = AnnealedWeightDecay(0.05, 1e-5, total_steps=4, lr=0.5)
     factor = (1 - 0.5 * schedule.decay(2)) * (1 - 0.5 * schedule.decay(3))
     for name, p in model.named_parameters():
@@ -398,11 +400,11 @@ def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
             assert torch.allclose(p, start[name] * factor, atol=1e-7), name
 
 
-def test_soma_without_its_schedule_is_an_error_not_plain_training():
-    model, tokenizer = _model()
-    fedspec.adapt(model, "soma", 2)
-    with pytest.raises(AdapterError, match="adapter.method=soma anneals weight decay over the run: pass lr and"):
-        train_steps(model, _batch(tokenizer), LABELS, steps=1, batch_size=6)
+def test_soma_options_set_the_schedule_ends():
+    model, _ = _model()
+    fedspec.adapt(model, "soma", 2, weight_decay=0.1, weight_decay_end=0.01)
+    (hook,) = training_hooks(model, HookContext(lr=0.5, total_steps=4))
+    assert (hook.decay(0), hook.decay(4)) == (pytest.approx(0.1), pytest.approx(0.01))
 
 
 # --- federated rules -----------------------------------------------------------------------------------------

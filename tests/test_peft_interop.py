@@ -238,7 +238,7 @@ def _check_export(model, tokenizer, out_dir):
 @pytest.mark.parametrize("method", ["lora", "pissa", "milora", "olora", "soma"])
 def test_export_loads_in_peft_on_the_original_backbone(tmp_path, method):
     model, tokenizer = _model()
-    fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact", lr=0.01, total_steps=1)
+    fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     model.head.requires_grad_(True)
     _perturb(model)
     export_peft(model, tmp_path / "peft")

@@ -1,14 +1,16 @@
 """Spectral adapter layers and the one registry of methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .hooks import PenaltyStep, TrainingHook, training_hooks
+from .hooks import HookContext, PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
 from .calibration import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
 from .compression import FactorizedLinear
+from .layer import AdapterLayer
 from .lowrank import LowRankLinear
 from .peft_export import export_peft, peft_exportable
 from .registry import METHODS, MethodSpec, get_method, register
 from .state import (
+    adapter_roles,
     adapter_state,
     load_adapter,
     load_adapter_state,
@@ -24,8 +26,10 @@ from .targets import match_targets
 __all__ = [
     "METHODS",
     "AdapterConfig",
+    "AdapterLayer",
     "Calibration",
     "FactorizedLinear",
+    "HookContext",
     "StatisticsPrivacy",
     "LowRankLinear",
     "MethodSpec",
@@ -34,6 +38,7 @@ __all__ = [
     "adapt",
     "adapter_config",
     "adapter_layers",
+    "adapter_roles",
     "adapter_state",
     "collect_calibration",
     "export_peft",

@@ -11,17 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layer import AdapterLayer
 
-class FactorizedLinear(nn.Module):
-    """``scaling · lora_B(lora_A(x)) + bias`` in place of a dense ``nn.Linear``."""
 
-    base_policy = "replace"
+class FactorizedLinear(AdapterLayer):
+    """``scaling · lora_B(lora_A(x)) + bias`` in place of a dense ``nn.Linear`` (base policy ``replace``)."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, dropout: float = 0.0) -> None:
         super().__init__()
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self._in_features, self._out_features = base.in_features, base.out_features
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
         with torch.no_grad():
@@ -32,21 +31,43 @@ class FactorizedLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = rank
         self.scaling = scaling
+        self.base_policy = "replace"
         self.merged = False
 
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        y = self.adapter_forward(self.dropout(x))
         return y if self.bias is None else y + self.bias
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def adapter_tensors(self) -> dict[str, nn.Parameter]:
+        """The factors; the frozen bias is a copy of the original layer's, not adapter state."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
     def delta_weight(self) -> torch.Tensor:
         """The whole weight s·B·A (float32 at least)."""
         compute = torch.promote_types(self.lora_B.weight.dtype, torch.float32)
         return self.scaling * (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute))
 
+    def adapted_weight(self) -> torch.Tensor:
+        return self.delta_weight()
+
     @torch.no_grad()
     def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
         self.lora_B.weight.copy_(B)
         self.lora_A.weight.copy_(A)
+
+    def set_initial(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.set_factors(tensors["lora_B.weight"], tensors["lora_A.weight"])
 
     def merge(self) -> None:
         """Nothing to fold into: the factored form is already the layer (and the cheaper one to apply)."""
@@ -70,3 +91,8 @@ class FactorizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scaling={self.scaling:g}")
+
+
+def factorized_layer(base: nn.Linear, rank: int, scaling: float, *, dropout: float, options: dict) -> FactorizedLinear:
+    """The layer builder of the compression shape (``MethodSpec.layer``)."""
+    return FactorizedLinear(base, rank, scaling, dropout=dropout)

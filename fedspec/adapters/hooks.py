@@ -13,6 +13,7 @@ importance) reads ``p.grad`` after the step, which under DP is the privatized gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -22,7 +23,22 @@ from torch import nn
 @runtime_checkable
 class TrainingHook(Protocol):
     def after_step(self, model: nn.Module, step: int) -> None:
-        """Called after optimizer step ``step`` (0-based) of a training call."""
+        """Called after optimizer step ``step`` (0-based, counted over the whole training: epochs or rounds)."""
+
+
+@dataclass(frozen=True)
+class HookContext:
+    """What hooks may need to know about the training they run in.
+
+    ``total_steps`` spans the whole training (all epochs of `fedspec train`, all rounds of a client's schedule),
+    for schedules such as AdaLoRA's rank budget; ``optimizer`` is the current call's optimizer (SST resets the
+    moment estimates of vectors it resamples); ``seed`` seeds hook randomness (SST's sampling).
+    """
+
+    lr: float
+    total_steps: int
+    optimizer: torch.optim.Optimizer | None = None
+    seed: int = 0
 
 
 class PenaltyStep:
@@ -47,7 +63,7 @@ class PenaltyStep:
                     p.sub_(self.lr * self.weight * g)
 
 
-def training_hooks(model: nn.Module) -> list[TrainingHook]:
+def training_hooks(model: nn.Module, context: HookContext) -> list[TrainingHook]:
     """The hooks the model's adapter method requires (none for a model without a fedspec adapter)."""
     from .inject import CONFIG_ATTRIBUTE
     from .registry import get_method
@@ -56,4 +72,4 @@ def training_hooks(model: nn.Module) -> list[TrainingHook]:
     if config is None:
         return []
     spec = get_method(config.method)
-    return list(spec.hooks(model, config)) if spec.hooks is not None else []
+    return list(spec.hooks(model, config, context)) if spec.hooks is not None else []

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..svd import batch_chunks
 from .calibration import KINDS, Calibration
-from .compression import FactorizedLinear
+from .layer import AdapterLayer
 from .lowrank import LowRankLinear
 from .registry import MethodSpec, get_method
 from .targets import default_targets, match_targets
@@ -35,6 +35,8 @@ class AdapterConfig:
     options: dict = field(default_factory=dict)
     # Per-layer ranks where they differ between layers (EVA); empty when every layer has ``rank``.
     rank_pattern: dict = field(default_factory=dict)
+    # Built for a federation: the method's federated_frozen tensors are frozen (the server owns them).
+    federated: bool = False
 
     @property
     def scaling(self) -> float:
@@ -50,12 +52,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-ADAPTER_LAYER_TYPES = (LowRankLinear, FactorizedLinear)
-
-
-def adapter_layers(model: nn.Module) -> dict[str, LowRankLinear | FactorizedLinear]:
-    """Every adapted layer: each has ``lora_A``/``lora_B`` factors, ``to_linear()``, ``merge()``/``unmerge()``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, ADAPTER_LAYER_TYPES)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Every adapted layer (any shape), by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:
@@ -78,19 +77,24 @@ def _check_rank(model: nn.Module, ranks: dict[str, int]) -> None:
 
 @torch.no_grad()
 def _initialize(
-    layers: dict[str, nn.Module],
+    layers: dict[str, AdapterLayer],
     originals: dict[str, torch.Tensor],
+    ranks: dict[str, int],
     spec: MethodSpec,
     scaling: float,
     generator: torch.Generator,
     options: dict,
     calibration: Calibration | None,
 ) -> None:
-    """Compute starting factors with one batched initializer call per group of same-shape, same-rank layers
-    (split into chunks of bounded size when the layers are large: batching only pays for small matrices)."""
+    """Compute starting tensors with one batched initializer call per group of same-shape, same-rank layers
+    (split into chunks of bounded size when the layers are large: batching only pays for small matrices).
+
+    An initializer returns either ``(B0, A0)`` (the low-rank additive shape) or a dict of batched tensors named as
+    the layer's parameters; each layer's ``set_initial`` loads its slice and derives its base.
+    """
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, layer in layers.items():
-        groups[(tuple(originals[name].shape), originals[name].dtype, layer.rank)].append(name)
+    for name in layers:
+        groups[(tuple(originals[name].shape), originals[name].dtype, ranks[name])].append(name)
     keys = [key for kind in spec.calibration for key in KINDS[kind]]
     for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
@@ -110,13 +114,11 @@ def _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calib
         extra["statistics"] = {
             key: torch.stack([calibration.mean(n, key) for n in names]).to(weights.device) for key in keys
         }
-    B0, A0 = spec.initializer(weights, rank, scaling, generator=generator, **options, **extra)
+    out = spec.initializer(weights, rank, scaling, generator=generator, **options, **extra)
+    if isinstance(out, tuple):
+        out = {"lora_B.weight": out[0], "lora_A.weight": out[1]}
     for i, name in enumerate(names):
-        layer = layers[name]
-        B, A = B0[i].to(originals[name]), A0[i].to(originals[name])
-        layer.set_factors(B, A)
-        if layer.base_policy == "residual":
-            layer.set_residual_init(B, A)
+        layers[name].set_initial({k: v[i].to(originals[name]) for k, v in out.items()})
 
 
 def _layer_ranks(
@@ -148,6 +150,25 @@ def _layer_ranks(
     return ranks
 
 
+def _build_layer(spec: MethodSpec, base: nn.Linear, rank: int, scaling: float, dropout: float,
+                 options: dict) -> AdapterLayer:
+    if spec.layer is None:
+        return LowRankLinear(base, rank, scaling, dropout=dropout, base_policy=spec.base_policy)
+    return spec.layer(base, rank, scaling, dropout=dropout, options=options)
+
+
+def _apply_mask(layer: AdapterLayer, spec: MethodSpec, train_A: bool, federated: bool) -> None:
+    """The trainable mask: every adapter tensor trains except the fixed and server-owned ones, A when ``train_A``
+    is False (FedSVD / FFA-LoRA clients), and the method's ``federated_frozen`` tensors in a federation."""
+    frozen = set(layer.fixed_tensor_names()) | set(layer.server_tensor_names())
+    if not train_A:
+        frozen.add("lora_A.weight")
+    if federated:
+        frozen.update(spec.federated_frozen)
+    for name, p in layer.adapter_tensors().items():
+        p.requires_grad_(name not in frozen)
+
+
 def adapt(
     model: nn.Module,
     method: str,
@@ -161,6 +182,7 @@ def adapt(
     seed: int = 0,
     calibration: Calibration | None = None,
     rank_pattern: dict[str, int] | None = None,
+    federated: bool = False,
     **options,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers by adapters of ``method`` and freeze everything else.
@@ -168,8 +190,10 @@ def adapt(
     ``alpha`` defaults to ``rank`` (scaling s = α/r = 1). ``train_A=False`` freezes A, the mode FedSVD and
     FFA-LoRA clients train in. ``initialize=False`` skips the initializer (factors start at zero, the base is
     untouched) for a model whose adapter state is loaded right after, e.g. a federated client receiving the
-    server's factors. Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``,
-    and the method's own, e.g. CorDA's ``mode``).
+    server's factors. ``federated=True`` also freezes the tensors the method's federated rule leaves to the server.
+    Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``) and, for the keys the
+    method declares (``METHODS[method].options``, e.g. CorDA's ``mode``), set its hyperparameters; the rest of them
+    keep their defaults.
 
     ``calibration``: statistics of data (:func:`fedspec.adapters.collect_calibration`), required by the
     data-driven methods (CorDA, EVA, LoRA-GA, FWSVD) when initializing. ``rank_pattern``: explicit per-layer
@@ -190,27 +214,24 @@ def adapt(
             )
         calibration.require(spec.calibration, names, method)
     alpha = float(alpha) if alpha is not None else float(rank)
+    options = {**options, **spec.resolve_options(options)}
     ranks = _layer_ranks(model, spec, names, rank, rank_pattern, calibration, initialize, options)
     _check_rank(model, ranks)
 
     model.requires_grad_(False)
-    layers: dict[str, nn.Module] = {}
+    layers: dict[str, AdapterLayer] = {}
     originals: dict[str, torch.Tensor] = {}
     for name, layer_rank in ranks.items():
         linear = model.get_submodule(name)
         originals[name] = linear.weight
-        if spec.shape == "compression":
-            layer = FactorizedLinear(linear, layer_rank, alpha / rank, dropout=dropout)
-        else:
-            layer = LowRankLinear(linear, layer_rank, alpha / rank, dropout=dropout, base_policy=spec.base_policy)
+        layer = _build_layer(spec, linear, layer_rank, alpha / rank, dropout, options)
         _set_submodule(model, name, layer)
         layers[name] = layer
     if initialize:
         generator = torch.Generator().manual_seed(seed)
-        _initialize(layers, originals, spec, alpha / rank, generator, options, calibration)
+        _initialize(layers, originals, ranks, spec, alpha / rank, generator, options, calibration)
     for layer in layers.values():
-        layer.lora_B.weight.requires_grad_(True)
-        layer.lora_A.weight.requires_grad_(train_A)
+        _apply_mask(layer, spec, train_A, federated)
 
     config = AdapterConfig(
         method=method,
@@ -223,6 +244,7 @@ def adapt(
         dropout=dropout,
         options={k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
         rank_pattern=dict(ranks) if any(r != rank for r in ranks.values()) else {},
+        federated=federated,
     )
     # A plain attribute: nn.Module.__setattr__ stores non-module values in __dict__.
     object.__setattr__(model, CONFIG_ATTRIBUTE, config)

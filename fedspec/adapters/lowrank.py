@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layer import AdapterLayer
 
-class LowRankLinear(nn.Module):
+
+class LowRankLinear(AdapterLayer):
     """A frozen ``nn.Linear`` plus ``scaling · lora_B(lora_A(x))``.
 
     ``init_lora_A`` / ``init_lora_B`` hold the factors the residual was computed from when the base policy is
@@ -57,6 +59,15 @@ class LowRankLinear(nn.Module):
             return y
         return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
+    def fixed_tensor_names(self) -> tuple[str, ...]:
+        return ("init_lora_A", "init_lora_B") if self.base_policy == "residual" else ()
+
+    def removed_weight(self) -> torch.Tensor | None:
+        if self.base_policy != "residual":
+            return None
+        compute = torch.promote_types(self.init_lora_B.dtype, torch.float32)
+        return self.scaling * (self.init_lora_B.to(compute) @ self.init_lora_A.to(compute))
+
     def delta_weight(self) -> torch.Tensor:
         """s·B·A, computed in float32 at least so a merge does not lose precision in low-precision models."""
         compute = torch.promote_types(self.lora_B.weight.dtype, torch.float32)
@@ -66,6 +77,13 @@ class LowRankLinear(nn.Module):
     def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
         self.lora_B.weight.copy_(B)
         self.lora_A.weight.copy_(A)
+
+    def set_initial(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Starting factors from the initializer; a residual base becomes W − s·B0·A0."""
+        B, A = tensors["lora_B.weight"], tensors["lora_A.weight"]
+        self.set_factors(B, A)
+        if self.base_policy == "residual":
+            self.set_residual_init(B, A)
 
     @torch.no_grad()
     def set_residual_init(self, B0: torch.Tensor, A0: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ register(
 
 # --- low-rank additive methods with their own initializers (OLoRA, SoMA, CorDA, EVA, LoRA-GA) and FWSVD's
 # Fisher-weighted compression. Data-driven ones declare the calibration statistics they read. ---------------------
-from . import data_driven, schedules  # noqa: E402
+from . import compression, data_driven, schedules  # noqa: E402
 
 register(
     MethodSpec(
@@ -54,7 +54,7 @@ register(
         base_policy="residual",
         summary="W_res + s·B·A; B·A = bottom-r SVD of W; weight decay cosine-annealed 0.05 → 1e-5",
         hooks=schedules.soma_hooks,
-        options=("weight_decay", "weight_decay_end"),
+        options={"weight_decay": 0.05, "weight_decay_end": 1e-5},
     )
 )
 register(
@@ -66,7 +66,7 @@ register(
         summary="W_res + s·B·A; B·A = top-r (ipm) or bottom-r (kpm) part of SVD(W·C)·C⁻¹",
         init_needs="calibration data: per-layer input covariance",
         calibration=("inputs",),
-        options=("mode",),
+        options={"mode": "ipm"},
     )
 )
 register(
@@ -79,7 +79,7 @@ register(
         init_needs="calibration data: per-layer input mean and covariance",
         calibration=("inputs",),
         ranks=data_driven.eva_ranks,
-        options=("rho",),
+        options={"rho": 2.0},
     )
 )
 register(
@@ -91,7 +91,7 @@ register(
         summary="W_res + s·B·A; A, B from the SVD of the mean loss gradient (ArB2r, stable scale)",
         init_needs="calibration data: per-layer mean loss gradient",
         calibration=("gradients",),
-        options=("direction", "scale", "stable_gamma"),
+        options={"direction": "ArB2r", "scale": "stable", "stable_gamma": 16.0},
     )
 )
 register(
@@ -100,8 +100,13 @@ register(
         shape="compression",
         initializer=data_driven.fwsvd,
         base_policy="replace",
+        layer=compression.factorized_layer,
         summary="s·B·A + b in place of W; B·A = Î⁻¹·SVD_r(Î·W), Î = √(row sums of the Fisher)",
         init_needs="calibration data: per-layer Fisher row sums (per-example gradients)",
         calibration=("fisher",),
     )
 )
+
+
+# Shapes 2–4 (low rank with a core, spectrum, factor) and DoRA, grouped in their own module.
+from . import structured_methods  # noqa: E402,F401

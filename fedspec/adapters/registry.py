@@ -9,11 +9,12 @@ is one call to :func:`register`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AdapterError
+from .layer import BASE_POLICIES
 
 # An initializer gets the layer's weight (out, in) in float32/64, the rank and the scaling s, and returns
 # the starting factors (B0 of shape (out, r), A0 of shape (r, in)) in the same dtype.
@@ -23,11 +24,13 @@ Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    shape: str  # "lowrank": W_base + s·B·A; "compression": s·B·A + bias in place of the layer
+    shape: str  # "lowrank": W_base + s·B·A; "core": + s·B·C·A; "spectrum": + U·g(σ;θ)·Vᵀ; "factor"; "dora";
+    # "compression": s·B·A + bias in place of the layer
     initializer: Initializer
     # "keep": the base stays W.  "residual": the base becomes W - s·B0·A0, so the adapted layer equals W at
     # initialization; B0 and A0 are saved with the adapter so the residual can always be rebuilt from W.
-    # "replace": W is dropped for the factors (compression).
+    # "truncated" (KaSA), "owned" (the factors carry all of W) and "replace" (W is dropped for the factors:
+    # compression): see adapters/layer.py.
     base_policy: str
     summary: str
     init_needs: str = "weights only"
@@ -35,7 +38,7 @@ class MethodSpec:
     # "linear" (ΔW linear in the trained tensors: FedAvg of them is exact), "nonlinear" (FedAvg of the trained
     # tensors is an approximation, documented by the method).
     federated: str = "lowrank"
-    # Builds the training hooks the method needs from (model, AdapterConfig); see adapters/hooks.py.
+    # Builds the training hooks the method needs from (model, AdapterConfig, HookContext); see adapters/hooks.py.
     hooks: Callable[..., list] | None = None
     # --- data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD) ---
     # The calibration statistics the initializer reads (kinds of fedspec.adapters.calibration.KINDS); a method
@@ -44,13 +47,23 @@ class MethodSpec:
     # Per-layer ranks from the calibration statistics (EVA): (per-layer statistics, rank, **options) ->
     # {layer: rank}; a layer given rank 0 keeps its plain nn.Linear.
     ranks: Callable[..., dict] | None = None
-    # Names of the method's own options (adapter.options.* in the config), checked when the config is built.
-    options: tuple[str, ...] = ()
+    # Builds one adapter layer: (base nn.Linear, rank, scaling, *, dropout, options) -> AdapterLayer.
+    # None: the low-rank additive LowRankLinear.
+    layer: Callable[..., torch.nn.Module] | None = None
+    # The method's own hyperparameters and their defaults (the paper's); adapter.options may override them.
+    options: dict = field(default_factory=dict)
+    # Layer tensors clients do not train in a federation (the server owns them, e.g. LoLDU's scalar σ, which makes
+    # the method linear in what clients train).
+    federated_frozen: tuple[str, ...] = ()
+    # A step the server runs on the global model after aggregating each round: (model, AdapterConfig, round).
+    server_step: Callable[..., None] | None = None
+
+    def resolve_options(self, given: dict) -> dict:
+        """The method's options: its defaults updated by ``given`` (only the keys it knows)."""
+        return {**self.options, **{k: v for k, v in given.items() if k in self.options}}
 
 
 FEDERATED_KINDS = ("lowrank", "linear", "nonlinear")
-# "replace": the layer's weight is replaced by the adapter's own factors (compression, FWSVD).
-BASE_POLICIES = ("keep", "residual", "replace")
 METHODS: dict[str, MethodSpec] = {}
 
 

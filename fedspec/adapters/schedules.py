@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
+from .hooks import HookContext
 
 
 class AnnealedWeightDecay:
@@ -38,17 +39,8 @@ class AnnealedWeightDecay:
                 p.mul_(factor)
 
 
-def soma_hooks(model: nn.Module, config) -> list[AnnealedWeightDecay]:
-    """SoMA (Yun et al., CVPR 2025): weight decay 0.05 → 1e-5, cosine over the whole run.
-
-    Needs the run's schedule: ``lr`` and ``total_steps`` options (``fedspec train`` / ``simulate`` pass them).
-    """
+def soma_hooks(model: nn.Module, config, context: HookContext) -> list[AnnealedWeightDecay]:
+    """SoMA (Yun et al., CVPR 2025): weight decay 0.05 → 1e-5, cosine over the whole training
+    (``context.total_steps``: all epochs of ``fedspec train``, all rounds of a client's schedule)."""
     options = config.options
-    missing = [key for key in ("lr", "total_steps") if key not in options]
-    if missing:
-        raise AdapterError(
-            f"adapter.method=soma anneals weight decay over the run: pass {' and '.join(missing)}=... to fedspec.adapt "
-            "(the optimizer's learning rate and the run's number of optimizer steps)"
-        )
-    return [AnnealedWeightDecay(options.get("weight_decay", 0.05), options.get("weight_decay_end", 1e-5),
-                                options["total_steps"], options["lr"])]
+    return [AnnealedWeightDecay(options["weight_decay"], options["weight_decay_end"], context.total_steps, context.lr)]

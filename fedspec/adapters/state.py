@@ -1,8 +1,9 @@
 """Adapter state: what to save, send and load; merge into plain layers.
 
-The adapter state holds the factors of every adapted layer, the init factors a residual base was built
-from (so the residual can always be rebuilt from the original weights), and every other trainable tensor
-of the model (e.g. a classification head). Files are safetensors plus a JSON config — never pickle.
+The adapter state holds every adapter tensor of every adapted layer — trainable ones, server-owned ones, and the
+fixed ones a residual or truncated base was built from (so the base can always be rebuilt from the original
+weights) — and every other trainable tensor of the model (e.g. a classification head). :func:`adapter_roles`
+says which is which, for the federated code. Files are safetensors plus a JSON config — never pickle.
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ FORMAT = "fedspec-adapter/1"
 FACTOR_KEYS = ("lora_A.weight", "lora_B.weight")
 INIT_KEYS = ("init_lora_A", "init_lora_B")
 
+# Roles of the tensors of an adapter state (see adapters/layer.py):
+TRAINED = "trained"  # clients train and send them (updates)
+SERVER = "server"  # frozen on clients, owned by the server, broadcast every round (FedSVD's A, SST's vectors)
+FIXED = "fixed"  # frozen, identical everywhere, sent once per node (residual init factors, frozen SVD bases)
+
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter factors, residual init factors and other trainable tensors, detached (not cloned)."""
+    """Every adapter tensor (trainable, server-owned, fixed) and other trainable tensors, detached (not cloned)."""
     state: dict[str, torch.Tensor] = {}
     layers = adapter_layers(model)
     for name, layer in layers.items():
-        keys = FACTOR_KEYS + (INIT_KEYS if layer.base_policy == "residual" else ())
-        layer_state = layer.state_dict(keep_vars=False)
-        for key in keys:
-            state[f"{name}.{key}"] = layer_state[key]
+        for key, param in layer.adapter_tensors().items():
+            state[f"{name}.{key}"] = param.detach()
     inside_adapter = tuple(f"{name}." for name in layers)
     for name, param in model.named_parameters():
         if param.requires_grad and not name.startswith(inside_adapter):
@@ -41,32 +45,49 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_roles(model: nn.Module) -> dict[str, str]:
+    """The role of every key of :func:`adapter_state`: ``"trained"``, ``"server"`` or ``"fixed"``."""
+    roles: dict[str, str] = {}
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        fixed = set(layer.fixed_tensor_names())
+        for key, param in layer.adapter_tensors().items():
+            roles[f"{name}.{key}"] = FIXED if key in fixed else (TRAINED if param.requires_grad else SERVER)
+    inside_adapter = tuple(f"{name}." for name in layers)
+    for name, param in model.named_parameters():
+        if param.requires_grad and not name.startswith(inside_adapter):
+            roles[name] = TRAINED
+    return roles
+
+
 @torch.no_grad()
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> None:
-    """Load tensors produced by :func:`adapter_state`; new residual init factors rebuild the base weight.
+    """Load tensors produced by :func:`adapter_state`; new fixed tensors (e.g. residual init factors) rebuild the
+    base weight from the original one.
 
-    With ``strict`` every key must be known to the model and every adapter factor must be present.
+    With ``strict`` every key must be known to the model and every trained or server-owned adapter tensor must be
+    present.
     """
     layers = adapter_layers(model)
     params = dict(model.named_parameters())
     unknown = [k for k in state if k not in params]
     if strict and unknown:
         raise AdapterError(f"adapter state has keys this model does not: {unknown[:5]}")
-    for name, layer in layers.items():
-        if layer.base_policy == "residual" and f"{name}.init_lora_B" in state:
-            B0, A0 = state[f"{name}.init_lora_B"], state[f"{name}.init_lora_A"]
-            if not (torch.equal(B0.to(layer.init_lora_B), layer.init_lora_B)
-                    and torch.equal(A0.to(layer.init_lora_A), layer.init_lora_A)):
-                layer.set_residual_init(B0.to(layer.init_lora_B), A0.to(layer.init_lora_A))
-        missing = [f"{name}.{k}" for k in FACTOR_KEYS if f"{name}.{k}" not in state]
-        if strict and missing:
-            raise AdapterError(f"adapter state lacks {missing[0]}")
     for key, value in state.items():
-        if key in params and not key.endswith(INIT_KEYS):
-            target = params[key]
-            if target.shape != value.shape:
-                raise AdapterError(f"adapter state {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-            target.copy_(value.to(target))
+        if key in params and params[key].shape != value.shape:
+            raise AdapterError(f"adapter state {key!r} has shape {tuple(value.shape)}, expected {tuple(params[key].shape)}")
+    for name, layer in layers.items():
+        prefix = f"{name}."
+        fixed = set(layer.fixed_tensor_names())
+        if strict:
+            missing = [prefix + k for k in layer.adapter_tensors() if k not in fixed and prefix + k not in state]
+            if missing:
+                raise AdapterError(f"adapter state lacks {missing[0]}")
+        layer.load_tensors({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k in params})
+    inside_adapter = tuple(f"{name}." for name in layers)
+    for key, value in state.items():
+        if key in params and not key.startswith(inside_adapter):
+            params[key].copy_(value.to(params[key]))
 
 
 def ranks_in_state(state: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -111,20 +132,23 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         train_A=config.train_A,
         initialize=False,
         rank_pattern=config.rank_pattern or None,
-        **config.options,  # e.g. the schedule a hook follows (SoMA's lr and total_steps)
+        federated=config.federated,
+        **config.options,
     )
     state = load_file(str(Path(directory) / WEIGHTS_FILE))
     # Trainable extras (e.g. a head) were trainable when saved; make them so again before loading.
     params = dict(model.named_parameters())
+    inside_adapter = tuple(f"{name}." for name in adapter_layers(model))
     for key in state:
-        if key in params and not key.endswith(FACTOR_KEYS + INIT_KEYS):
+        if key in params and not key.startswith(inside_adapter):
             params[key].requires_grad_(True)
     load_adapter_state(model, state)
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into a plain ``nn.Linear`` (W_base + s·B·A) for inference, in place; returns the model."""
+    """Fold every adapter into a plain ``nn.Linear`` (its adapted weight, any shape) for inference, in place;
+    returns the model."""
     for name, layer in adapter_layers(model).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
