@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .adapters import save_adapter
+from .adapters import adapter_layers, save_adapter
 from .builders import (
     apply_adapter,
     build_task,
@@ -70,6 +70,16 @@ def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
     return sigma, q, steps_per_epoch
 
 
+def trainable_counts(model) -> dict[str, int]:
+    """Trainable parameters inside the adapter layers and elsewhere (a classification head)."""
+    inside = tuple(f"{name}." for name in adapter_layers(model))
+    counts = {"trainable_adapter": 0, "trainable_other": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts["trainable_adapter" if name.startswith(inside) else "trainable_other"] += p.numel()
+    return counts
+
+
 def train_centralized(cfg: DictConfig, console: Console | None = None) -> CentralResult:
     console = console or Console(stderr=True)
     if cfg.run.resume:
@@ -106,7 +116,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     log = MetricsLog(paths.metrics)
     log.write("init", method=cfg.adapter.method, seconds=init_seconds,
               calibration_examples=calibration.count if calibration else 0,
-              statistics_privatized=bool(calibration and calibration.privatized))
+              statistics_privatized=bool(calibration and calibration.privatized), **trainable_counts(model))
 
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)

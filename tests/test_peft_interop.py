@@ -243,8 +243,19 @@ def test_export_loads_in_peft_on_the_original_backbone(tmp_path, method):
     _perturb(model)
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    residual = method != "lora"
-    assert config["r"] == (8 if residual else 4) and config["lora_alpha"] == (16.0 if residual else 8.0)
+    rank = 4 if method == "lora" else 8  # residual methods: s·B·A − s·B₀·A₀, a rank-2r LoRA
+    assert config["r"] == config["lora_alpha"] == rank  # the scaling s = α/r is folded into B
+    _check_export(model, tokenizer, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("method", ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "loldu"])
+def test_export_of_other_low_rank_updates_loads_in_peft(tmp_path, method):
+    """Cores, truncated and spectral residual bases are low-rank updates of W too: PEFT reproduces them."""
+    model, tokenizer = _model()
+    fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
+    model.head.requires_grad_(True)
+    _perturb(model)
+    export_peft(model, tmp_path / "peft")
     _check_export(model, tokenizer, tmp_path / "peft")
 
 
@@ -272,7 +283,9 @@ def test_eva_export_carries_its_rank_pattern(tmp_path):
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     ranks = {name.removeprefix("encoder."): layer.rank for name, layer in adapter_layers(model).items()}
-    assert config["rank_pattern"] == {k: v for k, v in ranks.items() if v != 12} != {}
+    r = config["r"]
+    assert config["rank_pattern"] == {k: v for k, v in ranks.items() if v != r} != {}
+    assert config["alpha_pattern"] == config["rank_pattern"]  # PEFT's scaling is 1 in every layer
     _check_export(model, tokenizer, tmp_path / "peft")
 
 
@@ -282,7 +295,15 @@ def test_fwsvd_has_no_lora_export(tmp_path):
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
                                       match_targets(model, ["query", "value"]), ["fisher"])
     fedspec.adapt(model, "fwsvd", 4, calibration=calibration)
-    with pytest.raises(AdapterError, match="cannot export a PEFT LoRA adapter: adapter.method=fwsvd replaces"):
+    with pytest.raises(AdapterError, match="cannot export a PEFT LoRA adapter: adapter.method=fwsvd is no low-rank"):
+        export_peft(model, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("method", ["dora", "clip_svd", "salt", "sst"])
+def test_normalized_and_full_rank_methods_have_no_lora_export(tmp_path, method):
+    model, _ = _model()
+    fedspec.adapt(model, method, 4)
+    with pytest.raises(AdapterError, match=f"adapter.method={method} is no low-rank update of the original weights"):
         export_peft(model, tmp_path / "peft")
 
 

@@ -86,5 +86,16 @@ class LowRankCoreLinear(AdapterLayer):
             return self.scaling * (B * self.core.weight.to(compute)) @ A
         return self.scaling * B @ self.core.weight.to(compute) @ A
 
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """s·(B·C)·A, minus R = (removed_B·diag(removed_S))·removed_A for a residual or truncated base (rank 2r)."""
+        compute = _compute_dtype(self.lora_B.weight)
+        B = self.scaling * self.lora_B.weight.to(compute) @ self.core_matrix().to(compute)
+        A = self.lora_A.weight.to(compute)
+        if self.base_policy in ("residual", "truncated"):
+            B = torch.cat([B, -self.removed_B.to(compute) * self.removed_S.to(compute)], dim=1)
+            A = torch.cat([A, self.removed_A.to(compute)], dim=0)
+        return B, A
+
     def extra_repr(self) -> str:
         return f"rank={self.rank}, core={self.core_kind!r}, {super().extra_repr()}"

@@ -70,6 +70,12 @@ class AdapterLayer(nn.Module):
         """R, the part of W the base does not hold (``residual``/``truncated``), from the fixed tensors."""
         return None
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, A) with W′ − W = B·A relative to the ORIGINAL weight W — the layer as a plain LoRA of W, scaling
+        folded into B — or None when the layer is no low-rank update of W (a normalization, a full-rank
+        spectrum, a replaced weight). What :func:`fedspec.adapters.export_peft` writes."""
+        return None
+
     # --- shared machinery ---------------------------------------------------------------------------------------
 
     def _setup(self, base: nn.Linear, scaling: float, dropout: float, base_policy: str) -> dict:

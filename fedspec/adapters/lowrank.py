@@ -74,6 +74,17 @@ class LowRankLinear(AdapterLayer):
         return self.scaling * (self.lora_B.weight.to(compute) @ self.lora_A.weight.to(compute))
 
     @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """s·B·A, and for a residual base s·(B·A − B₀·A₀) = [s·B | −s·B₀]·[A ; A₀] (rank 2r), as PEFT's PiSSA
+        conversion does."""
+        compute = torch.promote_types(self.lora_B.weight.dtype, torch.float32)
+        B, A = self.scaling * self.lora_B.weight.to(compute), self.lora_A.weight.to(compute)
+        if self.base_policy == "residual":
+            B = torch.cat([B, -self.scaling * self.init_lora_B.to(compute)], dim=1)
+            A = torch.cat([A, self.init_lora_A.to(compute)], dim=0)
+        return B, A
+
+    @torch.no_grad()
     def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
         self.lora_B.weight.copy_(B)
         self.lora_A.weight.copy_(A)

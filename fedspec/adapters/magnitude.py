@@ -32,6 +32,10 @@ class DoRALinear(LowRankLinear):
         super().set_initial(tensors)
         self.reset_magnitude()
 
+    def lora_factors(self) -> None:
+        """None: the row normalization makes W′ − W no low-rank product (PEFT stores DoRA in its own format)."""
+        return None
+
     def direction_weight(self) -> torch.Tensor:
         """V = W + s·B·A in float32 at least (the base holds W while unmerged)."""
         return self.base.weight.to(_compute_dtype(self.base.weight)) + LowRankLinear.delta_weight(self)

@@ -5,12 +5,16 @@
 loads on the plain pretrained backbone (``transformers.AutoModel``) with the same outputs. PEFT is not needed to
 write it.
 
-- Methods that keep W (LoRA, EVA): the factors as they are; EVA's per-layer ranks go to ``rank_pattern`` (and
-  ``alpha_pattern``, so every layer keeps the scaling s = α/r).
-- Residual methods (PiSSA, MiLoRA, OLoRA, CorDA, LoRA-GA, SoMA): the base holds W − s·B₀A₀, so relative to the
-  original W the update is s·(B·A − B₀·A₀) = s·[B | −B₀]·[A ; A₀], a rank-2r LoRA with α doubled (the same
-  scaling) — what PEFT's ``path_initial_model_for_weight_conversion`` does for PiSSA.
-- Compression (FWSVD) replaces W and is no LoRA of it: refused with an AdapterError.
+Every layer says what it is relative to the original weight W (``AdapterLayer.lora_factors``: W′ − W = B·A, the
+method's scaling folded into B, so PEFT's α/r is 1 in every layer):
+
+- Methods that keep W (LoRA, EVA, AdaLoRA, SoRA, LoRA-XS): s·B·A, or s·(B·C)·A with the core folded in; EVA's
+  per-layer ranks go to ``rank_pattern`` and ``alpha_pattern``.
+- Residual methods (PiSSA, MiLoRA, OLoRA, CorDA, LoRA-GA, SoMA, SORSA, Effort, and KaSA's truncated base): the
+  base holds W − R, so the update is s·B·A − R = [s·B | −B_R]·[A ; A_R], a rank-2r LoRA — what PEFT's
+  ``path_initial_model_for_weight_conversion`` does for PiSSA. SVFit and LoLDU: L·(g − g₀)·R, rank r.
+- No LoRA of W, refused with an AdapterError: compression (FWSVD replaces W), DoRA (row normalization), and the
+  methods whose spectrum carries all of W (CLIP-SVD, SALT, SST: a full-rank update).
 
 fedspec's ``TextClassifier`` wraps the backbone as ``model.encoder`` and adds a pooled linear ``head``; the head
 (trainable, not part of any LoRA) is written beside as ``classifier_head.safetensors`` with ``fedspec_head.json``
@@ -21,6 +25,7 @@ being the attention-mask-weighted mean ("mean") or the last real token ("last").
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,7 +34,6 @@ from torch import nn
 
 from ..errors import AdapterError
 from .inject import adapter_config, adapter_layers
-from .lowrank import LowRankLinear
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -41,9 +45,10 @@ def peft_exportable(model: nn.Module) -> str | None:
     """None when :func:`export_peft` can export this model's adapter, else the reason it cannot."""
     config = adapter_config(model)
     for name, layer in adapter_layers(model).items():
-        if not isinstance(layer, LowRankLinear):
-            return (f"adapter.method={config.method} replaces the weight of {name!r} ({type(layer).__name__}); "
-                    "it is not a LoRA of the original base model")
+        if layer.lora_factors() is None:
+            return (f"adapter.method={config.method} is no low-rank update of the original weights ({name!r} is a "
+                    f"{type(layer).__name__} with base policy {layer.base_policy!r}); it is not a LoRA of the "
+                    "original base model")
     return None
 
 
@@ -61,33 +66,27 @@ def export_peft(
         raise AdapterError(f"cannot export a PEFT LoRA adapter: {reason}")
     config = adapter_config(model)
     prefix = f"{backbone}." if backbone else ""
-    residual = config.base_policy == "residual"
-    scaling = config.alpha / config.rank
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name, layer in adapter_layers(model).items():
         if not name.startswith(prefix):
             raise AdapterError(f"layer {name!r} is outside the backbone {backbone!r}; PEFT loads adapters of it only")
         path = name[len(prefix):]
-        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-        if residual:  # s·(B·A − B₀·A₀) on the original weight
-            A = torch.cat([A, layer.init_lora_A.detach()], dim=0)
-            B = torch.cat([B, -layer.init_lora_B.detach()], dim=1)
+        B, A = layer.lora_factors()  # the scaling is folded into B: every layer gets lora_alpha = its rank
         tensors[f"base_model.model.{path}.lora_A.weight"] = A.cpu().float().contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = B.cpu().float().contiguous()
         ranks[path] = A.shape[0]
-    factor = 2 if residual else 1
-    r, alpha = factor * config.rank, factor * config.alpha
+    r = Counter(ranks.values()).most_common(1)[0][0]
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
-        "lora_alpha": alpha,
+        "lora_alpha": r,
         "target_modules": sorted(ranks),
         "rank_pattern": {path: rank for path, rank in ranks.items() if rank != r},
-        # Per-layer α keeps every layer's scaling at s = α/r whatever its rank (EVA's adjust_scaling_factors).
-        "alpha_pattern": {path: scaling * rank for path, rank in ranks.items() if rank != r},
+        # α = rank in every layer: PEFT's scaling α/r is 1, the method's own scaling is already in B.
+        "alpha_pattern": {path: rank for path, rank in ranks.items() if rank != r},
         "lora_dropout": config.dropout,
         "fan_in_fan_out": False,
         "bias": "none",

@@ -63,5 +63,16 @@ class SpectralLinear(AdapterLayer):
         middle = L * g if g.ndim == 1 else L @ g
         return self.scaling * middle @ R
 
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a residual base, L·(s·g − diag(init_spectrum))·R (rank ``size``); None for an owned base: the
+        spectrum then carries all of W, a full-rank update."""
+        if self.base_policy != "residual":
+            return None
+        compute = _compute_dtype(self.left.weight)
+        g = self.spectrum.matrix().to(compute)
+        middle = self.scaling * (torch.diag(g) if g.ndim == 1 else g) - torch.diag(self.init_spectrum.to(compute))
+        return self.left.weight.to(compute) @ middle, self.right.weight.to(compute)
+
     def extra_repr(self) -> str:
         return f"size={self.size}, {super().extra_repr()}"
