@@ -30,34 +30,16 @@ class LowRankLinear(AdapterLayer):
         base_policy: str = "keep",
     ) -> None:
         super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = self._setup(base, scaling, dropout, base_policy)
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank = rank
-        self.scaling = scaling
-        self.base_policy = base_policy
-        self.merged = False
         if base_policy == "residual":
             self.init_lora_A = nn.Parameter(torch.zeros(rank, base.in_features, **factory), requires_grad=False)
             self.init_lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory), requires_grad=False)
 
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:
-            return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scaling
 
     def fixed_tensor_names(self) -> tuple[str, ...]:
         return ("init_lora_A", "init_lora_B") if self.base_policy == "residual" else ()
@@ -121,36 +103,5 @@ class LowRankLinear(AdapterLayer):
         self.init_lora_B.copy_(B0)
         self.init_lora_A.copy_(A0)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the adapted weight, for inference."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.base.bias is not None,
-            device=self.base.weight.device,
-            dtype=self.base.weight.dtype,
-        )
-        with torch.no_grad():
-            weight = self.base.weight.to(torch.promote_types(self.base.weight.dtype, torch.float32))
-            if not self.merged:
-                weight = weight + self.delta_weight()
-            linear.weight.copy_(weight)
-            if self.base.bias is not None:
-                linear.bias.copy_(self.base.bias)
-        linear.requires_grad_(False)
-        return linear
-
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}, base_policy={self.base_policy!r}, merged={self.merged}"
+        return f"rank={self.rank}, {super().extra_repr()}"
