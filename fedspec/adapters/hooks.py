@@ -1,5 +1,5 @@
 """One protocol for what some methods do besides the optimizer step: regularizers (SORSA, KaSA), proximal
-steps (SoRA), budget schedules (AdaLoRA), resampling (SST).
+steps (SoRA), budget schedules (AdaLoRA), annealed weight decay (SoMA), resampling (SST).
 
 The training loop asks the model's adapter for its hooks (:func:`training_hooks`) and calls each one after every
 optimizer step, so a method that needs a hook cannot be trained without it by accident.
