@@ -57,7 +57,7 @@ def common_overrides(data: Path) -> list[str]:
 
 
 def run(method: str, overrides: list[str], out_dir: Path) -> dict:
-    cfg = compose_config([*overrides, f"adapter={method}", f"run.name={method}", f"run.output_dir={out_dir}",
+    cfg = compose_config([f"adapter={method}", *overrides, f"run.name={method}", f"run.output_dir={out_dir}",
                           "run.progress=false"])
     started = time.monotonic()
     result = train_centralized(cfg)
@@ -82,7 +82,7 @@ def run(method: str, overrides: list[str], out_dir: Path) -> dict:
 
 def markdown(rows: list[dict], overrides: list[str]) -> str:
     lines = [
-        f"`fedspec train {' '.join(overrides)} adapter=<method>` (MiniLM, query/value, rank 8, DP-SGD ε ≤ 8 "
+        f"`fedspec train adapter=<method> {' '.join(overrides)}` (MiniLM, query/value, rank 8, DP-SGD ε ≤ 8 "
         f"at δ = 1e-5), one run each, CPU, {torch.get_num_threads()} torch thread(s):",
         "",
         "| method | trainable per d×d layer | trainable on MiniLM (+ head) | init (s) | calibration records "
