@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
 from fedspec.models import build_classifier, tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
 from fedspec.training import DPSettings, evaluate, sample_rate, train_steps
+
+from per_sample import assert_opacus_matches_per_example_loop
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -33,18 +33,6 @@ def _adapted(name: str, method: str, train_A: bool):
     return model, tokenize(tokenizer, TEXTS, 12)
 
 
-def _per_example_grads(model, batch) -> dict[str, torch.Tensor]:
-    grads: dict[str, list[torch.Tensor]] = {}
-    for i in range(len(LABELS)):
-        model.zero_grad(set_to_none=True)
-        out = model(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
-        torch.nn.functional.cross_entropy(out, LABELS[i:i + 1]).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                grads.setdefault(name, []).append(p.grad.detach().clone())
-    return {name: torch.stack(g) for name, g in grads.items()}
-
-
 @pytest.mark.parametrize(("model_name", "method", "train_A"), [
     ("tiny-bert", "pissa", False),  # FedSVD / FFA-LoRA client mode: B and head only
     ("tiny-bert", "lora", True),
@@ -53,25 +41,7 @@ def _per_example_grads(model, batch) -> dict[str, torch.Tensor]:
 def test_per_sample_gradients_match_a_per_example_loop(model_name, method, train_A):
     model, batch = _adapted(model_name, method, train_A)
     model.train()
-    expected = _per_example_grads(model, batch)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, LABELS), batch_size=len(LABELS))
-    hooks, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=torch.optim.SGD(params, lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False, wrap_model=False,
-    )
-    try:
-        model.zero_grad(set_to_none=True)
-        out = model(batch.input_ids, batch.attention_mask)
-        torch.nn.functional.cross_entropy(out, LABELS).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert torch.allclose(p.grad_sample, expected[name], atol=1e-6), name
-            else:
-                assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
-    finally:
-        hooks.cleanup()
+    assert_opacus_matches_per_example_loop(model, batch, LABELS)
 
 
 def _batch(texts=TEXTS, labels=LABELS):

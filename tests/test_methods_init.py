@@ -7,8 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import OmegaConf
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
 from fedspec.adapters import (
@@ -34,6 +32,8 @@ from fedspec.errors import AdapterError
 from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
+
+from per_sample import assert_opacus_matches_per_example_loop
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -322,18 +322,6 @@ def test_eva_per_layer_ranks_survive_save_and_load(tmp_path):
 # --- DP: exact per-sample gradients, one private step --------------------------------------------------------
 
 
-def _per_example_grads(model, batch) -> dict[str, torch.Tensor]:
-    grads: dict[str, list[torch.Tensor]] = {}
-    for i in range(len(LABELS)):
-        model.zero_grad(set_to_none=True)
-        out = model(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
-        torch.nn.functional.cross_entropy(out, LABELS[i:i + 1]).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                grads.setdefault(name, []).append(p.grad.detach().clone())
-    return {name: torch.stack(g) for name, g in grads.items()}
-
-
 @pytest.mark.parametrize(("method", "train_A"), [(m, True) for m in NEW_METHODS] + [("fwsvd", False), ("eva", False)])
 def test_per_sample_gradients_match_a_per_example_loop(method, train_A):
     model, batch = _adapted(method, train_A=train_A)
@@ -343,23 +331,7 @@ def test_per_sample_gradients_match_a_per_example_loop(method, train_A):
             if name.endswith("lora_B.weight"):
                 p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     model.train()
-    expected = _per_example_grads(model, batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, LABELS), batch_size=len(LABELS))
-    hooks, _, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=torch.optim.SGD(params, lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False, wrap_model=False,
-    )
-    try:
-        model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(batch.input_ids, batch.attention_mask), LABELS).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert torch.allclose(p.grad_sample, expected[name], atol=1e-6), name
-            else:
-                assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
-    finally:
-        hooks.cleanup()
+    assert_opacus_matches_per_example_loop(model, batch, LABELS)
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)

@@ -28,6 +28,8 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
+from per_sample import assert_opacus_matches_per_example_loop, per_example_grads
+
 SHAPE_METHODS = ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "clip_svd", "salt", "loldu",
                  "sst", "dora"]
 # LoRA-XS starts at W + U_rΣ_r·R·V_rᵀ with R ~ N(0, 1e-10): close to, not equal to, the base; KaSA starts at the
@@ -252,18 +254,6 @@ def test_loading_new_fixed_tensors_rebuilds_the_base_from_the_original_weight():
 # --- DP: exact per-sample gradients, one DP step ----------------------------------------------------------------
 
 
-def _per_example_grads(model, batch) -> dict[str, torch.Tensor]:
-    grads: dict[str, list[torch.Tensor]] = {}
-    for i in range(len(LABELS)):
-        model.zero_grad(set_to_none=True)
-        out = model(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
-        torch.nn.functional.cross_entropy(out, LABELS[i:i + 1]).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                grads.setdefault(name, []).append(p.grad.detach().clone())
-    return {name: torch.stack(g) for name, g in grads.items()}
-
-
 def _dp_model(method: str):
     model, tokenizer = _adapted(method)
     model.head.requires_grad_(True)
@@ -277,29 +267,13 @@ def test_per_sample_gradients_match_a_per_example_loop_without_functorch(method)
     model, batch = _dp_model(method)
     for name, module in trainable_modules(model):
         assert type(module) in GradSampleModule.GRAD_SAMPLERS, f"{name} ({type(module).__name__}) would use functorch"
-    expected = _per_example_grads(model, batch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, LABELS), batch_size=len(LABELS))
-    hooks, _, _ = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=torch.optim.SGD(params, lr=0.0), data_loader=loader,
-        noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False, wrap_model=False,
-    )
-    try:
-        model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(batch.input_ids, batch.attention_mask), LABELS).backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                assert torch.allclose(p.grad_sample, expected[name], atol=1e-6), name
-            else:
-                assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
-    finally:
-        hooks.cleanup()
+    assert_opacus_matches_per_example_loop(model, batch, LABELS)
 
 
 @pytest.mark.parametrize("method", ["salt", "loldu", "dora", "sst"])
 def test_ghost_clipping_norms_match_the_per_example_loop(method):
     model, batch = _dp_model(method)
-    expected = _per_example_grads(model, batch)
+    expected = per_example_grads(model, batch, LABELS)
     loop_norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in expected.values()))
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, LABELS), batch_size=len(LABELS))
