@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,12 +17,28 @@ from rich.console import Console
 
 from .errors import FedspecError
 
-EPILOG = """\
-config overrides:
-  Any key of the config tree as key=value, e.g. adapter.method=lora adapter.rank=16 strategy.name=ffa
-  privacy.target_epsilon=3 data=sst2 model=tiny-bert. Groups: model, data, adapter, strategy, privacy,
-  federation; see configs/ in the fedspec package for every key and its default.
-"""
+CONFIG_GROUPS = ("model", "data", "adapter", "strategy", "privacy", "federation")
+
+
+def _epilog() -> str:
+    """The override syntax and every config group's choices, read from the packaged configs/."""
+    import fedspec.configs
+
+    root = Path(fedspec.configs.__file__).parent
+    lines = [
+        "config overrides:",
+        "  Any key of the config tree as key=value, e.g. adapter=lora adapter.rank=16 strategy=ffa",
+        "  privacy.target_epsilon=3 data=sst2 model=tiny-bert; see configs/ in the fedspec package for every key",
+        "  and its default. A group=choice override picks one of:",
+    ]
+    for group in CONFIG_GROUPS:
+        choices = ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+        lines.append(textwrap.fill(choices, width=104, initial_indent=f"    {group}: ",
+                                   subsequent_indent=" " * (len(group) + 6)))
+    return "\n".join(lines) + "\n"
+
+
+EPILOG = _epilog()
 
 console = Console(stderr=True)
 

@@ -30,7 +30,12 @@ def test_help_explains_the_commands(capsys):
         assert command in out
     with pytest.raises(SystemExit):
         main(["simulate", "--help"])
-    assert "--clients" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--clients" in out
+    from fedspec.adapters import METHODS
+
+    listed = " ".join(out.split("adapter:")[1].split("strategy:")[0].split())
+    assert sorted(METHODS) == sorted(name.strip() for name in listed.split(","))  # every method, each with a config
 
 
 @pytest.mark.parametrize(("extra", "message"), [
