@@ -328,6 +328,12 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
         if short:
             out.print(f"{len(short)} of {len(plan.clients)} clients run out of budget before round "
                       f"{cfg.federation.rounds} if sampled every round; they will decline the rounds beyond it.")
+        never = [p.client for p in short if p.rounds_within_budget == 0]
+        if never:
+            who = f"client {never[0]}" if len(never) == 1 else f"clients {', '.join(map(str, never))}"
+            out.print(f"{len(never)} of them ({who}) cannot take part in a single "
+                      "round at this σ: raise privacy.noise_multiplier or the budget, or plan σ from "
+                      "privacy.target_epsilon instead.")
     if plan.client_level:
         out.print("\n".join(client_level_lines(plan.client_level)))
     return 0

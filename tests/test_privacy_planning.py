@@ -108,6 +108,16 @@ def test_privacy_plan_command_prints_every_client(capsys):
     assert "ε expected" in out and "ε worst case" in out and "rounds in budget" in out
 
 
+def test_privacy_plan_names_the_clients_a_given_noise_shuts_out(capsys):
+    """A σ too small for a budget leaves the smallest clients (largest sample rate) without a single round."""
+    argv = ["privacy-plan", "--sizes", "12000,3000,400", "--noise-multiplier", "0.8", "--budget-epsilon", "3",
+            "--rounds", "50", "--fraction", "0.2", "--local-steps", "10", "--batch-size", "32"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 of 3 clients run out of budget before round 50" in out
+    assert "1 of them (client 2) cannot take part in a single round at this σ" in out
+
+
 def test_privacy_plan_command_errors_are_one_line(capsys):
     assert main(["privacy-plan", "--sizes", "60000,5000", "--target-epsilon", "0.01"]) == 2
     err = capsys.readouterr().err.strip()
