@@ -208,3 +208,11 @@ def write_peft_export(model: nn.Module, directory, cfg: DictConfig) -> str | Non
         base = cfg.model.path or (str(packaged_minilm_path()) if cfg.model.name == "minilm" else cfg.model.name)
         export_peft(model, directory, base_model_name_or_path=base)
     return reason
+
+
+def peft_export_line(reason: str | None) -> str:
+    """The run summary's line about the PEFT export: what was written, or why the method has none."""
+    if reason is not None:
+        return f"- no `adapter-peft/`: {reason}"
+    return ("- `adapter-peft/`: the adapter as a PEFT LoRA adapter of the original backbone "
+            "(`PeftModel.from_pretrained`)")

@@ -24,6 +24,7 @@ from .builders import (
     calibration_kinds,
     encode,
     init_statistics_report,
+    peft_export_line,
     statistics_privacy,
     write_peft_export,
 )
@@ -147,10 +148,10 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 console.print(f"epoch {epoch}: train loss {result.mean_loss:.4f}  eval acc {rows[-1].eval_accuracy:.4f}")
 
     save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
-    write_peft_export(model, paths.adapter_peft, cfg)
+    peft_export = write_peft_export(model, paths.adapter_peft, cfg)
     write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
                                  init_statistics_report(cfg, calibration))
-    paths.summary.write_text(_summary(cfg, rows))
+    paths.summary.write_text(_summary(cfg, rows, peft_export))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
 
@@ -179,7 +180,7 @@ def epochs_table(rows: list[EpochRow]) -> Table:
     return table
 
 
-def _summary(cfg: DictConfig, rows: list[EpochRow]) -> str:
+def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> str:
     lines = [
         f"# fedspec run `{cfg.run.name}` (centralized baseline)",
         "",
@@ -193,4 +194,6 @@ def _summary(cfg: DictConfig, rows: list[EpochRow]) -> str:
         loss = "—" if r.train_loss is None else f"{r.train_loss:.4f}"
         eps = "—" if r.epsilon is None else f"{r.epsilon:.3f}"
         lines.append(f"| {r.epoch} | {loss} | {r.eval_accuracy:.4f} | {r.eval_loss:.4f} | {eps} | {r.seconds:.1f} |")
+    lines += ["", "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `privacy/report.md`.",
+              peft_export_line(peft_export)]
     return "\n".join(lines) + "\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fedspec.builders import init_statistics_report, write_peft_export
+from fedspec.builders import init_statistics_report, peft_export_line, write_peft_export
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
@@ -102,13 +102,16 @@ def write_final_reports(
     client_level: PrivacyLedger | None = None,
 ) -> None:
     model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
-    write_peft_export(model.model, paths.adapter_peft, cfg)
+    peft_export = write_peft_export(model.model, paths.adapter_peft, cfg)
     report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
                                       client_level=client_level)
-    paths.summary.write_text(summary_markdown(cfg, rows, report))
+    paths.summary.write_text(summary_markdown(cfg, rows, report, peft_export))
 
 
-def summary_markdown(cfg: DictConfig, rows: list[RoundRow], privacy_report: dict) -> str:
+def summary_markdown(
+    cfg: DictConfig, rows: list[RoundRow], privacy_report: dict, peft_export: str | None
+) -> str:
+    """``peft_export``: why the run has no PEFT export (None: it has one)."""
     first, last = rows[0], rows[-1]
     if cfg.privacy.enabled:
         epsilons = [c["final_epsilon"] for c in privacy_report.get("clients", {}).values()]
@@ -144,6 +147,7 @@ def summary_markdown(cfg: DictConfig, rows: list[RoundRow], privacy_report: dict
         rounds_markdown(rows),
         "",
         "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `checkpoints/round-NNNN/`, `privacy/report.md`.",
+        peft_export_line(peft_export),
         "",
     ]
     return "\n".join(lines)

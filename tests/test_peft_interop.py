@@ -317,6 +317,7 @@ def test_cli_export_peft_from_a_run_folder(tmp_path, tiny_cfg):
                    "data.eval_examples=16")
     result = train_centralized(cfg)
     assert (result.paths.adapter_peft / "adapter_model.safetensors").is_file()  # written by the run itself
+    assert "- `adapter-peft/`: the adapter as a PEFT LoRA adapter" in result.paths.summary.read_text()
     out = tmp_path / "exported"
     assert main(["export-peft", str(result.paths.adapter), str(out)]) == 0
     model, tokenizer = build_classifier(cfg.model, 4, seed=cfg.run.seed)
@@ -328,3 +329,13 @@ def test_cli_export_peft_from_a_run_folder(tmp_path, tiny_cfg):
     with torch.no_grad():
         assert torch.allclose(loaded(**enc).last_hidden_state, model.encoder(**enc).last_hidden_state, atol=1e-5)
     assert main(["export-peft", str(tmp_path / "nowhere"), str(out)]) == 2
+
+
+def test_a_run_without_a_lora_export_says_why_in_its_summary(tiny_cfg):
+    from fedspec.centralized import train_centralized
+
+    cfg = tiny_cfg("adapter=dora", "adapter.rank=4", "privacy=none", "data.num_examples=64", "train.batch_size=32",
+                   "data.eval_examples=16")
+    result = train_centralized(cfg)
+    assert not result.paths.adapter_peft.exists()
+    assert "- no `adapter-peft/`: adapter.method=dora is no low-rank update" in result.paths.summary.read_text()
