@@ -20,6 +20,8 @@ from fedspec.adapters import (
 from fedspec.errors import AdapterError
 from fedspec.models import build_classifier, tokenize
 
+from helpers import perturb
+
 TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled"]
 
 
@@ -33,15 +35,6 @@ def _outputs(model, tokenizer) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(batch.input_ids, batch.attention_mask)
-
-
-def _perturb(model) -> None:
-    """Move every trainable tensor away from its initial value, as training would."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
 
 def test_registry_lists_the_low_rank_methods():
@@ -105,7 +98,7 @@ def test_trainable_mask_and_frozen_A_mode():
 def test_merge_and_unmerge_preserve_the_function():
     model, tokenizer = _model()
     fedspec.adapt(model, "pissa", 4)
-    _perturb(model)
+    perturb(model)
     adapted = _outputs(model, tokenizer)
     merge_in_place(model)
     assert torch.allclose(_outputs(model, tokenizer), adapted, atol=1e-5)
@@ -121,7 +114,7 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
     model, tokenizer = _model()
     fedspec.adapt(model, method, 4)
     model.head.requires_grad_(True)
-    _perturb(model)
+    perturb(model)
     expected = _outputs(model, tokenizer)
     save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -134,7 +127,7 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
 def test_loading_new_init_factors_rebuilds_the_residual_from_the_original_weight():
     source, tokenizer = _model()
     fedspec.adapt(source, "pissa", 4, svd_method="exact")
-    _perturb(source)
+    perturb(source)
     target, _ = _model()
     fedspec.adapt(target, "pissa", 4, initialize=False)  # base untouched, factors zero
     load_adapter_state(target, adapter_state(source))

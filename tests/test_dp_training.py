@@ -12,7 +12,7 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
 from fedspec.training import DPSettings, evaluate, sample_rate, train_steps
 
-from per_sample import assert_opacus_matches_per_example_loop
+from helpers import assert_opacus_matches_per_example_loop
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",

@@ -33,7 +33,7 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from per_sample import assert_opacus_matches_per_example_loop
+from helpers import assert_opacus_matches_per_example_loop, perturb
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -72,14 +72,6 @@ def _outputs(model, batch) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(batch.input_ids, batch.attention_mask)
-
-
-def _perturb(model) -> None:
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
 
 def _originals(model, targets=("query", "value")) -> dict[str, torch.Tensor]:
@@ -281,7 +273,7 @@ def test_bad_method_options_are_clear_errors():
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_merged_equals_unmerged(method):
     model, batch = _adapted(method)
-    _perturb(model)
+    perturb(model)
     adapted = _outputs(model, batch)
     merge_in_place(model)
     assert torch.allclose(_outputs(model, batch), adapted, atol=1e-5)
@@ -296,7 +288,7 @@ def test_merged_equals_unmerged(method):
 def test_save_load_round_trip_on_a_fresh_base_model_is_exact(tmp_path, method):
     model, batch = _adapted(method)
     model.head.requires_grad_(True)
-    _perturb(model)
+    perturb(model)
     expected = _outputs(model, batch)
     save_adapter(model, tmp_path / "adapter")
     fresh, _ = _model()
@@ -311,7 +303,7 @@ def test_eva_per_layer_ranks_survive_save_and_load(tmp_path):
     spectra = {name: ([50.0] * 6 + [0.01] * 26) if name.endswith("query") else [1.0] * 32
                for name in match_targets(model, ["query", "value"])}
     fedspec.adapt(model, "eva", 2, calibration=_synthetic_inputs(spectra), rho=3.0)
-    _perturb(model)
+    perturb(model)
     save_adapter(model, tmp_path / "eva")
     fresh, _ = _model()
     load_adapter(fresh, tmp_path / "eva")

@@ -28,7 +28,7 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from per_sample import assert_opacus_matches_per_example_loop, per_example_grads
+from helpers import assert_opacus_matches_per_example_loop, per_example_grads, perturb
 
 SHAPE_METHODS = ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "clip_svd", "salt", "loldu",
                  "sst", "dora"]
@@ -59,15 +59,6 @@ def _outputs(model, tokenizer, texts=TEXTS) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(batch.input_ids, batch.attention_mask)
-
-
-def _perturb(model, scale: float = 0.05, seed: int = 1) -> None:
-    """Move every trainable tensor away from its initial value, as training would (relative for SALT's scale)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def _original_weights(model) -> dict[str, torch.Tensor]:
@@ -203,7 +194,7 @@ def test_method_options_reach_the_layers_and_bad_ones_fail_early():
 @pytest.mark.parametrize("method", SHAPE_METHODS)
 def test_merged_equals_unmerged_and_merge_gives_plain_linears(method):
     model, tokenizer = _adapted(method)
-    _perturb(model)
+    perturb(model)
     adapted = _outputs(model, tokenizer)
     merge_in_place(model)
     assert torch.allclose(_outputs(model, tokenizer), adapted, atol=1e-5)
@@ -217,7 +208,7 @@ def test_merged_equals_unmerged_and_merge_gives_plain_linears(method):
 
 def test_dora_unmerge_restores_the_base_weight_from_the_cached_norm():
     model, _ = _adapted("dora")
-    _perturb(model)
+    perturb(model)
     layer = next(iter(adapter_layers(model).values()))
     before = layer.base.weight.detach().clone()
     layer.merge()
@@ -230,7 +221,7 @@ def test_dora_unmerge_restores_the_base_weight_from_the_cached_norm():
 def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
     model, tokenizer = _adapted(method)
     model.head.requires_grad_(True)
-    _perturb(model)
+    perturb(model)
     expected = _outputs(model, tokenizer)
     save_adapter(model, tmp_path / "adapter")
     fresh, _ = _model()
@@ -242,7 +233,7 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
 
 def test_loading_new_fixed_tensors_rebuilds_the_base_from_the_original_weight():
     source, tokenizer = _adapted("svfit")
-    _perturb(source)
+    perturb(source)
     target, _ = _model()
     fedspec.adapt(target, "svfit", 4, initialize=False)  # base untouched, bases zero
     load_adapter_state(target, adapter_state(source))
@@ -257,7 +248,7 @@ def test_loading_new_fixed_tensors_rebuilds_the_base_from_the_original_weight():
 def _dp_model(method: str):
     model, tokenizer = _adapted(method)
     model.head.requires_grad_(True)
-    _perturb(model, 0.1)  # non-zero B etc., so every factor gets a non-trivial gradient
+    perturb(model, 0.1)  # non-zero B etc., so every factor gets a non-trivial gradient
     model.train()
     return model, tokenize(tokenizer, TEXTS, 12)
 
@@ -403,7 +394,7 @@ def test_salt_residual_lora_averages_only_to_first_order():
 def test_sst_server_step_redraws_the_trained_vectors_without_changing_the_weight():
     model, _ = _model()
     fedspec.adapt(model, "sst", 4, federated=True)
-    _perturb(model)
+    perturb(model)
     before = {n: layer.adapted_weight().detach().clone() for n, layer in adapter_layers(model).items()}
     chosen = {n: layer.sel_left.weight.detach().clone() for n, layer in adapter_layers(model).items()}
     METHODS["sst"].server_step(model, fedspec.adapters.adapter_config(model), 4)  # round 4: with a re-SVD

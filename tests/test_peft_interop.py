@@ -20,6 +20,8 @@ from fedspec.models import build_classifier
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
+from helpers import perturb  # noqa: E402
+
 # Eight records of at least eight tokens, cut to eight: no padding, so every token weighs the same in PEFT's
 # statistics and in fedspec's per-record averages.
 TEXTS = [
@@ -205,14 +207,6 @@ def test_lora_ga_matches_peft():
 # --- export --------------------------------------------------------------------------------------------------
 
 
-def _perturb(model) -> None:
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=generator))
-
-
 def _check_export(model, tokenizer, out_dir):
     """PEFT loads the export on the original backbone; hidden states and (with the head) logits match."""
     enc = tokenizer(TEXTS[:5], max_length=16, truncation=True, padding="max_length", return_tensors="pt")
@@ -242,7 +236,7 @@ def test_export_loads_in_peft_on_the_original_backbone(tmp_path, method):
     model, tokenizer = _model()
     fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     model.head.requires_grad_(True)
-    _perturb(model)
+    perturb(model, seed=3)
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     rank = 4 if method == "lora" else 8  # residual methods: s·B·A − s·B₀·A₀, a rank-2r LoRA
@@ -256,7 +250,7 @@ def test_export_of_other_low_rank_updates_loads_in_peft(tmp_path, method):
     model, tokenizer = _model()
     fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     model.head.requires_grad_(True)
-    _perturb(model)
+    perturb(model, seed=3)
     export_peft(model, tmp_path / "peft")
     _check_export(model, tokenizer, tmp_path / "peft")
 
@@ -269,7 +263,7 @@ def test_export_of_data_driven_residual_methods_is_a_rank_2r_lora(tmp_path, meth
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
                                       match_targets(model, ["query", "value"]), kinds)
     fedspec.adapt(model, method, 4, alpha=8.0, calibration=calibration, svd_method="exact")
-    _perturb(model)
+    perturb(model, seed=3)
     export_peft(model, tmp_path / "peft")
     _check_export(model, tokenizer, tmp_path / "peft")
 
@@ -281,7 +275,7 @@ def test_eva_export_carries_its_rank_pattern(tmp_path):
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
                                       match_targets(model, targets), ["inputs"])
     fedspec.adapt(model, "eva", 12, targets, alpha=24.0, calibration=calibration, rho=32 / 12)
-    _perturb(model)
+    perturb(model, seed=3)
     export_peft(model, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     ranks = {name.removeprefix("encoder."): layer.rank for name, layer in adapter_layers(model).items()}

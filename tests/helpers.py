@@ -1,10 +1,20 @@
-"""The per-example reference that every per-sample-gradient test compares Opacus against."""
+"""Helpers the test files share: a trained-looking adapter, and the per-example reference every per-sample-gradient
+test compares Opacus against."""
 
 from __future__ import annotations
 
 import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
+
+
+def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable tensor away from its initial value, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
 def per_example_grads(model, batch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
