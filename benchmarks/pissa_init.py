@@ -20,6 +20,7 @@ from torch import nn
 import fedspec
 from fedspec.adapters import adapter_layers
 from fedspec.config import compose_config
+from fedspec.svd.precision import pass_dtype
 
 from common import Row, interleaved, median, seconds, timed, yes_no
 
@@ -85,7 +86,8 @@ def _compare(label: str, build, targets: list[str], rank: int, repeats: int, exa
     from peft import LoraConfig, get_peft_model
 
     adapter = compose_config([]).adapter
-    options = {"svd_method": adapter.svd_method, "niter": adapter.niter, "oversample": adapter.oversample}
+    options = {"svd_method": adapter.svd_method, "niter": adapter.niter, "oversample": adapter.oversample,
+               "pass_precision": adapter.svd_pass_precision}
     original = _linear_weights(build(), targets)
     errors: dict[str, dict[str, float]] = {}
     residuals: dict[str, dict[str, torch.Tensor]] = {}  # kept only where the exact SVD is affordable
@@ -120,8 +122,10 @@ def _compare(label: str, build, targets: list[str], rank: int, repeats: int, exa
         accuracy += _exact_distances(original, residuals, rank)
     else:
         accuracy += _exact_energy(original, errors, rank)
+    passes = {str(pass_dtype(options["pass_precision"], W)).removeprefix("torch.") for W in original.values()}
     setting = (f"{label}: {len(original)} layers, r={rank}; fedspec {options['svd_method']} niter={options['niter']} "
-               f"oversample={options['oversample']} (config defaults); PEFT pissa_niter_4; median of {repeats}")
+               f"oversample={options['oversample']} pass_precision={options['pass_precision']} "
+               f"(passes in {' / '.join(sorted(passes))}) (config defaults); PEFT pissa_niter_4; median of {repeats}")
     speedup = t_peft / t_fed
     return [Row("(a) PiSSA init", setting, seconds(t_fed), f"PEFT {seconds(t_peft)}", f"{speedup:.1f}× faster",
                 accuracy, "≥ 3× faster, error ≤ PEFT", yes_no(speedup >= 3 and err_fed <= err_peft))]

@@ -115,6 +115,7 @@ def apply_adapter(
         svd_method=adapter.svd_method,
         niter=adapter.niter,
         oversample=adapter.oversample,
+        pass_precision=adapter.svd_pass_precision,
         **(OmegaConf.to_container(adapter.options, resolve=True) if adapter.options else {}),
     )
     head: nn.Module = model.head

@@ -58,6 +58,7 @@ class AdapterSettings:
     svd_method: str = MISSING
     niter: int = MISSING
     oversample: int = MISSING
+    svd_pass_precision: str = MISSING  # full | bfloat16 | auto: precision of the randomized SVD's passes over W
     train_head: bool = MISSING
     # Data-driven initializers (CorDA, EVA, LoRA-GA, FWSVD): examples whose statistics initialize the adapter
     # (centralized: from the pooled training data; federated: up to this many per client, summed in round 0).
@@ -159,6 +160,7 @@ CHOICES: dict[str, tuple] = {
     "data.partition": ("dirichlet", "iid"),
     "data.format": ("auto", "tsv", "csv", "jsonl"),
     "adapter.svd_method": ("randomized", "exact"),
+    "adapter.svd_pass_precision": ("full", "bfloat16", "auto"),
     "strategy.name": STRATEGIES,
     "privacy.accountant": ("rdp", "prv"),
     "privacy.grad_sample_mode": ("hooks", "ghost"),

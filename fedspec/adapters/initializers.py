@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..svd import truncated_svd
+from ..svd import PassBuffer, truncated_svd
 
 
 def lora_gaussian(
@@ -39,6 +39,8 @@ def pissa(
     svd_method: str = "randomized",
     niter: int = 4,
     oversample: int = 8,
+    pass_precision: str = "full",
+    pass_buffer: PassBuffer | None = None,
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PiSSA (Meng et al., 2024): the top-r singular triplets of W; the base keeps the residual.
@@ -47,7 +49,8 @@ def pissa(
     generator, so the server's SVD is reproducible.
     """
     U, S, Vh = truncated_svd(
-        weights, rank, method=svd_method, niter=niter, oversample=oversample, generator=generator
+        weights, rank, method=svd_method, niter=niter, oversample=oversample, generator=generator,
+        pass_precision=pass_precision, pass_buffer=pass_buffer,
     )
     return _split_singular_values(U, S, Vh, scaling)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..svd import batch_chunks
+from ..svd import PassBuffer, batch_chunks
 from .calibration import KINDS, Calibration
 from .layer import AdapterLayer
 from .lowrank import LowRankLinear
@@ -96,12 +96,13 @@ def _initialize(
     for name in layers:
         groups[(tuple(originals[name].shape), originals[name].dtype, ranks[name])].append(name)
     keys = [key for kind in spec.calibration for key in KINDS[kind]]
+    buffer = PassBuffer()  # one scratch copy of W for the randomized SVDs of every chunk
     for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         item_bytes = originals[group[0]].numel() * compute.itemsize
         for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
             _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration,
-                              scaling, generator, options)
+                              scaling, generator, {**options, "pass_buffer": buffer})
 
 
 def _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration, scaling, generator,
@@ -191,9 +192,9 @@ def adapt(
     FFA-LoRA clients train in. ``initialize=False`` skips the initializer (factors start at zero, the base is
     untouched) for a model whose adapter state is loaded right after, e.g. a federated client receiving the
     server's factors. ``federated=True`` also freezes the tensors the method's federated rule leaves to the server.
-    Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``) and, for the keys the
-    method declares (``METHODS[method].options``, e.g. CorDA's ``mode``), set its hyperparameters; the rest of them
-    keep their defaults.
+    Other keyword options go to the initializer (``svd_method``, ``niter``, ``oversample``, ``pass_precision``)
+    and, for the keys the method declares (``METHODS[method].options``, e.g. CorDA's ``mode``), set its
+    hyperparameters; the rest of them keep their defaults.
 
     ``calibration``: statistics of data (:func:`fedspec.adapters.collect_calibration`), required by the
     data-driven methods (CorDA, EVA, LoRA-GA, FWSVD) when initializing. ``rank_pattern``: explicit per-layer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer
+from .layer import AdapterLayer, zero_factor
 
 
 class LowRankLinear(AdapterLayer):
@@ -31,8 +31,8 @@ class LowRankLinear(AdapterLayer):
     ) -> None:
         super().__init__()
         factory = self._setup(base, scaling, dropout, base_policy)
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        self.lora_A = zero_factor(base.in_features, rank, factory)
+        self.lora_B = zero_factor(rank, base.out_features, factory)
         self.rank = rank
         if base_policy == "residual":
             self.init_lora_A = nn.Parameter(torch.zeros(rank, base.in_features, **factory), requires_grad=False)

@@ -6,7 +6,7 @@ Singular-vector signs are arbitrary: compare products, never factors.
 """
 
 from .grouping import BATCH_BYTES, batch_chunks, group_by_shape
-from .precision import compute_dtype
+from .precision import PASS_PRECISIONS, PassBuffer, compute_dtype
 from .refactor import refactor_lowrank, refactor_lowrank_grouped
 from .truncated import METHODS, error_vs_exact, reconstruction_error, truncated_svd
 
@@ -14,6 +14,8 @@ __all__ = [
     "BATCH_BYTES",
     "batch_chunks",
     "METHODS",
+    "PASS_PRECISIONS",
+    "PassBuffer",
     "compute_dtype",
     "error_vs_exact",
     "group_by_shape",
