@@ -134,6 +134,15 @@ def test_loading_new_init_factors_rebuilds_the_residual_from_the_original_weight
     assert torch.allclose(_outputs(target, tokenizer), _outputs(source, tokenizer), atol=1e-5)
 
 
+def test_uninitialized_adapter_starts_at_zero_with_the_base_untouched():
+    model, tokenizer = _model()
+    before = _outputs(model, tokenizer)
+    fedspec.adapt(model, "pissa", 4, initialize=False)
+    for layer in adapter_layers(model).values():
+        assert not layer.lora_A.weight.any() and not layer.lora_B.weight.any()
+    assert torch.equal(_outputs(model, tokenizer), before)
+
+
 def test_unknown_method_is_a_clear_error():
     model, _ = _model()
     with pytest.raises(AdapterError, match="adapter.method='nope' is not a registered method; choose one of: .*pissa"):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
-from fedspec.adapters import METHODS
+from fedspec.adapters import METHODS, adapter_layers
 from fedspec.errors import AdapterError, ConfigError
 from fedspec.models import build_classifier, tokenize
 from fedspec.privacy.grad_samplers import (
@@ -31,8 +31,16 @@ def _model(name: str, method: str, train_A: bool):
     pooling = "last" if name == "tiny-llama" else "mean"
     model, tokenizer = build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3)
     # Data-driven methods need calibration statistics to initialize; their layer structure (and so their
-    # per-sample gradient rules) is the same without: initialize=False leaves the factors at zero.
-    fedspec.adapt(model, method, 4, train_A=train_A, initialize=not METHODS[method].calibration)
+    # per-sample gradient rules) is the same without. initialize=False leaves the factors at zero, which would make
+    # every adapter gradient zero: give them random values, as an initializer would.
+    initialize = not METHODS[method].calibration
+    fedspec.adapt(model, method, 4, train_A=train_A, initialize=initialize)
+    if not initialize:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in adapter_layers(model).values():
+                for p in layer.adapter_tensors().values():
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
     model.head.requires_grad_(True)
     return model.train(), tokenize(tokenizer, TEXTS, 10)
 

@@ -200,6 +200,81 @@ def test_zero_matrix_is_finite(method):
     assert float(reconstruction_error(torch.zeros(12, 9), U, S, Vh)) == 0.0
 
 
+def test_rank_deficient_randomized_is_exact_and_finite():
+    """Asking for more components than W has: the trailing singular values are ~0, and the Rayleigh–Ritz step must
+    not divide by them (it falls back to a thin QR), so the result is finite and still reproduces W."""
+    g = gen(4)
+    W = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)
+    U, S, Vh = truncated_svd(W, 6, method="randomized")
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    assert float(reconstruction_error(W, U, S, Vh)) < 1e-4  # float32
+    assert float(S[3:].max()) < 1e-5 * float(S[0])
+
+
+# ------------------------------------------------------------------------ pass precision (bf16 passes)
+
+
+def flat_matrix(m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian entries: the flat spectrum of random (or barely trained) weights."""
+    return torch.randn(m, n, generator=gen(seed)) / n**0.5
+
+
+def test_bf16_passes_capture_as_much_as_full_precision_on_a_flat_spectrum():
+    """Where the randomized SVD's own error dominates (real and random weights), reading W in bf16 costs nothing
+    measurable: the reconstruction errors agree to 1e-4 relative."""
+    W = flat_matrix(300, 200)
+    full = float(reconstruction_error(W, *truncated_svd(W, 8, niter=3, pass_precision="full")))
+    bf16 = float(reconstruction_error(W, *truncated_svd(W, 8, niter=3, pass_precision="bfloat16")))
+    assert abs(bf16 - full) <= 1e-4 * full
+    exact = float(reconstruction_error(W, *truncated_svd(W, 8, method="exact")))
+    assert exact <= bf16 <= 1.01 * exact
+
+
+def test_bf16_passes_have_a_noise_floor_on_exactly_low_rank_matrices():
+    """The documented price of bf16 passes: ~1e-3 relative on a matrix full precision recovers exactly."""
+    g = gen(5)
+    W = torch.randn(120, 8, generator=g) @ torch.randn(8, 90, generator=g)
+    full = truncated_svd(W, 8, niter=2, pass_precision="full")
+    bf16 = truncated_svd(W, 8, niter=2, pass_precision="bfloat16")
+    assert rel_err(product(*full), W) < 1e-5
+    assert 1e-5 < rel_err(product(*bf16), W) < 1e-2
+    assert all(t.dtype == torch.float32 for t in bf16), "results stay in the compute dtype"
+
+
+def test_pass_buffer_is_reused_and_changes_nothing():
+    from fedspec.svd import PassBuffer
+
+    buffer = PassBuffer()
+    big, small = flat_matrix(64, 48, seed=1), flat_matrix(32, 40, seed=2)
+    for W in (big, small):
+        with_buffer = truncated_svd(W, 4, pass_precision="bfloat16", pass_buffer=buffer)
+        without = truncated_svd(W, 4, pass_precision="bfloat16")
+        for a, b in zip(with_buffer, without):
+            assert torch.equal(a, b)
+    address = buffer.copy(big, torch.bfloat16).data_ptr()
+    assert buffer.copy(small, torch.bfloat16).data_ptr() == address, "a smaller matrix reuses the memory"
+
+
+def test_auto_pass_precision_needs_a_large_float32_matrix_and_native_bf16(monkeypatch):
+    import fedspec.svd.precision as precision
+
+    large = torch.empty(2048, 2048)
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: True)
+    assert precision.pass_dtype("auto", large) == torch.bfloat16
+    assert precision.pass_dtype("auto", torch.empty(2048, 1024)) == torch.float32, "small: full precision"
+    assert precision.pass_dtype("auto", large.double()) == torch.float64, "float64 input asks for float64"
+    assert precision.pass_dtype("full", large) == torch.float32
+    monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: False)
+    assert precision.pass_dtype("auto", large) == torch.float32, "emulated bf16 is slower than float32"
+    assert precision.pass_dtype("bfloat16", large) == torch.bfloat16, "an explicit choice is obeyed"
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized"])
+def test_unknown_pass_precision_lists_allowed_values(method):
+    with pytest.raises(ValueError, match=r"'half'.*full, bfloat16, auto"):
+        truncated_svd(torch.randn(8, 6), 2, method=method, pass_precision="half")
+
+
 @pytest.mark.parametrize("rank", [0, -1, 9])
 def test_rank_out_of_range_names_shape_and_range(rank):
     with pytest.raises(ValueError, match=r"rank=.*\(12, 8\).*1 <= rank <= min\(m, n\) = 8"):
