@@ -85,10 +85,13 @@ How to read it:
   keep every iterate, 2·niter + 1 passes over W), PEFT's is `torch.svd_lowrank` (subspace iteration,
   2·niter + 2 passes, no oversampling, a Householder QR after every pass, then a 3-pass residual update).
   Random Gaussian weights (the 7B-shaped model) have a flat spectrum, the hardest case for any randomized
-  SVD: the top singular values are nearly equal, and on 2 CPU cores each pass over a 11008×4096 matrix is
-  bound by memory bandwidth. fedspec's defaults (niter=3, oversample=8: 7 passes, then one in-place pass for
-  the residual) miss less of the optimal energy than PEFT's 10 passes; matching PEFT's error with fewer
-  passes was not possible on these matrices, which caps the speed-up there near PEFT's pass count over ours.
+  SVD: the top singular values are nearly equal. fedspec's defaults (niter=3, oversample=8: 7 passes, then one
+  in-place pass for the residual) miss less of the optimal energy than PEFT's 10 passes; fewer passes could
+  not match PEFT's error there. What makes the 7B-shaped passes cheap is `pass_precision=auto`: on this CPU
+  (AMX) the passes over weights of 2048² elements and more read a bf16 copy of W (float32 accumulation, every
+  orthonormalization in float32/64), several times faster per pass; the error columns include that choice.
+  MiniLM's matrices are small (≤ 1536×384), so its time is per-layer overhead (orthonormalizations, small
+  eigendecompositions, building the layers), not passes, and bf16 does not pay there.
 - (b) The dense baseline is extrapolated from one timed product (a dense SVD of one 4096² matrix takes about
   a minute on 2 cores; 224 of them would take hours), by the O(m·n·min(m, n)) cost of an SVD.
 - (c) Step times of one fixed batch; "DP" is Opacus DP-SGD with per-sample clipping and noise.
