@@ -67,6 +67,11 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+# "Faster" counts only beyond this ratio: medians of a few repeats on the shared machine moved by a few percent
+# from run to run (e.g. 0.98× and 1.00× for the same comparison), so a smaller lead is a tie, not a win.
+FASTER_MARGIN = 1.05
+
+
 def yes_no(condition: bool) -> str:
     return "yes" if condition else "**no**"
 

@@ -85,16 +85,21 @@ How to read it:
   keep every iterate, 2·niter + 1 passes over W), PEFT's is `torch.svd_lowrank` (subspace iteration,
   2·niter + 2 passes, no oversampling, a Householder QR after every pass, then a 3-pass residual update).
   Random Gaussian weights (the 7B-shaped model) have a flat spectrum, the hardest case for any randomized
-  SVD: the top singular values are nearly equal. fedspec's defaults (niter=3, oversample=8: 7 passes, then one
-  in-place pass for the residual) miss less of the optimal energy than PEFT's 10 passes; fewer passes could
-  not match PEFT's error there. What makes the 7B-shaped passes cheap is `pass_precision=auto`: on this CPU
+  SVD: the top singular values are nearly equal. fedspec's defaults (niter=3, oversample=0: 7 passes of a
+  block of r columns and a Krylov basis of 4r, then one in-place pass for the residual) miss less of the
+  optimal energy than PEFT's 10 passes; fewer passes could not match PEFT's error (niter=2 measured 0.99451
+  with oversample=8 on the 7B-shaped model, 0.93071 with oversample=0 on MiniLM). Oversampling buys little
+  (oversample=8: 0.99406 instead of 0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the 7B-shaped passes cheap is `pass_precision=auto`: on this CPU
   (AMX) the passes over weights of 2048² elements and more read a bf16 copy of W (float32 accumulation, every
   orthonormalization in float32/64), several times faster per pass; the error columns include that choice.
   MiniLM's matrices are small (≤ 1536×384), so its time is per-layer overhead (orthonormalizations, small
-  eigendecompositions, building the layers), not passes, and bf16 does not pay there.
+  eigendecompositions, building the layers), not passes, and bf16 does not pay there. Both models are timed
+  after one warm-up round; a process's first call costs more (fedspec's 7B-shaped init about 0.25 s: oneDNN
+  sets up its bf16 kernels once per shape).
 - (b) The dense baseline is extrapolated from one timed product (a dense SVD of one 4096² matrix takes about
   a minute on 2 cores; 224 of them would take hours), by the O(m·n·min(m, n)) cost of an SVD.
-- (c) Step times of one fixed batch; "DP" is Opacus DP-SGD with per-sample clipping and noise.
+- (c) Step times of one fixed batch; "DP" is Opacus DP-SGD with per-sample clipping and noise. "Faster" is
+  met only with a lead of at least 5%: medians of a few repeats move by a few percent between runs here.
 - (d) Peak resident memory summed over the whole process tree (Ray's raylet, GCS and workers included),
   sampled every 0.2 s by `benchmarks/proctree.py`.
 
