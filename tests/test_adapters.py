@@ -143,6 +143,23 @@ def test_uninitialized_adapter_starts_at_zero_with_the_base_untouched():
     assert torch.equal(_outputs(model, tokenizer), before)
 
 
+def test_zero_factor_is_an_ordinary_linear():
+    """zero_factor skips nn.Linear's initializer; everything else must be what nn.Linear builds."""
+    from torch import nn
+
+    from fedspec.adapters.layer import zero_factor
+
+    factor, reference = zero_factor(6, 3, {"dtype": torch.float64, "device": "cpu"}), nn.Linear(6, 3, bias=False)
+    assert type(factor) is nn.Linear and not factor.weight.any()
+    assert factor.weight.dtype == torch.float64 and factor.weight.requires_grad
+    assert repr(factor) == repr(reference) and factor.state_dict().keys() == reference.state_dict().keys()
+    assert vars(factor).keys() == vars(reference).keys()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    reference.to(torch.float64).weight.data.copy_(torch.randn(3, 6))
+    factor.weight.data.copy_(reference.weight)
+    assert torch.equal(factor(x), reference(x))
+
+
 def test_unknown_method_is_a_clear_error():
     model, _ = _model()
     with pytest.raises(AdapterError, match="adapter.method='nope' is not a registered method; choose one of: .*pissa"):
