@@ -171,7 +171,7 @@ def _mean(values: list[float]) -> float:
 def run(quick: bool) -> list[Row]:
     torch.manual_seed(0)
     rows = _compare("MiniLM-L6 (all linear layers)", minilm_builder(), MINILM_TARGETS, 8,
-                    repeats=3 if quick else 7, exact="all")
+                    repeats=9 if quick else 15, exact="all")
     # Warmed up like MiniLM: a process's first bf16 passes also set up oneDNN's kernels for each shape (measured
     # ~0.25 s once per process on the 7B shapes), a one-time cost the repeats' median should not mix in.
     rows += _compare("Llama-7B-shaped, 2 layers, random weights", llama_builder(2), LLAMA_TARGETS, 16,
