@@ -79,19 +79,20 @@ in the same process (medians of the repeats given); absolute times depend on the
 {table}
 
 How to read it:
-- (a) Reconstruction error ‖W − W_r‖/‖W‖ of the rank-r part each method puts in B·A (lower is better;
-  "exact" is the optimum, from an exact SVD). For MiniLM the distance to the exact truncated SVD,
-  ‖W_r − W_r*‖/‖W_r*‖, is given too. fedspec's randomized SVD is a block Krylov method (power iterations that
-  keep every iterate, 2·niter + 1 passes over W), PEFT's is `torch.svd_lowrank` (subspace iteration,
-  2·niter + 2 passes, no oversampling, a Householder QR after every pass, then a 3-pass residual update).
-  Random Gaussian weights (the 7B-shaped model) have a flat spectrum, the hardest case for any randomized
-  SVD: the top singular values are nearly equal. fedspec's defaults (niter=3, oversample=0: 7 passes of a
-  block of r columns and a Krylov basis of 4r, then one in-place pass for the residual) miss less of the
-  optimal energy than PEFT's 10 passes; fewer passes could not match PEFT's error (niter=2 measured 0.99451
-  with oversample=8 on the 7B-shaped model, 0.93071 with oversample=0 on MiniLM). Oversampling buys little
-  (oversample=8: 0.99406 instead of 0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the 7B-shaped passes cheap is `pass_precision=auto`: on this CPU
-  (AMX) the passes over weights of 2048² elements and more read a bf16 copy of W (float32 accumulation, every
-  orthonormalization in float32/64), several times faster per pass; the error columns include that choice.
+- (a) Reconstruction error ‖W − W_r‖/‖W‖ of the rank-r part each method puts in B·A (lower is better; "exact"
+  is the optimum, from an exact SVD). For MiniLM the distance to the exact truncated SVD, ‖W_r − W_r*‖/‖W_r*‖,
+  is given too. fedspec's randomized SVD is a block Krylov method (power iterations that keep every iterate,
+  2·niter + 1 passes over W), PEFT's is `torch.svd_lowrank` (subspace iteration, 2·niter + 2 passes, no
+  oversampling, a Householder QR after every pass, then a 3-pass residual update). Random Gaussian weights
+  (the 7B-shaped model) have a flat spectrum, the hardest case for any randomized SVD: the top singular values
+  are nearly equal. fedspec's defaults (niter=3, oversample=0: 7 passes of a block of r columns and a Krylov
+  basis of 4r, then one in-place pass for the residual) miss less of the optimal energy than PEFT's 10 passes;
+  fewer passes could not match PEFT's error (niter=2 measured 0.99451 with oversample=8 on the 7B-shaped
+  model, 0.93071 with oversample=0 on MiniLM). Oversampling buys little (oversample=8: 0.99406 instead of
+  0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the 7B-shaped passes cheap is
+  `pass_precision=auto`: on this CPU (AMX) the passes over weights of 2048² elements and more read a bf16 copy
+  of W (float32 accumulation, every orthonormalization in float32/64), 1.7–3.5× faster per pass (1.05 s
+  instead of 1.35 s for the whole 7B-shaped init at equal error); the error columns include that choice.
   MiniLM's matrices are small (≤ 1536×384), so its time is per-layer overhead (orthonormalizations, small
   eigendecompositions, building the layers), not passes, and bf16 does not pay there. Both models are timed
   after one warm-up round; a process's first call costs more (fedspec's 7B-shaped init about 0.25 s: oneDNN
