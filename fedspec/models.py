@@ -76,8 +76,11 @@ def _tiny_encoder(name: str, vocab_size: int, seed: int) -> nn.Module:
 
 
 def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
-    """The backbone as a float32 ``AutoModel`` in train mode with dropout kept as configured."""
+    """The backbone as a float32 ``AutoModel`` in train mode with dropout kept as configured (and made
+    fast on CPU: :mod:`fedspec.dropout`)."""
     from transformers import AutoModel
+
+    from .dropout import use_fast_dropout
 
     _quiet_transformers()
     if name in TINY_MODELS:
@@ -93,7 +96,7 @@ def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None =
                 "use model.name=minilm (packaged) or model.path=<folder>"
             ) from error
     # from_pretrained returns eval mode; Opacus captures activations only in train mode.
-    return encoder.train()
+    return use_fast_dropout(encoder).train()
 
 
 class TextClassifier(nn.Module):
