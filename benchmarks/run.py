@@ -101,6 +101,11 @@ How to read it:
   a minute on 2 cores; 224 of them would take hours), by the O(m·n·min(m, n)) cost of an SVD.
 - (c) Step times of one fixed batch; "DP" is Opacus DP-SGD with per-sample clipping and noise. "Faster" is
   met only with a lead of at least 5%: medians of a few repeats move by a few percent between runs here.
+  PEFT + Opacus runs on MiniLM as transformers loads it, as a PEFT user would; fedspec on the encoder it loads
+  itself, whose dropout is fast on CPU (`fedspec.dropout`: 16-bit keep masks, four per 64-bit draw, and eager
+  attention with that mask instead of SDPA's unfused CPU dropout fallback). The last-but-one row runs PEFT +
+  Opacus on fedspec's encoder too: there the two tie, so the lead is the frozen model's dropout, not the DP
+  machinery (per-sample gradients and clipping of rank-r factors cost a few ms of the step either way).
 - (d) Peak resident memory summed over the whole process tree (Ray's raylet, GCS and workers included),
   sampled every 0.2 s by `benchmarks/proctree.py`.
 

@@ -60,10 +60,14 @@ class _MaskedScale(torch.autograd.Function):
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout`` with the fast mask on CPU; PyTorch's own dropout elsewhere."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or p >= 1.0:
+    if x.device.type != "cpu":
         return nn.functional.dropout(x, p, training)
+    if round(p * 2**MASK_BITS) == 2**MASK_BITS:  # p rounds to 1: everything is dropped
+        return x * 0.0
     keep, rounded_p = keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, 1.0 / (1.0 - rounded_p))
 

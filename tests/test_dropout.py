@@ -63,6 +63,9 @@ def test_dropout_is_the_identity_in_eval_and_at_p_zero():
     layer = FastDropout(0.5).eval()
     assert torch.equal(layer(x), x)
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert torch.equal(dropout(x, 1 - 2**-20), torch.zeros_like(x))  # rounds to p = 1: no division by zero
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, 1.5)
 
 
 def _qkv(batch=3, heads=2, length=7, dim=8, seed=0):
@@ -137,3 +140,15 @@ def test_use_fast_dropout_leaves_eager_models_on_their_attention():
     use_fast_dropout(model)
     assert model.config._attn_implementation == "eager"
     assert all(type(m) is FastDropout for m in model.modules() if isinstance(m, nn.Dropout))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_training_keeps_pytorch_dropout_and_sdpa():
+    encoder = load_encoder("tiny-bert", vocab_size=30522).cuda().train()
+    ids = torch.randint(1000, 2000, (4, 16), device="cuda")
+    out = encoder(input_ids=ids).last_hidden_state
+    assert out.is_cuda and torch.isfinite(out).all()
+    x = torch.ones(1000, 1000, device="cuda")
+    y = dropout(x, 0.25)
+    assert y.is_cuda and abs(float((y == 0).float().mean()) - 0.25) < 0.01
