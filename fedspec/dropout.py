@@ -111,7 +111,8 @@ def eager_attention(query, key, value, attention_mask, *, dropout_p: float, scal
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                       scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention-function interface: the eager path while training on CPU with dropout,
-    transformers' SDPA function otherwise."""
+    transformers' SDPA function otherwise. (``dropout`` is the interface's name for the probability; it
+    shadows this module's function only inside this body.)"""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout == 0.0 or query.device.type != "cpu" or not _is_plain(module, query, key, kwargs):
