@@ -28,6 +28,11 @@ ATTENTION = "fedspec"
 MASK_BITS = 16
 
 
+def _dropped_lanes(p: float) -> int:
+    """How many of the 2¹⁶ lane values drop an element: p rounded to a multiple of 2⁻¹⁶, in units of 2⁻¹⁶."""
+    return round(p * 2**MASK_BITS)
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
     """A boolean keep mask of ``shape`` with drop probability p rounded to a multiple of 2⁻¹⁶, and that
     rounded p. Drawn from the default CPU generator."""
@@ -38,7 +43,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tens
     words = torch.empty((numel + per_word - 1) // per_word, dtype=torch.int64)
     words.random_(-(2**63), None)  # the full 64-bit range: every 16-bit lane is uniform
     lanes = words.view(torch.int16)[:numel].view(shape)
-    dropped = round(p * 2**MASK_BITS)
+    dropped = _dropped_lanes(p)
     return lanes >= dropped - 2 ** (MASK_BITS - 1), dropped / 2**MASK_BITS
 
 
@@ -66,7 +71,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return nn.functional.dropout(x, p, training)
-    if round(p * 2**MASK_BITS) == 2**MASK_BITS:  # p rounds to 1: everything is dropped
+    if _dropped_lanes(p) == 2**MASK_BITS:  # p rounds to 1: everything is dropped
         return x * 0.0
     keep, rounded_p = keep_mask(x.shape, p)
     return _MaskedScale.apply(x, keep, 1.0 / (1.0 - rounded_p))
