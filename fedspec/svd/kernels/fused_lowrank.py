@@ -117,25 +117,33 @@ def _launch(x, weight, bias, A, B, scaling) -> torch.Tensor:
         return out.reshape(*lead, N)
     # tl.dot needs every dimension >= 16: the rank dimension is padded (masked loads fill it with zeros).
     block_r = max(16, triton.next_power_of_2(r))
-    block_m, block_n, block_k = _blocks(M, N, K, x.device)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     weight, A, B = weight.contiguous(), A.contiguous(), B.contiguous()
-    _lowrank_linear_kernel[grid](
+    args = (
         x2, weight, bias if bias is not None else weight, A, B, out,
         M, N, K, r, float(scaling),
         x2.stride(0), weight.stride(0), A.stride(0), B.stride(0), out.stride(0),
+    )
+    options = dict(
         HAS_BIAS=bias is not None,
         # float32 matches torch's default (no TF32 in matmuls) unless the user allowed TF32 there too.
         PRECISION="tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        BLOCK_R=block_r,
     )
+    if x.device.type == "cuda":  # tile sizes and pipelining tuned per shape, like torch's own Triton matmuls
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _lowrank_linear_tuned[grid](*args, **options)
+    else:  # the CPU interpreter runs every program in Python: small fixed tiles keep tests quick
+        _lowrank_linear_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 16))](*args, **options, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
     return out.reshape(*lead, N)
 
 
-def _blocks(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]:
-    if device.type == "cuda":
-        return 64 if M <= 64 else 128, 64 if N <= 64 else 128, 32
-    return 16, 16, 16  # the CPU interpreter runs every program in Python: small tiles keep tests quick
+def _cuda_configs() -> list:
+    """Candidate tiles for the autotuner: large tiles for big token counts, smaller ones for few tokens; configs
+    that need more shared memory than the GPU has (float32 at 128×256) are dropped by the autotuner."""
+    shapes = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=stages, num_warps=warps)
+            for m, n, k, stages, warps in shapes]
 
 
 if triton is not None:
@@ -172,3 +180,5 @@ if triton is not None:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :]
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    _lowrank_linear_tuned = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "R"])(_lowrank_linear_kernel)
