@@ -53,10 +53,10 @@ def _stock_classifier(like: nn.Module):
     return model.train()
 
 
-def _batch(length: int = LENGTH):
+def _batch(length: int = LENGTH, size: int = BATCH):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 20000, (BATCH, length), generator=g)
-    return ids, torch.ones(BATCH, length, dtype=torch.long), torch.randint(0, CLASSES, (BATCH,), generator=g)
+    ids = torch.randint(1000, 20000, (size, length), generator=g)
+    return ids, torch.ones(size, length, dtype=torch.long), torch.randint(0, CLASSES, (size,), generator=g)
 
 
 def _fedspec_model(base, train_A: bool):
@@ -82,7 +82,7 @@ def _stepper(model, batch, *, private: bool, mode: str = "hooks"):
     loss_fn: nn.Module = nn.CrossEntropyLoss()
     if private:
         check_exact_rules(model)
-        loader = DataLoader(TensorDataset(ids, mask, y), batch_size=BATCH)
+        loader = DataLoader(TensorDataset(ids, mask, y), batch_size=len(ids))
         _, optimizer, *ghost, _ = PrivacyEngine(accountant="rdp").make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
             poisson_sampling=False, wrap_model=False, grad_sample_mode=mode, criterion=loss_fn,

@@ -129,21 +129,15 @@ def _launch(x, weight, bias, A, B, scaling) -> torch.Tensor:
         PRECISION="tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
         BLOCK_R=block_r,
     )
-    if x.device.type == "cuda":  # tile sizes and pipelining tuned per shape, like torch's own Triton matmuls
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _lowrank_linear_tuned[grid](*args, **options)
-    else:  # the CPU interpreter runs every program in Python: small fixed tiles keep tests quick
-        _lowrank_linear_kernel[(triton.cdiv(M, 16), triton.cdiv(N, 16))](*args, **options, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    if x.device.type == "cuda":
+        block_m, block_n = (64 if M <= 64 else 128), (64 if N <= 64 else 128)
+        tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if x.dtype == torch.float32 else 64,
+                     num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
+    else:  # the CPU interpreter runs every program in Python: small tiles keep tests quick
+        tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
+    _lowrank_linear_kernel[grid](*args, **options, **tiles)
     return out.reshape(*lead, N)
-
-
-def _cuda_configs() -> list:
-    """Candidate tiles for the autotuner: large tiles for big token counts, smaller ones for few tokens; configs
-    that need more shared memory than the GPU has (float32 at 128×256) are dropped by the autotuner."""
-    shapes = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_stages=stages, num_warps=warps)
-            for m, n, k, stages, warps in shapes]
 
 
 if triton is not None:
@@ -181,4 +175,3 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
 
-    _lowrank_linear_tuned = triton.autotune(configs=_cuda_configs(), key=["M", "N", "K", "R"])(_lowrank_linear_kernel)
