@@ -13,6 +13,9 @@ import torch
 
 import fedspec.svd.refactor as refactor_module
 from fedspec.svd import (
+    BATCH_BYTES,
+    batch_bytes,
+    batch_chunks,
     group_by_shape,
     reconstruction_error,
     refactor_lowrank,
@@ -522,6 +525,12 @@ def test_grouped_orthonormal_shortcut_and_empty_input():
     for name, (B, A) in pairs.items():
         assert rel_err(again[name][0] @ again[name][1], B @ A) < 1e-5
     assert refactor_lowrank_grouped({}) == {}
+
+
+def test_batch_chunks_bound_the_stack():
+    assert batch_chunks(list("abcde"), item_bytes=10, limit=25) == [["a", "b"], ["c", "d"], ["e"]]
+    assert batch_chunks(["a", "b"], item_bytes=100, limit=10) == [["a"], ["b"]]  # never an empty chunk
+    assert batch_bytes("cpu") == batch_bytes(torch.device("meta")) == BATCH_BYTES  # the GPU rule: test_svd_gpu
 
 
 def test_group_by_shape_keys_on_shape_dtype_and_device():

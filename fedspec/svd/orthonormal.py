@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gram", "orthonormal_columns", "qr_tall", "symmetric_eigh"]
+__all__ = ["gram", "orthonormal_columns", "qr_tall"]
 
 
 def qr_tall(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,8 @@ def qr_tall(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, b = Y.shape[-2:]
     if m < b:
         raise ValueError(f"qr_tall needs a tall matrix (m >= b), got shape {tuple(Y.shape)}")
-    if b <= _householder_max_columns(Y):
+    single = Y.numel() == m * b
+    if b <= (HOUSEHOLDER_MAX_COLUMNS_SINGLE if single else HOUSEHOLDER_MAX_COLUMNS):
         Q, R = torch.linalg.qr(Y, mode="reduced")
         return Q, R.to(torch.float64)
     Yd = Y.to(torch.float64)
@@ -50,18 +51,6 @@ HOUSEHOLDER_MAX_COLUMNS = 16
 # For a single matrix (no batch) Householder stayed ahead up to 24 columns: 11008 × 24 in 1.7 ms against 5.3 ms for
 # CholeskyQR2 (4096 × 24: 0.7 against 1.3 ms); at 32 columns CholeskyQR2 was faster again (1.0 against 1.5 ms).
 HOUSEHOLDER_MAX_COLUMNS_SINGLE = 24
-
-# On a GPU every cuSOLVER Householder QR is a chain of small kernels and host round trips, while Cholesky QR is
-# a few matrix products: this limit applies there instead (see benchmarks/gpu_check.py, which times both).
-CUDA_HOUSEHOLDER_MAX_COLUMNS = 16
-
-
-def _householder_max_columns(Y: torch.Tensor) -> int:
-    if Y.device.type == "cuda":
-        return CUDA_HOUSEHOLDER_MAX_COLUMNS
-    single = Y.numel() == Y.shape[-2] * Y.shape[-1]
-    return HOUSEHOLDER_MAX_COLUMNS_SINGLE if single else HOUSEHOLDER_MAX_COLUMNS
-
 
 # Largest condition number of the Gram matrix accepted from one Cholesky QR pass in float64: beyond it
 # the first pass's Q can be too far from orthonormal for the second pass to repair.
@@ -101,19 +90,3 @@ def _cholesky_qr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
     R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
     return Y @ R_inv, R, True
-
-
-# cuSOLVER's eigendecomposition of a small dense symmetric matrix (the k×k Gram matrices of a randomized SVD,
-# k ≈ 16–130) is a sequence of tiny kernels; LAPACK on the host does it in well under a millisecond, and the
-# matrix is a few hundred KB at most. Batches of ≤ 32×32 matrices (FedSVD's r×r rotations) stay on the GPU,
-# where cuSOLVER's batched Jacobi solver handles them in one call.
-HOST_EIGH_ON_CUDA = True
-_DEVICE_EIGH_MAX_SIZE = 32
-
-
-def symmetric_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.linalg.eigh` of small symmetric matrices (..., k, k), ascending eigenvalues, on G's device."""
-    if G.device.type == "cuda" and HOST_EIGH_ON_CUDA and G.shape[-1] > _DEVICE_EIGH_MAX_SIZE:
-        evals, evecs = torch.linalg.eigh(G.cpu())
-        return evals.to(G.device), evecs.to(G.device)
-    return torch.linalg.eigh(G)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from .grouping import group_by_shape
-from .orthonormal import gram, qr_tall, symmetric_eigh
+from .orthonormal import gram, qr_tall
 from .precision import compute_dtype
 
 __all__ = ["refactor_lowrank", "refactor_lowrank_grouped"]
@@ -44,7 +44,7 @@ def refactor_lowrank(
     product is still preserved but A_new's rows are not orthonormal.
 
     Everything runs on the inputs' device (cuBLAS/cuSOLVER for CUDA tensors); the small r×r
-    decompositions run in float64 there too (for r > 32 on the host: `fedspec.svd.orthonormal.symmetric_eigh`).
+    decompositions run in float64 there too.
 
     Rank-deficient input (e.g. B = 0 for a layer no client updated) gives zero singular values
     and arbitrary but orthonormal directions: never NaN or Inf.
@@ -140,7 +140,7 @@ def _eigh_descending(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A rank-deficient G (B = 0, or m < r) has zero eigenvalues whose eigenvectors are still orthonormal,
     so the rotated factors stay finite and A's rows stay orthonormal.
     """
-    evals, evecs = symmetric_eigh(G)
+    evals, evecs = torch.linalg.eigh(G)
     return evecs.flip(-1), evals.flip(-1)
 
 

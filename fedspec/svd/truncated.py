@@ -14,7 +14,7 @@ import operator
 
 import torch
 
-from .orthonormal import gram, orthonormal_columns, qr_tall, symmetric_eigh
+from .orthonormal import gram, orthonormal_columns, qr_tall
 from .precision import PassBuffer, compute_dtype, pass_dtype
 
 __all__ = ["METHODS", "error_vs_exact", "reconstruction_error", "truncated_svd"]
@@ -212,7 +212,7 @@ def _rayleigh_ritz(image: torch.Tensor, basis: torch.Tensor, rank: int) -> SVDRe
         return U[..., :rank], S[..., :rank], Vr[..., :rank, :] @ basis.mT
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
     # and two products in CholeskyQR2) followed by an SVD.
-    evals, evecs = symmetric_eigh(gram(image.to(torch.float64)))
+    evals, evecs = torch.linalg.eigh(gram(image.to(torch.float64)))
     S = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
     if bool(((S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)).all()):  # one host read
         V = evecs[..., -rank:].flip(-1)
