@@ -10,8 +10,7 @@ the result is right and stayed on the GPU):
 2. refactor_lowrank_grouped for a 7B-shaped adapter set (224 matrices, r = 16): round 1 and the rotation
    shortcut; time vs a dense torch.linalg.svd of B·A (timed on two products, extrapolated).
 3. fedspec.adapt("pissa") on a CUDA 2-layer 7B-shaped Llama (bfloat16): every parameter still on the GPU,
-   residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed, and
-   vs fedspec with the CPU's batching limit (layers this large one by one).
+   residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed.
 4. The Triton fused adapter forward vs torch (unfused base + adapter, and the merged single matmul as the
    lower bound), float16/bfloat16/float32, with max error against a float32 reference.
 5. A DP-SGD step on CUDA (MiniLM, batch 32 and 256 × 128): Opacus hooks vs a non-DP step, ghost clipping, and
@@ -143,23 +142,16 @@ def check_adapt():
 
     import fedspec
     from fedspec.adapters import adapter_layers
-    from fedspec.svd import grouping
 
     build = _cuda_llama()
 
-    def fedspec_once(per_layer: bool = False):
-        """One PiSSA init; per_layer=True applies the CPU's batching limit (every 7B-sized layer on its own)."""
+    def fedspec_once():
         model = build()
         original = {n: model.get_submodule(n).weight.detach().float().clone() for n, _ in _linear_names(model)}
-        cuda_limit = grouping.CUDA_BATCH_BYTES
-        grouping.CUDA_BATCH_BYTES = grouping.BATCH_BYTES if per_layer else cuda_limit
-        try:
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS)
-            torch.cuda.synchronize()
-        finally:
-            grouping.CUDA_BATCH_BYTES = cuda_limit
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS)
+        torch.cuda.synchronize()
         return time.perf_counter() - start, model, original
 
     def peft_once():
@@ -183,18 +175,16 @@ def check_adapt():
             worst = max(worst, float((rebuilt - original[name]).norm() / original[name].norm()))
     require(worst < 2e-2, f"residual + s·B·A differs from W by {worst:.1e} (bf16)")
     del model, original
-    ours, per_layer, theirs = [], [], []
-    for _ in range(3):  # interleaved, so drifting GPU clocks hit all alike
+    ours, theirs = [], []
+    for _ in range(3):  # interleaved, so drifting GPU clocks hit both alike
         ours.append(fedspec_once()[0])
-        per_layer.append(fedspec_once(per_layer=True)[0])
         if has_peft:
             theirs.append(peft_once())
     t_fed = sorted(ours)[1]
     baseline = f"PEFT pissa_niter_4 {ms(sorted(theirs)[1])}" if theirs else "PEFT not installed"
-    speedup = f"; {sorted(theirs)[1] / t_fed:.2f}× faster than PEFT" if theirs else ""
-    ROWS.append(("3 PiSSA init on GPU", "2-layer 7B-shaped Llama, bf16, 14 layers, r=16; median of 3 "
-                 "(first call; layers one by one, the CPU's batching)",
-                 f"{ms(t_fed)} ({ms(first)}; {ms(sorted(per_layer)[1])})", baseline,
+    speedup = f"; PEFT takes {sorted(theirs)[1] / t_fed:.2f}× fedspec's time" if theirs else ""
+    ROWS.append(("3 PiSSA init on GPU", "2-layer 7B-shaped Llama, bf16, 14 layers, r=16; median of 3 (first call)",
+                 f"{ms(t_fed)} ({ms(first)})", baseline,
                  f"OK: all on GPU, ‖W_res + sBA − W‖/‖W‖ ≤ {worst:.1e}{speedup}"))
     model = build()
     _profile("adapt", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS))

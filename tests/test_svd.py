@@ -13,8 +13,6 @@ import torch
 
 import fedspec.svd.refactor as refactor_module
 from fedspec.svd import (
-    BATCH_BYTES,
-    batch_bytes,
     batch_chunks,
     group_by_shape,
     reconstruction_error,
@@ -530,7 +528,6 @@ def test_grouped_orthonormal_shortcut_and_empty_input():
 def test_batch_chunks_bound_the_stack():
     assert batch_chunks(list("abcde"), item_bytes=10, limit=25) == [["a", "b"], ["c", "d"], ["e"]]
     assert batch_chunks(["a", "b"], item_bytes=100, limit=10) == [["a"], ["b"]]  # never an empty chunk
-    assert batch_bytes("cpu") == batch_bytes(torch.device("meta")) == BATCH_BYTES  # the GPU rule: test_svd_gpu
 
 
 def test_group_by_shape_keys_on_shape_dtype_and_device():

@@ -57,18 +57,3 @@ def test_adapt_on_a_cuda_model_keeps_everything_on_the_gpu(method):
         torch.testing.assert_close(rebuilt, original[f"{name}.weight"], rtol=1e-4, atol=1e-5)
     ids = torch.randint(0, 60, (2, 7), device="cuda")
     assert model(input_ids=ids).last_hidden_state.is_cuda
-
-
-def test_cuda_batches_large_layers_that_the_cpu_decomposes_one_by_one(monkeypatch):
-    import fedspec.adapters.initializers as initializers
-    from fedspec.svd import grouping
-
-    total = torch.cuda.get_device_properties(0).total_memory
-    assert grouping.batch_bytes("cuda") == min(grouping.CUDA_BATCH_BYTES, total // 32)
-    monkeypatch.setattr(grouping, "BATCH_BYTES", 1)  # on the CPU, every layer would now be its own call
-    batches = []
-    real = initializers.truncated_svd
-    monkeypatch.setattr(initializers, "truncated_svd", lambda W, *a, **k: batches.append(W.shape[0]) or real(W, *a, **k))
-    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).cuda()
-    fedspec.adapt(model, "pissa", 4, ["0", "1", "2", "3"])
-    assert batches == [4]

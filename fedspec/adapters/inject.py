@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..svd import PassBuffer, batch_bytes, batch_chunks
+from ..svd import PassBuffer, batch_chunks
 from .calibration import KINDS, Calibration
 from .layer import AdapterLayer
 from .lowrank import LowRankLinear
@@ -100,8 +100,7 @@ def _initialize(
     for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         item_bytes = originals[group[0]].numel() * compute.itemsize
-        limit = batch_bytes(originals[group[0]].device)
-        for names in batch_chunks(group, item_bytes, limit):  # bounded memory: a 7B model's gate_proj alone is 11 GB
+        for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
             _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration,
                               scaling, generator, {**options, "pass_buffer": buffer})
 

@@ -11,15 +11,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["BATCH_BYTES", "CUDA_BATCH_BYTES", "TensorSignature", "batch_bytes", "batch_chunks", "group_by_shape", "signature"]
+__all__ = ["BATCH_BYTES", "TensorSignature", "batch_chunks", "group_by_shape", "signature"]
 
-# Largest stack one batched call builds on the CPU. Stacking copies every matrix, and batching amortizes only
-# call overhead, which matters for small matrices; large ones are compute-bound one by one anyway.
+# Largest stack one batched call builds. Stacking copies every matrix, and batching amortizes only call
+# overhead, which matters for small matrices; large ones are compute-bound one by one anyway.
 BATCH_BYTES = 32 * 2**20
-# On a GPU the overhead does not shrink with the matrix: a randomized SVD is ~400 small kernel launches and a
-# few host reads whatever its size, and a 4096² one keeps the H100 busy for ~3 ms of its ~14. So large matrices
-# are batched too, up to this cap or 1/32 of the device's memory, whichever is smaller.
-CUDA_BATCH_BYTES = 2**30
 
 # (shape, dtype, device) of each tensor in an entry; entries with equal signatures stack.
 TensorSignature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
@@ -52,11 +48,3 @@ def batch_chunks(names: Sequence[str], item_bytes: int, limit: int = BATCH_BYTES
     (at least one item per chunk), so a batched call never doubles the memory of a large model."""
     per_chunk = max(1, limit // max(1, item_bytes))
     return [list(names[i:i + per_chunk]) for i in range(0, len(names), per_chunk)]
-
-
-def batch_bytes(device: torch.device | str) -> int:
-    """The largest stack worth building for one batched decomposition on `device` (see CUDA_BATCH_BYTES)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return min(CUDA_BATCH_BYTES, torch.cuda.get_device_properties(device).total_memory // 32)
-    return BATCH_BYTES
