@@ -16,7 +16,8 @@ the result is right and stayed on the GPU):
 5. A DP-SGD step on CUDA (MiniLM, batch 32 and 256 × 128): Opacus hooks vs a non-DP step, ghost clipping, and
    PEFT LoRA + Opacus on transformers' own MiniLM (when PEFT is installed); functorch guard on.
 With OUT set, torch.profiler tables of checks 1 and 3 are written to $OUT/profile_*.txt.
-`--checks 0,3` runs only the checks named. Without CUDA it exits at once with status 2 and one line saying so. A global deadline skips what is left.
+`--checks 0,3` runs only the checks named. Without CUDA it exits at once with status 2 and one line saying so.
+A global deadline skips what is left.
 """
 
 from __future__ import annotations
@@ -296,12 +297,11 @@ def check_dp():
 
 @check("0 pytest -m gpu")
 def check_pytest():
-    left = PYTEST_LIMIT_S
     # Only the files that hold gpu tests: collecting the others would import Flower and Hydra, which a bare
     # CUDA machine with torch, transformers and Opacus need not have.
     files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files],
-                          cwd=ROOT, capture_output=True, text=True, timeout=left)
+                          cwd=ROOT, capture_output=True, text=True, timeout=PYTEST_LIMIT_S)
     last = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     if proc.returncode != 0:
         print(proc.stdout[-6000:], file=sys.stderr)

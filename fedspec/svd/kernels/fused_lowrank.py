@@ -13,12 +13,11 @@ Gradients flow through a torch backward (dx, dA, dB; W and b are frozen in adapt
 can train without Opacus. Under DP-SGD the adapter layers keep their nn.Linear factors (Opacus' hooks need
 them), so this kernel is for inference, evaluation and non-private training.
 
-Measured on an H100 (benchmarks/gpu_check.py, 2026-11-27): it does not beat torch. At 4096 tokens, 4096→4096,
-r = 16, it took 0.42–0.44 ms in bf16/fp16 against 0.30–0.31 ms for the unfused torch forward (three cuBLAS
-matmuls and an add) and 0.20 ms for the merged matmul; 0.71–0.78× at 4096→11008, parity at 256 tokens, and
-0.23–0.31× in float32 (exact "ieee" dots against cuBLAS's SIMT kernels). One pass over K does not make up for
-tiles that are not Hopper's (no TMA, no warp specialization). So no adapter calls it: LowRankLinear keeps
-torch's matmuls, and merging (``fedspec.merge``) is the inference path.
+Measured on an H100 (docs/gpu.md): it does not beat torch. In bf16/fp16 at 4096 tokens (4096→4096 and
+4096→11008, r = 16) it ran at 0.63–0.78× the speed of the unfused torch forward (three cuBLAS matmuls and an
+add), at about parity with 256 tokens, and at 0.2–0.3× in float32 (exact "ieee" dots against cuBLAS). One pass
+over K does not make up for tiles that are not Hopper's (no TMA, no warp specialization). So no adapter calls
+it: LowRankLinear keeps torch's matmuls, and merging (``fedspec.merge``) is the inference path.
 """
 
 from __future__ import annotations
@@ -124,27 +123,29 @@ def _launch(x, weight, bias, A, B, scaling) -> torch.Tensor:
         return out.reshape(*lead, N)
     # tl.dot needs every dimension >= 16: the rank dimension is padded (masked loads fill it with zeros).
     block_r = max(16, triton.next_power_of_2(r))
+    tiles = _tiles(M, N, x.dtype, x.device)
+    grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
     weight, A, B = weight.contiguous(), A.contiguous(), B.contiguous()
-    args = (
+    _lowrank_linear_kernel[grid](
         x2, weight, bias if bias is not None else weight, A, B, out,
         M, N, K, r, float(scaling),
         x2.stride(0), weight.stride(0), A.stride(0), B.stride(0), out.stride(0),
-    )
-    options = dict(
         HAS_BIAS=bias is not None,
         # float32 matches torch's default (no TF32 in matmuls) unless the user allowed TF32 there too.
         PRECISION="tf32" if x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
-        BLOCK_R=block_r,
+        BLOCK_R=block_r, **tiles,
     )
-    if x.device.type == "cuda":
-        block_m, block_n = (64 if M <= 64 else 128), (64 if N <= 64 else 128)
-        tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if x.dtype == torch.float32 else 64,
-                     num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
-    else:  # the CPU interpreter runs every program in Python: small tiles keep tests quick
-        tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
-    grid = (triton.cdiv(M, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
-    _lowrank_linear_kernel[grid](*args, **options, **tiles)
     return out.reshape(*lead, N)
+
+
+def _tiles(M: int, N: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Fixed tiles: autotuning six configurations per shape did no better on an H100 (docs/gpu.md) and cost
+    minutes of compilation in the tests."""
+    if device.type != "cuda":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)  # the CPU interpreter runs every program in Python
+    block_m, block_n = (64 if M <= 64 else 128), (64 if N <= 64 else 128)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32 if dtype == torch.float32 else 64,
+                num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3)
 
 
 if triton is not None:
@@ -181,4 +182,3 @@ if triton is not None:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :]
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < M) & (cols[None, :] < N))
-
