@@ -277,11 +277,9 @@ def check_dp():
                 "ghost": dp_step._stepper(dp_step._fedspec_model(base, False), batch, private=True, mode="ghost"),
                 "dp-AB": dp_step._stepper(dp_step._fedspec_model(base, True), batch, private=True),
             }
-            try:
+            if importlib.util.find_spec("peft") is not None:
                 stock = dp_step._stock_classifier(base).cuda()
                 steps["peft"] = dp_step._stepper(dp_step._peft_model(stock), batch, private=True)
-            except ImportError:
-                pass
             t = {name: cuda_time(step, repeats=9) for name, step in steps.items()}
         setting = f"MiniLM, r={dp_step.RANK} q/v + head, batch {size} × {dp_step.LENGTH}, σ=1, C=1, Adam"
         ratio = t["dp"] / t["plain"]
