@@ -46,10 +46,10 @@ class AdapterConfig:
         return asdict(self)
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def _set_submodule(modules: dict[str, nn.Module], name: str, module: nn.Module) -> None:
+    """Replace module `name`; `modules` is the model's ``dict(named_modules())`` ('' is the model itself)."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+    setattr(modules[parent_name], child, module)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -64,9 +64,9 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
-def _check_rank(model: nn.Module, ranks: dict[str, int]) -> None:
+def _check_rank(modules: dict[str, nn.Module], ranks: dict[str, int]) -> None:
     for name, layer_rank in ranks.items():
-        layer = model.get_submodule(name)
+        layer = modules[name]
         limit = min(layer.in_features, layer.out_features)
         if layer_rank > limit:
             raise AdapterError(
@@ -217,16 +217,18 @@ def adapt(
     alpha = float(alpha) if alpha is not None else float(rank)
     options = {**options, **spec.resolve_options(options)}
     ranks = _layer_ranks(model, spec, names, rank, rank_pattern, calibration, initialize, options)
-    _check_rank(model, ranks)
+    # Looked up once: get_submodule walks the module path on every call, three calls per layer.
+    modules = dict(model.named_modules())
+    _check_rank(modules, ranks)
 
     model.requires_grad_(False)
     layers: dict[str, AdapterLayer] = {}
     originals: dict[str, torch.Tensor] = {}
     for name, layer_rank in ranks.items():
-        linear = model.get_submodule(name)
+        linear = modules[name]
         originals[name] = linear.weight
         layer = _build_layer(spec, linear, layer_rank, alpha / rank, dropout, options)
-        _set_submodule(model, name, layer)
+        _set_submodule(modules, name, layer)
         layers[name] = layer
     if initialize:
         generator = torch.Generator().manual_seed(seed)
