@@ -525,6 +525,26 @@ def test_grouped_orthonormal_shortcut_and_empty_input():
     assert refactor_lowrank_grouped({}) == {}
 
 
+def test_grouped_shortcut_stacks_off_the_cpu_only(monkeypatch):
+    """The rotation shortcut runs per layer on the CPU and as one stacked call per shape elsewhere (a GPU; here
+    the meta device stands in for it, since only the dispatch is checked)."""
+    calls = []
+    original = refactor_module.refactor_lowrank
+
+    def counting(B, A, **kwargs):
+        calls.append((tuple(B.shape), kwargs))
+        return original(B, A, **kwargs)
+
+    monkeypatch.setattr(refactor_module, "refactor_lowrank", counting)
+    pairs = {f"layer{i}": (torch.randn(24, 4), torch.randn(4, 16)) for i in range(3)}
+    refactor_lowrank_grouped(pairs, assume_orthonormal_rows=True)
+    assert calls == []
+    meta = {name: (B.to("meta"), A.to("meta")) for name, (B, A) in pairs.items()}
+    out = refactor_lowrank_grouped(meta, assume_orthonormal_rows=True)
+    assert calls == [((3, 24, 4), {"assume_orthonormal_rows": True})]
+    assert all(B.device.type == "meta" and B.shape == (24, 4) for B, _ in out.values())
+
+
 def test_batch_chunks_bound_the_stack():
     assert batch_chunks(list("abcde"), item_bytes=10, limit=25) == [["a", "b"], ["c", "d"], ["e"]]
     assert batch_chunks(["a", "b"], item_bytes=100, limit=10) == [["a"], ["b"]]  # never an empty chunk

@@ -40,6 +40,9 @@ def test_refactor_on_cuda_keeps_product_and_device(assume):
     torch.testing.assert_close(A_new @ A_new.mT, eye, rtol=0, atol=1e-5)
     grouped = refactor_lowrank_grouped({"a": (B[0], A[0]), "b": (B[1], A[1])}, assume_orthonormal_rows=assume)
     assert all(t.is_cuda for pair in grouped.values() for t in pair)
+    for i, (b, a) in enumerate(grouped.values()):  # on CUDA the shortcut runs stacked, like the general path
+        torch.testing.assert_close(b @ a, B[i] @ A[i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a @ a.mT, eye[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["pissa", "milora", "lora"])
