@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fedspec.svd.refactor as refactor_module
+from fedspec.svd.orthonormal import _householder_max_columns, qr_tall
 from fedspec.svd import (
     batch_chunks,
     group_by_shape,
@@ -543,6 +544,37 @@ def test_grouped_shortcut_stacks_off_the_cpu_only(monkeypatch):
     out = refactor_lowrank_grouped(meta, assume_orthonormal_rows=True)
     assert calls == [((3, 24, 4), {"assume_orthonormal_rows": True})]
     assert all(B.device.type == "meta" and B.shape == (24, 4) for B, _ in out.values())
+
+
+# ----------------------------------------------------------------------------- thin QR of tall blocks
+
+
+@pytest.mark.parametrize("shape", [(200, 8), (3, 200, 8), (200, 24), (3, 200, 40)])
+def test_qr_tall_is_an_exact_thin_qr(shape):
+    """Householder (narrow) and CholeskyQR2 (wide) alike: orthonormal Q, upper-triangular float64 R, Q·R = Y."""
+    Y = torch.randn(*shape, generator=gen(1))
+    Q, R = qr_tall(Y)
+    eye = torch.eye(shape[-1], dtype=torch.float64)
+    assert Q.dtype == Y.dtype and R.dtype == torch.float64 and R.shape == (*shape[:-2], shape[-1], shape[-1])
+    assert float((Q.double().mT @ Q.double() - eye).abs().max()) < 1e-5
+    assert torch.equal(R, R.triu())
+    assert rel_err(Q.double() @ R, Y.double()) < 1e-5
+
+
+def test_qr_tall_falls_back_to_householder_on_rank_deficient_input():
+    Y = torch.randn(3, 200, 40, generator=gen(2))
+    Y[1] = 0.0  # CholeskyQR2 breaks down on it (singular Gram matrix)
+    Q, R = qr_tall(Y)
+    assert torch.isfinite(Q).all() and torch.isfinite(R).all()
+    assert rel_err(Q.double() @ R, Y.double()) < 1e-5
+
+
+def test_off_the_cpu_a_batch_of_narrow_blocks_uses_cholesky_qr():
+    """torch runs a batch of Householder QRs matrix by matrix on a GPU: there every stacked block goes through
+    CholeskyQR2 (checked on the meta device: only the choice, not the arithmetic; tests/test_svd_gpu.py runs it)."""
+    assert _householder_max_columns(torch.empty(32, 4096, 16, device="meta"), single=False) == 0
+    assert _householder_max_columns(torch.empty(4096, 16, device="meta"), single=True) > 16
+    assert _householder_max_columns(torch.empty(32, 4096, 16), single=False) == 16
 
 
 def test_batch_chunks_bound_the_stack():

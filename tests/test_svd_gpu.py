@@ -9,6 +9,7 @@ import torch
 import fedspec
 from fedspec.adapters import adapter_layers
 from fedspec.svd import error_vs_exact, refactor_lowrank, refactor_lowrank_grouped, truncated_svd
+from fedspec.svd.orthonormal import qr_tall
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -43,6 +44,17 @@ def test_refactor_on_cuda_keeps_product_and_device(assume):
     for i, (b, a) in enumerate(grouped.values()):  # on CUDA the shortcut runs stacked, like the general path
         torch.testing.assert_close(b @ a, B[i] @ A[i], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a @ a.mT, eye[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [(), (6,)])
+def test_qr_tall_on_cuda_is_exact_and_stays_there(batch):
+    """A stacked batch takes CholeskyQR2 on a GPU, a single block Householder: both exact thin QRs."""
+    Y = torch.randn(*batch, 2000, 16, generator=torch.Generator().manual_seed(0)).cuda()
+    Q, R = qr_tall(Y)
+    assert Q.is_cuda and R.is_cuda
+    eye = torch.eye(16, device="cuda", dtype=torch.float64)
+    torch.testing.assert_close(Q.double().mT @ Q.double(), eye.expand(*batch, 16, 16), rtol=0, atol=1e-5)
+    torch.testing.assert_close(Q.double() @ R, Y.double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["pissa", "milora", "lora"])

@@ -25,8 +25,7 @@ def qr_tall(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, b = Y.shape[-2:]
     if m < b:
         raise ValueError(f"qr_tall needs a tall matrix (m >= b), got shape {tuple(Y.shape)}")
-    single = Y.numel() == m * b
-    if b <= (HOUSEHOLDER_MAX_COLUMNS_SINGLE if single else HOUSEHOLDER_MAX_COLUMNS):
+    if b <= _householder_max_columns(Y, single=Y.numel() == m * b):
         Q, R = torch.linalg.qr(Y, mode="reduced")
         return Q, R.to(torch.float64)
     Yd = Y.to(torch.float64)
@@ -51,6 +50,17 @@ HOUSEHOLDER_MAX_COLUMNS = 16
 # For a single matrix (no batch) Householder stayed ahead up to 24 columns: 11008 × 24 in 1.7 ms against 5.3 ms for
 # CholeskyQR2 (4096 × 24: 0.7 against 1.3 ms); at 32 columns CholeskyQR2 was faster again (1.0 against 1.5 ms).
 HOUSEHOLDER_MAX_COLUMNS_SINGLE = 24
+
+
+
+def _householder_max_columns(Y: torch.Tensor, single: bool) -> int:
+    """Up to how many columns Householder QR is preferred to CholeskyQR2 for Y (see the limits above)."""
+    if Y.device.type != "cpu" and not single:
+        # On a GPU torch runs a batch of Householder QRs matrix by matrix (a cuSOLVER call each): 224 stacked
+        # r = 16 factors of a 7B model took ~45 ms on an H100, while CholeskyQR2 is a few batched products.
+        return 0
+    return HOUSEHOLDER_MAX_COLUMNS_SINGLE if single else HOUSEHOLDER_MAX_COLUMNS
+
 
 # Largest condition number of the Gram matrix accepted from one Cholesky QR pass in float64: beyond it
 # the first pass's Q can be too far from orthonormal for the second pass to repair.
