@@ -569,12 +569,13 @@ def test_qr_tall_falls_back_to_householder_on_rank_deficient_input():
     assert rel_err(Q.double() @ R, Y.double()) < 1e-5
 
 
-def test_off_the_cpu_a_batch_of_narrow_blocks_uses_cholesky_qr():
-    """torch runs a batch of Householder QRs matrix by matrix on a GPU: there every stacked block goes through
+def test_off_the_cpu_a_large_batch_of_narrow_blocks_uses_cholesky_qr():
+    """torch runs a batch of Householder QRs matrix by matrix on a GPU: there a large stack of blocks goes through
     CholeskyQR2 (checked on the meta device: only the choice, not the arithmetic; tests/test_svd_gpu.py runs it)."""
-    assert _householder_max_columns(torch.empty(32, 4096, 16, device="meta"), single=False) == 0
-    assert _householder_max_columns(torch.empty(4096, 16, device="meta"), single=True) > 16
-    assert _householder_max_columns(torch.empty(32, 4096, 16), single=False) == 16
+    assert _householder_max_columns(torch.empty(32, 4096, 16, device="meta")) == 0
+    assert _householder_max_columns(torch.empty(4, 4096, 16, device="meta")) == 16  # small batch: Householder
+    assert _householder_max_columns(torch.empty(4096, 16, device="meta")) > 16
+    assert _householder_max_columns(torch.empty(32, 4096, 16)) == 16  # the CPU keeps Householder
 
 
 def test_batch_chunks_bound_the_stack():
