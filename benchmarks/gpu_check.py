@@ -8,7 +8,8 @@ the result is right and stayed on the GPU):
 1. truncated_svd (randomized block Krylov and exact) on CUDA: accuracy vs the exact truncated SVD, devices,
    dtypes; time vs torch.svd_lowrank (what PEFT's pissa_niter_4 runs).
 2. refactor_lowrank_grouped for a 7B-shaped adapter set (224 matrices, r = 16): round 1 and the rotation
-   shortcut; time vs a dense torch.linalg.svd of B·A (timed on two products, extrapolated).
+   shortcut (stacked per shape on a GPU; also timed per layer, as the CPU runs it); time vs a dense
+   torch.linalg.svd of B·A (timed on two products, extrapolated).
 3. fedspec.adapt("pissa") on a CUDA 2-layer 7B-shaped Llama (bfloat16): every parameter still on the GPU,
    residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed.
 4. The Triton fused adapter forward vs torch (unfused base + adapter, and the merged single matmul as the

@@ -56,7 +56,7 @@ HOUSEHOLDER_MAX_COLUMNS_SINGLE = 24
 # On a GPU torch runs a batch of Householder QRs matrix by matrix (a cuSOLVER call each), so its cost grows with
 # the batch while CholeskyQR2 stays a few batched products. Measured on an H200 (same run): the QRs of 32 stacked
 # r = 16 factors of a 7B adapter set 36 → 8 ms with CholeskyQR2, a randomized SVD of 25 stacked 384² layers 18 → 11
-# ms; at batches of 2–8 Householder was as fast or faster (6 × 1536 × 384: 6 against 10 ms).
+# ms; at batches of 2–8 Householder was about as fast or faster (6 × 1536 × 384: 6 against 10 ms).
 GPU_CHOLESKY_MIN_BATCH = 16
 
 

@@ -80,8 +80,9 @@ def refactor_lowrank_grouped(
     Returns a new dict with the input's keys, in the input's order.
     """
     out: dict[str, LowRankPair] = {}
-    for (first, *_), names in group_by_shape(pairs).items():
-        if assume_orthonormal_rows and first[2].type == "cpu":
+    for signature, names in group_by_shape(pairs).items():
+        _, _, device = signature[0]  # B's (shape, dtype, device)
+        if assume_orthonormal_rows and device.type == "cpu":
             rotated = _rotate_group([pairs[name][0] for name in names], [pairs[name][1] for name in names])
             out.update(zip(names, rotated))
             continue
