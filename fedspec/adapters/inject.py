@@ -123,7 +123,7 @@ def _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calib
 
 
 def _layer_ranks(
-    model: nn.Module,
+    modules: dict[str, nn.Module],
     spec: MethodSpec,
     names: list[str],
     rank: int,
@@ -141,7 +141,7 @@ def _layer_ranks(
     elif spec.ranks is not None and initialize:
         keys = [key for kind in spec.calibration for key in KINDS[kind]]
         per_layer = {n: {key: calibration.mean(n, key) for key in keys} for n in names}
-        limits = {n: min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+        limits = {n: min(modules[n].in_features, modules[n].out_features) for n in names}
         ranks = spec.ranks(per_layer, rank, limits=limits, **options)
     else:
         ranks = dict.fromkeys(names, rank)
@@ -216,9 +216,9 @@ def adapt(
         calibration.require(spec.calibration, names, method)
     alpha = float(alpha) if alpha is not None else float(rank)
     options = {**options, **spec.resolve_options(options)}
-    ranks = _layer_ranks(model, spec, names, rank, rank_pattern, calibration, initialize, options)
     # Looked up once: get_submodule walks the module path on every call, three calls per layer.
     modules = dict(model.named_modules())
+    ranks = _layer_ranks(modules, spec, names, rank, rank_pattern, calibration, initialize, options)
     _check_rank(modules, ranks)
 
     model.requires_grad_(False)
