@@ -16,9 +16,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("method", ["randomized", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_truncated_svd_on_cuda_matches_cpu_and_stays_there(method, dtype):
+@pytest.mark.parametrize("batch", [3, 20])  # 20: a large stack, whose QRs take CholeskyQR2 on a GPU
+def test_truncated_svd_on_cuda_matches_cpu_and_stays_there(method, dtype, batch):
     g = torch.Generator().manual_seed(0)
-    W = (torch.randn(3, 96, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 64, dtype=torch.float64)).to(dtype)
+    W = torch.randn(batch, 96, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 64, dtype=torch.float64)
+    W = W.to(dtype)
     U, S, Vh = truncated_svd(W.cuda(), 6, method=method, generator=torch.Generator().manual_seed(1))
     assert U.is_cuda and S.is_cuda and Vh.is_cuda
     assert U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
