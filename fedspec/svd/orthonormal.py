@@ -76,15 +76,24 @@ _MAX_GRAM_CONDITION = 1e13
 def gram(X: torch.Tensor) -> torch.Tensor:
     """XᵀX for tall X (..., m, b), in X's dtype.
 
-    Summed over up to 16 row blocks with one batched product: a single (b × m)·(m × b) product with a long
-    inner dimension and a tiny output ran ~10× slower on the CPU (MKL barely parallelizes it).
+    A single long matrix (m ≥ GRAM_BLOCKED_MIN_ROWS) is summed over up to 16 row blocks with one batched
+    product: its (b × m)·(m × b) product, with a long inner dimension and a tiny output, barely parallelizes
+    on the CPU (11008 × 32: 1.3× slower than the blocked sum). A batch of matrices is parallel already, and
+    there the blocked sum measured up to 1.5× slower than one batched product (25 × 384 × 32).
     """
     m, b = X.shape[-2:]
+    if math.prod(X.shape[:-2]) > 1 or m < GRAM_BLOCKED_MIN_ROWS:
+        return X.mT @ X
     blocks = next((c for c in (16, 8, 4, 2) if m % c == 0 and m // c >= b), 1)
     if blocks == 1:
         return X.mT @ X
     Xb = X.reshape(*X.shape[:-2], blocks, m // blocks, b)
     return (Xb.mT @ Xb).sum(dim=-3)
+
+
+# From this many rows a single matrix's Gram matrix is summed over row blocks (see `gram`); at 4096 rows the two
+# ways tied.
+GRAM_BLOCKED_MIN_ROWS = 8192
 
 
 def _cholesky_qr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

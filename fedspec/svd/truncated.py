@@ -153,6 +153,16 @@ def _times_transposed(Wp: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return ((Yt if Wp.dtype == Y.dtype else Yt.contiguous()) @ Wp).mT.to(Y.dtype)
 
 
+def _rows_times_transposed(Xt: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
+    """Xᵀ·Wᵀ = (W·X)ᵀ from the rows Xᵀ, reading W in its pass dtype; the result in Xᵀ's (compute) dtype."""
+    return (Xt.to(Wp.dtype) @ Wp.mT).to(Xt.dtype)
+
+
+def _rows_times(Yt: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
+    """Yᵀ·W = (Wᵀ·Y)ᵀ from the rows Yᵀ, reading W in its pass dtype; the result in Yᵀ's (compute) dtype."""
+    return (Yt.to(Wp.dtype) @ Wp).to(Yt.dtype)
+
+
 def _range_finder(Wp: torch.Tensor, omega: torch.Tensor, rank: int) -> SVDResult:
     """Halko–Martinsson–Tropp without power iterations: Q spans W·Ω, then the SVD of Qᵀ·W (2 passes)."""
     Q = orthonormal_columns(_times(Wp, omega))
@@ -171,32 +181,37 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
     needed; the rank-r truncation of W·P·Pᵀ comes from a Rayleigh–Ritz step on W·P. For the same number
     of passes this captures far more of the top-r energy than plain subspace iteration when the spectrum
     is flat (random or barely trained weights), where the top singular values have tiny gaps.
+
+    Everything is kept transposed — blocks are rows: Pᵀ, (W·P)ᵀ = Pᵀ·Wᵀ, (Wᵀ·W·P)ᵀ = (W·P)ᵀ·W. LAPACK's Q is
+    column-major, so its transpose is a contiguous block of rows, and filling the preallocated bases is a plain
+    copy of rows instead of a strided copy into columns (which cost about as much as a pass on MiniLM's layers).
     """
     n, b = omega.shape[-2:]
     blocks = min(niter + 1, -(-n // b))  # stop once the basis spans the whole row space: W·P·Pᵀ = W
     total = min(blocks * b, n)
     # Preallocated and filled block by block: growing them by concatenation allocated (and page-faulted) a
     # fresh copy per iteration, a measurable share of the cost on small layers.
-    basis = omega.new_empty(*omega.shape[:-2], n, total)
-    image = omega.new_empty(*omega.shape[:-2], Wp.shape[-2], total)
-    P, width = orthonormal_columns(omega), 0
+    basis_t = omega.new_empty(*omega.shape[:-2], total, n)  # rows: Pᵀ
+    image_t = omega.new_empty(*omega.shape[:-2], total, Wp.shape[-2])  # rows: (W·P)ᵀ
+    P_t, width = orthonormal_columns(omega).mT, 0
     while True:
-        basis[..., width:width + P.shape[-1]] = P
-        image[..., width:width + P.shape[-1]] = _times(Wp, P)
-        width += P.shape[-1]
+        k = P_t.shape[-2]
+        basis_t[..., width:width + k, :] = P_t
+        image_t[..., width:width + k, :] = _rows_times_transposed(P_t, Wp)
+        width += k
         if width == total:
             break
-        Z = _times_transposed(Wp, image[..., width - P.shape[-1]:width])[..., : total - width]  # Wᵀ·(W·P_i)
-        done = basis[..., :width]
+        Z_t = _rows_times(image_t[..., width - k:width, :][..., : total - width, :], Wp)  # (Wᵀ·W·P_i)ᵀ
+        done_t = basis_t[..., :width, :]
         # Block Gram–Schmidt against the earlier blocks, twice ("twice is enough"), normalizing after each
         # projection: what is left of Z once the top directions are removed can be ~eps of its norm, and
         # only a re-normalized second pass makes that remainder orthogonal to the basis in float32. (Two
         # projections and a single orthonormalization failed: the remainder's columns are nearly collinear, and
         # the QR of that ill-conditioned block is not accurate enough relative to its smallest directions.)
         for _ in range(2):
-            Z = orthonormal_columns(Z - done @ (done.mT @ Z))
-        P = Z
-    return _rayleigh_ritz(image, basis, rank)
+            Z_t = orthonormal_columns((Z_t - (Z_t @ done_t.mT) @ done_t).mT).mT
+        P_t = Z_t
+    return _rayleigh_ritz(image_t, basis_t, rank)
 
 
 # The Gram matrix of W·P gives its top-r singular triplets exactly enough (float64, relative error ~eps·κ²)
@@ -204,24 +219,25 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
 _GRAM_MIN_SINGULAR_RATIO = 1e-4
 
 
-def _rayleigh_ritz(image: torch.Tensor, basis: torch.Tensor, rank: int) -> SVDResult:
-    """Top-r SVD of W·P·Pᵀ from the image W·P (..., m, k) and the orthonormal basis P (..., n, k)."""
-    dtype = image.dtype
+def _rayleigh_ritz(image_t: torch.Tensor, basis_t: torch.Tensor, rank: int) -> SVDResult:
+    """Top-r SVD of W·P·Pᵀ from the transposed image (W·P)ᵀ (..., k, m) and orthonormal basis Pᵀ (..., k, n)."""
+    dtype = image_t.dtype
+    image = image_t.mT
     if image.shape[-2] < image.shape[-1]:  # W has fewer rows than the basis is wide: W·P is small anyway
         U, S, Vr = torch.linalg.svd(image, full_matrices=False)
-        return U[..., :rank], S[..., :rank], Vr[..., :rank, :] @ basis.mT
+        return U[..., :rank], S[..., :rank], Vr[..., :rank, :] @ basis_t
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
     # and two products in CholeskyQR2) followed by an SVD.
-    evals, evecs = torch.linalg.eigh(gram(image.to(torch.float64)))
+    evals, evecs = torch.linalg.eigh(gram(image_t.to(torch.float64).mT))  # (converting the transposed view was 5× slower)
     S = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
     if bool(((S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)).all()):  # one host read
         V = evecs[..., -rank:].flip(-1)
         U = image @ (V / S.unsqueeze(-2)).to(dtype)
-        return U, S.to(dtype), V.to(dtype).mT @ basis.mT
+        return U, S.to(dtype), V.to(dtype).mT @ basis_t
     Q, R = qr_tall(image)  # W·P = Q·R
     Ur, S, Vr = torch.linalg.svd(R)  # small, float64: R = Ur·S·Vr  =>  W·P·Pᵀ = (Q·Ur)·S·(Vr·Pᵀ)
     U = Q @ Ur[..., :rank].to(dtype)
-    Vh = Vr[..., :rank, :].to(dtype) @ basis.mT
+    Vh = Vr[..., :rank, :].to(dtype) @ basis_t
     return U, S[..., :rank].to(dtype), Vh
 
 
