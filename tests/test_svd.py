@@ -174,6 +174,19 @@ def test_same_generator_seed_is_deterministic():
     assert not torch.equal(product(*a), product(*c))
 
 
+@pytest.mark.parametrize("niter", [0, 2])
+def test_a_matrix_gets_the_same_result_in_any_batch(niter):
+    # One sketch per call, shared by the batch: a layer's decomposition does not depend on which other layers
+    # (or how many) share its batch, e.g. when a large model's group is split into chunks.
+    W = torch.randn(4, 40, 30, generator=gen(1), dtype=torch.float64)  # flat spectra: the sketch visibly matters
+    batched = truncated_svd(W, 5, niter=niter, oversample=2, generator=gen(7))
+    alone = truncated_svd(W[2], 5, niter=niter, oversample=2, generator=gen(7))
+    pair = truncated_svd(W[1:3], 5, niter=niter, oversample=2, generator=gen(7))
+    expected = product(*alone)
+    assert torch.allclose(product(*(x[2] for x in batched)), expected, atol=1e-10)
+    assert torch.allclose(product(*(x[1] for x in pair)), expected, atol=1e-10)
+
+
 def test_no_generator_is_deterministic_and_leaves_global_rng_alone():
     W = torch.randn(40, 30, generator=gen(1))
     state = torch.get_rng_state()
