@@ -79,6 +79,21 @@ def test_pissa_randomized_matches_exact_on_the_product():
         assert torch.linalg.norm(prod_a - prod_b) / torch.linalg.norm(prod_a) < 1e-3, name
 
 
+def test_pissa_stacks_weights_in_the_pass_dtype_without_changing_the_result():
+    """With bf16 passes `adapt` stacks each group's weights straight into bf16 (no float32 stack first); the
+    factors equal those of the initializer run on the float32 stack, whose passes read the same bf16 values."""
+    from fedspec.adapters.initializers import pissa
+
+    model, _ = _model()
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    options = {"niter": 2, "oversample": 2, "pass_precision": "bfloat16"}
+    fedspec.adapt(model, "pissa", 4, ["query", "value"], seed=3, **options)
+    B, A = pissa(torch.stack(list(originals.values())), 4, 1.0, generator=torch.Generator().manual_seed(3),
+                 **options)
+    for i, layer in enumerate(adapter_layers(model).values()):
+        assert torch.equal(layer.lora_B.weight, B[i]) and torch.equal(layer.lora_A.weight, A[i])
+
+
 def test_lora_starts_with_zero_B_and_gaussian_A():
     model, _ = _model()
     fedspec.adapt(model, "lora", 4)

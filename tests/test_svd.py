@@ -270,18 +270,48 @@ def test_pass_buffer_is_reused_and_changes_nothing():
     assert buffer.copy(small, torch.bfloat16).data_ptr() == address, "a smaller matrix reuses the memory"
 
 
-def test_auto_pass_precision_needs_a_large_float32_matrix_and_native_bf16(monkeypatch):
+def test_auto_pass_precision_needs_a_large_matrix_and_native_bf16(monkeypatch):
     import fedspec.svd.precision as precision
 
-    large = torch.empty(2048, 2048)
+    large = torch.empty(384, 384)
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: True)
     assert precision.pass_dtype("auto", large) == torch.bfloat16
-    assert precision.pass_dtype("auto", torch.empty(2048, 1024)) == torch.float32, "small: full precision"
+    assert precision.pass_dtype("auto", torch.empty(256, 128)) == torch.float32, "small: full precision"
+    assert precision.pass_dtype("auto", large.bfloat16()) == torch.bfloat16, "a bf16 model's weights"
     assert precision.pass_dtype("auto", large.double()) == torch.float64, "float64 input asks for float64"
     assert precision.pass_dtype("full", large) == torch.float32
+    assert precision.pass_dtype("full", large.bfloat16()) == torch.float32, "full: the compute dtype"
     monkeypatch.setattr(precision, "native_bf16_matmul", lambda device: False)
     assert precision.pass_dtype("auto", large) == torch.float32, "emulated bf16 is slower than float32"
     assert precision.pass_dtype("bfloat16", large) == torch.bfloat16, "an explicit choice is obeyed"
+
+
+def test_bf16_input_is_read_as_it_is_by_bf16_passes():
+    """A bf16 W (a bf16 model's weights, or a stack `fedspec.adapt` made in the pass dtype) needs no copy: the
+    result equals that of its float32 upcast, whose passes read the same bf16 values, and no buffer is filled."""
+    from fedspec.svd import PassBuffer
+
+    W = flat_matrix(96, 80, seed=3).bfloat16()
+    buffer = PassBuffer()
+    direct = truncated_svd(W, 6, niter=2, pass_precision="bfloat16", pass_buffer=buffer)
+    assert buffer._memory is None, "no copy of W was made"
+    via_float32 = truncated_svd(W.float(), 6, niter=2, pass_precision="bfloat16")
+    for a, b in zip(direct, via_float32):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    full = truncated_svd(W, 6, niter=2, pass_precision="full")  # full precision: the float32 upcast is read
+    for a, b in zip(full, truncated_svd(W.float(), 6, niter=2, pass_precision="full")):
+        assert torch.equal(a, b)
+
+
+def test_pass_buffer_stacks_with_one_converting_copy_into_reused_memory():
+    from fedspec.svd import PassBuffer
+
+    buffer = PassBuffer()
+    tensors = [flat_matrix(12, 10, seed=s) for s in range(3)]
+    stacked = buffer.stack(tensors, torch.bfloat16)
+    assert stacked.dtype == torch.bfloat16 and torch.equal(stacked, torch.stack(tensors).bfloat16())
+    address = stacked.data_ptr()
+    assert buffer.stack(tensors[:2], torch.bfloat16).data_ptr() == address, "a smaller stack reuses the memory"
 
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..svd import PassBuffer, truncated_svd
+from ..svd.precision import compute_dtype, pass_dtype
 
 
 def lora_gaussian(
@@ -53,6 +54,16 @@ def pissa(
         pass_precision=pass_precision, pass_buffer=pass_buffer,
     )
     return _split_singular_values(U, S, Vh, scaling)
+
+
+def pissa_weights_dtype(
+    weight: torch.Tensor, *, svd_method: str = "randomized", pass_precision: str = "full", **_: object
+) -> torch.dtype:
+    """The dtype :func:`pissa` reads its stacked weights in (same defaults): the randomized SVD reads W only
+    through its passes, so a stack in the pass dtype is all it needs; the exact SVD needs float32/64."""
+    if svd_method == "randomized":
+        return pass_dtype(pass_precision, weight)
+    return compute_dtype(weight.dtype)
 
 
 def milora(

@@ -97,19 +97,30 @@ def _initialize(
         groups[(tuple(originals[name].shape), originals[name].dtype, ranks[name])].append(name)
     keys = [key for kind in spec.calibration for key in KINDS[kind]]
     buffer = PassBuffer()  # one scratch copy of W for the randomized SVDs of every chunk
+    stack_buffer = PassBuffer()  # one reduced-precision stack for every chunk (see _stack_chunk)
     for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         item_bytes = originals[group[0]].numel() * compute.itemsize
         for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
-            _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration,
+            weights = _stack_chunk([originals[n].detach() for n in names], compute, spec, options, stack_buffer)
+            _initialize_chunk(layers, originals, names, weights, rank, spec, keys, calibration,
                               scaling, generator, {**options, "pass_buffer": buffer})
 
 
-def _initialize_chunk(layers, originals, names, compute, rank, spec, keys, calibration, scaling, generator,
+def _stack_chunk(tensors: list[torch.Tensor], compute: torch.dtype, spec: MethodSpec, options: dict,
+                 stack_buffer: PassBuffer) -> torch.Tensor:
+    """A chunk's weights as one batch, on their own device (a CUDA model decomposes on the GPU), in the dtype the
+    initializer reads them in: float32/64, or the method's ``weights_dtype`` (PiSSA's bf16 passes), which is stacked
+    into reused memory with one converting copy per weight, without a float32 stack first."""
+    dtype = spec.weights_dtype(tensors[0], **options) if spec.weights_dtype else compute
+    if dtype != compute and not (len(tensors) == 1 and tensors[0].dtype == dtype):
+        return stack_buffer.stack(tensors, dtype)
+    converted = [t.to(dtype) for t in tensors]  # no copy of a weight that has the dtype already
+    return converted[0].unsqueeze(0) if len(converted) == 1 else torch.stack(converted)
+
+
+def _initialize_chunk(layers, originals, names, weights, rank, spec, keys, calibration, scaling, generator,
                       options) -> None:
-    # On the weights' own device (a CUDA model decomposes on the GPU); a single weight is not copied.
-    weights = [originals[n].detach().to(dtype=compute) for n in names]
-    weights = weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
     extra = {}
     if keys:
         extra["statistics"] = {

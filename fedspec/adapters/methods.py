@@ -19,6 +19,7 @@ register(
         name="pissa",
         shape="lowrank",
         initializer=initializers.pissa,
+        weights_dtype=initializers.pissa_weights_dtype,
         base_policy="residual",
         summary="W_res + s·B·A; B·A = top-r SVD of W",
     )

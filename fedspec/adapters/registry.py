@@ -57,6 +57,11 @@ class MethodSpec:
     federated_frozen: tuple[str, ...] = ()
     # A step the server runs on the global model after aggregating each round: (model, AdapterConfig, round).
     server_step: Callable[..., None] | None = None
+    # The dtype the initializer reads the stacked weights in: (one weight, **options) -> dtype; None: float32
+    # (float64 for float64 weights). PiSSA's randomized SVD reads W only through its passes, so it takes the stack
+    # in the pass dtype (bf16 under pass_precision="auto" on native-bf16 hardware): one converting copy per weight
+    # instead of a float32 stack and a bf16 copy of it.
+    weights_dtype: Callable[..., torch.dtype] | None = None
 
     def resolve_options(self, given: dict) -> dict:
         """The method's options: its defaults updated by ``given`` (only the keys it knows)."""

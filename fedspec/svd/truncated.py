@@ -62,8 +62,9 @@ def truncated_svd(
     `pass_precision` (randomized only): "full" runs the passes over W in the compute dtype; "bfloat16" reads
     W in bf16 (float32 accumulation; every orthonormalization stays float32/64), several times faster where
     bf16 products are native, at a ~1e-3 relative noise floor (see `fedspec.svd.precision`); "auto" picks
-    bf16 for large float32 matrices on such hardware and full precision otherwise. `pass_buffer` (a
-    `fedspec.svd.PassBuffer`) holds that bf16 copy across calls, so a loop over layers allocates it once.
+    bf16 for float32 matrices on such hardware (from 256 × 256) and full precision otherwise. `pass_buffer` (a
+    `fedspec.svd.PassBuffer`) holds that bf16 copy across calls, so a loop over layers allocates it once. A W
+    that is already in the pass dtype (a bf16 model's weights) is read as it is: no copy of it is made at all.
     """
     m, n = _check_matrix(W, "W")
     rank = _check_rank(rank, m, n, tuple(W.shape))
@@ -75,13 +76,12 @@ def truncated_svd(
             "captures only the top singular subspace, so it cannot return the smallest components; "
             "use method='exact'"
         )
-    Wc = W.detach().to(compute_dtype(W.dtype))
-    passes = pass_dtype(pass_precision, Wc)  # validated for either method
+    passes = pass_dtype(pass_precision, W)  # validated for either method
     if method == "exact":
-        return _exact(Wc, rank, smallest)
+        return _exact(W.detach().to(compute_dtype(W.dtype)), rank, smallest)
     niter = _check_nonnegative_int(niter, "niter")
     oversample = _check_nonnegative_int(oversample, "oversample")
-    return _randomized(Wc, rank, niter, oversample, generator, passes, pass_buffer)
+    return _randomized(W.detach(), rank, niter, oversample, generator, passes, pass_buffer)
 
 
 @torch.no_grad()
@@ -135,11 +135,18 @@ def _randomized(
 ) -> SVDResult:
     m, n = W.shape[-2:]
     block = min(rank + oversample, m, n)
+    compute = compute_dtype(W.dtype)
     # One (n, block) sketch for the whole batch: drawing and orthonormalizing a sketch per matrix cost ~5% of
     # MiniLM's decomposition and bought nothing.
-    omega = _gaussian_sketch((n, block), W, generator)
-    # One copy of W in the pass dtype, read by every pass (none when the passes run in the compute dtype).
-    Wp = W if passes == W.dtype else (buffer or PassBuffer()).copy(W, passes)
+    omega = _gaussian_sketch((n, block), compute, W.device, generator)
+    # What every pass reads: W itself when it is in the pass dtype already, else one copy of it in that dtype
+    # (reduced-precision copies go to the reusable buffer).
+    if W.dtype == passes:
+        Wp = W
+    elif passes == compute:
+        Wp = W.to(compute)
+    else:
+        Wp = (buffer or PassBuffer()).copy(W, passes)
     if niter == 0:
         return _range_finder(Wp, omega, rank)
     return _block_krylov(Wp, omega, rank, niter)
@@ -250,7 +257,7 @@ def _rayleigh_ritz(image_t: torch.Tensor, basis_t: torch.Tensor, rank: int) -> S
 
 
 def _gaussian_sketch(
-    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: torch.Generator | None
 ) -> torch.Tensor:
     """Draw the test matrix on the generator's device, then move it.
 
@@ -259,8 +266,8 @@ def _gaussian_sketch(
     """
     if generator is None:
         generator = torch.Generator(device="cpu").manual_seed(DEFAULT_SEED)
-    omega = torch.randn(shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return omega.to(like.device)
+    omega = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return omega.to(device)
 
 
 def _check_matrix(W: torch.Tensor, name: str) -> tuple[int, int]:
