@@ -153,7 +153,11 @@ def _randomized(
 
 
 def _times(Wp: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """W·X, reading W in its pass dtype; the result in X's (compute) dtype."""
+    """W·X, reading W in its pass dtype; the result in X's (compute) dtype.
+
+    Callers that want (W·X)ᵀ take this result's transpose: Xᵀ·Wᵀ, with W as a transposed operand, was as fast
+    in float32 on MiniLM's shapes but up to 1.3× slower on 7B shapes, and ~60× slower in bf16 (381 against 6 ms
+    for 11008 × 4096 on the CPU)."""
     return (Wp @ X.to(Wp.dtype)).to(X.dtype)
 
 
@@ -162,20 +166,6 @@ def _times_transposed(Wp: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     with a transposed view the product took ~1.6× as long on the CPU (no difference in float32)."""
     Yt = Y.to(Wp.dtype).mT
     return ((Yt if Wp.dtype == Y.dtype else Yt.contiguous()) @ Wp).mT.to(Y.dtype)
-
-
-def _rows_times_transposed(Xt: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
-    """(W·X)ᵀ from the rows Xᵀ, reading W in its pass dtype; the result in Xᵀ's (compute) dtype.
-
-    Formed as W·X and returned as a transposed view: Xᵀ·Wᵀ, with W as a transposed operand, was as fast in
-    float32 on MiniLM's shapes but up to 1.3× slower on 7B shapes, and ~60× slower in bf16 (381 against 6 ms
-    for 11008 × 4096 on the CPU)."""
-    return (Wp @ Xt.mT.to(Wp.dtype)).mT.to(Xt.dtype)
-
-
-def _rows_times(Yt: torch.Tensor, Wp: torch.Tensor) -> torch.Tensor:
-    """Yᵀ·W = (Wᵀ·Y)ᵀ from the rows Yᵀ, reading W in its pass dtype; the result in Yᵀ's (compute) dtype."""
-    return (Yt.to(Wp.dtype) @ Wp).to(Yt.dtype)
 
 
 def _range_finder(Wp: torch.Tensor, omega: torch.Tensor, rank: int) -> SVDResult:
@@ -197,9 +187,10 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
     of passes this captures far more of the top-r energy than plain subspace iteration when the spectrum
     is flat (random or barely trained weights), where the top singular values have tiny gaps.
 
-    Everything is kept transposed — blocks are rows: Pᵀ, (W·P)ᵀ = Pᵀ·Wᵀ, (Wᵀ·W·P)ᵀ = (W·P)ᵀ·W. LAPACK's Q is
-    column-major, so its transpose is a contiguous block of rows, and filling the preallocated bases is a plain
-    copy of rows instead of a strided copy into columns (which cost about as much as a pass on MiniLM's layers).
+    The bases are kept transposed, blocks as rows of Pᵀ and (W·P)ᵀ: LAPACK's Q is column-major, so Pᵀ is a
+    contiguous block of rows (a plain copy into the basis, where a strided copy into columns cost as much as one
+    pass on MiniLM's layers), the Gram–Schmidt products read row-major operands, and the Wᵀ pass reads the rows
+    of (W·P)ᵀ as they are: (WᵀW·P)ᵀ = (W·P)ᵀ·W.
     """
     n, b = omega.shape[-2:]
     blocks = min(niter + 1, -(-n // b))  # stop once the basis spans the whole row space: W·P·Pᵀ = W
@@ -212,11 +203,11 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
     while True:
         k = P_t.shape[-2]
         basis_t[..., width:width + k, :] = P_t
-        image_t[..., width:width + k, :] = _rows_times_transposed(P_t, Wp)
+        image_t[..., width:width + k, :] = _times(Wp, P_t.mT).mT
         width += k
         if width == total:
             break
-        Z_t = _rows_times(image_t[..., width - k:width, :][..., : total - width, :], Wp)  # (Wᵀ·W·P_i)ᵀ
+        Z_t = _times_transposed(Wp, image_t[..., width - k:width, :][..., : total - width, :].mT).mT  # (WᵀW·P_i)ᵀ
         done_t = basis_t[..., :width, :]
         # Block Gram–Schmidt against the earlier blocks, twice ("twice is enough"), normalizing after each
         # projection: what is left of Z once the top directions are removed can be ~eps of its norm, and
