@@ -234,7 +234,8 @@ def _rayleigh_ritz(image_t: torch.Tensor, basis_t: torch.Tensor, rank: int) -> S
         return U[..., :rank], S[..., :rank], Vr[..., :rank, :] @ basis_t
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
     # and two products in CholeskyQR2) followed by an SVD.
-    evals, evecs = torch.linalg.eigh(gram(image_t.to(torch.float64).mT))  # (converting the transposed view was 5× slower)
+    # Converted before transposing: converting the transposed view was 5× slower.
+    evals, evecs = torch.linalg.eigh(gram(image_t.to(torch.float64).mT))
     S = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
     if bool(((S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)).all()):  # one host read
         V = evecs[..., -rank:].flip(-1)
