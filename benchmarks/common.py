@@ -31,14 +31,18 @@ class Row:
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each candidate per repeat, run round-robin so machine noise hits all of them alike.
+    """Seconds of each candidate per repeat, run round-robin (alternating the order) so machine noise hits all of
+    them alike.
 
     A candidate may return a float: then that float is its timing (for calls whose timed part is only a
     piece of what they do, e.g. building a fresh model first).
     """
     times: dict[str, list[float]] = {name: [] for name in candidates}
+    order = list(candidates.items())
     for round_ in range(warmup + repeats):
-        for name, call in candidates.items():
+        # Every other round in reverse (ABBA), so no candidate always runs right after the same other one and
+        # inherits its allocator and cache state.
+        for name, call in order if round_ % 2 == 0 else order[::-1]:
             gc.collect()
             started = time.perf_counter()
             result = call()
