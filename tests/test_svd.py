@@ -312,6 +312,10 @@ def test_pass_buffer_stacks_with_one_converting_copy_into_reused_memory():
     assert stacked.dtype == torch.bfloat16 and torch.equal(stacked, torch.stack(tensors).bfloat16())
     address = stacked.data_ptr()
     assert buffer.stack(tensors[:2], torch.bfloat16).data_ptr() == address, "a smaller stack reuses the memory"
+    with pytest.raises(ValueError, match=r"one shape, got shapes \[\(1, 10\), \(12, 10\)\]"):
+        buffer.stack([tensors[0], tensors[1][:1]], torch.bfloat16)  # would broadcast silently
+    with pytest.raises(ValueError, match="one or more tensors"):
+        buffer.stack([], torch.bfloat16)
 
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])

@@ -87,6 +87,9 @@ class PassBuffer:
     def stack(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Same-shape tensors stacked and converted to `dtype` in one copy each, in this buffer's memory (valid
         until the next call): a batch in the pass dtype without a full-precision stack first."""
+        shapes = sorted({tuple(t.shape) for t in tensors})
+        if len(shapes) != 1:  # copy_ would broadcast a smaller tensor into its slot without a word
+            raise ValueError(f"PassBuffer.stack needs one or more tensors of one shape, got shapes {shapes}")
         first = tensors[0]
         batch = self._view((len(tensors), *first.shape), dtype, first.device)
         for slot, tensor in zip(batch, tensors):
