@@ -1,8 +1,8 @@
 """Shared pieces of the benchmarks: interleaved timing, one result row type, the table, the machine.
 
 The benchmark machine is shared and noisy, so every comparison runs its candidates round-robin in one
-process (baseline, candidate, baseline, candidate, ...) after a warm-up, and reports medians and the ratio
-of medians — never a single timing.
+process, in alternating order (baseline, candidate, candidate, baseline, ...), after a warm-up, and reports
+medians and the ratio of medians — never a single timing.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def write_doc(path: Path, table: str, *, quick: bool, before: str, after: str, e
     path.write_text(f"""# Benchmarks
 
 Written by `{command}` in {elapsed:.0f} s. Each ratio compares fedspec with its baseline measured round-robin
-in the same process (medians of the repeats given); absolute times depend on the machine's load.
+(in alternating order) in the same process (medians of the repeats given); absolute times depend on the machine's load.
 
 - Machine at the start: {before}
 - Machine at the end: {after}
@@ -89,12 +89,13 @@ How to read it:
   basis of 4r, then one in-place pass for the residual) miss less of the optimal energy than PEFT's 10 passes;
   fewer passes could not match PEFT's error (niter=2 measured 0.99451 with oversample=8 on the 7B-shaped
   model, 0.93071 with oversample=0 on MiniLM). Oversampling buys little (oversample=8: 0.99406 instead of
-  0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the 7B-shaped passes cheap is
-  `pass_precision=auto`: on this CPU (AMX) the passes over weights of 2048² elements and more read a bf16 copy
-  of W (float32 accumulation, every orthonormalization in float32/64), 1.7–3.5× faster per pass (1.05 s
-  instead of 1.35 s for the whole 7B-shaped init at equal error); the error columns include that choice.
-  MiniLM's matrices are small (≤ 1536×384), so its time is per-layer overhead (orthonormalizations, small
-  eigendecompositions, building the layers), not passes, and bf16 does not pay there. Both models are timed
+  0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the passes cheap is
+  `pass_precision=auto`: on this CPU (AMX) the passes over weights of 256² elements and more read a bf16 copy
+  of W (float32 accumulation, every orthonormalization in float32/64), 1.7–3.5× faster per pass on the 7B
+  shapes (1.05 s instead of 1.35 s for the whole 7B-shaped init at equal error), about 2× for W·P on MiniLM's;
+  PiSSA stacks each group of layers straight into bf16, so the copy costs no more than the float32 stack it
+  replaces. The error columns include that choice. The rest of MiniLM's time is per-layer overhead
+  (orthonormalizations, small eigendecompositions, building the layers, the residual). Both models are timed
   after one warm-up round; a process's first call costs more (fedspec's 7B-shaped init about 0.25 s: oneDNN
   sets up its bf16 kernels once per shape).
 - (b) The dense baseline is extrapolated from one timed product (a dense SVD of one 4096² matrix takes about
