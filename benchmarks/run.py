@@ -88,8 +88,8 @@ How to read it:
   are nearly equal. fedspec's defaults (niter=3, oversample=0: 7 passes of a block of r columns and a Krylov
   basis of 4r, then one in-place pass for the residual) miss less of the optimal energy than PEFT's 10 passes;
   fewer passes could not match PEFT's error (niter=2 measured 0.99451 with oversample=8 on the 7B-shaped
-  model, 0.93071 with oversample=0 on MiniLM). Oversampling buys little (oversample=8: 0.99406 instead of
-  0.99414, 0.92345 instead of 0.92543) for about 30% more time. What makes the passes cheap is
+  model, 0.93063 with oversample=0 on MiniLM). Oversampling buys little (oversample=8: 0.99406 instead of
+  0.99414, 0.92346 instead of 0.92551) for about 30% more time. What makes the passes cheap is
   `pass_precision=auto`: on this CPU (AMX) the passes over weights of 256² elements and more read a bf16 copy
   of W (float32 accumulation, every orthonormalization in float32/64), 1.7–3.5× faster per pass on the 7B
   shapes (1.05 s instead of 1.35 s for the whole 7B-shaped init at equal error), about 2× for W·P on MiniLM's;
