@@ -69,7 +69,8 @@ def pass_dtype(precision: str, W: torch.Tensor) -> torch.dtype:
 
 
 class PassBuffer:
-    """Scratch memory for the reduced-precision copy of W, reused by consecutive randomized SVDs.
+    """Scratch memory for the reduced-precision copy of W (or stack of weights), reused by consecutive randomized
+    SVDs.
 
     Pass one to every `truncated_svd` call of a loop over layers (as `fedspec.adapt` does): a fresh multi-MB
     allocation per layer is page-faulted in by the OS on first touch, which cost more than the conversion itself
