@@ -94,6 +94,27 @@ def test_pissa_stacks_weights_in_the_pass_dtype_without_changing_the_result():
         assert torch.equal(layer.lora_B.weight, B[i]) and torch.equal(layer.lora_A.weight, A[i])
 
 
+@pytest.mark.parametrize("precision", ["bfloat16", "full"])
+def test_pissa_on_a_bf16_model(precision):
+    """A bf16 model's weights feed bf16 passes as they are (no float32 copy) and a float32 SVD otherwise; either
+    way the layers keep bf16, equal the initializer's float32 result rounded once, and rebuild W to bf16 precision."""
+    from fedspec.adapters.initializers import pissa
+
+    model, _ = _model()
+    model.to(torch.bfloat16)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    options = {"niter": 2, "oversample": 2, "pass_precision": precision}
+    fedspec.adapt(model, "pissa", 4, ["query", "value"], seed=3, **options)
+    B, A = pissa(torch.stack(list(originals.values())).float(), 4, 1.0, generator=torch.Generator().manual_seed(3),
+                 **options)
+    for i, (name, layer) in enumerate(adapter_layers(model).items()):
+        assert layer.lora_B.weight.dtype == layer.base.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.lora_B.weight, B[i].bfloat16()) and torch.equal(layer.lora_A.weight, A[i].bfloat16())
+        rebuilt = layer.base.weight.float() + layer.scaling * layer.init_lora_B.float() @ layer.init_lora_A.float()
+        W = originals[name].float()
+        assert torch.linalg.norm(rebuilt - W) / torch.linalg.norm(W) < 1e-2
+
+
 def test_lora_starts_with_zero_B_and_gaussian_A():
     model, _ = _model()
     fedspec.adapt(model, "lora", 4)
