@@ -46,6 +46,7 @@ class DataConfig:
     partition: str = MISSING  # dirichlet | iid
     alpha: float = MISSING
     min_client_examples: int = MISSING
+    validation: bool = MISSING  # tuning: score on a split carved from the training records, never on the held-out data
 
 
 @dataclass
@@ -68,7 +69,9 @@ class AdapterSettings:
 
 @dataclass
 class StrategyConfig:
-    name: str = MISSING  # fedsvd | ffa | fedit
+    name: str = MISSING  # fedsvd | ffa | fedit | fedavg
+    server_lr: float = MISSING  # η of the server step η·m (1.0: apply the clients' mean update as it is)
+    server_momentum: float = MISSING  # β of m ← β·m + mean update (0.0: no momentum; FedAvgM)
 
 
 @dataclass
@@ -246,6 +249,10 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("federation.rounds", cfg.federation.rounds, "it must be at least 1 (--rounds R)")
     if not 0.0 < cfg.federation.fraction <= 1.0:
         fail("federation.fraction", cfg.federation.fraction, "it must be in (0, 1] (--fraction F)")
+    if cfg.strategy.server_lr <= 0:
+        fail("strategy.server_lr", cfg.strategy.server_lr, "it must be > 0 (1.0: the plain mean update)")
+    if not 0.0 <= cfg.strategy.server_momentum < 1.0:
+        fail("strategy.server_momentum", cfg.strategy.server_momentum, "it must be in [0, 1) (0: no momentum)")
     if cfg.federation.min_clients < 1:
         fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
     for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",

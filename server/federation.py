@@ -8,7 +8,10 @@ its reports, when too few clients have budget left (or the client-level guarante
 
 from __future__ import annotations
 
+import math
 import time
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -26,6 +29,7 @@ from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
 from fedspec.strategies.client_dp import ClientDP
 from fedspec.strategies.flower import DECLINED, LABELS_KEY, VERSION_KEY, AdapterStrategy
+from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 
 from .budget import BudgetTracker
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -89,6 +93,12 @@ def _mirror_client(ledgers: dict[str, PrivacyLedger], metrics, round_: int, cfg:
                   attempt=ledger.next_attempt(round_))
 
 
+def _payload_bytes(reply: Message) -> int:
+    """The size of the tensors a client sent (what a user pays for upload), counted by the server."""
+    return sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize
+               for record in reply.content.array_records.values() for array in record.values())
+
+
 def _max_epsilon(previous: float | None, this_round: float | None) -> float | None:
     """The largest ε of any client so far: ε only grows, and only this round's clients spent more."""
     values = [v for v in (previous, this_round) if v is not None]
@@ -122,6 +132,10 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     rule = get_rule(cfg.strategy.name)
     task = build_task(cfg)
     checkpoint = load_checkpoint(paths.checkpoints) if cfg.run.resume else None
+    server_optimizer = ServerOptimizer(cfg.strategy.server_lr, cfg.strategy.server_momentum)
+    if checkpoint is not None:  # the momentum buffers travel in the checkpoint's state, beside the adapter
+        checkpoint.state, momentum = split_momentum(checkpoint.state)
+        server_optimizer.load(momentum)
     rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
     ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
     budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
@@ -154,6 +168,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         weighting=cfg.federation.weighting,
         client_dp=client_dp,
         client_trained=model.client_trained(),
+        server_optimizer=server_optimizer,
     )
     all_clients = sorted(str(info["client-id"]) for info in nodes.values())
     stopped = None
@@ -196,7 +211,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                     log.write("client-declined", round=round_, **fields)
                     budget.record_decline(str(int(metrics["client-id"])), round_)
                     continue
-                log.write("client", round=round_, **fields)
+                log.write("client", round=round_, update_bytes=_payload_bytes(reply), **fields)
                 _mirror_client(ledgers, metrics, round_, cfg)
             evaluation = model.evaluate(global_state)
             row = RoundRow(
@@ -217,7 +232,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
             save_checkpoint(
                 paths.checkpoints,
                 round_,
-                {**global_state, **base_init},
+                {**global_state, **base_init, **server_optimizer.state()},
                 {"strategy": rule.name, "seed": cfg.run.seed, "rows": [vars(r) for r in rows],
                  "declined": budget.declined},
             )

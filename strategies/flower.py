@@ -4,12 +4,13 @@
 - client sampling is seeded (Flower samples with the module-level ``random``), reproducible per round;
 - the global adapter is kept between ``configure_train`` and ``aggregate_train``, because FedSVD clients send
   only B updates while the new state needs A too;
-- aggregation is :func:`aggregation.aggregate` under the configured rule; replies that are errors, declined
+- aggregation is the weighted mean of :mod:`aggregation` under the configured rule; replies that are errors, declined
   (privacy budget spent) or carry non-finite tensors are left out, and the round goes on without them.
 
 Weights are the clients' ``num-examples`` (``weighting="examples"``) or 1 each (``"uniform"``). With client-level
 DP (``client_dp``) clients are Poisson-sampled and the mean is :func:`client_dp.private_mean` (clipped updates,
-noise on the sum, fixed denominator) before the rule's update and refactor.
+noise on the sum, fixed denominator) before the rule's update and refactor. The mean (or private mean) then
+goes through the server optimizer (``server_optimizer``: server learning rate and momentum) before it is applied.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from .aggregation import AggregationRule, aggregate, apply_mean_update, trained_keys
+from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
 from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
+from .server_optimizer import ServerOptimizer
 
 BASE_INIT_KEY = "base-init"  # RecordDict key of the fixed adapter tensors (e.g. residual init factors), sent once
 VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
@@ -51,6 +53,7 @@ class AdapterStrategy(FedAvg):
         weighting: str = "examples",
         client_dp: ClientDP | None = None,
         client_trained: set[str] | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -70,6 +73,7 @@ class AdapterStrategy(FedAvg):
         self.nodes_with_base: set[int] = set()
         self.weighting = weighting
         self.client_dp = client_dp
+        self.server_optimizer = server_optimizer or ServerOptimizer()
         self._sent_state: dict[str, torch.Tensor] | None = None
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
         # so later rounds take the r×r rotation shortcut. A resumed run re-enters with False: one full round.
@@ -120,9 +124,8 @@ class AdapterStrategy(FedAvg):
         summary = summarize_train_metrics(metrics, weights)
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
-                return ArrayRecord(aggregate(self.rule, self._sent_state, [], [])), summary
-            new_state = aggregate(self.rule, self._sent_state, updates, weights, a_orthonormal=self._a_orthonormal,
-                                  client_trained=self.client_trained)
+                return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
+            mean = weighted_mean(updates, weights)
         else:  # client-level DP releases a noised mean every round, with or without replies
             template = {k: self._sent_state[k] for k in trained_keys(self._sent_state, self.rule, self.client_trained)}
             private = private_mean(
@@ -134,8 +137,10 @@ class AdapterStrategy(FedAvg):
             )
             summary["clipped"] = private.clipped
             summary["noise-std"] = private.noise_std
-            new_state = apply_mean_update(self.rule, self._sent_state, private.mean, a_orthonormal=self._a_orthonormal,
-                                          client_trained=self.client_trained)
+            mean = private.mean
+        new_state = apply_mean_update(self.rule, self._sent_state, self.server_optimizer.step(mean),
+                                      a_orthonormal=self._a_orthonormal, client_trained=self.client_trained)
+        self.server_optimizer.change_basis(self.rule, self._sent_state, new_state)
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
         return ArrayRecord(new_state), summary
 

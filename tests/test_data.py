@@ -335,6 +335,7 @@ class DataConfig:
     num_examples: int = 400
     eval_examples: int | None = 100
     max_examples: int | None = None
+    validation: bool = False
     seed: int = 0
 
 
@@ -361,6 +362,23 @@ def test_load_task_file_carves_a_stratified_holdout(tmp_path):
     assert len(train) == 160 and len(evaluation) == 40
     assert evaluation.label_counts() == [30, 10]  # same 3:1 class ratio as the file
     assert sorted(train.texts + evaluation.texts) == sorted(f"example {i}" for i in range(200))
+
+
+@pytest.mark.parametrize("with_eval_file", [False, True])
+def test_validation_mode_scores_on_training_records_only(tmp_path, with_eval_file):
+    """data.validation=true (learning-rate sweeps): the validation split is carved from the training records,
+    the model trains on the rest, and no held-out record is in either."""
+    lines = ["text\tlabel"] + [f"example {i}\t{'ab'[i % 4 == 0]}" for i in range(200)]
+    path = write(tmp_path / "d.tsv", "\n".join(lines) + "\n")
+    eval_path = write(tmp_path / "e.tsv", "text\tlabel\n" + "".join(f"held {i}\t{'ab'[i % 2]}\n" for i in range(30)))
+    options = {"eval_path": str(eval_path)} if with_eval_file else {"eval_examples": 30}
+    train, held_out = load_task(DataConfig(source="file", path=str(path), **options))
+    tune_train, validation = load_task(DataConfig(source="file", path=str(path), validation=True, **options))
+    assert len(validation) == len(held_out) == 30
+    assert sorted(tune_train.texts + validation.texts) == sorted(train.texts)  # a split of the training records
+    assert not set(validation.texts) & set(held_out.texts)
+    share = train.label_counts()[0] / len(train)
+    assert abs(validation.label_counts()[0] - share * 30) < 1  # stratified like the training records
 
 
 def test_load_task_eval_file_reuses_train_label_mapping(tmp_path):

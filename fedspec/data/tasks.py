@@ -7,7 +7,8 @@ Keys: ``source`` ("synthetic" | "file" | "hf"), ``path`` (file path, or dataset 
 ``eval_path`` (file, optional), ``split`` / ``eval_split`` ("hf" only), ``text_field``,
 ``label_field``, ``format``, ``has_header``, ``label_names``, ``num_examples`` (synthetic train size),
 ``eval_examples`` (synthetic eval size, or the size of the held-out split carved from train when there
-is no separate eval data), ``max_examples`` (cap on train size; 0/None = all), ``seed``.
+is no separate eval data), ``max_examples`` (cap on train size; 0/None = all), ``validation`` (tuning mode:
+evaluate on a validation split carved from the training records instead of the held-out data), ``seed``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ DEFAULT_NUM_EXAMPLES = 2000
 DEFAULT_EVAL_EXAMPLES = 500
 # Without data.eval_examples, a held-out split carved from user data takes at most this share of it.
 DEFAULT_HOLDOUT_SHARE = 0.2
+VALIDATION_SEED_OFFSET = 7919  # the validation carve differs from a held-out carve of the same seed
 
 
 def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
@@ -41,7 +43,12 @@ def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
     else:
         raise DataError(f"data.source={source!r} is not one of: {', '.join(SOURCES)}")
     max_examples = _non_negative_int(cfg, "max_examples", 0)
-    return cap_examples(train, max_examples, seed), evaluation
+    train = cap_examples(train, max_examples, seed)
+    if _option(cfg, "validation", False):
+        # Tuning mode: the held-out data stays unseen; a validation split of the training records (carved with
+        # its own seed, the size of the held-out set) stands in for it, and the model trains on the rest.
+        return split_holdout(train, min(len(evaluation), len(train) // 2), seed + VALIDATION_SEED_OFFSET)
+    return train, evaluation
 
 
 def split_holdout(examples: TextExamples, eval_size: int, seed: int) -> tuple[TextExamples, TextExamples]:

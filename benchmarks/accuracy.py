@@ -1,0 +1,156 @@
+"""The accuracy study: what federated DP fine-tuning reaches on real data, and what privacy costs.
+
+    python benchmarks/accuracy.py                      # the quick grid, then docs/results.md
+    python benchmarks/accuracy.py --grid minimum       # the issue's minimum grid (days of CPU; hours on a GPU)
+    python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (any machine)
+    python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
+
+Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
+or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own
+process, on the real SST-2 / AG News files. A cell's result is one JSON file written when it finishes, so a
+killed study continues where it stopped (a half-finished federation resumes from its last checkpoint), and
+shards on several machines only need their `cells/` folders copied together before `--report`.
+
+Learning rates are tuned per (dataset, strategy, adapter) on a validation split carved from the *training*
+file (`data.validation=true`); the chosen rate then runs on the evaluation file, which no run trains or tunes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import study_cells
+from study_cells import Cell, Grid, with_lr
+from study_report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+
+def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
+    """Run one cell to completion (resuming a federation that was killed) and return its result record."""
+    runs = out / "runs"
+    run_dir = runs / cell.key
+    command = [sys.executable, "-m", "fedspec.cli", *study_cells.command(cell, grid, data_root),
+               f"run.output_dir={runs}", f"run.name={cell.key}", "run.progress=false"]
+    resuming = cell.strategy != "centralized" and (run_dir / "checkpoints").is_dir()
+    if resuming:
+        command.append("run.resume=true")
+    elif run_dir.exists():  # a killed centralized run (or one killed before its first checkpoint) starts over
+        _remove(run_dir)
+    log = out / "logs" / f"{cell.key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    env = {**os.environ, "FLWR_HOME": str(out / "flwr-home")}
+    with log.open("a") as handle:
+        done = subprocess.run(command, check=False, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"cell {cell.key} failed (exit {done.returncode}); see {log}")
+    return study_cells.result(cell, run_dir, seconds=time.monotonic() - started, resumed=resuming)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def save_result(out: Path, result: dict) -> None:
+    """Atomically: a result file exists only for a finished cell."""
+    path = out / "cells" / f"{result['key']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_results(out: Path) -> dict[str, dict]:
+    folder = out / "cells"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def pending_cells(grid: Grid, results: dict[str, dict]) -> tuple[list[Cell], list[Cell]]:
+    """(cells to run now, final cells still waiting for their learning-rate sweep to finish)."""
+    ready, waiting = [], []
+    for cell in study_cells.tuning_cells(grid):
+        if cell.key not in results:
+            ready.append(cell)
+    for cell in study_cells.final_cells(grid):
+        lr = study_cells.chosen_lr(grid, cell, results)
+        if lr is None:
+            waiting.append(cell)
+            continue
+        cell = with_lr(cell, lr)
+        if cell.key not in results:
+            ready.append(cell)
+    return ready, waiting
+
+
+def in_shard(index: int, shard: tuple[int, int]) -> bool:
+    return index % shard[1] == shard[0]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: give I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--grid", choices=sorted(study_cells.GRIDS), default="quick", help="which grid (default quick)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: run every N-th cell from the I-th")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with sst2/ and agnews/")
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md", help="the page to write")
+    parser.add_argument("--report", action="store_true", help="only rewrite the page from the finished cells")
+    parser.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (then report)")
+    parser.add_argument("--list", action="store_true", help="list the cells still to run and exit")
+    args = parser.parse_args(argv)
+    grid = study_cells.GRIDS[args.grid]
+    out = args.out / grid.name
+    if not args.report:
+        missing = [name for name in grid.datasets
+                   if study_cells.needs_data_root(name) and not (args.data / name).is_dir()]
+        if missing:
+            parser.error(f"--data {args.data} has no {', '.join(missing)}/ folder")
+        ran = 0
+        while args.max_cells is None or ran < args.max_cells:
+            results = load_results(out)
+            ready, waiting = pending_cells(grid, results)
+            mine = [cell for cell in ready if in_shard(study_cells.stable_index(cell), args.shard)]
+            if args.list:
+                for cell in mine:
+                    print(cell.key)
+                print(f"{len(mine)} to run in this shard; {len(waiting)} wait for their learning-rate sweep")
+                return 0
+            if not mine:
+                break
+            cell = mine[0]
+            total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
+            print(f"[{len(results) + 1}/{total}] {cell.describe()} …", flush=True)
+            result = run_cell(cell, grid, out, args.data)
+            save_result(out, result)
+            ran += 1
+            print(f"    {result['summary']} ({result['seconds']:.0f} s)", flush=True)
+    results = load_results(out)
+    write_report(grid, results, args.page, out)
+    print(f"{len(results)} cells done; wrote {args.page}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

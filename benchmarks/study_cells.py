@@ -1,0 +1,233 @@
+"""The accuracy study's grid: its cells, the command each one runs, the record it leaves, and how a
+learning rate is chosen. Pure functions (no torch, no Flower) except :func:`subgroup_accuracy`."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from statistics import mean
+
+CENTRALIZED = "centralized"
+# Adapters whose trainable tensors enter ΔW linearly (exact under FedAvg), and the one strategy they take.
+LINEAR_ADAPTERS = {"svfit": "fedavg", "lora_xs": "fedavg"}
+DATASETS = {
+    # folder under --data: (Hydra overrides, the subgroup scored besides the whole evaluation file)
+    "sst2": (("data=sst2", "data.path={root}/sst2/train.tsv", "data.eval_path={root}/sst2/validation.tsv"),
+             "whole sentences (>= 15 words)"),
+    "agnews": (("data=agnews", "data.path={root}/agnews/train.tsv"), None),
+    "topics": (("data=topics",), None),  # fedspec's generated smoke-test task: checks the runner, not accuracy
+}
+WHOLE_SENTENCE_WORDS = 15
+TUNE_LAST_ROUNDS = 3  # a sweep run is scored by the mean validation accuracy of its last rounds (less noisy)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    datasets: tuple[str, ...]
+    strategies: tuple[str, ...]  # federated strategies, plus "centralized" for `fedspec train`
+    adapters: tuple[str, ...]
+    epsilons: tuple[float, ...]  # math.inf: no DP
+    partitions: tuple[str, ...]  # "iid" or "dir<alpha>"
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]  # the learning-rate sweep of every (dataset, strategy, adapter)
+    rounds: int = 10
+    clients: int = 20
+    tune_epsilon: float = 3.0
+    tune_partition: str = "dir0.5"
+    overrides: tuple[str, ...] = ()  # for every cell (e.g. a tiny model in tests)
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    strategy: str
+    adapter: str
+    epsilon: float
+    partition: str
+    seed: int
+    lr: float | None  # None: a final cell before its sweep has chosen the rate
+    tune: bool = False
+
+    @property
+    def key(self) -> str:
+        eps = "inf" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        lr = "tbd" if self.lr is None else f"{self.lr:g}"
+        return (f"{self.dataset}-{self.strategy}-{self.adapter}-eps{eps}-{self.partition}-s{self.seed}-lr{lr}"
+                + ("-tune" if self.tune else ""))
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        """The cells that share one tuned learning rate."""
+        return self.dataset, self.strategy, self.adapter
+
+    def describe(self) -> str:
+        eps = "∞" if math.isinf(self.epsilon) else f"{self.epsilon:g}"
+        what = "lr sweep" if self.tune else "final"
+        return (f"{self.dataset} {self.strategy} {self.adapter} ε={eps} {self.partition} seed {self.seed} "
+                f"lr {self.lr:g} ({what})")
+
+
+QUICK = Grid(
+    name="quick",
+    datasets=("sst2",),
+    strategies=("fedsvd", CENTRALIZED),
+    adapters=("pissa",),
+    epsilons=(3.0, math.inf),
+    partitions=("dir0.5",),
+    seeds=(0, 1, 2),
+    lrs=(0.5, 1.0, 2.0),
+)
+MINIMUM = Grid(
+    name="minimum",
+    datasets=("sst2", "agnews"),
+    strategies=("fedsvd", "ffa", "fedit", CENTRALIZED),
+    adapters=("pissa", "lora", "svfit"),
+    epsilons=(1.0, 3.0, 8.0, math.inf),
+    partitions=("dir0.1", "dir0.5", "iid"),
+    seeds=(0, 1, 2),
+    lrs=(0.25, 0.5, 1.0, 2.0),
+)
+SMOKE = Grid(  # a few minutes on a laptop: checks the study runner end to end, proves nothing about accuracy
+    name="smoke",
+    datasets=("topics",),
+    strategies=("fedsvd", CENTRALIZED),
+    adapters=("pissa",),
+    epsilons=(8.0,),
+    partitions=("dir0.5",),
+    seeds=(0,),
+    lrs=(0.5,),
+    rounds=2,
+    clients=3,
+    tune_epsilon=8.0,
+    overrides=("model=tiny-bert", "data.num_examples=240", "data.eval_examples=48", "data.min_client_examples=8",
+               "train.local_steps=2", "train.batch_size=16", "federation.fraction=1.0", "federation.client_cpus=1"),
+)
+GRIDS = {grid.name: grid for grid in (QUICK, MINIMUM, SMOKE)}
+
+
+def needs_data_root(dataset: str) -> bool:
+    return any("{root}" in override for override in DATASETS[dataset][0])
+
+
+def strategies_for(grid: Grid, adapter: str) -> tuple[str, ...]:
+    """A linear spectral adapter runs under FedAvg (exact for it) instead of the low-rank strategies."""
+    if adapter in LINEAR_ADAPTERS:
+        return tuple(dict.fromkeys(LINEAR_ADAPTERS[adapter] if s != CENTRALIZED else s for s in grid.strategies))
+    return grid.strategies
+
+
+def tuning_cells(grid: Grid) -> list[Cell]:
+    return [Cell(d, s, a, grid.tune_epsilon, grid.tune_partition, grid.seeds[0], lr, tune=True)
+            for d in grid.datasets for a in grid.adapters for s in strategies_for(grid, a) for lr in grid.lrs]
+
+
+def final_cells(grid: Grid) -> list[Cell]:
+    return [Cell(d, s, a, e, p, seed, None)
+            for d in grid.datasets for a in grid.adapters for s in strategies_for(grid, a)
+            for e in grid.epsilons for p in grid.partitions for seed in grid.seeds
+            if not (s == CENTRALIZED and p != grid.partitions[0])]  # pooled data has no partition
+
+
+def stable_index(cell: Cell) -> int:
+    """The same number on every machine and Python process (sharding must not depend on hash seeds)."""
+    return zlib.crc32(cell.key.encode())
+
+
+def chosen_lr(grid: Grid, cell: Cell, results: dict[str, dict]) -> float | None:
+    """The best learning rate of the cell's group by validation accuracy, or None until its sweep is done."""
+    scores = {}
+    for tune in tuning_cells(grid):
+        if tune.group == cell.group:
+            if tune.key not in results:
+                return None
+            scores[tune.lr] = results[tune.key]["score"]
+    return max(scores, key=lambda lr: (scores[lr], -lr)) if scores else None
+
+
+def command(cell: Cell, grid: Grid, data_root: Path) -> list[str]:
+    """The fedspec command line (after `fedspec`) of one cell."""
+    overrides = [o.format(root=data_root) for o in DATASETS[cell.dataset][0]]
+    overrides += [f"adapter={cell.adapter}", f"train.lr={cell.lr:g}", f"run.seed={cell.seed}"]
+    if cell.tune:
+        overrides.append("data.validation=true")
+    if math.isinf(cell.epsilon):
+        overrides.append("privacy=none")
+    else:
+        overrides.append(f"privacy.target_epsilon={cell.epsilon:g}")
+    if cell.partition == "iid":
+        overrides.append("data.partition=iid")
+    else:
+        overrides += ["data.partition=dirichlet", f"data.alpha={float(cell.partition.removeprefix('dir')):g}"]
+    overrides += list(grid.overrides)
+    if cell.strategy == CENTRALIZED:
+        return ["train", *overrides]
+    return ["simulate", "--clients", str(grid.clients), "--rounds", str(grid.rounds), f"strategy={cell.strategy}",
+            *overrides]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) -> dict:
+    """The record a finished cell leaves: accuracy per round (or epoch), ε, bytes sent, wall time."""
+    lines = read_metrics(run_dir)
+    kind = "epoch" if cell.strategy == CENTRALIZED else "round"
+    rows = {}
+    for line in lines:  # a resumed run logs its rounds again from the checkpoint on: keep the last of each
+        if line["kind"] == kind:
+            rows[line[kind]] = line
+    curve = [rows[i]["eval_accuracy"] for i in sorted(rows)]
+    epsilons = [rows[i].get("max_epsilon", rows[i].get("epsilon")) for i in sorted(rows)]
+    uploads = [line["update_bytes"] for line in lines if line["kind"] == "client" and "update_bytes" in line]
+    tail = curve[-5:] if len(curve) > 1 else curve
+    record = {
+        **{k: v for k, v in cell.__dict__.items()}, "key": cell.key,
+        "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
+        "accuracy": curve[-1],
+        "curve": curve,
+        "last5_spread": max(tail) - min(tail),
+        "score": mean(curve[-TUNE_LAST_ROUNDS:]),
+        "max_epsilon": next((e for e in reversed(epsilons) if e is not None), None),
+        "bytes_per_client_round": mean(uploads) if uploads else None,
+        "seconds": seconds,
+        "resumed": resumed,
+    }
+    if kind == "epoch":
+        init = next((line for line in lines if line["kind"] == "init"), {})
+        record["trainable"] = init.get("trainable_adapter", 0) + init.get("trainable_other", 0)
+    if not cell.tune and DATASETS[cell.dataset][1] is not None:
+        record["subgroup_accuracy"] = subgroup_accuracy(run_dir)
+    summary = f"accuracy {record['accuracy']:.4f}"
+    if "subgroup_accuracy" in record:
+        summary += f", whole sentences {record['subgroup_accuracy']:.4f}"
+    if record["max_epsilon"] is not None:
+        summary += f", ε {record['max_epsilon']:.3f}"
+    record["summary"] = summary
+    return record
+
+
+def subgroup_accuracy(run_dir: Path) -> float:
+    """Accuracy of the run's final adapter on the evaluation file's whole sentences (>= 15 words): SST-2's
+    validation rows are full reviews, unlike most of its training phrases."""
+    from fedspec.adapters import load_adapter
+    from fedspec.builders import build_task, encode
+    from fedspec.config import load_config_file
+    from fedspec.models import build_classifier
+    from fedspec.training import evaluate
+
+    cfg = load_config_file(run_dir / "config.yaml")
+    task = build_task(cfg)
+    long = [i for i, text in enumerate(task.eval.texts) if len(text.split()) >= WHOLE_SENTENCE_WORDS]
+    model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
+    load_adapter(model, run_dir / "adapter")
+    inputs, labels = encode(tokenizer, task.eval.subset(long), cfg.model.max_length)
+    return evaluate(model, inputs, labels, cfg.train.eval_batch_size)["accuracy"]
+
+
+def with_lr(cell: Cell, lr: float) -> Cell:
+    return replace(cell, lr=lr)

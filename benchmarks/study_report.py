@@ -1,0 +1,202 @@
+"""docs/results.md from the accuracy study's finished cells: a table of mean ± 95 % CI over seeds, the plots,
+bytes sent per client per round, wall time, and the cells still missing."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, stdev
+
+from study_cells import CENTRALIZED, Cell, Grid, chosen_lr, final_cells, tuning_cells, with_lr
+
+COMMAND = "python benchmarks/accuracy.py --grid {grid}"
+
+
+def confidence_interval(values: list[float], level: float = 0.95) -> float:
+    """Half-width of the Student-t interval of the mean (0 for a single value: reported as n = 1)."""
+    if len(values) < 2:
+        return 0.0
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
+
+
+def _eps(value) -> str:
+    return "∞" if value in ("inf", math.inf) else f"{float(value):g}"
+
+
+def _mean_ci(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f} (n=1)"
+    return f"{mean(values):.3f} ± {confidence_interval(values):.3f} (n={len(values)})"
+
+
+def _config_groups(grid: Grid, results: dict[str, dict]) -> dict[tuple, list[dict]]:
+    """Finished final cells grouped over seeds: (dataset, strategy, adapter, ε, partition) → records."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in final_cells(grid):
+        lr = chosen_lr(grid, cell, results)
+        if lr is None:
+            continue
+        record = results.get(with_lr(cell, lr).key)
+        if record is not None:
+            groups[(cell.dataset, cell.strategy, cell.adapter, _eps(cell.epsilon), cell.partition)].append(record)
+    return groups
+
+
+def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
+    lines = [("| data | strategy | adapter | ε | partition | lr | final accuracy | whole sentences | last-5 spread "
+              "| max client ε | bytes / client / round | minutes / run |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, strategy, adapter, eps, partition), records in sorted(_config_groups(grid, results).items()):
+        subgroup = [r["subgroup_accuracy"] for r in records if r.get("subgroup_accuracy") is not None]
+        epsilons = [r["max_epsilon"] for r in records if r.get("max_epsilon") is not None]
+        sent = [r["bytes_per_client_round"] for r in records if r.get("bytes_per_client_round")]
+        cells = [
+            dataset, strategy, adapter, eps, "pooled" if strategy == CENTRALIZED else partition, f"{records[0]['lr']:g}",
+            _mean_ci([r["accuracy"] for r in records]),
+            _mean_ci(subgroup) if subgroup else "—",
+            f"{max(r['last5_spread'] for r in records):.3f}",
+            f"{max(epsilons):.3f}" if epsilons else "—",
+            f"{mean(sent) / 1024:.0f} KiB" if sent else "—",
+            f"{mean(r['seconds'] for r in records) / 60:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_table(grid: Grid, results: dict[str, dict]) -> list[str]:
+    lines = ["| data | strategy | adapter | " + " | ".join(f"lr {lr:g}" for lr in grid.lrs) + " | chosen |",
+             "|---|---|---|" + "---|" * (len(grid.lrs) + 1)]
+    groups: dict[tuple, dict[float, float]] = defaultdict(dict)
+    for cell in tuning_cells(grid):
+        if cell.key in results:
+            groups[cell.group][cell.lr] = results[cell.key]["score"]
+    for group, scores in sorted(groups.items()):
+        chosen = chosen_lr(grid, Cell(*group, grid.tune_epsilon, grid.tune_partition, 0, None), results)
+        cells = " | ".join(f"{scores[lr]:.3f}" if lr in scores else "—" for lr in grid.lrs)
+        lines.append(f"| {' | '.join(group)} | {cells} | {'—' if chosen is None else f'{chosen:g}'} |")
+    return lines
+
+
+def plot_accuracy_vs_epsilon(grid: Grid, results: dict[str, dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _config_groups(grid, results)
+    datasets = sorted({key[0] for key in groups})
+    if not datasets:
+        return False
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    finite = sorted({float(e) for e in grid.epsilons if not math.isinf(e)})
+    positions = {**{_eps(e): i for i, e in enumerate(finite)}, "∞": len(finite)}
+    for ax, dataset in zip(axes[0], datasets):
+        series: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
+        for (d, strategy, adapter, eps, partition), records in groups.items():
+            if d == dataset and partition == grid.tune_partition or (d == dataset and strategy == CENTRALIZED):
+                values = [r["accuracy"] for r in records]
+                series[(strategy, adapter)].append((positions[eps], mean(values), confidence_interval(values)))
+        for (strategy, adapter), points in sorted(series.items()):
+            points.sort()
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                        capsize=3, label=f"{strategy} / {adapter}")
+        ax.set_xticks(range(len(positions)), list(positions))
+        ax.set_xlabel("ε (per client, whole run)")
+        ax.set_ylabel("accuracy on held-out data")
+        ax.set_title(f"{dataset}: {grid.tune_partition} over {grid.clients} clients")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_rounds(grid: Grid, results: dict[str, dict], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {k: v for k, v in _config_groups(grid, results).items()
+              if k[1] != CENTRALIZED and k[3] == _eps(grid.tune_epsilon)}
+    datasets = sorted({key[0] for key in groups})
+    if not datasets:
+        return False
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for (d, strategy, adapter, eps, partition), records in sorted(groups.items()):
+            if d != dataset:
+                continue
+            curves = [r["curve"] for r in records]
+            length = min(len(c) for c in curves)
+            average = [mean(c[i] for c in curves) for i in range(length)]
+            ax.plot(range(length), average, marker=".", label=f"{strategy} / {adapter} / {partition}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy on held-out data (mean over seeds)")
+        ax.set_title(f"{dataset}, ε = {_eps(grid.tune_epsilon)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def missing_cells(grid: Grid, results: dict[str, dict]) -> list[str]:
+    missing = [c.key for c in tuning_cells(grid) if c.key not in results]
+    for cell in final_cells(grid):
+        lr = chosen_lr(grid, cell, results)
+        if lr is None or with_lr(cell, lr).key not in results:
+            missing.append(cell.key)
+    return missing
+
+
+def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) -> None:
+    images = page.parent / "img"
+    images.mkdir(parents=True, exist_ok=True)
+    eps_plot, rounds_plot = images / f"accuracy-vs-epsilon-{grid.name}.png", images / f"accuracy-rounds-{grid.name}.png"
+    has_eps, has_rounds = plot_accuracy_vs_epsilon(grid, results, eps_plot), plot_rounds(grid, results, rounds_plot)
+    missing = missing_cells(grid, results)
+    datasets = ", ".join(f"`{d}`" for d in grid.datasets)
+    lines = [
+        "# Results on real data",
+        "",
+        f"Generated by `{COMMAND.format(grid=grid.name)}` (grid `{grid.name}`; cells in `{out.relative_to(page.parents[1]) if out.is_relative_to(page.parents[1]) else out}`).",
+        "",
+        (f"Data: {datasets} (`../shared/data`). SST-2 trains on `train.tsv` (20,000 records) and is scored on "
+        "`validation.tsv` (1,000 rows) and on its whole sentences (≥ 15 words); AG News is scored on a stratified "
+        "1,000-record split carved from its file, never trained on. Model: MiniLM-L6 (`model=minilm`), "
+        f"{grid.clients} clients, {grid.rounds} rounds, record-level DP-SGD with δ = 1e-5; ε is each client's over "
+        "the whole run (the centralized baseline: the pooled data's, over its whole training). The learning rate of "
+        "each (data, strategy, adapter) was chosen by a sweep on a validation split carved from the training "
+        f"file (ε = {_eps(grid.tune_epsilon)}, {grid.tune_partition}, seed {grid.seeds[0]}). ± is the 95 % "
+        "Student-t interval over seeds; only differences whose intervals do not overlap are differences."),
+        "",
+        "## Accuracy",
+        "",
+        *results_table(grid, results),
+        "",
+    ]
+    if has_eps:
+        lines += [f"![accuracy vs ε](img/{eps_plot.name})", ""]
+    if has_rounds:
+        lines += [f"![accuracy over rounds](img/{rounds_plot.name})", ""]
+    lines += ["## Learning-rate sweep (validation split of the training file)", "", *sweep_table(grid, results), ""]
+    lines += ["## Missing cells", ""]
+    if missing:
+        lines += [f"{len(missing)} cells of the grid have not run yet (rerun the command to continue):", ""]
+        lines += [f"- `{key}`" for key in missing[:60]]
+        if len(missing) > 60:
+            lines.append(f"- … and {len(missing) - 60} more")
+    else:
+        lines.append("None: every cell of the grid ran.")
+    page.write_text("\n".join(lines) + "\n")
+
+
+__all__ = ["confidence_interval", "write_report"]

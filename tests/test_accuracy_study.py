@@ -1,0 +1,123 @@
+"""The accuracy study runner (benchmarks/accuracy.py): its grid, learning-rate choice, sharding, and that a
+killed study continues where it stopped (a killed federation resumes from its checkpoint, finished cells are
+never run again)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import accuracy  # noqa: E402
+import study_cells  # noqa: E402
+from study_cells import CENTRALIZED, MINIMUM, SMOKE, Cell, chosen_lr, final_cells, tuning_cells, with_lr  # noqa: E402
+from study_report import confidence_interval  # noqa: E402
+
+
+def test_minimum_grid_covers_the_issue_and_keys_are_unique():
+    tuning, final = tuning_cells(MINIMUM), final_cells(MINIMUM)
+    keys = [c.key for c in tuning + final]
+    assert len(keys) == len(set(keys))
+    assert {c.dataset for c in final} == {"sst2", "agnews"}
+    assert {c.epsilon for c in final} == {1.0, 3.0, 8.0, math.inf}
+    assert {c.partition for c in final} == {"dir0.1", "dir0.5", "iid"}
+    assert {c.seed for c in final} == {0, 1, 2}
+    # svfit is exact under FedAvg and takes no low-rank strategy; pooled data has one partition only
+    assert {c.strategy for c in final if c.adapter == "svfit"} == {"fedavg", CENTRALIZED}
+    assert {c.strategy for c in final if c.adapter == "pissa"} == {"fedsvd", "ffa", "fedit", CENTRALIZED}
+    assert {c.partition for c in final if c.strategy == CENTRALIZED} == {"dir0.1"}
+    # every group is swept at the tuning ε on the training file's validation split, every lr once
+    assert all(c.tune and c.epsilon == MINIMUM.tune_epsilon for c in tuning)
+    assert len(tuning) == 2 * (2 * 4 + 2) * len(MINIMUM.lrs)  # (pissa, lora) × 4 strategies + svfit × 2
+
+
+def test_commands_tune_on_training_data_and_score_on_held_out_data(tmp_path):
+    tune = Cell("sst2", "fedsvd", "pissa", 3.0, "dir0.5", 0, 0.5, tune=True)
+    command = study_cells.command(tune, MINIMUM, tmp_path)
+    assert command[:5] == ["simulate", "--clients", "20", "--rounds", "10"]
+    assert "data.validation=true" in command and "privacy.target_epsilon=3" in command
+    assert f"data.eval_path={tmp_path}/sst2/validation.tsv" in command
+    final = Cell("agnews", CENTRALIZED, "svfit", math.inf, "iid", 2, 1.0)
+    command = study_cells.command(final, MINIMUM, tmp_path)
+    assert command[0] == "train" and "data.validation=true" not in command
+    assert "privacy=none" in command and "data.partition=iid" in command and "run.seed=2" in command
+
+
+def test_learning_rate_is_chosen_only_after_the_whole_sweep():
+    final = final_cells(SMOKE)[0]
+    group = [c for c in tuning_cells(MINIMUM) if c.group == ("sst2", "fedsvd", "pissa")]
+    target = Cell("sst2", "fedsvd", "pissa", 8.0, "iid", 1, None)
+    results = {c.key: {"score": 0.5 + 0.01 * i} for i, c in enumerate(group[:-1])}
+    assert chosen_lr(MINIMUM, target, results) is None  # one rate still missing
+    results[group[-1].key] = {"score": 0.9}
+    assert chosen_lr(MINIMUM, target, results) == group[-1].lr
+    results[group[0].key] = {"score": 0.9}  # a tie goes to the smaller rate
+    assert chosen_lr(MINIMUM, target, results) == min(group[0].lr, group[-1].lr)
+    assert with_lr(final, 0.5).key.endswith("lr0.5") and final.key.endswith("lrtbd")
+
+
+def test_shards_split_the_grid_without_overlap():
+    cells = tuning_cells(MINIMUM) + final_cells(MINIMUM)
+    shards = [{c.key for c in cells if accuracy.in_shard(study_cells.stable_index(c), (i, 3))} for i in range(3)]
+    assert set.union(*shards) == {c.key for c in cells}
+    assert sum(len(s) for s in shards) == len(cells)
+    assert min(len(s) for s in shards) > len(cells) / 6  # roughly balanced
+
+
+def test_confidence_interval_known_value():
+    # t(0.975, 2) = 4.3027; stdev of (1, 2, 3) = 1; half-width = 4.3027 / sqrt(3)
+    assert confidence_interval([1.0, 2.0, 3.0]) == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert confidence_interval([0.7]) == 0.0
+
+
+def _study(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "accuracy.py"), "--grid", "smoke", "--out", str(out),
+         "--page", str(out / "results.md"), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def test_a_killed_study_continues_where_it_stopped(tmp_path):
+    """Kill the study (its whole process group) once the first federation has checkpointed a round; the rerun
+    resumes that federation from its checkpoint, and never reruns a finished cell."""
+    out = tmp_path / "study"
+    first_federation = out / "smoke" / "runs" / tuning_cells(SMOKE)[0].key
+    process = _study(out)
+    deadline = time.monotonic() + 240
+    while not (first_federation / "checkpoints" / "round-0001" / "meta.json").is_file():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the first federation never checkpointed its first round"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "smoke" / "cells").is_dir() or not list((out / "smoke" / "cells").glob("*.json"))
+
+    rerun = _study(out)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "smoke" / "cells").glob("*.json")}
+    assert len(cells) == len(tuning_cells(SMOKE)) + len(final_cells(SMOKE))
+    resumed = cells[tuning_cells(SMOKE)[0].key]
+    assert resumed["resumed"] is True and len(resumed["curve"]) == SMOKE.rounds + 1  # rounds 0..R, each once
+    rounds = [json.loads(line)["round"] for line in (first_federation / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "round"]
+    assert rounds.count(0) == 1 and rounds.count(1) == 1  # not started over: continued after round 1
+    assert "## Accuracy" in (out / "results.md").read_text()
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "smoke" / "cells").glob("*.json")}
+    again = _study(out)
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, output
+    assert "…" not in output  # no cell started
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "smoke" / "cells").glob("*.json")} == stamps
