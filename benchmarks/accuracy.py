@@ -91,6 +91,8 @@ def pending_cells(grid: Grid, results: dict[str, dict]) -> tuple[list[Cell], lis
         cell = with_lr(cell, lr)
         if cell.key not in results:
             ready.append(cell)
+    # One dataset at a time, its sweep first: a study stopped early has whole rows rather than scattered cells.
+    ready.sort(key=lambda c: (grid.datasets.index(c.dataset), not c.tune))
     return ready, waiting
 
 

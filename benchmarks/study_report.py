@@ -22,6 +22,11 @@ def confidence_interval(values: list[float], level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values)))
 
 
+def _model(grid: Grid) -> str:
+    chosen = [o.split("=", 1)[1] for o in grid.overrides if o.startswith("model=")]
+    return chosen[-1] if chosen else "minilm (all-MiniLM-L6-v2)"
+
+
 def _eps(value) -> str:
     return "∞" if value in ("inf", math.inf) else f"{float(value):g}"
 
@@ -171,7 +176,7 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         "",
         (f"Data: {datasets} (`../shared/data`). SST-2 trains on `train.tsv` (20,000 records) and is scored on "
         "`validation.tsv` (1,000 rows) and on its whole sentences (≥ 15 words); AG News is scored on a stratified "
-        "1,000-record split carved from its file, never trained on. Model: MiniLM-L6 (`model=minilm`), "
+        f"1,000-record split carved from its file, never trained on. Model: `{_model(grid)}`, "
         f"{grid.clients} clients, {grid.rounds} rounds, record-level DP-SGD with δ = 1e-5; ε is each client's over "
         "the whole run (the centralized baseline: the pooled data's, over its whole training). The learning rate of "
         "each (data, strategy, adapter) was chosen by a sweep on a validation split carved from the training "
