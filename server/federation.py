@@ -169,6 +169,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         client_dp=client_dp,
         client_trained=model.client_trained(),
         server_optimizer=server_optimizer,
+        a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
     )
     all_clients = sorted(str(info["client-id"]) for info in nodes.values())
     stopped = None
@@ -234,7 +235,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
                 round_,
                 {**global_state, **base_init, **server_optimizer.state()},
                 {"strategy": rule.name, "seed": cfg.run.seed, "rows": [vars(r) for r in rows],
-                 "declined": budget.declined},
+                 "declined": budget.declined, "a_orthonormal": strategy.a_orthonormal},
             )
             progress.round_done(row)
     write_final_reports(cfg, paths, model, rows, ledgers, declined=budget.declined, stopped=stopped,

@@ -43,8 +43,10 @@ class SimulationResult:
 
 
 def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
-    """A resumed run continues with the config it started with (its σ was planned for that schedule)."""
+    """A resumed run continues with the config it started with (its σ was planned for that schedule), in the
+    folder being resumed: a run folder that was moved or copied resumes where it is now, never where it started."""
     saved = load_config_file(paths.config)
+    saved.run.output_dir, saved.run.name = cfg.run.output_dir, cfg.run.name
     saved.run.resume = True
     saved.run.progress = cfg.run.progress
     return saved

@@ -54,6 +54,7 @@ class AdapterStrategy(FedAvg):
         client_dp: ClientDP | None = None,
         client_trained: set[str] | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        a_orthonormal: bool = False,
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -76,8 +77,14 @@ class AdapterStrategy(FedAvg):
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self._sent_state: dict[str, torch.Tensor] | None = None
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
-        # so later rounds take the r×r rotation shortcut. A resumed run re-enters with False: one full round.
-        self._a_orthonormal = False
+        # so later rounds take the r×r rotation shortcut. A resumed run passes the flag of its checkpoint: a full
+        # re-factorization instead of the shortcut could flip the signs of A's rows, and the runs would diverge.
+        self._a_orthonormal = a_orthonormal
+
+    @property
+    def a_orthonormal(self) -> bool:
+        """Whether every A has orthonormal rows now (saved in each checkpoint, for an exact resume)."""
+        return self._a_orthonormal
 
     def sample(self, server_round: int) -> list[int]:
         """A seeded sample of ⌈fraction·N⌉ nodes (at least ``min_train_nodes``), in client-id order; under

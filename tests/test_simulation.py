@@ -82,8 +82,9 @@ def test_final_adapter_reloads_on_a_fresh_model_with_the_servers_accuracy(finish
 
 
 def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_path):
-    """Roll the finished run back to the state right after round 2's checkpoint (as if the server had crashed
-    before sending round 3), resume it, and compare with the uninterrupted run: same model, same ε."""
+    """Roll a copy of the finished run back to the state right after round 2's checkpoint (as if the server had
+    crashed before sending round 3), resume it, and compare with the uninterrupted run: same model (the server's
+    momentum and FedSVD's rotation shortcut continue as they were), same ε."""
     cfg, result = finished_run
     copy = tmp_path / "sim"
     shutil.copytree(result.paths.root, copy)
@@ -99,6 +100,8 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
     resumed_cfg.run.output_dir = str(tmp_path)
     resumed_cfg.run.resume = True
     resumed = simulate(resumed_cfg)
+    assert resumed.paths.root == copy  # the copy resumed (not the folder the run started in)
+    assert [r["round"] for r in _rounds(resumed.paths)] == list(range(ROUNDS + 1))  # round 3 ran again, once
 
     original = json.loads((result.paths.privacy / "report.json").read_text())["clients"]
     again = json.loads((resumed.paths.privacy / "report.json").read_text())["clients"]
