@@ -17,7 +17,8 @@ from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import budget_epsilon, schedule_steps
 from fedspec.strategies.flower import BASE_INIT_KEY, DECLINED
-from fedspec.training import DPSettings, sample_rate, train_steps
+from fedspec.privacy.accounting import sample_rate
+from fedspec.training import DPSettings, train_steps
 
 from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
 

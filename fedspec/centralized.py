@@ -35,7 +35,8 @@ from .models import build_classifier
 from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta, init_statistics_entries
 from .rundir import MetricsLog, RunPaths, check_run_dir
-from .training import DPSettings, evaluate, sample_rate, train_steps
+from .privacy.accounting import sample_rate
+from .training import DPSettings, evaluate, train_steps
 
 CENTRAL_CLIENT = "centralized"
 

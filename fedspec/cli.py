@@ -306,7 +306,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_plan(args: argparse.Namespace) -> int:
-    from .privacy.planning import client_level_lines, plan_run, plan_table
+    from .privacy.planning import client_level_lines, plan_run
+    from .render import plan_table
 
     sizes = _sizes(args.sizes) if args.sizes else None
     if sizes:

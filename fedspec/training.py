@@ -7,7 +7,6 @@ plainly or under record-level DP-SGD (Opacus: Poisson sampling, per-sample clipp
 
 from __future__ import annotations
 
-import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
@@ -43,11 +42,6 @@ class TrainResult:
     examples: int  # records sampled over all steps
     noise_multiplier: float | None = None
     sample_rate: float | None = None
-
-
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    """Poisson sampling rate as Opacus derives it from a DataLoader: 1 / number of batches per epoch."""
-    return 1.0 / math.ceil(num_examples / batch_size)
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float) -> torch.optim.Optimizer:

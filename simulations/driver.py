@@ -19,7 +19,8 @@ from rich.console import Console
 from fedspec.builders import Task, build_model, build_task, client_partitions
 from fedspec.config import check_federated, flatten_config, load_config_file, save_config
 from fedspec.privacy.audit import canary_assignment
-from fedspec.privacy.planning import ClientPlan, PrivacyPlan, client_level_lines, plan_run, plan_table
+from fedspec.privacy.planning import ClientPlan, PrivacyPlan, client_level_lines, plan_run
+from fedspec.render import plan_table
 from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
 

@@ -9,7 +9,7 @@ One round, for the clients S sampled with probability q each (Poisson) out of N:
 ‖Δ‖₂ is the norm of the whole update vector of a client (every tensor it sends: ΔB and the head under FedSVD),
 so adding or removing one client moves the sum by at most C and the mean by at most C/(q·N); the noise on the
 mean has standard deviation σ·C/(q·N) per coordinate. Weights are uniform: with weights ∝ records one client
-could move the mean by more than C/(q·N) (notes/fedsvd.md §10.7). The denominator is q·N, never the number
+could move the mean by more than C/(q·N). The denominator is q·N, never the number
 of replies, which depends on who took part.
 
 FedSVD: the noise goes on the summed ΔB (and head) *before* the SVD re-factorization of B·A; the refactor is

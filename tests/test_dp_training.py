@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 import fedspec
 from fedspec.models import build_classifier, tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
-from fedspec.training import DPSettings, evaluate, sample_rate, train_steps
+from fedspec.privacy.accounting import sample_rate
+from fedspec.training import DPSettings, evaluate, train_steps
 
 from helpers import assert_opacus_matches_per_example_loop
 

@@ -1,4 +1,4 @@
-"""Aggregation math of FedSVD, FFA-LoRA and FedIT: exactness and invariants (fedsvd.md §5)."""
+"""Aggregation math of FedSVD, FFA-LoRA and FedIT: exactness and invariants."""
 
 from __future__ import annotations
 

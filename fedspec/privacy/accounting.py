@@ -3,7 +3,7 @@
 A history is a list of `(noise_multiplier, sample_rate, steps)` entries, the same triple Opacus'
 accountants keep. Every entry is one run of Poisson-subsampled Gaussian steps; composing the
 entries gives the guarantee for everything a client ever did, which is what fedspec reports
-(notes/fedsvd.md §10: never a per-round ε).
+(never a per-round ε).
 
 Rules that keep the numbers honest:
 - ε is only ever rounded *up*. Opacus 1.6.0 can return a negative ε at large δ (opacus#585). Both
@@ -34,6 +34,11 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
 from ..errors import FedspecError
+
+
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """Poisson sampling rate as Opacus derives it from a DataLoader: 1 / number of batches per epoch."""
+    return 1.0 / math.ceil(num_examples / batch_size)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -250,7 +255,8 @@ def plan_noise(
     PrivacyBudgetError.
 
     `steps` is the number of DP-SGD steps the client will *actually* take over the whole run
-    (notes/fedsvd.md §10.1: plan for the rounds it may take part in, not the expected number).
+    (plan for every round it may take part in, not the expected number: a client sampled more often than
+    average must not exceed its target).
     """
     accountant = validate_accountant(accountant)
     delta = validate_delta(delta)

@@ -12,7 +12,7 @@ of one DP-SGD step with noise multiplier σ and rate q, and R rounds compose lik
 
 with the same Opacus accountants (RDP or PRV) record-level DP uses. Client weights must be uniform: with
 example weighting one client's share of the mean grows with its (private) number of records and the
-sensitivity is no longer C / (q·N) (notes/fedsvd.md §10.7, notes/flower.md §7).
+sensitivity is no longer C / (q·N).
 
 The history of released rounds is kept in a `PrivacyLedger` under the id `CLIENT_LEVEL_ID`, one entry of
 one step per round, so it survives restarts and resumed runs exactly like a client's ledger.

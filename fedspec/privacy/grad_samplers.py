@@ -7,7 +7,7 @@ per-sample gradients of **all** its parameters — frozen base weights included 
 layer, then discarded). fedspec never allows that: :func:`check_exact_rules` refuses, before training starts,
 a model in which such a module also holds frozen tensors, and names the module and the fix.
 
-Adapter layers stay exact in one of two ways (see DESIGN.md, "Rules that keep Opacus exact and fast"):
+Adapter layers stay exact in one of two ways (so Opacus never falls back to per-sample gradients of frozen weights):
 - trainable factors are ``nn.Linear`` (or other Opacus-supported) submodules — Opacus' own rules apply;
 - a module with bare trainable ``nn.Parameter``s registers its rules here with :func:`register_rule`: a grad
   sampler ``(module, activations, backprops) -> {param: per-sample grad}`` and, for ghost clipping, a norm

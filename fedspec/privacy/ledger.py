@@ -1,7 +1,7 @@
 """One client's privacy ledger: every round's DP-SGD steps, kept across rounds and restarts.
 
 Flower ClientApps are stateless and processes restart, so an accountant living in memory (or a
-new PrivacyEngine per round, notes/fedsvd.md §10.3) forgets earlier rounds and under-reports ε.
+new PrivacyEngine per round) forgets earlier rounds and under-reports ε.
 The ledger is the client's full history, saved as JSON after each round (atomically, never
 pickle), and every ε it reports composes ALL recorded rounds.
 

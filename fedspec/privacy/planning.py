@@ -2,7 +2,7 @@
 
 A client's noise multiplier is planned for its *whole* schedule: every round it could take part in
 (``federation.rounds``, not the expected ``fraction × rounds``: a client sampled more often than average
-must not exceed its target, notes/fedsvd.md §10.1) times ``train.local_steps``, at its own sample rate
+must not exceed its target) times ``train.local_steps``, at its own sample rate
 ``1 / ⌈n_k / batch_size⌉``, after a privatized round-0 statistic when the run releases one
 (``init_statistics_entries``). The plan also says what a client can expect — its ε averaged over how often it
 is sampled — and, for a given σ, how many rounds of taking part its budget allows: the budget each client
@@ -15,16 +15,13 @@ releases at client sampling rate ``federation.fraction`` (see ``client_level``).
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from functools import lru_cache
 
 from omegaconf import DictConfig
-from rich.table import Table
 
 from ..errors import ConfigError
-from ..training import sample_rate
-from .accounting import PrivacyBudgetError, epsilon, plan_noise
+from .accounting import PrivacyBudgetError, epsilon, plan_noise, sample_rate
 from .client_level import noise_std_of_mean
 
 __all__ = [
@@ -38,7 +35,6 @@ __all__ = [
     "plan_client_level",
     "plan_clients",
     "plan_run",
-    "plan_table",
     "rounds_within_budget",
     "schedule_steps",
 ]
@@ -259,60 +255,6 @@ def plan_run(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = No
             f"so fewer than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
         )
     return PrivacyPlan(plans, plan_client_level(cfg))
-
-
-# ------------------------------------------------------------------------------------------------ tables
-
-
-def _rounds_cell(plan: ClientPlan, rounds: int) -> str:
-    if plan.rounds_within_budget is None:
-        return "no cap"
-    if plan.rounds_within_budget >= plan.rounds_limit:
-        return f"≥ {plan.rounds_limit}"
-    warn = " (runs out)" if plan.rounds_within_budget < rounds else ""
-    return f"{plan.rounds_within_budget}{warn}"
-
-
-def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = True) -> Table:
-    """One row per client (or min / median / max over clients): σ, expected and worst-case ε, rounds in budget."""
-    rounds, p = int(cfg.federation.rounds), participation_probability(cfg)
-    budget = budget_epsilon(cfg)
-    sigma = ("given" if cfg.privacy.noise_multiplier is not None
-             else f"planned for ε ≤ {cfg.privacy.target_epsilon:g} in the worst case")
-    limit = plans[0].rounds_limit if plans else rounds
-    table = Table(
-        title=f"record-level DP-SGD plan (δ = {cfg.privacy.delta:g}, {cfg.privacy.accountant.upper()} accountant)",
-        caption=(
-            f"σ {sigma}; {rounds} rounds × {cfg.train.local_steps} local steps, expected batch "
-            f"{cfg.train.batch_size}, q = 1/⌈records/batch⌉. ε expected: averaged over how often the client is "
-            f"sampled (probability {p:.3g} per round, {p * rounds:.3g} rounds on average). ε worst case: sampled in "
-            f"all {rounds} rounds. Both stop growing where a client's budget runs out (it declines from then on). "
-            f"Rounds in budget: rounds of taking part that keep ε ≤ "
-            + ("the budget (no budget set)." if budget is None else f"{budget:g} (searched up to {limit}).")
-        ),
-        caption_justify="left",
-        title_justify="left",
-    )
-    for column in ("client", "records", "q", "σ", "ε expected", "ε worst case", "rounds in budget"):
-        table.add_column(column, justify="right")
-    if per_client:
-        for plan in plans:
-            table.add_row(str(plan.client), str(plan.num_examples), f"{plan.sample_rate:.4f}",
-                          f"{plan.noise_multiplier:.4f}", f"{plan.expected_epsilon:.3f}", f"{plan.epsilon:.3f}",
-                          _rounds_cell(plan, rounds))
-        return table
-    for name, pick in (("min", min), ("median", statistics.median), ("max", max)):
-        within = [p.rounds_within_budget for p in plans if p.rounds_within_budget is not None]
-        table.add_row(
-            name,
-            f"{pick(p.num_examples for p in plans):g}",
-            f"{pick(p.sample_rate for p in plans):.4f}",
-            f"{pick(p.noise_multiplier for p in plans):.4f}",
-            f"{pick(p.expected_epsilon for p in plans):.3f}",
-            f"{pick(p.epsilon for p in plans):.3f}",
-            f"{pick(within):g}" if within else "no cap",
-        )
-    return table
 
 
 def client_level_lines(plan: ClientLevelPlan) -> list[str]:

@@ -5,7 +5,7 @@ singular values. rank(M) <= r, so the rank-r SVD is exact and the model function
 A dense m×n SVD would cost O(m·n·min(m, n)) (a minute per 4096² layer on 2 CPU cores); going through
 a thin QR of Aᵀ and the r×r Gram matrix of B costs O((m + n)·r²) (about a millisecond). When A already
 has orthonormal rows — every FedSVD round after the first, because clients do not train A — even the QR
-is skipped: only an r×r rotation is computed. See notes/fedsvd.md §4.
+is skipped: only an r×r rotation is computed (the eigenvectors of BᵀB).
 
 Convention: B is (..., m, r), A is (..., r, n), as PEFT's lora_B / lora_A. The scale α/r stays
 outside: callers re-factorize B·A, not s·B·A.
