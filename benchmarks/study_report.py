@@ -87,23 +87,47 @@ def sweep_table(grid: Grid, results: dict[str, dict]) -> list[str]:
     return lines
 
 
-def plot_accuracy_vs_epsilon(grid: Grid, results: dict[str, dict], path: Path) -> bool:
+def _panels(count: int):
+    """One figure with ``count`` side-by-side panels (one per dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _config_groups(grid, results)
+    fig, axes = plt.subplots(1, count, figsize=(5.5 * count, 4), squeeze=False)
+    return fig, axes[0]
+
+
+def _label(ax, x: str, y: str, title: str) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_epsilon(grid: Grid, results: dict[str, dict], path: Path) -> bool:
+    """Accuracy (mean ± CI over seeds) against ε per strategy and adapter, at the sweep's partition."""
+    groups = {k: v for k, v in _config_groups(grid, results).items()
+              if k[4] == grid.tune_partition or k[1] == CENTRALIZED}
     datasets = sorted({key[0] for key in groups})
     if not datasets:
         return False
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    fig, axes = _panels(len(datasets))
     finite = sorted({float(e) for e in grid.epsilons if not math.isinf(e)})
     positions = {**{_eps(e): i for i, e in enumerate(finite)}, "∞": len(finite)}
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes, datasets):
         series: dict[tuple, list[tuple[int, float, float]]] = defaultdict(list)
-        for (d, strategy, adapter, eps, partition), records in groups.items():
-            if d == dataset and partition == grid.tune_partition or (d == dataset and strategy == CENTRALIZED):
+        for (d, strategy, adapter, eps, _), records in groups.items():
+            if d == dataset:
                 values = [r["accuracy"] for r in records]
                 series[(strategy, adapter)].append((positions[eps], mean(values), confidence_interval(values)))
         for (strategy, adapter), points in sorted(series.items()):
@@ -111,45 +135,29 @@ def plot_accuracy_vs_epsilon(grid: Grid, results: dict[str, dict], path: Path) -
             ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                         capsize=3, label=f"{strategy} / {adapter}")
         ax.set_xticks(range(len(positions)), list(positions))
-        ax.set_xlabel("ε (per client, whole run)")
-        ax.set_ylabel("accuracy on held-out data")
-        ax.set_title(f"{dataset}: {grid.tune_partition} over {grid.clients} clients")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, "ε (per client, whole run)", "accuracy on held-out data",
+               f"{dataset}: {grid.tune_partition} over {grid.clients} clients")
+    _save(fig, path)
     return True
 
 
 def plot_rounds(grid: Grid, results: dict[str, dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy after every round (mean over seeds) of the federated runs at the sweep's ε."""
     groups = {k: v for k, v in _config_groups(grid, results).items()
               if k[1] != CENTRALIZED and k[3] == _eps(grid.tune_epsilon)}
     datasets = sorted({key[0] for key in groups})
     if not datasets:
         return False
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for (d, strategy, adapter, eps, partition), records in sorted(groups.items()):
-            if d != dataset:
-                continue
-            curves = [r["curve"] for r in records]
-            length = min(len(c) for c in curves)
-            average = [mean(c[i] for c in curves) for i in range(length)]
-            ax.plot(range(length), average, marker=".", label=f"{strategy} / {adapter} / {partition}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("accuracy on held-out data (mean over seeds)")
-        ax.set_title(f"{dataset}, ε = {_eps(grid.tune_epsilon)}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig, axes = _panels(len(datasets))
+    for ax, dataset in zip(axes, datasets):
+        for (d, strategy, adapter, _, partition), records in sorted(groups.items()):
+            if d == dataset:
+                curves = [r["curve"] for r in records]
+                length = min(len(c) for c in curves)
+                average = [mean(c[i] for c in curves) for i in range(length)]
+                ax.plot(range(length), average, marker=".", label=f"{strategy} / {adapter} / {partition}")
+        _label(ax, "round", "accuracy on held-out data (mean over seeds)", f"{dataset}, ε = {_eps(grid.tune_epsilon)}")
+    _save(fig, path)
     return True
 
 

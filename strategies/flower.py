@@ -26,6 +26,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from fedspec.config import CHOICES
+
 from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
 from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
 from .server_optimizer import ServerOptimizer
@@ -34,7 +36,6 @@ BASE_INIT_KEY = "base-init"  # RecordDict key of the fixed adapter tensors (e.g.
 VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
 LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
 DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
-WEIGHTINGS = ("examples", "uniform")
 # Round 0 of a data-driven initialization: the QUERY config flag, and the reply's record of statistic sums.
 CALIBRATION_FLAG = "calibration-statistics"
 STATISTICS_KEY = "statistics"
@@ -56,8 +57,8 @@ class AdapterStrategy(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
         a_orthonormal: bool = False,
     ) -> None:
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if weighting not in CHOICES["federation.weighting"]:
+            raise ValueError(f"weighting must be one of {CHOICES['federation.weighting']}, got {weighting!r}")
         if client_dp is not None and weighting != "uniform":
             raise ValueError("client-level DP needs uniform weights: example weights break the C/(q·N) sensitivity")
         super().__init__(
