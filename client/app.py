@@ -15,7 +15,17 @@ from flwr.clientapp import ClientApp
 from fedspec import __version__
 from fedspec.config import config_from_run_config
 from fedspec.errors import FedspecError
-from fedspec.strategies.flower import CALIBRATION_FLAG, LABELS_KEY, STATISTICS_KEY, VERSION_KEY
+from fedspec.protocol import (
+    ARRAYS,
+    CALIBRATION_FLAG,
+    CLIENT_ID,
+    CONFIG,
+    LABELS,
+    METRICS,
+    NUM_EXAMPLES,
+    STATISTICS,
+    VERSION,
+)
 
 
 def check_same_version(server_version: str | None) -> None:
@@ -35,22 +45,21 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, local_data, remember_label_names
 
-        config = msg.content.config_records.get("config") or ConfigRecord({})
-        check_same_version(config.get(VERSION_KEY))
-        remember_label_names(context, config.get(LABELS_KEY))
+        config = msg.content.config_records.get(CONFIG) or ConfigRecord({})
+        check_same_version(config.get(VERSION))
+        remember_label_names(context, config.get(LABELS))
         cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         if config.get(CALIBRATION_FLAG):  # round 0 of a data-driven initialization
             from .statistics import client_statistics
 
             statistics, metrics = client_statistics(cfg, context)
-            content = RecordDict({STATISTICS_KEY: ArrayRecord(statistics), "metrics": MetricRecord(metrics)})
+            content = RecordDict({STATISTICS: ArrayRecord(statistics), METRICS: MetricRecord(metrics)})
             return Message(content, reply_to=msg)
         data = local_data(cfg, context)
-        metrics = {"client-id": client_id(context)}
+        metrics = {CLIENT_ID: client_id(context)}
         if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
-            metrics["num-examples"] = len(data)
-        metrics = MetricRecord(metrics)
-        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+            metrics[NUM_EXAMPLES] = len(data)
+        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -58,7 +67,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
 
         cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         update, metrics = train_one_round(cfg, msg, context)
-        return Message(RecordDict({"arrays": ArrayRecord(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     return app
 

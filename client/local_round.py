@@ -8,6 +8,8 @@ nothing; the server records it and goes on without it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
@@ -16,7 +18,7 @@ from fedspec.adapters.state import TRAINED
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import budget_epsilon, schedule_steps
-from fedspec.strategies.flower import BASE_INIT_KEY, DECLINED
+from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
 from fedspec.privacy.accounting import sample_rate
 from fedspec.training import DPSettings, train_steps
 
@@ -24,15 +26,15 @@ from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, r
 
 
 def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[dict, dict]:
-    round_ = int(msg.content.config_records["config"]["server-round"])
+    round_ = int(msg.content.config_records[CONFIG][SERVER_ROUND])
     rule = get_rule(cfg.strategy.name)
-    received = msg.content.array_records["arrays"].to_torch_state_dict()
+    received = msg.content.array_records[ARRAYS].to_torch_state_dict()
     # Per-layer ranks (EVA) were decided by the server in round 0: the received state carries them.
     rank_pattern = ranks_in_state(received) if get_method(cfg.adapter.method).ranks is not None else None
     model, data = model_and_data(cfg, context, rank_pattern)
     client = client_id(context)
 
-    base_init = remember_base_init(context, msg.content.array_records.get(BASE_INIT_KEY))
+    base_init = remember_base_init(context, msg.content.array_records.get(BASE_INIT))
     needs_fixed = any(layer.fixed_tensor_names() for layer in adapter_layers(model).values())
     if needs_fixed and not base_init:
         raise FedspecError(
@@ -67,19 +69,17 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     )
     client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
     update = client_update(adapter_state(model), received, rule, client_trained=client_trained)
-    metrics = {"client-id": client, "train-loss": result.mean_loss, "steps": result.steps}
-    if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
-        metrics["num-examples"] = len(data)
+    # uniform weighting: the server never learns the count
+    examples = len(data) if cfg.federation.weighting == "examples" else None
+    reply = TrainReply(client, train_loss=result.mean_loss, steps=result.steps, num_examples=examples)
     if dp is not None:
         ledger = load_ledger(cfg, context)
         ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps,
                       attempt=ledger.next_attempt(round_))
         store_ledger(cfg, context, ledger)
-        metrics.update({
-            "noise-multiplier": result.noise_multiplier,
-            "sample-rate": result.sample_rate,
-            "epsilon": ledger.epsilon(),
-        })
+        reply = replace(reply, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
+                        epsilon=ledger.epsilon())
+    metrics = reply.to_metrics()
     return update, metrics
 
 
@@ -92,4 +92,4 @@ def _decline_if_over_budget(cfg: DictConfig, context: Context, client: int, sigm
     q = sample_rate(n, cfg.train.batch_size)  # the rate Opacus will use: 1 / batches per epoch
     if not ledger.would_exceed(budget, noise_multiplier=sigma, sample_rate=q, steps=int(cfg.train.local_steps)):
         return None
-    return {"client-id": client, DECLINED: 1, "epsilon": ledger.epsilon(), "budget-epsilon": budget}
+    return TrainReply(client, declined=True, epsilon=ledger.epsilon(), budget_epsilon=budget).to_metrics()

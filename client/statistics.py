@@ -18,6 +18,16 @@ from fedspec.adapters import Calibration
 from fedspec.builders import calibrate, statistics_privacy
 from fedspec.models import Tokenized
 from fedspec.privacy.planning import init_statistics_entries
+from fedspec.protocol import (
+    CALIBRATION_EXAMPLES,
+    CLIENT_ID,
+    EPSILON,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    PRIVATIZED,
+    SAMPLE_RATE,
+    STEPS,
+)
 
 from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
 
@@ -37,17 +47,17 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     client = client_id(context)
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     metrics = {
-        "client-id": client,
-        "calibration-examples": calibration.count,
-        "privatized": int(calibration.privatized),
+        CLIENT_ID: client,
+        CALIBRATION_EXAMPLES: calibration.count,
+        PRIVATIZED: int(calibration.privatized),
     }
     if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
-        metrics["num-examples"] = len(data)
+        metrics[NUM_EXAMPLES] = len(data)
     if calibration.privatized:
         ledger = load_ledger(cfg, context)
         for sigma, q, steps in init_statistics_entries(cfg):
             ledger.record(0, sigma, q, steps, attempt=ledger.next_attempt(0))
-            metrics.update({"noise-multiplier": sigma, "sample-rate": q, "steps": steps})
+            metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps})
         store_ledger(cfg, context, ledger)
-        metrics["epsilon"] = ledger.epsilon()
+        metrics[EPSILON] = ledger.epsilon()
     return calibration.to_tensors(), metrics

@@ -28,7 +28,18 @@ from fedspec.privacy.planning import plan_client_level
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
 from fedspec.strategies.client_dp import ClientDP
-from fedspec.strategies.flower import DECLINED, LABELS_KEY, VERSION_KEY, AdapterStrategy
+from fedspec.protocol import (
+    CLIENT_ID,
+    CONFIG,
+    DECLINED,
+    LABELS,
+    METRICS,
+    TRAIN_LOSS,
+    VERSION,
+    StatisticsReply,
+    TrainReply,
+)
+from fedspec.strategies.flower import AdapterStrategy, RoundReplies
 from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 
 from .budget import BudgetTracker
@@ -43,7 +54,7 @@ DISCOVERY_POLL_SECONDS = 1.0
 
 
 def discover_clients(grid: Grid, expected: int, timeout: float, label_names: list[str]) -> dict[int, dict]:
-    """Ask every node who it is: {node id: {"client-id"}}. Waits for ``expected`` nodes.
+    """Ask every node who it is: {node id: {CLIENT_ID: its client id}}. Waits for ``expected`` nodes.
     The query carries the task's class names: a node with its own data file labels it with them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
@@ -56,7 +67,7 @@ def discover_clients(grid: Grid, expected: int, timeout: float, label_names: lis
         time.sleep(DISCOVERY_POLL_SECONDS)
         node_ids = list(grid.get_node_ids())
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord({VERSION_KEY: __version__, LABELS_KEY: list(label_names)})}),
+        Message(content=RecordDict({CONFIG: ConfigRecord({VERSION: __version__, LABELS: list(label_names)})}),
                 message_type=MessageType.QUERY, dst_node_id=n)
         for n in node_ids
     ]
@@ -65,8 +76,8 @@ def discover_clients(grid: Grid, expected: int, timeout: float, label_names: lis
     for reply in replies:
         if reply.has_error():
             raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-        metrics = reply.content.metric_records["metrics"]
-        found[reply.metadata.src_node_id] = {"client-id": int(metrics["client-id"])}
+        metrics = reply.content.metric_records[METRICS]
+        found[reply.metadata.src_node_id] = {CLIENT_ID: int(metrics[CLIENT_ID])}
     _check_unique_client_ids(found)
     return found
 
@@ -75,22 +86,40 @@ def _check_unique_client_ids(found: dict[int, dict]) -> None:
     """Two SuperNodes started with the same partition-id would share one privacy ledger and one identity."""
     seen: dict[int, int] = {}
     for node, info in found.items():
-        if info["client-id"] in seen:
+        if info[CLIENT_ID] in seen:
             raise FedspecError(
-                f"nodes {seen[info['client-id']]} and {node} both have partition-id={info['client-id']}; "
+                f"nodes {seen[info[CLIENT_ID]]} and {node} both have partition-id={info[CLIENT_ID]}; "
                 "start every SuperNode with its own --node-config 'partition-id=<i>'"
             )
-        seen[info["client-id"]] = node
+        seen[info[CLIENT_ID]] = node
 
 
-def _mirror_client(ledgers: dict[str, PrivacyLedger], metrics, round_: int, cfg: DictConfig) -> None:
+def _mirror_client(ledgers: dict[str, PrivacyLedger], reply: TrainReply | StatisticsReply, round_: int,
+                   cfg: DictConfig) -> None:
     """Record in the server's mirror ledger what a client reported it spent this round."""
-    if "noise-multiplier" not in metrics:
+    if not reply.private:
         return
-    client = str(int(metrics["client-id"]))
+    client = str(reply.client_id)
     ledger = ledgers.setdefault(client, PrivacyLedger(client_id=client, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant))
-    ledger.record(round_, float(metrics["noise-multiplier"]), float(metrics["sample-rate"]), int(metrics["steps"]),
-                  attempt=ledger.next_attempt(round_))
+    ledger.record(round_, reply.noise_multiplier, reply.sample_rate, reply.steps, attempt=ledger.next_attempt(round_))
+
+
+def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,
+                 ledgers: dict[str, PrivacyLedger], cfg: DictConfig) -> None:
+    """One metrics line per reply (aggregated, declined, or rejected with its reason); mirror what was spent."""
+    by_node = {reply.metadata.src_node_id: reply for reply in replies}
+    for node, reply, _ in outcome.accepted:
+        fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items()}
+        log.write("client", round=round_, update_bytes=_payload_bytes(by_node[node]), **fields)
+        _mirror_client(ledgers, reply, round_, cfg)
+    for node, reply in outcome.declined:
+        fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items() if k != DECLINED}
+        log.write("client-declined", round=round_, **fields)
+        budget.record_decline(str(reply.client_id), round_)
+    for node, reason in outcome.errors:
+        log.write("client-error", round=round_, node=node, reason=reason)
+    for node, reason in outcome.quarantined:
+        log.write("client-quarantined", round=round_, node=node, reason=reason)
 
 
 def _payload_bytes(reply: Message) -> int:
@@ -147,8 +176,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     calibration = None
     if checkpoint is None and calibration_kinds(cfg):  # round 0: the global init needs the clients' statistics
         calibration, replies = collect_statistics(grid, sorted(nodes), cfg, log)
-        for metrics in replies:
-            _mirror_client(ledgers, metrics, 0, cfg)
+        for reply in replies:
+            _mirror_client(ledgers, reply, 0, cfg)
         for ledger in ledgers.values():
             ledger.save(paths.ledgers / f"client-{ledger.client_id}.json")
     # Per-layer ranks (EVA) are part of the adapter's structure: a resumed server reads them off its checkpoint.
@@ -160,7 +189,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     global_state, base_init = split_fixed(model.state(), model.roles())
     strategy = AdapterStrategy(
         rule,
-        client_ids={node: info["client-id"] for node, info in nodes.items()},
+        client_ids={node: info[CLIENT_ID] for node, info in nodes.items()},
         fraction_train=cfg.federation.fraction,
         min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
         seed=cfg.run.seed,
@@ -171,7 +200,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
         server_optimizer=server_optimizer,
         a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
     )
-    all_clients = sorted(str(info["client-id"]) for info in nodes.values())
+    all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
     stopped = None
     with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as progress:
         if checkpoint is None:
@@ -202,22 +231,11 @@ def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
             if level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
                 level_ledger.record(round_, client_dp.noise_multiplier, client_dp.sample_rate, 1,
                                     attempt=level_ledger.next_attempt(round_))
-            for reply in replies:
-                if reply.has_error():
-                    log.write("client-error", round=round_, node=reply.metadata.src_node_id, reason=reply.error.reason)
-                    continue
-                metrics = reply.content.metric_records["metrics"]
-                fields = {k.replace("-", "_"): v for k, v in metrics.items() if k != DECLINED}
-                if metrics.get(DECLINED, 0):
-                    log.write("client-declined", round=round_, **fields)
-                    budget.record_decline(str(int(metrics["client-id"])), round_)
-                    continue
-                log.write("client", round=round_, update_bytes=_payload_bytes(reply), **fields)
-                _mirror_client(ledgers, metrics, round_, cfg)
+            _log_replies(log, round_, strategy.last_replies, replies, budget, ledgers, cfg)
             evaluation = model.evaluate(global_state)
             row = RoundRow(
                 round_,
-                summary.get("train-loss"),
+                summary.get(TRAIN_LOSS),
                 evaluation["accuracy"],
                 evaluation["loss"],
                 int(summary["clients"]),

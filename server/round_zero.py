@@ -20,35 +20,42 @@ from fedspec.adapters import Calibration, sum_calibrations
 from fedspec.builders import calibration_kinds, init_max_norm
 from fedspec.errors import FedspecError
 from fedspec.rundir import MetricsLog
-from fedspec.strategies.flower import CALIBRATION_FLAG, STATISTICS_KEY
+from fedspec.protocol import CALIBRATION_FLAG, CONFIG, METRICS, STATISTICS, ProtocolError, StatisticsReply
 
 from .messaging import exchange
 
 
-def collect_statistics(grid: Grid, nodes: list[int], cfg: DictConfig, log: MetricsLog) -> tuple[Calibration, list]:
-    """(the summed calibration of every answering client, their metric records)."""
+def collect_statistics(
+    grid: Grid, nodes: list[int], cfg: DictConfig, log: MetricsLog
+) -> tuple[Calibration, list[StatisticsReply]]:
+    """(the summed calibration of every answering client, their replies' metrics)."""
     started = time.monotonic()
     messages = [
-        Message(content=RecordDict({"config": ConfigRecord({CALIBRATION_FLAG: True})}),
+        Message(content=RecordDict({CONFIG: ConfigRecord({CALIBRATION_FLAG: True})}),
                 message_type=MessageType.QUERY, dst_node_id=node)
         for node in nodes
     ]
     replies = exchange(grid, messages, timeout=cfg.federation.round_timeout)
     privacy = cfg.privacy
     private = bool(privacy.enabled and privacy.private_init_stats)
-    parts, metrics = [], []
+    parts, replies_read = [], []
     for reply in replies:
         if reply.has_error():
             log.write("client-error", round=0, node=reply.metadata.src_node_id, reason=reply.error.reason)
             continue
-        reply_metrics = reply.content.metric_records["metrics"]
+        try:
+            parsed = StatisticsReply.from_metrics(reply.content.metric_records[METRICS])
+        except (KeyError, ProtocolError) as error:
+            log.write("client-quarantined", round=0, node=reply.metadata.src_node_id, reason=str(error))
+            continue
+        reply_metrics = reply.content.metric_records[METRICS]
         parts.append(Calibration.from_tensors(
-            reply.content.array_records[STATISTICS_KEY].to_torch_state_dict(),
+            reply.content.array_records[STATISTICS].to_torch_state_dict(),
             kinds=calibration_kinds(cfg),
             noise_multiplier=float(privacy.init_noise_multiplier) if private else None,
             max_norm=init_max_norm(cfg) if private else None,
         ))
-        metrics.append(reply_metrics)
+        replies_read.append(parsed)
         log.write("client", round=0, **{k.replace("-", "_"): v for k, v in reply_metrics.items()})
     if not parts:
         raise FedspecError(
@@ -58,4 +65,4 @@ def collect_statistics(grid: Grid, nodes: list[int], cfg: DictConfig, log: Metri
     total = sum_calibrations(parts)
     log.write("init", round=0, method=cfg.adapter.method, clients=len(parts), calibration_examples=total.count,
               statistics_privatized=private, seconds=time.monotonic() - started)
-    return total, metrics
+    return total, replies_read

@@ -1,11 +1,14 @@
 """Thin Flower (Message API) strategies over the pure aggregation math in ``aggregation.py``.
 
-``AdapterStrategy`` subclasses Flower's ``FedAvg`` and changes three things:
+``AdapterStrategy`` subclasses Flower's ``FedAvg`` for its signature and changes what matters:
 - client sampling is seeded (Flower samples with the module-level ``random``), reproducible per round;
 - the global adapter is kept between ``configure_train`` and ``aggregate_train``, because FedSVD clients send
   only B updates while the new state needs A too;
-- aggregation is the weighted mean of :mod:`aggregation` under the configured rule; replies that are errors, declined
-  (privacy budget spent) or carry non-finite tensors are left out, and the round goes on without them.
+- every reply is read through ``fedspec.protocol``: its metrics, the client identity the server mapped to that
+  node at discovery, and its tensors against what was sent. A reply that does not match is quarantined with the
+  reason (``last_replies``), never aggregated and never fatal; errors and declined replies (privacy budget
+  spent) are left out too, and the round goes on without them;
+- aggregation is the weighted mean of :mod:`aggregation` under the configured rule.
 
 Weights are the clients' ``num-examples`` (``weighting="examples"``) or 1 each (``"uniform"``). With client-level
 DP (``client_dp``) clients are Poisson-sampled and the mean is :func:`client_dp.private_mean` (clipped updates,
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import WARNING
 
 import torch
@@ -27,18 +31,22 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from fedspec.config import CHOICES
+from fedspec.protocol import (
+    ARRAYS,
+    BASE_INIT,
+    CONFIG,
+    METRICS,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+    ProtocolError,
+    TrainReply,
+    check_update,
+)
 
 from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
 from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
 from .server_optimizer import ServerOptimizer
 
-BASE_INIT_KEY = "base-init"  # RecordDict key of the fixed adapter tensors (e.g. residual init factors), sent once
-VERSION_KEY = "fedspec-version"  # the server's fedspec release, in the query config: clients refuse another
-LABELS_KEY = "label-names"  # the task's class names, in the query config: how a node labels its own data file
-DECLINED = "declined"  # metric a client sets to 1 when it refuses to train (privacy budget spent)
-# Round 0 of a data-driven initialization: the QUERY config flag, and the reply's record of statistic sums.
-CALIBRATION_FLAG = "calibration-statistics"
-STATISTICS_KEY = "statistics"
 
 
 class AdapterStrategy(FedAvg):
@@ -77,6 +85,7 @@ class AdapterStrategy(FedAvg):
         self.client_dp = client_dp
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self._sent_state: dict[str, torch.Tensor] | None = None
+        self.last_replies = RoundReplies()
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
         # so later rounds take the r×r rotation shortcut. A resumed run passes the flag of its checkpoint: a full
         # re-factorization instead of the shortcut could flip the signs of A's rows, and the runs would diverge.
@@ -101,12 +110,12 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._sent_state = arrays.to_torch_state_dict()
-        config["server-round"] = server_round
+        config[SERVER_ROUND] = server_round
         messages = []
         for node_id in self.sample(server_round):
-            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            content = RecordDict({ARRAYS: arrays, CONFIG: config})
             if self.base_init is not None and node_id not in self.nodes_with_base:
-                content[BASE_INIT_KEY] = self.base_init
+                content[BASE_INIT] = self.base_init
                 self.nodes_with_base.add(node_id)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         return messages
@@ -114,30 +123,22 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global state from the replies that pass :meth:`read_replies` (the rest are quarantined)."""
         if self._sent_state is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        updates, weights, metrics = [], [], []
-        for reply in valid:
-            reply_metrics = reply.content.metric_records["metrics"]
-            if reply_metrics.get(DECLINED, 0):
-                continue
-            update = reply.content.array_records[self.arrayrecord_key].to_torch_state_dict()
-            if not all(torch.isfinite(t).all() for t in update.values()):
-                log(WARNING, "Dropping the update of node %s: it holds NaN or Inf", reply.metadata.src_node_id)
-                continue
-            updates.append(update)
-            weights.append(float(reply_metrics[self.weighted_by_key]) if self.weighting == "examples" else 1.0)
-            metrics.append(reply_metrics)
-        summary = summarize_train_metrics(metrics, weights)
+        self.last_replies = self.read_replies(list(replies))
+        accepted = self.last_replies.accepted
+        updates = [update for _, _, update in accepted]
+        weights = [float(reply.num_examples) if self.weighting == "examples" else 1.0 for _, reply, _ in accepted]
+        summary = summarize_train_metrics([reply for _, reply, _ in accepted], weights)
+        summary["quarantined"] = len(self.last_replies.quarantined)
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
                 return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
             mean = weighted_mean(updates, weights)
         else:  # client-level DP releases a noised mean every round, with or without replies
-            template = {k: self._sent_state[k] for k in trained_keys(self._sent_state, self.rule, self.client_trained)}
             private = private_mean(
-                updates, template,
+                updates, {k: self._sent_state[k] for k in self._trained_keys()},
                 clipping_norm=self.client_dp.clipping_norm,
                 noise_multiplier=self.client_dp.noise_multiplier,
                 expected_clients=self.client_dp.expected_clients,
@@ -152,14 +153,63 @@ class AdapterStrategy(FedAvg):
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
         return ArrayRecord(new_state), summary
 
+    def _trained_keys(self) -> list[str]:
+        return trained_keys(self._sent_state, self.rule, self.client_trained)
 
-def summarize_train_metrics(metrics: list[MetricRecord], weights: list[float]) -> MetricRecord:
+    def read_replies(self, replies: list[Message]) -> RoundReplies:
+        """Sort a round's replies: aggregated, declined (budget spent), a client error, or quarantined with the
+        reason — a reply that does not match what was sent (metrics, identity, tensors). Never raises."""
+        outcome = RoundReplies()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                outcome.errors.append((node, reply.error.reason))
+                continue
+            try:
+                parsed, update = self._read_reply(node, reply)
+            except ProtocolError as error:
+                log(WARNING, "Quarantined the reply of node %s: %s", node, error)
+                outcome.quarantined.append((node, str(error)))
+                continue
+            if parsed.declined:
+                outcome.declined.append((node, parsed))
+            else:
+                outcome.accepted.append((node, parsed, update))
+        return outcome
+
+    def _read_reply(self, node: int, reply: Message) -> tuple[TrainReply, dict[str, torch.Tensor] | None]:
+        if METRICS not in reply.content.metric_records:
+            raise ProtocolError(f"the reply has no {METRICS!r} record")
+        parsed = TrainReply.from_metrics(reply.content.metric_records[METRICS],
+                                         needs_examples=self.weighting == "examples")
+        if parsed.client_id != self.client_ids.get(node):
+            raise ProtocolError(f"the reply claims client {parsed.client_id}, but node {node} is client "
+                                f"{self.client_ids.get(node)}")
+        if parsed.declined:
+            return parsed, None
+        if ARRAYS not in reply.content.array_records:
+            raise ProtocolError(f"the reply has no {ARRAYS!r} record")
+        update = reply.content.array_records[ARRAYS].to_torch_state_dict()
+        check_update(update, self._sent_state, self._trained_keys())
+        return parsed, update
+
+
+@dataclass
+class RoundReplies:
+    """A round's replies after validation."""
+
+    accepted: list[tuple[int, TrainReply, dict[str, torch.Tensor]]] = field(default_factory=list)  # aggregated
+    declined: list[tuple[int, TrainReply]] = field(default_factory=list)  # privacy budget spent: trained nothing
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): the client failed
+    quarantined: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): the reply was invalid
+
+
+def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> MetricRecord:
     """Weighted mean loss, number of clients aggregated, and the largest client ε so far."""
-    total = sum(weights)
-    summary = {"clients": len(metrics)}
-    if metrics:
-        summary["train-loss"] = sum(m["train-loss"] * w for m, w in zip(metrics, weights)) / total
-        epsilons = [m["epsilon"] for m in metrics if "epsilon" in m]
+    summary = {"clients": len(replies)}
+    if replies:
+        summary[TRAIN_LOSS] = sum(r.train_loss * w for r, w in zip(replies, weights)) / sum(weights)
+        epsilons = [r.epsilon for r in replies if r.epsilon is not None]
         if epsilons:
             summary["max-epsilon"] = max(epsilons)
     return MetricRecord(summary)

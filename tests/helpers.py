@@ -50,3 +50,18 @@ def assert_opacus_matches_per_example_loop(model, batch, labels: torch.Tensor) -
                 assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
     finally:
         hooks.cleanup()
+
+
+def train_reply(node: int, metrics: dict | None, update: dict | None):
+    """A client's reply to a train instruction as the strategy reads it (Flower's Message needs a running
+    federation to be built): ``content.metric_records`` / ``content.array_records``, ``metadata.src_node_id``.
+    ``None`` leaves that record out."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, MetricRecord
+
+    content = SimpleNamespace(
+        array_records={} if update is None else {"arrays": ArrayRecord(update)},
+        metric_records={} if metrics is None else {"metrics": MetricRecord(metrics)},
+    )
+    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False)

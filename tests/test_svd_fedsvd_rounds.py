@@ -76,9 +76,7 @@ def test_strategy_takes_the_shortcut_after_the_first_refactor(monkeypatch):
     """AdapterStrategy passes a_orthonormal=False until a round has re-factorized, True afterwards (FedSVD
     only); a round without updates re-factorizes nothing and leaves the flag as it was."""
     pytest.importorskip("flwr")
-    from types import SimpleNamespace
-
-    from flwr.app import ArrayRecord, MetricRecord
+    from helpers import train_reply
 
     import fedspec.strategies.flower as flower_module
     from fedspec.strategies.flower import AdapterStrategy
@@ -98,9 +96,7 @@ def test_strategy_takes_the_shortcut_after_the_first_refactor(monkeypatch):
         for node in range(count):
             update = {k: 0.01 * torch.randn(state[k].shape, generator=g, dtype=state[k].dtype)
                       for k in trained_keys(state, rule)}
-            content = SimpleNamespace(array_records={"arrays": ArrayRecord(update)},
-                                      metric_records={"metrics": MetricRecord({"num-examples": 10, "train-loss": 1.0})})
-            out.append(SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node)))
+            out.append(train_reply(node, {"client-id": node, "num-examples": 10, "train-loss": 1.0, "steps": 2}, update))
         return out
 
     # round 1 of fedsvd has no updates: nothing is applied, and round 2 still takes the full re-factorization
@@ -108,7 +104,6 @@ def test_strategy_takes_the_shortcut_after_the_first_refactor(monkeypatch):
         seen.clear()
         rule = get_rule(name)
         strategy = AdapterStrategy(rule, client_ids={0: 0, 1: 1})
-        monkeypatch.setattr(strategy, "_check_and_log_replies", lambda r, **_: (r, []))
         state = _state()
         for round_, count in enumerate(counts, start=1):
             strategy._sent_state = state

@@ -1,0 +1,169 @@
+"""The messages between the server and its clients: every key spelled once, every reply typed and validated.
+
+Flower-free: the client and the strategy convert between these and Flower's records (``MetricRecord`` and
+``ConfigRecord`` are mappings of scalars; ``ArrayRecord`` holds the tensors). What a client sends is untrusted
+input: :meth:`TrainReply.from_metrics` and :func:`check_update` say exactly what is wrong with a reply, so the
+server can leave it out of the round (quarantine it, with the reason in its log) instead of crashing on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FedspecError
+
+# RecordDict keys
+ARRAYS = "arrays"  # a train reply's tensors: the client's update (trained - received)
+METRICS = "metrics"  # every reply's scalars
+CONFIG = "config"  # the server's instructions
+BASE_INIT = "base-init"  # fixed adapter tensors (e.g. PiSSA's residual init factors), sent once per node
+STATISTICS = "statistics"  # round 0 of a data-driven initialization: the client's statistic sums
+
+# Config keys (server → client)
+SERVER_ROUND = "server-round"
+VERSION = "fedspec-version"  # the server's fedspec release: clients refuse another
+LABELS = "label-names"  # the task's class names: how a node labels its own data file
+CALIBRATION_FLAG = "calibration-statistics"  # a query for round 0's statistics
+
+# Metric keys (client → server)
+CLIENT_ID = "client-id"
+NUM_EXAMPLES = "num-examples"  # absent under federation.weighting=uniform: the server never learns the count
+TRAIN_LOSS = "train-loss"
+STEPS = "steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+EPSILON = "epsilon"  # the client's ε over all its steps so far
+DECLINED = "declined"  # 1: the client refused to train (its privacy budget would be exceeded)
+BUDGET_EPSILON = "budget-epsilon"
+CALIBRATION_EXAMPLES = "calibration-examples"
+PRIVATIZED = "privatized"
+
+# A record count above this is not a client's dataset but an attempt to take over the weighted mean.
+MAX_NUM_EXAMPLES = 10**9
+
+
+class ProtocolError(FedspecError):
+    """A reply that does not match what the server sent or what the protocol allows."""
+
+
+def _number(metrics: Mapping, key: str, *, integer: bool = False, required: bool = True):
+    value = metrics.get(key)
+    if value is None:
+        if required:
+            raise ProtocolError(f"the reply has no {key!r} metric")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"metric {key!r} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ProtocolError(f"metric {key!r} must be finite, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ProtocolError(f"metric {key!r} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """The metrics of a client's reply to a train instruction (declined: it trained nothing)."""
+
+    client_id: int
+    declined: bool = False
+    train_loss: float | None = None
+    steps: int = 0
+    num_examples: int | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    epsilon: float | None = None
+    budget_epsilon: float | None = None
+
+    @property
+    def private(self) -> bool:
+        """Whether it reports a DP-SGD round for the privacy ledger."""
+        return self.noise_multiplier is not None
+
+    def to_metrics(self) -> dict[str, int | float]:
+        metrics: dict[str, int | float] = {CLIENT_ID: self.client_id}
+        if self.declined:
+            metrics[DECLINED] = 1
+        for key, value in ((TRAIN_LOSS, self.train_loss), (STEPS, self.steps if not self.declined else None),
+                           (NUM_EXAMPLES, self.num_examples), (NOISE_MULTIPLIER, self.noise_multiplier),
+                           (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
+                           (BUDGET_EPSILON, self.budget_epsilon)):
+            if value is not None:
+                metrics[key] = value
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping, *, needs_examples: bool) -> TrainReply:
+        """Parse and validate; ``needs_examples``: the server weights clients by their record counts."""
+        client = _number(metrics, CLIENT_ID, integer=True)
+        if client < 0:
+            raise ProtocolError(f"metric {CLIENT_ID!r} must be >= 0, got {client}")
+        epsilon = _number(metrics, EPSILON, required=False)
+        if epsilon is not None and epsilon < 0:
+            raise ProtocolError(f"metric {EPSILON!r} must be >= 0, got {epsilon}")
+        if _number(metrics, DECLINED, integer=True, required=False):
+            return cls(client, declined=True, epsilon=epsilon,
+                       budget_epsilon=_number(metrics, BUDGET_EPSILON, required=False))
+        steps = _number(metrics, STEPS, integer=True)
+        if steps < 1:
+            raise ProtocolError(f"metric {STEPS!r} must be >= 1, got {steps}")
+        examples = _number(metrics, NUM_EXAMPLES, integer=True, required=needs_examples)
+        if examples is not None and not 0 < examples <= MAX_NUM_EXAMPLES:
+            raise ProtocolError(f"metric {NUM_EXAMPLES!r} must be in 1..{MAX_NUM_EXAMPLES}, got {examples}")
+        sigma = _number(metrics, NOISE_MULTIPLIER, required=False)
+        q = _number(metrics, SAMPLE_RATE, required=sigma is not None)
+        if sigma is not None and (sigma <= 0 or not 0 < q <= 1):
+            raise ProtocolError(f"metrics {NOISE_MULTIPLIER!r}={sigma} and {SAMPLE_RATE!r}={q} are not a DP-SGD "
+                                "setting (σ > 0, 0 < q <= 1)")
+        return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
+                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon)
+
+
+@dataclass(frozen=True)
+class StatisticsReply:
+    """The metrics of a client's round-0 reply: its calibration statistic sums (data-driven initializations)."""
+
+    client_id: int
+    calibration_examples: int
+    privatized: bool
+    noise_multiplier: float | None = None  # a privatized release: one Gaussian mechanism, counted in its ε
+    sample_rate: float | None = None
+    steps: int = 0
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping) -> StatisticsReply:
+        client = _number(metrics, CLIENT_ID, integer=True)
+        examples = _number(metrics, CALIBRATION_EXAMPLES, integer=True)
+        if client < 0 or examples < 0:
+            raise ProtocolError(f"metrics {CLIENT_ID!r}={client} and {CALIBRATION_EXAMPLES!r}={examples} must be >= 0")
+        sigma = _number(metrics, NOISE_MULTIPLIER, required=False)
+        if sigma is None:
+            return cls(client, examples, bool(_number(metrics, PRIVATIZED, integer=True)))
+        return cls(client, examples, True, sigma, _number(metrics, SAMPLE_RATE), _number(metrics, STEPS, integer=True))
+
+
+def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], expected: Collection[str]) -> None:
+    """A client's update must carry exactly the ``expected`` keys, each a finite floating tensor of the shape the
+    server sent: nothing is broadcast, nothing is missing, nothing extra rides along."""
+    keys = set(update)
+    if keys != set(expected):
+        missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+        raise ProtocolError(f"the update's tensors do not match what the round trains: missing {missing[:3]}, "
+                            f"extra {extra[:3]}")
+    for key, tensor in update.items():
+        if not tensor.is_floating_point():
+            raise ProtocolError(f"tensor {key!r} must be floating point, got {tensor.dtype}")
+        if tuple(tensor.shape) != tuple(sent[key].shape):
+            raise ProtocolError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the server sent {tuple(sent[key].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(f"tensor {key!r} holds NaN or Inf")

@@ -1,0 +1,125 @@
+"""The wire protocol: a reply that does not match what the server sent is quarantined with a reason that names
+what is wrong — never aggregated, never fatal — and the round goes on with the honest replies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import train_reply
+
+from fedspec.protocol import ProtocolError, TrainReply, check_update
+from fedspec.strategies import get_rule
+from fedspec.strategies.flower import AdapterStrategy
+
+SHAPES = {"l0.lora_A.weight": (4, 6), "l0.lora_B.weight": (5, 4), "head.weight": (2, 5)}
+TRAINED = ["l0.lora_B.weight", "head.weight"]  # FedSVD: clients train B (and the head), A is the server's
+
+
+def _state():
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
+
+
+def _update(scale: float = 0.01, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return {k: scale * torch.randn(SHAPES[k], generator=g) for k in TRAINED}
+
+
+def _metrics(client: int, **changes):
+    metrics = {"client-id": client, "train-loss": 0.5, "steps": 4, "num-examples": 100,
+               "noise-multiplier": 1.1, "sample-rate": 0.25, "epsilon": 1.5}
+    for key, value in changes.items():
+        if value is _DROP:
+            metrics.pop(key.replace("_", "-"))
+        else:
+            metrics[key.replace("_", "-")] = value
+    return metrics
+
+
+_DROP = object()
+
+
+def _bad_update(change):
+    update = _update(seed=9)
+    change(update)
+    return update
+
+
+# (what is wrong, its metrics, its update, a word the reason must contain)
+BAD_REPLIES = [
+    ("missing tensor", _metrics(2), {"l0.lora_B.weight": _update()["l0.lora_B.weight"]}, "missing"),
+    ("extra tensor (A under FedSVD)", _metrics(2), {**_update(), "l0.lora_A.weight": torch.zeros(4, 6)}, "extra"),
+    ("wrong shape", _metrics(2), _bad_update(lambda u: u.update({"head.weight": torch.zeros(3, 5)})), "shape"),
+    ("a (1, r) row to broadcast", _metrics(2), _bad_update(lambda u: u.update({"l0.lora_B.weight": torch.ones(1, 4)})),
+     "shape"),
+    ("a scalar to broadcast", _metrics(2), _bad_update(lambda u: u.update({"l0.lora_B.weight": torch.tensor(3.0)})),
+     "shape"),
+    ("int64 tensor", _metrics(2), _bad_update(lambda u: u.update({"head.weight": torch.ones(2, 5, dtype=torch.int64)})),
+     "floating"),
+    ("bool tensor", _metrics(2), _bad_update(lambda u: u.update({"head.weight": torch.ones(2, 5, dtype=torch.bool)})),
+     "floating"),
+    ("NaN", _metrics(2), _bad_update(lambda u: u["head.weight"].__setitem__((0, 0), math.nan)), "NaN"),
+    ("Inf", _metrics(2), _bad_update(lambda u: u["l0.lora_B.weight"].__setitem__((1, 1), math.inf)), "NaN or Inf"),
+    ("negative num-examples", _metrics(2, num_examples=-5), _update(seed=9), "num-examples"),
+    ("missing num-examples", _metrics(2, num_examples=_DROP), _update(seed=9), "num-examples"),
+    ("list-valued num-examples", _metrics(2, num_examples=[1, 2]), _update(seed=9), "num-examples"),
+    ("num-examples = 1e12 (takes over the mean)", _metrics(2, num_examples=10**12), _update(seed=9), "num-examples"),
+    ("NaN weight", _metrics(2, num_examples=math.nan), _update(seed=9), "num-examples"),
+    ("missing train-loss", _metrics(2, train_loss=_DROP), _update(seed=9), "train-loss"),
+    ("list-valued epsilon", _metrics(2, epsilon=[1.0, 2.0]), _update(seed=9), "epsilon"),
+    ("missing metrics record", None, _update(seed=9), "metrics"),
+    ("missing arrays record", _metrics(2), None, "arrays"),
+    ("claims another client's identity", _metrics(0), _update(seed=9), "claims client 0"),
+    ("a non-DP setting (σ = 0)", _metrics(2, noise_multiplier=0.0), _update(seed=9), "DP-SGD"),
+    ("zero steps", _metrics(2, steps=0), _update(seed=9), "steps"),
+]
+
+
+def _strategy(rule="fedsvd"):
+    strategy = AdapterStrategy(get_rule(rule), client_ids={10: 0, 11: 1, 12: 2})
+    strategy._sent_state = _state()
+    return strategy
+
+
+def _honest():
+    return [train_reply(10, _metrics(0), _update(seed=1)), train_reply(11, _metrics(1, num_examples=300), _update(seed=2))]
+
+
+@pytest.mark.parametrize(("what", "metrics", "update", "reason"), BAD_REPLIES, ids=[b[0] for b in BAD_REPLIES])
+def test_a_bad_reply_is_quarantined_and_the_round_equals_the_honest_one(what, metrics, update, reason):
+    honest_only, _ = _strategy().aggregate_train(1, _honest())
+    strategy = _strategy()
+    arrays, summary = strategy.aggregate_train(1, [*_honest(), train_reply(12, metrics, update)])
+    (node, why), = strategy.last_replies.quarantined
+    assert node == 12 and reason in why, why
+    assert summary["clients"] == 2 and summary["quarantined"] == 1
+    expected, got = honest_only.to_torch_state_dict(), arrays.to_torch_state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_a_round_of_only_bad_replies_leaves_the_model_as_it_was():
+    strategy = _strategy("ffa")
+    arrays, summary = strategy.aggregate_train(1, [train_reply(12, m, u) for _, m, u, _ in BAD_REPLIES])
+    assert summary["clients"] == 0 and summary["quarantined"] == len(BAD_REPLIES)
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.equal(value, _state()[key])
+
+
+def test_declined_and_uniform_replies_are_read_as_sent():
+    declined = TrainReply.from_metrics({"client-id": 3, "declined": 1, "epsilon": 7.9, "budget-epsilon": 8.0},
+                                       needs_examples=True)
+    assert declined.declined and declined.epsilon == 7.9 and declined.budget_epsilon == 8.0
+    assert TrainReply.from_metrics(declined.to_metrics(), needs_examples=True) == declined
+    uniform = TrainReply(4, train_loss=0.3, steps=8)  # federation.weighting=uniform: no count is sent
+    assert "num-examples" not in uniform.to_metrics()
+    assert TrainReply.from_metrics(uniform.to_metrics(), needs_examples=False) == uniform
+    with pytest.raises(ProtocolError, match="num-examples"):
+        TrainReply.from_metrics(uniform.to_metrics(), needs_examples=True)
+
+
+def test_check_update_accepts_an_honest_update_of_any_float_dtype():
+    check_update(_update(), _state(), TRAINED)
+    check_update({k: v.to(torch.float64) for k, v in _update().items()}, _state(), TRAINED)
