@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec import __version__
-from fedspec.adapters import get_method, ranks_in_state
+from fedspec.adapters import Calibration, get_method, ranks_in_state
 from fedspec.builders import build_task, calibration_kinds
 from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
@@ -43,7 +43,7 @@ from fedspec.strategies.flower import AdapterStrategy, RoundReplies
 from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 
 from .budget import BudgetTracker
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_fixed
 from .messaging import exchange
 from .progress import FederationProgress, RoundRow
@@ -152,113 +152,161 @@ def _load_client_level_ledger(cfg: DictConfig, paths: RunPaths, resuming: bool) 
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
-    check_federated(cfg)
-    paths: RunPaths = run_paths(cfg)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if not paths.config.is_file():  # under `flwr run` no driver wrote it
-        save_config(cfg, paths.config)
-    log = MetricsLog(paths.metrics)
-    rule = get_rule(cfg.strategy.name)
-    task = build_task(cfg)
-    checkpoint = load_checkpoint(paths.checkpoints) if cfg.run.resume else None
-    server_optimizer = ServerOptimizer(cfg.strategy.server_lr, cfg.strategy.server_momentum)
-    if checkpoint is not None:  # the momentum buffers travel in the checkpoint's state, beside the adapter
-        checkpoint.state, momentum = split_momentum(checkpoint.state)
-        server_optimizer.load(momentum)
-    rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
-    ledgers = load_ledgers(paths.ledgers) if checkpoint and paths.ledgers.is_dir() else {}
-    budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
-    level_ledger = _load_client_level_ledger(cfg, paths, checkpoint is not None)
-    start_round = checkpoint.round + 1 if checkpoint else 1
+    return Federation(grid, cfg).run()
 
-    nodes = discover_clients(grid, cfg.federation.clients, cfg.federation.round_timeout, task.train.label_names)
-    client_dp = _client_dp(cfg, len(nodes))
-    calibration = None
-    if checkpoint is None and calibration_kinds(cfg):  # round 0: the global init needs the clients' statistics
-        calibration, replies = collect_statistics(grid, sorted(nodes), cfg, log)
+
+class Federation:
+    """One federated run on the server, in named steps: restore → discover → round 0 → initialize, then per round
+    budget check → train → record → checkpoint, then the reports."""
+
+    def __init__(self, grid: Grid, cfg: DictConfig) -> None:
+        check_federated(cfg)
+        self.grid, self.cfg = grid, cfg
+        self.paths: RunPaths = run_paths(cfg)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        if not self.paths.config.is_file():  # under `flwr run` no driver wrote it
+            save_config(cfg, self.paths.config)
+        self.log = MetricsLog(self.paths.metrics)
+        self.rule = get_rule(cfg.strategy.name)
+        self.task = build_task(cfg)
+        self._restore(load_checkpoint(self.paths.checkpoints) if cfg.run.resume else None)
+
+    def _restore(self, checkpoint: Checkpoint | None) -> None:
+        """Everything a checkpoint holds besides the adapter: evaluation rows, mirror ledgers, declined rounds,
+        the client-level ledger, the server optimizer's momentum and FedSVD's rotation-shortcut flag."""
+        cfg = self.cfg
+        self.checkpoint = checkpoint
+        self.server_optimizer = ServerOptimizer(cfg.strategy.server_lr, cfg.strategy.server_momentum)
+        if checkpoint is not None:  # the momentum buffers travel in the checkpoint's state, beside the adapter
+            checkpoint.state, momentum = split_momentum(checkpoint.state)
+            self.server_optimizer.load(momentum)
+        self.rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
+        has_ledgers = checkpoint is not None and self.paths.ledgers.is_dir()
+        self.ledgers = load_ledgers(self.paths.ledgers) if has_ledgers else {}
+        self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
+        self.level_ledger = _load_client_level_ledger(cfg, self.paths, checkpoint is not None)
+        self.start_round = checkpoint.round + 1 if checkpoint else 1
+
+    def run(self) -> list[RoundRow]:
+        cfg = self.cfg
+        nodes = discover_clients(self.grid, cfg.federation.clients, cfg.federation.round_timeout,
+                                 self.task.train.label_names)
+        self.client_dp = _client_dp(cfg, len(nodes))
+        self._initialize(nodes, self._round_zero(nodes))
+        stopped = None
+        with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as self.progress:
+            if self.checkpoint is None:
+                self._evaluate_start()
+            else:
+                self.progress.note(f"resuming {self.paths.root} after round {self.checkpoint.round}")
+            for round_ in range(self.start_round, cfg.federation.rounds + 1):
+                stopped = self._stop_reason(round_)
+                if stopped:
+                    break
+                started = time.monotonic()
+                summary = self._train_round(round_)
+                self._record_round(round_, summary, time.monotonic() - started)
+                self._save_checkpoint(round_)
+        write_final_reports(cfg, self.paths, self.model, self.rows, self.ledgers, declined=self.budget.declined,
+                            stopped=stopped, client_level=self.level_ledger)
+        return self.rows
+
+    def _round_zero(self, nodes: dict[int, dict]) -> Calibration | None:
+        """A data-driven initialization needs the clients' statistics first (a fresh run only)."""
+        if self.checkpoint is not None or not calibration_kinds(self.cfg):
+            return None
+        calibration, replies = collect_statistics(self.grid, sorted(nodes), self.cfg, self.log)
         for reply in replies:
-            _mirror_client(ledgers, reply, 0, cfg)
-        for ledger in ledgers.values():
-            ledger.save(paths.ledgers / f"client-{ledger.client_id}.json")
-    # Per-layer ranks (EVA) are part of the adapter's structure: a resumed server reads them off its checkpoint.
-    per_layer = checkpoint is not None and get_method(cfg.adapter.method).ranks is not None
-    model = GlobalModel(cfg, task, initialize=checkpoint is None, calibration=calibration,
-                        rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None)
-    if checkpoint is not None:
-        model.load(checkpoint.state)
-    global_state, base_init = split_fixed(model.state(), model.roles())
-    strategy = AdapterStrategy(
-        rule,
-        client_ids={node: info[CLIENT_ID] for node, info in nodes.items()},
-        fraction_train=cfg.federation.fraction,
-        min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
-        seed=cfg.run.seed,
-        base_init=ArrayRecord(base_init) if base_init else None,
-        weighting=cfg.federation.weighting,
-        client_dp=client_dp,
-        client_trained=model.client_trained(),
-        server_optimizer=server_optimizer,
-        a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
-    )
-    all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
-    stopped = None
-    with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as progress:
-        if checkpoint is None:
-            started = time.monotonic()
-            evaluation = model.evaluate()
-            rows.append(RoundRow(0, None, evaluation["accuracy"], evaluation["loss"], 0, None, time.monotonic() - started))
-            log.write("round", **vars(rows[-1]))
-            progress.round_done(rows[-1])
-        else:
-            progress.note(f"resuming {paths.root} after round {checkpoint.round}")
-        for round_ in range(start_round, cfg.federation.rounds + 1):
-            stopped = budget.stop_reason(
-                all_clients, ledgers, level_ledger,
-                (client_dp.noise_multiplier, client_dp.sample_rate) if client_dp else None,
-            )
-            if stopped:
-                log.write("stopped", round=round_, reason=stopped)
-                progress.note(f"stopping before round {round_}: {stopped}")
-                break
-            started = time.monotonic()
-            messages = list(strategy.configure_train(round_, ArrayRecord(global_state), ConfigRecord({}), grid))
-            progress.start_round(round_, len(messages), round_ - 1)
-            replies = exchange(
-                grid, messages, timeout=cfg.federation.round_timeout, on_reply=lambda _: progress.client_done()
-            )
-            arrays, summary = strategy.aggregate_train(round_, replies)
-            global_state = model.after_round(arrays.to_torch_state_dict(), round_)
-            if level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
-                level_ledger.record(round_, client_dp.noise_multiplier, client_dp.sample_rate, 1,
-                                    attempt=level_ledger.next_attempt(round_))
-            _log_replies(log, round_, strategy.last_replies, replies, budget, ledgers, cfg)
-            evaluation = model.evaluate(global_state)
-            row = RoundRow(
-                round_,
-                summary.get(TRAIN_LOSS),
-                evaluation["accuracy"],
-                evaluation["loss"],
-                int(summary["clients"]),
-                _max_epsilon(rows[-1].max_epsilon, summary.get("max-epsilon")),
-                time.monotonic() - started,
-            )
-            rows.append(row)
-            log.write("round", **vars(row), **_client_level_fields(summary, level_ledger))
-            for ledger in ledgers.values():
-                ledger.save(paths.ledgers / f"client-{ledger.client_id}.json")
-            if level_ledger is not None:
-                level_ledger.save(paths.privacy / CLIENT_LEVEL_LEDGER_FILE)
-            save_checkpoint(
-                paths.checkpoints,
-                round_,
-                {**global_state, **base_init, **server_optimizer.state()},
-                {"strategy": rule.name, "seed": cfg.run.seed, "rows": [vars(r) for r in rows],
-                 "declined": budget.declined, "a_orthonormal": strategy.a_orthonormal},
-            )
-            progress.round_done(row)
-    write_final_reports(cfg, paths, model, rows, ledgers, declined=budget.declined, stopped=stopped,
-                        client_level=level_ledger)
-    return rows
+            _mirror_client(self.ledgers, reply, 0, self.cfg)
+        self._save_ledgers()
+        return calibration
+
+    def _initialize(self, nodes: dict[int, dict], calibration: Calibration | None) -> None:
+        """The global model (initialized once, or loaded from the checkpoint) and the strategy around it."""
+        cfg, checkpoint = self.cfg, self.checkpoint
+        # Per-layer ranks (EVA) are part of the adapter's structure: a resumed server reads them off its checkpoint.
+        per_layer = checkpoint is not None and get_method(cfg.adapter.method).ranks is not None
+        self.model = GlobalModel(cfg, self.task, initialize=checkpoint is None, calibration=calibration,
+                                 rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None)
+        if checkpoint is not None:
+            self.model.load(checkpoint.state)
+        self.global_state, self.base_init = split_fixed(self.model.state(), self.model.roles())
+        self.strategy = AdapterStrategy(
+            self.rule,
+            client_ids={node: info[CLIENT_ID] for node, info in nodes.items()},
+            fraction_train=cfg.federation.fraction,
+            min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
+            seed=cfg.run.seed,
+            base_init=ArrayRecord(self.base_init) if self.base_init else None,
+            weighting=cfg.federation.weighting,
+            client_dp=self.client_dp,
+            client_trained=self.model.client_trained(),
+            server_optimizer=self.server_optimizer,
+            a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
+        )
+        self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
+
+    def _evaluate_start(self) -> None:
+        started = time.monotonic()
+        evaluation = self.model.evaluate()
+        self.rows.append(RoundRow(0, None, evaluation["accuracy"], evaluation["loss"], 0, None,
+                                  time.monotonic() - started))
+        self.log.write("round", **vars(self.rows[-1]))
+        self.progress.round_done(self.rows[-1])
+
+    def _stop_reason(self, round_: int) -> str | None:
+        """Why the run ends before this round (privacy budgets), logged; None to go on."""
+        client_dp = self.client_dp
+        stopped = self.budget.stop_reason(
+            self.all_clients, self.ledgers, self.level_ledger,
+            (client_dp.noise_multiplier, client_dp.sample_rate) if client_dp else None,
+        )
+        if stopped:
+            self.log.write("stopped", round=round_, reason=stopped)
+            self.progress.note(f"stopping before round {round_}: {stopped}")
+        return stopped
+
+    def _train_round(self, round_: int) -> dict:
+        """Send the global adapter to this round's clients, aggregate their replies, log and mirror them."""
+        cfg, strategy = self.cfg, self.strategy
+        messages = list(strategy.configure_train(round_, ArrayRecord(self.global_state), ConfigRecord({}), self.grid))
+        self.progress.start_round(round_, len(messages), round_ - 1)
+        replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
+                           on_reply=lambda _: self.progress.client_done())
+        arrays, summary = strategy.aggregate_train(round_, replies)
+        self.global_state = self.model.after_round(arrays.to_torch_state_dict(), round_)
+        if self.level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
+            self.level_ledger.record(round_, self.client_dp.noise_multiplier, self.client_dp.sample_rate, 1,
+                                     attempt=self.level_ledger.next_attempt(round_))
+        _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg)
+        return summary
+
+    def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
+        """Evaluate the new global model; its row in metrics.jsonl and on screen."""
+        evaluation = self.model.evaluate(self.global_state)
+        row = RoundRow(round_, summary.get(TRAIN_LOSS), evaluation["accuracy"], evaluation["loss"],
+                       int(summary["clients"]), _max_epsilon(self.rows[-1].max_epsilon, summary.get("max-epsilon")),
+                       seconds)
+        self.rows.append(row)
+        self.log.write("round", **vars(row), **_client_level_fields(summary, self.level_ledger))
+        self.progress.round_done(row)
+
+    def _save_ledgers(self) -> None:
+        for ledger in self.ledgers.values():
+            ledger.save(self.paths.ledgers / f"client-{ledger.client_id}.json")
+        if self.level_ledger is not None:
+            self.level_ledger.save(self.paths.privacy / CLIENT_LEVEL_LEDGER_FILE)
+
+    def _save_checkpoint(self, round_: int) -> None:
+        """The ledgers, then the round's checkpoint: what a resumed run needs to continue exactly."""
+        self._save_ledgers()
+        save_checkpoint(
+            self.paths.checkpoints,
+            round_,
+            {**self.global_state, **self.base_init, **self.server_optimizer.state()},
+            {"strategy": self.rule.name, "seed": self.cfg.run.seed, "rows": [vars(r) for r in self.rows],
+             "declined": self.budget.declined, "a_orthonormal": self.strategy.a_orthonormal},
+        )
 
 
 def _client_level_fields(summary, level_ledger: PrivacyLedger | None) -> dict:
