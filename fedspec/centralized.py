@@ -34,6 +34,7 @@ from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_r
 from .models import build_classifier
 from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta, init_statistics_entries
+from .render import markdown_table, number, results_table
 from .rundir import MetricsLog, RunPaths, check_run_dir
 from .privacy.accounting import sample_rate
 from .training import DPSettings, evaluate, train_steps
@@ -171,14 +172,16 @@ def write_central_privacy_report(
     )
 
 
+EPOCH_HEADERS = ["epoch", "train loss", "eval accuracy", "eval loss", "ε", "seconds"]
+
+
+def _cells(row: EpochRow) -> list[str]:
+    return [str(row.epoch), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
+            number(row.epsilon, ".3f"), f"{row.seconds:.1f}"]
+
+
 def epochs_table(rows: list[EpochRow]) -> Table:
-    table = Table(title="fedspec train (centralized)")
-    for column in ("epoch", "train loss", "eval accuracy", "eval loss", "ε", "seconds"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(str(r.epoch), "—" if r.train_loss is None else f"{r.train_loss:.4f}", f"{r.eval_accuracy:.4f}",
-                      f"{r.eval_loss:.4f}", "—" if r.epsilon is None else f"{r.epsilon:.3f}", f"{r.seconds:.1f}")
-    return table
+    return results_table("fedspec train (centralized)", EPOCH_HEADERS, [_cells(r) for r in rows])
 
 
 def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> str:
@@ -188,13 +191,8 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> 
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
         "",
-        "| epoch | train loss | eval accuracy | eval loss | ε | seconds |",
-        "|---:|---:|---:|---:|---:|---:|",
+        markdown_table(EPOCH_HEADERS, [_cells(r) for r in rows]),
     ]
-    for r in rows:
-        loss = "—" if r.train_loss is None else f"{r.train_loss:.4f}"
-        eps = "—" if r.epsilon is None else f"{r.epsilon:.3f}"
-        lines.append(f"| {r.epoch} | {loss} | {r.eval_accuracy:.4f} | {r.eval_loss:.4f} | {eps} | {r.seconds:.1f} |")
     lines += ["", "Files: `config.yaml`, `metrics.jsonl`, `adapter/`, `privacy/report.md`.",
               peft_export_line(peft_export)]
     return "\n".join(lines) + "\n"

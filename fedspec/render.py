@@ -11,6 +11,28 @@ from rich.table import Table
 from .privacy.planning import ClientPlan, budget_epsilon, participation_probability
 
 
+def number(value: float | None, spec: str) -> str:
+    """A table cell: the value formatted, or a dash for a missing one."""
+    return "—" if value is None else format(value, spec)
+
+
+def results_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
+    """A table of per-round (or per-epoch) results for the terminal, numbers right-aligned."""
+    table = Table(title=title)
+    for header in headers:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """The same table as Markdown, for summary.md."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _rounds_cell(plan: ClientPlan, rounds: int) -> str:
     if plan.rounds_within_budget is None:
         return "no cap"

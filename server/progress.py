@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedspec.render import markdown_table, number, results_table
+
 
 @dataclass
 class RoundRow:
@@ -20,33 +22,20 @@ class RoundRow:
     seconds: float
 
 
+ROUND_HEADERS = ["round", "train loss", "eval accuracy", "eval loss", "clients", "max client ε", "seconds"]
+
+
+def _cells(row: RoundRow) -> list[str]:
+    return [str(row.round), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
+            str(row.clients), number(row.max_epsilon, ".3f"), f"{row.seconds:.1f}"]
+
+
 def rounds_table(rows: list[RoundRow], title: str = "fedspec federation") -> Table:
-    table = Table(title=title)
-    for column in ("round", "train loss", "eval accuracy", "eval loss", "clients", "max client ε", "seconds"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            str(row.round),
-            "—" if row.train_loss is None else f"{row.train_loss:.4f}",
-            f"{row.eval_accuracy:.4f}",
-            f"{row.eval_loss:.4f}",
-            str(row.clients),
-            "—" if row.max_epsilon is None else f"{row.max_epsilon:.3f}",
-            f"{row.seconds:.1f}",
-        )
-    return table
+    return results_table(title, ROUND_HEADERS, [_cells(r) for r in rows])
 
 
 def rounds_markdown(rows: list[RoundRow]) -> str:
-    lines = [
-        "| round | train loss | eval accuracy | eval loss | clients | max client ε | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        loss = "—" if r.train_loss is None else f"{r.train_loss:.4f}"
-        eps = "—" if r.max_epsilon is None else f"{r.max_epsilon:.3f}"
-        lines.append(f"| {r.round} | {loss} | {r.eval_accuracy:.4f} | {r.eval_loss:.4f} | {r.clients} | {eps} | {r.seconds:.1f} |")
-    return "\n".join(lines)
+    return markdown_table(ROUND_HEADERS, [_cells(r) for r in rows])
 
 
 class FederationProgress:

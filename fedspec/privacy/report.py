@@ -58,32 +58,18 @@ class ClientLevelSettings:
 
 
 def write_privacy_report(
-    out_dir: str | os.PathLike[str],
-    ledgers: Mapping[str, PrivacyLedger],
-    *,
-    delta: float,
-    accountant: str,
-    max_grad_norm: float | None = None,
-    extra: Mapping[str, Any] | None = None,
-    record_level: bool = True,
-    client_level: ClientLevelSettings | None = None,
-    declined: Mapping[str, Sequence[int]] | None = None,
-    server_sees: Sequence[str] | None = None,
-    stopped: str | None = None,
+    out_dir: str | os.PathLike[str], ledgers: Mapping[str, PrivacyLedger], **settings: Any
 ) -> dict[str, Any]:
     """Write `report.json`, `report.md` and `epsilon.png` into `out_dir`; return the report dict.
 
-    `extra` is stored as is (it must be JSON-serializable); its "target_epsilon", if any, is drawn
-    as a dashed line and each client is checked against it. In the returned dict an infinite ε is
-    a float; report.json stores it as the string "inf" (standard JSON has no infinity).
+    `settings` are the keywords of :func:`build_privacy_report` (delta, accountant, ...). Its `extra` is stored
+    as is (it must be JSON-serializable); its "target_epsilon", if any, is drawn as a dashed line and each
+    client is checked against it. In the returned dict an infinite ε is a float; report.json stores it as the
+    string "inf" (standard JSON has no infinity).
     """
     from .plot import render_epsilon_png  # matplotlib loads only when a report is drawn
 
-    report = build_privacy_report(
-        ledgers, delta=delta, accountant=accountant, max_grad_norm=max_grad_norm, extra=extra,
-        record_level=record_level, client_level=client_level, declined=declined, server_sees=server_sees,
-        stopped=stopped,
-    )
+    report = build_privacy_report(ledgers, **settings)
     out = Path(out_dir)
     text = json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
     write_atomic(out / "report.json", text.encode("utf-8"))
