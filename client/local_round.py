@@ -79,8 +79,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         store_ledger(cfg, context, ledger)
         reply = replace(reply, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                         epsilon=ledger.epsilon())
-    metrics = reply.to_metrics()
-    return update, metrics
+    return update, reply.to_metrics()
 
 
 def _decline_if_over_budget(cfg: DictConfig, context: Context, client: int, sigma: float, n: int) -> dict | None:
