@@ -91,8 +91,9 @@ def pending_cells(grid: Grid, results: dict[str, dict]) -> tuple[list[Cell], lis
         cell = with_lr(cell, lr)
         if cell.key not in results:
             ready.append(cell)
-    # One dataset at a time, its sweep first: a study stopped early has whole rows rather than scattered cells.
-    ready.sort(key=lambda c: (grid.datasets.index(c.dataset), not c.tune))
+    # One dataset at a time, and a group's final runs as soon as its sweep has chosen the rate: a study stopped
+    # early has whole rows of results rather than scattered sweeps.
+    ready.sort(key=lambda c: (grid.datasets.index(c.dataset), c.tune))
     return ready, waiting
 
 

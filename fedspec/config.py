@@ -124,6 +124,8 @@ class FederationConfig:
     client_cpus: float = MISSING
     round_timeout: float = MISSING
     weighting: str = MISSING  # examples | uniform (clients send a fixed weight, not their number of records)
+    update_clip: float | None = MISSING  # clip each update's norm to this × the cohort's median (0/None: off)
+    weight_cap: float | None = MISSING  # cap each client's weight at this × the cohort's median (0/None: off)
 
 
 @dataclass
@@ -253,6 +255,10 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("strategy.server_lr", cfg.strategy.server_lr, "it must be > 0 (1.0: the plain mean update)")
     if not 0.0 <= cfg.strategy.server_momentum < 1.0:
         fail("strategy.server_momentum", cfg.strategy.server_momentum, "it must be in [0, 1) (0: no momentum)")
+    for key in ("federation.update_clip", "federation.weight_cap"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value != 0 and value < 1:
+            fail(key, value, "it must be >= 1 (a multiple of the cohort's median) or 0 (off)")
     if cfg.federation.min_clients < 1:
         fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
     for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",

@@ -40,6 +40,7 @@ from fedspec.protocol import (
     TrainReply,
 )
 from fedspec.strategies.flower import AdapterStrategy, RoundReplies
+from fedspec.strategies.influence import InfluenceBound
 from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 
 from .budget import BudgetTracker
@@ -243,6 +244,7 @@ class Federation:
             client_trained=self.model.client_trained(),
             server_optimizer=self.server_optimizer,
             a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
+            influence=InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
         )
         self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
 
@@ -288,7 +290,9 @@ class Federation:
                        int(summary["clients"]), _max_epsilon(self.rows[-1].max_epsilon, summary.get("max-epsilon")),
                        seconds)
         self.rows.append(row)
-        self.log.write("round", **vars(row), **_client_level_fields(summary, self.level_ledger))
+        bounded = {"quarantined": int(summary.get("quarantined", 0)), "norm_clipped": int(summary.get("norm-clipped", 0)),
+                   "weight_capped": int(summary.get("weight-capped", 0))}
+        self.log.write("round", **vars(row), **bounded, **_client_level_fields(summary, self.level_ledger))
         self.progress.round_done(row)
 
     def _save_ledgers(self) -> None:

@@ -8,7 +8,8 @@
   node at discovery, and its tensors against what was sent. A reply that does not match is quarantined with the
   reason (``last_replies``), never aggregated and never fatal; errors and declined replies (privacy budget
   spent) are left out too, and the round goes on without them;
-- aggregation is the weighted mean of :mod:`aggregation` under the configured rule.
+- each client's influence is bounded (``influence``: its update's norm and its weight, relative to the cohort's
+  medians), then aggregation is the weighted mean of :mod:`aggregation` under the configured rule.
 
 Weights are the clients' ``num-examples`` (``weighting="examples"``) or 1 each (``"uniform"``). With client-level
 DP (``client_dp``) clients are Poisson-sampled and the mean is :func:`client_dp.private_mean` (clipped updates,
@@ -45,6 +46,7 @@ from fedspec.protocol import (
 
 from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
 from .client_dp import ClientDP, noise_generator, poisson_sample, private_mean
+from .influence import InfluenceBound, bound_influence
 from .server_optimizer import ServerOptimizer
 
 
@@ -64,6 +66,7 @@ class AdapterStrategy(FedAvg):
         client_trained: set[str] | None = None,
         server_optimizer: ServerOptimizer | None = None,
         a_orthonormal: bool = False,
+        influence: InfluenceBound | None = None,
     ) -> None:
         if weighting not in CHOICES["federation.weighting"]:
             raise ValueError(f"weighting must be one of {CHOICES['federation.weighting']}, got {weighting!r}")
@@ -84,6 +87,7 @@ class AdapterStrategy(FedAvg):
         self.weighting = weighting
         self.client_dp = client_dp
         self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.influence = influence or InfluenceBound(None, None)
         self._sent_state: dict[str, torch.Tensor] | None = None
         self.last_replies = RoundReplies()
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
@@ -135,7 +139,9 @@ class AdapterStrategy(FedAvg):
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
                 return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
-            mean = weighted_mean(updates, weights)
+            bounded = bound_influence(updates, weights, self.influence)
+            summary["norm-clipped"], summary["weight-capped"] = bounded.clipped, bounded.capped
+            mean = weighted_mean(bounded.updates, bounded.weights)
         else:  # client-level DP releases a noised mean every round, with or without replies
             private = private_mean(
                 updates, {k: self._sent_state[k] for k in self._trained_keys()},

@@ -123,3 +123,63 @@ def test_declined_and_uniform_replies_are_read_as_sent():
 def test_check_update_accepts_an_honest_update_of_any_float_dtype():
     check_update(_update(), _state(), TRAINED)
     check_update({k: v.to(torch.float64) for k, v in _update().items()}, _state(), TRAINED)
+
+
+# --- bounded influence ---------------------------------------------------------------------------------------------
+
+def _cohort(n=6):
+    return [train_reply(10 + i, _metrics(i, num_examples=100 + 10 * i), _update(seed=i + 1)) for i in range(n)]
+
+
+def _bounded_strategy(update_clip=3.0, weight_cap=5.0):
+    from fedspec.strategies.influence import InfluenceBound
+
+    strategy = AdapterStrategy(get_rule("fedsvd"), client_ids={10 + i: i for i in range(7)},
+                               influence=InfluenceBound(update_clip, weight_cap))
+    strategy._sent_state = _state()
+    return strategy
+
+
+def _move(arrays) -> float:
+    state = arrays.to_torch_state_dict()
+    return float(sum((state[k] - _state()[k]).norm() ** 2 for k in TRAINED) ** 0.5)
+
+
+def test_a_huge_update_moves_the_model_like_a_few_honest_ones():
+    attacker = train_reply(16, _metrics(6, num_examples=100), _update(scale=1e4, seed=99))  # 1e6 × the others
+    honest_move = _move(_bounded_strategy().aggregate_train(1, _cohort())[0])
+    unbounded = _move(_bounded_strategy(0, 0).aggregate_train(1, [*_cohort(), attacker])[0])
+    strategy = _bounded_strategy()
+    arrays, summary = strategy.aggregate_train(1, [*_cohort(), attacker])
+    assert summary["norm-clipped"] == 1 and summary["weight-capped"] == 0
+    assert unbounded > 1000 * honest_move
+    assert _move(arrays) < 2 * honest_move
+
+
+def test_a_claimed_record_count_is_capped_at_a_few_medians():
+    greedy = train_reply(16, _metrics(6, num_examples=10**9), _update(seed=99))
+    strategy = _bounded_strategy()
+    _, summary = strategy.aggregate_train(1, [*_cohort(), greedy])
+    assert summary["weight-capped"] == 1
+    from fedspec.strategies.influence import InfluenceBound, bound_influence
+
+    bounded = bound_influence([_update()] * 4, [100.0, 120.0, 110.0, 1e9], InfluenceBound(3.0, 5.0))
+    assert bounded.weights == [100.0, 120.0, 110.0, 5 * 115.0]
+
+
+def test_an_honest_cohort_aggregates_exactly_as_without_bounds():
+    """Nothing is clipped or capped: the new state is bit for bit the plain weighted mean (FedSVD's exactness
+    tests hold unchanged)."""
+    bounded, summary = _bounded_strategy().aggregate_train(1, _cohort())
+    plain, _ = _bounded_strategy(0, 0).aggregate_train(1, _cohort())
+    assert summary["norm-clipped"] == summary["weight-capped"] == 0
+    for key, value in plain.to_torch_state_dict().items():
+        assert torch.equal(bounded.to_torch_state_dict()[key], value)
+
+
+@pytest.mark.parametrize("factor", [0.5, -1.0])
+def test_a_bound_below_the_median_is_refused(factor):
+    from fedspec.strategies.influence import InfluenceBound
+
+    with pytest.raises(ValueError, match="federation.update_clip"):
+        InfluenceBound(factor, 5.0)
