@@ -54,9 +54,12 @@ from .round_zero import collect_statistics
 DISCOVERY_POLL_SECONDS = 1.0
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float, label_names: list[str]) -> dict[int, dict]:
-    """Ask every node who it is: {node id: {CLIENT_ID: its client id}}. Waits for ``expected`` nodes.
-    The query carries the task's class names: a node with its own data file labels it with them."""
+def discover_clients(
+    grid: Grid, expected: int, timeout: float, label_names: list[str], min_clients: int = 1
+) -> dict[int, dict]:
+    """Ask every node who it is: {node id: {CLIENT_ID: its client id}}. Waits for ``expected`` nodes and fails
+    when fewer than ``min_clients`` answer. The query carries the task's class names: a node with its own data
+    file labels it with them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected:
@@ -79,6 +82,12 @@ def discover_clients(grid: Grid, expected: int, timeout: float, label_names: lis
             raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         metrics = reply.content.metric_records[METRICS]
         found[reply.metadata.src_node_id] = {CLIENT_ID: int(metrics[CLIENT_ID])}
+    if len(found) < min_clients:
+        raise FedspecError(
+            f"only {len(found)} of {len(node_ids)} nodes answered who they are within federation.round_timeout="
+            f"{timeout:g}s, fewer than federation.min_clients={min_clients}; check the SuperNodes' logs, or raise "
+            "the timeout"
+        )
     _check_unique_client_ids(found)
     return found
 
@@ -191,7 +200,7 @@ class Federation:
     def run(self) -> list[RoundRow]:
         cfg = self.cfg
         nodes = discover_clients(self.grid, cfg.federation.clients, cfg.federation.round_timeout,
-                                 self.task.train.label_names)
+                                 self.task.train.label_names, min_clients=cfg.federation.min_clients)
         self.client_dp = _client_dp(cfg, len(nodes))
         self._initialize(nodes, self._round_zero(nodes))
         stopped = None

@@ -113,16 +113,21 @@ class AdapterStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                for node, content in self.train_contents(server_round, arrays, config).items()]
+
+    def train_contents(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> dict[int, RecordDict]:
+        """What each of this round's sampled nodes is sent: the global adapter, the round, and the fixed tensors
+        (``base_init``) until a reply has confirmed that the node has them."""
         self._sent_state = arrays.to_torch_state_dict()
         config[SERVER_ROUND] = server_round
-        messages = []
+        contents = {}
         for node_id in self.sample(server_round):
             content = RecordDict({ARRAYS: arrays, CONFIG: config})
             if self.base_init is not None and node_id not in self.nodes_with_base:
                 content[BASE_INIT] = self.base_init
-                self.nodes_with_base.add(node_id)
-            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
-        return messages
+            contents[node_id] = content
+        return contents
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -168,9 +173,10 @@ class AdapterStrategy(FedAvg):
         outcome = RoundReplies()
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
+            if reply.has_error():  # it may have lost its state: it gets the fixed tensors again next time
                 outcome.errors.append((node, reply.error.reason))
                 continue
+            self.nodes_with_base.add(node)  # it answered this round's message, which carried them if needed
             try:
                 parsed, update = self._read_reply(node, reply)
             except ProtocolError as error:

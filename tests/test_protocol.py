@@ -183,3 +183,67 @@ def test_a_bound_below_the_median_is_refused(factor):
 
     with pytest.raises(ValueError, match="federation.update_clip"):
         InfluenceBound(factor, 5.0)
+
+
+# --- dropouts ------------------------------------------------------------------------------------------------------
+
+def test_a_node_that_failed_gets_the_fixed_tensors_again():
+    """The fixed tensors (e.g. PiSSA's init factors) count as delivered only once the node has answered: a node
+    whose ClientApp failed may have lost its state, so it is sent them again and can take part later."""
+    from types import SimpleNamespace
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    strategy = AdapterStrategy(get_rule("fedsvd"), client_ids={10: 0, 11: 1, 12: 2}, fraction_train=1.0,
+                               base_init=ArrayRecord({"l0.base_B": torch.ones(5, 4)}))
+    first = strategy.train_contents(1, ArrayRecord(_state()), ConfigRecord({}))
+    assert all("base-init" in content for content in first.values())
+    failed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=11), has_error=lambda: True,
+                             error=SimpleNamespace(reason="ClientApp raised: out of memory"))
+    strategy.aggregate_train(1, [train_reply(10, _metrics(0), _update()), failed,
+                                 train_reply(12, _metrics(1), _update())])  # 12 quarantined: it claims client 1
+    assert strategy.last_replies.errors == [(11, "ClientApp raised: out of memory")]
+    second = strategy.train_contents(2, ArrayRecord(_state()), ConfigRecord({}))
+    assert "base-init" in second[11]
+    assert "base-init" not in second[10] and "base-init" not in second[12]
+
+
+class _SilentGrid:
+    """A grid of three connected nodes of which only ``answering`` reply to the discovery query."""
+
+    def __init__(self, answering):
+        self.answering, self.sent = answering, []
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        return [f"m{i}" for i in range(len(self.sent))]
+
+    def pull_messages(self, ids):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        replies = [Message(RecordDict({"metrics": MetricRecord({"client-id": m.metadata.dst_node_id})}), reply_to=m)
+                   for m in self.sent if m.metadata.dst_node_id in self.answering]
+        self.sent = []
+        return replies
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Flower builds messages only inside a running task: give this process a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)
+
+
+def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
+    from fedspec.errors import FedspecError
+    from fedspec.server.federation import discover_clients
+
+    with pytest.raises(FedspecError, match="only 1 of 3 nodes answered.*federation.min_clients=2"):
+        discover_clients(_SilentGrid({2}), 3, 0.3, ["a", "b"], min_clients=2)
+    assert discover_clients(_SilentGrid({2, 3}), 3, 0.3, ["a", "b"], min_clients=2) == {2: {"client-id": 2},
+                                                                                          3: {"client-id": 3}}
