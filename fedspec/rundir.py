@@ -61,9 +61,13 @@ def default_run_name(command: str) -> str:
 
 
 def run_paths(cfg: DictConfig) -> RunPaths:
-    if not cfg.run.name:
+    name = cfg.run.name
+    if not name:
         raise ConfigError("run.name is not set")
-    return RunPaths(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+    if Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"run.name={name!r} must be a plain folder name (no '/' or '..'): a run lives in "
+                          "run.output_dir/<name>; choose the folder with run.output_dir")
+    return RunPaths(Path(cfg.run.output_dir).expanduser() / name)
 
 
 def check_run_dir(cfg: DictConfig) -> RunPaths:

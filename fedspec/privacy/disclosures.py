@@ -12,16 +12,14 @@ from omegaconf import DictConfig
 
 from ..adapters.registry import get_method
 
-__all__ = ["DATA_FREE_INITS", "init_uses_client_data", "server_sees"]
-
-# MethodSpec.init_needs values that touch no client data (the pretrained weights at most).
-DATA_FREE_INITS = ("weights only", "nothing")
+__all__ = ["init_uses_client_data", "server_sees"]
 
 
 def init_uses_client_data(method: str) -> tuple[bool, str]:
-    """(whether the method's initialization needs statistics of client data, what it needs)."""
-    needs = get_method(method).init_needs
-    return needs not in DATA_FREE_INITS, needs
+    """(whether the method's initialization needs statistics of client data, what it needs): the registry's
+    ``calibration`` kinds say it, not the free-text description."""
+    spec = get_method(method)
+    return bool(spec.calibration), spec.init_needs
 
 
 def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
