@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from fedspec.privacy.atomic import fsync_dir, write_atomic
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -43,10 +45,12 @@ def save_checkpoint(directory: Path, round_: int, state: dict[str, torch.Tensor]
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / STATE_FILE))
-    (tmp / META_FILE).write_text(json.dumps({"round": round_, **meta}, indent=2) + "\n")
+    # fsynced, then renamed, then the rename fsynced: a power loss leaves the previous rounds or this one, whole
+    write_atomic(tmp / STATE_FILE, save({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+    write_atomic(tmp / META_FILE, (json.dumps({"round": round_, **meta}, indent=2) + "\n").encode())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(directory)
     return final
 
 

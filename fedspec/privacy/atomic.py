@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["fsync_dir", "write_atomic"]
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -33,10 +33,11 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (where the OS allows opening a folder)."""
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:  # platforms that cannot open a folder (Windows): the rename is all we get
