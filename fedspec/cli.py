@@ -191,9 +191,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides)
     for bad in (o for o in overrides if "=" not in o):
         raise FedspecError(f"{bad!r} is not an override; write key=value (e.g. adapter.rank=16)")
+    given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is not None:
+            if key in given:  # two values for one key: refuse rather than silently prefer one
+                raise FedspecError(f"--{flag.replace('_', '-')} {value} and {given[key]} both set {key}; give one")
             overrides.append(f"{key}={value}")
     if getattr(args, "resume", False):
         overrides.append("run.resume=true")

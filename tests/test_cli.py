@@ -48,6 +48,9 @@ def test_help_explains_the_commands(capsys):
     (["privacy.delta=0.05"], "privacy.delta=0.05 is not below 1/n for client"),
     (["privacy.target_epsilon=0.01"], "target_epsilon=0.01 is unreachable"),
     (["--clients", "500"], "clients"),
+    (["--rounds", "1", "federation.rounds=0"], "--rounds 1 and federation.rounds=0 both set federation.rounds"),
+    (["federation.update_clip=0.5"], "federation.update_clip=0.5 is not allowed; it must be >= 1"),
+    (["strategy.server_momentum=1.0"], "strategy.server_momentum=1.0 is not allowed; it must be in [0, 1)"),
 ])
 def test_bad_input_fails_before_anything_runs(capsys, tmp_path, extra, message):
     argv = ["simulate", "--clients", "4", "--output-dir", str(tmp_path), "--name", "bad", *TINY, *extra]
