@@ -479,3 +479,20 @@ def test_partition_summary_reports_sizes_and_histograms():
     assert summary[1]["label_counts"] == [1, 0, 3] and summary[1]["size"] == 4
     totals = np.sum([client["label_counts"] for client in summary], axis=0)
     assert totals.tolist() == [Counter(labels)[label] for label in range(3)]
+
+
+@pytest.mark.parametrize(("rows", "message"), [
+    ("a\t0\nb\t0\nc\t0\n", "one class only"),
+    ("a\t0\n \t1\nc\t1\n\t0\n", "2 of 4 examples in .* have an empty text \\(first at line 3"),
+    ("a\t0\nb\t1\nc\t99999\n", "label 99999 at line 4 .* makes 100000 classes, but only 3 ids occur"),
+])
+def test_broken_training_files_fail_with_a_clear_error(tmp_path, rows, message):
+    path = write(tmp_path / "d.tsv", "text\tlabel\n" + rows)
+    with pytest.raises(DataError, match=message):
+        load_task(DataConfig(source="file", path=str(path), eval_examples=1))
+
+
+def test_one_based_integer_labels_are_still_accepted(tmp_path):
+    path = write(tmp_path / "d.tsv", "text\tlabel\n" + "".join(f"t{i}\t{1 + i % 2}\n" for i in range(10)))
+    train, _ = load_task(DataConfig(source="file", path=str(path), eval_examples=2))
+    assert train.label_names == ["0", "1", "2"]

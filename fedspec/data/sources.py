@@ -75,6 +75,12 @@ def load_examples(
         raise DataError(
             f"{file} is empty: it holds no examples; add rows or point {path_key} at another file"
         )
+    empty = [line for text, line in zip(texts, line_numbers) if not text.strip()]
+    if empty:
+        raise DataError(
+            f"{len(empty)} of {len(texts)} examples in {file} have an empty text (first at line {empty[0]}; "
+            f"data.text_field={text_field!r}); remove those rows or point data.text_field at the text column"
+        )
     label_ids, names = _label_ids(raw_labels, line_numbers, label_names, file, label_field)
     return TextExamples(texts=texts, labels=label_ids, label_names=names)
 
@@ -434,7 +440,13 @@ def _ids_from_integers(
                 f"unparseable label {raw!r} at line {line} of {origin}: integer labels are class ids "
                 "and must be 0 or more"
             )
-    num_classes = max(values) + 1
+    num_classes, distinct = max(values) + 1, len(set(values))
+    if num_classes > 2 * distinct + 1:  # e.g. one stray id of 99,999 would ask for a 100,000-class head
+        line = line_numbers[values.index(max(values))]
+        raise DataError(
+            f"label {max(values)} at line {line} of {origin} makes {num_classes} classes, but only {distinct} ids "
+            "occur: integer labels are class ids 0..K-1; fix that row, or use label names"
+        )
     return list(values), [str(index) for index in range(num_classes)]
 
 

@@ -44,6 +44,12 @@ def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
         raise DataError(f"data.source={source!r} is not one of: {', '.join(SOURCES)}")
     max_examples = _non_negative_int(cfg, "max_examples", 0)
     train = cap_examples(train, max_examples, seed)
+    present = sorted(set(train.labels))
+    if len(present) < 2:
+        raise DataError(
+            f"the training data holds one class only ({train.label_names[present[0]]!r}): a classifier needs at "
+            "least two; check data.path and data.label_field"
+        )
     if _option(cfg, "validation", False):
         # Tuning mode: the held-out data stays unseen; a validation split of the training records (carved with
         # its own seed, the size of the held-out set) stands in for it, and the model trains on the rest.
