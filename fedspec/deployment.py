@@ -22,6 +22,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 CURVE = ec.SECP384R1  # the curve Flower's SuperNode-authentication example uses; also signs the certificates
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
+FOLDER_MODE = 0o755
 
 
 @dataclass(frozen=True)
@@ -145,10 +147,21 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+def _private_folder(folder: Path) -> None:
+    """A folder writable by its owner only: created so whatever the umask, refused if it already exists
+    writable by others (anyone could then swap a key or a certificate in it)."""
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        os.chmod(folder, FOLDER_MODE)
+    if stat.S_IMODE(folder.stat().st_mode) & 0o022:
+        raise ConfigError(f"{folder} is writable by other users; keep credentials in a folder only you can write "
+                          f"to (chmod go-w {folder})")
+
+
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create ``path`` with ``mode`` from the start (a private key is never readable by others, not even
     briefly); fails if it exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_folder(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
@@ -185,7 +198,7 @@ def create_credentials(
     server_cert = _certificate(server_name, ca_name, server_key.public_key(), ca_key, days, ca=False,
                                hosts=all_hosts, issuer_key=ca_key)
 
-    creds.root.mkdir(parents=True, exist_ok=True)
+    _private_folder(creds.root)
     _write_new(creds.ca_key, _pem_private(ca_key), PRIVATE_MODE)
     _write_new(creds.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     _write_new(creds.server_key, _pem_private(server_key), PRIVATE_MODE)

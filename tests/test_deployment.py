@@ -358,3 +358,19 @@ def test_an_unnamed_flwr_run_is_named_after_its_run_id_on_server_and_clients():
     unnamed = {"overrides": "model=tiny-bert"}
     assert config_from_run_config(unnamed, run_id=42).run.name == "flwr-run-42"
     assert config_from_run_config({"overrides": "run.name=mine"}, run_id=42).run.name == "mine"
+
+
+def test_credential_folders_are_not_writable_by_others_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        creds = create_credentials(tmp_path / "fresh" / "creds", nodes=1)
+    finally:
+        os.umask(old)
+    for folder in {creds.root, creds.ca_key.parent, creds.node_key(0).parent}:
+        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0, folder
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(ConfigError, match="writable by other users"):
+        create_credentials(shared, nodes=1)
+    assert not any(shared.iterdir())  # refused before writing anything
