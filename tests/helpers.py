@@ -8,6 +8,18 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 
+def tiny_classifier(name: str = "tiny-bert", seed: int = 0, num_classes: int = 3):
+    """(model, tokenizer): a tiny random backbone (last-token pooling for the decoder) with a classification head,
+    dropout off."""
+    from omegaconf import OmegaConf
+
+    from fedspec.models import build_classifier
+
+    pooling = "last" if name == "tiny-llama" else "mean"
+    return build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), num_classes,
+                            seed=seed)
+
+
 def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
     """Move every trainable tensor away from its initial value, as training would."""
     generator = torch.Generator().manual_seed(seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fedspec
 from fedspec.adapters import (
@@ -18,16 +17,15 @@ from fedspec.adapters import (
     unmerge,
 )
 from fedspec.errors import AdapterError
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 
-from helpers import perturb
+from helpers import perturb, tiny_classifier
 
 TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled"]
 
 
 def _model(name: str = "tiny-bert", seed: int = 0):
-    pooling = "last" if name == "tiny-llama" else "mean"
-    return build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3, seed=seed)
+    return tiny_classifier(name, seed)
 
 
 def _outputs(model, tokenizer) -> torch.Tensor:

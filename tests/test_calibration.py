@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 import fedspec
+from helpers import tiny_classifier
 from fedspec.adapters import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
 from fedspec.adapters.targets import match_targets
 from fedspec.errors import AdapterError
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 from fedspec.privacy import epsilon
 
 TEXTS = [
@@ -25,7 +25,7 @@ KINDS = ("inputs", "gradients", "fisher")
 
 
 def _model():
-    return build_classifier(OmegaConf.create({"name": "tiny-bert", "pooling": "mean", "dropout": 0.0}), 3, seed=0)
+    return tiny_classifier()
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fedspec
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
 from fedspec.privacy.accounting import sample_rate
 from fedspec.training import DPSettings, evaluate, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop
+from helpers import assert_opacus_matches_per_example_loop, tiny_classifier
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -23,8 +22,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 
 
 def _adapted(name: str, method: str, train_A: bool):
-    pooling = "last" if name == "tiny-llama" else "mean"
-    model, tokenizer = build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3)
+    model, tokenizer = tiny_classifier(name)
     fedspec.adapt(model, method, 4, train_A=train_A)
     model.head.requires_grad_(True)
     with torch.no_grad():  # non-zero B so gradients of A are non-trivial too
@@ -46,7 +44,7 @@ def test_per_sample_gradients_match_a_per_example_loop(model_name, method, train
 
 
 def _batch(texts=TEXTS, labels=LABELS):
-    model, tokenizer = build_classifier(OmegaConf.create({"name": "tiny-bert", "pooling": "mean", "dropout": 0.0}), 3)
+    model, tokenizer = tiny_classifier()
     return model, tokenize(tokenizer, texts, 12), labels
 
 

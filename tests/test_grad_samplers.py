@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
+from helpers import tiny_classifier
 from fedspec.adapters import METHODS, adapter_layers
 from fedspec.errors import AdapterError, ConfigError
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 from fedspec.privacy.grad_samplers import (
     DiagonalScale,
     check_exact_rules,
@@ -28,8 +28,7 @@ LABELS = torch.tensor([0, 1, 2, 0])
 
 
 def _model(name: str, method: str, train_A: bool):
-    pooling = "last" if name == "tiny-llama" else "mean"
-    model, tokenizer = build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3)
+    model, tokenizer = tiny_classifier(name)
     # Data-driven methods need calibration statistics to initialize; their layer structure (and so their
     # per-sample gradient rules) is the same without. initialize=False leaves the factors at zero, which would make
     # every adapter gradient zero: give them random values, as an initializer would.
@@ -195,7 +194,7 @@ def test_ghost_clipping_takes_the_same_step_as_hooks():
     results = {}
     for mode in ("hooks", "ghost"):
         model, batch = _model("tiny-bert", "pissa", False)
-        data, labels = tokenize(build_classifier(OmegaConf.create({"name": "tiny-bert"}), 3)[1], TEXTS * 4, 10), LABELS.repeat(4)
+        data, labels = tokenize(tiny_classifier()[1], TEXTS * 4, 10), LABELS.repeat(4)
         result = train_steps(model, data, labels, steps=3, batch_size=8, optimizer="sgd", lr=0.5,
                              dp=DPSettings(0.0, 0.05, grad_sample_mode=mode, seed=4))
         assert result.steps == 3
@@ -207,7 +206,7 @@ def test_ghost_clipping_takes_the_same_step_as_hooks():
 def test_ghost_clipping_counts_empty_poisson_batches():
     model, batch = _model("tiny-bert", "lora", True)
     before = model.head.weight.detach().clone()
-    result = train_steps(model, tokenize(build_classifier(OmegaConf.create({"name": "tiny-bert"}), 3)[1], TEXTS[:2], 10),
+    result = train_steps(model, tokenize(tiny_classifier()[1], TEXTS[:2], 10),
                          LABELS[:2], steps=12, batch_size=1, lr=1e-2,
                          dp=DPSettings(1.0, 1.0, grad_sample_mode="ghost", seed=3))
     assert result.steps == 12 and result.examples < 24

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fedspec
 from fedspec.adapters import (
@@ -33,7 +32,7 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop, perturb
+from helpers import assert_opacus_matches_per_example_loop, perturb, tiny_classifier
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -44,8 +43,7 @@ NEW_METHODS = ["olora", "soma", "corda", "eva", "lora_ga", "fwsvd"]
 
 
 def _model(name: str = "tiny-bert"):
-    pooling = "last" if name == "tiny-llama" else "mean"
-    return build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3, seed=0)
+    return tiny_classifier(name)
 
 
 def _batch(tokenizer):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.utils.module_utils import trainable_modules
@@ -24,11 +23,11 @@ from fedspec.adapters import (
     unmerge,
 )
 from fedspec.config import check_federated, compose_config
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop, per_example_grads, perturb
+from helpers import assert_opacus_matches_per_example_loop, per_example_grads, perturb, tiny_classifier
 
 SHAPE_METHODS = ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "clip_svd", "salt", "loldu",
                  "sst", "dora"]
@@ -44,8 +43,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 
 
 def _model(name: str = "tiny-bert", seed: int = 0):
-    pooling = "last" if name == "tiny-llama" else "mean"
-    return build_classifier(OmegaConf.create({"name": name, "pooling": pooling, "dropout": 0.0}), 3, seed=seed)
+    return tiny_classifier(name, seed)
 
 
 def _adapted(method: str, name: str = "tiny-bert", rank: int = 4, **options):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fedspec
+from helpers import tiny_classifier
 from fedspec.adapters import HookContext, adapter_layers, training_hooks
 from fedspec.adapters.structured_hooks import (
     OrthonormalStep,
@@ -17,7 +17,7 @@ from fedspec.adapters.structured_hooks import (
     _factor_gaps,
 )
 from fedspec.errors import AdapterError
-from fedspec.models import build_classifier, tokenize
+from fedspec.models import tokenize
 from fedspec.training import DPSettings, train_steps
 
 TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -26,7 +26,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2] * 2)
 
 
 def _adapted(method: str, rank: int = 4, **options):
-    model, tokenizer = build_classifier(OmegaConf.create({"name": "tiny-bert", "pooling": "mean", "dropout": 0.0}), 3)
+    model, tokenizer = tiny_classifier()
     fedspec.adapt(model, method, rank, svd_method="exact", **options)
     model.head.requires_grad_(True)
     return model, tokenize(tokenizer, TEXTS, 12)

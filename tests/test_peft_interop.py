@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import fedspec
 from fedspec.adapters import adapter_layers, collect_calibration, export_peft, load_adapter
@@ -20,7 +19,7 @@ from fedspec.models import build_classifier
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
-from helpers import perturb  # noqa: E402
+from helpers import perturb, tiny_classifier  # noqa: E402
 
 # Eight records of at least eight tokens, cut to eight: no padding, so every token weighs the same in PEFT's
 # statistics and in fedspec's per-record averages.
@@ -38,7 +37,7 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])
 
 
 def _model():
-    return build_classifier(OmegaConf.create({"name": "tiny-bert", "pooling": "mean", "dropout": 0.0}), 3, seed=0)
+    return tiny_classifier()
 
 
 def _encoded(tokenizer, texts=TEXTS, length=8):

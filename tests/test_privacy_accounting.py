@@ -12,7 +12,6 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
-import fedspec.privacy
 from fedspec.privacy import PrivacyBudgetError, cumulative_epsilons, epsilon, plan_noise
 from fedspec.privacy.accounting import PRV_EPS_ERROR
 
