@@ -54,7 +54,15 @@ def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
         done = subprocess.run(command, check=False, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"cell {cell.key} failed (exit {done.returncode}); see {log}")
-    return study_cells.result(cell, run_dir, seconds=time.monotonic() - started, resumed=resuming)
+    record = study_cells.result(cell, run_dir, seconds=time.monotonic() - started, resumed=resuming)
+    return {**record, "commit": _commit()}
+
+
+def _commit() -> str | None:
+    """The fedspec commit a cell ran on (results of different code must not be pooled silently)."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+    return done.stdout.strip() or None
 
 
 def _remove(path: Path) -> None:

@@ -200,6 +200,9 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         lines += [f"![accuracy vs ε](img/{eps_plot.name})", ""]
     if has_rounds:
         lines += [f"![accuracy over rounds](img/{rounds_plot.name})", ""]
+    commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
+    code = f"Code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)} (each cell records the commit it ran on)."
+    lines += [code, ""]
     lines += ["## Learning-rate sweep (validation split of the training file)", "", *sweep_table(grid, results), ""]
     lines += ["## Missing cells", ""]
     if missing:
