@@ -21,7 +21,7 @@ DATASETS = {
     "topics": (("data=topics",), None),  # fedspec's generated smoke-test task: checks the runner, not accuracy
 }
 WHOLE_SENTENCE_WORDS = 15
-TUNE_LAST_ROUNDS = 3  # a sweep run is scored by the mean validation accuracy of its last rounds (less noisy)
+TUNE_LAST_ROUNDS = 3  # a sweep run is scored by the mean validation accuracy of its last (up to 3) rounds or epochs
 
 
 @dataclass(frozen=True)
@@ -184,14 +184,15 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
     curve = [rows[i]["eval_accuracy"] for i in sorted(rows)]
     epsilons = [rows[i].get("max_epsilon", rows[i].get("epsilon")) for i in sorted(rows)]
     uploads = [line["update_bytes"] for line in lines if line["kind"] == "client" and "update_bytes" in line]
-    tail = curve[-5:] if len(curve) > 1 else curve
+    trained = curve[1:] or curve  # round (epoch) 0 is the untrained model: it scores nothing
+    tail = trained[-5:]
     record = {
         **{k: v for k, v in cell.__dict__.items()}, "key": cell.key,
         "epsilon": "inf" if math.isinf(cell.epsilon) else cell.epsilon,
         "accuracy": curve[-1],
         "curve": curve,
         "last5_spread": max(tail) - min(tail),
-        "score": mean(curve[-TUNE_LAST_ROUNDS:]),
+        "score": mean(trained[-TUNE_LAST_ROUNDS:]),
         "max_epsilon": next((e for e in reversed(epsilons) if e is not None), None),
         "bytes_per_client_round": mean(uploads) if uploads else None,
         "seconds": seconds,
