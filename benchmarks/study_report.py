@@ -74,15 +74,16 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
 
 
 def sweep_table(grid: Grid, results: dict[str, dict]) -> list[str]:
-    lines = ["| data | strategy | adapter | " + " | ".join(f"lr {lr:g}" for lr in grid.lrs) + " | chosen |",
-             "|---|---|---|" + "---|" * (len(grid.lrs) + 1)]
+    all_lrs = sorted({cell.lr for cell in tuning_cells(grid)})
+    lines = ["| data | strategy | adapter | " + " | ".join(f"lr {lr:g}" for lr in all_lrs) + " | chosen |",
+             "|---|---|---|" + "---|" * (len(all_lrs) + 1)]
     groups: dict[tuple, dict[float, float]] = defaultdict(dict)
     for cell in tuning_cells(grid):
         if cell.key in results:
             groups[cell.group][cell.lr] = results[cell.key]["score"]
     for group, scores in sorted(groups.items()):
         chosen = chosen_lr(grid, Cell(*group, grid.tune_epsilon, grid.tune_partition, 0, None), results)
-        cells = " | ".join(f"{scores[lr]:.3f}" if lr in scores else "—" for lr in grid.lrs)
+        cells = " | ".join(f"{scores[lr]:.3f}" if lr in scores else "—" for lr in all_lrs)
         lines.append(f"| {' | '.join(group)} | {cells} | {'—' if chosen is None else f'{chosen:g}'} |")
     return lines
 

@@ -38,7 +38,8 @@ def test_minimum_grid_covers_the_issue_and_keys_are_unique():
     assert {c.partition for c in final if c.strategy == CENTRALIZED} == {"dir0.1"}
     # every group is swept at the tuning ε on the training file's validation split, every lr once
     assert all(c.tune and c.epsilon == MINIMUM.tune_epsilon for c in tuning)
-    assert len(tuning) == 2 * (2 * 4 + 2) * len(MINIMUM.lrs)  # (pissa, lora) × 4 strategies + svfit × 2
+    # (pissa, lora) × 3 federated strategies + svfit × fedavg, and the centralized baseline of each adapter
+    assert len(tuning) == 2 * ((2 * 3 + 1) * len(MINIMUM.lrs) + 3 * len(study_cells.lrs_for(MINIMUM, CENTRALIZED)))
 
 
 def test_commands_tune_on_training_data_and_score_on_held_out_data(tmp_path):
