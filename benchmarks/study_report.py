@@ -64,7 +64,7 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
             dataset, strategy, adapter, eps, "pooled" if strategy == CENTRALIZED else partition, f"{records[0]['lr']:g}",
             _mean_ci([r["accuracy"] for r in records]),
             _mean_ci(subgroup) if subgroup else "—",
-            f"{max(r['last5_spread'] for r in records):.3f}",
+            "—" if strategy == CENTRALIZED else f"{max(r['last5_spread'] for r in records):.3f}",  # one epoch
             f"{max(epsilons):.3f}" if epsilons else "—",
             f"{mean(sent) / 1024:.0f} KiB" if sent else "—",
             f"{mean(r['seconds'] for r in records) / 60:.1f}",
