@@ -201,7 +201,10 @@ class AdapterStrategy(FedAvg):
             return parsed, None
         if ARRAYS not in reply.content.array_records:
             raise ProtocolError(f"the reply has no {ARRAYS!r} record")
-        update = reply.content.array_records[ARRAYS].to_torch_state_dict()
+        try:
+            update = reply.content.array_records[ARRAYS].to_torch_state_dict()
+        except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
+            raise ProtocolError(f"the {ARRAYS!r} record cannot be read as tensors: {error}") from None
         check_update(update, self._sent_state, self._trained_keys())
         return parsed, update
 
