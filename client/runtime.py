@@ -18,10 +18,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from omegaconf import DictConfig, OmegaConf
 
-from fedspec.builders import build_model, build_task, client_partitions, encode, torch_threads
+from fedspec.builders import build_backbone, build_model, build_task, client_partitions, encode, torch_threads
 from fedspec.data import load_examples
 from fedspec.errors import FedspecError
-from fedspec.models import Tokenized, build_classifier, load_tokenizer
+from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger
 from fedspec.privacy.audit import run_canaries, with_canaries
 from fedspec.privacy.planning import client_noise_multiplier, init_statistics_entries, schedule_steps
@@ -72,7 +72,7 @@ def _cached_base_model(model_key: str, num_classes: int):
     server's)."""
     cfg = OmegaConf.create(json.loads(model_key))
     torch_threads(int(max(1, cfg.federation.client_cpus)))
-    model, _ = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    model, _ = build_backbone(cfg, num_classes)
     return model
 
 

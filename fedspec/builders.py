@@ -3,6 +3,7 @@ the same model, adapter and data for the same config."""
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -23,14 +24,17 @@ from .adapters import (
 )
 from .adapters.targets import default_targets, match_targets
 from .data import TextExamples, load_task, partition
+from .data.instructions import Conversations
 from .errors import ConfigError, DataError
-from .models import Tokenized, build_classifier, tokenize
+from .models import Tokenized, build_classifier, load_tokenizer, tokenize
+
+log = logging.getLogger("fedspec")
 
 
 @dataclass(frozen=True)
 class Task:
-    train: TextExamples
-    eval: TextExamples
+    train: TextExamples | Conversations
+    eval: TextExamples | Conversations
 
     @property
     def num_classes(self) -> int:
@@ -81,9 +85,25 @@ def build_model(
     ranks (EVA's, read back from a global state). ``federated=True`` applies the method's federated trainable mask
     (the server and every client use it).
     """
-    model, tokenizer = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    model, tokenizer = build_backbone(cfg, num_classes)
     apply_adapter(cfg, model, train_A=train_A, initialize=initialize, calibration=calibration,
                   rank_pattern=rank_pattern, federated=federated)
+    return model, tokenizer
+
+
+def is_causal_lm(cfg: DictConfig) -> bool:
+    return cfg.data.get("task", "classification") == "causal_lm"
+
+
+def build_backbone(cfg: DictConfig, num_classes: int):
+    """The un-adapted model and its tokenizer: a causal LM for ``data.task=causal_lm`` (``num_classes`` unused),
+    else the backbone + a classification head initialized from the run seed (server and clients agree)."""
+    if not is_causal_lm(cfg):
+        return build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    from .causal_lm import load_causal_lm
+
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.get("path"))
+    model = load_causal_lm(cfg.model.name, cfg.model.get("path"), vocab_size=len(tokenizer), seed=cfg.run.seed)
     return model, tokenizer
 
 
@@ -97,7 +117,7 @@ def apply_adapter(
     rank_pattern: dict[str, int] | None = None,
     federated: bool = False,
 ) -> nn.Module:
-    """Put the configured adapter on a model from :func:`fedspec.models.build_classifier`, in place."""
+    """Put the configured adapter on a model from :func:`build_backbone`, in place."""
     adapter = cfg.adapter
     adapt(
         model,
@@ -118,8 +138,9 @@ def apply_adapter(
         pass_precision=adapter.svd_pass_precision,
         **(OmegaConf.to_container(adapter.options, resolve=True) if adapter.options else {}),
     )
-    head: nn.Module = model.head
-    head.requires_grad_(bool(adapter.train_head))
+    head: nn.Module | None = getattr(model, "head", None)  # a causal LM's embeddings and LM head stay frozen
+    if head is not None:
+        head.requires_grad_(bool(adapter.train_head))
     return model
 
 
@@ -169,7 +190,17 @@ def calibrate(
     return collect_calibration(model, [batch], layers, kinds, privacy=privacy)
 
 
-def encode(tokenizer, examples: TextExamples, max_length: int) -> tuple[Tokenized, torch.Tensor]:
+def encode(tokenizer, examples: TextExamples | Conversations, max_length: int) -> tuple[Tokenized, torch.Tensor]:
+    """Token ids and labels: a class per record, or (causal LM) the response tokens per position. A conversation
+    longer than ``max_length`` tokens is left out, and the count logged."""
+    if isinstance(examples, Conversations):
+        from .prompts import encode_conversations
+
+        encoded = encode_conversations(tokenizer, examples, max_length)
+        if encoded.skipped:
+            log.warning("left out %d of %d records longer than model.max_length=%d tokens (raise model.max_length "
+                        "to keep them)", encoded.skipped, len(examples), max_length)
+        return encoded.inputs, encoded.labels
     return tokenize(tokenizer, list(examples.texts), max_length), torch.tensor(examples.labels, dtype=torch.long)
 
 
@@ -204,10 +235,15 @@ def write_peft_export(model: nn.Module, directory, cfg: DictConfig) -> str | Non
     """Write the PEFT LoRA export of a finished run's adapter; returns why not when the method does not allow it."""
     reason = peft_exportable(model)
     if reason is None:
+        from .causal_lm import resolve_causal_lm
         from .models import packaged_minilm_path
 
-        base = cfg.model.path or (str(packaged_minilm_path()) if cfg.model.name == "minilm" else cfg.model.name)
-        export_peft(model, directory, base_model_name_or_path=base)
+        if is_causal_lm(cfg):  # the PEFT adapter of the plain AutoModelForCausalLM inside fedspec's CausalLM
+            export_peft(model, directory, backbone="lm", base_model_name_or_path=resolve_causal_lm(
+                cfg.model.name, cfg.model.get("path")))
+        else:
+            base = cfg.model.path or (str(packaged_minilm_path()) if cfg.model.name == "minilm" else cfg.model.name)
+            export_peft(model, directory, base_model_name_or_path=base)
     return reason
 
 

@@ -19,6 +19,7 @@ from rich.table import Table
 from .adapters import adapter_layers, save_adapter
 from .builders import (
     apply_adapter,
+    build_backbone,
     build_task,
     calibrate,
     calibration_kinds,
@@ -31,7 +32,7 @@ from .builders import (
 from .config import save_config
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
-from .models import build_classifier
+
 from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta, init_statistics_entries
 from .render import markdown_table, number, results_table
@@ -89,7 +90,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         raise ConfigError("fedspec train does not resume runs; start a new one (drop --resume / run.resume)")
     paths = check_run_dir(cfg)
     task = build_task(cfg)
-    model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
+    model, tokenizer = build_backbone(cfg, task.num_classes)
     train_inputs, train_labels = encode(tokenizer, task.train, cfg.model.max_length)
     eval_inputs, eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
     n = len(train_labels)

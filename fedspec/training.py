@@ -7,6 +7,7 @@ plainly or under record-level DP-SGD (Opacus: Poisson sampling, per-sample clipp
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,10 +57,22 @@ def _dataset(data: Tokenized, labels: torch.Tensor) -> TensorDataset:
     return TensorDataset(data.input_ids, data.attention_mask, labels)
 
 
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop padding columns no example in the batch uses: the cost of a step follows its longest example."""
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+          labels: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Drop the trailing padding columns no example in the batch uses (and the same columns of per-token
+    labels): the cost of a step follows its longest example."""
     length = max(int(attention_mask.sum(1).max()), 1) if attention_mask.numel() else 1
-    return input_ids[:, :length], attention_mask[:, :length]
+    trimmed = (input_ids[:, :length], attention_mask[:, :length])
+    if labels is None:
+        return trimmed
+    return (*trimmed, labels[:, :length] if labels.dim() == 2 else labels)
+
+
+def criterion(model: nn.Module) -> nn.Module:
+    """The model's training loss: next-token loss on responses for a causal LM (its ``criterion()``),
+    cross-entropy on the class for a classifier."""
+    own = getattr(model, "criterion", None)
+    return own() if callable(own) else nn.CrossEntropyLoss()
 
 
 def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -112,7 +125,7 @@ def train_steps(
         raise ValueError("the model has no trainable parameters; call fedspec.adapt first")
     model.train()
     opt = make_optimizer(params, optimizer, lr)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = criterion(model)
     dataset = _dataset(data, labels)
     schedule = (first_step, total_steps if total_steps is not None else first_step + steps, lr, seed)
     if dp is None:
@@ -143,7 +156,7 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
     for step, (input_ids, attention_mask, y) in enumerate(_batches(loader, steps)):
         opt.zero_grad(set_to_none=True)
         if len(y) > 0:
-            input_ids, attention_mask = _trim(input_ids, attention_mask)
+            input_ids, attention_mask, y = _trim(input_ids, attention_mask, y)
             loss = loss_fn(model(input_ids, attention_mask), y)
             loss.backward()
             total_loss += loss.item() * len(y)
@@ -211,7 +224,31 @@ def predict_logits(model: nn.Module, data: Tokenized, batch_size: int = 128) -> 
 
 
 def evaluate(model: nn.Module, data: Tokenized, labels: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
+    """Held-out loss and accuracy. For per-token labels (a causal LM), the loss is the mean negative
+    log-likelihood of the response tokens, with its perplexity, and the accuracy is next-token accuracy."""
+    if labels.dim() == 2:
+        return _evaluate_tokens(model, data, labels, batch_size)
     logits = predict_logits(model, data, batch_size)
     loss = nn.functional.cross_entropy(logits, labels).item()
     accuracy = (logits.argmax(-1) == labels).float().mean().item()
     return {"loss": loss, "accuracy": accuracy}
+
+
+@torch.no_grad()
+def _evaluate_tokens(model: nn.Module, data: Tokenized, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
+    from .causal_lm import response_mask, response_token_losses
+
+    was_training = model.training
+    model.eval()
+    total_nll, correct, tokens = 0.0, 0, 0
+    for start in range(0, len(data), batch_size):
+        rows = slice(start, start + batch_size)
+        ids, mask, y = _trim(data.input_ids[rows], data.attention_mask[rows], labels[rows])
+        logits = model(ids, mask)
+        trained = response_mask(y)
+        total_nll += response_token_losses(logits, y).sum().item()
+        correct += ((logits[:, :-1].argmax(-1) == y[:, 1:]) & trained).sum().item()
+        tokens += int(trained.sum())
+    model.train(was_training)
+    loss = total_nll / max(tokens, 1)
+    return {"loss": loss, "accuracy": correct / max(tokens, 1), "perplexity": math.exp(min(loss, 700.0))}

@@ -63,7 +63,7 @@ def load_examples(
     ``format="auto"`` picks the format from the extension (.tsv, .csv, .jsonl/.ndjson/.json).
     ``path_key`` is only the config key that error messages name (e.g. "data.eval_path").
     """
-    file = _existing_file(path, path_key)
+    file = existing_file(path, path_key)
     resolved_format = _resolve_format(file, format, path_key)
     if resolved_format == "jsonl":
         texts, raw_labels, line_numbers = _fields_from_json(file, text_field, label_field)
@@ -140,7 +140,7 @@ def load_hf_dataset(
 # --------------------------------------------------------------------------------------------------
 
 
-def _existing_file(path: str | Path, path_key: str) -> Path:
+def existing_file(path: str | Path, path_key: str) -> Path:
     file = Path(path).expanduser()
     if not file.exists():
         raise DataFileNotFoundError(
@@ -190,7 +190,7 @@ def _text_value(value: Any, line: int, origin: object, field: Field) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
     """Records with their line numbers; a file whose content is one JSON array is accepted too."""
     content = _read_text(file)
     if content.lstrip().startswith("["):
@@ -223,7 +223,7 @@ def _read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
 def _fields_from_json(
     file: Path, text_field: Field, label_field: Field
 ) -> tuple[list[str], list[Any], list[int]]:
-    records = _read_json_records(file)
+    records = read_json_records(file)
     texts: list[str] = []
     raw_labels: list[Any] = []
     line_numbers: list[int] = []

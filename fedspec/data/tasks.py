@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 
 from fedspec.data.examples import DataError, TextExamples
+from fedspec.data.instructions import Conversations, cast_classification, load_conversations
 from fedspec.data.sources import load_examples, load_hf_dataset
 from fedspec.data.synthetic import generate_topics
 
 SOURCES: tuple[str, ...] = ("synthetic", "file", "hf")
+TASKS: tuple[str, ...] = ("classification", "causal_lm")
 DEFAULT_NUM_EXAMPLES = 2000
 DEFAULT_EVAL_EXAMPLES = 500
 # Without data.eval_examples, a held-out split carved from user data takes at most this share of it.
@@ -30,8 +32,26 @@ DEFAULT_HOLDOUT_SHARE = 0.2
 VALIDATION_SEED_OFFSET = 7919  # the validation carve differs from a held-out carve of the same seed
 
 
-def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
-    """Return (train, eval) examples for the configured data source; the seed drives every choice."""
+def load_task(cfg: Any) -> tuple[TextExamples, TextExamples] | tuple[Conversations, Conversations]:
+    """Return (train, eval) examples for the configured data source; the seed drives every choice.
+
+    ``task="causal_lm"`` gives :class:`Conversations`: the records of a JSON-lines instruction file, or — when
+    ``prompt`` is set — the classification data cast as generation (``prompt`` around the text, the class's
+    word from ``label_words`` as the response)."""
+    task = _option(cfg, "task", "classification")
+    if task not in TASKS:
+        raise DataError(f"data.task={task!r} is not one of: {', '.join(TASKS)}")
+    prompt = _option(cfg, "prompt", None)
+    if task == "causal_lm" and not prompt:
+        return _held_out(cfg, *_instruction_task(cfg, int(_option(cfg, "seed", 0))))
+    train, evaluation = _classification_task(cfg)
+    if task == "causal_lm":
+        words = _option(cfg, "label_words", None)
+        return cast_classification(train, prompt, words), cast_classification(evaluation, prompt, words)
+    return train, evaluation
+
+
+def _classification_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
     source = _option(cfg, "source", "synthetic")
     seed = int(_option(cfg, "seed", 0))
     if source == "synthetic":
@@ -42,14 +62,20 @@ def load_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
         train, evaluation = _hf_task(cfg, seed)
     else:
         raise DataError(f"data.source={source!r} is not one of: {', '.join(SOURCES)}")
-    max_examples = _non_negative_int(cfg, "max_examples", 0)
-    train = cap_examples(train, max_examples, seed)
-    present = sorted(set(train.labels))
+    present = sorted(set(cap_examples(train, _non_negative_int(cfg, "max_examples", 0), seed).labels))
     if len(present) < 2:
         raise DataError(
             f"the training data holds one class only ({train.label_names[present[0]]!r}): a classifier needs at "
             "least two; check data.path and data.label_field"
         )
+    return _held_out(cfg, train, evaluation)
+
+
+def _held_out(cfg: Any, train, evaluation):
+    """Cap the training records at data.max_examples; in tuning mode (data.validation) swap the held-out data
+    for a validation split of the training records."""
+    seed = int(_option(cfg, "seed", 0))
+    train = cap_examples(train, _non_negative_int(cfg, "max_examples", 0), seed)
     if _option(cfg, "validation", False):
         # Tuning mode: the held-out data stays unseen; a validation split of the training records (carved with
         # its own seed, the size of the held-out set) stands in for it, and the model trains on the rest.
@@ -118,6 +144,19 @@ def _file_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
         options["label_names"] = train.label_names
         evaluation = load_examples(eval_path, path_key="data.eval_path", **options)
         # data.eval_examples caps a large eval file: the server evaluates on it every round.
+        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), seed)
+    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+
+
+def _instruction_task(cfg: Any, seed: int) -> tuple[Conversations, Conversations]:
+    path = _option(cfg, "path", None)
+    if not path or _option(cfg, "source", "file") != "file":
+        raise DataError("a causal-LM task reads a JSON-lines file: set data.source=file and data.path (or set "
+                        "data.prompt to cast classification data as generation)")
+    train = load_conversations(path)
+    eval_path = _option(cfg, "eval_path", None)
+    if eval_path:
+        evaluation = load_conversations(eval_path, path_key="data.eval_path")
         return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), seed)
     return split_holdout(train, _holdout_size(cfg, len(train)), seed)
 
