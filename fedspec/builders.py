@@ -253,3 +253,25 @@ def peft_export_line(reason: str | None) -> str:
         return f"- no `adapter-peft/`: {reason}"
     return ("- `adapter-peft/`: the adapter as a PEFT LoRA adapter of the original backbone "
             "(`PeftModel.from_pretrained`)")
+
+
+def answer_score(cfg: DictConfig, model: nn.Module, tokenizer, held_out) -> float | None:
+    """A causal LM's greedy answers to the first ``data.generation_examples`` held-out records, scored by
+    ``data.answer`` (:mod:`fedspec.generation`); None for classifiers or when the setting is 0."""
+    count = int(cfg.data.get("generation_examples", 0))
+    if not is_causal_lm(cfg) or count == 0:
+        return None
+    from .generation import answer_accuracy
+
+    records = held_out.subset(range(min(count, len(held_out))))
+    return answer_accuracy(model, tokenizer, records, kind=cfg.data.answer, max_new_tokens=cfg.data.max_new_tokens,
+                           batch_size=cfg.train.eval_batch_size)["answer_accuracy"]
+
+
+def answer_summary_line(cfg: DictConfig, before: float | None, after: float | None, unit: str, last: int) -> list[str]:
+    """The run summary's line on answer accuracy (empty when none was measured)."""
+    if before is None and after is None:
+        return []
+    shown = [f"{value:.4f} ({unit} {at})" for value, at in ((before, 0), (after, last)) if value is not None]
+    return [f"- answer accuracy (`data.answer={cfg.data.answer}`, greedy, first {cfg.data.generation_examples} "
+            f"held-out records): {' → '.join(shown)}"]

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from .adapters import adapter_layers, save_adapter
 from .builders import (
+    answer_score,
+    answer_summary_line,
     apply_adapter,
     build_backbone,
     build_task,
@@ -51,6 +53,7 @@ class EpochRow:
     eval_loss: float
     epsilon: float | None
     seconds: float
+    answer_accuracy: float | None = None  # causal LMs: greedy answers scored, before training and after the last epoch
 
 
 @dataclass
@@ -125,7 +128,8 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
         eps = ledger.epsilon() if ledger is not None and ledger.entries else None
-        return EpochRow(epoch, loss, metrics["accuracy"], metrics["loss"], eps, time.monotonic() - started)
+        answers = answer_score(cfg, model, tokenizer, task.eval) if epoch in (0, cfg.train.epochs) else None
+        return EpochRow(epoch, loss, metrics["accuracy"], metrics["loss"], eps, time.monotonic() - started, answers)
 
     rows = [evaluation_row(0, None, time.monotonic())]
     log.write("epoch", **vars(rows[-1]))
@@ -191,6 +195,7 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> 
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
+        *answer_summary_line(cfg, rows[0].answer_accuracy, rows[-1].answer_accuracy, "epoch", rows[-1].epoch),
         "",
         markdown_table(EPOCH_HEADERS, [_cells(r) for r in rows]),
     ]

@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
 
+    generate = sub.add_parser(
+        "generate",
+        help="answer prompts with a trained causal-LM run (greedy decoding)",
+        description="Load RUN_DIR's model with its final adapter and answer each --prompt (printed) or each record "
+        "of --file (JSON lines of {\"prompt\"}, {\"question\"} or {\"messages\": [...]}; written to stdout as JSON "
+        "lines with the response, and the reference when the record had one). Prompts are rendered with the "
+        "tokenizer's chat template, as in training.",
+    )
+    generate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of a causal-LM task")
+    generate.add_argument("--prompt", action="append", default=[], help="a prompt to answer (repeatable)")
+    generate.add_argument("--file", help="a JSON-lines file of prompts")
+    generate.add_argument("--max-new-tokens", type=int, help="the longest answer (default: the run's data.max_new_tokens)")
+    generate.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
+
     plan = sub.add_parser(
         "privacy-plan",
         help="plan each client's noise for a target epsilon before running",
@@ -309,6 +323,44 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from .adapters import load_adapter
+    from .builders import build_backbone, is_causal_lm
+    from .config import load_config_file
+    from .data.instructions import Conversations, load_prompts
+    from .generation import generate_responses
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FedspecError(f"{run_dir} holds no config.yaml: RUN_DIR must be a run folder (runs/NAME)")
+    cfg = load_config_file(run_dir / "config.yaml")
+    if not is_causal_lm(cfg):
+        raise FedspecError(f"{run_dir} trained a classifier (data.task={cfg.data.task}); generate needs a causal-LM run")
+    if not args.prompt and not args.file:
+        raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
+    model, tokenizer = build_backbone(cfg, 0)
+    if not args.base:
+        if not (run_dir / "adapter").is_dir():
+            raise FedspecError(f"{run_dir} has no adapter/ yet (is the run finished?); --base answers without it")
+        load_adapter(model, run_dir / "adapter")
+    records = Conversations([(("user", text), ("assistant", "")) for text in args.prompt], [0] * len(args.prompt),
+                            ["-"])
+    from_file = load_prompts(args.file) if args.file else None
+    if from_file is not None:
+        records = Conversations([*records.records, *from_file.records], [0] * (len(records) + len(from_file)), ["-"])
+    max_new = args.max_new_tokens or int(cfg.data.max_new_tokens)
+    answers = generate_responses(model, tokenizer, records, max_new_tokens=max_new)
+    for index, (record, answer) in enumerate(zip(records.records, answers)):
+        if index < len(args.prompt):
+            console.print(f"[bold]prompt:[/] {record[0][1]}\n[bold]answer:[/] {answer}\n", highlight=False)
+        else:
+            line = {"prompt": record[-2][1], "response": answer, **({"reference": record[-1][1]} if record[-1][1] else {})}
+            print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
 def cmd_privacy_plan(args: argparse.Namespace) -> int:
     from .privacy.planning import client_level_lines, plan_run
     from .render import plan_table
@@ -383,6 +435,7 @@ COMMANDS = {
     "credentials": cmd_credentials,
     "audit": cmd_audit,
     "export-peft": cmd_export_peft,
+    "generate": cmd_generate,
 }
 
 

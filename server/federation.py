@@ -259,9 +259,9 @@ class Federation:
 
     def _evaluate_start(self) -> None:
         started = time.monotonic()
-        evaluation = self.model.evaluate()
+        evaluation = self.model.evaluate(answers=True)
         self.rows.append(RoundRow(0, None, evaluation["accuracy"], evaluation["loss"], 0, None,
-                                  time.monotonic() - started))
+                                  time.monotonic() - started, evaluation["answer_accuracy"]))
         self.log.write("round", **vars(self.rows[-1]))
         self.progress.round_done(self.rows[-1])
 
@@ -294,10 +294,10 @@ class Federation:
 
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
         """Evaluate the new global model; its row in metrics.jsonl and on screen."""
-        evaluation = self.model.evaluate(self.global_state)
+        evaluation = self.model.evaluate(self.global_state, answers=round_ == self.cfg.federation.rounds)
         row = RoundRow(round_, summary.get(TRAIN_LOSS), evaluation["accuracy"], evaluation["loss"],
                        int(summary["clients"]), _max_epsilon(self.rows[-1].max_epsilon, summary.get("max-epsilon")),
-                       seconds)
+                       seconds, evaluation.get("answer_accuracy"))
         self.rows.append(row)
         bounded = {"quarantined": int(summary.get("quarantined", 0)), "norm_clipped": int(summary.get("norm-clipped", 0)),
                    "weight_capped": int(summary.get("weight-capped", 0))}

@@ -21,7 +21,7 @@ from fedspec.adapters import (
     save_adapter,
 )
 from fedspec.adapters.state import FIXED, TRAINED
-from fedspec.builders import Task, build_model, encode
+from fedspec.builders import Task, answer_score, build_model, encode
 from fedspec.training import evaluate
 from fedspec.strategies import get_rule
 
@@ -54,6 +54,7 @@ class GlobalModel:
             rank_pattern=rank_pattern, federated=True,
         )
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
+        self.tokenizer, self.held_out = tokenizer, task.eval
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in adapter_state(self.model).items()}
@@ -80,10 +81,15 @@ class GlobalModel:
     def load(self, state: dict[str, torch.Tensor]) -> None:
         load_adapter_state(self.model, state, strict=False)
 
-    def evaluate(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def evaluate(self, state: dict[str, torch.Tensor] | None = None, *, answers: bool = False) -> dict[str, float]:
+        """Held-out loss and accuracy; with ``answers``, a causal LM's answer accuracy too (greedy decoding,
+        ``data.generation_examples`` records: costly, so only at the start and the end of a run)."""
         if state is not None:
             self.load(state)
-        return evaluate(self.model, self.eval_inputs, self.eval_labels, self.cfg.train.eval_batch_size)
+        metrics = evaluate(self.model, self.eval_inputs, self.eval_labels, self.cfg.train.eval_batch_size)
+        if answers:
+            metrics["answer_accuracy"] = answer_score(self.cfg, self.model, self.tokenizer, self.held_out)
+        return metrics
 
     def save(self, directory, metadata: dict) -> None:
         save_adapter(self.model, directory, metadata=metadata)

@@ -20,6 +20,7 @@ class RoundRow:
     clients: int
     max_epsilon: float | None
     seconds: float
+    answer_accuracy: float | None = None  # causal LMs: greedy answers scored, at round 0 and the last round
 
 
 ROUND_HEADERS = ["round", "train loss", "eval accuracy", "eval loss", "clients", "max client ε", "seconds"]

@@ -73,6 +73,28 @@ def load_conversations(path: str | Path, *, path_key: str = "data.path") -> Conv
     return Conversations(records, [0] * len(records), [NO_CLASS])
 
 
+def load_prompts(path: str | Path, *, path_key: str = "--file") -> Conversations:
+    """Prompts to answer, from JSON lines of the instruction shapes; the response (or a final assistant turn) is
+    optional and, when present, kept as the reference answer (else the last turn is an empty assistant turn)."""
+    file = existing_file(path, path_key)
+    records = []
+    for line, item in read_json_records(file):
+        where = f"line {line} of {file}"
+        if "messages" in item:
+            turns = _messages(item, where)
+            turns = turns if turns[-1][0] == "assistant" else (*turns, ("assistant", ""))
+        else:
+            field = next((name for name in SHAPES if name in item), None)
+            if field is None:
+                raise DataError(f"{where}: a prompt record needs \"prompt\", \"question\" or \"messages\"")
+            reference = item.get(SHAPES[field])
+            turns = (("user", _text(item, field, where)), ("assistant", reference if isinstance(reference, str) else ""))
+        records.append(turns)
+    if not records:
+        raise DataError(f"{path_key}={str(path)!r} holds no records")
+    return Conversations(records, [0] * len(records), [NO_CLASS])
+
+
 def _shape(first: dict[str, Any], line: int, file: Path) -> str:
     for shape in ("messages", *SHAPES):
         if shape in first:
@@ -89,18 +111,23 @@ def _record(item: dict[str, Any], shape: str, line: int, file: Path) -> tuple[Me
         response_field = SHAPES[shape]
         prompt, response = (_text(item, field, where) for field in (shape, response_field))
         return ("user", prompt), ("assistant", response)
-    messages = item.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
-    record = []
-    for turn, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise DataError(f"{where}: message {turn} needs a \"role\" of {', '.join(ROLES)} (got {message!r})")
-        record.append((message["role"], _text(message, "content", f"{where}, message {turn}")))
+    record = _messages(item, where)
     if record[-1][0] != "assistant":
         raise DataError(f"{where}: the conversation ends with a {record[-1][0]} turn; the last turn must be the "
                         "assistant's response the model learns")
-    return tuple(record)
+    return record
+
+
+def _messages(item: dict[str, Any], where: str) -> tuple[Message, ...]:
+    messages = item.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} objects")
+    turns = []
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DataError(f"{where}: message {turn} needs a \"role\" of {', '.join(ROLES)} (got {message!r})")
+        turns.append((message["role"], _text(message, "content", f"{where}, message {turn}")))
+    return tuple(turns)
 
 
 def _text(item: dict[str, Any], field: str, where: str) -> str:

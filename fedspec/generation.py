@@ -1,0 +1,73 @@
+"""Generation with a trained causal LM, and the answer score of held-out records.
+
+Greedy decoding with a KV cache (``transformers``' ``generate``), prompts left-padded in batches. A generated
+answer is scored against the record's reference response by ``data.answer``:
+
+- ``exact``: the first line of the generation equals the reference, ignoring case, surrounding whitespace and
+  trailing punctuation ("Positive." matches "positive") — for label words and other short answers;
+- ``gsm8k``: the number after ``####`` (or, when the model wrote none, the last number it wrote) equals the
+  number after ``####`` in the reference; thousands separators and a trailing ``.0`` are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable
+
+from .causal_lm import CausalLM
+from .data.instructions import Conversations
+from .prompts import end_of_turn, generation_prompts
+
+ANSWERS = ("exact", "gsm8k")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalized_text(text: str) -> str:
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return first_line.strip().strip(string.punctuation + " ").lower()
+
+
+def gsm8k_number(text: str) -> str | None:
+    """The final answer of a GSM8K-style solution: the number after ``####``, else the last number."""
+    marked = text.rsplit("####", 1)
+    candidates = _NUMBER.findall(marked[1]) if len(marked) == 2 else []
+    candidates = candidates[:1] or _NUMBER.findall(text)[-1:]
+    if not candidates:
+        return None
+    number = candidates[0].replace(",", "")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def answer_matches(generated: str, reference: str, kind: str) -> bool:
+    if kind == "gsm8k":
+        expected = gsm8k_number(reference)
+        return expected is not None and gsm8k_number(generated) == expected
+    return normalized_text(generated) == normalized_text(reference)
+
+
+def generate_responses(model: CausalLM, tokenizer, conversations: Conversations, *, max_new_tokens: int,
+                       batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers to every record's prompt (its turns before the last assistant turn)."""
+    prompts = generation_prompts(tokenizer, conversations)
+    stop = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        ids, mask = prompts.input_ids[rows], prompts.attention_mask[rows]
+        width = int(mask.sum(1).max())  # left padding: drop the columns no prompt of this batch uses
+        new = model.generate(ids[:, -width:], mask[:, -width:], max_new_tokens=max_new_tokens, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id)
+        answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        if on_batch is not None:
+            on_batch(len(ids))
+    return answers
+
+
+def answer_accuracy(model: CausalLM, tokenizer, conversations: Conversations, *, kind: str, max_new_tokens: int,
+                    batch_size: int = 16) -> dict[str, float]:
+    """The share of records whose greedy answer matches the reference (see the module docstring)."""
+    answers = generate_responses(model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    right = sum(answer_matches(answer, reference, kind)
+                for answer, reference in zip(answers, conversations.responses()))
+    return {"answer_accuracy": right / max(len(answers), 1), "answered": len(answers)}
