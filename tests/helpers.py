@@ -29,23 +29,25 @@ def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
                 p.add_(scale * torch.randn(p.shape, generator=generator))
 
 
-def per_example_grads(model, batch, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def per_example_grads(model, batch, labels: torch.Tensor, loss=torch.nn.functional.cross_entropy
+                      ) -> dict[str, torch.Tensor]:
     """Gradients of each trainable parameter, one example at a time (stacked along dim 0)."""
     grads: dict[str, list[torch.Tensor]] = {}
     for i in range(len(labels)):
         model.zero_grad(set_to_none=True)
         out = model(batch.input_ids[i:i + 1], batch.attention_mask[i:i + 1])
-        torch.nn.functional.cross_entropy(out, labels[i:i + 1]).backward()
+        loss(out, labels[i:i + 1]).backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
                 grads.setdefault(name, []).append(p.grad.detach().clone())
     return {name: torch.stack(g) for name, g in grads.items()}
 
 
-def assert_opacus_matches_per_example_loop(model, batch, labels: torch.Tensor) -> None:
+def assert_opacus_matches_per_example_loop(model, batch, labels: torch.Tensor, loss=torch.nn.functional.cross_entropy,
+                                           atol: float = 1e-6) -> None:
     """Opacus' per-sample gradients (hooks mode, on the caller's model) equal the per-example loop for every
-    trainable tensor, and none is computed for a frozen one."""
-    expected = per_example_grads(model, batch, labels)
+    trainable tensor, and none is computed for a frozen one. ``loss`` averages the records' losses."""
+    expected = per_example_grads(model, batch, labels, loss)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = DataLoader(TensorDataset(batch.input_ids, batch.attention_mask, labels), batch_size=len(labels))
     hooks, _, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -54,10 +56,10 @@ def assert_opacus_matches_per_example_loop(model, batch, labels: torch.Tensor) -
     )
     try:
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(batch.input_ids, batch.attention_mask), labels).backward()
+        loss(model(batch.input_ids, batch.attention_mask), labels).backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
-                assert torch.allclose(p.grad_sample, expected[name], atol=1e-6), name
+                assert torch.allclose(p.grad_sample, expected[name], atol=atol), name
             else:
                 assert getattr(p, "grad_sample", None) is None, f"per-sample gradient computed for frozen {name}"
     finally:

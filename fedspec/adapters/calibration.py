@@ -233,6 +233,17 @@ def _per_example(
     return out
 
 
+def _summed_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum of the records' losses: the model's own criterion (a causal LM's response loss), else
+    cross-entropy on the class."""
+    own = getattr(model, "criterion", None)
+    if not callable(own):
+        return nn.functional.cross_entropy(logits, labels, reduction="sum")
+    criterion = own()
+    criterion.reduction = "sum"
+    return criterion(logits, labels)
+
+
 def _noised(key: str, value: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.randn(value.shape, generator=generator, dtype=torch.float64)
     if key == "xx":  # symmetric: noise the upper triangle once and mirror it
@@ -280,12 +291,13 @@ def collect_calibration(
                 length = int(used[-1]) + 1 if len(used) else 1
                 ids, mask = input_ids[start:start + CALIBRATION_BATCH, :length], mask[:, :length]
                 y = labels[start:start + CALIBRATION_BATCH]
+                y = y[:, :length] if y.dim() == 2 else y  # a causal LM's per-token labels
                 capture.inputs.clear()
                 capture.grads.clear()
                 with torch.set_grad_enabled(backward):
                     logits = model(ids, mask)
                     if backward:
-                        nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+                        _summed_loss(model, logits, y).backward()
                 contributions = {}
                 for name in modules:
                     X = _as_tokens(capture.inputs[name], name, len(y))

@@ -1,0 +1,260 @@
+"""Causal-LM fine-tuning: the response-only loss, conversation rendering and masking, data errors, exact per-sample
+gradients on decoder layers for every method, generation and the PEFT export of a decoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fedspec
+from fedspec.adapters import METHODS, collect_calibration
+from fedspec.adapters.targets import match_targets
+from fedspec.causal_lm import IGNORE, ResponseLoss, load_causal_lm
+from fedspec.data import DataError, TextExamples
+from fedspec.data.instructions import Conversations, cast_classification, load_conversations, load_prompts
+from fedspec.errors import ConfigError
+from fedspec.generation import answer_matches, gsm8k_number
+from fedspec.models import load_tokenizer
+from fedspec.prompts import assistant_spans, encode_conversations, generation_prompts
+from fedspec.training import DPSettings, train_steps
+
+from helpers import assert_opacus_matches_per_example_loop, perturb
+
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+RECORDS = Conversations(
+    [(("user", "two plus three"), ("assistant", "five")),
+     (("system", "be brief"), ("user", "capital of france"), ("assistant", "paris is the capital")),
+     (("user", "hi"), ("assistant", "hello"), ("user", "and again"), ("assistant", "hello again friend"))],
+    [0, 0, 0], ["-"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny-llama")
+
+
+def _trained_text(tokenizer, encoded, row: int) -> str:
+    return tokenizer.decode([t for t in encoded.labels[row].tolist() if t != IGNORE])
+
+
+# --- the loss -----------------------------------------------------------------------------------------------------
+
+
+def test_response_loss_is_each_records_mean_over_its_response_tokens_then_the_mean_over_records():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=generator)
+    labels = torch.full((3, 6), IGNORE)
+    labels[0, 2:5] = torch.tensor([1, 2, 3])
+    labels[1, 1] = 7
+    labels[2, 3:6] = torch.tensor([4, 5, 6])
+    expected = []
+    for row in range(3):
+        positions = [t for t in range(1, 6) if labels[row, t] != IGNORE]
+        nll = [torch.nn.functional.cross_entropy(logits[row, t - 1], labels[row, t]) for t in positions]
+        expected.append(torch.stack(nll).mean())
+    torch.testing.assert_close(ResponseLoss("none")(logits, labels), torch.stack(expected))
+    torch.testing.assert_close(ResponseLoss()(logits, labels), torch.stack(expected).mean())
+    torch.testing.assert_close(ResponseLoss("sum")(logits, labels), torch.stack(expected).sum())
+    # Logits that predict prompt or padding positions do not enter the loss.
+    changed = logits.clone()
+    changed[0, 0] += 100.0  # predicts position 1 (prompt)
+    changed[0, 5] += 100.0  # the last position predicts nothing
+    torch.testing.assert_close(ResponseLoss()(changed, labels), ResponseLoss()(logits, labels))
+
+
+# --- rendering and masking ----------------------------------------------------------------------------------------
+
+
+def test_plain_template_trains_every_assistant_turn_and_its_end_token_and_nothing_else(tokenizer):
+    assert tokenizer.chat_template is None  # MiniLM's tokenizer: fedspec's plain template
+    encoded = encode_conversations(tokenizer, RECORDS, 64)
+    assert encoded.skipped == 0 and encoded.kept == [0, 1, 2]
+    assert _trained_text(tokenizer, encoded, 0) == "five [SEP]"
+    assert _trained_text(tokenizer, encoded, 1) == "paris is the capital [SEP]"
+    assert _trained_text(tokenizer, encoded, 2) == "hello [SEP] hello again friend [SEP]"
+    assert (encoded.labels[encoded.inputs.attention_mask == 0] == IGNORE).all()  # padding is never trained
+    trained = encoded.labels != IGNORE
+    assert torch.equal(encoded.labels[trained], encoded.inputs.input_ids[trained])
+
+
+def test_chat_template_renders_turns_and_the_generation_prompt_is_the_text_before_the_answer(tokenizer):
+    chat = load_tokenizer("tiny-llama")
+    chat.chat_template = CHATML
+    text, spans = assistant_spans(chat, RECORDS.records[1])
+    assert text == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\ncapital of france<|im_end|>\n"
+                    "<|im_start|>assistant\nparis is the capital<|im_end|>\n")
+    assert [text[a:b] for a, b in spans] == ["paris is the capital<|im_end|>\n"]
+    encoded = encode_conversations(chat, RECORDS, 96)
+    assert _trained_text(chat, encoded, 1).startswith("paris is the capital <")
+    prompts = generation_prompts(chat, RECORDS)
+    first = prompts.input_ids[0][prompts.attention_mask[0].bool()]
+    assert chat.decode(first) == chat.decode(chat("<|im_start|>user\ntwo plus three<|im_end|>\n<|im_start|>assistant\n",
+                                                  add_special_tokens=False)["input_ids"])
+    assert prompts.attention_mask[:, -1].all()  # left padding: every prompt ends in the last column
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
+    chat = load_tokenizer("tiny-llama")
+    chat.chat_template = "{{ messages | length }} turns: " + CHATML
+    with pytest.raises(ConfigError, match="renders a conversation differently from its own prefixes"):
+        encode_conversations(chat, RECORDS, 96)
+
+
+def test_records_longer_than_max_length_are_skipped_and_counted_never_truncated(tokenizer):
+    encoded = encode_conversations(tokenizer, RECORDS, 12)
+    assert encoded.kept == [0] and encoded.skipped == 2
+    with pytest.raises(DataError, match=r"none of the 3 records fits in model.max_length=3 tokens"):
+        encode_conversations(tokenizer, RECORDS, 3)
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def _jsonl(tmp_path, *records) -> str:
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_the_three_record_shapes_load(tmp_path):
+    assert load_conversations(_jsonl(tmp_path, {"prompt": "p", "response": "r"})).records == [
+        (("user", "p"), ("assistant", "r"))]
+    gsm8k = load_conversations(_jsonl(tmp_path, {"question": "q", "answer": "a\n#### 4"}))
+    assert gsm8k.responses() == ["a\n#### 4"]
+    chat = load_conversations(_jsonl(tmp_path, {"messages": [{"role": "system", "content": "s"},
+                                                             {"role": "user", "content": "u"},
+                                                             {"role": "assistant", "content": "a"}]}))
+    assert chat.records == [(("system", "s"), ("user", "u"), ("assistant", "a"))]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"prompt": "p"}, r'line 2 of .*: field "response" is missing'),
+    ({"prompt": "p", "response": "  "}, r'line 2 of .*: field "response" is empty'),
+    ({"prompt": "p", "response": 3}, r'line 2 of .*: field "response" is int 3, not text'),
+    ({"text": "t"}, r'line 1 of .* has fields \[.text.\]; an instruction record needs'),
+])
+def test_bad_instruction_records_name_the_line_and_field(tmp_path, bad, message):
+    records = [{"prompt": "ok", "response": "fine"}, bad] if "text" not in bad else [bad]
+    with pytest.raises(DataError, match=message):
+        load_conversations(_jsonl(tmp_path, *records))
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "u"}], "ends with a user turn; the last turn must be the assistant's"),
+    ([{"role": "robot", "content": "u"}, {"role": "assistant", "content": "a"}], 'message 0 needs a "role"'),
+    ([], '"messages" must be a non-empty list'),
+    ([{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}], 'message 0: field "content" is empty'),
+])
+def test_bad_chats_are_errors(tmp_path, messages, message):
+    with pytest.raises(DataError, match=message):
+        load_conversations(_jsonl(tmp_path, {"messages": messages}))
+
+
+def test_prompt_files_need_no_response(tmp_path):
+    prompts = load_prompts(_jsonl(tmp_path, {"question": "q"}, {"prompt": "p", "response": "ref"},
+                                  {"messages": [{"role": "user", "content": "m"}]}))
+    assert [record[-1] for record in prompts.records] == [("assistant", ""), ("assistant", "ref"), ("assistant", "")]
+
+
+def test_classification_cast_as_generation_answers_with_label_words():
+    examples = TextExamples(["good film", "bad film"], [1, 0], ["0", "1"])
+    cast = cast_classification(examples, "Review: {text}\nSentiment?", ["negative", "positive"])
+    assert cast.records[0] == (("user", "Review: good film\nSentiment?"), ("assistant", "positive"))
+    assert cast.labels == [1, 0] and cast.label_names == ["negative", "positive"]
+    with pytest.raises(DataError, match="2 classes"):
+        cast_classification(examples, "{text}", ["only"])
+    with pytest.raises(DataError, match="must contain {text}"):
+        cast_classification(examples, "no slot", None)
+
+
+# --- exact per-sample gradients on decoder layers ------------------------------------------------------------------
+
+
+def _decoder(tokenizer, method: str, encoded):
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+    calibration = None
+    if METHODS[method].calibration:
+        batches = [(encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels)]
+        calibration = collect_calibration(model, batches, match_targets(model, DECODER_TARGETS),
+                                          METHODS[method].calibration)
+    fedspec.adapt(model, method, 4, DECODER_TARGETS, calibration=calibration, svd_method="exact")
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_per_sample_gradients_on_every_decoder_projection_match_a_per_example_loop(tokenizer, method):
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    model = _decoder(tokenizer, method, encoded)
+    assert not model.lm.get_input_embeddings().weight.requires_grad  # embeddings and (tied) LM head stay frozen
+    assert model.lm.get_output_embeddings().weight is model.lm.get_input_embeddings().weight
+    perturb(model, 0.1)
+    model.train()
+    assert_opacus_matches_per_example_loop(model, encoded.inputs, encoded.labels, loss=ResponseLoss(), atol=1e-5)
+
+
+def test_ghost_clipping_takes_the_same_causal_lm_step_as_hooks(tokenizer):
+    """σ = 0, same Poisson batches: ghost clipping reads the per-record losses from ResponseLoss(reduction=none)."""
+    encoded = encode_conversations(tokenizer, Conversations(RECORDS.records * 3, [0] * 9, ["-"]), 32)
+    results = {}
+    for mode in ("hooks", "ghost"):
+        model = _decoder(tokenizer, "pissa", encoded)
+        train_steps(model, encoded.inputs, encoded.labels, steps=2, batch_size=4, optimizer="sgd", lr=0.5,
+                    dp=DPSettings(0.0, 0.05, grad_sample_mode=mode, seed=4))
+        results[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in results["hooks"].items():
+        torch.testing.assert_close(results["ghost"][name], value, rtol=1e-4, atol=1e-6)
+
+
+# --- generation ---------------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_with_a_kv_cache_equals_argmax_decoding_without_one(tokenizer):
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+    fedspec.adapt(model, "pissa", 4, DECODER_TARGETS, svd_method="exact")
+    perturb(model, 0.2)
+    prompts = generation_prompts(tokenizer, RECORDS)
+    new = model.generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=5, eos_token_id=None,
+                         pad_token_id=tokenizer.pad_token_id)
+    ids, mask = prompts.input_ids, prompts.attention_mask
+    model.eval()
+    with torch.no_grad():
+        for step in range(5):
+            position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+            logits = model.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            assert torch.equal(token.squeeze(1), new[:, step]), step
+            ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+
+
+def test_answers_are_scored_by_exact_word_or_gsm8k_number():
+    assert answer_matches(" Positive.\nBecause", "positive", "exact")
+    assert not answer_matches("negative", "positive", "exact")
+    assert gsm8k_number("She earns 9 * 2 = 18.\n#### 1,018") == "1018"
+    assert gsm8k_number("so the answer is 42.") == "42"
+    assert answer_matches("... #### 18", "work\n#### 18", "gsm8k")
+    assert not answer_matches("no number", "#### 18", "gsm8k")
+
+
+def test_peft_export_of_a_decoder_generates_the_same_tokens_as_fedspec(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    from fedspec.adapters import export_peft
+    from fedspec.causal_lm import tiny_llama
+
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+    fedspec.adapt(model, "pissa", 4, DECODER_TARGETS, svd_method="exact")
+    perturb(model, 0.2)
+    export_peft(model, tmp_path / "peft", backbone="lm")
+    served = peft.PeftModel.from_pretrained(tiny_llama(len(tokenizer), 0), tmp_path / "peft").eval()
+    prompts = generation_prompts(tokenizer, RECORDS)
+    ours = model.generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=6, eos_token_id=None,
+                          pad_token_id=tokenizer.pad_token_id)
+    theirs = served.generate(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, max_new_tokens=6,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, prompts.input_ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask).logits,
+                                   model.eval()(prompts.input_ids, prompts.attention_mask), atol=1e-4, rtol=1e-4)
