@@ -35,6 +35,14 @@ def minilm_builder():
     return lambda: copy.deepcopy(pristine)
 
 
+def smollm2_builder():
+    """SmolLM2-135M-Instruct's decoder (the packaged default LLM), float32."""
+    from fedspec.causal_lm import load_causal_lm
+
+    pristine = load_causal_lm("smollm2").lm.model
+    return lambda: copy.deepcopy(pristine)
+
+
 def llama_builder(layers: int = 2):
     """A Llama with 7B shapes (hidden 4096, intermediate 11008) and `layers` blocks of seeded N(0, 0.02)
     weights. `no_init_weights` skips transformers' own initialization, so building costs one fill."""
@@ -174,6 +182,8 @@ def run(quick: bool) -> list[Row]:
                     repeats=9 if quick else 15, exact="all")
     # Warmed up like MiniLM: a process's first bf16 passes also set up oneDNN's kernels for each shape (measured
     # ~0.25 s once per process on the 7B shapes), a one-time cost the repeats' median should not mix in.
+    rows += _compare("SmolLM2-135M-Instruct (all 210 linear layers of its 30 blocks)", smollm2_builder(), LLAMA_TARGETS,
+                     8, repeats=3 if quick else 7, exact="all")
     rows += _compare("Llama-7B-shaped, 2 layers, random weights", llama_builder(2), LLAMA_TARGETS, 16,
                      repeats=2 if quick else 4, exact="per-shape", warmup=1)
     return rows

@@ -2,7 +2,8 @@
 
     python benchmarks/run.py            # full: more repeats, memory of 10 vs 40 simulated clients
     python benchmarks/run.py --quick    # under 5 minutes on 2 CPU cores
-    python benchmarks/run.py --only a,b # a: PiSSA init, b: FedSVD server step, c: DP-SGD step, d: simulate
+    python benchmarks/run.py --only a,b # a: PiSSA init, b: FedSVD server step, c: DP-SGD step, d: simulate,
+                                        # e: causal-LM DP-SGD step
 
 Every comparison runs fedspec and its baseline round-robin in the same process and reports medians and the
 ratio of medians (the machine is shared and noisy). Needs the [bench] extra (PEFT, psutil).
@@ -32,6 +33,7 @@ SECTIONS = {
     "b": ("fedsvd_server", "FedSVD server step, 7B-shaped adapters"),
     "c": ("dp_step", "DP-SGD step vs non-DP and vs PEFT + Opacus"),
     "d": ("simulation", "fedspec simulate"),
+    "e": ("llm_step", "causal-LM (SmolLM2-135M) DP-SGD step vs non-DP and vs PEFT + Opacus"),
 }
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -39,7 +41,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 10-vs-40-client memory runs")
-    parser.add_argument("--only", default="abcd", help="sections to run, e.g. 'a,c' (default: all)")
+    parser.add_argument("--only", default="abcde", help="sections to run, e.g. 'a,c' (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--out", type=Path, default=DOC, help=f"markdown file to write (default {DOC})")
     args = parser.parse_args()

@@ -66,6 +66,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         # Schedules (SoMA's weight decay, AdaLoRA's rank budget) span the client's whole schedule, not one round.
         first_step=(round_ - 1) * cfg.train.local_steps,
         total_steps=schedule_steps(cfg),
+        physical_batch_size=cfg.train.physical_batch_size,
     )
     client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
     update = client_update(adapter_state(model), received, rule, client_trained=client_trained)

@@ -268,10 +268,17 @@ def answer_score(cfg: DictConfig, model: nn.Module, tokenizer, held_out) -> floa
                            batch_size=cfg.train.eval_batch_size)["answer_accuracy"]
 
 
-def answer_summary_line(cfg: DictConfig, before: float | None, after: float | None, unit: str, last: int) -> list[str]:
-    """The run summary's line on answer accuracy (empty when none was measured)."""
-    if before is None and after is None:
+def causal_lm_summary_lines(cfg: DictConfig, losses: tuple[float, float], answers: tuple[float | None, float | None],
+                           unit: str, last: int) -> list[str]:
+    """The run summary's lines on a causal LM: held-out response loss and perplexity, and the answer accuracy
+    measured before and after training (empty for a classifier)."""
+    if not is_causal_lm(cfg):
         return []
-    shown = [f"{value:.4f} ({unit} {at})" for value, at in ((before, 0), (after, last)) if value is not None]
-    return [f"- answer accuracy (`data.answer={cfg.data.answer}`, greedy, first {cfg.data.generation_examples} "
-            f"held-out records): {' → '.join(shown)}"]
+    first_loss, last_loss = losses
+    lines = [f"- held-out response loss: {first_loss:.4f} → {last_loss:.4f} (perplexity "
+             f"{math.exp(min(first_loss, 700)):.2f} → {math.exp(min(last_loss, 700)):.2f}; {unit} 0 → {last})"]
+    shown = [f"{value:.4f} ({unit} {at})" for value, at in zip(answers, (0, last)) if value is not None]
+    if shown:
+        lines.append(f"- answer accuracy (`data.answer={cfg.data.answer}`, greedy, first {cfg.data.generation_examples} "
+                     f"held-out records): {' → '.join(shown)}")
+    return lines

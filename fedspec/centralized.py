@@ -19,7 +19,7 @@ from rich.table import Table
 from .adapters import adapter_layers, save_adapter
 from .builders import (
     answer_score,
-    answer_summary_line,
+    causal_lm_summary_lines,
     apply_adapter,
     build_backbone,
     build_task,
@@ -144,6 +144,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 optimizer=cfg.train.optimizer, lr=cfg.train.lr, dp=dp, seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
                 first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
+                physical_batch_size=cfg.train.physical_batch_size,
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)
@@ -195,7 +196,8 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> 
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
-        *answer_summary_line(cfg, rows[0].answer_accuracy, rows[-1].answer_accuracy, "epoch", rows[-1].epoch),
+        *causal_lm_summary_lines(cfg, (rows[0].eval_loss, rows[-1].eval_loss),
+                                 (rows[0].answer_accuracy, rows[-1].answer_accuracy), "epoch", rows[-1].epoch),
         "",
         markdown_table(EPOCH_HEADERS, [_cells(r) for r in rows]),
     ]

@@ -119,6 +119,7 @@ class TrainConfig:
     local_steps: int = MISSING
     epochs: int = MISSING  # centralized `fedspec train`
     eval_batch_size: int = MISSING
+    physical_batch_size: int | None = None  # records per forward/backward pass (a small GPU); None: the whole batch
 
 
 @dataclass
@@ -281,6 +282,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
+    if cfg.train.physical_batch_size is not None and cfg.train.physical_batch_size < 1:
+        fail("train.physical_batch_size", cfg.train.physical_batch_size, "it must be at least 1 (or null: no split)")
     if cfg.data.task == "causal_lm" and cfg.model.name in ("minilm", "tiny-bert"):
         fail("model.name", cfg.model.name, "data.task=causal_lm needs a decoder: model=smollm2, model=tiny-llama or "
              "model.path=<folder of a causal LM>")

@@ -75,15 +75,10 @@ def criterion(model: nn.Module) -> nn.Module:
     return own() if callable(own) else nn.CrossEntropyLoss()
 
 
-def _batches(loader: DataLoader, steps: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Exactly ``steps`` batches, cycling the loader (each pass of a Poisson loader draws fresh samples)."""
-    produced = 0
-    while produced < steps:
-        for batch in loader:
-            yield batch
-            produced += 1
-            if produced == steps:
-                return
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The loader's batches, pass after pass (each pass of a Poisson loader draws fresh samples)."""
+    while True:
+        yield from loader
 
 
 def _entropy_generator(seed: int | None) -> torch.Generator:
@@ -104,8 +99,14 @@ def train_steps(
     on_step: Callable[[int, float], None] | None = None,
     first_step: int = 0,
     total_steps: int | None = None,
+    physical_batch_size: int | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
+
+    ``physical_batch_size`` bounds how many records go through the model at once (a small GPU): a larger
+    (logical) batch is split into micro-batches whose gradients add up to the same step — under DP by Opacus'
+    ``BatchMemoryManager`` (per-sample clipping per micro-batch, the noise once per logical batch), without DP
+    by weighting each micro-batch's mean loss by its share of the batch.
 
     ``first_step`` is the run's global index of this call's first step (an epoch's or a federated round's
     offset): the adapter's hooks see global steps, so a schedule (weight-decay annealing, rank budgets) spans
@@ -131,9 +132,9 @@ def train_steps(
     if dp is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
-        return _loop(model, opt, loss_fn, loader, steps, on_step, schedule)
+        return _loop(model, opt, loss_fn, loader, steps, on_step, schedule, split=physical_batch_size)
     return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step,
-                          schedule=schedule)
+                          schedule=schedule, physical_batch_size=physical_batch_size)
 
 
 def _mark_empty_batch(params: list[nn.Parameter]) -> None:
@@ -147,33 +148,49 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
         p.grad = torch.zeros_like(p)  # ghost mode sums .grad directly
 
 
-def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: bool = False) -> TrainResult:
+def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: bool = False,
+          split: int | None = None) -> TrainResult:
+    """``steps`` optimizer steps. Under Opacus' BatchMemoryManager the loader yields micro-batches and the DP
+    optimizer only steps at the end of each logical batch; ``split`` micro-batches a non-private batch here."""
     params = [p for p in model.parameters() if p.requires_grad]
     first_step, total_steps, lr, seed = schedule
     # Hooks see the (DP) optimizer: after its step, p.grad holds the privatized gradient.
     hooks = training_hooks(model, HookContext(lr=lr, total_steps=total_steps, optimizer=opt, seed=seed))
-    total_loss, examples = 0.0, 0
-    for step, (input_ids, attention_mask, y) in enumerate(_batches(loader, steps)):
-        opt.zero_grad(set_to_none=True)
+    total_loss, examples, step = 0.0, 0, 0
+    batches = _cycle(loader)
+    while step < steps:
+        input_ids, attention_mask, y = next(batches)
+        opt.zero_grad(set_to_none=True)  # a DP optimizer keeps the clipped sum of a logical batch's micro-batches
         if len(y) > 0:
-            input_ids, attention_mask, y = _trim(input_ids, attention_mask, y)
-            loss = loss_fn(model(input_ids, attention_mask), y)
-            loss.backward()
-            total_loss += loss.item() * len(y)
+            for rows in _micro_batches(len(y), split):
+                ids, mask, labels = _trim(input_ids[rows], attention_mask[rows], y[rows])
+                loss = loss_fn(model(ids, mask), labels)
+                (loss if len(labels) == len(y) else loss * (len(labels) / len(y))).backward()
+                total_loss += loss.item() * len(labels)
             examples += len(y)
         elif private:
             _mark_empty_batch(params)
         else:
             continue
         opt.step()
+        if getattr(opt, "_is_last_step_skipped", False):  # a micro-batch: its logical batch goes on
+            continue
         for hook in hooks:
             hook.after_step(model, first_step + step)
         if on_step is not None:
             on_step(step, total_loss / max(examples, 1))
+        step += 1
     return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)
 
 
-def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, schedule) -> TrainResult:
+def _micro_batches(size: int, split: int | None) -> list[slice]:
+    if not split or split >= size:
+        return [slice(0, size)]
+    return [slice(start, start + split) for start in range(0, size, split)]
+
+
+def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, schedule,
+                   physical_batch_size: int | None = None) -> TrainResult:
     from opacus import PrivacyEngine
 
     from .privacy.grad_samplers import check_exact_rules
@@ -202,7 +219,14 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-            result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, schedule, private=True)
+            if physical_batch_size:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=physical_batch_size,
+                                        optimizer=dp_opt) as micro_loader:
+                    result = _loop(model, dp_opt, loss_fn, micro_loader, steps, on_step, schedule, private=True)
+            else:
+                result = _loop(model, dp_opt, loss_fn, dp_loader, steps, on_step, schedule, private=True)
     finally:
         hooks.cleanup()
     (sigma, q, accounted_steps), *rest = engine.accountant.history or [(dp.noise_multiplier, 0.0, 0)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fedspec.builders import answer_summary_line, init_statistics_report, peft_export_line, write_peft_export
+from fedspec.builders import causal_lm_summary_lines, init_statistics_report, peft_export_line, write_peft_export
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
@@ -143,7 +143,8 @@ def summary_markdown(
         lines.append(f"- **stopped after round {last.round}**: {privacy_report['stopped']}")
     lines += [
         f"- eval accuracy: {first.eval_accuracy:.4f} (round {first.round}) → {last.eval_accuracy:.4f} (round {last.round})",
-        *answer_summary_line(cfg, first.answer_accuracy, last.answer_accuracy, "round", last.round),
+        *causal_lm_summary_lines(cfg, (first.eval_loss, last.eval_loss), (first.answer_accuracy, last.answer_accuracy),
+                                 "round", last.round),
         "",
         rounds_markdown(rows),
         "",

@@ -258,3 +258,25 @@ def test_peft_export_of_a_decoder_generates_the_same_tokens_as_fedspec(tokenizer
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask).logits,
                                    model.eval()(prompts.input_ids, prompts.attention_mask), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", [None, "hooks", "ghost"])
+def test_micro_batches_take_the_same_step_as_the_whole_batch(tokenizer, mode):
+    """train.physical_batch_size: Opacus' BatchMemoryManager under DP (σ = 0 to compare), loss weighting without."""
+    encoded = encode_conversations(tokenizer, Conversations(RECORDS.records * 4, [0] * 12, ["-"]), 32)
+    results = {}
+    for physical in (None, 2):
+        model = _decoder(tokenizer, "pissa", encoded)
+        rows_seen: list[int] = []
+        model.register_forward_pre_hook(lambda _, args: rows_seen.append(len(args[0])))
+        dp = None if mode is None else DPSettings(0.0, 0.05, grad_sample_mode=mode, seed=4)
+        result = train_steps(model, encoded.inputs, encoded.labels, steps=3, batch_size=6, optimizer="sgd", lr=0.5,
+                             dp=dp, seed=1, physical_batch_size=physical)
+        assert result.steps == 3
+        assert max(rows_seen) <= (physical or 12) and (physical is None or len(rows_seen) > 3)
+        results[physical] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    moved = [not torch.equal(results[2][n], v) for n, v in _decoder(tokenizer, "pissa", encoded).named_parameters()
+             if v.requires_grad]
+    assert any(moved)  # the steps did something
+    for name, value in results[None].items():
+        torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-6)

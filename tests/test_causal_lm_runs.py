@@ -1,0 +1,65 @@
+"""Causal-LM runs end to end on the tiny random Llama: `fedspec train`, `fedspec simulate` (Flower's simulation
+runtime) and `fedspec generate` on an instruction file, with their reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedspec.cli import main
+from fedspec.config import compose_config
+from fedspec.errors import ConfigError
+from fedspec.rundir import MetricsLog
+
+
+@pytest.fixture
+def instruction_file(tmp_path):
+    path = tmp_path / "sums.jsonl"
+    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}", "answer": f"{a} + {b}\n#### {a + b}"}) + "\n"
+                            for a in range(12) for b in range(8)))
+    return path
+
+
+def _overrides(instruction_file, tmp_path, *extra: str) -> list[str]:
+    return ["model=tiny-llama", "data=gsm8k", f"data.path={instruction_file}", "data.eval_path=null",
+            "data.eval_examples=16", "data.generation_examples=4", "data.max_new_tokens=4", "data.min_client_examples=8",
+            "model.max_length=32", "train.batch_size=8", "train.local_steps=2", "privacy.target_epsilon=3",
+            f"run.output_dir={tmp_path}", "run.progress=false", *extra]
+
+
+def test_centralized_causal_lm_run_reports_loss_perplexity_answers_and_generates(instruction_file, tmp_path, capsys):
+    assert main(["train", *_overrides(instruction_file, tmp_path, "run.name=central")]) == 0
+    run = tmp_path / "central"
+    summary = (run / "summary.md").read_text()
+    assert "- held-out response loss:" in summary and "perplexity" in summary
+    assert "- answer accuracy (`data.answer=gsm8k`, greedy, first 4 held-out records):" in summary
+    epochs = [r for r in MetricsLog(run / "metrics.jsonl").read() if r["kind"] == "epoch"]
+    assert epochs[0]["answer_accuracy"] is not None and epochs[-1]["answer_accuracy"] is not None
+    assert json.loads((run / "privacy" / "report.json").read_text())["clients"]["centralized"]["final_epsilon"] <= 3.0
+    assert (run / "adapter-peft" / "adapter_config.json").is_file()
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "what is 1 plus 2", "answer": "#### 3"}) + "\n")
+    assert main(["generate", str(run), "--file", str(prompts), "--max-new-tokens", "3"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "what is 1 plus 2" and line["reference"] == "#### 3" and isinstance(line["response"], str)
+
+
+def test_federated_causal_lm_run_trains_and_scores_answers_at_the_end(instruction_file, tmp_path):
+    from fedspec.simulations.driver import simulate
+
+    cfg = compose_config([*_overrides(instruction_file, tmp_path, "run.name=fed"), "federation.clients=2",
+                          "federation.rounds=2", "federation.fraction=1.0"])
+    simulate(cfg)
+    rounds = [r for r in MetricsLog(tmp_path / "fed" / "metrics.jsonl").read() if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[-1]["clients"] == 2
+    assert rounds[0]["answer_accuracy"] is not None and rounds[-1]["answer_accuracy"] is not None
+    assert rounds[1]["answer_accuracy"] is None  # greedy decoding only at the start and the end
+    assert rounds[-1]["eval_loss"] != rounds[0]["eval_loss"]
+    assert "- held-out response loss:" in (tmp_path / "fed" / "summary.md").read_text()
+
+
+def test_an_encoder_for_a_causal_lm_task_is_refused_early(instruction_file, tmp_path):
+    with pytest.raises(ConfigError, match="data.task=causal_lm needs a decoder"):
+        compose_config([*_overrides(instruction_file, tmp_path), "model=tiny-bert"])
