@@ -103,7 +103,8 @@ def build_backbone(cfg: DictConfig, num_classes: int):
     from .causal_lm import load_causal_lm
 
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.get("path"))
-    model = load_causal_lm(cfg.model.name, cfg.model.get("path"), vocab_size=len(tokenizer), seed=cfg.run.seed)
+    model = load_causal_lm(cfg.model.name, cfg.model.get("path"), vocab_size=len(tokenizer), seed=cfg.run.seed,
+                           dtype=cfg.model.get("dtype", "float32"))
     return model, tokenizer
 
 

@@ -198,23 +198,25 @@ def tiny_llama(vocab_size: int, seed: int) -> nn.Module:
         return LlamaForCausalLM(config)
 
 
-def load_causal_lm(name: str, path: str | None = None, *, vocab_size: int | None = None, seed: int = 0) -> CausalLM:
-    """The decoder as a float32 :class:`CausalLM` in train mode, everything frozen (the adapter unfreezes its
-    own factors)."""
+def load_causal_lm(name: str, path: str | None = None, *, vocab_size: int | None = None, seed: int = 0,
+                   dtype: str = "float32") -> CausalLM:
+    """The decoder as a :class:`CausalLM` in train mode, everything frozen (the adapter unfreezes its own
+    factors). ``dtype`` is the frozen weights' precision: bfloat16 halves the memory of the base on a GPU, while
+    the adapter's tensors stay float32 (:mod:`fedspec.adapters.layer`)."""
     from transformers import AutoModelForCausalLM
 
     from .dropout import use_fast_dropout
 
     _quiet_transformers()
     if name == "tiny-llama":
-        lm = tiny_llama(vocab_size or 30522, seed)
+        lm = tiny_llama(vocab_size or 30522, seed).to(getattr(torch, dtype))
     elif name in ("minilm", "tiny-bert"):
         raise ConfigError(f"model.name={name} is an encoder; a causal-LM task needs a decoder: model=smollm2, "
                           "model=tiny-llama or model.path=<folder of a causal LM>")
     else:
         source = resolve_causal_lm(name, path)
         try:
-            lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            lm = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
         except (OSError, ValueError) as error:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise ConfigError(

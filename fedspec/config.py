@@ -30,6 +30,7 @@ class ModelConfig:
     max_length: int = MISSING
     pooling: str = MISSING
     dropout: float | None = MISSING  # None keeps the checkpoint's dropout
+    dtype: str = "float32"  # the frozen base's precision: float32 | bfloat16 | float16 (adapters stay float32)
 
 
 @dataclass
@@ -181,6 +182,7 @@ CHOICES: dict[str, tuple] = {
     "federation.weighting": ("examples", "uniform"),
     "train.optimizer": ("adam", "sgd"),
     "model.pooling": ("mean", "last"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
 }
 
 

@@ -80,20 +80,21 @@ def _tiny_encoder(name: str, vocab_size: int, seed: int) -> nn.Module:
         return LlamaModel(config)
 
 
-def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None = None, seed: int = 0) -> nn.Module:
-    """The backbone as a float32 ``AutoModel`` in train mode with dropout kept as configured (and made
-    fast on CPU: :mod:`fedspec.dropout`)."""
+def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None = None, seed: int = 0,
+                 dtype: str = "float32") -> nn.Module:
+    """The backbone as an ``AutoModel`` (weights in ``dtype``) in train mode with dropout kept as configured (and
+    made fast on CPU: :mod:`fedspec.dropout`)."""
     from transformers import AutoModel
 
     from .dropout import use_fast_dropout
 
     _quiet_transformers()
     if name in TINY_MODELS:
-        encoder = _tiny_encoder(name, vocab_size or 30522, seed)
+        encoder = _tiny_encoder(name, vocab_size or 30522, seed).to(getattr(torch, dtype))
     else:
         source = _resolve_source(name, path)
         try:
-            encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+            encoder = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype))
         except OSError as error:
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise ConfigError(
@@ -128,7 +129,7 @@ class TextClassifier(nn.Module):
         else:
             last = attention_mask.sum(1).clamp(min=1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(pooled)
+        return self.head(pooled.to(self.head.weight.dtype))  # a float32 head on a low-precision backbone
 
 
 @dataclass
@@ -150,7 +151,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> Tokenized:
 def build_classifier(model_cfg, num_classes: int, *, seed: int = 0) -> tuple[TextClassifier, object]:
     """Backbone + head (head initialized from ``seed``, so server and clients agree) and its tokenizer."""
     tokenizer = load_tokenizer(model_cfg.name, getattr(model_cfg, "path", None))
-    encoder = load_encoder(model_cfg.name, getattr(model_cfg, "path", None), vocab_size=len(tokenizer), seed=seed)
+    encoder = load_encoder(model_cfg.name, getattr(model_cfg, "path", None), vocab_size=len(tokenizer), seed=seed,
+                           dtype=getattr(model_cfg, "dtype", None) or "float32")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = TextClassifier(encoder, num_classes, getattr(model_cfg, "pooling", "mean"))

@@ -280,3 +280,28 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch(tokenizer, mode):
     assert any(moved)  # the steps did something
     for name, value in results[None].items():
         torch.testing.assert_close(results[2][name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_bfloat16_base_keeps_float32_adapters_with_exact_per_sample_gradients(tokenizer, method):
+    """model.dtype=bfloat16 (edge GPUs): the frozen decoder in bfloat16; every adapter tensor, its per-sample
+    gradient, the clipping and the noise in float32."""
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0, dtype="bfloat16")
+    calibration = None
+    if METHODS[method].calibration:
+        batches = [(encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels)]
+        calibration = collect_calibration(model, batches, match_targets(model, DECODER_TARGETS),
+                                          METHODS[method].calibration)
+    fedspec.adapt(model, method, 4, DECODER_TARGETS, calibration=calibration, svd_method="exact")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    assert model.lm.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # the frozen decoder
+    perturb(model, 0.1)
+    model.train()
+    # bfloat16 activations round differently in a batch and one by one (the rules are exact: float32 test above)
+    assert_opacus_matches_per_example_loop(model, encoded.inputs, encoded.labels, loss=ResponseLoss(), relative=0.1)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    train_steps(model, encoded.inputs, encoded.labels, steps=1, batch_size=3, optimizer="sgd", lr=0.5,
+                dp=DPSettings(1.0, 1.0, seed=0))
+    assert any(not torch.equal(p, before[n]) for n, p in trainable.items())

@@ -19,7 +19,7 @@ class FactorizedLinear(AdapterLayer):
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, dropout: float = 0.0) -> None:
         super().__init__()
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self._in_features, self._out_features = base.in_features, base.out_features
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
@@ -43,7 +43,8 @@ class FactorizedLinear(AdapterLayer):
         return self._out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.adapter_forward(self.dropout(x))
+        compute = torch.promote_types(x.dtype, torch.float32)  # the factors are float32 on a low-precision model
+        y = self.adapter_forward(self.dropout(x).to(compute)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:

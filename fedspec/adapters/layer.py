@@ -105,15 +105,17 @@ class AdapterLayer(nn.Module):
         self.base_policy = base_policy
         self.merged = False
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        return {"device": base.weight.device, "dtype": base.weight.dtype}
+        # Adapter tensors are float32 at least: on a bfloat16/float16 base (model.dtype) the factors, their
+        # per-sample gradients, the clipping, the noise and the optimizer all stay in float32.
+        return {"device": base.weight.device, "dtype": _compute_dtype(base.weight)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        update = self.adapter_forward(self.dropout(x).to(_compute_dtype(x))).to(x.dtype)  # no-ops in float32
         if self.base_policy == "owned":  # the base weight is zero: skip its matmul, keep its bias
-            y = self.adapter_forward(self.dropout(x))
-            return y if self.base.bias is None else y + self.base.bias
-        return self.base(x) + self.adapter_forward(self.dropout(x))
+            return update if self.base.bias is None else update + self.base.bias
+        return self.base(x) + update
 
     def adapter_tensors(self) -> dict[str, nn.Parameter]:
         """Every tensor of the adapter (trainable, fixed, server-owned), by local name; the base is not one."""

@@ -24,7 +24,7 @@ from .parts import Diagonal
 class DoRALinear(LowRankLinear):
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, dropout: float = 0.0) -> None:
         super().__init__(base, rank, scaling, dropout=dropout, base_policy="keep")
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": _compute_dtype(base.weight)}
         self.magnitude = Diagonal(base.out_features, **factory)
         self._cached_norm: torch.Tensor | None = None
 
@@ -54,11 +54,13 @@ class DoRALinear(LowRankLinear):
         if self.merged:
             return self.base(x)
         x_in = self.dropout(x)
+        compute = _compute_dtype(x)  # the adapter's own tensors are float32 at least (a low-precision base)
         base_in = nn.functional.linear(x_in, self.base.weight)
-        direction = base_in + self.lora_B(self.lora_A(x_in)) * self.scaling
-        y = self.magnitude(direction / self.weight_norm().to(direction.dtype))
+        direction = base_in.to(compute) + self.lora_B(self.lora_A(x_in.to(compute))) * self.scaling
+        y = self.magnitude(direction / self.weight_norm().to(compute))
         if not isinstance(self.dropout, nn.Identity):  # PEFT: the base path sees x, the DoRA correction dropout(x)
-            y = y + nn.functional.linear(x, self.base.weight) - base_in
+            y = y + (nn.functional.linear(x, self.base.weight) - base_in).to(compute)
+        y = y.to(x.dtype)
         return y if self.base.bias is None else y + self.base.bias
 
     def adapted_weight(self) -> torch.Tensor:

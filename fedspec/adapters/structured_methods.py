@@ -21,6 +21,7 @@ from . import structured_hooks as hooks
 from . import structured_init as init
 from .core import LowRankCoreLinear
 from .factor import FactorLinear
+from .layer import _compute_dtype
 from .magnitude import DoRALinear
 from .parts import Diagonal, SaltSpectrum, ScaledDiagonal
 from .registry import MethodSpec, register
@@ -32,7 +33,8 @@ def _full_rank(base: nn.Linear) -> int:
 
 
 def _factory(base: nn.Linear) -> dict:
-    return {"device": base.weight.device, "dtype": base.weight.dtype}
+    """Where and in which dtype a layer's own parts live: float32 at least, as every adapter tensor."""
+    return {"device": base.weight.device, "dtype": _compute_dtype(base.weight)}
 
 
 def _core_layer(base_policy: str, *, core: str = "diagonal", fixed_factors: bool = False):
