@@ -130,7 +130,8 @@ def _initialize_chunk(layers, originals, names, weights, rank, spec, keys, calib
     if isinstance(out, tuple):
         out = {"lora_B.weight": out[0], "lora_A.weight": out[1]}
     for i, name in enumerate(names):
-        layers[name].set_initial({k: v[i].to(originals[name]) for k, v in out.items()})
+        # The initializer's own precision (float32 at least): a low-precision base keeps float32 adapter tensors.
+        layers[name].set_initial({k: v[i].to(originals[name].device) for k, v in out.items()})
 
 
 def _layer_ranks(
