@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean, stdev
 
+import generative
 from study_cells import CENTRALIZED, Cell, Grid, chosen_lr, final_cells, tuning_cells, with_lr
 
 COMMAND = "python benchmarks/accuracy.py --grid {grid}"
@@ -205,6 +206,7 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
     code = f"Code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)} (each cell records the commit it ran on)."
     lines += [code, ""]
     lines += ["## Learning-rate sweep (validation split of the training file)", "", *sweep_table(grid, results), ""]
+    lines += generative.markdown(generative.load())
     lines += ["## Missing cells", ""]
     if missing:
         lines += [f"{len(missing)} cells of the grid have not run yet (rerun the command to continue):", ""]
