@@ -75,11 +75,11 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     reply = TrainReply(client, train_loss=result.mean_loss, steps=result.steps, num_examples=examples)
     if dp is not None:
         ledger = load_ledger(cfg, context)
-        ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps,
-                      attempt=ledger.next_attempt(round_))
+        attempt = ledger.next_attempt(round_)
+        ledger.record(round_, result.noise_multiplier, result.sample_rate, result.steps, attempt=attempt)
         store_ledger(cfg, context, ledger)
         reply = replace(reply, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
-                        epsilon=ledger.epsilon())
+                        epsilon=ledger.epsilon(), attempt=attempt)
     return update, reply.to_metrics()
 
 

@@ -37,6 +37,7 @@ STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 EPSILON = "epsilon"  # the client's ε over all its steps so far
+ATTEMPT = "attempt"  # how many times the client has trained this round (> 1 after a server crash and resume)
 DECLINED = "declined"  # 1: the client refused to train (its privacy budget would be exceeded)
 BUDGET_EPSILON = "budget-epsilon"
 CALIBRATION_EXAMPLES = "calibration-examples"
@@ -44,6 +45,7 @@ PRIVATIZED = "privatized"
 
 # A record count above this is not a client's dataset but an attempt to take over the weighted mean.
 MAX_NUM_EXAMPLES = 10**9
+MAX_ATTEMPTS = 1000  # a round retried more often than this is a hostile count, not resumes
 
 
 class ProtocolError(FedspecError):
@@ -80,6 +82,10 @@ class TrainReply:
     sample_rate: float | None = None
     epsilon: float | None = None
     budget_epsilon: float | None = None
+    # The client's own count of its attempts at this round: a round it trained before a server crash and again
+    # after the resume was released twice, and the server's mirror ledger (reloaded from the checkpoint before
+    # that round) must count both.
+    attempt: int | None = None
 
     @property
     def private(self) -> bool:
@@ -93,7 +99,7 @@ class TrainReply:
         for key, value in ((TRAIN_LOSS, self.train_loss), (STEPS, self.steps if not self.declined else None),
                            (NUM_EXAMPLES, self.num_examples), (NOISE_MULTIPLIER, self.noise_multiplier),
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
-                           (BUDGET_EPSILON, self.budget_epsilon)):
+                           (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt)):
             if value is not None:
                 metrics[key] = value
         return metrics
@@ -121,8 +127,11 @@ class TrainReply:
         if sigma is not None and (sigma <= 0 or not 0 < q <= 1):
             raise ProtocolError(f"metrics {NOISE_MULTIPLIER!r}={sigma} and {SAMPLE_RATE!r}={q} are not a DP-SGD "
                                 "setting (σ > 0, 0 < q <= 1)")
+        attempt = _number(metrics, ATTEMPT, integer=True, required=False)
+        if attempt is not None and not 1 <= attempt <= MAX_ATTEMPTS:
+            raise ProtocolError(f"metric {ATTEMPT!r} must be in 1..{MAX_ATTEMPTS}, got {attempt}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
-                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon)
+                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt)
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,7 @@ class StatisticsReply:
     noise_multiplier: float | None = None  # a privatized release: one Gaussian mechanism, counted in its ε
     sample_rate: float | None = None
     steps: int = 0
+    attempt: int | None = None  # round 0 is not retried by attempt count: its release is recorded once
 
     @property
     def private(self) -> bool:

@@ -106,12 +106,19 @@ def _check_unique_client_ids(found: dict[int, dict]) -> None:
 
 def _mirror_client(ledgers: dict[str, PrivacyLedger], reply: TrainReply | StatisticsReply, round_: int,
                    cfg: DictConfig) -> None:
-    """Record in the server's mirror ledger what a client reported it spent this round."""
+    """Record in the server's mirror ledger what a client reported it spent this round.
+
+    A client that trained this round before a server crash and trains it again after the resume reports its
+    second attempt, while the mirror (reloaded from the checkpoint before the round) knows neither: every attempt
+    up to the reported one is recorded, at this reply's setting (a client's σ, q and steps are fixed for the
+    run), so the report never shows less ε than the client's own ledger."""
     if not reply.private:
         return
     client = str(reply.client_id)
     ledger = ledgers.setdefault(client, PrivacyLedger(client_id=client, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant))
-    ledger.record(round_, reply.noise_multiplier, reply.sample_rate, reply.steps, attempt=ledger.next_attempt(round_))
+    first = ledger.next_attempt(round_)
+    for attempt in range(first, max(first, reply.attempt or first) + 1):
+        ledger.record(round_, reply.noise_multiplier, reply.sample_rate, reply.steps, attempt=attempt)
 
 
 def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,

@@ -74,6 +74,7 @@ BAD_REPLIES = [
     ("claims another client's identity", _metrics(0), _update(seed=9), "claims client 0"),
     ("a non-DP setting (σ = 0)", _metrics(2, noise_multiplier=0.0), _update(seed=9), "DP-SGD"),
     ("zero steps", _metrics(2, steps=0), _update(seed=9), "steps"),
+    ("a billion attempts at the round", _metrics(2, attempt=10**9), _update(seed=9), "attempt"),
 ]
 
 
@@ -247,3 +248,26 @@ def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
         discover_clients(_SilentGrid({2}), 3, 0.3, ["a", "b"], min_clients=2)
     assert discover_clients(_SilentGrid({2, 3}), 3, 0.3, ["a", "b"], min_clients=2) == {2: {"client-id": 2},
                                                                                           3: {"client-id": 3}}
+
+
+def test_the_mirror_ledger_counts_every_attempt_a_client_reports():
+    """A client trained round 3 before the server crashed (the mirror, reloaded from round 2's checkpoint, does
+    not know) and trains it again after the resume: it reports attempt 2, and the mirror records both."""
+    from omegaconf import OmegaConf
+
+    from fedspec.privacy import PrivacyLedger
+    from fedspec.server.federation import _mirror_client
+
+    cfg = OmegaConf.create({"privacy": {"delta": 1e-5, "accountant": "rdp"}})
+    client_ledger = PrivacyLedger(client_id="2", delta=1e-5)
+    for round_, attempt in ((1, 1), (2, 1), (3, 1), (3, 2)):
+        client_ledger.record(round_, 1.1, 0.25, 4, attempt=attempt)
+    mirror = {"2": PrivacyLedger(client_id="2", delta=1e-5)}
+    for round_ in (1, 2):
+        _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), round_, cfg)
+    _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=2), needs_examples=True), 3, cfg)
+    assert [(e.round, e.attempt) for e in mirror["2"].entries] == [(1, 1), (2, 1), (3, 1), (3, 2)]
+    assert mirror["2"].epsilon() == pytest.approx(client_ledger.epsilon(), rel=1e-12)
+    # A client that lost its own ledger and reports attempt 1 again: the server keeps the larger count.
+    _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), 3, cfg)
+    assert [(e.round, e.attempt) for e in mirror["2"].entries][-1] == (3, 3)
