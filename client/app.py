@@ -9,6 +9,13 @@ what was received, plus metrics: examples, loss and the client's ε over *all* i
 
 from __future__ import annotations
 
+import functools
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -38,10 +45,48 @@ def check_same_version(server_version: str | None) -> None:
         )
 
 
+def error_log(context: Context, run_config: dict | None) -> Path:
+    """Where this node writes the tracebacks of its failures: beside its ledger (the node's ``state-dir``, or the
+    simulated run's ``clients/client-<i>/``), or the temp folder when the config itself cannot be read."""
+    from .runtime import ledger_path
+
+    try:
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        return ledger_path(cfg, context).with_name("errors.log")
+    except Exception:  # the failure may be the config itself
+        return Path(tempfile.gettempdir()) / f"fedspec-client-{context.node_config.get('partition-id', 'unknown')}.log"
+
+
+def _one_line_failures(handler: Callable[[Message, Context], Message], run_config: dict | None):
+    """A ClientApp handler whose failure reaches the server as one line naming the client and the reason; the
+    full traceback goes to this node's error log (:func:`error_log`) instead of the reply."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as error:
+            path = error_log(context, run_config)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a") as log:
+                    log.write(f"--- {datetime.now(timezone.utc).isoformat()} {handler.__name__}\n"
+                              f"{traceback.format_exc()}\n")
+                where = f"traceback in {path}"
+            except OSError as unwritable:
+                where = f"traceback not written: {unwritable}"
+            reason = (str(error).strip().splitlines() or [""])[0][:300]
+            client = context.node_config.get("partition-id", "?")
+            raise FedspecError(f"client {client}: {type(error).__name__}: {reason} ({where})") from None
+
+    return guarded
+
+
 def build_client_app(run_config: dict | None = None) -> ClientApp:
     app = ClientApp()
 
     @app.query()
+    @functools.partial(_one_line_failures, run_config=run_config)
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, local_data, remember_label_names
 
@@ -62,6 +107,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
     @app.train()
+    @functools.partial(_one_line_failures, run_config=run_config)
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 

@@ -162,6 +162,14 @@ class StatisticsReply:
         return cls(client, examples, True, sigma, _number(metrics, SAMPLE_RATE), _number(metrics, STEPS, integer=True))
 
 
+def error_reason(reason: str) -> str:
+    """The one line of a failed reply: what fedspec's ClientApp raised, without the wrapping Flower's runtimes put
+    around it (``<class '…ClientAppException'>:<'\\nException ClientAppException occurred. Message: …'>``)."""
+    message = reason.split("Message: ", 1)[-1] if "Message: " in reason else reason
+    message = message.removesuffix("'>").strip()
+    return (message.splitlines() or [""])[0][:500]
+
+
 def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], expected: Collection[str]) -> None:
     """A client's update must carry exactly the ``expected`` keys, each a finite floating tensor of the shape the
     server sent: nothing is broadcast, nothing is missing, nothing extra rides along."""

@@ -38,6 +38,7 @@ from fedspec.protocol import (
     VERSION,
     StatisticsReply,
     TrainReply,
+    error_reason,
 )
 from fedspec.strategies.flower import AdapterStrategy, RoundReplies
 from fedspec.strategies.influence import InfluenceBound
@@ -79,7 +80,7 @@ def discover_clients(
     found = {}
     for reply in replies:
         if reply.has_error():
-            raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+            raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {error_reason(reply.error.reason)}")
         metrics = reply.content.metric_records[METRICS]
         found[reply.metadata.src_node_id] = {CLIENT_ID: int(metrics[CLIENT_ID])}
     if len(found) < min_clients:
@@ -122,7 +123,7 @@ def _mirror_client(ledgers: dict[str, PrivacyLedger], reply: TrainReply | Statis
 
 
 def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,
-                 ledgers: dict[str, PrivacyLedger], cfg: DictConfig) -> None:
+                 ledgers: dict[str, PrivacyLedger], cfg: DictConfig, client_ids: dict[int, int]) -> None:
     """One metrics line per reply (aggregated, declined, or rejected with its reason); mirror what was spent."""
     by_node = {reply.metadata.src_node_id: reply for reply in replies}
     for node, reply, _ in outcome.accepted:
@@ -133,10 +134,10 @@ def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: l
         fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items() if k != DECLINED}
         log.write("client-declined", round=round_, **fields)
         budget.record_decline(str(reply.client_id), round_)
-    for node, reason in outcome.errors:
-        log.write("client-error", round=round_, node=node, reason=reason)
+    for node, reason in outcome.errors:  # the node's own error log holds the traceback (client/app.py)
+        log.write("client-error", round=round_, node=node, client=client_ids.get(node), reason=reason)
     for node, reason in outcome.quarantined:
-        log.write("client-quarantined", round=round_, node=node, reason=reason)
+        log.write("client-quarantined", round=round_, node=node, client=client_ids.get(node), reason=reason)
 
 
 def _payload_bytes(reply: Message) -> int:
@@ -296,7 +297,8 @@ class Federation:
         if self.level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
             self.level_ledger.record(round_, self.client_dp.noise_multiplier, self.client_dp.sample_rate, 1,
                                      attempt=self.level_ledger.next_attempt(round_))
-        _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg)
+        _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
+                     strategy.client_ids)
         return summary
 
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:

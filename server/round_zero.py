@@ -20,7 +20,15 @@ from fedspec.adapters import Calibration, sum_calibrations
 from fedspec.builders import calibration_kinds, init_max_norm
 from fedspec.errors import FedspecError
 from fedspec.rundir import MetricsLog
-from fedspec.protocol import CALIBRATION_FLAG, CONFIG, METRICS, STATISTICS, ProtocolError, StatisticsReply
+from fedspec.protocol import (
+    CALIBRATION_FLAG,
+    CONFIG,
+    METRICS,
+    STATISTICS,
+    ProtocolError,
+    StatisticsReply,
+    error_reason,
+)
 
 from .messaging import exchange
 
@@ -41,7 +49,7 @@ def collect_statistics(
     parts, replies_read = [], []
     for reply in replies:
         if reply.has_error():
-            log.write("client-error", round=0, node=reply.metadata.src_node_id, reason=reply.error.reason)
+            log.write("client-error", round=0, node=reply.metadata.src_node_id, reason=error_reason(reply.error.reason))
             continue
         try:
             parsed = StatisticsReply.from_metrics(reply.content.metric_records[METRICS])

@@ -42,6 +42,7 @@ from fedspec.protocol import (
     ProtocolError,
     TrainReply,
     check_update,
+    error_reason,
 )
 
 from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
@@ -174,7 +175,7 @@ class AdapterStrategy(FedAvg):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():  # it may have lost its state: it gets the fixed tensors again next time
-                outcome.errors.append((node, reply.error.reason))
+                outcome.errors.append((node, error_reason(reply.error.reason)))
                 continue
             self.nodes_with_base.add(node)  # it answered this round's message, which carried them if needed
             try:

@@ -271,3 +271,27 @@ def test_the_mirror_ledger_counts_every_attempt_a_client_reports():
     # A client that lost its own ledger and reports attempt 1 again: the server keeps the larger count.
     _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), 3, cfg)
     assert [(e.round, e.attempt) for e in mirror["2"].entries][-1] == (3, 3)
+
+
+def test_a_failing_client_app_reaches_the_server_as_one_line_with_its_traceback_in_the_node_log(tmp_path):
+    from types import SimpleNamespace
+
+    from fedspec.client.app import _one_line_failures
+    from fedspec.errors import FedspecError
+    from fedspec.protocol import error_reason
+
+    def train(msg, context):
+        raise ValueError("the local data file is gone\nsecond line of detail")
+
+    context = SimpleNamespace(node_config={"partition-id": 7, "state-dir": str(tmp_path)}, run_config={},
+                              run_id=1, state=None)
+    with pytest.raises(FedspecError) as failure:
+        _one_line_failures(train, None)(None, context)
+    message = str(failure.value)
+    assert message.startswith("client 7: ValueError: the local data file is gone (traceback in ")
+    assert "\n" not in message
+    (log,) = tmp_path.rglob("errors.log")
+    assert "Traceback (most recent call last)" in log.read_text() and "second line of detail" in log.read_text()
+    # What the server logs: Flower's runtimes wrap the ClientApp's exception; the one line comes back out.
+    wrapped = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {message}'>"
+    assert error_reason(wrapped) == message
