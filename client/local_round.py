@@ -50,7 +50,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
             return {}, declined
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
-                        grad_sample_mode=cfg.privacy.grad_sample_mode, seed=seed)
+                        grad_sample_mode=cfg.privacy.grad_sample_mode,
+                        head_clip_share=cfg.privacy.get("head_clip_share"), seed=seed)
 
     load_adapter_state(model, {**received, **base_init})
     result = train_steps(

@@ -114,6 +114,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         sigma, _, steps_per_epoch = _noise(cfg, n)
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
+                        head_clip_share=cfg.privacy.get("head_clip_share"),
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         ledger = PrivacyLedger(client_id=CENTRAL_CLIENT, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
         for sigma0, q0, steps0 in init_statistics_entries(cfg):  # the privatized init statistic: "epoch 0"

@@ -103,6 +103,7 @@ class PrivacyConfig:
     accountant: str = MISSING  # rdp | prv
     grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
+    head_clip_share: float | None = None  # per-group clipping: the head's share of max_grad_norm (None: flat)
     # Round 0 of data-driven initializers: release each client's calibration sums clipped and noised (Gaussian
     # mechanism, counted in the client's ε as one step with q = 1), or exactly.
     private_init_stats: bool = MISSING
@@ -306,6 +307,11 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail("privacy.noise_multiplier", privacy.noise_multiplier, "it must be > 0")
         if privacy.noise_multiplier is None and privacy.target_epsilon <= 0:
             fail("privacy.target_epsilon", privacy.target_epsilon, "it must be > 0")
+        if privacy.head_clip_share is not None and not 0.0 < privacy.head_clip_share < 1.0:
+            fail("privacy.head_clip_share", privacy.head_clip_share, "it must be in (0, 1), or null (flat clipping)")
+        if privacy.head_clip_share is not None and privacy.grad_sample_mode == "ghost":
+            fail("privacy.head_clip_share", privacy.head_clip_share, "per-group clipping needs "
+                 "privacy.grad_sample_mode=hooks (ghost clipping clips one flat norm)")
         if privacy.budget_epsilon is not None and privacy.budget_epsilon <= 0:
             fail("privacy.budget_epsilon", privacy.budget_epsilon, "it must be > 0 (or null: use target_epsilon)")
         if privacy.private_init_stats:

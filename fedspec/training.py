@@ -31,6 +31,11 @@ class DPSettings:
     # How Opacus gets per-sample gradients: "hooks" (per-layer rules, per-sample gradients stored) or "ghost"
     # (per-sample norms only, then a second backward pass); both exact, see fedspec.privacy.grad_samplers.
     grad_sample_mode: str = "hooks"
+    # Per-group clipping: the classification head's per-sample gradient is clipped to head_clip_share · C and the
+    # adapter's to √(1 − share²) · C, so neither can take the other's part of the clipping budget (at init the
+    # head's per-sample gradient is ~10× the adapter's and takes almost all of a flat clip). The total norm stays
+    # ≤ C and the noise σ·C, so the privacy accounting is unchanged. None: one flat clip of the whole gradient.
+    head_clip_share: float | None = None
     # Seeded noise and sampling are reproducible — and therefore not private against anyone who knows the
     # seed. Tests only; by default both come from generators seeded with OS entropy.
     seed: int | None = None
@@ -183,6 +188,20 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
     return TrainResult(mean_loss=total_loss / max(examples, 1), steps=steps, examples=examples)
 
 
+def group_clip_norms(model: nn.Module, max_grad_norm: float, head_share: float | None) -> list[float] | None:
+    """Opacus' per-parameter clipping norms for per-group clipping (see ``DPSettings.head_clip_share``): the head's
+    tensors share head_share · C, the adapter's √(1 − head_share²) · C, each group split evenly over its tensors
+    (their root sum of squares is C). None when the share is unset or the model has no trainable head."""
+    if head_share is None:
+        return None
+    is_head = [name.startswith("head.") for name, p in model.named_parameters() if p.requires_grad]
+    if all(is_head) or not any(is_head):
+        return None
+    shares = {True: head_share, False: math.sqrt(1.0 - head_share**2)}
+    sizes = {True: sum(is_head), False: len(is_head) - sum(is_head)}
+    return [max_grad_norm * shares[head] / math.sqrt(sizes[head]) for head in is_head]
+
+
 def _micro_batches(size: int, split: int | None) -> list[slice]:
     if not split or split >= size:
         return [slice(0, size)]
@@ -197,6 +216,7 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
 
     check_exact_rules(model)  # never per-sample gradients of frozen weights (Opacus' functorch fallback)
     loader = DataLoader(dataset, batch_size=batch_size, generator=_entropy_generator(dp.seed))
+    norms = group_clip_norms(model, dp.max_grad_norm, dp.head_clip_share)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: fedspec states the noise source in its privacy report.
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
@@ -206,7 +226,8 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
             optimizer=opt,
             data_loader=loader,
             noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm,
+            max_grad_norm=dp.max_grad_norm if norms is None else norms,
+            clipping="flat" if norms is None else "per_layer",
             poisson_sampling=True,
             noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1),
             wrap_model=False,  # keep the caller's model object (and its cached adapter) as it is

@@ -25,6 +25,7 @@ def privacy_settings(cfg: DictConfig) -> dict:
                            cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else budget_epsilon(cfg)),
         "budget_epsilon": budget_epsilon(cfg) if cfg.privacy.enabled else None,
         "max_grad_norm": cfg.privacy.max_grad_norm,
+        "head_clip_share": cfg.privacy.get("head_clip_share"),  # per-group clipping: same total norm, same noise
         "rounds": cfg.federation.rounds,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,

@@ -3,6 +3,8 @@ what it should, and the steps Opacus accounts are the steps taken."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -125,3 +127,36 @@ def test_method_hooks_run_after_every_step_under_dp_and_without():
                     assert torch.allclose(p, torch.full_like(p, 0.125)), n
     finally:
         del METHODS[spec.name]
+
+
+def _group_steps(head_clip_share):
+    """(head, adapter) norms of one σ = 0 DP-SGD step with lr 1 on the tiny classifier, C = 2."""
+    model, tokenizer = tiny_classifier()
+    fedspec.adapt(model, "lora", 4)
+    model.head.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_steps(model, tokenize(tokenizer, TEXTS * 4, 12), LABELS.repeat(4), steps=1, batch_size=24,
+                optimizer="sgd", lr=1.0, dp=DPSettings(0.0, 2.0, seed=0, head_clip_share=head_clip_share))
+    moved = {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
+    return tuple(math.sqrt(sum(float(d.square().sum()) for n, d in moved.items() if n.startswith("head.") == head))
+                 for head in (True, False))
+
+
+def test_per_group_clipping_bounds_head_and_adapter_separately_within_the_same_total_norm():
+    """privacy.head_clip_share: the head's per-sample gradient is clipped to share·C, the adapter's to √(1−share²)·C:
+    the total norm (and so the noise and ε) is C's, and the head can no longer take the adapter's budget."""
+    from fedspec.training import group_clip_norms
+
+    model, _ = tiny_classifier()
+    fedspec.adapt(model, "lora", 4)
+    model.head.requires_grad_(True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    norms = group_clip_norms(model, 2.0, 0.05)
+    assert sum(x * x for x in norms) == pytest.approx(4.0)
+    assert sum(x * x for n, x in zip(names, norms) if n.startswith("head.")) == pytest.approx(0.1**2)
+    assert group_clip_norms(model, 2.0, None) is None
+    flat_head, flat_adapter = _group_steps(None)
+    head, adapter = _group_steps(0.05)
+    # σ = 0, every record in the batch: a step is the mean of per-sample gradients, each within its group's bound.
+    assert flat_head > 0.1 >= head > 0
+    assert adapter > flat_adapter  # the adapter's share of the clipped gradient grew
