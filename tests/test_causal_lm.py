@@ -174,8 +174,8 @@ def test_classification_cast_as_generation_answers_with_label_words():
 # --- exact per-sample gradients on decoder layers ------------------------------------------------------------------
 
 
-def _decoder(tokenizer, method: str, encoded):
-    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+def _decoder(tokenizer, method: str, encoded, dtype: str = "float32"):
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0, dtype=dtype)
     calibration = None
     if METHODS[method].calibration:
         batches = [(encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels)]
@@ -287,13 +287,7 @@ def test_a_bfloat16_base_keeps_float32_adapters_with_exact_per_sample_gradients(
     """model.dtype=bfloat16 (edge GPUs): the frozen decoder in bfloat16; every adapter tensor, its per-sample
     gradient, the clipping and the noise in float32."""
     encoded = encode_conversations(tokenizer, RECORDS, 32)
-    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0, dtype="bfloat16")
-    calibration = None
-    if METHODS[method].calibration:
-        batches = [(encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels)]
-        calibration = collect_calibration(model, batches, match_targets(model, DECODER_TARGETS),
-                                          METHODS[method].calibration)
-    fedspec.adapt(model, method, 4, DECODER_TARGETS, calibration=calibration, svd_method="exact")
+    model = _decoder(tokenizer, method, encoded, dtype="bfloat16")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
     assert model.lm.model.layers[0].input_layernorm.weight.dtype == torch.bfloat16  # the frozen decoder
