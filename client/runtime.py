@@ -18,8 +18,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from omegaconf import DictConfig, OmegaConf
 
-from fedspec.builders import build_backbone, build_model, build_task, client_partitions, encode, torch_threads
+from fedspec.builders import (
+    build_backbone,
+    build_model,
+    build_task,
+    client_partitions,
+    encode,
+    is_causal_lm,
+    torch_threads,
+)
 from fedspec.data import load_examples
+from fedspec.data.instructions import cast_classification, load_conversations
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger
@@ -110,14 +119,19 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
     """A real client's own file, all of it, labelled with the server task's class names. The node never
     reads the task's data.path / data.eval_path: those are files on the server's machine."""
     cfg = OmegaConf.create(json.loads(model_key))
-    examples = load_examples(
-        data_path,
-        text_field=cfg.data.text_field,
-        label_field=cfg.data.label_field,
-        format=cfg.data.format,
-        label_names=list(label_names),
-        path_key="data-path",  # a node-config key, not a config key
-    )
+    if is_causal_lm(cfg) and not cfg.data.get("prompt"):  # an instruction file: its records need no labels
+        examples = load_conversations(data_path, path_key="data-path")
+    else:
+        examples = load_examples(
+            data_path,
+            text_field=cfg.data.text_field,
+            label_field=cfg.data.label_field,
+            format=cfg.data.format,
+            label_names=list(label_names),
+            path_key="data-path",  # a node-config key, not a config key
+        )
+        if is_causal_lm(cfg):  # classification records answered with label words, as on the server
+            examples = cast_classification(examples, cfg.data.prompt, cfg.data.label_words)
     inputs, labels = encode(_cached_tokenizer(model_key), examples, cfg.model.max_length)
     return LocalData(inputs, labels)
 

@@ -164,7 +164,7 @@ def test_classification_cast_as_generation_answers_with_label_words():
     examples = TextExamples(["good film", "bad film"], [1, 0], ["0", "1"])
     cast = cast_classification(examples, "Review: {text}\nSentiment?", ["negative", "positive"])
     assert cast.records[0] == (("user", "Review: good film\nSentiment?"), ("assistant", "positive"))
-    assert cast.labels == [1, 0] and cast.label_names == ["negative", "positive"]
+    assert cast.labels == [1, 0] and cast.label_names == ["0", "1"]  # the task's class names, for deployed nodes
     with pytest.raises(DataError, match="2 classes"):
         cast_classification(examples, "{text}", ["only"])
     with pytest.raises(DataError, match="must contain {text}"):

@@ -63,3 +63,24 @@ def test_federated_causal_lm_run_trains_and_scores_answers_at_the_end(instructio
 def test_an_encoder_for_a_causal_lm_task_is_refused_early(instruction_file, tmp_path):
     with pytest.raises(ConfigError, match="data.task=causal_lm needs a decoder"):
         compose_config([*_overrides(instruction_file, tmp_path), "model=tiny-bert"])
+
+
+def test_a_deployed_node_reads_its_own_instruction_or_classification_file_as_the_server_casts_it(
+        instruction_file, tmp_path):
+    from fedspec.causal_lm import IGNORE
+    from fedspec.client.runtime import _cached_own_data, _key
+
+    cfg = compose_config(_overrides(instruction_file, tmp_path))
+    own = _cached_own_data(_key(cfg), str(instruction_file), ("-",))
+    assert own.labels.dim() == 2 and len(own) == 96 and (own.labels != IGNORE).any(1).all()
+
+    reviews = tmp_path / "reviews.tsv"
+    reviews.write_text("sentence\tlabel\na fine film\t1\na dull film\t0\n")
+    cfg = compose_config([*_overrides(instruction_file, tmp_path), "data=sst2", "data.task=causal_lm",
+                          f"data.path={reviews}", f"data.eval_path={reviews}"])
+    own = _cached_own_data(_key(cfg), str(reviews), ("0", "1"))
+    from fedspec.models import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny-llama")
+    answers = [tokenizer.decode([t for t in row.tolist() if t != IGNORE]) for row in own.labels]
+    assert answers == ["positive [SEP]", "negative [SEP]"]

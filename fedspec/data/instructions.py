@@ -151,4 +151,5 @@ def cast_classification(examples: TextExamples, prompt: str, label_words: Sequen
         raise DataError(f"data.prompt={prompt!r} must contain {{text}}, where each record's text goes")
     records = [(("user", prompt.replace("{text}", text)), ("assistant", words[label]))
                for text, label in zip(examples.texts, examples.labels)]
-    return Conversations(records, examples.labels, words)
+    # The class names stay the task's own: a deployed node labels its own file with them, then casts it the same way.
+    return Conversations(records, examples.labels, examples.label_names)
