@@ -1,9 +1,11 @@
 """(e) A causal LM's DP-SGD step: SmolLM2-135M-Instruct, the packaged default decoder, against its non-private
 step and against HF PEFT LoRA + Opacus on the same model.
 
-Rank-8 adapters on q_proj/v_proj (the default targets), batch 8 of 128 tokens (random ids, every position a
-response token, no padding: every variant does the same work), next-token loss averaged per record
-(fedspec's ``ResponseLoss``), fixed batches (no Poisson sampling), clipping norm 1, σ = 1, SGD.
+Rank-8 adapters on q_proj/v_proj (the default targets), batch 8 of 128 tokens (random ids, no padding), the last
+16 tokens of each record its response (an instruction record: prompt, then answer), next-token loss averaged
+per record (fedspec's ``ResponseLoss``), fixed batches (no Poisson sampling), clipping norm 1, σ = 1, SGD.
+fedspec computes the LM head only where a response token is predicted; PEFT's model computes logits at every
+position, as transformers' causal LMs do.
 
 - fedspec, FedSVD client mode: PiSSA factors, A frozen, B trains (what every client runs);
 - fedspec, A and B train: like for like with PEFT;
@@ -26,14 +28,18 @@ from fedspec.privacy.grad_samplers import check_exact_rules
 
 from common import FASTER_MARGIN, Row, interleaved, median, seconds, yes_no
 
-BATCH, LENGTH, RANK = 8, 128, 8
+BATCH, LENGTH, RANK, RESPONSE = 8, 128, 8, 16
 TARGETS = ["q_proj", "v_proj"]
 
 
 def _batch(vocab: int, length: int):
+    from fedspec.causal_lm import IGNORE
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, vocab, (BATCH, length), generator=g)
-    return ids, torch.ones_like(ids), ids.clone()  # labels: every next token is trained
+    labels = ids.clone()
+    labels[:, : length - RESPONSE] = IGNORE  # the prompt is not trained
+    return ids, torch.ones_like(ids), labels
 
 
 def _fedspec_model(base: CausalLM, train_A: bool) -> CausalLM:
@@ -51,7 +57,7 @@ class _PeftLM(torch.nn.Module):
         super().__init__()
         self.peft = get_peft_model(copy.deepcopy(base.lm), LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS))
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, labels=None):  # logits at every position, as transformers computes
         return self.peft(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
@@ -70,7 +76,7 @@ def _stepper(model, batch, *, private: bool):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(ids, mask), labels).backward()
+        loss_fn(model(ids, mask, labels), labels).backward()
         optimizer.step()
 
     return step
@@ -96,8 +102,8 @@ def run(quick: bool) -> list[Row]:
         }
         times = interleaved(steps, repeats=repeats)
     t = {name: median(values) for name, values in times.items()}
-    setting = (f"SmolLM2-135M-Instruct, r={RANK} on {'/'.join(TARGETS)}, batch {BATCH} × {length} tokens, response "
-               f"loss, σ=1, C=1, SGD; median of {repeats}")
+    setting = (f"SmolLM2-135M-Instruct, r={RANK} on {'/'.join(TARGETS)}, batch {BATCH} × {length} tokens "
+               f"({RESPONSE}-token responses), response loss, σ=1, C=1, SGD; median of {repeats}")
     overhead = t["dp"] / t["plain"]
     return [
         Row("(e) causal-LM DP step", f"{setting}; FedSVD client (B trains), Opacus hooks",

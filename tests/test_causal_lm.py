@@ -299,3 +299,24 @@ def test_a_bfloat16_base_keeps_float32_adapters_with_exact_per_sample_gradients(
     train_steps(model, encoded.inputs, encoded.labels, steps=1, batch_size=3, optimizer="sgd", lr=0.5,
                 dp=DPSettings(1.0, 1.0, seed=0))
     assert any(not torch.equal(p, before[n]) for n, p in trainable.items())
+
+
+def test_logits_at_response_positions_only_give_the_same_loss_and_gradients(tokenizer):
+    """Training computes the LM head only where a response token is predicted; loss and gradients equal the full
+    logits' (per record, so ghost clipping's per-record losses too)."""
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    model = _decoder(tokenizer, "pissa", encoded)
+    perturb(model, 0.1)
+    ids, mask, labels = encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels
+    results = []
+    for compact in (False, True):
+        model.zero_grad(set_to_none=True)
+        outputs = model(ids, mask, labels) if compact else model(ids, mask)
+        per_record = ResponseLoss("none")(outputs, labels)
+        per_record.mean().backward()
+        results.append((per_record.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (full, full_grads), (compact, compact_grads) = results
+    assert model(ids, mask, labels).logits.shape[0] == int((labels[:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(compact, full, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(compact_grads[name], grad, rtol=1e-4, atol=1e-7)
