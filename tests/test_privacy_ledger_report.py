@@ -313,11 +313,14 @@ def test_what_the_server_sees_follows_the_settings():
     from fedspec.privacy.disclosures import server_sees
 
     default = "\n".join(server_sees(compose_config([])))
-    assert "**The number of training records of each client**" in default
+    assert "**The exact number of training records of each client**" in default
+    # add/remove adjacency treats a client's record count as private: releasing it is outside the ε, and said so
+    assert "is **not covered by the ε**" in default and "also outside the ε, which treats n as private" in default
     assert "Round-0 statistics of data-driven initializations: none in this run (adapter.method=pissa" in default
     assert "not a cryptographically secure RNG" in default
     uniform = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.seed_noise=true"])))
     assert "No record counts as weights" in uniform and "for tests only" in uniform
+    assert "not covered by the ε" not in uniform
     no_dp = "\n".join(server_sees(compose_config(["privacy=none"])))
     assert "without any noise" in no_dp and "sample rate q" not in no_dp
     # a method whose initialization reads client data must say so, and whether the statistics were privatized

@@ -43,16 +43,22 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
     else:
         items.append("**Each sampled client's update, in the clear and without any noise** (no record-level DP, "
                      "no secure aggregation): it can reveal individual training records to the server.")
+    # The accountant's ε is for add/remove-one adjacency, under which a client's record count n is itself
+    # private: anything that reveals n exactly is outside the guarantee, and the report must say so.
     if cfg.federation.weighting == "examples":
-        items.append("**The number of training records of each client** (`num-examples`, its aggregation "
-                     "weight). Set `federation.weighting=uniform` to send a fixed weight instead.")
+        items.append("**The exact number of training records of each client** (`num-examples`, its aggregation "
+                     "weight). The ε shown is for adding or removing one record, under which this count is itself "
+                     "private: sending it exactly is **not covered by the ε**. Set `federation.weighting=uniform` "
+                     "to send a fixed weight instead.")
     else:
         items.append("No record counts as weights: clients send a fixed weight (`federation.weighting=uniform`).")
     if privacy.enabled:
         items.append(
             "**Each client's sample rate q = 1/⌈n/B⌉ and noise multiplier** (the server keeps a copy of every "
             f"ledger for this report): they reveal its number of records n to within one batch of B = "
-            f"{cfg.train.batch_size} records, whatever the weighting."
+            f"{cfg.train.batch_size} records, whatever the weighting — also outside the ε, which treats n as "
+            "private. Nothing in fedspec closes this channel yet (a sample rate fixed by the server for all "
+            "clients, or a DP count, would)."
         )
     items.append("**Each client's mean training loss in every round it trained** (computed on its records "
                  "without noise: not covered by DP), its number of local steps" +
