@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedspec.adapters import load_adapter
@@ -22,7 +22,15 @@ from fedspec.builders import build_model, build_task
 from fedspec.errors import ConfigError
 from fedspec.models import build_classifier, tokenize
 from fedspec.privacy.atomic import write_atomic
-from fedspec.privacy.audit import AuditResult, audit_scores, loss_per_example, run_canaries, summary_lines
+from fedspec.privacy.audit import (
+    MAX_DEFAULT_CANARIES,
+    AuditResult,
+    audit_scores,
+    canaries_to_refute,
+    loss_per_example,
+    run_canaries,
+    summary_lines,
+)
 from fedspec.rundir import RunPaths
 from fedspec.strategies import get_rule
 
@@ -52,10 +60,29 @@ def canary_scores(cfg: DictConfig, paths: RunPaths) -> tuple[list[float], list[b
     return (before - after).tolist(), list(assignment.included)
 
 
+def default_canaries(cfg: DictConfig) -> int:
+    """audit.canaries=0: as many canaries as it takes for the audit to be able to refute the run's target ε (an
+    audit that cannot show ε̂ above the claim proves nothing about it); 1,000 for a run without DP."""
+    if not cfg.privacy.enabled:
+        return 1000
+    claim = float(cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else
+                  cfg.privacy.budget_epsilon or cfg.privacy.target_epsilon or 8.0)
+    needed = canaries_to_refute(claim, float(cfg.audit.confidence), float(cfg.privacy.delta))
+    if needed is None:
+        raise ConfigError(
+            f"no audit of up to {MAX_DEFAULT_CANARIES} canaries could refute ε = {claim:g} at δ = "
+            f"{cfg.privacy.delta:g} (ε̂ grows only with the logarithm of the canaries); give --canaries M to audit "
+            "anyway: the report states the largest ε̂ it could show"
+        )
+    return needed
+
+
 def run_audit(cfg: DictConfig, console: Console | None = None) -> AuditOutcome:
     if cfg.audit.canaries < 1:
-        raise ConfigError("audit.canaries=0 is not allowed for `fedspec audit`; give the number of canaries "
-                          "(--canaries M, e.g. 200)")
+        cfg = OmegaConf.merge(cfg, {"audit": {"canaries": default_canaries(cfg)}})
+        (console or Console(stderr=True)).print(
+            f"audit.canaries: {cfg.audit.canaries}, the fewest that could refute the run's target ε "
+            f"(set --canaries M to choose)")
     if cfg.run.resume:
         raise ConfigError("fedspec audit does not resume runs; start a new one (drop --resume / run.resume)")
     simulation = simulate(cfg, console)

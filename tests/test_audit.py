@@ -184,3 +184,36 @@ def test_audit_stays_below_epsilon_under_dp_and_catches_a_non_private_run(tmp_pa
     assert dp_bound <= claimed
     assert control_bound > DP_TARGET  # the control would refute a claim of ε = 1
     assert control_bound >= dp_bound + 1.0
+
+
+def test_the_audit_states_the_largest_eps_it_could_show_and_the_canaries_a_claim_needs():
+    from fedspec.privacy.audit import canaries_to_refute, max_detectable_epsilon, summary_lines
+
+    m = 300
+    member = np.arange(m) % 2 == 0
+    result = audit_scores(np.random.default_rng(0).random(m), member, confidence=0.95, delta=1e-5)
+    ceiling = max_detectable_epsilon(m, 0.95, 1e-5)
+    assert result.max_detectable == pytest.approx(ceiling)
+    perfect = audit_scores(np.where(member, 1.0, -1.0), member, confidence=0.95, delta=1e-5)
+    assert perfect.epsilon_lower_bound == pytest.approx(ceiling)  # every guess right reaches the ceiling
+    assert 3.0 < ceiling < 8.0  # 300 canaries can never refute a claim of ε = 8
+    lines = "\n".join(summary_lines(result, {"claimed": 8.0}))
+    assert f"this audit cannot refute ε = 8.000: it could show at most ε̂ = {ceiling:.3f}" in lines
+    needed = canaries_to_refute(2.0, 0.95, 1e-5)
+    assert needed is not None and max_detectable_epsilon(needed, 0.95, 1e-5) > 2.0
+    assert needed == 100 or max_detectable_epsilon(needed // 2, 0.95, 1e-5) <= 2.0  # the fewest on the grid
+    assert "cannot refute" not in "\n".join(summary_lines(result, {"claimed": 0.5}))
+
+
+def test_an_unset_canary_count_defaults_to_one_that_could_refute_the_target(tiny_cfg):
+    from fedspec.privacy.audit import max_detectable_epsilon
+    from fedspec.simulations.audit import default_canaries
+
+    cfg = tiny_cfg("privacy.target_epsilon=2")
+    m = default_canaries(cfg)
+    assert max_detectable_epsilon(m, 0.95, 1e-5) > 2.0
+    assert default_canaries(tiny_cfg("privacy=none")) == 1000
+    from fedspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="could refute ε = 50"):
+        default_canaries(tiny_cfg("privacy.target_epsilon=50"))

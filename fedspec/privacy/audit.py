@@ -156,6 +156,30 @@ def default_guess_counts(m: int) -> list[tuple[int, int]]:
     return counts
 
 
+def max_detectable_epsilon(m: int, confidence: float = 0.95, delta: float = 0.0,
+                           guess_counts: Iterable[tuple[int, int]] | None = None) -> float:
+    """The largest ε̂ an audit of m canaries can report at all (every guess of its best rule right): a claimed ε
+    above it cannot be refuted by this audit, whatever the run leaks."""
+    candidates = list(guess_counts) if guess_counts is not None else default_guess_counts(m)
+    per_test = 1.0 - (1.0 - confidence) / len(candidates)
+    return max(epsilon_lower_bound(m, min(k_pos + k_neg, m), min(k_pos + k_neg, m), per_test, delta)
+               for k_pos, k_neg in candidates)
+
+
+MAX_DEFAULT_CANARIES = 51_200
+
+
+def canaries_to_refute(epsilon: float, confidence: float = 0.95, delta: float = 0.0) -> int | None:
+    """The fewest canaries (100·2^k, up to MAX_DEFAULT_CANARIES) whose audit could show an ε̂ above ``epsilon``;
+    None when even that many could not."""
+    m = 100
+    while m <= MAX_DEFAULT_CANARIES:
+        if max_detectable_epsilon(m, confidence, delta) > epsilon:
+            return m
+        m *= 2
+    return None
+
+
 @dataclass(frozen=True)
 class AuditResult:
     """What the audit found; ``epsilon_lower_bound`` is ε̂ at ``confidence`` (already union-bounded)."""
@@ -172,7 +196,7 @@ class AuditResult:
     epsilon_lower_bound: float
     member_score_mean: float
     nonmember_score_mean: float
-
+    max_detectable: float  # the largest ε̂ this setting could show: claims above it are beyond this audit
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -216,6 +240,7 @@ def audit_scores(
         confidence=confidence, delta=delta, candidates=len(candidates), epsilon_lower_bound=eps,
         member_score_mean=float(values[member].mean()) if member.any() else math.nan,
         nonmember_score_mean=float(values[~member].mean()) if (~member).any() else math.nan,
+        max_detectable=max_detectable_epsilon(m, confidence, delta, candidates),
     )
 
 
@@ -333,6 +358,14 @@ def summary_lines(result: AuditResult, claimed: Mapping[str, float | None]) -> l
         f"(ε, δ = {result.delta:g})-DP for any ε < ε̂ (Steinke, Nasr & Jagielski 2023, Theorem 3.1; "
         f"{result.candidates} guess rules, union-bounded)",
     ]
+    lines.append(f"the largest ε̂ this audit could show (every guess of its best rule right): "
+                 f"{result.max_detectable:.3f}")
     for name, value in claimed.items():
         lines.append(f"{name}: {'none (no DP)' if value is None else f'{value:.3f}'}")
+        if value is not None and value >= result.max_detectable:
+            needed = canaries_to_refute(value, result.confidence, result.delta)
+            more = (f"about {needed} canaries could" if needed else
+                    f"not even {MAX_DEFAULT_CANARIES} canaries could")
+            lines.append(f"  this audit cannot refute ε = {value:.3f}: it could show at most ε̂ = "
+                         f"{result.max_detectable:.3f} ({more})")
     return lines
