@@ -122,3 +122,15 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path):
     assert again.returncode == 0, output
     assert "…" not in output  # no cell started
     assert {p.name: p.stat().st_mtime_ns for p in (out / "smoke" / "cells").glob("*.json")} == stamps
+
+
+def test_the_generative_section_shows_each_run_and_a_degraded_federation():
+    import generative
+
+    assert generative.markdown({}) == []
+    results = {"fedsvd": {"loss": [0.78, 0.24], "answer_accuracy": [0.23, 0.6], "max_epsilon": 2.07,
+                          "clients_per_round": [5, 1, 1, 1], "client_errors": 12, "out_of_memory": 12,
+                          "seconds": 2244.0, "commit": "abc1234"}}
+    text = "\n".join(generative.markdown(results))
+    assert "| centralized | not run yet |" not in text and "| central | not run yet |" in text
+    assert "| 0.780 → 0.240 | 2.18 → 1.27 | 0.230 → 0.600 | 2.07 | 5, 1, 1, 1 (12 client failures, 12 out of memory) |" in text
