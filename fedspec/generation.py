@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Callable
 
 from .causal_lm import CausalLM
 from .data.instructions import Conversations
@@ -47,7 +46,7 @@ def answer_matches(generated: str, reference: str, kind: str) -> bool:
 
 
 def generate_responses(model: CausalLM, tokenizer, conversations: Conversations, *, max_new_tokens: int,
-                       batch_size: int = 16, on_batch: Callable[[int], None] | None = None) -> list[str]:
+                       batch_size: int = 16) -> list[str]:
     """Greedy answers to every record's prompt (its turns before the last assistant turn)."""
     prompts = generation_prompts(tokenizer, conversations)
     stop = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
@@ -59,8 +58,6 @@ def generate_responses(model: CausalLM, tokenizer, conversations: Conversations,
         new = model.generate(ids[:, -width:], mask[:, -width:], max_new_tokens=max_new_tokens, eos_token_id=stop,
                              pad_token_id=tokenizer.pad_token_id)
         answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-        if on_batch is not None:
-            on_batch(len(ids))
     return answers
 
 
