@@ -160,3 +160,25 @@ def test_per_group_clipping_bounds_head_and_adapter_separately_within_the_same_t
     # σ = 0, every record in the batch: a step is the mean of per-sample gradients, each within its group's bound.
     assert flat_head > 0.1 >= head > 0
     assert adapter > flat_adapter  # the adapter's share of the clipped gradient grew
+
+
+@pytest.mark.parametrize("override, message", [
+    ("privacy.head_clip_share=1.5", r"privacy.head_clip_share=1.5 is not allowed; it must be in \(0, 1\)"),
+    ("privacy.head_clip_share=0.3 privacy.grad_sample_mode=ghost", "per-group clipping needs privacy.grad_sample_mode=hooks"),
+    ("train.physical_batch_size=0", r"train.physical_batch_size=0 is not allowed; it must be at least 1"),
+    ("model.dtype=int8", "model.dtype='int8' is not allowed; choose one of: float32, bfloat16, float16"),
+])
+def test_new_training_settings_are_checked_with_the_fix_named(tiny_cfg, override, message):
+    from fedspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(*override.split())
+
+
+def test_the_new_settings_can_be_overridden_from_every_config_group(tiny_cfg):
+    """Hydra refuses an override of a key its group's YAML lacks: every model and privacy group carries them."""
+    assert tiny_cfg("model=tiny-llama", "model.dtype=bfloat16").model.dtype == "bfloat16"
+    assert tiny_cfg("model=smollm2", "model.dtype=float16", "data.task=causal_lm", "data=gsm8k").model.dtype == "float16"
+    assert tiny_cfg("privacy=client-dp", "federation.weighting=uniform",
+                    "privacy.head_clip_share=0.3").privacy.head_clip_share == 0.3
+    assert tiny_cfg("train.physical_batch_size=4").train.physical_batch_size == 4
