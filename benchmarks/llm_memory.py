@@ -41,6 +41,14 @@ def llama_1b(layers: int, dtype: torch.dtype, device: str) -> CausalLM:
     return CausalLM(lm.requires_grad_(False).train())
 
 
+def resident_gib() -> float:
+    """The process's resident set now (Linux), GiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16, help="decoder blocks (16: the 1B shape)")
@@ -64,6 +72,7 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    before_step = resident_gib()
     started = time.perf_counter()
     # Sampling rate 1 (batch = all records) makes the Poisson batch the whole logical batch, every step.
     result = train_steps(model, data, ids.clone(), steps=1, batch_size=args.batch, optimizer="sgd", lr=0.1,
@@ -73,7 +82,9 @@ def main() -> None:
         torch.cuda.synchronize()
         peak = f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     else:
-        peak = f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+        # The resident set also holds Python, torch's libraries and the model: the step's own share is the rise
+        peak = (f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}"
+                f" GiB ({before_step:.2f} GiB before the step)")
     seconds = time.perf_counter() - started
     print(f"Llama-1B-shaped, {args.layers} layers, {params / 1e9:.2f}B parameters in {args.dtype}, rank {args.rank} on "
           f"all projections ({trainable / 1e6:.1f}M float32 trainable), DP step ({args.mode}) of {result.examples} "

@@ -1,0 +1,271 @@
+"""SecAgg+ (Bell et al. 2020; SecAgg, Bonawitz et al. 2017, when every client neighbours every other): the server
+learns the sum of the clients' vectors and nothing else, even when some clients drop out mid-round.
+
+One round, four exchanges (the server relays every message; clients never talk directly):
+
+1. **advertise** — each client makes two X25519 key pairs (one to encrypt shares, one to agree masks) and a random
+   self-mask seed ``b``, and sends the public keys and a SHA-256 commitment to ``b``.
+2. **share** — the server sends each client its neighbours' public keys (a ring over the clients that advertised;
+   every other client when ``neighbours`` is None). The client splits ``b`` and its mask private key into Shamir
+   shares, ``t`` of its ``k`` neighbours needed to rebuild either, and sends each neighbour its pair of shares
+   encrypted (AES-GCM) under their agreed key.
+3. **mask** — the server forwards each client the shares addressed to it. The client (after training) sends
+   ``y = x + PRG(b) + Σ_v ±PRG(s_uv) mod 2^62`` over the neighbours ``v`` whose shares it received; ``s_uv`` is the
+   mask key it agrees with ``v``; the sign makes each pair's masks cancel in the sum.
+4. **unmask** — the server names the clients whose ``y`` arrived (survivors) and those that shared but sent no ``y``
+   (dropped). Each survivor returns, for every neighbour, the share of ``b`` (a survivor) or of the mask private key
+   (a dropped client) — never both for one client, so the server can never strip a survivor's masks alone. With
+   ``t`` shares per client the server removes every survivor's ``PRG(b)`` and the dropped clients' pairwise masks.
+
+Threat model: an honest-but-curious server and clients; a client also refuses requests that would unmask a
+survivor. The server checks every reconstructed secret against the client's own commitment or public key, so a
+wrong share is caught (the round is skipped, never silently corrupted). Fewer than ``t`` shares for any client:
+the round cannot be summed and is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .primitives import (
+    KEY_BYTES,
+    KeyPair,
+    SecAggError,
+    agree,
+    combine_shares,
+    commitment,
+    decrypt,
+    encrypt,
+    mask,
+    public_key_of,
+    split_secret,
+)
+from .quantize import MODULUS_BITS
+
+MODULUS = 1 << MODULUS_BITS
+SHARE_PURPOSE = b"share-encryption"
+MASK_PURPOSE = b"pairwise-mask"
+_SHARE_BYTES = 2 + KEY_BYTES  # a Shamir share of a 32-byte secret: 2-byte index + two 16-byte blocks
+
+
+def threshold(neighbours: int, fraction: float) -> int:
+    """Shares needed to rebuild a secret shared among ``neighbours``: more than ``fraction`` of them (fraction ≥ ½:
+    a majority, so two disjoint groups can never both rebuild; a dropped client needs ``neighbours − t`` spares)."""
+    return min(neighbours, int(fraction * neighbours) + 1)
+
+
+def neighbourhoods(nodes: Iterable[int], neighbours: int | None) -> dict[int, list[int]]:
+    """A symmetric ring graph over ``nodes``: each has the ``neighbours // 2`` nearest on either side in sorted
+    order (every other node when ``neighbours`` is None or at least len(nodes) − 1)."""
+    ring = sorted(set(nodes))
+    n = len(ring)
+    if neighbours is None or neighbours >= n - 1:
+        return {u: [v for v in ring if v != u] for u in ring}
+    half = max(1, neighbours // 2)
+    graph = {u: set() for u in ring}
+    for i, u in enumerate(ring):
+        for offset in range(1, half + 1):
+            graph[u].add(ring[(i + offset) % n])
+            graph[u].add(ring[(i - offset) % n])
+    return {u: sorted(peers) for u, peers in graph.items()}
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    share_key: bytes  # X25519 public key for share encryption
+    mask_key: bytes  # X25519 public key for pairwise masks
+    seed_commitment: bytes  # SHA-256 commitment to the self-mask seed
+
+
+def _associated(round_: int, sender: int, receiver: int) -> bytes:
+    return b"fedspec-secagg share" + b"".join(x.to_bytes(8, "little", signed=False) for x in (round_, sender, receiver))
+
+
+def _signed_sum(terms: Iterable[tuple[int, torch.Tensor]], size: int) -> torch.Tensor:
+    total = torch.zeros(size, dtype=torch.int64)
+    for sign, term in terms:
+        total = (total + term) % MODULUS if sign > 0 else (total - term) % MODULUS
+    return total
+
+
+@dataclass
+class ClientSession:
+    """A client's side of one round. Holds its secrets between the exchanges (``to_bytes`` / ``from_bytes`` keep it
+    in the node's state); make a new one every round: keys and seeds are never reused."""
+
+    node: int
+    round: int
+    fraction: float
+    share_keys: KeyPair = field(default_factory=KeyPair.generate)
+    mask_keys: KeyPair = field(default_factory=KeyPair.generate)
+    seed: bytes = field(default_factory=lambda: os.urandom(KEY_BYTES))
+    peers: dict[int, Advertisement] = field(default_factory=dict)
+    inbox: dict[int, bytes] = field(default_factory=dict)  # sender → its encrypted shares for this client
+    masked_with: tuple[int, ...] = ()
+
+    def advertise(self) -> Advertisement:
+        return Advertisement(self.share_keys.public, self.mask_keys.public, commitment(self.seed))
+
+    def share(self, peers: Mapping[int, Advertisement]) -> dict[int, bytes]:
+        """Encrypted share pairs (of the seed and of the mask private key) for each neighbour."""
+        if self.node in peers:
+            raise SecAggError(f"the server listed client {self.node} as its own neighbour")
+        if not peers:
+            raise SecAggError(f"client {self.node} has no neighbours: its masked vector would be its update")
+        self.peers = dict(peers)
+        order = sorted(self.peers)
+        t = threshold(len(order), self.fraction)
+        seed_shares = split_secret(self.seed, t, len(order))
+        key_shares = split_secret(self.mask_keys.private, t, len(order))
+        out = {}
+        for peer, seed_share, key_share in zip(order, seed_shares, key_shares):
+            key = agree(self.share_keys.private, self.peers[peer].share_key, SHARE_PURPOSE)
+            out[peer] = encrypt(key, seed_share + key_share, _associated(self.round, self.node, peer))
+        return out
+
+    def mask(self, vector: torch.Tensor, inbox: Mapping[int, bytes]) -> torch.Tensor:
+        """``vector`` (int64 residues) masked with the self-mask and a pairwise mask per neighbour that shared."""
+        unknown = set(inbox) - set(self.peers)
+        if unknown:
+            raise SecAggError(f"client {self.node} received shares from non-neighbours {sorted(unknown)}")
+        if not inbox:
+            raise SecAggError(f"client {self.node} received no shares: it would mask with no one")
+        if vector.dtype != torch.int64 or bool(((vector < 0) | (vector >= MODULUS)).any()):
+            raise SecAggError("the vector to mask must be int64 residues in [0, 2^62)")
+        self.inbox, self.masked_with = dict(inbox), tuple(sorted(inbox))
+        size = vector.numel()
+        terms = [(1, vector.to(torch.int64)), (1, mask(self.seed, size, MODULUS_BITS, self.round))]
+        for peer in self.masked_with:
+            seed = agree(self.mask_keys.private, self.peers[peer].mask_key, MASK_PURPOSE)
+            terms.append((1 if self.node < peer else -1, mask(seed, size, MODULUS_BITS, self.round)))
+        return _signed_sum(terms, size)
+
+    def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+        """For each listed neighbour, the share the server needs: of its seed (a survivor) or of its mask private
+        key (dropped). Refuses a request that names a client in both lists or this client as dropped."""
+        survivors, dropped = set(survivors), set(dropped)
+        if survivors & dropped:
+            raise SecAggError(f"the server asked for both secrets of clients {sorted(survivors & dropped)}: refused")
+        if self.node in dropped:
+            raise SecAggError(f"the server listed client {self.node} itself as dropped: refused")
+        if dropped - set(self.masked_with):
+            # a client that never shared with this one cannot have masked with it: nothing to remove
+            dropped &= set(self.masked_with)
+        out = {}
+        for peer in sorted((survivors | dropped) & set(self.inbox)):
+            key = agree(self.share_keys.private, self.peers[peer].share_key, SHARE_PURPOSE)
+            plain = decrypt(key, self.inbox[peer], _associated(self.round, peer, self.node))
+            if len(plain) != 2 * _SHARE_BYTES:
+                raise SecAggError(f"client {peer}'s shares have the wrong length")
+            out[peer] = plain[:_SHARE_BYTES] if peer in survivors else plain[_SHARE_BYTES:]
+        return out
+
+    def to_bytes(self) -> dict[str, bytes | int | float | list[int]]:
+        """Flat values for a Flower ``ConfigRecord`` in the node's state."""
+        record: dict = {
+            "node": self.node, "round": self.round, "fraction": self.fraction,
+            "share-private": self.share_keys.private, "share-public": self.share_keys.public,
+            "mask-private": self.mask_keys.private, "mask-public": self.mask_keys.public, "seed": self.seed,
+            "masked-with": list(self.masked_with), "peers": sorted(self.peers), "inbox": sorted(self.inbox),
+        }
+        for peer, ad in self.peers.items():
+            record[f"peer-{peer}"] = ad.share_key + ad.mask_key + ad.seed_commitment
+        for peer, ciphertext in self.inbox.items():
+            record[f"inbox-{peer}"] = ciphertext
+        return record
+
+    @classmethod
+    def from_bytes(cls, record: Mapping) -> ClientSession:
+        peers = {}
+        for peer in record["peers"]:
+            blob = record[f"peer-{peer}"]
+            peers[int(peer)] = Advertisement(blob[:KEY_BYTES], blob[KEY_BYTES:2 * KEY_BYTES], blob[2 * KEY_BYTES:])
+        return cls(
+            node=int(record["node"]), round=int(record["round"]), fraction=float(record["fraction"]),
+            share_keys=KeyPair(record["share-private"], record["share-public"]),
+            mask_keys=KeyPair(record["mask-private"], record["mask-public"]), seed=record["seed"], peers=peers,
+            inbox={int(p): record[f"inbox-{p}"] for p in record["inbox"]},
+            masked_with=tuple(int(p) for p in record["masked-with"]),
+        )
+
+
+@dataclass
+class ServerSession:
+    """The server's side of one round: routes keys and shares, then turns the survivors' masked vectors and their
+    shares into the plain sum. Raises :class:`SecAggError` when the round cannot be summed (the caller skips it)."""
+
+    round: int
+    fraction: float
+    neighbours: int | None = None
+    advertised: dict[int, Advertisement] = field(default_factory=dict)
+    graph: dict[int, list[int]] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # clients whose shares went out (U2)
+    masked: dict[int, torch.Tensor] = field(default_factory=dict)  # survivors' masked vectors (U3)
+
+    def peers(self, advertised: Mapping[int, Advertisement]) -> dict[int, dict[int, Advertisement]]:
+        """Each advertising client's neighbours and their public keys (the message of exchange 2)."""
+        if len(advertised) < 2:
+            raise SecAggError(f"only {len(advertised)} client(s) advertised keys: a sum of fewer than 2 is not secret")
+        self.advertised = dict(advertised)
+        self.graph = neighbourhoods(self.advertised, self.neighbours)
+        return {u: {v: self.advertised[v] for v in peers} for u, peers in self.graph.items()}
+
+    def route(self, shares: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Sender → receiver → ciphertext in; receiver → sender → ciphertext out (exchange 3's inbox). A sender
+        must address exactly its neighbours; one that does not is left out (as dropped before sharing)."""
+        self.shared = {u for u, out in shares.items() if u in self.graph and set(out) == set(self.graph[u])}
+        inbox: dict[int, dict[int, bytes]] = {u: {} for u in self.shared}
+        for sender in self.shared:
+            for receiver, ciphertext in shares[sender].items():
+                if receiver in self.shared:
+                    inbox[receiver][sender] = ciphertext
+        return inbox
+
+    def unmask_request(self, masked: Mapping[int, torch.Tensor]) -> tuple[list[int], list[int]]:
+        """Record the masked vectors; (survivors, dropped) to send every survivor in exchange 4."""
+        self.masked = {u: y for u, y in masked.items() if u in self.shared}
+        sizes = {y.numel() for y in self.masked.values()}
+        if len(sizes) > 1:
+            raise SecAggError(f"masked vectors of different lengths {sorted(sizes)}: the clients disagree on the update")
+        if len(self.masked) < 2:
+            raise SecAggError(f"only {len(self.masked)} masked vector(s) arrived: a sum of fewer than 2 is not secret")
+        return sorted(self.masked), sorted(self.shared - set(self.masked))
+
+    def total(self, responses: Mapping[int, Mapping[int, bytes]]) -> torch.Tensor:
+        """The sum of the survivors' vectors (int64 residues) from their unmask responses."""
+        survivors = set(self.masked)
+        dropped = self.shared - survivors
+        holders: dict[int, list[bytes]] = {u: [] for u in self.shared}
+        for responder, shares in responses.items():
+            if responder not in survivors:
+                continue
+            for owner, share in shares.items():
+                if owner in holders and responder in self.graph[owner]:
+                    holders[owner].append(share)
+        size = next(iter(self.masked.values())).numel()
+        terms = [(1, y) for y in self.masked.values()]
+        for owner in sorted(survivors):
+            seed = self._rebuild(owner, holders[owner], check=lambda s, o=owner: commitment(s) == self.advertised[o].seed_commitment)
+            terms.append((-1, mask(seed, size, MODULUS_BITS, self.round)))
+        for owner in sorted(dropped):
+            private = self._rebuild(owner, holders[owner], check=lambda s, o=owner: public_key_of(s) == self.advertised[o].mask_key)
+            for peer in self.graph[owner]:
+                if peer in survivors:  # the survivor added sign(peer, owner)·PRG(s): take it out
+                    seed = agree(private, self.advertised[peer].mask_key, MASK_PURPOSE)
+                    terms.append((-1 if peer < owner else 1, mask(seed, size, MODULUS_BITS, self.round)))
+        return _signed_sum(terms, size)
+
+    def _rebuild(self, owner: int, shares: list[bytes], check) -> bytes:
+        t = threshold(len(self.graph[owner]), self.fraction)
+        if len(shares) < t:
+            raise SecAggError(f"client {owner}'s secret needs {t} shares, {len(shares)} arrived: too many dropouts")
+        # The first t shares, then (if a share was wrong) each other window of t: a bad share is caught by the check
+        for start in range(0, len(shares) - t + 1):
+            secret = combine_shares(shares[start:start + t])
+            if check(secret):
+                return secret
+        raise SecAggError(f"client {owner}'s secret does not match its commitment: a share was altered")

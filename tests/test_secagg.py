@@ -1,0 +1,186 @@
+"""Secure aggregation's core: the masked sum equals the plain sum (up to the stated quantization bound), survives
+dropouts below the threshold, fails loudly above it, and refuses the requests that would unmask a client."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedspec.secagg import ClientSession, Quantizer, SecAggError, ServerSession, neighbourhoods, threshold
+from fedspec.secagg.primitives import combine_shares, mask, split_secret
+from fedspec.secagg.protocol import MODULUS
+
+
+def run_round(vectors: dict[int, torch.Tensor], *, fraction=0.5, neighbours=None, drop_before_mask=(),
+              drop_before_unmask=(), round_=3, tamper=None):
+    """All four exchanges, in process, as the federation carries them; returns (server total, server)."""
+    clients = {u: ClientSession(node=u, round=round_, fraction=fraction) for u in vectors}
+    server = ServerSession(round=round_, fraction=fraction, neighbours=neighbours)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    shares = {u: clients[u].share(peers[u]) for u in clients}
+    inbox = server.route(shares)
+    masked = {u: clients[u].mask(vectors[u], inbox[u]) for u in inbox if u not in drop_before_mask}
+    survivors, dropped = server.unmask_request(masked)
+    responses = {u: clients[u].unmask(survivors, dropped) for u in survivors if u not in drop_before_unmask}
+    if tamper:
+        tamper(responses)
+    return server.total(responses), server
+
+
+def residues(n: int, size: int, seed=0) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {100 + 7 * i: torch.randint(0, 2**40, (size,), generator=g) for i in range(n)}
+
+
+def test_masked_sum_equals_plain_sum():
+    vectors = residues(5, 50)
+    total, _ = run_round(vectors)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_a_masked_vector_reveals_nothing_of_its_input():
+    # Two clients with the same input send unrelated vectors; a client's vector differs from its input everywhere
+    vectors = {1: torch.arange(1000), 2: torch.arange(1000), 3: torch.zeros(1000, dtype=torch.int64)}
+    clients = {u: ClientSession(node=u, round=0, fraction=0.5) for u in vectors}
+    server = ServerSession(round=0, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    y = {u: clients[u].mask(vectors[u], inbox[u]) for u in clients}
+    assert (y[1] != vectors[1]).float().mean() > 0.99 and (y[1] != y[2]).float().mean() > 0.99
+    assert y[3].float().std() > 2**60  # roughly uniform over [0, 2^62), from an all-zero input
+
+
+# Every neighbour of a dropped client must still gather t shares: with all 7 others (t = 4) two may drop; on a
+# ring of 4 neighbours (t = 3) one may
+@pytest.mark.parametrize("neighbours, drops", [(None, 2), (4, 1)])
+def test_dropouts_after_sharing_are_recovered(neighbours, drops):
+    vectors = residues(8, 30, seed=1)
+    dropped = sorted(vectors)[2:2 + drops]  # shared their keys, then never sent a masked vector
+    total, _ = run_round(vectors, neighbours=neighbours, drop_before_mask=dropped)
+    expected = sum(v for u, v in vectors.items() if u not in dropped) % MODULUS
+    assert torch.equal(total, expected)
+
+
+def test_survivors_silent_at_unmasking_are_tolerated_up_to_the_threshold():
+    vectors = residues(7, 20, seed=2)
+    t = threshold(6, 0.5)
+    assert t == 4
+    silent = sorted(vectors)[:2]  # their masked vectors count; 4 of every client's 6 neighbours still answer
+    total, _ = run_round(vectors, drop_before_unmask=silent)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+    with pytest.raises(SecAggError, match="needs 4 shares, 3 arrived: too many dropouts"):
+        run_round(vectors, drop_before_unmask=sorted(vectors)[:3])
+
+
+def test_a_round_with_fewer_than_two_vectors_is_refused():
+    vectors = residues(3, 5)
+    with pytest.raises(SecAggError, match="only 1 masked vector"):
+        run_round(vectors, drop_before_mask=sorted(vectors)[:2])
+
+
+def test_an_altered_share_is_caught_not_summed():
+    vectors = residues(4, 10, seed=3)
+
+    def flip(responses):
+        responder = sorted(responses)[0]
+        owner = sorted(responses[responder])[0]
+        share = bytearray(responses[responder][owner])
+        share[5] ^= 1
+        responses[responder][owner] = bytes(share)
+
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        run_round(vectors, fraction=0.9, tamper=flip)  # threshold = every neighbour: no spare share
+
+
+def test_a_client_refuses_to_reveal_both_secrets_of_one_client():
+    clients = {u: ClientSession(node=u, round=1, fraction=0.5) for u in (1, 2, 3)}
+    server = ServerSession(round=1, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    for u in clients:
+        clients[u].mask(torch.zeros(4, dtype=torch.int64), inbox[u])
+    with pytest.raises(SecAggError, match="both secrets of clients \\[2\\]"):
+        clients[1].unmask(survivors=[1, 2], dropped=[2])
+    with pytest.raises(SecAggError, match="itself as dropped"):
+        clients[1].unmask(survivors=[2], dropped=[1])
+
+
+def test_a_misrouted_or_altered_share_does_not_decrypt():
+    clients = {u: ClientSession(node=u, round=1, fraction=0.5) for u in (1, 2, 3)}
+    server = ServerSession(round=1, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    misrouted = {1: inbox[2][1], 3: inbox[1][3]}  # "from 3" is really client 3's ciphertext for client 1
+    clients[2].mask(torch.zeros(2, dtype=torch.int64), misrouted)
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        clients[2].unmask(survivors=[1, 3], dropped=[])
+    altered = bytearray(inbox[2][1])
+    altered[-1] ^= 1
+    clients[2].mask(torch.zeros(2, dtype=torch.int64), {1: bytes(altered), 3: inbox[2][3]})
+    with pytest.raises(SecAggError, match="does not decrypt"):
+        clients[2].unmask(survivors=[1], dropped=[])
+
+
+def test_client_session_survives_a_round_trip_through_its_stored_form():
+    clients = {u: ClientSession(node=u, round=2, fraction=0.5) for u in (4, 5, 6)}
+    server = ServerSession(round=2, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    shares = {}
+    for u in clients:  # each exchange runs on a session rebuilt from the previous one's stored form
+        shares[u] = clients[u].share(peers[u])
+        clients[u] = ClientSession.from_bytes(clients[u].to_bytes())
+    inbox = server.route(shares)
+    vectors = residues(3, 6, seed=4)
+    masked = {}
+    for u, v in zip(clients, vectors.values()):
+        masked[u] = clients[u].mask(v, inbox[u])
+        clients[u] = ClientSession.from_bytes(clients[u].to_bytes())
+    survivors, dropped = server.unmask_request(masked)
+    total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_ring_neighbourhoods_are_symmetric_and_sized():
+    graph = neighbourhoods(range(10), 4)
+    assert all(len(peers) == 4 for peers in graph.values())
+    assert all(u in graph[v] for u, peers in graph.items() for v in peers)
+    assert neighbourhoods([3, 1, 2], 8) == {1: [2, 3], 2: [1, 3], 3: [1, 2]}
+
+
+def test_shamir_needs_the_threshold():
+    secret = bytes(range(32))
+    shares = split_secret(secret, 3, 5)
+    assert combine_shares(shares[1:4]) == secret and combine_shares(shares) == secret
+    assert combine_shares(shares[:2]) != secret
+
+
+def test_masks_are_deterministic_per_seed_and_round():
+    seed = bytes(32)
+    assert torch.equal(mask(seed, 9, 62, 1), mask(seed, 9, 62, 1))
+    assert not torch.equal(mask(seed, 9, 62, 1), mask(seed, 9, 62, 2))
+    assert int(mask(seed, 10_000, 62, 0).max()) < MODULUS
+
+
+def test_quantized_weighted_mean_is_within_one_step_of_the_exact_mean():
+    quantizer = Quantizer(clip=2.0, bits=16, max_weight=10_000)
+    g = torch.Generator().manual_seed(5)
+    updates = [{"b": torch.randn(6, 4, generator=g) * 0.5, "head": torch.randn(3, generator=g)} for _ in range(6)]
+    weights = [17, 1, 250, 3000, 42, 999]
+    encoded = [quantizer.encode(u, w, g)[0] for u, w in zip(updates, weights)]
+    sums, weight = quantizer.decode(sum(encoded) % MODULUS, updates[0])
+    assert weight == sum(weights)
+    for key in ("b", "head"):
+        exact = sum(w * u[key].clamp(-2, 2).double() for u, w in zip(updates, weights)) / weight
+        assert (sums[key] / weight - exact).abs().max() <= quantizer.step
+
+
+def test_quantization_counts_clipped_coordinates_and_refuses_bad_input():
+    quantizer = Quantizer(clip=1.0, bits=12, max_weight=100)
+    g = torch.Generator().manual_seed(0)
+    _, clipped = quantizer.encode({"x": torch.tensor([0.5, -3.0, 2.0])}, 1, g)
+    assert clipped == 2
+    with pytest.raises(SecAggError, match="non-finite"):
+        quantizer.encode({"x": torch.tensor([float("nan")])}, 1, g)
+    with pytest.raises(SecAggError, match="outside 1..100"):
+        quantizer.encode({"x": torch.zeros(1)}, 101, g)
+    assert quantizer.max_clients() == 2**62 // (100 * 2**12)
