@@ -27,9 +27,13 @@ from fedspec.protocol import (
     CALIBRATION_FLAG,
     CLIENT_ID,
     CONFIG,
+    DECLINED,
     LABELS,
     METRICS,
     NUM_EXAMPLES,
+    SECAGG,
+    SECAGG_STAGE,
+    SERVER_ROUND,
     STATISTICS,
     VERSION,
 )
@@ -91,9 +95,13 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         from .runtime import client_id, local_data, remember_label_names
 
         config = msg.content.config_records.get(CONFIG) or ConfigRecord({})
+        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        if config.get(SECAGG_STAGE):  # an exchange of secure aggregation's protocol
+            from .secure_aggregation import answer_query
+
+            return Message(answer_query(cfg, msg, context), reply_to=msg)
         check_same_version(config.get(VERSION))
         remember_label_names(context, config.get(LABELS))
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
         if config.get(CALIBRATION_FLAG):  # round 0 of a data-driven initialization
             from .statistics import client_statistics
 
@@ -112,6 +120,15 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         from .local_round import train_one_round
 
         cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        if SECAGG in msg.content.config_records:  # secure aggregation: reply with the masked update only
+            from .secure_aggregation import masked_reply, round_session
+
+            # the session is checked before training: a node that cannot mask spends no privacy budget
+            session = round_session(context, int(msg.content.config_records[CONFIG][SERVER_ROUND]))
+            update, metrics = train_one_round(cfg, msg, context)
+            if metrics.get(DECLINED):
+                return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+            return Message(masked_reply(cfg, msg, context, session, update, metrics), reply_to=msg)
         update, metrics = train_one_round(cfg, msg, context)
         return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
 

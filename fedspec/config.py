@@ -125,6 +125,18 @@ class TrainConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """SecAgg+ (fedspec.secagg): the server learns only the sum of the clients' quantized, weighted updates."""
+
+    enabled: bool = False
+    neighbours: int | None = None  # each client masks with this many others on a ring (SecAgg+); None: all (SecAgg)
+    threshold: float = 0.5  # shares needed to rebuild a client's secrets: more than this fraction of its neighbours
+    clip_range: float = 4.0  # every coordinate of an update is clipped to ±clip_range, then quantized
+    bits: int = 24  # 2^bits quantization levels across [-clip_range, clip_range]
+    max_weight: int = 1_000_000  # a client's weight (its record count) is capped here
+
+
+@dataclass
 class FederationConfig:
     clients: int = MISSING
     rounds: int = MISSING
@@ -135,6 +147,7 @@ class FederationConfig:
     weighting: str = MISSING  # examples | uniform (clients send a fixed weight, not their number of records)
     update_clip: float | None = MISSING  # clip each update's norm to this × the cohort's median (0/None: off)
     weight_cap: float | None = MISSING  # cap each client's weight at this × the cohort's median (0/None: off)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
 @dataclass
@@ -273,6 +286,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail(key, value, "it must be >= 1 (a multiple of the cohort's median) or 0 (off)")
     if cfg.federation.min_clients < 1:
         fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
+    _validate_secure_aggregation(cfg.federation.secure_aggregation, fail)
     for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",
                 "model.max_length"):
         value = OmegaConf.select(cfg, key)
@@ -351,6 +365,20 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
         fail("privacy.client_level.target_epsilon", level.target_epsilon, "it must be > 0")
 
 
+def _validate_secure_aggregation(secagg: DictConfig, fail) -> None:
+    if not 0.5 <= secagg.threshold < 1.0:
+        fail("federation.secure_aggregation.threshold", secagg.threshold, "it must be in [0.5, 1): a majority of "
+             "each client's neighbours, so that two disjoint groups can never both rebuild its secrets")
+    if secagg.neighbours is not None and secagg.neighbours < 2:
+        fail("federation.secure_aggregation.neighbours", secagg.neighbours, "it must be at least 2 (or null: all)")
+    if not secagg.clip_range > 0:
+        fail("federation.secure_aggregation.clip_range", secagg.clip_range, "it must be > 0")
+    if not 8 <= secagg.bits <= 32:
+        fail("federation.secure_aggregation.bits", secagg.bits, "it must be in 8..32")
+    if secagg.max_weight < 1:
+        fail("federation.secure_aggregation.max_weight", secagg.max_weight, "it must be at least 1")
+
+
 def check_federated(cfg: DictConfig) -> None:
     """The checks only a federation needs (`fedspec train` ignores the strategy): the strategy must suit the
     method's federated rule — FedSVD, FFA-LoRA and FedIT need a low-rank B·A method, FedAvg takes any."""
@@ -361,6 +389,12 @@ def check_federated(cfg: DictConfig) -> None:
         raise ConfigError(
             f"strategy.name={cfg.strategy.name!r} is not allowed; it needs a low-rank (B·A) adapter method "
             f"({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}"
+        )
+    if cfg.federation.secure_aggregation.enabled and cfg.privacy.client_level.enabled:
+        raise ConfigError(
+            "federation.secure_aggregation.enabled=true with privacy.client_level.enabled=true is not supported yet: "
+            "the server would add client-level noise to a sum it has seen un-noised (distributed noise, added by "
+            "the clients, is not built); use one or the other"
         )
 
 

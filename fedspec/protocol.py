@@ -22,12 +22,17 @@ METRICS = "metrics"  # every reply's scalars
 CONFIG = "config"  # the server's instructions
 BASE_INIT = "base-init"  # fixed adapter tensors (e.g. PiSSA's residual init factors), sent once per node
 STATISTICS = "statistics"  # round 0 of a data-driven initialization: the client's statistic sums
+SECAGG = "secagg"  # secure aggregation's payload (keys, encrypted shares, unmask lists): bytes and strings
+MASKED = "masked"  # under secure aggregation, the one tensor of a train reply: the masked, quantized update
 
 # Config keys (server → client)
 SERVER_ROUND = "server-round"
 VERSION = "fedspec-version"  # the server's fedspec release: clients refuse another
 LABELS = "label-names"  # the task's class names: how a node labels its own data file
 CALIBRATION_FLAG = "calibration-statistics"  # a query for round 0's statistics
+SECAGG_STAGE = "secagg-stage"  # a query of secure aggregation's exchanges: "advertise", "share" or "unmask"
+ADVERTISE, SHARE, UNMASK = "advertise", "share", "unmask"
+SURVIVORS, DROPPED = "survivors", "dropped"  # the unmask query's lists of node ids (strings: ids are uint64)
 
 # Metric keys (client → server)
 CLIENT_ID = "client-id"
@@ -42,6 +47,7 @@ DECLINED = "declined"  # 1: the client refused to train (its privacy budget woul
 BUDGET_EPSILON = "budget-epsilon"
 CALIBRATION_EXAMPLES = "calibration-examples"
 PRIVATIZED = "privatized"
+CLIPPED_COORDINATES = "clipped-coordinates"  # secure aggregation: coordinates clipped to ±clip_range before quantizing
 
 # A record count above this is not a client's dataset but an attempt to take over the weighted mean.
 MAX_NUM_EXAMPLES = 10**9
@@ -86,6 +92,7 @@ class TrainReply:
     # after the resume was released twice, and the server's mirror ledger (reloaded from the checkpoint before
     # that round) must count both.
     attempt: int | None = None
+    clipped_coordinates: int | None = None  # secure aggregation: coordinates clipped to ±clip_range
 
     @property
     def private(self) -> bool:
@@ -99,7 +106,8 @@ class TrainReply:
         for key, value in ((TRAIN_LOSS, self.train_loss), (STEPS, self.steps if not self.declined else None),
                            (NUM_EXAMPLES, self.num_examples), (NOISE_MULTIPLIER, self.noise_multiplier),
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
-                           (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt)):
+                           (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt),
+                           (CLIPPED_COORDINATES, self.clipped_coordinates)):
             if value is not None:
                 metrics[key] = value
         return metrics
@@ -130,8 +138,11 @@ class TrainReply:
         attempt = _number(metrics, ATTEMPT, integer=True, required=False)
         if attempt is not None and not 1 <= attempt <= MAX_ATTEMPTS:
             raise ProtocolError(f"metric {ATTEMPT!r} must be in 1..{MAX_ATTEMPTS}, got {attempt}")
+        clipped = _number(metrics, CLIPPED_COORDINATES, integer=True, required=False)
+        if clipped is not None and clipped < 0:
+            raise ProtocolError(f"metric {CLIPPED_COORDINATES!r} must be >= 0, got {clipped}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
-                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt)
+                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped)
 
 
 @dataclass(frozen=True)
@@ -185,3 +196,15 @@ def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Te
             raise ProtocolError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the server sent {tuple(sent[key].shape)}")
         if not torch.isfinite(tensor).all():
             raise ProtocolError(f"tensor {key!r} holds NaN or Inf")
+
+
+def check_masked(arrays: Mapping[str, torch.Tensor], size: int) -> torch.Tensor:
+    """Under secure aggregation a train reply carries one tensor: the masked update, ``size`` int64 residues."""
+    if set(arrays) != {MASKED}:
+        raise ProtocolError(f"a secure-aggregation reply must carry only {MASKED!r}, got {sorted(arrays)[:3]}")
+    vector = arrays[MASKED]
+    if vector.dtype != torch.int64 or tuple(vector.shape) != (size,):
+        raise ProtocolError(f"{MASKED!r} must be {size} int64 values, got {vector.dtype} of shape {tuple(vector.shape)}")
+    if bool(((vector < 0) | (vector >= 2**62)).any()):
+        raise ProtocolError(f"{MASKED!r} holds values outside [0, 2^62)")
+    return vector

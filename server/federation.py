@@ -51,6 +51,7 @@ from .messaging import exchange
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
 from .round_zero import collect_statistics
+from .secure_round import SecureRound
 
 DISCOVERY_POLL_SECONDS = 1.0
 
@@ -249,6 +250,7 @@ class Federation:
         if checkpoint is not None:
             self.model.load(checkpoint.state)
         self.global_state, self.base_init = split_fixed(self.model.state(), self.model.roles())
+        secure = bool(cfg.federation.secure_aggregation.enabled)
         self.strategy = AdapterStrategy(
             self.rule,
             client_ids={node: info[CLIENT_ID] for node, info in nodes.items()},
@@ -261,8 +263,12 @@ class Federation:
             client_trained=self.model.client_trained(),
             server_optimizer=self.server_optimizer,
             a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
-            influence=InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
+            # Under secure aggregation no update is seen alone: the bounds become the clients' clip range and cap
+            influence=None if secure else InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
+            secure=secure,
         )
+        self.secure_round = SecureRound(self.grid, cfg, self.strategy, on_reply=lambda _: self.progress.client_done()) \
+            if secure else None
         self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
 
     def _evaluate_start(self) -> None:
@@ -288,6 +294,8 @@ class Federation:
     def _train_round(self, round_: int) -> dict:
         """Send the global adapter to this round's clients, aggregate their replies, log and mirror them."""
         cfg, strategy = self.cfg, self.strategy
+        if self.secure_round is not None:
+            return self._secure_train_round(round_)
         messages = list(strategy.configure_train(round_, ArrayRecord(self.global_state), ConfigRecord({}), self.grid))
         self.progress.start_round(round_, len(messages), round_ - 1)
         replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
@@ -301,6 +309,22 @@ class Federation:
                      strategy.client_ids)
         return summary
 
+    def _secure_train_round(self, round_: int) -> dict:
+        """The same round under secure aggregation: the server learns only the clients' weighted mean update."""
+        strategy = self.strategy
+        self.progress.start_round(round_, len(strategy.sample(round_)), round_ - 1)
+        result = self.secure_round.run(round_, self.global_state)
+        arrays, summary = strategy.aggregate_secure(result.outcome, result.mean)
+        summary["secagg-dropped"] = result.dropped
+        if result.failure is not None:
+            summary["secagg-failed"] = 1
+            self.log.write("secagg-failed", round=round_, reason=result.failure)
+            self.progress.note(f"round {round_} skipped: {result.failure}")
+        self.global_state = self.model.after_round(arrays.to_torch_state_dict(), round_)
+        _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
+                     strategy.client_ids)
+        return summary
+
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
         """Evaluate the new global model; its row in metrics.jsonl and on screen."""
         evaluation = self.model.evaluate(self.global_state, answers=round_ == self.cfg.federation.rounds)
@@ -310,6 +334,9 @@ class Federation:
         self.rows.append(row)
         bounded = {"quarantined": int(summary.get("quarantined", 0)), "norm_clipped": int(summary.get("norm-clipped", 0)),
                    "weight_capped": int(summary.get("weight-capped", 0))}
+        if self.secure_round is not None:
+            bounded |= {"secagg_dropped": int(summary.get("secagg-dropped", 0)),
+                        "secagg_failed": int(summary.get("secagg-failed", 0))}
         self.log.write("round", **vars(row), **bounded, **_client_level_fields(summary, self.level_ledger))
         self.progress.round_done(row)
 

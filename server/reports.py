@@ -71,6 +71,7 @@ def write_run_privacy_report(
         declined=declined,
         server_sees=server_sees(cfg),
         stopped=stopped,
+        secure_aggregation=bool(cfg.federation.secure_aggregation.enabled),
     )
 
 

@@ -41,6 +41,7 @@ from fedspec.protocol import (
     TRAIN_LOSS,
     ProtocolError,
     TrainReply,
+    check_masked,
     check_update,
     error_reason,
 )
@@ -68,6 +69,7 @@ class AdapterStrategy(FedAvg):
         server_optimizer: ServerOptimizer | None = None,
         a_orthonormal: bool = False,
         influence: InfluenceBound | None = None,
+        secure: bool = False,
     ) -> None:
         if weighting not in CHOICES["federation.weighting"]:
             raise ValueError(f"weighting must be one of {CHOICES['federation.weighting']}, got {weighting!r}")
@@ -89,6 +91,8 @@ class AdapterStrategy(FedAvg):
         self.client_dp = client_dp
         self.server_optimizer = server_optimizer or ServerOptimizer()
         self.influence = influence or InfluenceBound(None, None)
+        # Secure aggregation: replies carry a masked vector (never an update) and no record count
+        self.secure = secure
         self._sent_state: dict[str, torch.Tensor] | None = None
         self.last_replies = RoundReplies()
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
@@ -159,11 +163,34 @@ class AdapterStrategy(FedAvg):
             summary["clipped"] = private.clipped
             summary["noise-std"] = private.noise_std
             mean = private.mean
+        return self.apply_mean(mean), summary
+
+    def aggregate_secure(
+        self, outcome: RoundReplies, mean: dict[str, torch.Tensor] | None
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """The new global state from a secure-aggregation round: ``mean`` is the weighted mean the server unmasked
+        (None: the round could not be summed, the state stays). The server never saw a weight, so the summary's
+        train loss is the clients' plain mean."""
+        self.last_replies = outcome
+        accepted = [reply for _, reply, _ in outcome.accepted]
+        summary = summarize_train_metrics(accepted, [1.0] * len(accepted))
+        summary["quarantined"] = len(outcome.quarantined)
+        if mean is None:
+            summary["clients"] = 0
+            return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
+        return self.apply_mean(mean), summary
+
+    def apply_mean(self, mean: dict[str, torch.Tensor]) -> ArrayRecord:
+        """The server step on the clients' mean update, then the rule's update (FedSVD: the re-factorization)."""
         new_state = apply_mean_update(self.rule, self._sent_state, self.server_optimizer.step(mean),
                                       a_orthonormal=self._a_orthonormal, client_trained=self.client_trained)
         self.server_optimizer.change_basis(self.rule, self._sent_state, new_state)
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
-        return ArrayRecord(new_state), summary
+        return ArrayRecord(new_state)
+
+    def trained_template(self) -> dict[str, torch.Tensor]:
+        """The tensors clients train and send this round (keys and shapes of an update)."""
+        return {k: self._sent_state[k] for k in self._trained_keys()}
 
     def _trained_keys(self) -> list[str]:
         return trained_keys(self._sent_state, self.rule, self.client_trained)
@@ -194,7 +221,7 @@ class AdapterStrategy(FedAvg):
         if METRICS not in reply.content.metric_records:
             raise ProtocolError(f"the reply has no {METRICS!r} record")
         parsed = TrainReply.from_metrics(reply.content.metric_records[METRICS],
-                                         needs_examples=self.weighting == "examples")
+                                         needs_examples=self.weighting == "examples" and not self.secure)
         if parsed.client_id != self.client_ids.get(node):
             raise ProtocolError(f"the reply claims client {parsed.client_id}, but node {node} is client "
                                 f"{self.client_ids.get(node)}")
@@ -206,6 +233,9 @@ class AdapterStrategy(FedAvg):
             update = reply.content.array_records[ARRAYS].to_torch_state_dict()
         except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
             raise ProtocolError(f"the {ARRAYS!r} record cannot be read as tensors: {error}") from None
+        if self.secure:
+            size = sum(t.numel() for t in self.trained_template().values()) + 1  # the weighted update, its weight
+            return parsed, check_masked(update, size)
         check_update(update, self._sent_state, self._trained_keys())
         return parsed, update
 
@@ -214,7 +244,8 @@ class AdapterStrategy(FedAvg):
 class RoundReplies:
     """A round's replies after validation."""
 
-    accepted: list[tuple[int, TrainReply, dict[str, torch.Tensor]]] = field(default_factory=list)  # aggregated
+    # aggregated: (node, reply, update), or under secure aggregation (node, reply, masked vector)
+    accepted: list[tuple[int, TrainReply, dict[str, torch.Tensor] | torch.Tensor]] = field(default_factory=list)
     declined: list[tuple[int, TrainReply]] = field(default_factory=list)  # privacy budget spent: trained nothing
     errors: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): the client failed
     quarantined: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): the reply was invalid

@@ -128,13 +128,13 @@ def test_client_session_survives_a_round_trip_through_its_stored_form():
     shares = {}
     for u in clients:  # each exchange runs on a session rebuilt from the previous one's stored form
         shares[u] = clients[u].share(peers[u])
-        clients[u] = ClientSession.from_bytes(clients[u].to_bytes())
+        clients[u] = ClientSession.from_record(clients[u].to_record())
     inbox = server.route(shares)
     vectors = residues(3, 6, seed=4)
     masked = {}
     for u, v in zip(clients, vectors.values()):
         masked[u] = clients[u].mask(v, inbox[u])
-        clients[u] = ClientSession.from_bytes(clients[u].to_bytes())
+        clients[u] = ClientSession.from_record(clients[u].to_record())
     survivors, dropped = server.unmask_request(masked)
     total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
     assert torch.equal(total, sum(vectors.values()) % MODULUS)

@@ -1,7 +1,7 @@
 """What DP does not cover in a run, in plain words: everything the server still sees.
 
 The report lists these beside the guarantees, because a guarantee is only as useful as what it leaves out:
-the server sees every reply in the clear (fedspec has no secure aggregation), the metadata clients send to
+the server sees every reply in the clear (unless secure aggregation is on: then only their sum), the metadata clients send to
 be weighted and accounted, the metrics they report, and any statistics of client data a data-driven
 adapter initialization needs at round 0.
 """
@@ -32,8 +32,20 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
             _noise_source(privacy),
         ]
     level = privacy.client_level.enabled
+    secagg = cfg.federation.secure_aggregation
     items = []
-    if privacy.enabled:
+    if secagg.enabled:
+        items.append(
+            "**Only the sum of each round's client updates** (secure aggregation, SecAgg+: every update reaches the "
+            "server masked; it learns the sum of the weighted, quantized updates of the clients that finished the "
+            f"round, never one update alone, unless more than {secagg.threshold:.0%} of a client's neighbours "
+            "collude with the server). "
+            + ("Each update in the sum is itself a DP release: the ε shown covers the sum." if privacy.enabled
+               else "Without record-level DP the sum itself is not protected.")
+            + f" The server cannot check an update's norm: each client clips every coordinate to "
+            f"±{secagg.clip_range:g} and caps its weight at {secagg.max_weight}."
+        )
+    elif privacy.enabled:
         items.append(
             "**Each sampled client's update, in the clear, before aggregation** (fedspec has no secure "
             "aggregation). Under record-level DP each update is itself a DP release, so this costs no more "
@@ -45,7 +57,12 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
                      "no secure aggregation): it can reveal individual training records to the server.")
     # The accountant's ε is for add/remove-one adjacency, under which a client's record count n is itself
     # private: anything that reveals n exactly is outside the guarantee, and the report must say so.
-    if cfg.federation.weighting == "examples":
+    if cfg.federation.weighting == "examples" and secagg.enabled:
+        items.append("**The total number of training records of each round's clients** (their weights, inside the "
+                     "masked sum; no client's count alone). The ε shown is for adding or removing one record, under "
+                     "which counts are private: this total is **not covered by the ε**. "
+                     "`federation.weighting=uniform` sends a fixed weight instead.")
+    elif cfg.federation.weighting == "examples":
         items.append("**The exact number of training records of each client** (`num-examples`, its aggregation "
                      "weight). The ε shown is for adding or removing one record, under which this count is itself "
                      "private: sending it exactly is **not covered by the ε**. Set `federation.weighting=uniform` "

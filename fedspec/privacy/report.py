@@ -90,6 +90,7 @@ def build_privacy_report(
     declined: Mapping[str, Sequence[int]] | None = None,
     server_sees: Sequence[str] | None = None,
     stopped: str | None = None,
+    secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """The report as a dict: what is protected and what is not, settings, per-client per-round ε, final ε
     per client with max and median, the client-level ε over rounds, and the rounds clients declined."""
@@ -125,6 +126,7 @@ def build_privacy_report(
         "declined": {cid: sorted(int(r) for r in rounds) for cid, rounds in sorted(
             (declined or {}).items(), key=lambda item: client_sort_key(item[0])) if rounds},
         "server_sees": list(server_sees or []),
+        "secure_aggregation": bool(secure_aggregation),
         "stopped": stopped,
         "extra": extra,
     }

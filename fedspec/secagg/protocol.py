@@ -80,6 +80,15 @@ class Advertisement:
     mask_key: bytes  # X25519 public key for pairwise masks
     seed_commitment: bytes  # SHA-256 commitment to the self-mask seed
 
+    def to_bytes(self) -> bytes:
+        return self.share_key + self.mask_key + self.seed_commitment
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Advertisement:
+        if len(blob) != 3 * KEY_BYTES:
+            raise SecAggError(f"an advertisement is {3 * KEY_BYTES} bytes, got {len(blob)}")
+        return cls(blob[:KEY_BYTES], blob[KEY_BYTES:2 * KEY_BYTES], blob[2 * KEY_BYTES:])
+
 
 def _associated(round_: int, sender: int, receiver: int) -> bytes:
     return b"fedspec-secagg share" + b"".join(x.to_bytes(8, "little", signed=False) for x in (round_, sender, receiver))
@@ -94,7 +103,7 @@ def _signed_sum(terms: Iterable[tuple[int, torch.Tensor]], size: int) -> torch.T
 
 @dataclass
 class ClientSession:
-    """A client's side of one round. Holds its secrets between the exchanges (``to_bytes`` / ``from_bytes`` keep it
+    """A client's side of one round. Holds its secrets between the exchanges (``to_record`` / ``from_record`` keep it
     in the node's state); make a new one every round: keys and seeds are never reused."""
 
     node: int
@@ -164,26 +173,24 @@ class ClientSession:
             out[peer] = plain[:_SHARE_BYTES] if peer in survivors else plain[_SHARE_BYTES:]
         return out
 
-    def to_bytes(self) -> dict[str, bytes | int | float | list[int]]:
-        """Flat values for a Flower ``ConfigRecord`` in the node's state."""
+    def to_record(self) -> dict[str, bytes | str | float | list[str]]:
+        """Flat values for a Flower ``ConfigRecord`` in the node's state (node ids as strings: they are uint64)."""
         record: dict = {
-            "node": self.node, "round": self.round, "fraction": self.fraction,
+            "node": str(self.node), "round": str(self.round), "fraction": self.fraction,
             "share-private": self.share_keys.private, "share-public": self.share_keys.public,
             "mask-private": self.mask_keys.private, "mask-public": self.mask_keys.public, "seed": self.seed,
-            "masked-with": list(self.masked_with), "peers": sorted(self.peers), "inbox": sorted(self.inbox),
+            "masked-with": [str(p) for p in self.masked_with], "peers": [str(p) for p in sorted(self.peers)],
+            "inbox": [str(p) for p in sorted(self.inbox)],
         }
         for peer, ad in self.peers.items():
-            record[f"peer-{peer}"] = ad.share_key + ad.mask_key + ad.seed_commitment
+            record[f"peer-{peer}"] = ad.to_bytes()
         for peer, ciphertext in self.inbox.items():
             record[f"inbox-{peer}"] = ciphertext
         return record
 
     @classmethod
-    def from_bytes(cls, record: Mapping) -> ClientSession:
-        peers = {}
-        for peer in record["peers"]:
-            blob = record[f"peer-{peer}"]
-            peers[int(peer)] = Advertisement(blob[:KEY_BYTES], blob[KEY_BYTES:2 * KEY_BYTES], blob[2 * KEY_BYTES:])
+    def from_record(cls, record: Mapping) -> ClientSession:
+        peers = {int(peer): Advertisement.from_bytes(record[f"peer-{peer}"]) for peer in record["peers"]}
         return cls(
             node=int(record["node"]), round=int(record["round"]), fraction=float(record["fraction"]),
             share_keys=KeyPair(record["share-private"], record["share-public"]),
@@ -244,7 +251,7 @@ class ServerSession:
             if responder not in survivors:
                 continue
             for owner, share in shares.items():
-                if owner in holders and responder in self.graph[owner]:
+                if owner in holders and responder in self.graph[owner] and len(share) == _SHARE_BYTES:
                     holders[owner].append(share)
         size = next(iter(self.masked.values())).numel()
         terms = [(1, y) for y in self.masked.values()]

@@ -1,0 +1,85 @@
+"""The client's side of secure aggregation (``fedspec.secagg``): answer the server's advertise / share / unmask
+queries, and send a train reply whose only tensor is the masked, quantized ``[w·update, w]``.
+
+The round's secrets (key pairs, self-mask seed, the shares received) live in the node's ``context.state`` between
+the exchanges and are replaced every round. A node that lost them (a restart mid-round) refuses to train in that
+round, before spending any privacy budget: the server counts it as dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from omegaconf import DictConfig
+
+from fedspec.protocol import (
+    ADVERTISE,
+    ARRAYS,
+    CLIPPED_COORDINATES,
+    CONFIG,
+    DROPPED,
+    MASKED,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG,
+    SECAGG_STAGE,
+    SERVER_ROUND,
+    SHARE,
+    SURVIVORS,
+    UNMASK,
+)
+from fedspec.secagg import Advertisement, ClientSession, Quantizer, SecAggError
+
+SESSION_STATE_KEY = "secagg-session"
+
+
+def answer_query(cfg: DictConfig, msg: Message, context: Context) -> RecordDict:
+    """The reply to one of the protocol's queries (advertise, share, unmask)."""
+    config = msg.content.config_records[CONFIG]
+    stage, round_ = config[SECAGG_STAGE], int(config[SERVER_ROUND])
+    payload = msg.content.config_records.get(SECAGG) or ConfigRecord({})
+    if stage == ADVERTISE:
+        session = ClientSession(node=context.node_id, round=round_, fraction=cfg.federation.secure_aggregation.threshold)
+        out = {"key": session.advertise().to_bytes()}
+    elif stage == SHARE:
+        session = round_session(context, round_)
+        peers = {int(node): Advertisement.from_bytes(blob) for node, blob in payload.items()}
+        out = {str(node): ciphertext for node, ciphertext in session.share(peers).items()}
+    elif stage == UNMASK:
+        session = round_session(context, round_)
+        shares = session.unmask([int(u) for u in payload[SURVIVORS]], [int(u) for u in payload[DROPPED]])
+        out = {str(node): share for node, share in shares.items()}
+    else:
+        raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_record())
+    return RecordDict({SECAGG: ConfigRecord(out)})
+
+
+def round_session(context: Context, round_: int) -> ClientSession:
+    """This round's session from the node's state; an error when it is missing or from another round."""
+    record = context.state.config_records.get(SESSION_STATE_KEY)
+    session = ClientSession.from_record(record) if record is not None else None
+    if session is None or session.round != round_:
+        raise SecAggError(f"this node holds no secure-aggregation keys for round {round_} (restarted mid-round?): "
+                          "it sits this round out")
+    return session
+
+
+def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: ClientSession,
+                 update: dict[str, torch.Tensor], metrics: dict) -> RecordDict:
+    """``[w·q(update), w]`` masked for this round's neighbours; the record count leaves the metrics (it is ``w``,
+    inside the sum)."""
+    secagg = cfg.federation.secure_aggregation
+    quantizer = Quantizer(secagg.clip_range, secagg.bits, secagg.max_weight)
+    examples = metrics.pop(NUM_EXAMPLES, None)
+    weight = min(int(examples), secagg.max_weight) if examples is not None else 1
+    # Stochastic rounding needs unpredictable coins, not secret ones: a fresh generator per round
+    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    vector, clipped = quantizer.encode(update, weight, generator)
+    inbox = {int(node): ciphertext for node, ciphertext in msg.content.config_records[SECAGG].items()}
+    masked = session.mask(vector, inbox)
+    context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_record())
+    metrics[CLIPPED_COORDINATES] = clipped
+    return RecordDict({ARRAYS: ArrayRecord({MASKED: masked}), METRICS: MetricRecord(metrics)})

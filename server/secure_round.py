@@ -1,0 +1,130 @@
+"""One training round under secure aggregation: the server relays SecAgg+'s four exchanges and learns only the
+sum of the sampled clients' weighted updates (``fedspec.secagg``).
+
+    advertise (query) → share (query) → train + mask (train) → unmask (query)
+
+Clients that fail or time out in any exchange are dropped from the rest of the round; those that shared their
+keys but sent no masked vector have their pairwise masks removed from the sum with their neighbours' shares. When
+too few clients remain, the round is skipped (logged, counted, the global adapter unchanged) and the federation
+goes on; the privacy ledgers still record what every client that trained spent, since its update left the node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from omegaconf import DictConfig
+
+from fedspec.protocol import (
+    ADVERTISE,
+    CONFIG,
+    DROPPED,
+    SECAGG,
+    SECAGG_STAGE,
+    SERVER_ROUND,
+    SHARE,
+    SURVIVORS,
+    UNMASK,
+)
+from fedspec.secagg import Advertisement, Quantizer, SecAggError, ServerSession
+from fedspec.strategies.flower import AdapterStrategy, RoundReplies
+
+from .messaging import exchange
+
+
+def quantizer(cfg: DictConfig) -> Quantizer:
+    secagg = cfg.federation.secure_aggregation
+    return Quantizer(secagg.clip_range, secagg.bits, secagg.max_weight)
+
+
+@dataclass
+class SecureRoundResult:
+    replies: list[Message]  # the train replies (metrics for the ledgers and logs)
+    outcome: RoundReplies
+    mean: dict[str, torch.Tensor] | None  # the clients' weighted mean update; None: the round was not summed
+    failure: str | None  # why it was not summed
+    dropped: int  # clients that shared keys but sent no masked vector
+
+
+class SecureRound:
+    def __init__(self, grid: Grid, cfg: DictConfig, strategy: AdapterStrategy, *, on_reply: Callable | None = None):
+        self.grid, self.cfg, self.strategy, self.on_reply = grid, cfg, strategy, on_reply
+        self.timeout = cfg.federation.round_timeout
+        secagg = cfg.federation.secure_aggregation
+        self.quantizer = quantizer(cfg)
+        self.fraction, self.neighbours = secagg.threshold, secagg.neighbours
+
+    def run(self, round_: int, state: dict[str, torch.Tensor]) -> SecureRoundResult:
+        contents = self.strategy.train_contents(round_, ArrayRecord(state), ConfigRecord({}))
+        session = ServerSession(round_, self.fraction, self.neighbours)
+        replies: list[Message] = []
+        outcome = RoundReplies()
+        try:
+            if len(contents) > self.quantizer.max_clients():
+                raise SecAggError(f"{len(contents)} clients could wrap the masked sum around 2^62: lower "
+                                  "federation.secure_aggregation.max_weight or bits")
+            adverts = self._query(round_, ADVERTISE, {node: {} for node in contents})
+            peers = session.peers(_advertisements(adverts))
+            shared = self._query(round_, SHARE, {node: {str(v): ad.to_bytes() for v, ad in peers[node].items()}
+                                                 for node in peers})
+            inbox = session.route(_by_node(shared))
+            replies = self._train(round_, {node: contents[node] for node in inbox}, inbox)
+            outcome = self.strategy.read_replies(replies)
+            survivors, dropped = session.unmask_request({node: vector for node, _, vector in outcome.accepted})
+            request = {SURVIVORS: [str(u) for u in survivors], DROPPED: [str(u) for u in dropped]}
+            answers = self._query(round_, UNMASK, {node: request for node in survivors})
+            total = session.total(_by_node(answers))
+            sums, weight = self.quantizer.decode(total, self.strategy.trained_template())
+            mean = {k: v / weight for k, v in sums.items()}
+            return SecureRoundResult(replies, outcome, mean, None, len(dropped))
+        except SecAggError as error:
+            return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)))
+
+    def _query(self, round_: int, stage: str, payloads: dict[int, dict]) -> dict[int, dict]:
+        """One exchange of queries; {node: its reply's secagg record} for the nodes that answered without error."""
+        messages = [
+            Message(RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: round_, SECAGG_STAGE: stage}),
+                                SECAGG: ConfigRecord(payload)}), message_type=MessageType.QUERY, dst_node_id=node)
+            for node, payload in payloads.items()
+        ]
+        answered = {}
+        for reply in exchange(self.grid, messages, timeout=self.timeout):
+            if reply.has_error() or SECAGG not in reply.content.config_records:
+                continue  # a dropout: the protocol goes on without it
+            answered[reply.metadata.src_node_id] = dict(reply.content.config_records[SECAGG])
+        return answered
+
+    def _train(self, round_: int, contents: dict[int, RecordDict], inbox: dict[int, dict[int, bytes]]) -> list[Message]:
+        messages = []
+        for node, content in contents.items():
+            content[SECAGG] = ConfigRecord({str(sender): c for sender, c in inbox[node].items()})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return exchange(self.grid, messages, timeout=self.timeout, on_reply=self.on_reply)
+
+
+# What a client sends is untrusted: a malformed part drops that client from the round, it never ends the round.
+
+def _advertisements(replies: dict[int, dict]) -> dict[int, Advertisement]:
+    adverts = {}
+    for node, payload in replies.items():
+        try:
+            adverts[node] = Advertisement.from_bytes(payload["key"])
+        except (KeyError, TypeError, SecAggError):
+            continue
+    return adverts
+
+
+def _by_node(replies: dict[int, dict]) -> dict[int, dict[int, bytes]]:
+    """{sender: {node id: bytes}} with node ids parsed; entries that are not (id string → bytes) are left out."""
+    parsed = {}
+    for sender, payload in replies.items():
+        entries = {}
+        for key, value in payload.items():
+            if isinstance(value, bytes) and key.isdigit():
+                entries[int(key)] = value
+        parsed[sender] = entries
+    return parsed

@@ -1,0 +1,78 @@
+"""Secure aggregation in a real Flower simulation: the same federation with and without it ends at the same
+adapter, within the stated quantization bound, and the server never receives an update or a record count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedspec.rundir import MetricsLog
+from fedspec.secagg import Quantizer
+from fedspec.simulations.driver import simulate
+
+BITS, CLIP = 16, 4.0  # a coarse step (1.2e-4), far above float32 rounding, so the bound below is the quantization's
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """One round of the same seeded federation, plain and under secure aggregation."""
+    from fedspec.config import compose_config
+
+    out = tmp_path_factory.mktemp("runs")
+    common = ["model=tiny-bert", "data.num_examples=400", "data.eval_examples=64", "data.min_client_examples=8",
+              "federation.clients=4", "federation.rounds=1", "federation.fraction=0.75", "train.local_steps=2",
+              "train.batch_size=16", "privacy.seed_noise=true", f"run.output_dir={out}", "run.progress=false",
+              f"federation.secure_aggregation.bits={BITS}", f"federation.secure_aggregation.clip_range={CLIP}"]
+    plain = simulate(compose_config([*common, "run.name=plain"]))
+    secure = simulate(compose_config([*common, "run.name=secure", "federation.secure_aggregation.enabled=true"]))
+    return plain, secure
+
+
+def _state(result):
+    return load_file(str(result.paths.checkpoints / "round-0001" / "state.safetensors"))
+
+
+def test_secure_round_matches_the_plain_round_within_the_quantization_bound(two_runs):
+    plain, secure = (_state(r) for r in two_runs)
+    step = Quantizer(CLIP, BITS, 1).step
+    server_lr = 0.5  # the default server step: the first round applies server_lr × the clients' mean update
+    # Each coordinate of the unmasked mean is within one step of the exact mean: the head moves by server_lr × that
+    for key in ("head.weight", "head.bias"):
+        assert (plain[key] - secure[key]).abs().max() <= server_lr * step * 1.01
+    # FedSVD re-factorizes B·A, so compare products: ‖E·A‖_F ≤ server_lr · step · √numel(B) · ‖A‖₂ per layer
+    layers = [k[: -len(".lora_B.weight")] for k in plain if k.endswith(".lora_B.weight") and "momentum" not in k]
+    assert layers
+    for layer in layers:
+        product = {name: s[f"{layer}.lora_B.weight"].double() @ s[f"{layer}.lora_A.weight"].double()
+                   for name, s in (("plain", plain), ("secure", secure))}
+        a0 = plain[f"{layer}.init_lora_A"].double()  # round 1's A is PiSSA's initial A
+        bound = server_lr * step * plain[f"{layer}.lora_B.weight"].numel() ** 0.5 * torch.linalg.matrix_norm(a0, 2)
+        assert torch.linalg.matrix_norm(product["plain"] - product["secure"]) <= bound * 1.01
+
+
+def test_the_server_receives_only_masked_vectors_and_no_record_counts(two_runs):
+    plain, secure = two_runs
+    rows = {name: [r for r in MetricsLog(res.paths.metrics).read() if r["kind"] == "client"]
+            for name, res in (("plain", plain), ("secure", secure))}
+    assert len(rows["secure"]) == len(rows["plain"]) == 3
+    assert all("num_examples" in r for r in rows["plain"]) and not any("num_examples" in r for r in rows["secure"])
+    trained = sum(v.numel() for k, v in _state(plain).items()
+                  if not k.startswith("server-momentum.") and (k.endswith("lora_B.weight") or k.startswith("head.")))
+    assert all(r["update_bytes"] == 8 * (trained + 1) for r in rows["secure"])  # [w·update, w] as int64
+    assert all(r["clipped_coordinates"] == 0 for r in rows["secure"])
+    # The ledgers are the clients' own reports: identical with and without secure aggregation
+    epsilons = {name: sorted((r["client_id"], r["epsilon"]) for r in rows[name]) for name in rows}
+    assert epsilons["secure"] == epsilons["plain"]
+    round_row = [r for r in MetricsLog(secure.paths.metrics).read() if r["kind"] == "round"][-1]
+    assert round_row["secagg_failed"] == 0 and round_row["secagg_dropped"] == 0 and round_row["clients"] == 3
+
+
+def test_the_privacy_report_says_the_server_saw_only_the_sum(two_runs):
+    _, secure = two_runs
+    report = (secure.paths.privacy / "report.md").read_text()
+    assert "secure aggregation" in report.lower()
+    assert "in the clear, before aggregation" not in report
+    assert json.loads((secure.paths.privacy / "report.json").read_text())["secure_aggregation"] is True
