@@ -240,7 +240,8 @@ def _labelled_file(path: Path, seed: int, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, secure):
     started = time.monotonic()
     creds = create_credentials(tmp_path / "creds", nodes=3)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
@@ -274,6 +275,8 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
                  "data.source=file", "data.path=task/train.jsonl", "data.eval_path=task/eval.jsonl",
                  "data.min_client_examples=8", "train.local_steps=2", "train.batch_size=16", "run.name=deployed",
                  f"run.output_dir={tmp_path / 'runs'}", "run.progress=false"]
+    if secure:  # SecAgg+'s exchanges need the node's state (its keys) to persist between messages
+        overrides.append("federation.secure_aggregation.enabled=true")
 
     procs = Processes(tmp_path, env)
     try:
@@ -324,8 +327,13 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path):
     fits = [r for r in records if r["kind"] == "client"]
     assert sorted((r["round"], r["client_id"]) for r in fits) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for i, size in enumerate(sizes):  # each node trained on all of its own file
-        assert {r["num_examples"] for r in fits if r["client_id"] == i} == {size}
-    assert all(r["kind"] != "client-error" for r in records)
+        if secure:  # the count went inside the masked sum
+            assert all("num_examples" not in r and r["clipped_coordinates"] == 0 for r in fits)
+        else:
+            assert {r["num_examples"] for r in fits if r["client_id"] == i} == {size}
+    assert all(r["kind"] not in ("client-error", "secagg-failed") for r in records)
+    rounds = [r for r in records if r["kind"] == "round" and r["round"] > 0]
+    assert all(r["clients"] == 2 for r in rounds)
 
     report = json.loads((run_dir / "privacy" / "report.json").read_text())
     assert (run_dir / "privacy" / "report.md").is_file() and (run_dir / "adapter").is_dir()

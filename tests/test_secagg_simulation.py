@@ -76,3 +76,29 @@ def test_the_privacy_report_says_the_server_saw_only_the_sum(two_runs):
     assert "secure aggregation" in report.lower()
     assert "in the clear, before aggregation" not in report
     assert json.loads((secure.paths.privacy / "report.json").read_text())["secure_aggregation"] is True
+
+
+def test_a_round_too_small_to_sum_securely_is_skipped_logged_and_the_run_goes_on(tmp_path):
+    """One client per round: a sum of one is that client's update, so the round is skipped, never a crash."""
+    from fedspec.config import compose_config
+
+    cfg = compose_config(["model=tiny-bert", "data.num_examples=200", "data.eval_examples=32",
+                          "data.min_client_examples=8", "federation.clients=2", "federation.rounds=2",
+                          "federation.fraction=0.5", "federation.min_clients=1", "train.local_steps=1",
+                          "train.batch_size=16", "federation.secure_aggregation.enabled=true", "run.name=lonely",
+                          f"run.output_dir={tmp_path}", "run.progress=false"])
+    result = simulate(cfg)
+    records = list(MetricsLog(result.paths.metrics).read())
+    failed = [r for r in records if r["kind"] == "secagg-failed"]
+    assert [r["round"] for r in failed] == [1, 2]
+    assert all("only 1 client(s) advertised keys" in r["reason"] for r in failed)
+    rounds = [r for r in records if r["kind"] == "round" and r["round"] > 0]
+    assert [(r["secagg_failed"], r["clients"]) for r in rounds] == [(1, 0), (1, 0)]
+    start = _state_at(result, 1)
+    assert all(torch.equal(start[k], v) for k, v in _state_at(result, 2).items())  # nothing was applied
+    assert not [r for r in records if r["kind"] == "client"]  # nobody trained: nobody spent ε
+
+
+def _state_at(result, round_):
+    state = load_file(str(result.paths.checkpoints / f"round-{round_:04d}" / "state.safetensors"))
+    return {k: v for k, v in state.items() if not k.startswith("server-momentum.")}

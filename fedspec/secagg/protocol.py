@@ -95,9 +95,12 @@ def _associated(round_: int, sender: int, receiver: int) -> bytes:
 
 
 def _signed_sum(terms: Iterable[tuple[int, torch.Tensor]], size: int) -> torch.Tensor:
+    """Σ ±term mod 2^62. The modulus is a power of two, so a bitwise AND with 2^62 − 1 reduces any int64 (negative
+    ones too, in two's complement) — far faster than ``%``; operands below 2^62 never overflow int64."""
     total = torch.zeros(size, dtype=torch.int64)
     for sign, term in terms:
-        total = (total + term) % MODULUS if sign > 0 else (total - term) % MODULUS
+        total = total.add_(term) if sign > 0 else total.sub_(term)
+        total.bitwise_and_(MODULUS - 1)
     return total
 
 
