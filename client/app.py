@@ -10,6 +10,7 @@ what was received, plus metrics: examples, loss and the client's ε over *all* i
 from __future__ import annotations
 
 import functools
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from fedspec.protocol import (
     STATISTICS,
     VERSION,
 )
+
+from .warm import WORKER_NODE_CONFIG
 
 
 def check_same_version(server_version: str | None) -> None:
@@ -86,11 +89,41 @@ def _one_line_failures(handler: Callable[[Message, Context], Message], run_confi
     return guarded
 
 
+def local_handlers(run_config: dict | None = None) -> dict[str, Callable[[Message, Context], Message]]:
+    """The ClientApp's handlers, run in this process: by the ClientApp itself, or by the node's warm worker."""
+    return {"query": functools.partial(_one_line_failures, run_config=run_config)(_query(run_config)),
+            "train": functools.partial(_one_line_failures, run_config=run_config)(_train(run_config))}
+
+
 def build_client_app(run_config: dict | None = None) -> ClientApp:
+    """The ClientApp. On a node started with a warm worker (node config ``worker="<socket>"``) each message runs
+    there, where the model and data stay loaded between rounds (:mod:`client.warm`); elsewhere, here."""
     app = ClientApp()
+    handlers = local_handlers(run_config)
+
+    def run(kind: str, msg: Message, context: Context) -> Message:
+        socket_path = context.node_config.get(WORKER_NODE_CONFIG)
+        if socket_path:
+            from .warm import WorkerUnavailable, forward
+
+            try:
+                return forward(str(socket_path), kind, msg, context)
+            except WorkerUnavailable as error:
+                print(f"fedspec client: {error}; running this message here (cold)", file=sys.stderr, flush=True)
+        return handlers[kind](msg, context)
 
     @app.query()
-    @functools.partial(_one_line_failures, run_config=run_config)
+    def query(msg: Message, context: Context) -> Message:
+        return run("query", msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return run("train", msg, context)
+
+    return app
+
+
+def _query(run_config: dict | None) -> Callable[[Message, Context], Message]:
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, local_data, remember_label_names
 
@@ -114,8 +147,10 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
             metrics[NUM_EXAMPLES] = len(data)
         return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    @app.train()
-    @functools.partial(_one_line_failures, run_config=run_config)
+    return query
+
+
+def _train(run_config: dict | None) -> Callable[[Message, Context], Message]:
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 
@@ -132,7 +167,7 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
         update, metrics = train_one_round(cfg, msg, context)
         return Message(RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-    return app
+    return train
 
 
 app = build_client_app()

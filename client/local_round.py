@@ -8,6 +8,8 @@ nothing; the server records it and goes on without it.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import replace
 
 from flwr.app import Context, Message
@@ -54,6 +56,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
                         head_clip_share=cfg.privacy.get("head_clip_share"), seed=seed)
 
     load_adapter_state(model, {**received, **base_init})
+    started = time.perf_counter()
     result = train_steps(
         model,
         data.inputs,
@@ -73,7 +76,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     update = client_update(adapter_state(model), received, rule, client_trained=client_trained)
     # uniform weighting: the server never learns the count
     examples = len(data) if cfg.federation.weighting == "examples" else None
-    reply = TrainReply(client, train_loss=result.mean_loss, steps=result.steps, num_examples=examples)
+    reply = TrainReply(client, train_loss=result.mean_loss, steps=result.steps, num_examples=examples,
+                       train_seconds=round(time.perf_counter() - started, 3))
     if dp is not None:
         ledger = load_ledger(cfg, context)
         attempt = ledger.next_attempt(round_)

@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)")
     creds.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
 
+    worker = sub.add_parser(
+        "worker",
+        help="keep a deployed node's model and data loaded between messages (a warm client)",
+        description="Serve the messages this node's fedspec ClientApp forwards over a Unix socket, in one long-lived "
+        "process that keeps torch, the model and the tokenized data loaded between rounds (Flower starts a new "
+        "ClientApp process for every message; each would rebuild them). Start it as the SuperNode's user before the "
+        "SuperNode, and give the SuperNode the socket in its node config: --node-config 'worker=\"PATH\" ...'. "
+        "The socket is created mode 0600. Without a reachable worker the ClientApp runs the message itself. "
+        "See docs/deployment.md.",
+    )
+    worker.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
+
     audit = sub.add_parser(
         "audit",
         help="empirical lower bound on epsilon from one run with canaries (Steinke, Nasr & Jagielski 2023)",
@@ -427,8 +439,18 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from fedspec.client import local_round, runtime  # noqa: F401 — torch and the model code load once, now
+    from fedspec.client.app import local_handlers
+    from fedspec.client.warm import serve
+
+    serve(args.socket, local_handlers())
+    return 0
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
+    "worker": cmd_worker,
     "train": cmd_train,
     "privacy-report": cmd_privacy_report,
     "privacy-plan": cmd_privacy_plan,

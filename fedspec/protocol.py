@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import FedspecError
+
+if TYPE_CHECKING:  # torch loads only where tensors are checked: a forwarding ClientApp never imports it
+    import torch
 
 # RecordDict keys
 ARRAYS = "arrays"  # a train reply's tensors: the client's update (trained - received)
@@ -38,6 +40,7 @@ SURVIVORS, DROPPED = "survivors", "dropped"  # the unmask query's lists of node 
 CLIENT_ID = "client-id"
 NUM_EXAMPLES = "num-examples"  # absent under federation.weighting=uniform: the server never learns the count
 TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"  # the client's own training time this round (round time minus this: overhead)
 STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
@@ -93,6 +96,7 @@ class TrainReply:
     # that round) must count both.
     attempt: int | None = None
     clipped_coordinates: int | None = None  # secure aggregation: coordinates clipped to ±clip_range
+    train_seconds: float | None = None
 
     @property
     def private(self) -> bool:
@@ -107,7 +111,7 @@ class TrainReply:
                            (NUM_EXAMPLES, self.num_examples), (NOISE_MULTIPLIER, self.noise_multiplier),
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
                            (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt),
-                           (CLIPPED_COORDINATES, self.clipped_coordinates)):
+                           (CLIPPED_COORDINATES, self.clipped_coordinates), (TRAIN_SECONDS, self.train_seconds)):
             if value is not None:
                 metrics[key] = value
         return metrics
@@ -141,8 +145,12 @@ class TrainReply:
         clipped = _number(metrics, CLIPPED_COORDINATES, integer=True, required=False)
         if clipped is not None and clipped < 0:
             raise ProtocolError(f"metric {CLIPPED_COORDINATES!r} must be >= 0, got {clipped}")
+        seconds = _number(metrics, TRAIN_SECONDS, required=False)
+        if seconds is not None and seconds < 0:
+            raise ProtocolError(f"metric {TRAIN_SECONDS!r} must be >= 0, got {seconds}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
-                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped)
+                   noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped,
+                   train_seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,8 @@ def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Te
         missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
         raise ProtocolError(f"the update's tensors do not match what the round trains: missing {missing[:3]}, "
                             f"extra {extra[:3]}")
+    import torch
+
     for key, tensor in update.items():
         if not tensor.is_floating_point():
             raise ProtocolError(f"tensor {key!r} must be floating point, got {tensor.dtype}")
@@ -202,6 +212,8 @@ def check_masked(arrays: Mapping[str, torch.Tensor], size: int) -> torch.Tensor:
     """Under secure aggregation a train reply carries one tensor: the masked update, ``size`` int64 residues."""
     if set(arrays) != {MASKED}:
         raise ProtocolError(f"a secure-aggregation reply must carry only {MASKED!r}, got {sorted(arrays)[:3]}")
+    import torch
+
     vector = arrays[MASKED]
     if vector.dtype != torch.int64 or tuple(vector.shape) != (size,):
         raise ProtocolError(f"{MASKED!r} must be {size} int64 values, got {vector.dtype} of shape {tuple(vector.shape)}")

@@ -240,8 +240,9 @@ def _labelled_file(path: Path, seed: int, count: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
-def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, secure):
+@pytest.mark.parametrize("mode", ["plain", "secure-aggregation", "warm"])
+def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
+    secure, warm = mode == "secure-aggregation", mode == "warm"
     started = time.monotonic()
     creds = create_credentials(tmp_path / "creds", nodes=3)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
@@ -300,8 +301,18 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, secure):
         # node-2's key was never registered: the SuperLink must refuse it.
         intruder = supernode(2, "partition-id=0", "--max-retries", "1", "--max-wait-time", "30")
         states = [tmp_path / f"node-{i}-state" for i in range(2)]
+        sockets = [state / "worker.sock" for state in states]
         for i in range(2):
-            supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"')
+            worker = ""
+            if warm:  # the node's long-lived worker: model and data stay loaded between messages
+                procs.start(f"worker-{i}", [str(BIN / "fedspec"), "worker", "--socket", str(sockets[i])],
+                            tmp_path / f"worker-{i}-home")
+                worker = f' worker="{sockets[i]}"'
+                deadline = time.monotonic() + 120
+                while not sockets[i].exists():  # listening: it imported torch and the model code
+                    assert time.monotonic() < deadline, procs.log(f"worker-{i}")
+                    time.sleep(0.5)
+            supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"{worker}')
 
         run_started = time.monotonic()
         ran = _flwr(["run", str(ROOT), "fedlink", "--stream",
@@ -346,8 +357,15 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, secure):
     assert all(c["rounds_taken_part"] == 2 for c in report["clients"].values())
     assert not (tmp_path / "runs" / "deployed" / "clients").exists()  # real clients keep no state on the server
 
+    if warm:  # every message ran in the workers, none cold
+        for i in range(2):
+            assert procs.log(f"worker-{i}").count("fedspec worker: train of run") == 2
+        assert "running this message here (cold)" not in "".join(procs.log(f"supernode-{i}") for i in range(2))
+    # Round overhead beyond compute: the server's round time minus the slowest client's own training time
+    overheads = [r["seconds"] - max(c["train_seconds"] for c in fits if c["round"] == r["round"]) for r in rounds]
     total = time.monotonic() - started
-    print(f"\ndeployment runtime: flwr run {run_seconds:.1f}s, whole test {total:.1f}s")
+    print(f"\ndeployment runtime ({mode}): flwr run {run_seconds:.1f}s, whole test {total:.1f}s, round overhead "
+          + ", ".join(f"{o:.1f}s" for o in overheads))
 
 
 def test_a_client_refuses_a_server_running_another_fedspec_release():

@@ -78,7 +78,7 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
             "clients, or a DP count, would)."
         )
     items.append("**Each client's mean training loss in every round it trained** (computed on its records "
-                 "without noise: not covered by DP), its number of local steps" +
+                 "without noise: not covered by DP), its number of local steps, its training time" +
                  (", its ε" if privacy.enabled else "") + ".")
     items.append("**Who took part when:** which clients were sampled, which replied, which declined a round "
                  "because their budget was spent, and which failed.")
