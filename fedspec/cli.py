@@ -175,6 +175,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--socket", required=True, metavar="PATH", help="the Unix socket to listen on")
 
+    link = sub.add_parser(
+        "superlink",
+        help="start Flower's SuperLink with TLS, node authentication and fedspec's safe defaults",
+        description="Run flower-superlink in the foreground with TLS (the CA, certificate and key from --credentials), "
+        "SuperNode authentication, its state in STATE_DIR/superlink.db (registered node keys survive a restart), "
+        "and runtime dependency installation, telemetry and update checks off. --dry-run prints the Flower "
+        "command. See docs/deployment.md.",
+    )
+    link.add_argument("--credentials", metavar="DIR", help="the folder `fedspec credentials` wrote")
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    link.add_argument("--port", type=int, default=8000, help="port of the SuperLink's API (default 8000)")
+    link.add_argument("--state-dir", default="superlink-state", help="where the SuperLink keeps its state")
+    link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
+    link.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
+
+    node = sub.add_parser(
+        "node",
+        help="start a Flower SuperNode for fedspec, with its warm worker",
+        description="Run this node's warm worker (`fedspec worker`: the model and data stay loaded between rounds) "
+        "and flower-supernode in the foreground: TLS to the SuperLink (--ca), node authentication (--key), the "
+        "node config fedspec reads (partition-id, state-dir, data-path) and the worker's socket, runtime "
+        "dependency installation, telemetry and update checks off. Register the node's public key with the "
+        "SuperLink first (flwr supernode register). --dry-run prints the commands. See docs/deployment.md.",
+    )
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    node.add_argument("--id", type=int, required=True, dest="partition_id", help="this client's id (partition-id)")
+    node.add_argument("--ca", metavar="FILE", help="the federation's CA certificate (ca.crt)")
+    node.add_argument("--key", metavar="FILE", help="this node's private key (supernodes/node-<i>)")
+    node.add_argument("--data-path", metavar="FILE", help="this node's own data (else: its share of the task's)")
+    node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path)")
+    node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
+    node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
+    node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
+    node.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
+    node.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
+
     audit = sub.add_parser(
         "audit",
         help="empirical lower bound on epsilon from one run with canaries (Steinke, Nasr & Jagielski 2023)",
@@ -448,8 +484,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_superlink(args: argparse.Namespace) -> int:
+    from .launch import run, superlink_launch
+
+    launch = superlink_launch(args.credentials and Path(args.credentials), host=args.host, port=args.port,
+                              state_dir=Path(args.state_dir), insecure=args.insecure)
+    if args.dry_run:
+        print(launch.describe())
+        return 0
+    return run(launch, Path.cwd())
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from .launch import node_launch, run
+
+    launch = node_launch(args.superlink, partition_id=args.partition_id, ca=args.ca and Path(args.ca),
+                         key=args.key and Path(args.key), state_dir=Path(args.state_dir),
+                         data_path=args.data_path and Path(args.data_path), port=args.port,
+                         num_partitions=args.num_partitions, warm=not args.cold, insecure=args.insecure)
+    if args.dry_run:
+        print(launch.describe())
+        return 0
+    return run(launch, Path(args.state_dir))
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
+    "superlink": cmd_superlink,
+    "node": cmd_node,
     "worker": cmd_worker,
     "train": cmd_train,
     "privacy-report": cmd_privacy_report,

@@ -281,12 +281,18 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
 
     procs = Processes(tmp_path, env)
     try:
-        link = procs.start("superlink", [
-            str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
-            "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link_port),
-            "--disable-runtime-dependency-installation",
-        ], link_home)
+        if warm:  # fedspec's own launcher: the same SuperLink, with its safe defaults
+            link = procs.start("superlink", [
+                str(BIN / "fedspec"), "superlink", "--credentials", str(creds.root), "--host", "127.0.0.1",
+                "--port", str(link_port), "--state-dir", str(tmp_path / "superlink-state"),
+            ], link_home)
+        else:
+            link = procs.start("superlink", [
+                str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(creds.ca_cert),
+                "--ssl-certfile", str(creds.server_cert), "--ssl-keyfile", str(creds.server_key),
+                "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(link_port),
+                "--disable-runtime-dependency-installation",
+            ], link_home)
         registered = [_register_when_up(creds.node_public_key(i), cli_env) for i in range(2)]
         listed = _flwr(["supernode", "list", "fedlink", "--format", "json"], cli_env, 60)
         assert listed.returncode == 0 and all(str(n) in listed.stdout for n in registered), listed.stdout
@@ -301,18 +307,15 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
         # node-2's key was never registered: the SuperLink must refuse it.
         intruder = supernode(2, "partition-id=0", "--max-retries", "1", "--max-wait-time", "30")
         states = [tmp_path / f"node-{i}-state" for i in range(2)]
-        sockets = [state / "worker.sock" for state in states]
         for i in range(2):
-            worker = ""
-            if warm:  # the node's long-lived worker: model and data stay loaded between messages
-                procs.start(f"worker-{i}", [str(BIN / "fedspec"), "worker", "--socket", str(sockets[i])],
-                            tmp_path / f"worker-{i}-home")
-                worker = f' worker="{sockets[i]}"'
-                deadline = time.monotonic() + 120
-                while not sockets[i].exists():  # listening: it imported torch and the model code
-                    assert time.monotonic() < deadline, procs.log(f"worker-{i}")
-                    time.sleep(0.5)
-            supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"{worker}')
+            if warm:  # `fedspec node`: the warm worker first, then the SuperNode pointed at its socket
+                procs.start(f"node-{i}", [
+                    str(BIN / "fedspec"), "node", "--superlink", f"127.0.0.1:{link_port}", "--id", str(i),
+                    "--ca", str(creds.ca_cert), "--key", str(creds.node_key(i)), "--data-path", str(own_data[i]),
+                    "--num-partitions", "2", "--state-dir", str(states[i]), "--port", str(node_ports[i]),
+                ], tmp_path / f"supernode-{i}-home")
+            else:
+                supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"')
 
         run_started = time.monotonic()
         ran = _flwr(["run", str(ROOT), "fedlink", "--stream",
@@ -359,8 +362,8 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
 
     if warm:  # every message ran in the workers, none cold
         for i in range(2):
-            assert procs.log(f"worker-{i}").count("fedspec worker: train of run") == 2
-        assert "running this message here (cold)" not in "".join(procs.log(f"supernode-{i}") for i in range(2))
+            assert procs.log(f"node-{i}").count("fedspec worker: train of run") == 2
+            assert "running this message here (cold)" not in procs.log(f"node-{i}")
     # Round overhead beyond compute: the server's round time minus the slowest client's own training time
     overheads = [r["seconds"] - max(c["train_seconds"] for c in fits if c["round"] == r["round"]) for r in rounds]
     total = time.monotonic() - started

@@ -1,0 +1,74 @@
+"""`fedspec superlink` / `fedspec node`: the Flower commands they run carry TLS, node authentication, the warm
+worker and the safe environment, and --insecure is refused off loopback. (The deployment test runs them.)"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from fedspec.cli import main
+from fedspec.deployment import create_credentials
+from fedspec.errors import ConfigError
+from fedspec.launch import SAFE_ENV, node_launch, superlink_launch
+
+
+@pytest.fixture(scope="module")
+def creds(tmp_path_factory):
+    return create_credentials(tmp_path_factory.mktemp("creds"), nodes=1)
+
+
+def test_superlink_runs_with_tls_node_auth_and_a_state_database(creds, tmp_path):
+    launch = superlink_launch(creds.root, host="0.0.0.0", port=8000, state_dir=tmp_path, insecure=False)
+    [(name, command)] = launch.commands
+    assert name == "superlink" and command[0].endswith("flower-superlink")
+    for flag, value in (("--ssl-ca-certfile", creds.ca_cert), ("--ssl-certfile", creds.server_cert),
+                        ("--ssl-keyfile", creds.server_key), ("--database", tmp_path / "superlink.db")):
+        assert command[command.index(flag) + 1] == str(value)
+    assert "--enable-supernode-auth" in command and "--disable-runtime-dependency-installation" in command
+    assert "--insecure" not in command
+    assert launch.env["FLWR_TELEMETRY_ENABLED"] == "0" and launch.env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+
+
+def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("{}\n")
+    launch = node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
+                         state_dir=tmp_path / "state", data_path=data, port=9100, num_partitions=None, warm=True,
+                         insecure=False)
+    (worker_name, worker), (node_name, node) = launch.commands
+    assert (worker_name, node_name) == ("worker", "supernode")
+    socket = tmp_path / "state" / "worker.sock"
+    assert worker[1:] == ["worker", "--socket", str(socket)] and launch.wait_for["worker"] == socket
+    config = shlex.split(node[node.index("--node-config") + 1])
+    assert config == ["partition-id=3", f"state-dir={tmp_path / 'state'}", f"data-path={data}", f"worker={socket}"]
+    assert node[node.index("--root-certificates") + 1] == str(creds.ca_cert)
+    assert node[node.index("--auth-supernode-private-key") + 1] == str(creds.node_key(0))
+    cold = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
+                       data_path=None, port=9094, num_partitions=2, warm=False, insecure=False)
+    assert [name for name, _ in cold.commands] == ["supernode"]
+
+
+@pytest.mark.parametrize("host, allowed", [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                           ("0.0.0.0", False), ("10.1.2.3", False), ("link.example.org", False)])
+def test_insecure_is_allowed_on_loopback_only(host, allowed, tmp_path):
+    def both():
+        superlink_launch(None, host=host, port=8000, state_dir=tmp_path, insecure=True)
+        node_launch(f"{host}:8000", partition_id=0, ca=None, key=None, state_dir=tmp_path, data_path=None,
+                    port=9094, num_partitions=None, warm=False, insecure=True)
+
+    if allowed:
+        both()
+    else:
+        with pytest.raises(ConfigError, match="loopback"):
+            both()
+
+
+def test_cli_dry_run_prints_the_commands_and_missing_credentials_fail_in_one_line(creds, tmp_path, capsys):
+    assert main(["superlink", "--credentials", str(creds.root), "--state-dir", str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "flower-superlink" in out and all(f"{k}={v}" in out for k, v in SAFE_ENV.items())
+    assert main(["node", "--superlink", "h:8000", "--id", "0", "--state-dir", str(tmp_path), "--dry-run"]) == 2
+    assert "give --ca" in capsys.readouterr().err
+    assert main(["superlink", "--credentials", str(tmp_path / "none"), "--dry-run"]) == 2
+    assert "ca.crt does not exist" in capsys.readouterr().err
