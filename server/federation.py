@@ -267,8 +267,10 @@ class Federation:
             influence=None if secure else InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
             secure=secure,
         )
-        self.secure_round = SecureRound(self.grid, cfg, self.strategy, on_reply=lambda _: self.progress.client_done()) \
-            if secure else None
+        self.secure_round = None
+        if secure:
+            self.secure_round = SecureRound(self.grid, cfg, self.strategy,
+                                            on_reply=lambda _: self.progress.client_done())
         self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
 
     def _evaluate_start(self) -> None:

@@ -15,6 +15,10 @@ Weights are the clients' ``num-examples`` (``weighting="examples"``) or 1 each (
 DP (``client_dp``) clients are Poisson-sampled and the mean is :func:`client_dp.private_mean` (clipped updates,
 noise on the sum, fixed denominator) before the rule's update and refactor. The mean (or private mean) then
 goes through the server optimizer (``server_optimizer``: server learning rate and momentum) before it is applied.
+
+Under secure aggregation (``secure``) a reply carries the client's masked vector instead of its update and no
+record count; the server's secure round (``server/secure_round.py``) unmasks the sum and hands the mean to
+:meth:`aggregate_secure`, which applies it exactly as above.
 """
 
 from __future__ import annotations

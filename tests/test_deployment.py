@@ -226,6 +226,29 @@ def _register_when_up(public_key: Path, env: dict[str, str], timeout: float = 60
         time.sleep(1)
 
 
+def _runtime_env() -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLWR_")},
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def _cli_env(tmp_path: Path, link_port: int, creds, env: dict[str, str]) -> dict[str, str]:
+    """The flwr CLI's connection "fedlink" to the test's SuperLink, over TLS."""
+    cli_home = tmp_path / "cli-flwr"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedlink"\n\n'
+        f'[superlink.fedlink]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{creds.ca_cert}"\n'
+    )
+    return {**env, "FLWR_HOME": str(cli_home)}
+
+
 def _labelled_file(path: Path, seed: int, count: int) -> None:
     """Labelled news-topic records (fedspec's generator, one seed per owner), as a JSONL file with string
     labels: what a user's own data looks like."""
@@ -246,22 +269,8 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
     started = time.monotonic()
     creds = create_credentials(tmp_path / "creds", nodes=3)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("FLWR_")},
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # SuperLink/SuperNode spawn flower-superexec
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    cli_home = tmp_path / "cli-flwr"
-    cli_home.mkdir()
-    (cli_home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedlink"\n\n'
-        f'[superlink.fedlink]\naddress = "127.0.0.1:{link_port}"\nroot-certificates = "{creds.ca_cert}"\n'
-    )
-    cli_env = {**env, "FLWR_HOME": str(cli_home)}
+    env = _runtime_env()
+    cli_env = _cli_env(tmp_path, link_port, creds, env)
     # The server's task files sit in the SuperLink's working folder, named by relative paths that mean
     # nothing on the SuperNodes (other working folders): a node that read them would fail. Each node trains
     # on its own file only.
@@ -403,3 +412,77 @@ def test_credential_folders_are_not_writable_by_others_whatever_the_umask(tmp_pa
     with pytest.raises(ConfigError, match="writable by other users"):
         create_credentials(shared, nodes=1)
     assert not any(shared.iterdir())  # refused before writing anything
+
+
+@pytest.mark.slow
+def test_three_warm_secure_nodes_survive_one_killed_mid_run(tmp_path):
+    """Issue 17's acceptance run: 3 nodes on loopback (TLS, node authentication, secure aggregation, warm workers,
+    all through `fedspec superlink` / `fedspec node`); node 2 is killed once round 1 is done. The run completes,
+    the rounds after it aggregate the survivors, and nothing is misreported."""
+    creds = create_credentials(tmp_path / "creds", nodes=3)
+    link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
+    env = _runtime_env()
+    cli_env = _cli_env(tmp_path, link_port, creds, env)
+    link_home = tmp_path / "superlink-home"
+    _labelled_file(link_home / "task" / "train.jsonl", seed=0, count=200)
+    _labelled_file(link_home / "task" / "eval.jsonl", seed=1, count=64)
+    run_dir = tmp_path / "runs" / "killed"
+    overrides = ["model=tiny-bert", "federation.clients=3", "federation.rounds=3", "federation.fraction=1.0",
+                 "federation.round_timeout=240", "data.source=file", "data.path=task/train.jsonl",
+                 "data.eval_path=task/eval.jsonl", "data.min_client_examples=8", "train.local_steps=2",
+                 "train.batch_size=16", "federation.secure_aggregation.enabled=true", "run.name=killed",
+                 f"run.output_dir={tmp_path / 'runs'}", "run.progress=false"]
+    procs = Processes(tmp_path, env)
+    try:
+        procs.start("superlink", [str(BIN / "fedspec"), "superlink", "--credentials", str(creds.root), "--host",
+                                  "127.0.0.1", "--port", str(link_port), "--state-dir", str(tmp_path / "link-state")],
+                    link_home)
+        for i in range(3):
+            _register_when_up(creds.node_public_key(i), cli_env)
+        nodes = []
+        for i in range(3):
+            data = tmp_path / f"node-{i}-data.jsonl"
+            _labelled_file(data, seed=10 + i, count=48)
+            nodes.append(procs.start(f"node-{i}", [
+                str(BIN / "fedspec"), "node", "--superlink", f"127.0.0.1:{link_port}", "--id", str(i), "--ca",
+                str(creds.ca_cert), "--key", str(creds.node_key(i)), "--data-path", str(data),
+                "--state-dir", str(tmp_path / f"node-{i}-state"), "--port", str(node_ports[i]),
+            ], tmp_path / f"node-{i}-home"))
+        run = subprocess.Popen([str(BIN / "flwr"), "run", str(ROOT), "fedlink", "--stream", "--run-config",
+                                f'overrides="{" ".join(overrides)}"'], env=cli_env, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 600
+        while not _round_logged(run_dir, 1):
+            assert time.monotonic() < deadline and run.poll() is None, "round 1 never finished"
+            time.sleep(0.5)
+        for pid in (nodes[2].pid, *_descendants(nodes[2].pid)):  # node 2 dies: SuperNode, worker, apps
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = run.communicate(timeout=900)
+        runs = _flwr(["list", "fedlink", "--format", "json"], cli_env, 60)
+        assert [r["status"] for r in json.loads(runs.stdout)["runs"]] == ["finished:completed"], out
+    finally:
+        procs.stop_all()
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = {r["round"]: r for r in records if r["kind"] == "round"}
+    assert sorted(rounds) == [0, 1, 2, 3] and rounds[1]["clients"] == 3
+    assert rounds[3]["clients"] == 2 and rounds[3]["secagg_failed"] == 0  # the survivors aggregate without node 2
+    trained = {(r["round"], r["client_id"]) for r in records if r["kind"] == "client"}
+    assert {(3, 0), (3, 1)} <= trained and (3, 2) not in trained
+    for i in (0, 1):  # every survivor's own ledger matches the server's mirror of what it reported
+        ledger = json.loads((tmp_path / f"node-{i}-state" / "killed" / f"client-{i}" / "ledger.json").read_text())
+        mirror = json.loads((run_dir / "privacy" / "ledgers" / f"client-{i}.json").read_text())
+        assert ledger["entries"] == mirror["entries"]
+    report = json.loads((run_dir / "privacy" / "report.json").read_text())
+    assert report["secure_aggregation"] is True and report["clients"]["2"]["rounds_taken_part"] >= 1
+
+
+def _round_logged(run_dir: Path, round_: int) -> bool:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return False
+    return any(json.loads(line).get("kind") == "round" and json.loads(line).get("round") == round_
+               for line in path.read_text().splitlines() if line.strip())
