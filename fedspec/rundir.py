@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,21 @@ def check_run_dir(cfg: DictConfig) -> RunPaths:
         )
     if cfg.run.resume and not paths.config.is_file():
         raise ConfigError(f"cannot resume: {paths.config} does not exist; check --name and --output-dir")
+    _check_writable(paths.root, cfg.run.output_dir)
     return paths
+
+
+def _check_writable(root: Path, output_dir: str) -> None:
+    """The run folder, or the nearest folder above it that exists, must be writable: a run that could train for
+    hours and then fail to write its first checkpoint is refused before it starts."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    why = "is not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
+    raise ConfigError(f"{existing} {why}, so the run folder {root} cannot be written; choose another "
+                      f"run.output_dir (now {output_dir!r}) or --output-dir")
 
 
 class MetricsLog:

@@ -325,6 +325,9 @@ class Federation:
         self.global_state = self.model.after_round(arrays.to_torch_state_dict(), round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
                      strategy.client_ids)
+        for node, stage, reason in result.errors:
+            self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
+                           reason=f"secure aggregation, {stage}: {reason}")
         return summary
 
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
@@ -349,7 +352,16 @@ class Federation:
             self.level_ledger.save(self.paths.privacy / CLIENT_LEVEL_LEDGER_FILE)
 
     def _save_checkpoint(self, round_: int) -> None:
-        """The ledgers, then the round's checkpoint: what a resumed run needs to continue exactly."""
+        """The ledgers, then the round's checkpoint: what a resumed run needs to continue exactly. A failed write
+        (disk full, folder gone read-only) ends the run with one line; every earlier checkpoint is whole."""
+        try:
+            self._write_checkpoint(round_)
+        except OSError as error:
+            raise FedspecError(f"could not write round {round_}'s checkpoint under {self.paths.root}: "
+                               f"{error.strerror or error}; free the disk or fix the folder, then continue with "
+                               f"--resume (from round {round_ - 1})") from None
+
+    def _write_checkpoint(self, round_: int) -> None:
         self._save_ledgers()
         save_checkpoint(
             self.paths.checkpoints,

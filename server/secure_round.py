@@ -29,6 +29,7 @@ from fedspec.protocol import (
     SHARE,
     SURVIVORS,
     UNMASK,
+    error_reason,
 )
 from fedspec.secagg import Advertisement, Quantizer, SecAggError, ServerSession
 from fedspec.strategies.flower import AdapterStrategy, RoundReplies
@@ -48,6 +49,7 @@ class SecureRoundResult:
     mean: dict[str, torch.Tensor] | None  # the clients' weighted mean update; None: the round was not summed
     failure: str | None  # why it was not summed
     dropped: int  # clients that shared keys but sent no masked vector
+    errors: list[tuple[int, str, str]]  # (node, exchange, reason) of the clients that failed in a query exchange
 
 
 class SecureRound:
@@ -57,10 +59,12 @@ class SecureRound:
         secagg = cfg.federation.secure_aggregation
         self.quantizer = quantizer(cfg)
         self.fraction, self.neighbours = secagg.threshold, secagg.neighbours
+        self.errors: list[tuple[int, str, str]] = []
 
     def run(self, round_: int, state: dict[str, torch.Tensor]) -> SecureRoundResult:
         contents = self.strategy.train_contents(round_, ArrayRecord(state), ConfigRecord({}))
         session = ServerSession(round_, self.fraction, self.neighbours)
+        self.errors = []
         replies: list[Message] = []
         outcome = RoundReplies()
         try:
@@ -80,9 +84,10 @@ class SecureRound:
             total = session.total(_by_node(answers))
             sums, weight = self.quantizer.decode(total, self.strategy.trained_template())
             mean = {k: v / weight for k, v in sums.items()}
-            return SecureRoundResult(replies, outcome, mean, None, len(dropped))
+            return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors)
         except SecAggError as error:
-            return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)))
+            return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)),
+                                     self.errors)
 
     def _query(self, round_: int, stage: str, payloads: dict[int, dict]) -> dict[int, dict]:
         """One exchange of queries; {node: its reply's secagg record} for the nodes that answered without error."""
@@ -93,9 +98,13 @@ class SecureRound:
         ]
         answered = {}
         for reply in exchange(self.grid, messages, timeout=self.timeout):
-            if reply.has_error() or SECAGG not in reply.content.config_records:
-                continue  # a dropout: the protocol goes on without it
-            answered[reply.metadata.src_node_id] = dict(reply.content.config_records[SECAGG])
+            node = reply.metadata.src_node_id
+            if reply.has_error():  # a dropout: the protocol goes on without it
+                self.errors.append((node, stage, error_reason(reply.error.reason)))
+            elif SECAGG not in reply.content.config_records:
+                self.errors.append((node, stage, f"the reply has no {SECAGG!r} record"))
+            else:
+                answered[node] = dict(reply.content.config_records[SECAGG])
         return answered
 
     def _train(self, round_: int, contents: dict[int, RecordDict], inbox: dict[int, dict[int, bytes]]) -> list[Message]:

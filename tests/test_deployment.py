@@ -472,10 +472,13 @@ def test_three_warm_secure_nodes_survive_one_killed_mid_run(tmp_path):
     assert rounds[3]["clients"] == 2 and rounds[3]["secagg_failed"] == 0  # the survivors aggregate without node 2
     trained = {(r["round"], r["client_id"]) for r in records if r["kind"] == "client"}
     assert {(3, 0), (3, 1)} <= trained and (3, 2) not in trained
-    for i in (0, 1):  # every survivor's own ledger matches the server's mirror of what it reported
+    errors = [r for r in records if r["kind"] == "client-error"]
+    assert errors and all(r["client"] == 2 and r["reason"].startswith("secure aggregation, ") for r in errors)
+    for i in (0, 1, 2):  # every node's own ledger (the killed one's too) matches the server's mirror of it
         ledger = json.loads((tmp_path / f"node-{i}-state" / "killed" / f"client-{i}" / "ledger.json").read_text())
         mirror = json.loads((run_dir / "privacy" / "ledgers" / f"client-{i}.json").read_text())
         assert ledger["entries"] == mirror["entries"]
+        assert [e["round"] for e in ledger["entries"]] == ([1] if i == 2 else [1, 2, 3])
     report = json.loads((run_dir / "privacy" / "report.json").read_text())
     assert report["secure_aggregation"] is True and report["clients"]["2"]["rounds_taken_part"] >= 1
 

@@ -24,3 +24,24 @@ def test_a_run_name_cannot_leave_the_output_folder(tiny_cfg, name):
     cfg.run.name = name
     with pytest.raises(ConfigError, match="run.name"):
         run_paths(cfg)
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_run_starts(tiny_cfg, tmp_path, monkeypatch):
+    import os
+
+    from fedspec.rundir import check_run_dir
+
+    cfg = tiny_cfg()
+    cfg.run.name = "r"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg.run.output_dir = str(blocker / "runs")  # its would-be parent is a file
+    with pytest.raises(ConfigError, match="a-file is not a folder, so the run folder .* cannot be written"):
+        check_run_dir(cfg)
+    cfg.run.output_dir = str(tmp_path / "read-only" / "runs")
+    (tmp_path / "read-only").mkdir()
+    # Permission bits do not bind root (the test machine's user): ask os.access as an unprivileged user would answer
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith("read-only"))
+    with pytest.raises(ConfigError, match="read-only is not writable.*choose another run.output_dir"):
+        check_run_dir(cfg)
+    assert not (tmp_path / "read-only" / "runs").exists()  # nothing was created
