@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
@@ -257,7 +257,7 @@ class Federation:
             fraction_train=cfg.federation.fraction,
             min_train_nodes=min(cfg.federation.min_clients, len(nodes)),
             seed=cfg.run.seed,
-            base_init=ArrayRecord(self.base_init) if self.base_init else None,
+            base_init=self.base_init,
             weighting=cfg.federation.weighting,
             client_dp=self.client_dp,
             client_trained=self.model.client_trained(),
@@ -298,12 +298,12 @@ class Federation:
         cfg, strategy = self.cfg, self.strategy
         if self.secure_round is not None:
             return self._secure_train_round(round_)
-        messages = list(strategy.configure_train(round_, ArrayRecord(self.global_state), ConfigRecord({}), self.grid))
+        messages = strategy.train_messages(round_, self.global_state)
         self.progress.start_round(round_, len(messages), round_ - 1)
         replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
                            on_reply=lambda _: self.progress.client_done())
-        arrays, summary = strategy.aggregate_train(round_, replies)
-        self.global_state = self.model.after_round(arrays.to_torch_state_dict(), round_)
+        state, summary = strategy.aggregate_train(round_, replies)
+        self.global_state = self.model.after_round(state, round_)
         if self.level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
             self.level_ledger.record(round_, self.client_dp.noise_multiplier, self.client_dp.sample_rate, 1,
                                      attempt=self.level_ledger.next_attempt(round_))
@@ -316,13 +316,13 @@ class Federation:
         strategy = self.strategy
         self.progress.start_round(round_, len(strategy.sample(round_)), round_ - 1)
         result = self.secure_round.run(round_, self.global_state)
-        arrays, summary = strategy.aggregate_secure(result.outcome, result.mean)
+        state, summary = strategy.aggregate_secure(result.outcome, result.mean)
         summary["secagg-dropped"] = result.dropped
         if result.failure is not None:
             summary["secagg-failed"] = 1
             self.log.write("secagg-failed", round=round_, reason=result.failure)
             self.progress.note(f"round {round_} skipped: {result.failure}")
-        self.global_state = self.model.after_round(arrays.to_torch_state_dict(), round_)
+        self.global_state = self.model.after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
                      strategy.client_ids)
         for node, stage, reason in result.errors:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import Message
+from flwr.app import Message, Metadata
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 
 POLL_SECONDS = 0.1
@@ -22,17 +23,36 @@ def exchange(
     timeout: float,
     on_reply: Callable[[Message], None] | None = None,
 ) -> list[Message]:
-    """Replies that arrived within ``timeout`` seconds; late replies are dropped, as Flower does."""
-    pending = set(grid.push_messages(messages))
+    """Replies that arrived within ``timeout`` seconds; late replies are dropped, as Flower does.
+
+    Every reply reads as coming from the node the message went to: the SuperLink answers for a node that went
+    offline with an error of its own (``NODE_UNAVAILABLE``, sent from the SuperLink's id), which is re-addressed
+    so that logs and the strategy name the client that failed."""
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    destination = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages)}
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         arrived = list(grid.pull_messages(pending))
         for reply in arrived:
             pending.discard(reply.metadata.reply_to_message_id)
+            node = destination.get(reply.metadata.reply_to_message_id)
+            if reply.has_error() and node is not None and reply.metadata.src_node_id != node:
+                reply = _from_node(reply, node)
             replies.append(reply)
             if on_reply is not None:
                 on_reply(reply)
         if pending and not arrived:
             time.sleep(POLL_SECONDS)
     return replies
+
+
+def _from_node(reply: Message, node: int) -> Message:
+    """The same error reply, with the node it is about as its sender."""
+    meta = reply.metadata
+    metadata = Metadata(run_id=meta.run_id, message_id=meta.message_id, src_node_id=node, dst_node_id=meta.dst_node_id,
+                        reply_to_message_id=meta.reply_to_message_id, group_id=meta.group_id,
+                        created_at=meta.created_at, ttl=meta.ttl, message_type=meta.message_type)
+    return make_message(metadata, error=reply.error)

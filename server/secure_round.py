@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
@@ -62,7 +62,7 @@ class SecureRound:
         self.errors: list[tuple[int, str, str]] = []
 
     def run(self, round_: int, state: dict[str, torch.Tensor]) -> SecureRoundResult:
-        contents = self.strategy.train_contents(round_, ArrayRecord(state), ConfigRecord({}))
+        contents = self.strategy.train_contents(round_, state)
         session = ServerSession(round_, self.fraction, self.neighbours)
         self.errors = []
         replies: list[Message] = []

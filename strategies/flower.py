@@ -1,8 +1,9 @@
 """Thin Flower (Message API) strategies over the pure aggregation math in ``aggregation.py``.
 
-``AdapterStrategy`` subclasses Flower's ``FedAvg`` for its signature and changes what matters:
+``AdapterStrategy`` is the server's strategy on plain dicts of tensors (the server drives the rounds itself, so
+it needs none of Flower's ``Strategy`` machinery; only messages and replies are Flower's):
 - client sampling is seeded (Flower samples with the module-level ``random``), reproducible per round;
-- the global adapter is kept between ``configure_train`` and ``aggregate_train``, because FedSVD clients send
+- the global adapter is kept between ``train_contents`` and ``aggregate_train``, because FedSVD clients send
   only B updates while the new state needs A too;
 - every reply is read through ``fedspec.protocol``: its metrics, the client identity the server mapped to that
   node at discovery, and its tensors against what was sent. A reply that does not match is quarantined with the
@@ -30,9 +31,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore import log
 
 from fedspec.config import CHOICES
@@ -57,7 +56,7 @@ from .server_optimizer import ServerOptimizer
 
 
 
-class AdapterStrategy(FedAvg):
+class AdapterStrategy:
     def __init__(
         self,
         rule: AggregationRule,
@@ -66,7 +65,7 @@ class AdapterStrategy(FedAvg):
         fraction_train: float = 1.0,
         min_train_nodes: int = 2,
         seed: int = 0,
-        base_init: ArrayRecord | None = None,
+        base_init: dict[str, torch.Tensor] | None = None,
         weighting: str = "examples",
         client_dp: ClientDP | None = None,
         client_trained: set[str] | None = None,
@@ -79,16 +78,11 @@ class AdapterStrategy(FedAvg):
             raise ValueError(f"weighting must be one of {CHOICES['federation.weighting']}, got {weighting!r}")
         if client_dp is not None and weighting != "uniform":
             raise ValueError("client-level DP needs uniform weights: example weights break the C/(q·N) sensitivity")
-        super().__init__(
-            fraction_train=fraction_train,
-            fraction_evaluate=0.0,  # the server evaluates the global model itself on held-out data
-            min_train_nodes=min_train_nodes,
-            min_available_nodes=min_train_nodes,
-        )
+        self.fraction_train, self.min_train_nodes = fraction_train, min_train_nodes
         self.rule = rule
         self.client_ids = client_ids  # node id -> client (partition) id, learned by the server at start
         self.seed = seed
-        self.base_init = base_init
+        self.base_init = ArrayRecord(base_init) if base_init else None  # built once, sent to each new node
         self.client_trained = client_trained  # the keys clients train (the method's federated rule)
         self.nodes_with_base: set[int] = set()
         self.weighting = weighting
@@ -119,17 +113,15 @@ class AdapterStrategy(FedAvg):
         rng = random.Random(f"{self.seed}:{server_round}")
         return sorted(rng.sample(nodes, size), key=self.client_ids.__getitem__)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    def train_messages(self, server_round: int, state: dict[str, torch.Tensor]) -> list[Message]:
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
-                for node, content in self.train_contents(server_round, arrays, config).items()]
+                for node, content in self.train_contents(server_round, state).items()]
 
-    def train_contents(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> dict[int, RecordDict]:
+    def train_contents(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[int, RecordDict]:
         """What each of this round's sampled nodes is sent: the global adapter, the round, and the fixed tensors
         (``base_init``) until a reply has confirmed that the node has them."""
-        self._sent_state = arrays.to_torch_state_dict()
-        config[SERVER_ROUND] = server_round
+        self._sent_state = dict(state)
+        arrays, config = ArrayRecord(self._sent_state), ConfigRecord({SERVER_ROUND: server_round})
         contents = {}
         for node_id in self.sample(server_round):
             content = RecordDict({ARRAYS: arrays, CONFIG: config})
@@ -140,10 +132,11 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The new global state from the replies that pass :meth:`read_replies` (the rest are quarantined)."""
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The new global state from the replies that pass :meth:`read_replies` (the rest are quarantined), and
+        the round's summary."""
         if self._sent_state is None:
-            raise RuntimeError("aggregate_train called before configure_train")
+            raise RuntimeError("aggregate_train called before train_contents")
         self.last_replies = self.read_replies(list(replies))
         accepted = self.last_replies.accepted
         updates = [update for _, _, update in accepted]
@@ -152,7 +145,7 @@ class AdapterStrategy(FedAvg):
         summary["quarantined"] = len(self.last_replies.quarantined)
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
-                return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
+                return {k: v.clone() for k, v in self._sent_state.items()}, summary
             bounded = bound_influence(updates, weights, self.influence)
             summary["norm-clipped"], summary["weight-capped"] = bounded.clipped, bounded.capped
             mean = weighted_mean(bounded.updates, bounded.weights)
@@ -171,7 +164,7 @@ class AdapterStrategy(FedAvg):
 
     def aggregate_secure(
         self, outcome: RoundReplies, mean: dict[str, torch.Tensor] | None
-    ) -> tuple[ArrayRecord, MetricRecord]:
+    ) -> tuple[dict[str, torch.Tensor], dict]:
         """The new global state from a secure-aggregation round: ``mean`` is the weighted mean the server unmasked
         (None: the round could not be summed, the state stays). The server never saw a weight, so the summary's
         train loss is the clients' plain mean."""
@@ -181,16 +174,16 @@ class AdapterStrategy(FedAvg):
         summary["quarantined"] = len(outcome.quarantined)
         if mean is None:
             summary["clients"] = 0
-            return ArrayRecord({k: v.clone() for k, v in self._sent_state.items()}), summary
+            return {k: v.clone() for k, v in self._sent_state.items()}, summary
         return self.apply_mean(mean), summary
 
-    def apply_mean(self, mean: dict[str, torch.Tensor]) -> ArrayRecord:
+    def apply_mean(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The server step on the clients' mean update, then the rule's update (FedSVD: the re-factorization)."""
         new_state = apply_mean_update(self.rule, self._sent_state, self.server_optimizer.step(mean),
                                       a_orthonormal=self._a_orthonormal, client_trained=self.client_trained)
         self.server_optimizer.change_basis(self.rule, self._sent_state, new_state)
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
-        return ArrayRecord(new_state)
+        return new_state
 
     def trained_template(self) -> dict[str, torch.Tensor]:
         """The tensors clients train and send this round (keys and shapes of an update)."""
@@ -255,7 +248,7 @@ class RoundReplies:
     quarantined: list[tuple[int, str]] = field(default_factory=list)  # (node, reason): the reply was invalid
 
 
-def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> MetricRecord:
+def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> dict:
     """Weighted mean loss, number of clients aggregated, and the largest client ε so far."""
     summary = {"clients": len(replies)}
     if replies:
@@ -263,4 +256,4 @@ def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> 
         epsilons = [r.epsilon for r in replies if r.epsilon is not None]
         if epsilons:
             summary["max-epsilon"] = max(epsilons)
-    return MetricRecord(summary)
+    return summary

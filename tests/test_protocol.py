@@ -96,7 +96,7 @@ def test_a_bad_reply_is_quarantined_and_the_round_equals_the_honest_one(what, me
     (node, why), = strategy.last_replies.quarantined
     assert node == 12 and reason in why, why
     assert summary["clients"] == 2 and summary["quarantined"] == 1
-    expected, got = honest_only.to_torch_state_dict(), arrays.to_torch_state_dict()
+    expected, got = honest_only, arrays
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
@@ -105,7 +105,7 @@ def test_a_round_of_only_bad_replies_leaves_the_model_as_it_was():
     strategy = _strategy("ffa")
     arrays, summary = strategy.aggregate_train(1, [train_reply(12, m, u) for _, m, u, _ in BAD_REPLIES])
     assert summary["clients"] == 0 and summary["quarantined"] == len(BAD_REPLIES)
-    for key, value in arrays.to_torch_state_dict().items():
+    for key, value in arrays.items():
         assert torch.equal(value, _state()[key])
 
 
@@ -141,8 +141,7 @@ def _bounded_strategy(update_clip=3.0, weight_cap=5.0):
     return strategy
 
 
-def _move(arrays) -> float:
-    state = arrays.to_torch_state_dict()
+def _move(state) -> float:
     return float(sum((state[k] - _state()[k]).norm() ** 2 for k in TRAINED) ** 0.5)
 
 
@@ -174,8 +173,8 @@ def test_an_honest_cohort_aggregates_exactly_as_without_bounds():
     bounded, summary = _bounded_strategy().aggregate_train(1, _cohort())
     plain, _ = _bounded_strategy(0, 0).aggregate_train(1, _cohort())
     assert summary["norm-clipped"] == summary["weight-capped"] == 0
-    for key, value in plain.to_torch_state_dict().items():
-        assert torch.equal(bounded.to_torch_state_dict()[key], value)
+    for key, value in plain.items():
+        assert torch.equal(bounded[key], value)
 
 
 @pytest.mark.parametrize("factor", [0.5, -1.0])
@@ -193,18 +192,16 @@ def test_a_node_that_failed_gets_the_fixed_tensors_again():
     whose ClientApp failed may have lost its state, so it is sent them again and can take part later."""
     from types import SimpleNamespace
 
-    from flwr.app import ArrayRecord, ConfigRecord
-
     strategy = AdapterStrategy(get_rule("fedsvd"), client_ids={10: 0, 11: 1, 12: 2}, fraction_train=1.0,
-                               base_init=ArrayRecord({"l0.base_B": torch.ones(5, 4)}))
-    first = strategy.train_contents(1, ArrayRecord(_state()), ConfigRecord({}))
+                               base_init={"l0.base_B": torch.ones(5, 4)})
+    first = strategy.train_contents(1, _state())
     assert all("base-init" in content for content in first.values())
     failed = SimpleNamespace(metadata=SimpleNamespace(src_node_id=11), has_error=lambda: True,
                              error=SimpleNamespace(reason="ClientApp raised: out of memory"))
     strategy.aggregate_train(1, [train_reply(10, _metrics(0), _update()), failed,
                                  train_reply(12, _metrics(1), _update())])  # 12 quarantined: it claims client 1
     assert strategy.last_replies.errors == [(11, "ClientApp raised: out of memory")]
-    second = strategy.train_contents(2, ArrayRecord(_state()), ConfigRecord({}))
+    second = strategy.train_contents(2, _state())
     assert "base-init" in second[11]
     assert "base-init" not in second[10] and "base-init" not in second[12]
 

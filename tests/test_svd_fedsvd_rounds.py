@@ -107,6 +107,5 @@ def test_strategy_takes_the_shortcut_after_the_first_refactor(monkeypatch):
         state = _state()
         for round_, count in enumerate(counts, start=1):
             strategy._sent_state = state
-            arrays, _ = strategy.aggregate_train(round_, replies(state, rule, round_, count))
-            state = arrays.to_torch_state_dict()
+            state, _ = strategy.aggregate_train(round_, replies(state, rule, round_, count))
         assert seen == expected, name
