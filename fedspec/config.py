@@ -181,6 +181,8 @@ class FedspecConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# The strategies' names, for validation without importing torch; each one's rule is defined once, in
+# strategies/aggregation.py (RULES), and a test keeps the two in step.
 STRATEGIES = ("fedsvd", "ffa", "fedit", "fedavg")
 CHOICES: dict[str, tuple] = {
     "data.source": ("synthetic", "file", "hf"),

@@ -136,3 +136,10 @@ def test_float32_state_stays_float32_and_exact_to_float32_precision():
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ValueError, match="strategy.name='fedprox' is not a strategy; choose one of: fedsvd, ffa, fedit, fedavg"):
         get_rule("fedprox")
+
+
+def test_the_configs_strategy_names_are_exactly_the_defined_rules():
+    from fedspec.config import STRATEGIES
+    from fedspec.strategies import RULES
+
+    assert tuple(RULES) == STRATEGIES
