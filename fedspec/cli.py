@@ -187,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     link.add_argument("--port", type=int, default=8000, help="port of the SuperLink's API (default 8000)")
     link.add_argument("--state-dir", default="superlink-state", help="where the SuperLink keeps its state")
-    link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
-    link.add_argument("--dry-run", action="store_true", help="print the command and environment, start nothing")
+    _add_launch_flags(link)
 
     node = sub.add_parser(
         "node",
@@ -208,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
     node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
     node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
-    node.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
-    node.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
+    _add_launch_flags(node)
 
     audit = sub.add_parser(
         "audit",
@@ -229,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--fraction", type=float, help="share of clients sampled per round (federation.fraction)")
     _add_common(audit)
     return parser
+
+
+def _add_launch_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication: loopback only")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and environment, start nothing")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
