@@ -110,6 +110,11 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
                 return forward(str(socket_path), kind, msg, context)
             except WorkerUnavailable as error:
                 print(f"fedspec client: {error}; running this message here (cold)", file=sys.stderr, flush=True)
+            except OSError as error:  # it died mid-message: what it did is unknown, so do not run it again here
+                client = context.node_config.get("partition-id", "?")
+                raise FedspecError(f"client {client}: the warm worker at {socket_path} failed mid-message "
+                                   f"({error}); restart it (fedspec node does) — this round goes on without "
+                                   "this client") from None
         return handlers[kind](msg, context)
 
     @app.query()

@@ -87,3 +87,27 @@ def test_without_a_worker_the_clientapp_runs_the_message_itself(tmp_path, capfd)
     reply = build_client_app()(_message(content), _context(tmp_path, missing))
     assert reply.content[METRICS][CLIENT_ID] == 1 and time.monotonic() - started < 120
     assert "running this message here (cold)" in capfd.readouterr().err
+
+
+def test_a_worker_that_dies_mid_message_fails_that_message_in_one_line(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    socket_path = tmp_path / "dying.sock"
+    # A real worker process that accepts the connection and dies before answering
+    script = (f"import socket,os; s=socket.socket(socket.AF_UNIX); s.bind({str(socket_path)!r}); s.listen(1); "
+              "c,_=s.accept(); c.recv(16); os._exit(1)")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(FedspecError, match=r"^client 1: the warm worker at .* failed mid-message"):
+            build_client_app()(_message(RecordDict({})), _context(tmp_path, str(socket_path)))
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
