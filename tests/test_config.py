@@ -48,3 +48,25 @@ def test_missing_data_file_is_named(tmp_path):
     missing = tmp_path / "nope.tsv"
     with pytest.raises(ConfigError, match=f"data.path='{missing}' does not exist"):
         compose_config(["data.source=file", f"data.path={missing}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("federation.secure_aggregation.threshold=0.4", "a majority of each client's neighbours"),
+    ("federation.secure_aggregation.threshold=1.0", "it must be in \\[0.5, 1\\)"),
+    ("federation.secure_aggregation.neighbours=1", "at least 2"),
+    ("federation.secure_aggregation.clip_range=0", "clip_range=0.0 is not allowed"),
+    ("federation.secure_aggregation.bits=40", "in 8..32"),
+    ("federation.secure_aggregation.max_weight=0", "at least 1"),
+])
+def test_secure_aggregation_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config([override])
+
+
+def test_secure_aggregation_with_client_level_dp_is_refused_in_one_line():
+    from fedspec.config import check_federated
+
+    cfg = compose_config(["federation.secure_aggregation.enabled=true", "privacy=client-dp",
+                          "federation.weighting=uniform"])
+    with pytest.raises(ConfigError, match="distributed noise, added by the clients, is not built"):
+        check_federated(cfg)
