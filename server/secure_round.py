@@ -54,7 +54,7 @@ class SecureRoundResult:
 
 class SecureRound:
     def __init__(self, grid: Grid, cfg: DictConfig, strategy: AdapterStrategy, *, on_reply: Callable | None = None):
-        self.grid, self.cfg, self.strategy, self.on_reply = grid, cfg, strategy, on_reply
+        self.grid, self.strategy, self.on_reply = grid, strategy, on_reply
         self.timeout = cfg.federation.round_timeout
         secagg = cfg.federation.secure_aggregation
         self.quantizer = quantizer(cfg)
