@@ -126,7 +126,16 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
             client_app=build_client_app(flat),
             num_supernodes=cfg.federation.clients,
             backend_config={
-                "client_resources": {"num_cpus": float(cfg.federation.client_cpus), "num_gpus": 0.0},
+                "client_resources": {
+                    "num_cpus": float(cfg.federation.client_cpus),
+                    "num_gpus": 0.0,
+                    # Flower passes these to Ray's actor options. Without restarts, a worker the out-of-memory
+                    # killer took stays in Flower's pool and fails every later message routed to it; with them,
+                    # Ray starts a fresh worker and runs the message that was lost (and those sent while it
+                    # restarted) there, once more at most. A lost run released nothing: it spent no privacy.
+                    "max_restarts": -1,
+                    "max_task_retries": 1,
+                },
                 "init_args": {
                     "num_cpus": os.cpu_count() or 1,
                     "include_dashboard": False,

@@ -4,7 +4,12 @@ and resuming it from a checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +119,61 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def _client_workers() -> list[int]:
+    """The process ids of this process's Ray ClientApp workers (Ray titles them ``ray::ClientAppActor…``; the
+    Ray cluster ray.init started is a subtree of this process — other simulations on the machine are not)."""
+    parents, titles = {}, {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                titles[int(proc.name)] = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid, title in titles.items() if title.startswith(b"ray::ClientAppActor") and ours(pid)]
+
+
+def _rounds_so_far(metrics: Path) -> list[dict]:
+    lines = metrics.read_text().splitlines()[:-1]  # the last line may be half-written
+    return [r for r in map(json.loads, lines) if r["kind"] == "round"]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds Ray's workers through /proc")
+def test_a_worker_killed_mid_run_is_replaced_and_every_client_trains_again(tiny_cfg):
+    """What the out-of-memory killer does to a simulation: one ClientApp worker dies after round 1. Ray starts a
+    fresh one and runs the lost message there; no round loses a client (before: every later message routed to
+    the dead worker failed, for the rest of the run)."""
+    cfg = tiny_cfg("federation.rounds=3", "federation.fraction=1.0", "federation.client_cpus=1")
+    metrics = Path(cfg.run.output_dir) / cfg.run.name / "metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_a_worker_after_round_one():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(r["round"] >= 1 for r in _rounds_so_far(metrics)):
+                workers = _client_workers()
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    killed.append(workers[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_round_one, daemon=True)
+    killer.start()
+    result = simulate(cfg)
+    killer.join(timeout=5)
+    assert killed, "no ClientApp worker was found to kill"
+    rows = _rounds(result.paths)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["clients"] for r in rows[1:]] == [4, 4, 4]  # the lost message ran again on the fresh worker
