@@ -8,15 +8,19 @@ The model is built from a config (random weights: memory does not depend on thei
 adapter tensors. One DP step of a logical batch of ``--batch`` records × ``--length`` tokens (every token a response
 token) runs through fedspec's own training loop (`train_steps`: Opacus, Poisson sampling off by batch = all records,
 `BatchMemoryManager` micro-batches of ``--physical`` records). Reported: peak memory allocated by torch on the GPU
-(`torch.cuda.max_memory_allocated`) or, on a CPU, the peak resident set of the process, and the step time.
+(`torch.cuda.max_memory_allocated`) or, on a CPU, the same figure from torch's profiler (the model's tensors plus the
+step's peak allocation; the step time then includes the profiler) and the peak resident set of the process.
 Target (issue: edge GPUs): ≤ 12 GB for the 1B shape, rank 16, batch 16 × 512.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import tempfile
 import time
+from contextlib import nullcontext
 import warnings
 
 import torch
@@ -49,6 +53,22 @@ def resident_gib() -> float:
     return float("nan")
 
 
+def tensor_gib(model: torch.nn.Module) -> float:
+    """What the model's parameters and buffers hold, GiB."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def peak_allocated_gib(profiler) -> float:
+    """The most memory torch's CPU allocator held at once while ``profiler`` ran (its ``[memory]`` events count
+    from zero at the start), GiB: the CPU's counterpart of ``torch.cuda.max_memory_allocated`` for the step."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        profiler.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**30
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16, help="decoder blocks (16: the 1B shape)")
@@ -73,19 +93,26 @@ def main() -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before_step = resident_gib()
+    on_cpu = args.device == "cpu"
+    profiled = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     started = time.perf_counter()
-    # Sampling rate 1 (batch = all records) makes the Poisson batch the whole logical batch, every step.
-    result = train_steps(model, data, ids.clone(), steps=1, batch_size=args.batch, optimizer="sgd", lr=0.1,
-                         dp=DPSettings(1.0, 1.0, grad_sample_mode=args.mode, seed=0),
-                         physical_batch_size=args.physical)
+    with profiled if on_cpu else nullcontext():
+        # Sampling rate 1 (batch = all records) makes the Poisson batch the whole logical batch, every step.
+        result = train_steps(model, data, ids.clone(), steps=1, batch_size=args.batch, optimizer="sgd", lr=0.1,
+                             dp=DPSettings(1.0, 1.0, grad_sample_mode=args.mode, seed=0),
+                             physical_batch_size=args.physical)
+    seconds = time.perf_counter() - started
     if args.device == "cuda":
         torch.cuda.synchronize()
         peak = f"peak GPU memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     else:
-        # The resident set also holds Python, torch's libraries and the model: the step's own share is the rise
-        peak = (f"peak resident memory of the process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}"
-                f" GiB ({before_step:.2f} GiB before the step)")
-    seconds = time.perf_counter() - started
+        # What a GPU would have to hold: the model's tensors plus the most the step allocated on top of them. The
+        # resident set is an upper bound: it also holds Python, torch's libraries and freed-but-cached pages.
+        model_gib, step_gib = tensor_gib(model), peak_allocated_gib(profiled)
+        peak = (f"peak memory allocated by torch {model_gib + step_gib:.2f} GiB (model {model_gib:.2f} + step "
+                f"{step_gib:.2f}); peak resident memory of the process "
+                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB ({before_step:.2f} before the "
+                "step)")
     print(f"Llama-1B-shaped, {args.layers} layers, {params / 1e9:.2f}B parameters in {args.dtype}, rank {args.rank} on "
           f"all projections ({trainable / 1e6:.1f}M float32 trainable), DP step ({args.mode}) of {result.examples} "
           f"records × {args.length} tokens in micro-batches of {args.physical} on {args.device}: {peak}; "

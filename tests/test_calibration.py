@@ -84,7 +84,12 @@ def test_sums_of_parts_equal_the_statistics_of_the_pooled_records(setup):
     assert parts.count == whole.count
     for name in layers:
         for key, value in whole.sums[name].items():
-            assert torch.allclose(parts.sums[name][key], value, rtol=1e-10, atol=1e-12), (name, key)
+            # The input statistics sum float64 products of the same activations: equal to float64 rounding. The
+            # gradients come from a float32 backward whose kernels depend on the batch's size (measured: 1e-7 of
+            # the largest entry apart on an AMD CPU), so they agree to float32 rounding only.
+            exact = key in ("xx", "x")
+            atol = 1e-12 if exact else 1e-6 * float(value.abs().max())
+            assert torch.allclose(parts.sums[name][key], value, rtol=1e-10 if exact else 1e-5, atol=atol), (name, key)
 
 
 def test_collection_leaves_the_model_as_it_was(setup):

@@ -209,12 +209,15 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
             break
         Z_t = _times_transposed(Wp, image_t[..., width - k:width, :][..., : total - width, :].mT).mT  # (WᵀW·P_i)ᵀ
         done_t = basis_t[..., :width, :]
-        # Block Gram–Schmidt against the earlier blocks, twice ("twice is enough"), normalizing after each
-        # projection: what is left of Z once the top directions are removed can be ~eps of its norm, and
-        # only a re-normalized second pass makes that remainder orthogonal to the basis in float32. (Two
-        # projections and a single orthonormalization failed: the remainder's columns are nearly collinear, and
-        # the QR of that ill-conditioned block is not accurate enough relative to its smallest directions.)
-        for _ in range(2):
+        # Block Gram–Schmidt against the earlier blocks, normalizing after each projection: what is left of Z once
+        # the top directions are removed can be ~eps of its norm, and only a re-normalized later pass makes that
+        # remainder orthogonal to the basis in float32. (Two projections and a single orthonormalization failed:
+        # the remainder's columns are nearly collinear, and the QR of that ill-conditioned block is not accurate
+        # enough relative to its smallest directions.) Three passes, not the textbook two: once the Krylov space
+        # is exhausted (W of rank below the basis width) the remainder is pure rounding noise, and after two
+        # passes the basis was up to 9e-4 from orthonormal on an AMD CPU's MKL (random rank-k W, k < r: relative
+        # reconstruction errors up to 0.27; with three, 4e-7 at no measurable cost).
+        for _ in range(3):
             Z_t = orthonormal_columns((Z_t - (Z_t @ done_t.mT) @ done_t).mT).mT
         P_t = Z_t
     return _rayleigh_ritz(image_t, basis_t, rank)
