@@ -309,8 +309,9 @@ def _round_rows(paths):
     from .server.progress import RoundRow
 
     names = {f.name for f in fields(RoundRow)}
-    return [RoundRow(**{k: v for k, v in r.items() if k in names})
-            for r in MetricsLog(paths.metrics).read() if r["kind"] == "round"]
+    # A round the server logged but did not checkpoint before a crash ran again after --resume: its last line holds
+    last = {r["round"]: r for r in MetricsLog(paths.metrics).read() if r["kind"] == "round"}
+    return [RoundRow(**{k: v for k, v in last[round_].items() if k in names}) for round_ in sorted(last)]
 
 
 def cmd_privacy_report(args: argparse.Namespace) -> int:

@@ -48,6 +48,8 @@ class DataConfig:
     alpha: float = MISSING
     min_client_examples: int = MISSING
     validation: bool = MISSING  # tuning: score on a split carved from the training records, never on the held-out data
+    has_header: bool | None = None  # file sources: whether the first row names the columns (None: detect it)
+    label_names: list[str] | None = None  # file sources: the class names in class-id order (None: from the file)
     task: str = "classification"  # classification | causal_lm
     prompt: str | None = None  # causal_lm on classification data: the user turn, "{text}" replaced by the record's text
     label_words: list[str] | None = None  # causal_lm on classification data: the response for each class

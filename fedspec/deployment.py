@@ -37,7 +37,7 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 CURVE = ec.SECP384R1  # the curve Flower's SuperNode-authentication example uses; also signs the certificates
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
-FOLDER_MODE = 0o755
+FOLDER_MODE = 0o700
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,12 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _private_folder(folder: Path) -> None:
-    """A folder writable by its owner only: created so whatever the umask, refused if it already exists
-    writable by others (anyone could then swap a key or a certificate in it)."""
-    if not folder.exists():
-        folder.mkdir(parents=True)
-        os.chmod(folder, FOLDER_MODE)
+    """A folder only its owner can enter: created so (with every folder above it that fedspec creates) whatever
+    the umask, refused if it already exists writable by others (anyone could then swap a key or a certificate
+    in it)."""
+    for created in reversed([f for f in (folder, *folder.parents) if not f.exists()]):
+        created.mkdir()
+        os.chmod(created, FOLDER_MODE)
     if stat.S_IMODE(folder.stat().st_mode) & 0o022:
         raise ConfigError(f"{folder} is writable by other users; keep credentials in a folder only you can write "
                           f"to (chmod go-w {folder})")

@@ -8,10 +8,7 @@ its reports, when too few clients have budget left (or the client-level guarante
 
 from __future__ import annotations
 
-import math
 import time
-
-import numpy as np
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -36,6 +33,7 @@ from fedspec.protocol import (
     METRICS,
     TRAIN_LOSS,
     VERSION,
+    ProtocolError,
     StatisticsReply,
     TrainReply,
     error_reason,
@@ -47,7 +45,7 @@ from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 from .budget import BudgetTracker
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_fixed
-from .messaging import exchange
+from .messaging import Traffic, exchange, payload_bytes
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
 from .round_zero import collect_statistics
@@ -57,11 +55,13 @@ DISCOVERY_POLL_SECONDS = 1.0
 
 
 def discover_clients(
-    grid: Grid, expected: int, timeout: float, label_names: list[str], min_clients: int = 1
+    grid: Grid, expected: int, timeout: float, label_names: list[str], min_clients: int = 1,
+    log: MetricsLog | None = None,
 ) -> dict[int, dict]:
     """Ask every node who it is: {node id: {CLIENT_ID: its client id}}. Waits for ``expected`` nodes and fails
-    when fewer than ``min_clients`` answer. The query carries the task's class names: a node with its own data
-    file labels it with them."""
+    when fewer than ``min_clients`` answer. A node that fails to start or answers something else is left out of
+    the run (a ``client-error`` line in ``log``), never the end of it. The query carries the task's class names:
+    a node with its own data file labels it with them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected:
@@ -78,20 +78,35 @@ def discover_clients(
         for n in node_ids
     ]
     replies = exchange(grid, messages, timeout=timeout)
-    found = {}
+    found, problems = {}, []
     for reply in replies:
-        if reply.has_error():
-            raise FedspecError(f"node {reply.metadata.src_node_id} failed to start: {error_reason(reply.error.reason)}")
-        metrics = reply.content.metric_records[METRICS]
-        found[reply.metadata.src_node_id] = {CLIENT_ID: int(metrics[CLIENT_ID])}
+        node = reply.metadata.src_node_id
+        try:
+            found[node] = {CLIENT_ID: _client_id(reply)}
+        except ProtocolError as problem:
+            problems.append(f"node {node}: {problem}")
+            if log is not None:
+                log.write("client-error", round=0, node=node, reason=str(problem))
     if len(found) < min_clients:
         raise FedspecError(
             f"only {len(found)} of {len(node_ids)} nodes answered who they are within federation.round_timeout="
-            f"{timeout:g}s, fewer than federation.min_clients={min_clients}; check the SuperNodes' logs, or raise "
-            "the timeout"
+            f"{timeout:g}s, fewer than federation.min_clients={min_clients}"
+            + (f" ({'; '.join(problems)})" if problems else "")
+            + "; check the SuperNodes' logs, or raise the timeout"
         )
     _check_unique_client_ids(found)
     return found
+
+
+def _client_id(reply: Message) -> int:
+    """The client id a discovery reply states; a ProtocolError saying what is wrong with any other reply."""
+    if reply.has_error():
+        raise ProtocolError(f"failed to start: {error_reason(reply.error.reason)}")
+    metrics = reply.content.metric_records.get(METRICS)
+    value = None if metrics is None else metrics.get(CLIENT_ID)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(f"its reply states no client id (metric {CLIENT_ID!r}: {value!r})")
+    return value
 
 
 def _check_unique_client_ids(found: dict[int, dict]) -> None:
@@ -124,12 +139,15 @@ def _mirror_client(ledgers: dict[str, PrivacyLedger], reply: TrainReply | Statis
 
 
 def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,
-                 ledgers: dict[str, PrivacyLedger], cfg: DictConfig, client_ids: dict[int, int]) -> None:
-    """One metrics line per reply (aggregated, declined, or rejected with its reason); mirror what was spent."""
+                 ledgers: dict[str, PrivacyLedger], cfg: DictConfig, client_ids: dict[int, int],
+                 traffic: Traffic) -> None:
+    """One metrics line per reply (aggregated, declined, or rejected with its reason), one per client that did
+    not answer in time; mirror what was spent. Client lines carry the bytes exchanged with that client this round."""
     by_node = {reply.metadata.src_node_id: reply for reply in replies}
     for node, reply, _ in outcome.accepted:
         fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items()}
-        log.write("client", round=round_, update_bytes=_payload_bytes(by_node[node]), **fields)
+        log.write("client", round=round_, update_bytes=payload_bytes(by_node[node]), bytes_sent=traffic.sent[node],
+                  bytes_received=traffic.received[node], **fields)
         _mirror_client(ledgers, reply, round_, cfg)
     for node, reply in outcome.declined:
         fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items() if k != DECLINED}
@@ -139,12 +157,9 @@ def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: l
         log.write("client-error", round=round_, node=node, client=client_ids.get(node), reason=reason)
     for node, reason in outcome.quarantined:
         log.write("client-quarantined", round=round_, node=node, client=client_ids.get(node), reason=reason)
-
-
-def _payload_bytes(reply: Message) -> int:
-    """The size of the tensors a client sent (what a user pays for upload), counted by the server."""
-    return sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize
-               for record in reply.content.array_records.values() for array in record.values())
+    for node in sorted(set(traffic.sent) - set(traffic.received)):
+        log.write("client-error", round=round_, node=node, client=client_ids.get(node),
+                  reason=f"no reply within federation.round_timeout={cfg.federation.round_timeout:g}s")
 
 
 def _max_epsilon(previous: float | None, this_round: float | None) -> float | None:
@@ -186,6 +201,7 @@ class Federation:
         if not self.paths.config.is_file():  # under `flwr run` no driver wrote it
             save_config(cfg, self.paths.config)
         self.log = MetricsLog(self.paths.metrics)
+        self.traffic = Traffic()  # this round's payload bytes to and from each node
         self.rule = get_rule(cfg.strategy.name)
         self.task = build_task(cfg)
         self._restore(load_checkpoint(self.paths.checkpoints) if cfg.run.resume else None)
@@ -209,7 +225,7 @@ class Federation:
     def run(self) -> list[RoundRow]:
         cfg = self.cfg
         nodes = discover_clients(self.grid, cfg.federation.clients, cfg.federation.round_timeout,
-                                 self.task.train.label_names, min_clients=cfg.federation.min_clients)
+                                 self.task.train.label_names, min_clients=cfg.federation.min_clients, log=self.log)
         self.client_dp = _client_dp(cfg, len(nodes))
         self._initialize(nodes, self._round_zero(nodes))
         stopped = None
@@ -269,7 +285,7 @@ class Federation:
         )
         self.secure_round = None
         if secure:
-            self.secure_round = SecureRound(self.grid, cfg, self.strategy,
+            self.secure_round = SecureRound(self.grid, cfg, self.strategy, self.traffic,
                                             on_reply=lambda _: self.progress.client_done())
         self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
 
@@ -296,19 +312,20 @@ class Federation:
     def _train_round(self, round_: int) -> dict:
         """Send the global adapter to this round's clients, aggregate their replies, log and mirror them."""
         cfg, strategy = self.cfg, self.strategy
+        self.traffic.clear()
         if self.secure_round is not None:
             return self._secure_train_round(round_)
         messages = strategy.train_messages(round_, self.global_state)
         self.progress.start_round(round_, len(messages), round_ - 1)
         replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
-                           on_reply=lambda _: self.progress.client_done())
+                           on_reply=lambda _: self.progress.client_done(), traffic=self.traffic)
         state, summary = strategy.aggregate_train(round_, replies)
         self.global_state = self.model.after_round(state, round_)
         if self.level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
             self.level_ledger.record(round_, self.client_dp.noise_multiplier, self.client_dp.sample_rate, 1,
                                      attempt=self.level_ledger.next_attempt(round_))
         _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
-                     strategy.client_ids)
+                     strategy.client_ids, self.traffic)
         return summary
 
     def _secure_train_round(self, round_: int) -> dict:
@@ -324,7 +341,7 @@ class Federation:
             self.progress.note(f"round {round_} skipped: {result.failure}")
         self.global_state = self.model.after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
-                     strategy.client_ids)
+                     strategy.client_ids, self.traffic)
         for node, stage, reason in result.errors:
             self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
                            reason=f"secure aggregation, {stage}: {reason}")
@@ -335,10 +352,10 @@ class Federation:
         evaluation = self.model.evaluate(self.global_state, answers=round_ == self.cfg.federation.rounds)
         row = RoundRow(round_, summary.get(TRAIN_LOSS), evaluation["accuracy"], evaluation["loss"],
                        int(summary["clients"]), _max_epsilon(self.rows[-1].max_epsilon, summary.get("max-epsilon")),
-                       seconds, evaluation.get("answer_accuracy"))
+                       seconds, evaluation.get("answer_accuracy"), quarantined=int(summary.get("quarantined", 0)),
+                       bytes_sent=sum(self.traffic.sent.values()), bytes_received=sum(self.traffic.received.values()))
         self.rows.append(row)
-        bounded = {"quarantined": int(summary.get("quarantined", 0)), "norm_clipped": int(summary.get("norm-clipped", 0)),
-                   "weight_capped": int(summary.get("weight-capped", 0))}
+        bounded = {"norm_clipped": int(summary.get("norm-clipped", 0)), "weight_capped": int(summary.get("weight-capped", 0))}
         if self.secure_round is not None:
             bounded |= {"secagg_dropped": int(summary.get("secagg-dropped", 0)),
                         "secagg_failed": int(summary.get("secagg-failed", 0))}

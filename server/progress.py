@@ -21,14 +21,29 @@ class RoundRow:
     max_epsilon: float | None
     seconds: float
     answer_accuracy: float | None = None  # causal LMs: greedy answers scored, at round 0 and the last round
+    quarantined: int = 0  # replies rejected by the server's checks (client-quarantined lines say why)
+    bytes_sent: int = 0  # payload bytes to the clients this round (tensors and secure aggregation's byte strings)
+    bytes_received: int = 0  # payload bytes from them
 
 
-ROUND_HEADERS = ["round", "train loss", "eval accuracy", "eval loss", "clients", "max client ε", "seconds"]
+ROUND_HEADERS = ["round", "train loss", "eval accuracy", "eval loss", "clients", "rejected", "max client ε",
+                 "sent / received", "seconds"]
+
+
+def byte_size(count: int) -> str:
+    """A byte count in the largest binary unit that keeps it ≥ 1: 150536 → "147 KiB"."""
+    size, unit = float(count), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.0f} {unit}" if size >= 100 or unit == "B" else f"{size:.1f} {unit}"
 
 
 def _cells(row: RoundRow) -> list[str]:
+    traffic = f"{byte_size(row.bytes_sent)} / {byte_size(row.bytes_received)}" if row.round else "—"
     return [str(row.round), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
-            str(row.clients), number(row.max_epsilon, ".3f"), f"{row.seconds:.1f}"]
+            str(row.clients), str(row.quarantined), number(row.max_epsilon, ".3f"), traffic, f"{row.seconds:.1f}"]
 
 
 def rounds_table(rows: list[RoundRow], title: str = "fedspec federation") -> Table:

@@ -13,7 +13,7 @@ from fedspec.privacy.report import ClientLevelSettings
 from fedspec.rundir import MetricsLog, RunPaths
 
 from .global_model import GlobalModel
-from .progress import RoundRow, rounds_markdown
+from .progress import RoundRow, byte_size, rounds_markdown
 
 
 def privacy_settings(cfg: DictConfig) -> dict:
@@ -59,6 +59,10 @@ def write_run_privacy_report(
             expected_clients=float(cfg.federation.fraction) * int(cfg.federation.clients),
             target_epsilon=level_cfg.target_epsilon,
         )
+    quarantined: dict[str, list[int]] = {}
+    for line in MetricsLog(paths.metrics).read() if paths.metrics.is_file() else []:
+        if line["kind"] == "client-quarantined" and line.get("client") is not None:
+            quarantined.setdefault(str(int(line["client"])), []).append(int(line["round"]))
     return write_privacy_report(
         paths.privacy,
         ledgers,
@@ -69,6 +73,7 @@ def write_run_privacy_report(
         record_level=bool(cfg.privacy.enabled),
         client_level=level,
         declined=declined,
+        quarantined=quarantined,
         server_sees=server_sees(cfg),
         stopped=stopped,
         secure_aggregation=bool(cfg.federation.secure_aggregation.enabled),
@@ -143,6 +148,14 @@ def summary_markdown(
         lines.append(f"- budget enforcement: clients {', '.join(declined)} declined rounds their budget did not cover")
     if privacy_report.get("stopped"):
         lines.append(f"- **stopped after round {last.round}**: {privacy_report['stopped']}")
+    rejected = sum(row.quarantined for row in rows)
+    if rejected:
+        lines.append(f"- rejected replies: {rejected} (not aggregated; `client-quarantined` lines in metrics.jsonl "
+                     "say why)")
+    sent, received = sum(row.bytes_sent for row in rows), sum(row.bytes_received for row in rows)
+    if sent or received:
+        lines.append(f"- communication: {byte_size(sent)} sent to clients, {byte_size(received)} received from them "
+                     f"over {len(rows) - 1} round{'' if len(rows) == 2 else 's'}")
     lines += [
         f"- eval accuracy: {first.eval_accuracy:.4f} (round {first.round}) → {last.eval_accuracy:.4f} (round {last.round})",
         *causal_lm_summary_lines(cfg, (first.eval_loss, last.eval_loss), (first.answer_accuracy, last.answer_accuracy),

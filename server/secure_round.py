@@ -34,7 +34,7 @@ from fedspec.protocol import (
 from fedspec.secagg import Advertisement, Quantizer, SecAggError, ServerSession
 from fedspec.strategies.flower import AdapterStrategy, RoundReplies
 
-from .messaging import exchange
+from .messaging import Traffic, exchange
 
 
 def quantizer(cfg: DictConfig) -> Quantizer:
@@ -53,8 +53,9 @@ class SecureRoundResult:
 
 
 class SecureRound:
-    def __init__(self, grid: Grid, cfg: DictConfig, strategy: AdapterStrategy, *, on_reply: Callable | None = None):
-        self.grid, self.strategy, self.on_reply = grid, strategy, on_reply
+    def __init__(self, grid: Grid, cfg: DictConfig, strategy: AdapterStrategy, traffic: Traffic, *,
+                 on_reply: Callable | None = None):
+        self.grid, self.strategy, self.traffic, self.on_reply = grid, strategy, traffic, on_reply
         self.timeout = cfg.federation.round_timeout
         secagg = cfg.federation.secure_aggregation
         self.quantizer = quantizer(cfg)
@@ -97,7 +98,7 @@ class SecureRound:
             for node, payload in payloads.items()
         ]
         answered = {}
-        for reply in exchange(self.grid, messages, timeout=self.timeout):
+        for reply in exchange(self.grid, messages, timeout=self.timeout, traffic=self.traffic):
             node = reply.metadata.src_node_id
             if reply.has_error():  # a dropout: the protocol goes on without it
                 self.errors.append((node, stage, error_reason(reply.error.reason)))
@@ -112,7 +113,7 @@ class SecureRound:
         for node, content in contents.items():
             content[SECAGG] = ConfigRecord({str(sender): c for sender, c in inbox[node].items()})
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        return exchange(self.grid, messages, timeout=self.timeout, on_reply=self.on_reply)
+        return exchange(self.grid, messages, timeout=self.timeout, on_reply=self.on_reply, traffic=self.traffic)
 
 
 # What a client sends is untrusted: a malformed part drops that client from the round, it never ends the round.

@@ -80,5 +80,6 @@ def train_reply(node: int, metrics: dict | None, update: dict | None):
     content = SimpleNamespace(
         array_records={} if update is None else {"arrays": ArrayRecord(update)},
         metric_records={} if metrics is None else {"metrics": MetricRecord(metrics)},
+        config_records={},
     )
     return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False)

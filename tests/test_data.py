@@ -399,6 +399,19 @@ def test_load_task_errors_name_the_key(tmp_path):
     assert "data.eval_examples=5" in error_of(load_task, too_large_holdout)
 
 
+def test_the_keys_data_errors_name_can_be_set_on_the_command_line(tmp_path):
+    """Error hints say data.has_header and data.label_names: both are config keys a user can override."""
+    from fedspec.config import compose_config
+
+    path = write(tmp_path / "d.tsv", "".join(f"review {i}\t{'pos' if i % 2 else 'neg'}\n" for i in range(40)))
+    cfg = compose_config(["data.source=file", f"data.path={path}", "data.has_header=false", "data.text_field=0",
+                          "data.label_field=1", "data.label_names=[pos,neg]", "data.eval_examples=10"])
+    train, evaluation = load_task(cfg.data)
+    assert train.label_names == evaluation.label_names == ["pos", "neg"]  # the given order, not sorted
+    assert len(train) + len(evaluation) == 40  # the first row is a record, not a header
+    assert train.labels[train.texts.index("review 1")] == 0
+
+
 def test_split_holdout_keeps_every_example_once():
     examples = generate_topics(103, seed=0)
     train, evaluation = split_holdout(examples, 21, seed=3)

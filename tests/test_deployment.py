@@ -404,8 +404,8 @@ def test_credential_folders_are_not_writable_by_others_whatever_the_umask(tmp_pa
         creds = create_credentials(tmp_path / "fresh" / "creds", nodes=1)
     finally:
         os.umask(old)
-    for folder in {creds.root, creds.ca_key.parent, creds.node_key(0).parent}:
-        assert stat.S_IMODE(folder.stat().st_mode) & 0o022 == 0, folder
+    for folder in {tmp_path / "fresh", creds.root, creds.ca_key.parent, creds.node_key(0).parent}:
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o777)

@@ -45,3 +45,67 @@ def test_an_unwritable_output_folder_is_refused_before_the_run_starts(tiny_cfg, 
     with pytest.raises(ConfigError, match="read-only is not writable.*choose another run.output_dir"):
         check_run_dir(cfg)
     assert not (tmp_path / "read-only" / "runs").exists()  # nothing was created
+
+
+def test_a_checkpoint_is_fsynced_file_by_file_and_its_rename_too(tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from fedspec.privacy import atomic
+    from fedspec.server.checkpoint import load_checkpoint, save_checkpoint
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                        real_fsync(fd)))
+    save_checkpoint(tmp_path / "checkpoints", 3, {"w": torch.ones(2)}, {"rows": []})
+    files = [path for path in synced if ".tmp" in path]  # each written as a temporary file, fsynced, renamed
+    assert any("/round-0003.tmp/.state" in path for path in files) and any("/round-0003.tmp/.meta" in path for path in files)
+    assert synced[-1] == str(tmp_path / "checkpoints")  # the folder, after the rename into round-0003
+    assert load_checkpoint(tmp_path / "checkpoints").round == 3
+
+
+def test_a_failed_checkpoint_write_ends_the_run_with_one_line_naming_the_fix(tmp_path):
+    from types import SimpleNamespace
+
+    from fedspec.errors import FedspecError
+    from fedspec.server.federation import Federation
+
+    def full_disk(round_):
+        raise OSError(28, "No space left on device")
+
+    server = SimpleNamespace(_write_checkpoint=full_disk, paths=SimpleNamespace(root=tmp_path / "run"))
+    with pytest.raises(FedspecError) as failure:
+        Federation._save_checkpoint(server, 5)
+    assert str(failure.value) == (f"could not write round 5's checkpoint under {tmp_path / 'run'}: No space left on "
+                                  "device; free the disk or fix the folder, then continue with --resume (from round 4)")
+
+
+def test_a_round_logged_twice_across_a_resume_is_shown_once_with_its_last_result(tmp_path):
+    from fedspec.cli import _round_rows
+    from fedspec.rundir import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    row = {"train_loss": 0.5, "eval_loss": 0.7, "clients": 2, "max_epsilon": 1.0, "seconds": 1.0}
+    for round_, accuracy in ((0, 0.5), (1, 0.6), (2, 0.7), (2, 0.75), (3, 0.8)):  # crashed before round 2's checkpoint
+        log.write("round", round=round_, eval_accuracy=accuracy, **row)
+    rows = _round_rows(type("Paths", (), {"metrics": tmp_path / "metrics.jsonl"}))
+    assert [(r.round, r.eval_accuracy) for r in rows] == [(0, 0.5), (1, 0.6), (2, 0.75), (3, 0.8)]
+
+
+def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(tiny_cfg, tmp_path):
+    from fedspec.privacy.report import build_privacy_report, render_markdown
+    from fedspec.server.progress import RoundRow, byte_size
+    from fedspec.server.reports import summary_markdown
+
+    report = build_privacy_report({}, delta=1e-5, accountant="rdp", record_level=False, quarantined={"2": [3, 1]})
+    assert report["quarantined"] == {"2": [1, 3]}
+    assert "Replies the server rejected" in render_markdown(report) and "2 (round 1, 3)" in render_markdown(report)
+    rows = [RoundRow(0, None, 0.5, 0.7, 0, None, 1.0),
+            RoundRow(1, 0.6, 0.6, 0.6, 3, 1.0, 2.0, quarantined=1, bytes_sent=3 * 150536, bytes_received=2 * 150536)]
+    summary = summary_markdown(tiny_cfg(), rows, report, None)
+    assert "- rejected replies: 1" in summary
+    assert "- communication: 441 KiB sent to clients, 294 KiB received from them over 1 round" in summary
+    assert byte_size(150536) == "147 KiB" and byte_size(900) == "900 B" and byte_size(3 * 2**20) == "3.0 MiB"
+    assert "441 KiB / 294 KiB" in summary  # the round table's column

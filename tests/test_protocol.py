@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from helpers import train_reply
+from omegaconf import OmegaConf
 
 from fedspec.protocol import ProtocolError, TrainReply, check_update
 from fedspec.strategies import get_rule
@@ -75,6 +76,9 @@ BAD_REPLIES = [
     ("a non-DP setting (σ = 0)", _metrics(2, noise_multiplier=0.0), _update(seed=9), "DP-SGD"),
     ("zero steps", _metrics(2, steps=0), _update(seed=9), "steps"),
     ("a billion attempts at the round", _metrics(2, attempt=10**9), _update(seed=9), "attempt"),
+    ("zero num-examples (an all-zero weight)", _metrics(2, num_examples=0), _update(seed=9), "num-examples"),
+    ("a decline in another client's name", {"client-id": 0, "declined": 1, "epsilon": 7.9, "budget-epsilon": 8.0},
+     None, "claims client 0"),
 ]
 
 
@@ -99,6 +103,26 @@ def test_a_bad_reply_is_quarantined_and_the_round_equals_the_honest_one(what, me
     expected, got = honest_only, arrays
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_under_client_level_dp_a_scalar_in_place_of_B_is_quarantined_before_the_clipping():
+    """A scalar broadcast over B would pass the per-client clipping (its norm is one number's): it never gets there."""
+    from fedspec.strategies.client_dp import ClientDP
+
+    def strategy():
+        s = AdapterStrategy(get_rule("fedsvd"), client_ids={10: 0, 11: 1, 12: 2},
+                            weighting="uniform", client_dp=ClientDP(1.0, 0.1, 1.0, 3, seed=0))
+        s._sent_state = _state()
+        return s
+
+    honest_only, _ = strategy().aggregate_train(1, _honest())
+    hostile = strategy()
+    scalar = _bad_update(lambda u: u.update({"l0.lora_B.weight": torch.tensor(3.0)}))
+    arrays, summary = hostile.aggregate_train(1, [*_honest(), train_reply(12, _metrics(2), scalar)])
+    (node, why), = hostile.last_replies.quarantined
+    assert node == 12 and "shape" in why and summary["quarantined"] == 1
+    for key in honest_only:  # seeded noise: the same noised mean as without the hostile reply
+        torch.testing.assert_close(arrays[key], honest_only[key], rtol=0, atol=0)
 
 
 def test_a_round_of_only_bad_replies_leaves_the_model_as_it_was():
@@ -247,11 +271,79 @@ def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
                                                                                           3: {"client-id": 3}}
 
 
+class _MixedGrid(_SilentGrid):
+    """Node 1 answers who it is, node 2's ClientApp fails to start, node 3 answers without a client id."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Error, Message, MetricRecord, RecordDict
+
+        replies = []
+        for m in self.sent:
+            node = m.metadata.dst_node_id
+            if node == 2:
+                replies.append(Message(Error(code=0, reason="ClientApp raised: no data file"), reply_to=m))
+            else:
+                metrics = {"client-id": 0} if node == 1 else {"train-loss": 0.5}
+                replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=m))
+        self.sent = []
+        return replies
+
+
+def test_discovery_leaves_out_nodes_that_fail_or_answer_nonsense_and_logs_them(flower_task, tmp_path):
+    from fedspec.errors import FedspecError
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.federation import discover_clients
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    assert discover_clients(_MixedGrid(set()), 3, 0.3, ["a", "b"], min_clients=1, log=log) == {1: {"client-id": 0}}
+    errors = {line["node"]: line["reason"] for line in log.read() if line["kind"] == "client-error"}
+    assert errors == {2: "failed to start: ClientApp raised: no data file",
+                      3: "its reply states no client id (metric 'client-id': None)"}
+    with pytest.raises(FedspecError, match=r"only 1 of 3 nodes.*node 2: failed to start.*node 3: its reply states"):
+        discover_clients(_MixedGrid(set()), 3, 0.3, ["a", "b"], min_clients=2)
+
+
+class _CountingGrid(_SilentGrid):
+    """Every node answers with a tensor of 10 float32 values, except node 3, which never answers."""
+
+    def pull_messages(self, ids):
+        import numpy as np
+        from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+        replies = [Message(RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(10, dtype=np.float32))})}),
+                           reply_to=m) for m in self.sent if m.metadata.dst_node_id != 3]
+        self.sent = []
+        return replies
+
+
+def test_exchange_counts_the_payload_both_ways_and_a_silent_node_is_logged(flower_task, tmp_path):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.budget import BudgetTracker
+    from fedspec.server.federation import _log_replies
+    from fedspec.server.messaging import Traffic, exchange
+    from fedspec.strategies.flower import RoundReplies
+
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros((4, 8), dtype=np.float64))}),
+                          "config": ConfigRecord({"note": "abc", "share": b"12345"})})
+    messages = [Message(content, message_type=MessageType.TRAIN, dst_node_id=n) for n in (1, 2, 3)]
+    traffic = Traffic()
+    replies = exchange(_CountingGrid({1, 2, 3}), messages, timeout=0.3, traffic=traffic)
+    assert len(replies) == 2
+    assert traffic.sent == {1: 4 * 8 * 8 + 3 + 5, 2: 264, 3: 264} and traffic.received == {1: 40, 2: 40}
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    cfg = OmegaConf.create({"federation": {"round_timeout": 0.3}})
+    _log_replies(log, 4, RoundReplies(), replies, BudgetTracker.__new__(BudgetTracker), {}, cfg, {3: 7}, traffic)
+    (line,) = log.read()
+    assert (line["kind"], line["round"], line["node"], line["client"]) == ("client-error", 4, 3, 7)
+    assert line["reason"] == "no reply within federation.round_timeout=0.3s"
+
+
 def test_the_mirror_ledger_counts_every_attempt_a_client_reports():
     """A client trained round 3 before the server crashed (the mirror, reloaded from round 2's checkpoint, does
     not know) and trains it again after the resume: it reports attempt 2, and the mirror records both."""
-    from omegaconf import OmegaConf
-
     from fedspec.privacy import PrivacyLedger
     from fedspec.server.federation import _mirror_client
 

@@ -55,6 +55,14 @@ def test_run_folder_holds_config_metrics_adapter_checkpoints_and_privacy_report(
     assert [r["round"] for r in _rounds(result.paths)] == list(range(ROUNDS + 1))
     clients = [r for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "client"]
     assert len(clients) == ROUNDS * 2  # fraction 0.5 of 4 clients each round
+    # Communication: what each client received (the global trained tensors, plus A and the head once) and sent
+    # back (its update), summed per round and over the run.
+    assert all(c["bytes_received"] == c["update_bytes"] > 0 and c["bytes_sent"] >= c["update_bytes"] for c in clients)
+    for row in _rounds(result.paths)[1:]:
+        mine = [c for c in clients if c["round"] == row["round"]]
+        assert row["bytes_sent"] == sum(c["bytes_sent"] for c in mine)
+        assert row["bytes_received"] == sum(c["bytes_received"] for c in mine)
+    assert "- communication: " in (root / "summary.md").read_text()
 
 
 def test_every_reported_epsilon_covers_all_steps_so_far(finished_run):

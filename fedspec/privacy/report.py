@@ -88,12 +88,14 @@ def build_privacy_report(
     record_level: bool = True,
     client_level: ClientLevelSettings | None = None,
     declined: Mapping[str, Sequence[int]] | None = None,
+    quarantined: Mapping[str, Sequence[int]] | None = None,
     server_sees: Sequence[str] | None = None,
     stopped: str | None = None,
     secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """The report as a dict: what is protected and what is not, settings, per-client per-round ε, final ε
-    per client with max and median, the client-level ε over rounds, and the rounds clients declined."""
+    per client with max and median, the client-level ε over rounds, the rounds clients declined and those whose
+    replies the server rejected."""
     delta = validate_delta(delta)
     accountant = validate_accountant(accountant)
     if max_grad_norm is not None and not _positive(max_grad_norm):
@@ -123,13 +125,18 @@ def build_privacy_report(
         "summary": _summary(clients, target),
         "clients": clients,
         "client_level": _client_level_section(client_level, accountant) if client_level else None,
-        "declined": {cid: sorted(int(r) for r in rounds) for cid, rounds in sorted(
-            (declined or {}).items(), key=lambda item: client_sort_key(item[0])) if rounds},
+        "declined": _rounds_by_client(declined),
+        "quarantined": _rounds_by_client(quarantined),
         "server_sees": list(server_sees or []),
         "secure_aggregation": bool(secure_aggregation),
         "stopped": stopped,
         "extra": extra,
     }
+
+
+def _rounds_by_client(rounds_of: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
+    return {cid: sorted(int(r) for r in rounds) for cid, rounds in sorted(
+        (rounds_of or {}).items(), key=lambda item: client_sort_key(item[0])) if rounds}
 
 
 def _positive(value: object) -> bool:
@@ -316,6 +323,11 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
     if report["declined"]:
         lines += ["", f"Clients that declined a round because it would have exceeded their budget: "
                       f"{', '.join(report['declined'])}."]
+    if report.get("quarantined"):
+        rejected = ", ".join(f"{cid} (round {', '.join(map(str, rounds))})" for cid, rounds in report["quarantined"].items())
+        lines += ["", f"Replies the server rejected (their updates were not used; `client-quarantined` lines in "
+                      f"metrics.jsonl say why): {rejected}. What a client spent in a rejected round is in its own "
+                      "ledger on its node, which can exceed the server's copy shown here."]
     if report["stopped"]:
         lines += ["", f"**The run stopped early:** {report['stopped']}"]
     return lines
