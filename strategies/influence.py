@@ -6,9 +6,11 @@ Two bounds, both relative to the round's own cohort so they need no tuning to th
 - each aggregation weight is capped at ``weight_factor`` × the median weight: a client claiming 10⁹ records
   counts like one with a few times the typical number.
 
+The median is the lower median: with two updates it is the smaller one, so in a round of two a hostile client
+cannot raise its own bound (the mean of two would be its to set). A lone update has no peer to be bounded by.
 Honest cohorts are rarely touched (DP-SGD updates have similar norms; Dirichlet client sizes stay well within a
-few medians), and when nothing is clipped the aggregate is exactly the plain weighted mean. With fewer than three
-updates there is no meaningful median and nothing is bounded. Client-level DP clips with its own fixed norm.
+few medians), and when nothing is clipped the aggregate is exactly the plain weighted mean. Client-level DP clips
+with its own fixed norm.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-MIN_COHORT = 3
+MIN_COHORT = 2
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,13 @@ def bound_influence(updates: Sequence[dict[str, torch.Tensor]], weights: Sequenc
     clipped = capped = 0
     if bound.norm_factor:
         norms = [update_norm(u) for u in updates]
-        limit = bound.norm_factor * statistics.median(norms)
+        limit = bound.norm_factor * statistics.median_low(norms)
         for i, norm in enumerate(norms):
             if norm > limit > 0:
                 updates[i] = {k: t * (limit / norm) for k, t in updates[i].items()}
                 clipped += 1
     if bound.weight_factor:
-        cap = bound.weight_factor * statistics.median(weights)
+        cap = bound.weight_factor * statistics.median_low(weights)
         capped = sum(w > cap for w in weights)
         weights = [min(w, cap) for w in weights]
     return Bounded(updates, weights, clipped, capped)

@@ -180,6 +180,17 @@ def test_a_huge_update_moves_the_model_like_a_few_honest_ones():
     assert _move(arrays) < 2 * honest_move
 
 
+def test_in_a_round_of_two_the_attacker_cannot_set_its_own_bound():
+    """With two replies the bound follows the smaller update and the smaller weight (the lower median): the
+    attacker's update counts at most 3× the honest one's norm, its weight at most 5× the honest weight."""
+    honest = _cohort(1)
+    attacker = train_reply(16, _metrics(6, num_examples=10**9), _update(scale=1e4, seed=99))
+    honest_move = _move(_bounded_strategy().aggregate_train(1, honest)[0])
+    arrays, summary = _bounded_strategy().aggregate_train(1, [*honest, attacker])
+    assert summary["norm-clipped"] == 1 and summary["weight-capped"] == 1
+    assert _move(arrays) < 3 * honest_move + 1e-9  # a weighted mean of updates of norm ≤ 3× the honest one
+
+
 def test_a_claimed_record_count_is_capped_at_a_few_medians():
     greedy = train_reply(16, _metrics(6, num_examples=10**9), _update(seed=99))
     strategy = _bounded_strategy()
@@ -188,7 +199,7 @@ def test_a_claimed_record_count_is_capped_at_a_few_medians():
     from fedspec.strategies.influence import InfluenceBound, bound_influence
 
     bounded = bound_influence([_update()] * 4, [100.0, 120.0, 110.0, 1e9], InfluenceBound(3.0, 5.0))
-    assert bounded.weights == [100.0, 120.0, 110.0, 5 * 115.0]
+    assert bounded.weights == [100.0, 120.0, 110.0, 5 * 110.0]  # 5 × the lower median of the four
 
 
 def test_an_honest_cohort_aggregates_exactly_as_without_bounds():
