@@ -352,6 +352,40 @@ def test_exchange_counts_the_payload_both_ways_and_a_silent_node_is_logged(flowe
     assert line["reason"] == "no reply within federation.round_timeout=0.3s"
 
 
+class _OfflineNodeGrid(_SilentGrid):
+    """Node 3 went offline: the SuperLink answers for it with an error sent from its own id (1234)."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Error, Metadata
+        from flwr.app.message.message import make_message
+
+        replies = []
+        for m in self.sent:
+            metadata = Metadata(run_id=m.metadata.run_id, message_id=f"r{m.metadata.dst_node_id}", src_node_id=1234,
+                                dst_node_id=m.metadata.src_node_id, reply_to_message_id=m.metadata.message_id,
+                                group_id="", created_at=0.0, ttl=60.0, message_type=m.metadata.message_type)
+            replies.append(make_message(metadata, error=Error(code=1, reason="NODE_UNAVAILABLE")))
+        self.sent = []
+        return replies
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        for i, m in enumerate(self.sent):
+            m.metadata.message_id = f"m{i}"  # what the SuperLink does on push
+        return [f"m{i}" for i in range(len(self.sent))]
+
+
+def test_an_error_the_superlink_sends_for_an_offline_node_names_that_node(flower_task):
+    from flwr.app import Message, MessageType, RecordDict
+
+    from fedspec.server.messaging import exchange
+
+    messages = [Message(RecordDict(), message_type=MessageType.TRAIN, dst_node_id=3)]
+    (reply,) = exchange(_OfflineNodeGrid({3}), messages, timeout=0.3)
+    assert reply.has_error() and reply.error.reason == "NODE_UNAVAILABLE"
+    assert reply.metadata.src_node_id == 3  # not the SuperLink's 1234: logs and the strategy name the client
+
+
 def test_the_mirror_ledger_counts_every_attempt_a_client_reports():
     """A client trained round 3 before the server crashed (the mirror, reloaded from round 2's checkpoint, does
     not know) and trains it again after the resume: it reports attempt 2, and the mirror records both."""
