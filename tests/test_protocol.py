@@ -360,19 +360,13 @@ class _OfflineNodeGrid(_SilentGrid):
         from flwr.app.message.message import make_message
 
         replies = []
-        for m in self.sent:
-            metadata = Metadata(run_id=m.metadata.run_id, message_id=f"r{m.metadata.dst_node_id}", src_node_id=1234,
-                                dst_node_id=m.metadata.src_node_id, reply_to_message_id=m.metadata.message_id,
+        for i, m in enumerate(self.sent):  # push_messages gave the i-th message the id "m{i}"
+            metadata = Metadata(run_id=m.metadata.run_id, message_id=f"r{i}", src_node_id=1234,
+                                dst_node_id=m.metadata.src_node_id, reply_to_message_id=f"m{i}",
                                 group_id="", created_at=0.0, ttl=60.0, message_type=m.metadata.message_type)
             replies.append(make_message(metadata, error=Error(code=1, reason="NODE_UNAVAILABLE")))
         self.sent = []
         return replies
-
-    def push_messages(self, messages):
-        self.sent = list(messages)
-        for i, m in enumerate(self.sent):
-            m.metadata.message_id = f"m{i}"  # what the SuperLink does on push
-        return [f"m{i}" for i in range(len(self.sent))]
 
 
 def test_an_error_the_superlink_sends_for_an_offline_node_names_that_node(flower_task):
