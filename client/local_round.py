@@ -19,9 +19,8 @@ from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, get_m
 from fedspec.adapters.state import TRAINED
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
-from fedspec.privacy.planning import budget_epsilon, schedule_steps
+from fedspec.privacy.planning import budget_epsilon, client_sample_rate, schedule_steps
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
-from fedspec.privacy.accounting import sample_rate
 from fedspec.training import DPSettings, train_steps
 
 from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
@@ -51,9 +50,11 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         if declined is not None:
             return {}, declined
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
+        fixed_rate = cfg.privacy.get("sample_rate") is not None
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
-                        head_clip_share=cfg.privacy.get("head_clip_share"), seed=seed)
+                        head_clip_share=cfg.privacy.get("head_clip_share"),
+                        sample_rate=client_sample_rate(cfg, len(data)) if fixed_rate else None, seed=seed)
 
     load_adapter_state(model, {**received, **base_init})
     started = time.perf_counter()
@@ -94,7 +95,7 @@ def _decline_if_over_budget(cfg: DictConfig, context: Context, client: int, sigm
     if budget is None:
         return None
     ledger = load_ledger(cfg, context)
-    q = sample_rate(n, cfg.train.batch_size)  # the rate Opacus will use: 1 / batches per epoch
+    q = client_sample_rate(cfg, n)  # the rate Opacus will account
     if not ledger.would_exceed(budget, noise_multiplier=sigma, sample_rate=q, steps=int(cfg.train.local_steps)):
         return None
     return TrainReply(client, declined=True, epsilon=ledger.epsilon(), budget_epsilon=budget).to_metrics()

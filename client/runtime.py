@@ -221,7 +221,8 @@ def noise_multiplier(cfg: DictConfig, context: Context, num_examples: int) -> fl
     """This client's σ for the whole run, planned once per node (planning runs the accountant many times)."""
     privacy = cfg.privacy
     settings = json.dumps([privacy.target_epsilon, privacy.noise_multiplier, privacy.delta, privacy.accountant,
-                           num_examples, cfg.train.batch_size, schedule_steps(cfg), init_statistics_entries(cfg)])
+                           num_examples, cfg.train.batch_size, privacy.get("sample_rate"), schedule_steps(cfg),
+                           init_statistics_entries(cfg)])
     record = context.state.config_records.get(PLAN_STATE_KEY)
     if record is not None and record["settings"] == settings:
         return float(record["noise-multiplier"])

@@ -91,6 +91,9 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     console = console or Console(stderr=True)
     if cfg.run.resume:
         raise ConfigError("fedspec train does not resume runs; start a new one (drop --resume / run.resume)")
+    if cfg.privacy.enabled and cfg.privacy.get("sample_rate") is not None:
+        raise ConfigError(f"privacy.sample_rate={cfg.privacy.sample_rate:g} fixes federated clients' sample rate (it "
+                          "hides their record counts from the server); fedspec train has no clients: drop it")
     paths = check_run_dir(cfg)
     task = build_task(cfg)
     model, tokenizer = build_backbone(cfg, task.num_classes)

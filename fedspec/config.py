@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,9 @@ class PrivacyConfig:
     grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
     head_clip_share: float | None = None  # per-group clipping: the head's share of max_grad_norm (None: flat)
+    # Every federated client's Poisson rate, the same for all (1/k): q and σ then say nothing of a client's record
+    # count. None: q = 1/⌈n/batch_size⌉ per client.
+    sample_rate: float | None = None
     # Round 0 of data-driven initializers: release each client's calibration sums clipped and noised (Gaussian
     # mechanism, counted in the client's ε as one step with q = 1), or exactly.
     private_init_stats: bool = MISSING
@@ -330,6 +334,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         if privacy.head_clip_share is not None and privacy.grad_sample_mode == "ghost":
             fail("privacy.head_clip_share", privacy.head_clip_share, "per-group clipping needs "
                  "privacy.grad_sample_mode=hooks (ghost clipping clips one flat norm)")
+        if privacy.sample_rate is not None:
+            _check_fixed_sample_rate(privacy.sample_rate, fail)
         if privacy.budget_epsilon is not None and privacy.budget_epsilon <= 0:
             fail("privacy.budget_epsilon", privacy.budget_epsilon, "it must be > 0 (or null: use target_epsilon)")
         if privacy.private_init_stats:
@@ -381,6 +387,15 @@ def _validate_secure_aggregation(secagg: DictConfig, fail) -> None:
         fail("federation.secure_aggregation.bits", secagg.bits, "it must be in 8..32")
     if secagg.max_weight < 1:
         fail("federation.secure_aggregation.max_weight", secagg.max_weight, "it must be at least 1")
+
+
+def _check_fixed_sample_rate(q: float, fail) -> None:
+    """Opacus samples 1/q batches per epoch and accounts q as 1/(that number): q must be 1/k for a whole k."""
+    batches = round(1 / q) if 0 < q <= 1 else 0
+    if batches < 1 or abs(1 / q - batches) > 1e-6 * batches:
+        near = sorted({1 / max(1, math.floor(1 / q)), 1 / max(1, math.ceil(1 / q))}) if 0 < q <= 1 else [0.01]
+        fail("privacy.sample_rate", q, "it must be 1/k for a whole number k of batches per epoch (e.g. "
+             + " or ".join(f"{v:.6g}" for v in near) + "), or null: 1/⌈n/train.batch_size⌉ per client")
 
 
 def check_federated(cfg: DictConfig) -> None:

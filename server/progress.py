@@ -40,8 +40,14 @@ def byte_size(count: int) -> str:
     return f"{size:.0f} {unit}" if size >= 100 or unit == "B" else f"{size:.1f} {unit}"
 
 
+def traffic_cell(sent: int, received: int) -> str:
+    """ "66.1 / 18.1 KiB", the unit written once when both share it."""
+    (a, unit_a), (b, unit_b) = byte_size(sent).split(), byte_size(received).split()
+    return f"{a} / {b} {unit_a}" if unit_a == unit_b else f"{a} {unit_a} / {b} {unit_b}"
+
+
 def _cells(row: RoundRow) -> list[str]:
-    traffic = f"{byte_size(row.bytes_sent)} / {byte_size(row.bytes_received)}" if row.round else "—"
+    traffic = traffic_cell(row.bytes_sent, row.bytes_received) if row.round else "—"
     return [str(row.round), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
             str(row.clients), str(row.quarantined), number(row.max_epsilon, ".3f"), traffic, f"{row.seconds:.1f}"]
 

@@ -108,4 +108,4 @@ def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(t
     assert "- rejected replies: 1" in summary
     assert "- communication: 441 KiB sent to clients, 294 KiB received from them over 1 round" in summary
     assert byte_size(150536) == "147 KiB" and byte_size(900) == "900 B" and byte_size(3 * 2**20) == "3.0 MiB"
-    assert "441 KiB / 294 KiB" in summary  # the round table's column
+    assert "| 441 / 294 KiB |" in summary  # the round table's column

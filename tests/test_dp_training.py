@@ -66,6 +66,33 @@ def test_dp_training_changes_only_trainable_tensors_and_accounts_every_step():
         assert getattr(p, "grad_sample", None) is None, "hooks must be removed after training"
 
 
+@pytest.mark.parametrize("batches", [3, 93])  # 1/(1/93) rounds below 93 in floating point
+def test_a_server_fixed_sample_rate_is_the_rate_opacus_samples_and_accounts(batches):
+    """privacy.sample_rate = 1/k: k Poisson batches per epoch whatever the client's size, accounted at exactly 1/k."""
+    model, batch, labels = _batch(TEXTS * 40, LABELS.repeat(40))  # 240 records
+    fedspec.adapt(model, "pissa", 4, train_A=False)
+    result = train_steps(model, batch, labels, steps=20, batch_size=8, lr=1e-2,
+                         dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1 / batches, seed=0))
+    assert result.sample_rate == 1 / batches  # not 1/⌈240/8⌉ = 1/30
+    expected = 20 * 240 / batches
+    assert abs(result.examples - expected) < 5 * math.sqrt(expected)  # the records sampled over the 20 steps
+
+
+def test_a_server_fixed_sample_rate_gives_every_client_the_same_q_and_sigma():
+    from fedspec.config import compose_config
+    from fedspec.errors import ConfigError
+    from fedspec.privacy.planning import plan_clients
+
+    cfg = compose_config(["privacy.target_epsilon=3", "privacy.sample_rate=0.02"])
+    plans = plan_clients(cfg, [60, 600, 6000])
+    assert {p.sample_rate for p in plans} == {0.02} and len({p.noise_multiplier for p in plans}) == 1
+    assert len({p.sample_rate for p in plan_clients(compose_config(["privacy.target_epsilon=3"]), [60, 600])}) == 2
+    with pytest.raises(ConfigError, match="samples 50 batches per epoch, but a client has only 40 records"):
+        plan_clients(cfg, [40, 600])
+    with pytest.raises(ConfigError, match=r"privacy.sample_rate=0.03 .* 1/k for a whole number k"):
+        compose_config(["privacy.sample_rate=0.03"])
+
+
 def test_empty_poisson_batches_still_take_a_noisy_step():
     model, batch, labels = _batch(TEXTS[:2], LABELS[:2])
     fedspec.adapt(model, "lora", 2)

@@ -321,6 +321,9 @@ def test_what_the_server_sees_follows_the_settings():
     uniform = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.seed_noise=true"])))
     assert "No record counts as weights" in uniform and "for tests only" in uniform
     assert "not covered by the ε" not in uniform
+    closed = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.sample_rate=0.05"])))
+    assert "the same for every client (q = 0.05" in closed and "outside the ε" not in closed
+    assert "not covered by the ε" not in closed
     no_dp = "\n".join(server_sees(compose_config(["privacy=none"])))
     assert "without any noise" in no_dp and "sample rate q" not in no_dp
     # a method whose initialization reads client data must say so, and whether the statistics were privatized

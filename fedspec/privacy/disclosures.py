@@ -69,13 +69,17 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
                      "to send a fixed weight instead.")
     else:
         items.append("No record counts as weights: clients send a fixed weight (`federation.weighting=uniform`).")
-    if privacy.enabled:
+    if privacy.enabled and privacy.get("sample_rate") is not None:
+        items.append(f"Each client's sample rate and noise multiplier: the same for every client (q = "
+                     f"{privacy.sample_rate:g}, fixed by `privacy.sample_rate`), so they say nothing of its record "
+                     "count.")
+    elif privacy.enabled:
         items.append(
             "**Each client's sample rate q = 1/⌈n/B⌉ and noise multiplier** (the server keeps a copy of every "
             f"ledger for this report): they reveal its number of records n to within one batch of B = "
             f"{cfg.train.batch_size} records, whatever the weighting — also outside the ε, which treats n as "
-            "private. Nothing in fedspec closes this channel yet (a sample rate fixed by the server for all "
-            "clients, or a DP count, would)."
+            "private. `privacy.sample_rate=1/k` (the same q, hence the same σ, for every client) closes this "
+            "channel."
         )
     items.append("**Each client's mean training loss in every round it trained** (computed on its records "
                  "without noise: not covered by DP), its number of local steps, its training time" +

@@ -124,11 +124,26 @@ def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant
     return plan_noise(target, delta, q, steps, accountant=accountant, prior=prior)
 
 
+def client_sample_rate(cfg: DictConfig, num_examples: int) -> float:
+    """The Poisson rate a client with ``num_examples`` records trains and is accounted at: the server's fixed
+    ``privacy.sample_rate`` (1/k, the same for every client), or 1/⌈n/B⌉ as Opacus derives it from a loader of
+    batch B. A fixed rate needs at least k records: fewer would make the expected batch less than one record."""
+    fixed = cfg.privacy.get("sample_rate")
+    if fixed is None:
+        return sample_rate(num_examples, cfg.train.batch_size)
+    batches = round(1 / fixed)
+    if num_examples < batches:
+        raise ConfigError(f"privacy.sample_rate={fixed:g} samples {batches} batches per epoch, but a client has only "
+                          f"{num_examples} records (the expected batch would be under one record); raise "
+                          "privacy.sample_rate, or give every client at least that many records")
+    return 1.0 / batches
+
+
 def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
     """σ for a client with ``num_examples`` records: the configured one, or planned from the target ε."""
     if cfg.privacy.noise_multiplier is not None:
         return float(cfg.privacy.noise_multiplier)
-    q = sample_rate(num_examples, cfg.train.batch_size)
+    q = client_sample_rate(cfg, num_examples)
     try:
         return _planned_sigma(
             float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg),
@@ -197,7 +212,7 @@ def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None 
     limit = rounds if rounds_limit is None else max(int(rounds_limit), rounds)
     plans = []
     for client, n in enumerate(sizes):
-        q = sample_rate(n, cfg.train.batch_size)
+        q = client_sample_rate(cfg, n)
         sigma = client_noise_multiplier(cfg, n)
         prior = init_statistics_entries(cfg)
         before = _epsilon_after(sigma, q, 0, delta, accountant, prior)
