@@ -209,11 +209,14 @@ def test_an_unset_canary_count_defaults_to_one_that_could_refute_the_target(tiny
     from fedspec.privacy.audit import max_detectable_epsilon
     from fedspec.simulations.audit import default_canaries
 
-    cfg = tiny_cfg("privacy.target_epsilon=2")
-    m = default_canaries(cfg)
+    m = default_canaries(tiny_cfg("privacy.target_epsilon=2"))
     assert max_detectable_epsilon(m, 0.95, 1e-5) > 2.0
     assert default_canaries(tiny_cfg("privacy=none")) == 1000
     from fedspec.errors import ConfigError
 
+    # A one-run audit's ε̂ grows with the logarithm of the canaries: the default target ε = 8 is out of its reach,
+    # and the audit says so before it runs, rather than "passing" a claim it could never refute.
+    with pytest.raises(ConfigError, match="no audit of up to 51200 canaries could refute ε = 8"):
+        default_canaries(tiny_cfg("privacy.target_epsilon=8"))
     with pytest.raises(ConfigError, match="could refute ε = 50"):
         default_canaries(tiny_cfg("privacy.target_epsilon=50"))

@@ -92,10 +92,11 @@ def _honest():
     return [train_reply(10, _metrics(0), _update(seed=1)), train_reply(11, _metrics(1, num_examples=300), _update(seed=2))]
 
 
+@pytest.mark.parametrize("rule", ["fedsvd", "ffa"])
 @pytest.mark.parametrize(("what", "metrics", "update", "reason"), BAD_REPLIES, ids=[b[0] for b in BAD_REPLIES])
-def test_a_bad_reply_is_quarantined_and_the_round_equals_the_honest_one(what, metrics, update, reason):
-    honest_only, _ = _strategy().aggregate_train(1, _honest())
-    strategy = _strategy()
+def test_a_bad_reply_is_quarantined_and_the_round_equals_the_honest_one(what, metrics, update, reason, rule):
+    honest_only, _ = _strategy(rule).aggregate_train(1, _honest())
+    strategy = _strategy(rule)
     arrays, summary = strategy.aggregate_train(1, [*_honest(), train_reply(12, metrics, update)])
     (node, why), = strategy.last_replies.quarantined
     assert node == 12 and reason in why, why
@@ -123,6 +124,23 @@ def test_under_client_level_dp_a_scalar_in_place_of_B_is_quarantined_before_the_
     assert node == 12 and "shape" in why and summary["quarantined"] == 1
     for key in honest_only:  # seeded noise: the same noised mean as without the hostile reply
         torch.testing.assert_close(arrays[key], honest_only[key], rtol=0, atol=0)
+
+
+def test_every_rejected_reply_is_logged_with_its_node_client_and_reason(tmp_path):
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.federation import _log_replies
+    from fedspec.server.messaging import Traffic
+
+    strategy = _strategy()
+    strategy.aggregate_train(1, [*_honest(), train_reply(12, _metrics(2, num_examples=-5), _update(seed=9))])
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    cfg = OmegaConf.create({"federation": {"round_timeout": 60}, "privacy": {"delta": 1e-5, "accountant": "rdp"}})
+    replies = [*_honest(), train_reply(12, _metrics(2, num_examples=-5), _update(seed=9))]
+    _log_replies(log, 1, strategy.last_replies, replies, None, {}, cfg, strategy.client_ids, Traffic())
+    kinds = [line["kind"] for line in log.read()]
+    assert kinds == ["client", "client", "client-quarantined"]
+    (line,) = [line for line in log.read() if line["kind"] == "client-quarantined"]
+    assert (line["round"], line["node"], line["client"]) == (1, 12, 2) and "num-examples" in line["reason"]
 
 
 def test_a_round_of_only_bad_replies_leaves_the_model_as_it_was():
