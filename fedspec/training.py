@@ -36,8 +36,8 @@ class DPSettings:
     # head's per-sample gradient is ~10× the adapter's and takes almost all of a flat clip). The total norm stays
     # ≤ C and the noise σ·C, so the privacy accounting is unchanged. None: one flat clip of the whole gradient.
     head_clip_share: float | None = None
-    # A Poisson rate fixed by the server (1/k): the loader samples k batches per epoch at that rate. None: Opacus
-    # derives q = 1/⌈n/batch_size⌉ from the batch size.
+    # A Poisson rate fixed by the server (1/k): k batches per epoch at that rate. None: q = 1/⌈n/batch_size⌉, the
+    # rate Opacus derives from a loader of that batch size.
     sample_rate: float | None = None
     # Seeded noise and sampling are reproducible — and therefore not private against anyone who knows the
     # seed. Tests only; by default both come from generators seeded with OS entropy.
@@ -220,10 +220,12 @@ def _micro_batches(size: int, split: int | None) -> list[slice]:
     return [slice(start, start + split) for start in range(0, size, split)]
 
 
-def _fixed_rate_loader(dataset, rate: float, generator):
-    """Opacus' Poisson loader at ``rate`` = 1/k. It runs int(1/rate) batches per epoch and Opacus accounts
-    q = 1/(that number): where 1/(1/k) rounds below k in floating point, the rate one ulp lower keeps both at k
-    (and samples at most the accounted q)."""
+def _poisson_loader(dataset, rate: float, generator):
+    """Opacus' Poisson loader at ``rate`` = 1/k, built here rather than by Opacus from a batched loader: it runs
+    int(1/rate) batches per epoch and Opacus accounts q = 1/(that number), and 1/(1/k) rounds below k in floating
+    point for 6 % of all k (93, 99, 105 …): Opacus' own conversion then accounts 1/(k−1) where fedspec planned σ for
+    1/k, and a client's ε overshoots its target. The rate one ulp lower keeps both at k (sampling at most the
+    accounted q)."""
     from opacus.data_loader import DPDataLoader
 
     batches = round(1 / rate)
@@ -240,10 +242,8 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
     from .privacy.grad_samplers import check_exact_rules
 
     check_exact_rules(model)  # never per-sample gradients of frozen weights (Opacus' functorch fallback)
-    if dp.sample_rate is None:  # Opacus turns it into Poisson sampling at q = 1 / len(loader)
-        loader = DataLoader(dataset, batch_size=batch_size, generator=_entropy_generator(dp.seed))
-    else:
-        loader = _fixed_rate_loader(dataset, dp.sample_rate, _entropy_generator(dp.seed))
+    rate = dp.sample_rate if dp.sample_rate is not None else 1.0 / math.ceil(len(dataset) / batch_size)
+    loader = _poisson_loader(dataset, rate, _entropy_generator(dp.seed))
     norms = group_clip_norms(model, dp.max_grad_norm, dp.head_clip_share)
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off: fedspec states the noise source in its privacy report.
@@ -256,7 +256,7 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
             noise_multiplier=dp.noise_multiplier,
             max_grad_norm=dp.max_grad_norm if norms is None else norms,
             clipping="flat" if norms is None else "per_layer",
-            poisson_sampling=dp.sample_rate is None,  # a fixed-rate loader samples by Poisson already
+            poisson_sampling=False,  # the loader samples by Poisson already (_poisson_loader)
             noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1),
             wrap_model=False,  # keep the caller's model object (and its cached adapter) as it is
             grad_sample_mode=dp.grad_sample_mode,

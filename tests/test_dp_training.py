@@ -66,6 +66,16 @@ def test_dp_training_changes_only_trainable_tensors_and_accounts_every_step():
         assert getattr(p, "grad_sample", None) is None, "hooks must be removed after training"
 
 
+def test_the_accounted_rate_is_the_planned_one_where_opacus_would_round_it():
+    """⌈n/B⌉ = 93: Opacus' own Poisson conversion runs int(1/(1/93)) = 92 batches and accounts q = 1/92, above the
+    1/93 the σ was planned for. fedspec's loader keeps both at 93."""
+    model, batch, labels = _batch(TEXTS * 31, LABELS.repeat(31))  # 186 records, batch 2: 93 batches per epoch
+    fedspec.adapt(model, "pissa", 4, train_A=False)
+    result = train_steps(model, batch, labels, steps=2, batch_size=2, lr=1e-2,
+                         dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    assert result.sample_rate == sample_rate(186, 2) == 1 / 93
+
+
 @pytest.mark.parametrize("batches", [3, 93])  # 1/(1/93) rounds below 93 in floating point
 def test_a_server_fixed_sample_rate_is_the_rate_opacus_samples_and_accounts(batches):
     """privacy.sample_rate = 1/k: k Poisson batches per epoch whatever the client's size, accounted at exactly 1/k."""
