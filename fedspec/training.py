@@ -239,10 +239,11 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
                    physical_batch_size: int | None = None) -> TrainResult:
     from opacus import PrivacyEngine
 
+    from .privacy.accounting import sample_rate
     from .privacy.grad_samplers import check_exact_rules
 
     check_exact_rules(model)  # never per-sample gradients of frozen weights (Opacus' functorch fallback)
-    rate = dp.sample_rate if dp.sample_rate is not None else 1.0 / math.ceil(len(dataset) / batch_size)
+    rate = dp.sample_rate if dp.sample_rate is not None else sample_rate(len(dataset), batch_size)
     loader = _poisson_loader(dataset, rate, _entropy_generator(dp.seed))
     norms = group_clip_norms(model, dp.max_grad_norm, dp.head_clip_share)
     with warnings.catch_warnings():
