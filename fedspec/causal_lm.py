@@ -231,7 +231,7 @@ def load_causal_lm(name: str, path: str | None = None, *, vocab_size: int | None
                    dtype: str = "float32") -> CausalLM:
     """The decoder as a :class:`CausalLM` in train mode, everything frozen (the adapter unfreezes its own
     factors). ``dtype`` is the frozen weights' precision: bfloat16 halves the memory of the base on a GPU, while
-    the adapter's tensors stay float32 (:mod:`fedspec.adapters.layer`)."""
+    the adapter's tensors stay float32 (:mod:`fedspec.adapters.layers`)."""
     from transformers import AutoModelForCausalLM
 
     from .dropout import use_fast_dropout

@@ -32,7 +32,7 @@ def _epilog() -> str:
         "  and its default. A group=choice override picks one of:",
     ]
     for group in CONFIG_GROUPS:
-        choices = ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+        choices = ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml") if not p.stem.startswith("_")))
         lines.append(textwrap.fill(choices, width=104, initial_indent=f"    {group}: ",
                                    subsequent_indent=" " * (len(group) + 6)))
     return "\n".join(lines) + "\n"

@@ -80,7 +80,7 @@ def test_pissa_randomized_matches_exact_on_the_product():
 def test_pissa_stacks_weights_in_the_pass_dtype_without_changing_the_result():
     """With bf16 passes `adapt` stacks each group's weights straight into bf16 (no float32 stack first); the
     factors equal those of the initializer run on the float32 stack, whose passes read the same bf16 values."""
-    from fedspec.adapters.initializers import pissa
+    from fedspec.adapters.methods.pissa import initialize as pissa
 
     model, _ = _model()
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
@@ -97,7 +97,7 @@ def test_pissa_on_a_bf16_model(precision):
     """A bf16 model's weights feed bf16 passes as they are (no float32 copy) and a float32 SVD otherwise; either
     way the base stays bf16, the adapter tensors are float32 and equal the initializer's result exactly, and the
     residual rebuilds W to bf16 precision."""
-    from fedspec.adapters.initializers import pissa
+    from fedspec.adapters.methods.pissa import initialize as pissa
 
     model, _ = _model()
     model.to(torch.bfloat16)
@@ -183,7 +183,7 @@ def test_zero_factor_is_an_ordinary_linear():
     """zero_factor skips nn.Linear's initializer; everything else must be what nn.Linear builds."""
     from torch import nn
 
-    from fedspec.adapters.layer import zero_factor
+    from fedspec.adapters.layers import zero_factor
 
     factor, reference = zero_factor(6, 3, {"dtype": torch.float64, "device": "cpu"}), nn.Linear(6, 3, bias=False)
     assert type(factor) is nn.Linear and not factor.weight.any()

@@ -146,8 +146,7 @@ class _ShrinkB(PenaltyStep):
 
 def test_method_hooks_run_after_every_step_under_dp_and_without():
     spec = register(MethodSpec(
-        name="test-shrink", shape="lowrank", initializer=METHODS["lora"].initializer, base_policy="keep",
-        summary="LoRA with a test penalty", hooks=lambda model, config, context: [_ShrinkB(weight=1.0, lr=0.5)],
+        name="test-shrink", initializer=METHODS["lora"].initializer, base_policy="keep", hooks=lambda model, config, context: [_ShrinkB(weight=1.0, lr=0.5)],
     ))
     try:
         for dp in (None, DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0)):

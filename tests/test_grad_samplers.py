@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import fedspec
 from helpers import tiny_classifier
 from fedspec.adapters import METHODS, adapter_layers
+from fedspec.adapters.layers import Diagonal
 from fedspec.errors import AdapterError, ConfigError
 from fedspec.models import tokenize
 from fedspec.privacy.grad_samplers import (
-    DiagonalScale,
     check_exact_rules,
     functorch_fallback_modules,
     linear_norm_sample,
@@ -108,13 +108,13 @@ class BareScaledLinear(nn.Module):
 
 
 class ScaledLinear(nn.Module):
-    """The same function, laid out for Opacus: a frozen nn.Linear and a DiagonalScale."""
+    """The same function, laid out for Opacus: a frozen nn.Linear and fedspec's Diagonal (which has rules)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
         self.base = nn.Linear(d, d, bias=False)
         self.base.requires_grad_(False)
-        self.scale = DiagonalScale(d)
+        self.scale = Diagonal(d)
 
     def forward(self, x):
         return self.scale(self.base(x))

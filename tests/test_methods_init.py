@@ -23,8 +23,9 @@ from fedspec.adapters import (
     training_hooks,
     unmerge,
 )
-from fedspec.adapters.data_driven import activation_pca, eva_ranks
-from fedspec.adapters.schedules import AnnealedWeightDecay
+from fedspec.adapters.methods.eva import activation_pca
+from fedspec.adapters.methods.eva import ranks as eva_ranks
+from fedspec.adapters.methods.soma import AnnealedWeightDecay
 from fedspec.adapters.state import INIT_KEYS
 from fedspec.adapters.targets import match_targets
 from fedspec.errors import AdapterError

@@ -9,13 +9,11 @@ import torch
 import fedspec
 from helpers import tiny_classifier
 from fedspec.adapters import HookContext, adapter_layers, training_hooks
-from fedspec.adapters.structured_hooks import (
-    OrthonormalStep,
-    RankAllocator,
-    SoftThreshold,
-    SpectralResampler,
-    _factor_gaps,
-)
+from fedspec.adapters.methods.adalora import RankAllocator
+from fedspec.adapters.methods.common import factor_gaps
+from fedspec.adapters.methods.sora import SoftThreshold
+from fedspec.adapters.methods.sorsa import OrthonormalStep
+from fedspec.adapters.methods.sst import SpectralResampler
 from fedspec.errors import AdapterError
 from fedspec.models import tokenize
 from fedspec.training import DPSettings, train_steps
@@ -130,7 +128,7 @@ def test_sorsa_regularizer_is_a_step_of_size_gamma_independent_of_the_learning_r
             layer.lora_B.weight.mul_(1.5)  # away from orthonormal
     B = layers[0].lora_B.weight
     start = B.detach().clone()
-    penalty = sum(_factor_gaps(layer) for layer in layers) / len(layers)
+    penalty = sum(factor_gaps(layer) for layer in layers) / len(layers)
     (grad,) = torch.autograd.grad(penalty, [B])
     assert isinstance(training_hooks(model, HookContext(lr=123.0, total_steps=1))[0], OrthonormalStep)
     train_steps(model, batch, LABELS, steps=1, batch_size=12, optimizer="sgd", lr=0.0)  # only the hook moves B

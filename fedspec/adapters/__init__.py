@@ -1,12 +1,11 @@
-"""Spectral adapter layers and the one registry of methods (``METHODS``)."""
+"""Adapters: the layer shapes (``layers/``), the methods (``methods/``, one file each), and the one registry of
+methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
 from .hooks import HookContext, PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
 from .calibration import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
-from .compression import FactorizedLinear
-from .layer import AdapterLayer
-from .lowrank import LowRankLinear
+from .layers import AdapterLayer, FactorizedLinear, LowRankLinear
 from .peft_export import export_peft, peft_exportable
 from .registry import METHODS, MethodSpec, get_method, register
 from .state import (

@@ -12,8 +12,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..svd import PassBuffer, batch_chunks
 from .calibration import KINDS, Calibration
-from .layer import AdapterLayer
-from .lowrank import LowRankLinear
+from .layers import AdapterLayer, LowRankLinear
 from .registry import MethodSpec, get_method
 from .targets import default_targets, match_targets
 

@@ -1,38 +1,35 @@
-"""One registry of adapter methods.
+"""One registry of adapter methods (the built-in ones are in :mod:`fedspec.adapters.methods`, one file each).
 
-A method is not a class per paper: it is a small record that combines a *shape* (the layer type that
-computes the adapted weight), an *initializer* (which decomposition of what gives the starting factors)
-and a *base policy* (whether the frozen base keeps W or holds a residual W - s·B·A). Registering a method
-is one call to :func:`register`.
+Registering a method is one call to :func:`register` with a :class:`MethodSpec`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from importlib import resources
 
 import torch
+import yaml
 
 from ..errors import AdapterError
-from .layer import BASE_POLICIES
+from .layers import BASE_POLICIES
 
-# An initializer gets the layer's weight (out, in) in float32/64, the rank and the scaling s, and returns
-# the starting factors (B0 of shape (out, r), A0 of shape (r, in)) in the same dtype.
-Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# An initializer gets a batch of same-shape weights (b, out, in) in float32/64, the rank, the scaling s and keyword
+# options (the generator, the method's options, calibration statistics) and returns the starting tensors in the same
+# dtype: (B0 (b, out, r), A0 (b, r, in)) for the low-rank additive shape, or a dict named as the layer's parameters.
+Initializer = Callable[..., tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    shape: str  # "lowrank": W_base + s·B·A; "core": + s·B·C·A; "spectrum": + U·g(σ;θ)·Vᵀ; "factor"; "dora";
-    # "compression": s·B·A + bias in place of the layer
     initializer: Initializer
     # "keep": the base stays W.  "residual": the base becomes W - s·B0·A0, so the adapted layer equals W at
     # initialization; B0 and A0 are saved with the adapter so the residual can always be rebuilt from W.
     # "truncated" (KaSA), "owned" (the factors carry all of W) and "replace" (W is dropped for the factors:
-    # compression): see adapters/layer.py.
+    # compression): see adapters/layers/base.py.
     base_policy: str
-    summary: str
     init_needs: str = "weights only"
     # How a server aggregates the method exactly: "lowrank" (ΔW = s·B·A: FedSVD, FFA-LoRA or FedIT apply),
     # "linear" (ΔW linear in the trained tensors: FedAvg of them is exact), "nonlinear" (FedAvg of the trained
@@ -50,8 +47,9 @@ class MethodSpec:
     # Builds one adapter layer: (base nn.Linear, rank, scaling, *, dropout, options) -> AdapterLayer.
     # None: the low-rank additive LowRankLinear.
     layer: Callable[..., torch.nn.Module] | None = None
-    # The method's own hyperparameters and their defaults (the paper's); adapter.options may override them.
-    options: dict = field(default_factory=dict)
+    # The method's own hyperparameters and their defaults (the paper's); adapter.options may override them. None:
+    # the ``options`` of the method's packaged YAML (configs/adapter/<name>.yaml), where built-in methods keep them.
+    options: dict | None = None
     # Layer tensors clients do not train in a federation (the server owns them, e.g. LoLDU's scalar σ, which makes
     # the method linear in what clients train).
     federated_frozen: tuple[str, ...] = ()
@@ -73,14 +71,25 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to :data:`METHODS` and return it as registered (with its option defaults filled in)."""
     if spec.name in METHODS:
         raise ValueError(f"adapter method {spec.name!r} is already registered")
     if spec.base_policy not in BASE_POLICIES:
         raise ValueError(f"base_policy must be one of {BASE_POLICIES}, got {spec.base_policy!r}")
     if spec.federated not in FEDERATED_KINDS:
         raise ValueError(f"federated must be one of {FEDERATED_KINDS}, got {spec.federated!r}")
+    if spec.options is None:
+        spec = replace(spec, options=packaged_options(spec.name))
     METHODS[spec.name] = spec
     return spec
+
+
+def packaged_options(name: str) -> dict:
+    """The option defaults in ``configs/adapter/<name>.yaml`` (none for a method without a packaged YAML)."""
+    path = resources.files("fedspec.configs") / "adapter" / f"{name}.yaml"  # where a built-in method's defaults are
+    if not path.is_file():
+        return {}
+    return dict(yaml.safe_load(path.read_text()).get("options") or {})
 
 
 def get_method(name: str) -> MethodSpec:

@@ -25,7 +25,7 @@ FORMAT = "fedspec-adapter/1"
 FACTOR_KEYS = ("lora_A.weight", "lora_B.weight")
 INIT_KEYS = ("init_lora_A", "init_lora_B")
 
-# Roles of the tensors of an adapter state (see adapters/layer.py):
+# Roles of the tensors of an adapter state (see adapters/layers/base.py):
 TRAINED = "trained"  # clients train and send them (updates)
 SERVER = "server"  # frozen on clients, owned by the server, broadcast every round (FedSVD's A, SST's vectors)
 FIXED = "fixed"  # frozen, identical everywhere, sent once per node (residual init factors, frozen SVD bases)

@@ -11,9 +11,8 @@ Adapter layers stay exact in one of two ways (so Opacus never falls back to per-
 - trainable factors are ``nn.Linear`` (or other Opacus-supported) submodules — Opacus' own rules apply;
 - a module with bare trainable ``nn.Parameter``s registers its rules here with :func:`register_rule`: a grad
   sampler ``(module, activations, backprops) -> {param: per-sample grad}`` and, for ghost clipping, a norm
-  sampler returning ``{param: per-sample gradient norm}`` (derived from the grad sampler when omitted).
-  :class:`DiagonalScale` (a trainable vector scaling the last dimension: singular values, a diagonal core)
-  is such a building block, with its rules registered below.
+  sampler returning ``{param: per-sample gradient norm}`` (derived from the grad sampler when omitted). The
+  adapters' own building blocks (diagonals, SALT's spectrum: ``fedspec.adapters.layers.parts``) register theirs so.
 
 Ghost clipping (``privacy.grad_sample_mode: ghost``) needs only per-sample gradient *norms*. For
 ``nn.Linear`` on sequences, Opacus' ghost norm costs O(T²·(d_in + d_out)) per example, while materializing
@@ -36,7 +35,6 @@ from ..errors import AdapterError
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
-    "DiagonalScale",
     "check_exact_rules",
     "functorch_fallback_modules",
     "has_norm_rule",
@@ -152,36 +150,3 @@ def linear_norm_sample(layer: nn.Linear, activations: Activations, backprops: to
 
 
 register_norm_sampler(nn.Linear)(linear_norm_sample)
-
-
-# --- a building block with bare trainable parameters ----------------------------------------------------------
-
-
-class DiagonalScale(nn.Module):
-    """``y = x ⊙ weight`` over the last dimension, with a trainable vector ``weight``.
-
-    The trainable part of spectrum and core adapters (singular values σ, a diagonal core between two frozen
-    factors) as a module with exact per-sample rules: put it between frozen ``nn.Linear`` factors instead of
-    a bare parameter inside the layer, and Opacus never falls back to functorch.
-    """
-
-    def __init__(self, features: int, *, device=None, dtype=None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(features, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.weight
-
-    def extra_repr(self) -> str:
-        return f"features={self.weight.shape[0]}"
-
-
-def diagonal_scale_grad_sample(layer: DiagonalScale, activations: Activations, backprops: torch.Tensor):
-    # ∂L_i/∂w = Σ_t g_t ⊙ x_t for example i: one einsum over everything between batch and features.
-    if not layer.weight.requires_grad:
-        return {}
-    x = activations[0].to(backprops.dtype)
-    return {layer.weight: torch.einsum("n...k,n...k->nk", backprops, x)}
-
-
-register_rule(DiagonalScale, diagonal_scale_grad_sample)

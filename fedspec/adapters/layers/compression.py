@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer
+from .base import AdapterLayer
 
 
 class FactorizedLinear(AdapterLayer):
@@ -93,7 +93,3 @@ class FactorizedLinear(AdapterLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scaling={self.scaling:g}")
 
-
-def factorized_layer(base: nn.Linear, rank: int, scaling: float, *, dropout: float, options: dict) -> FactorizedLinear:
-    """The layer builder of the compression shape (``MethodSpec.layer``)."""
-    return FactorizedLinear(base, rank, scaling, dropout=dropout)

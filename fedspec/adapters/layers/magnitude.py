@@ -4,7 +4,7 @@
 
 y = μ ⊙ (W x + s·B A x) / n + b, exactly PEFT's ``use_dora=True`` forward (the bias is not rescaled; with dropout,
 the base path sees x and the DoRA terms dropout(x), as in PEFT). μ (one value
-per output, ``magnitude``) is a :class:`~fedspec.adapters.parts.Diagonal`, so its per-sample gradient
+per output, ``magnitude``) is a :class:`~fedspec.adapters.layers.Diagonal`, so its per-sample gradient
 Σ_t g_t ⊙ h_t has an exact Opacus rule; A and B are the ``nn.Linear`` factors of :class:`LowRankLinear`.
 
 Merge writes W′ into the base weight and caches n, as PEFT does, so unmerge can invert it:
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import _compute_dtype
+from .base import adapter_dtype
 from .lowrank import LowRankLinear
 from .parts import Diagonal
 
@@ -24,7 +24,7 @@ from .parts import Diagonal
 class DoRALinear(LowRankLinear):
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, dropout: float = 0.0) -> None:
         super().__init__(base, rank, scaling, dropout=dropout, base_policy="keep")
-        factory = {"device": base.weight.device, "dtype": _compute_dtype(base.weight)}
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
         self.magnitude = Diagonal(base.out_features, **factory)
         self._cached_norm: torch.Tensor | None = None
 
@@ -38,7 +38,7 @@ class DoRALinear(LowRankLinear):
 
     def direction_weight(self) -> torch.Tensor:
         """V = W + s·B·A in float32 at least (the base holds W while unmerged)."""
-        return self.base.weight.to(_compute_dtype(self.base.weight)) + LowRankLinear.delta_weight(self)
+        return self.base.weight.to(adapter_dtype(self.base.weight)) + LowRankLinear.delta_weight(self)
 
     def weight_norm(self) -> torch.Tensor:
         """‖W + s·B·A‖ per output row, detached: DoRA treats it as a constant in backward."""
@@ -54,7 +54,7 @@ class DoRALinear(LowRankLinear):
         if self.merged:
             return self.base(x)
         x_in = self.dropout(x)
-        compute = _compute_dtype(x)  # the adapter's own tensors are float32 at least (a low-precision base)
+        compute = adapter_dtype(x)  # the adapter's own tensors are float32 at least (a low-precision base)
         base_in = nn.functional.linear(x_in, self.base.weight)
         direction = base_in.to(compute) + self.lora_B(self.lora_A(x_in.to(compute))) * self.scaling
         y = self.magnitude(direction / self.weight_norm().to(compute))
@@ -69,7 +69,7 @@ class DoRALinear(LowRankLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """W′ − W (not only s·B·A: the magnitude rescales the base rows too)."""
-        return self.adapted_weight() - self.base.weight.to(_compute_dtype(self.base.weight))
+        return self.adapted_weight() - self.base.weight.to(adapter_dtype(self.base.weight))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -83,7 +83,7 @@ class DoRALinear(LowRankLinear):
         if self.merged:
             if self._cached_norm is None:
                 raise RuntimeError("DoRA unmerge needs the weight norm cached by merge() in this process")
-            compute = _compute_dtype(self.base.weight)
+            compute = adapter_dtype(self.base.weight)
             factor = (self._cached_norm.to(compute) / self.magnitude.weight.to(compute)).unsqueeze(1)
             original = self.base.weight.to(compute) * factor - LowRankLinear.delta_weight(self)
             self.base.weight.copy_(original.to(self.base.weight.dtype))

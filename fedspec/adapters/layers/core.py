@@ -2,7 +2,7 @@
 
 SORSA (U_p, Σ_p, V_pᵀ), KaSA (B, λ, A), AdaLoRA (P, Λ, Q), SoRA (B, g, A), LoRA-XS (frozen U_rΣ_r and V_rᵀ, r×r R),
 and Effort (the minor singular triplets, all three trained) are this module with different initializers, masks
-and hooks. A and B are ``nn.Linear`` submodules and C is a :class:`~fedspec.adapters.parts.Diagonal` or an
+and hooks. A and B are ``nn.Linear`` submodules and C is a :class:`~fedspec.adapters.layers.Diagonal` or an
 ``nn.Linear``, so every trainable tensor has an exact Opacus rule.
 
 Base policies: ``keep`` (AdaLoRA, SoRA, LoRA-XS); ``residual`` (SORSA, Effort: the base holds W − R with R the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, _compute_dtype
+from .base import AdapterLayer, adapter_dtype
 from .parts import Diagonal
 
 
@@ -68,7 +68,7 @@ class LowRankCoreLinear(AdapterLayer):
     def removed_weight(self) -> torch.Tensor | None:
         if self.base_policy not in ("residual", "truncated"):
             return None
-        compute = _compute_dtype(self.removed_B)
+        compute = adapter_dtype(self.removed_B)
         return (self.removed_B.to(compute) * self.removed_S.to(compute)) @ self.removed_A.to(compute)
 
     def core_matrix(self) -> torch.Tensor:
@@ -80,7 +80,7 @@ class LowRankCoreLinear(AdapterLayer):
         return self.lora_B(self.core(self.lora_A(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        compute = _compute_dtype(self.lora_B.weight)
+        compute = adapter_dtype(self.lora_B.weight)
         B, A = self.lora_B.weight.to(compute), self.lora_A.weight.to(compute)
         if self.core_kind == "diagonal":
             return self.scaling * (B * self.core.weight.to(compute)) @ A
@@ -89,7 +89,7 @@ class LowRankCoreLinear(AdapterLayer):
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """s·(B·C)·A, minus R = (removed_B·diag(removed_S))·removed_A for a residual or truncated base (rank 2r)."""
-        compute = _compute_dtype(self.lora_B.weight)
+        compute = adapter_dtype(self.lora_B.weight)
         B = self.scaling * self.lora_B.weight.to(compute) @ self.core_matrix().to(compute)
         A = self.lora_A.weight.to(compute)
         if self.base_policy in ("residual", "truncated"):

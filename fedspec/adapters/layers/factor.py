@@ -2,7 +2,7 @@
 
 The k singular triplets are split into r *sampled* ones, whose vectors train (``sel_left``: m×r, ``sel_right``:
 r×n, ``nn.Linear``), and the k−r others, whose vectors are frozen (``rest_left``, ``rest_right``). All k singular
-values train (``spectrum``, a :class:`~fedspec.adapters.parts.Diagonal`, ordered [sampled | rest]). The adapter
+values train (``spectrum``, a :class:`~fedspec.adapters.layers.Diagonal`, ordered [sampled | rest]). The adapter
 owns the weight: the base weight is zero and only its bias is used.
 
 :meth:`resample` folds the trained vectors back, optionally re-orthogonalizes by an SVD of U·diag(σ)·Vᵀ (SST's
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, _compute_dtype
+from .base import AdapterLayer, adapter_dtype
 from .parts import Diagonal
 
 
@@ -43,7 +43,7 @@ class FactorLinear(AdapterLayer):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U m×k, σ k, Vᵀ k×n) in the [sampled | rest] order, float32 at least."""
-        compute = _compute_dtype(self.sel_left.weight)
+        compute = adapter_dtype(self.sel_left.weight)
         U = torch.cat([self.sel_left.weight, self.rest_left.weight], dim=1).to(compute)
         Vh = torch.cat([self.sel_right.weight, self.rest_right.weight], dim=0).to(compute)
         return U, self.spectrum.weight.to(compute), Vh

@@ -28,7 +28,9 @@ from torch import nn
 BASE_POLICIES = ("keep", "residual", "truncated", "owned", "replace")
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def adapter_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter tensor computes in next to `t`: float32 at least (adapters stay float32 on a
+    low-precision base)."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
@@ -107,12 +109,12 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapter tensors are float32 at least: on a bfloat16/float16 base (model.dtype) the factors, their
         # per-sample gradients, the clipping, the noise and the optimizer all stay in float32.
-        return {"device": base.weight.device, "dtype": _compute_dtype(base.weight)}
+        return {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        update = self.adapter_forward(self.dropout(x).to(_compute_dtype(x))).to(x.dtype)  # no-ops in float32
+        update = self.adapter_forward(self.dropout(x).to(adapter_dtype(x))).to(x.dtype)  # no-ops in float32
         if self.base_policy == "owned":  # the base weight is zero: skip its matmul, keep its bias
             return update if self.base.bias is None else update + self.base.bias
         return self.base(x) + update
@@ -154,7 +156,7 @@ class AdapterLayer(nn.Module):
                 params[key].copy_(value.to(params[key]))
             weight.zero_()
             return
-        compute = _compute_dtype(weight)
+        compute = adapter_dtype(weight)
         original = weight.to(compute)
         removed = self.removed_weight()
         if removed is not None:
@@ -168,7 +170,7 @@ class AdapterLayer(nn.Module):
 
     def adapted_weight(self) -> torch.Tensor:
         """W′ in float32 at least."""
-        return self.base.weight.to(_compute_dtype(self.base.weight)) + self.delta_weight()
+        return self.base.weight.to(adapter_dtype(self.base.weight)) + self.delta_weight()
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -2,9 +2,9 @@
 
 ``right`` (k×n) and ``left`` (m×k) are frozen ``nn.Linear`` submodules holding the bases (Vᵀ and U of an SVD, or
 U_r and P·L_r of LoLDU's LU); ``spectrum`` is the trainable map g between them:
-- :class:`~fedspec.adapters.parts.Diagonal`: SVFit (top-r σ′), CLIP-SVD (all k values s);
-- :class:`~fedspec.adapters.parts.SaltSpectrum`: SALT (scale/shift of the top r, LoRA inside the rest, ReLU);
-- :class:`~fedspec.adapters.parts.ScaledDiagonal`: LoLDU (z and the scalar σ).
+- :class:`~fedspec.adapters.layers.Diagonal`: SVFit (top-r σ′), CLIP-SVD (all k values s);
+- :class:`~fedspec.adapters.layers.SaltSpectrum`: SALT (scale/shift of the top r, LoRA inside the rest, ReLU);
+- :class:`~fedspec.adapters.layers.ScaledDiagonal`: LoLDU (z and the scalar σ).
 
 The factors are applied to x (k-dimensional in between); the dense m×n weight is only built to merge.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, _compute_dtype
+from .base import AdapterLayer, adapter_dtype
 
 
 class SpectralLinear(AdapterLayer):
@@ -51,14 +51,14 @@ class SpectralLinear(AdapterLayer):
     def removed_weight(self) -> torch.Tensor | None:
         if self.base_policy != "residual":
             return None
-        compute = _compute_dtype(self.left.weight)
+        compute = adapter_dtype(self.left.weight)
         return (self.left.weight.to(compute) * self.init_spectrum.to(compute)) @ self.right.weight.to(compute)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.left(self.spectrum(self.right(x))) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        compute = _compute_dtype(self.left.weight)
+        compute = adapter_dtype(self.left.weight)
         L, R, g = self.left.weight.to(compute), self.right.weight.to(compute), self.spectrum.matrix().to(compute)
         middle = L * g if g.ndim == 1 else L @ g
         return self.scaling * middle @ R
@@ -69,7 +69,7 @@ class SpectralLinear(AdapterLayer):
         spectrum then carries all of W, a full-rank update."""
         if self.base_policy != "residual":
             return None
-        compute = _compute_dtype(self.left.weight)
+        compute = adapter_dtype(self.left.weight)
         g = self.spectrum.matrix().to(compute)
         middle = self.scaling * (torch.diag(g) if g.ndim == 1 else g) - torch.diag(self.init_spectrum.to(compute))
         return self.left.weight.to(compute) @ middle, self.right.weight.to(compute)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layer import AdapterLayer, zero_factor
+from .base import AdapterLayer, zero_factor
 
 
 class LowRankLinear(AdapterLayer):

@@ -1,10 +1,10 @@
-"""Parameter-group policies applied as training hooks: SoMA's cosine-annealed weight decay.
+"""SoMA (Yun et al., CVPR 2025): MiLoRA's start (the bottom-r SVD of W) with a weight decay cosine-annealed
+from 0.05 to 1e-5 over the whole training.
 
 Decoupled weight decay (AdamW's θ ← θ − η·λ_t·θ) after every optimizer step, on every trainable parameter (what
-AdamW's ``weight_decay`` touches), with λ_t cosine-annealed from ``weight_decay`` to ``weight_decay_end`` over the
-run's optimizer steps. As a hook it depends only on parameters, so under DP-SGD it is post-processing of the
-privatized step and costs no privacy. ``step`` is the run's global step (the training loop is told where a call
-starts: an epoch, a federated round), so the schedule spans the whole run, not one training call.
+AdamW's ``weight_decay`` touches). As a hook it depends only on parameters, so under DP-SGD it is post-processing
+of the privatized step and costs no privacy. ``step`` is the run's global step (the training loop is told where a
+call starts: an epoch, a federated round), so the schedule spans the whole run, not one training call.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import math
 import torch
 from torch import nn
 
-from ..errors import AdapterError
-from .hooks import HookContext
+from ...errors import AdapterError
+from ..hooks import HookContext
+from ..registry import MethodSpec, register
+from .milora import initialize
 
 
 class AnnealedWeightDecay:
@@ -39,8 +41,11 @@ class AnnealedWeightDecay:
                 p.mul_(factor)
 
 
-def soma_hooks(model: nn.Module, config, context: HookContext) -> list[AnnealedWeightDecay]:
+def hooks(model: nn.Module, config, context: HookContext) -> list[AnnealedWeightDecay]:
     """SoMA (Yun et al., CVPR 2025): weight decay 0.05 → 1e-5, cosine over the whole training
     (``context.total_steps``: all epochs of ``fedspec train``, all rounds of a client's schedule)."""
     options = config.options
     return [AnnealedWeightDecay(options["weight_decay"], options["weight_decay_end"], context.total_steps, context.lr)]
+
+
+register(MethodSpec(name="soma", initializer=initialize, base_policy="residual", hooks=hooks))

@@ -166,27 +166,14 @@ def _salt_grad_sample(layer: SaltSpectrum, activations, backprops):
     return out
 
 
-def _norms(grad_sampler):
-    """A norm sampler (ghost clipping) from a grad sampler: the L2 norm of each per-sample gradient."""
-
-    def norm_sampler(layer, activations, backprops):
-        return {p: g.flatten(1).norm(dim=1) for p, g in grad_sampler(layer, activations, backprops).items()}
-
-    return norm_sampler
-
-
 def register_opacus_rules() -> None:
     """Register the grad and norm samplers of the modules above with Opacus (once per process)."""
     global _REGISTERED
     if _REGISTERED:
         return
-    from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+    from ...privacy.grad_samplers import register_rule  # imports Opacus: only once a part is built
 
-    for cls, rule in (
-        (Diagonal, _diagonal_grad_sample),
-        (ScaledDiagonal, _scaled_diagonal_grad_sample),
-        (SaltSpectrum, _salt_grad_sample),
-    ):
-        register_grad_sampler(cls)(rule)
-        register_norm_sampler(cls)(_norms(rule))
+    register_rule(Diagonal, _diagonal_grad_sample)
+    register_rule(ScaledDiagonal, _scaled_diagonal_grad_sample)
+    register_rule(SaltSpectrum, _salt_grad_sample)
     _REGISTERED = True
