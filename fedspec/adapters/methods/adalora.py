@@ -15,7 +15,7 @@ from .common import cast, core_layer, factor_gaps, layers_of
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-            **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """AdaLoRA (Zhang et al., ICLR 2023): Λ = 0, P and Q ~ N(0, 0.02²) as PEFT; the layer equals W at start."""
     b, m, n = weights.shape
     return cast({

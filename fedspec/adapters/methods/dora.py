@@ -14,7 +14,7 @@ def build_layer(base, rank, scaling, *, dropout, options) -> DoRALinear:
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-         **options: object) -> dict[str, torch.Tensor]:
+               **options: object) -> dict[str, torch.Tensor]:
     """DoRA (Liu et al., ICML 2024): the LoRA init (A Gaussian, B = 0); the layer sets μ = ‖W‖_row itself."""
     B, A = lora_initialize(weights, rank, scaling, generator=generator)
     return {"lora_B.weight": B, "lora_A.weight": A}

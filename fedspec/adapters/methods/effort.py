@@ -18,7 +18,7 @@ def build_layer(base: nn.Linear, rank: int, scaling: float, *, dropout: float, o
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, orthogonality_weight: float = 0.0,
-           **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """Effort (Yan et al., ICML 2025): U_res, S_res, V_resᵀ = the ``rank`` minor triplets of an exact SVD train;
     the base keeps W_main = W − s·U_res·diag(S_res)·V_resᵀ, the top k − rank triplets. With an orthogonality loss
     the top factors U_r, V_rᵀ (without Σ) are kept too, which that loss needs."""

@@ -22,7 +22,7 @@ def build_layer(base: nn.Linear, rank: int, scaling: float, *, dropout: float, o
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-         **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """KaSA (Wang et al., ICLR 2025): the base drops W's r smallest singular triplets (kept here as the fixed
     ``removed_*`` tensors, so the truncation can be rebuilt from W); B = 0, A Kaiming-uniform, λ ~ N(0, 1), as PEFT's
     ``KasaConfig``: ΔW = 0, so the layer starts at W_world = W − (minor part), not at W."""

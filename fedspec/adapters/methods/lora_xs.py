@@ -11,8 +11,8 @@ from .common import cast, core_layer
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-            svd_method: str = "exact", niter: int = 4, oversample: int = 8, pass_precision: str = "full",
-            pass_buffer: PassBuffer | None = None, init_std: float = 1e-5, **_: object) -> dict[str, torch.Tensor]:
+               svd_method: str = "exact", niter: int = 4, oversample: int = 8, pass_precision: str = "full",
+               pass_buffer: PassBuffer | None = None, init_std: float = 1e-5, **_: object) -> dict[str, torch.Tensor]:
     """LoRA-XS (Bałazy et al., 2024): frozen B = U_r·Σ_r and A = V_rᵀ from a top-r SVD (no residual subtraction:
     the base keeps W); the r×r R ~ N(0, ``init_std``²), 1e-5 as in the paper, so the layer is W to ~1e-5."""
     b = weights.shape[0]

@@ -25,7 +25,7 @@ def build_layer(base, rank, scaling, *, dropout, options) -> SpectralLinear:
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator, lora_rank: int = 8,
-         **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """SALT (Elsayed et al., 2025): the full thin SVD, frozen; scale α = 1, shift β = 0 for the top r values; the
     LoRA X·Y inside the residual spectrum starts as in the SAM2 code (X Kaiming-uniform, Y = 0), so Σ′ = Σ and the
     layer equals W at initialization (the older SAM code's 0.01·randn for both would not)."""

@@ -13,7 +13,7 @@ from .common import cast, core_layer, kaiming_uniform, layers_of
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-         **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """SoRA (Ding et al., EMNLP 2023): A Kaiming-uniform, B = 0, gate g ~ N(0, 1); ΔW = 0 at start."""
     b, m, n = weights.shape
     return cast({

@@ -19,7 +19,7 @@ def build_layer(base, rank, scaling, *, dropout, options) -> FactorLinear:
 
 
 def initialize(weights: torch.Tensor, rank: int, scaling: float, *, generator: torch.Generator,
-        **_: object) -> dict[str, torch.Tensor]:
+               **_: object) -> dict[str, torch.Tensor]:
     """SST (Zhao et al., 2024): the full thin SVD of W; r triplets drawn multinomially ∝ σ (without replacement)
     become the trainable ones, ordered first."""
     U, S, Vh = full_svd(weights)
