@@ -20,6 +20,13 @@ def tiny_classifier(name: str = "tiny-bert", seed: int = 0, num_classes: int = 3
                             seed=seed)
 
 
+def outputs(model, batch) -> torch.Tensor:
+    """The model's eval-mode outputs on a tokenized batch, without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(batch.input_ids, batch.attention_mask)
+
+
 def perturb(model, scale: float = 0.05, seed: int = 1) -> None:
     """Move every trainable tensor away from its initial value, as training would."""
     generator = torch.Generator().manual_seed(seed)

@@ -19,20 +19,13 @@ from fedspec.adapters import (
 from fedspec.errors import AdapterError
 from fedspec.models import tokenize
 
-from helpers import perturb, tiny_classifier
+from helpers import outputs, perturb, tiny_classifier
 
 TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled"]
 
 
-def _model(name: str = "tiny-bert", seed: int = 0):
-    return tiny_classifier(name, seed)
-
-
 def _outputs(model, tokenizer) -> torch.Tensor:
-    batch = tokenize(tokenizer, TEXTS, 16)
-    model.eval()
-    with torch.no_grad():
-        return model(batch.input_ids, batch.attention_mask)
+    return outputs(model, tokenize(tokenizer, TEXTS, 16))
 
 
 def test_registry_lists_the_low_rank_methods():
@@ -42,7 +35,7 @@ def test_registry_lists_the_low_rank_methods():
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 @pytest.mark.parametrize("method", ["lora", "pissa", "milora"])
 def test_adapted_model_equals_base_at_initialization(name, method):
-    model, tokenizer = _model(name)
+    model, tokenizer = tiny_classifier(name)
     before = _outputs(model, tokenizer)
     fedspec.adapt(model, method, 4, svd_method="exact")
     assert torch.allclose(_outputs(model, tokenizer), before, atol=1e-5)
@@ -54,7 +47,7 @@ def _original_weight(layer) -> torch.Tensor:
 
 @pytest.mark.parametrize(("method", "smallest"), [("pissa", False), ("milora", True)])
 def test_residual_methods_start_from_the_top_or_bottom_singular_triplets(method, smallest):
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
     fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     for name, layer in adapter_layers(model).items():
@@ -68,8 +61,8 @@ def test_residual_methods_start_from_the_top_or_bottom_singular_triplets(method,
 
 
 def test_pissa_randomized_matches_exact_on_the_product():
-    exact, _ = _model()
-    randomized, _ = _model()
+    exact, _ = tiny_classifier()
+    randomized, _ = tiny_classifier()
     fedspec.adapt(exact, "pissa", 4, svd_method="exact")
     fedspec.adapt(randomized, "pissa", 4, svd_method="randomized", niter=8, oversample=8)
     for (name, a), (_, b) in zip(adapter_layers(exact).items(), adapter_layers(randomized).items()):
@@ -82,7 +75,7 @@ def test_pissa_stacks_weights_in_the_pass_dtype_without_changing_the_result():
     factors equal those of the initializer run on the float32 stack, whose passes read the same bf16 values."""
     from fedspec.adapters.methods.pissa import initialize as pissa
 
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
     options = {"niter": 2, "oversample": 2, "pass_precision": "bfloat16"}
     fedspec.adapt(model, "pissa", 4, ["query", "value"], seed=3, **options)
@@ -99,7 +92,7 @@ def test_pissa_on_a_bf16_model(precision):
     residual rebuilds W to bf16 precision."""
     from fedspec.adapters.methods.pissa import initialize as pissa
 
-    model, _ = _model()
+    model, _ = tiny_classifier()
     model.to(torch.bfloat16)
     originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith(("query", "value"))}
     options = {"niter": 2, "oversample": 2, "pass_precision": precision}
@@ -116,7 +109,7 @@ def test_pissa_on_a_bf16_model(precision):
 
 
 def test_lora_starts_with_zero_B_and_gaussian_A():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "lora", 4)
     for layer in adapter_layers(model).values():
         assert torch.count_nonzero(layer.lora_B.weight) == 0
@@ -124,7 +117,7 @@ def test_lora_starts_with_zero_B_and_gaussian_A():
 
 
 def test_trainable_mask_and_frozen_A_mode():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "pissa", 4, train_A=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith("lora_B.weight") for n in trainable)
@@ -132,7 +125,7 @@ def test_trainable_mask_and_frozen_A_mode():
 
 
 def test_merge_and_unmerge_preserve_the_function():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     fedspec.adapt(model, "pissa", 4)
     perturb(model)
     adapted = _outputs(model, tokenizer)
@@ -147,7 +140,7 @@ def test_merge_and_unmerge_preserve_the_function():
 
 @pytest.mark.parametrize("method", ["lora", "pissa"])
 def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     fedspec.adapt(model, method, 4)
     model.head.requires_grad_(True)
     perturb(model)
@@ -155,23 +148,23 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
     save_adapter(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
-    fresh, _ = _model()
+    fresh, _ = tiny_classifier()
     load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(_outputs(fresh, tokenizer), expected)
 
 
 def test_loading_new_init_factors_rebuilds_the_residual_from_the_original_weight():
-    source, tokenizer = _model()
+    source, tokenizer = tiny_classifier()
     fedspec.adapt(source, "pissa", 4, svd_method="exact")
     perturb(source)
-    target, _ = _model()
+    target, _ = tiny_classifier()
     fedspec.adapt(target, "pissa", 4, initialize=False)  # base untouched, factors zero
     load_adapter_state(target, adapter_state(source))
     assert torch.allclose(_outputs(target, tokenizer), _outputs(source, tokenizer), atol=1e-5)
 
 
 def test_uninitialized_adapter_starts_at_zero_with_the_base_untouched():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     before = _outputs(model, tokenizer)
     fedspec.adapt(model, "pissa", 4, initialize=False)
     for layer in adapter_layers(model).values():
@@ -197,25 +190,25 @@ def test_zero_factor_is_an_ordinary_linear():
 
 
 def test_unknown_method_is_a_clear_error():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     with pytest.raises(AdapterError, match="adapter.method='nope' is not a registered method; choose one of: .*pissa"):
         fedspec.adapt(model, "nope", 4)
 
 
 def test_rank_larger_than_the_layer_is_a_clear_error():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     with pytest.raises(AdapterError, match=r"adapter.rank=64 is larger than layer .* choose adapter.rank <= 32"):
         fedspec.adapt(model, "pissa", 64)
 
 
 def test_target_matching_nothing_is_a_clear_error():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     with pytest.raises(AdapterError, match="pattern 'q_proj' matches no nn.Linear layer"):
         fedspec.adapt(model, "lora", 4, ["q_proj"])
 
 
 def test_targets_by_suffix_and_by_regex():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "lora", 2, ["key", r".*layer\.1\..*intermediate\.dense"])
     names = set(adapter_layers(model))
     assert len([n for n in names if n.endswith("key")]) == 2
@@ -223,6 +216,6 @@ def test_targets_by_suffix_and_by_regex():
 
 
 def test_llama_default_targets_are_q_and_v_projections():
-    model, _ = _model("tiny-llama")
+    model, _ = tiny_classifier("tiny-llama")
     fedspec.adapt(model, "pissa", 4)
     assert {n.rsplit(".", 1)[-1] for n in adapter_layers(model)} == {"q_proj", "v_proj"}

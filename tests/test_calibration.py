@@ -24,13 +24,9 @@ LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 KINDS = ("inputs", "gradients", "fisher")
 
 
-def _model():
-    return tiny_classifier()
-
-
 @pytest.fixture(scope="module")
 def setup():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = tokenize(tokenizer, TEXTS, 16)
     layers = match_targets(model, ["query", "value"])
     return model, batch, layers
@@ -174,7 +170,7 @@ def test_privacy_settings_must_be_positive():
 
 
 def test_a_data_driven_method_without_calibration_is_a_clear_error():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     with pytest.raises(AdapterError, match="adapter.method=corda initializes from data: pass calibration="):
         fedspec.adapt(model, "corda", 4)
 
@@ -182,14 +178,14 @@ def test_a_data_driven_method_without_calibration_is_a_clear_error():
 def test_calibration_of_the_wrong_kind_is_a_clear_error(setup):
     model, batch, layers = setup
     inputs_only = _collect(model, batch, layers, range(2), kinds=("inputs",))
-    fresh, _ = _model()
+    fresh, _ = tiny_classifier()
     with pytest.raises(AdapterError, match="adapter.method=lora_ga needs calibration statistics of kind 'gradients'"):
         fedspec.adapt(fresh, "lora_ga", 4, calibration=inputs_only)
 
 
 def test_calibration_needs_the_base_model(setup):
     model, batch, _ = setup
-    adapted, _ = _model()
+    adapted, _ = tiny_classifier()
     fedspec.adapt(adapted, "lora", 2)
     layers = match_targets(model, ["query"])
     with pytest.raises(AdapterError, match="calibration needs the base model"):

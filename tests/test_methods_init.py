@@ -33,7 +33,7 @@ from fedspec.models import build_classifier, tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop, perturb, tiny_classifier
+from helpers import assert_opacus_matches_per_example_loop, outputs, perturb, tiny_classifier
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
@@ -41,10 +41,6 @@ TEXTS = [
 ]
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 NEW_METHODS = ["olora", "soma", "corda", "eva", "lora_ga", "fwsvd"]
-
-
-def _model(name: str = "tiny-bert"):
-    return tiny_classifier(name)
 
 
 def _batch(tokenizer):
@@ -60,17 +56,11 @@ def _calibration(model, batch, method, targets=("query", "value")) -> Calibratio
 
 
 def _adapted(method: str, rank: int = 4, name: str = "tiny-bert", **options):
-    model, tokenizer = _model(name)
+    model, tokenizer = tiny_classifier(name)
     batch = _batch(tokenizer)
     calibration = _calibration(model, batch, method)
     fedspec.adapt(model, method, rank, calibration=calibration, **{"svd_method": "exact", **options})
     return model, batch
-
-
-def _outputs(model, batch) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(batch.input_ids, batch.attention_mask)
 
 
 def _originals(model, targets=("query", "value")) -> dict[str, torch.Tensor]:
@@ -91,24 +81,24 @@ def _product(layer) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 @pytest.mark.parametrize("method", ["olora", "soma", "corda", "eva", "lora_ga"])
 def test_adapted_model_equals_the_base_at_initialization(name, method):
-    model, tokenizer = _model(name)
+    model, tokenizer = tiny_classifier(name)
     batch = _batch(tokenizer)
-    before = _outputs(model, batch)
+    before = outputs(model, batch)
     targets = ("q_proj", "v_proj") if name == "tiny-llama" else ("query", "value")
     calibration = _calibration(model, batch, method, targets)
     fedspec.adapt(model, method, 4, calibration=calibration, svd_method="exact")
-    assert torch.allclose(_outputs(model, batch), before, atol=1e-5)
+    assert torch.allclose(outputs(model, batch), before, atol=1e-5)
 
 
 def test_fwsvd_at_full_rank_is_the_layer_and_at_low_rank_minimizes_the_fisher_weighted_error():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
-    before = _outputs(model, batch)
+    before = outputs(model, batch)
     originals = _originals(model)
     calibration = _calibration(model, batch, "fwsvd")
-    full, _ = _model()
+    full, _ = tiny_classifier()
     fedspec.adapt(full, "fwsvd", 32, calibration=calibration)
-    assert torch.allclose(_outputs(full, batch), before, atol=1e-4)
+    assert torch.allclose(outputs(full, batch), before, atol=1e-4)
     assert all(isinstance(layer, FactorizedLinear) for layer in adapter_layers(full).values())
 
     fedspec.adapt(model, "fwsvd", 4, calibration=calibration)
@@ -130,7 +120,7 @@ def test_fwsvd_at_full_rank_is_the_layer_and_at_low_rank_minimizes_the_fisher_we
 
 
 def test_olora_is_the_first_r_columns_and_rows_of_the_qr_decomposition():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _originals(model)
     fedspec.adapt(model, "olora", 4, alpha=8.0)
     for name, layer in adapter_layers(model).items():
@@ -144,7 +134,7 @@ def test_olora_is_the_first_r_columns_and_rows_of_the_qr_decomposition():
 
 
 def test_soma_starts_from_the_minor_singular_triplets():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _originals(model)
     fedspec.adapt(model, "soma", 4, alpha=8.0)
     for name, layer in adapter_layers(model).items():
@@ -158,7 +148,7 @@ def _damped(C: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["ipm", "kpm"])
 def test_corda_takes_the_top_or_bottom_components_of_svd_of_w_times_c(mode):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
     originals = _originals(model)
     calibration = _calibration(model, batch, "corda")
@@ -173,12 +163,12 @@ def test_corda_takes_the_top_or_bottom_components_of_svd_of_w_times_c(mode):
 
 def test_corda_ipm_and_kpm_split_the_weight_exactly():
     """IPM's top-r and KPM's bottom-(k−r) parts of W = U·Σ·(Vᵀ·C⁻¹) add up to W."""
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
     originals = _originals(model)
     calibration = _calibration(model, batch, "corda")
-    top, _ = _model()
-    bottom, _ = _model()
+    top, _ = tiny_classifier()
+    bottom, _ = tiny_classifier()
     fedspec.adapt(top, "corda", 12, calibration=calibration, mode="ipm")
     fedspec.adapt(bottom, "corda", 20, calibration=calibration, mode="kpm")
     for name in originals:
@@ -187,7 +177,7 @@ def test_corda_ipm_and_kpm_split_the_weight_exactly():
 
 
 def test_eva_takes_the_principal_components_of_the_layer_inputs():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
     calibration = _calibration(model, batch, "eva")
     fedspec.adapt(model, "eva", 4, calibration=calibration)
@@ -221,7 +211,7 @@ def test_eva_redistributes_the_rank_budget_by_explained_variance():
 
 
 def test_eva_layers_get_their_own_ranks_and_a_layer_without_budget_stays_plain():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     spectra = {name: ([50.0] * 6 + [0.01] * 26) if name.endswith("query") else [1.0] * 32
                for name in match_targets(model, ["query", "value"])}
     fedspec.adapt(model, "eva", 2, calibration=_synthetic_inputs(spectra), rho=3.0)
@@ -233,7 +223,7 @@ def test_eva_layers_get_their_own_ranks_and_a_layer_without_budget_stays_plain()
 
 
 def test_lora_ga_follows_peft_arb2r_with_the_stable_scale():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
     originals = _originals(model)
     calibration = _calibration(model, batch, "lora_ga")
@@ -253,14 +243,14 @@ def test_lora_ga_follows_peft_arb2r_with_the_stable_scale():
 
 
 def test_lora_ga_needs_two_r_directions():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     calibration = _calibration(model, _batch(tokenizer), "lora_ga")
     with pytest.raises(AdapterError, match="2·rank must be at most 32"):
         fedspec.adapt(model, "lora_ga", 20, calibration=calibration)
 
 
 def test_bad_method_options_are_clear_errors():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     calibration = _calibration(model, _batch(tokenizer), "corda")
     with pytest.raises(AdapterError, match="adapter.options.mode='xpm' is not a CorDA mode; choose one of: ipm, kpm"):
         fedspec.adapt(model, "corda", 4, calibration=calibration, mode="xpm")
@@ -273,14 +263,14 @@ def test_bad_method_options_are_clear_errors():
 def test_merged_equals_unmerged(method):
     model, batch = _adapted(method)
     perturb(model)
-    adapted = _outputs(model, batch)
+    adapted = outputs(model, batch)
     merge_in_place(model)
-    assert torch.allclose(_outputs(model, batch), adapted, atol=1e-5)
+    assert torch.allclose(outputs(model, batch), adapted, atol=1e-5)
     unmerge(model)
-    assert torch.allclose(_outputs(model, batch), adapted, atol=1e-5)
+    assert torch.allclose(outputs(model, batch), adapted, atol=1e-5)
     fedspec.merge(model)
     assert not adapter_layers(model)
-    assert torch.allclose(_outputs(model, batch), adapted, atol=1e-5)
+    assert torch.allclose(outputs(model, batch), adapted, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
@@ -288,25 +278,25 @@ def test_save_load_round_trip_on_a_fresh_base_model_is_exact(tmp_path, method):
     model, batch = _adapted(method)
     model.head.requires_grad_(True)
     perturb(model)
-    expected = _outputs(model, batch)
+    expected = outputs(model, batch)
     save_adapter(model, tmp_path / "adapter")
-    fresh, _ = _model()
+    fresh, _ = tiny_classifier()
     load_adapter(fresh, tmp_path / "adapter")  # no calibration needed: the state holds everything
-    assert torch.equal(_outputs(fresh, batch), expected)
+    assert torch.equal(outputs(fresh, batch), expected)
     assert _ranks(fresh) == _ranks(model)
 
 
 def test_eva_per_layer_ranks_survive_save_and_load(tmp_path):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     batch = _batch(tokenizer)
     spectra = {name: ([50.0] * 6 + [0.01] * 26) if name.endswith("query") else [1.0] * 32
                for name in match_targets(model, ["query", "value"])}
     fedspec.adapt(model, "eva", 2, calibration=_synthetic_inputs(spectra), rho=3.0)
     perturb(model)
     save_adapter(model, tmp_path / "eva")
-    fresh, _ = _model()
+    fresh, _ = tiny_classifier()
     load_adapter(fresh, tmp_path / "eva")
-    assert torch.equal(_outputs(fresh, batch), _outputs(model, batch))
+    assert torch.equal(outputs(fresh, batch), outputs(model, batch))
     assert _ranks(fresh) == _ranks(model)
 
 
@@ -349,7 +339,7 @@ def test_soma_weight_decay_is_cosine_annealed_over_the_run():
 
 
 def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "soma", 2)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     # The training loop builds the hooks with its lr and the whole run's length, and calls them at global steps.
@@ -364,7 +354,7 @@ def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
 
 
 def test_soma_options_set_the_schedule_ends():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "soma", 2, weight_decay=0.1, weight_decay_end=0.01)
     (hook,) = training_hooks(model, HookContext(lr=0.5, total_steps=4))
     assert (hook.decay(0), hook.decay(4)) == (pytest.approx(0.1), pytest.approx(0.01))
@@ -413,7 +403,7 @@ def test_exact_rules_give_the_average_of_the_clients_adapted_weights(method, str
 
 
 def test_fedsvd_re_factorizes_layers_of_different_ranks_exactly():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     spectra = {name: ([50.0] * 6 + [0.01] * 26) if name.endswith("query") else [1.0] * 32
                for name in match_targets(model, ["query", "value"])}
     fedspec.adapt(model, "eva", 2, calibration=_synthetic_inputs(spectra), rho=3.0, train_A=False)

@@ -27,7 +27,7 @@ from fedspec.models import tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop, per_example_grads, perturb, tiny_classifier
+from helpers import assert_opacus_matches_per_example_loop, outputs, per_example_grads, perturb, tiny_classifier
 
 SHAPE_METHODS = ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "clip_svd", "salt", "loldu",
                  "sst", "dora"]
@@ -42,21 +42,14 @@ TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 
 
-def _model(name: str = "tiny-bert", seed: int = 0):
-    return tiny_classifier(name, seed)
-
-
 def _adapted(method: str, name: str = "tiny-bert", rank: int = 4, **options):
-    model, tokenizer = _model(name)
+    model, tokenizer = tiny_classifier(name)
     fedspec.adapt(model, method, rank, svd_method="exact", **options)
     return model, tokenizer
 
 
 def _outputs(model, tokenizer, texts=TEXTS) -> torch.Tensor:
-    batch = tokenize(tokenizer, texts, 16)
-    model.eval()
-    with torch.no_grad():
-        return model(batch.input_ids, batch.attention_mask)
+    return outputs(model, tokenize(tokenizer, texts, 16))
 
 
 def _original_weights(model) -> dict[str, torch.Tensor]:
@@ -80,14 +73,14 @@ def test_every_method_is_registered_with_its_federated_rule_and_a_config():
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
 @pytest.mark.parametrize("method", STARTS_AT_BASE)
 def test_adapted_model_equals_base_at_initialization(name, method):
-    model, tokenizer = _model(name)
+    model, tokenizer = tiny_classifier(name)
     before = _outputs(model, tokenizer)
     fedspec.adapt(model, method, 4, svd_method="exact")
     assert torch.allclose(_outputs(model, tokenizer), before, atol=1e-5), method
 
 
 def test_lora_xs_starts_within_its_init_noise_of_the_base():
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     before = _outputs(model, tokenizer)
     fedspec.adapt(model, "lora_xs", 4, svd_method="exact")
     assert (_outputs(model, tokenizer) - before).abs().max() < 1e-4
@@ -96,7 +89,7 @@ def test_lora_xs_starts_within_its_init_noise_of_the_base():
 
 
 def test_kasa_starts_from_w_minus_its_minor_components():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, "kasa", 4)
     for name, layer in adapter_layers(model).items():
@@ -111,7 +104,7 @@ def test_kasa_starts_from_w_minus_its_minor_components():
 
 @pytest.mark.parametrize(("method", "part"), [("sorsa", "top"), ("effort", "bottom"), ("svfit", "top")])
 def test_trained_part_is_the_top_or_bottom_singular_triplets(method, part):
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, method, 4)
     for name, layer in adapter_layers(model).items():
@@ -123,7 +116,7 @@ def test_trained_part_is_the_top_or_bottom_singular_triplets(method, part):
 
 
 def test_spectrum_methods_start_from_the_singular_values():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, "clip_svd", 4)
     for name, layer in adapter_layers(model).items():
@@ -132,7 +125,7 @@ def test_spectrum_methods_start_from_the_singular_values():
 
 
 def test_lora_xs_bases_are_the_top_r_svd_and_frozen():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, "lora_xs", 4, svd_method="exact")
     for name, layer in adapter_layers(model).items():
@@ -145,7 +138,7 @@ def test_lora_xs_bases_are_the_top_r_svd_and_frozen():
 
 
 def test_loldu_bases_come_from_an_lu_with_pivoting():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, "loldu", 4, alpha=8.0)
     for name, layer in adapter_layers(model).items():
@@ -157,7 +150,7 @@ def test_loldu_bases_come_from_an_lu_with_pivoting():
 
 
 def test_sst_samples_r_triplets_and_dora_starts_with_the_row_norms():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     originals = _original_weights(model)
     fedspec.adapt(model, "sst", 4)
     for name, layer in adapter_layers(model).items():
@@ -165,20 +158,20 @@ def test_sst_samples_r_triplets_and_dora_starts_with_the_row_norms():
         assert torch.allclose(layer.spectrum.weight.sort(descending=True).values, S, atol=1e-5)
         assert layer.sel_left.weight.shape[1] == 4 and layer.sel_left.weight.requires_grad
         assert not layer.rest_left.weight.requires_grad
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "dora", 4)
     for name, layer in adapter_layers(model).items():
         assert torch.allclose(layer.magnitude.weight, originals[name].norm(dim=1), atol=1e-6)
 
 
 def test_method_options_reach_the_layers_and_bad_ones_fail_early():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "salt", 4, lora_rank=2)
     assert all(layer.spectrum.lora_X.shape == (28, 2) for layer in adapter_layers(model).values())
     with pytest.raises(fedspec.errors.AdapterError, match="adapter.options.lora_rank=30 must be in"):
-        fedspec.adapt(_model()[0], "salt", 4, lora_rank=30)
+        fedspec.adapt(tiny_classifier()[0], "salt", 4, lora_rank=30)
     with pytest.raises(fedspec.errors.AdapterError, match="choose adapter.rank < 32"):
-        fedspec.adapt(_model()[0], "kasa", 32)
+        fedspec.adapt(tiny_classifier()[0], "kasa", 32)
     with pytest.raises(fedspec.errors.ConfigError, match="adapter.options.gama.*sorsa has the options: gamma"):
         compose_config(["adapter=sorsa", "+adapter.options.gama=1"])
     cfg = compose_config(["adapter=svfit"])  # `fedspec train` has no strategy to check
@@ -222,7 +215,7 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
     perturb(model)
     expected = _outputs(model, tokenizer)
     save_adapter(model, tmp_path / "adapter")
-    fresh, _ = _model()
+    fresh, _ = tiny_classifier()
     load_adapter(fresh, tmp_path / "adapter")
     assert torch.equal(_outputs(fresh, tokenizer), expected)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -232,7 +225,7 @@ def test_save_load_round_trip_on_a_fresh_base_model(tmp_path, method):
 def test_loading_new_fixed_tensors_rebuilds_the_base_from_the_original_weight():
     source, tokenizer = _adapted("svfit")
     perturb(source)
-    target, _ = _model()
+    target, _ = tiny_classifier()
     fedspec.adapt(target, "svfit", 4, initialize=False)  # base untouched, bases zero
     load_adapter_state(target, adapter_state(source))
     assert torch.allclose(_outputs(target, tokenizer), _outputs(source, tokenizer), atol=1e-5)
@@ -297,31 +290,31 @@ def test_one_dp_step_changes_only_trainable_tensors(method):
 
 
 def test_tensor_roles_say_what_clients_train_what_the_server_owns_and_what_is_sent_once():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "lora_xs", 4, federated=True)
     layer = "encoder.encoder.layer.0.attention.self.query"
     roles = adapter_roles(model)
     assert roles[f"{layer}.core.weight"] == "trained"
     assert roles[f"{layer}.lora_A.weight"] == roles[f"{layer}.lora_B.weight"] == "fixed"
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "loldu", 4, federated=True)
     roles = adapter_roles(model)
     assert roles[f"{layer}.spectrum.weight"] == "trained"
     assert roles[f"{layer}.spectrum.scale"] == "server"  # LoLDU's σ stays with the server in a federation
     assert {roles[f"{layer}.{k}"] for k in ("left.weight", "right.weight", "init_spectrum")} == {"fixed"}
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "loldu", 4)  # centralized: σ trains
     assert adapter_roles(model)[f"{layer}.spectrum.scale"] == "trained"
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "sst", 4, federated=True)
     roles = adapter_roles(model)
     assert roles[f"{layer}.rest_left.weight"] == roles[f"{layer}.rest_right.weight"] == "server"
     assert {roles[f"{layer}.{k}"] for k in ("sel_left.weight", "sel_right.weight", "spectrum.weight")} == {"trained"}
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "kasa", 4, federated=True)
     roles = adapter_roles(model)
     assert {roles[f"{layer}.removed_{k}"] for k in "ABS"} == {"fixed"}
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "pissa", 4, train_A=False)  # the existing rule, now explicit
     roles = adapter_roles(model)
     assert roles[f"{layer}.lora_A.weight"] == "server" and roles[f"{layer}.lora_B.weight"] == "trained"
@@ -331,7 +324,7 @@ def test_tensor_roles_say_what_clients_train_what_the_server_owns_and_what_is_se
 def _federated_round(method: str, scale: float, *, keys: tuple[str, ...] | None = None, clients: int = 3):
     """Clients move their trained tensors by scale·noise; returns (aggregated adapted weights, the weighted average
     of the clients' adapted weights), per layer."""
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, method, 4, svd_method="exact", federated=True)
     roles = adapter_roles(model)
     trained = {k for k, r in roles.items() if r == "trained" and k.startswith("encoder")
@@ -390,7 +383,7 @@ def test_salt_residual_lora_averages_only_to_first_order():
 
 
 def test_sst_server_step_redraws_the_trained_vectors_without_changing_the_weight():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, "sst", 4, federated=True)
     perturb(model)
     before = {n: layer.adapted_weight().detach().clone() for n, layer in adapter_layers(model).items()}

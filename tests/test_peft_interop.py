@@ -36,10 +36,6 @@ TEXTS = [
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 2])
 
 
-def _model():
-    return tiny_classifier()
-
-
 def _encoded(tokenizer, texts=TEXTS, length=8):
     enc = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="pt")
     assert bool(enc["attention_mask"].all())
@@ -76,7 +72,7 @@ def _peft_on_backbone(model, **config):
 
 
 def test_lora_starts_at_the_base_weights_like_peft():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     theirs = _peft_on_backbone(model, r=4, lora_alpha=8)
     fedspec.adapt(model, "lora", 4, alpha=8.0)
     _assert_same_init(model, theirs)
@@ -86,14 +82,14 @@ def test_lora_starts_at_the_base_weights_like_peft():
 
 @pytest.mark.parametrize("alpha", [4.0, 8.0])
 def test_pissa_matches_peft_exact_pissa(alpha):
-    model, _ = _model()
+    model, _ = tiny_classifier()
     theirs = _peft_on_backbone(model, r=4, lora_alpha=alpha, init_lora_weights="pissa")
     fedspec.adapt(model, "pissa", 4, alpha=alpha, svd_method="exact")
     _assert_same_init(model, theirs)
 
 
 def test_pissa_randomized_is_within_the_randomized_tolerance_of_peft_exact_pissa():
-    model, _ = _model()
+    model, _ = tiny_classifier()
     theirs = _peft_on_backbone(model, r=4, lora_alpha=4, init_lora_weights="pissa")
     fedspec.adapt(model, "pissa", 4, svd_method="randomized", niter=8, oversample=8)
     for name, layer in adapter_layers(model).items():
@@ -103,7 +99,7 @@ def test_pissa_randomized_is_within_the_randomized_tolerance_of_peft_exact_pissa
 
 @pytest.mark.parametrize("alpha", [4.0, 8.0])
 def test_olora_matches_peft(alpha):
-    model, _ = _model()
+    model, _ = tiny_classifier()
     theirs = _peft_on_backbone(model, r=4, lora_alpha=alpha, init_lora_weights="olora")
     fedspec.adapt(model, "olora", 4, alpha=alpha)
     _assert_same_init(model, theirs)
@@ -116,7 +112,7 @@ def test_corda_matches_peft_on_the_same_calibration_sample(mode):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer, TEXTS[:1], length=10)
     backbone = copy.deepcopy(model.encoder)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights="corda",
@@ -137,7 +133,7 @@ def test_eva_matches_peft_ranks_and_components():
     rank redistribution and the same principal subspaces; both start with B = 0 (the base is untouched)."""
     from peft import EvaConfig, initialize_lora_eva_weights
 
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer)
     targets = ["query", "value", "attention.output.dense"]
     theirs = _peft_on_backbone(model, r=12, lora_alpha=12, target_modules=targets, init_lora_weights="eva",
@@ -166,7 +162,7 @@ def test_lora_ga_matches_peft():
     from peft import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer)
     originals = {n: model.get_submodule(n).weight.detach().double().clone()
                  for n in match_targets(model, ["query", "value"])}
@@ -213,7 +209,7 @@ def _check_export(model, tokenizer, out_dir):
     with torch.no_grad():
         expected_hidden = model.encoder(**enc).last_hidden_state
         expected_logits = model(enc["input_ids"], enc["attention_mask"])
-    original, _ = _model()  # a fresh copy: the original, un-adapted weights
+    original, _ = tiny_classifier()  # a fresh copy: the original, un-adapted weights
     loaded = PeftModel.from_pretrained(original.encoder, str(out_dir))
     loaded.eval()
     with torch.no_grad():
@@ -232,7 +228,7 @@ def _check_export(model, tokenizer, out_dir):
 
 @pytest.mark.parametrize("method", ["lora", "pissa", "milora", "olora", "soma"])
 def test_export_loads_in_peft_on_the_original_backbone(tmp_path, method):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     model.head.requires_grad_(True)
     perturb(model, seed=3)
@@ -246,7 +242,7 @@ def test_export_loads_in_peft_on_the_original_backbone(tmp_path, method):
 @pytest.mark.parametrize("method", ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "loldu"])
 def test_export_of_other_low_rank_updates_loads_in_peft(tmp_path, method):
     """Cores, truncated and spectral residual bases are low-rank updates of W too: PEFT reproduces them."""
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     fedspec.adapt(model, method, 4, alpha=8.0, svd_method="exact")
     model.head.requires_grad_(True)
     perturb(model, seed=3)
@@ -256,7 +252,7 @@ def test_export_of_other_low_rank_updates_loads_in_peft(tmp_path, method):
 
 @pytest.mark.parametrize("method", ["corda", "lora_ga"])
 def test_export_of_data_driven_residual_methods_is_a_rank_2r_lora(tmp_path, method):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer)
     kinds = fedspec.adapters.METHODS[method].calibration
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
@@ -268,7 +264,7 @@ def test_export_of_data_driven_residual_methods_is_a_rank_2r_lora(tmp_path, meth
 
 
 def test_eva_export_carries_its_rank_pattern(tmp_path):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer)
     targets = ["query", "value", "attention.output.dense"]
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
@@ -285,7 +281,7 @@ def test_eva_export_carries_its_rank_pattern(tmp_path):
 
 
 def test_fwsvd_has_no_lora_export(tmp_path):
-    model, tokenizer = _model()
+    model, tokenizer = tiny_classifier()
     enc = _encoded(tokenizer)
     calibration = collect_calibration(model, [(enc["input_ids"], enc["attention_mask"], LABELS)],
                                       match_targets(model, ["query", "value"]), ["fisher"])
@@ -296,7 +292,7 @@ def test_fwsvd_has_no_lora_export(tmp_path):
 
 @pytest.mark.parametrize("method", ["dora", "clip_svd", "salt", "sst"])
 def test_normalized_and_full_rank_methods_have_no_lora_export(tmp_path, method):
-    model, _ = _model()
+    model, _ = tiny_classifier()
     fedspec.adapt(model, method, 4)
     with pytest.raises(AdapterError, match=f"adapter.method={method} is no low-rank update of the original weights"):
         export_peft(model, tmp_path / "peft")
