@@ -52,19 +52,19 @@ def check_same_version(server_version: str | None) -> None:
         )
 
 
-def error_log(context: Context, run_config: dict | None) -> Path:
+def error_log(context: Context, config_json: str | None) -> Path:
     """Where this node writes the tracebacks of its failures: beside its ledger (the node's ``state-dir``, or the
     simulated run's ``clients/client-<i>/``), or the temp folder when the config itself cannot be read."""
     from .runtime import ledger_path
 
     try:
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id, check_files=False)
         return ledger_path(cfg, context).with_name("errors.log")
     except Exception:  # the failure may be the config itself
         return Path(tempfile.gettempdir()) / f"fedspec-client-{context.node_config.get('partition-id', 'unknown')}.log"
 
 
-def _one_line_failures(handler: Callable[[Message, Context], Message], run_config: dict | None):
+def _one_line_failures(handler: Callable[[Message, Context], Message], config_json: str | None):
     """A ClientApp handler whose failure reaches the server as one line naming the client and the reason; the
     full traceback goes to this node's error log (:func:`error_log`) instead of the reply."""
 
@@ -73,7 +73,7 @@ def _one_line_failures(handler: Callable[[Message, Context], Message], run_confi
         try:
             return handler(msg, context)
         except Exception as error:
-            path = error_log(context, run_config)
+            path = error_log(context, config_json)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("a") as log:
@@ -89,17 +89,17 @@ def _one_line_failures(handler: Callable[[Message, Context], Message], run_confi
     return guarded
 
 
-def local_handlers(run_config: dict | None = None) -> dict[str, Callable[[Message, Context], Message]]:
+def local_handlers(config_json: str | None = None) -> dict[str, Callable[[Message, Context], Message]]:
     """The ClientApp's handlers, run in this process: by the ClientApp itself, or by the node's warm worker."""
-    return {"query": functools.partial(_one_line_failures, run_config=run_config)(_query(run_config)),
-            "train": functools.partial(_one_line_failures, run_config=run_config)(_train(run_config))}
+    return {"query": functools.partial(_one_line_failures, config_json=config_json)(_query(config_json)),
+            "train": functools.partial(_one_line_failures, config_json=config_json)(_train(config_json))}
 
 
-def build_client_app(run_config: dict | None = None) -> ClientApp:
+def build_client_app(config_json: str | None = None) -> ClientApp:
     """The ClientApp. On a node started with a warm worker (node config ``worker="<socket>"``) each message runs
     there, where the model and data stay loaded between rounds (:mod:`client.warm`); elsewhere, here."""
     app = ClientApp()
-    handlers = local_handlers(run_config)
+    handlers = local_handlers(config_json)
 
     def run(kind: str, msg: Message, context: Context) -> Message:
         socket_path = context.node_config.get(WORKER_NODE_CONFIG)
@@ -128,12 +128,12 @@ def build_client_app(run_config: dict | None = None) -> ClientApp:
     return app
 
 
-def _query(run_config: dict | None) -> Callable[[Message, Context], Message]:
+def _query(config_json: str | None) -> Callable[[Message, Context], Message]:
     def query(msg: Message, context: Context) -> Message:
         from .runtime import client_id, local_data, remember_label_names
 
         config = msg.content.config_records.get(CONFIG) or ConfigRecord({})
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id, check_files=False)
         if config.get(SECAGG_STAGE):  # an exchange of secure aggregation's protocol
             from .secure_aggregation import answer_query
 
@@ -155,11 +155,11 @@ def _query(run_config: dict | None) -> Callable[[Message, Context], Message]:
     return query
 
 
-def _train(run_config: dict | None) -> Callable[[Message, Context], Message]:
+def _train(config_json: str | None) -> Callable[[Message, Context], Message]:
     def train(msg: Message, context: Context) -> Message:
         from .local_round import train_one_round
 
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id, check_files=False)
+        cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id, check_files=False)
         if SECAGG in msg.content.config_records:  # secure aggregation: reply with the masked update only
             from .secure_aggregation import masked_reply, round_session
 

@@ -19,7 +19,7 @@ from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, get_m
 from fedspec.adapters.state import TRAINED
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
-from fedspec.privacy.planning import budget_epsilon, client_sample_rate, schedule_steps
+from fedspec.privacy.planning import PlanSettings, client_sample_rate
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
 from fedspec.training import DPSettings, train_steps
 
@@ -43,18 +43,19 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
             "factors), but this node never received them from the server (its state was lost); "
             "restart the run with run.resume=true"
         )
+    plan = PlanSettings.of(cfg)
     dp = None
     if cfg.privacy.enabled:
-        sigma = noise_multiplier(cfg, context, len(data))
-        declined = _decline_if_over_budget(cfg, context, client, sigma, len(data))
+        sigma = noise_multiplier(plan, context, len(data))
+        declined = _decline_if_over_budget(plan, cfg, context, client, sigma, len(data))
         if declined is not None:
             return {}, declined
         seed = (cfg.run.seed * 1_000_003 + client * 1009 + round_) if cfg.privacy.seed_noise else None
-        fixed_rate = cfg.privacy.get("sample_rate") is not None
         dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
                         head_clip_share=cfg.privacy.get("head_clip_share"),
-                        sample_rate=client_sample_rate(cfg, len(data)) if fixed_rate else None, seed=seed)
+                        sample_rate=client_sample_rate(plan, len(data)) if plan.fixed_sample_rate else None,
+                        seed=seed)
 
     load_adapter_state(model, {**received, **base_init})
     started = time.perf_counter()
@@ -70,7 +71,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         seed=cfg.run.seed + 1000 * round_ + client,
         # Schedules (SoMA's weight decay, AdaLoRA's rank budget) span the client's whole schedule, not one round.
         first_step=(round_ - 1) * cfg.train.local_steps,
-        total_steps=schedule_steps(cfg),
+        total_steps=plan.schedule_steps,
         physical_batch_size=cfg.train.physical_batch_size,
     )
     client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
@@ -89,13 +90,14 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     return update, reply.to_metrics()
 
 
-def _decline_if_over_budget(cfg: DictConfig, context: Context, client: int, sigma: float, n: int) -> dict | None:
+def _decline_if_over_budget(plan: PlanSettings, cfg: DictConfig, context: Context, client: int, sigma: float,
+                            n: int) -> dict | None:
     """The reply metrics of a declined round, or None when this round fits the client's budget."""
-    budget = budget_epsilon(cfg)
+    budget = plan.budget_epsilon
     if budget is None:
         return None
     ledger = load_ledger(cfg, context)
-    q = client_sample_rate(cfg, n)  # the rate Opacus will account
-    if not ledger.would_exceed(budget, noise_multiplier=sigma, sample_rate=q, steps=int(cfg.train.local_steps)):
+    q = client_sample_rate(plan, n)  # the rate Opacus will account
+    if not ledger.would_exceed(budget, noise_multiplier=sigma, sample_rate=q, steps=plan.local_steps):
         return None
     return TrainReply(client, declined=True, epsilon=ledger.epsilon(), budget_epsilon=budget).to_metrics()

@@ -10,13 +10,13 @@ that node's ``context.state`` and, for the ledger, on disk so it survives restar
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedspec.builders import (
     build_backbone,
@@ -29,11 +29,12 @@ from fedspec.builders import (
 )
 from fedspec.data import load_examples
 from fedspec.data.instructions import cast_classification, load_conversations
+from fedspec.config import config_from_json, config_to_json
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger
 from fedspec.privacy.audit import run_canaries, with_canaries
-from fedspec.privacy.planning import client_noise_multiplier, init_statistics_entries, schedule_steps
+from fedspec.privacy.planning import PlanSettings, client_noise_multiplier
 from fedspec.rundir import run_paths
 from fedspec.strategies import get_rule
 
@@ -61,14 +62,14 @@ def client_id(context: Context) -> int:
 
 def _key(cfg: DictConfig) -> str:
     """A hashable fingerprint of the parts of the config the cached objects depend on."""
-    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
+    return config_to_json(cfg)
 
 
 @lru_cache(maxsize=2)
 def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = None):
     """The adapted model (factors zero, loaded from each message). ``rank_pattern`` (JSON): per-layer ranks
     (EVA), read off the global state the server sends, since they are decided by the server in round 0."""
-    cfg = OmegaConf.create(json.loads(model_key))
+    cfg = config_from_json(model_key)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     rule = get_rule(cfg.strategy.name)
     return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False,
@@ -79,7 +80,7 @@ def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = N
 def _cached_base_model(model_key: str, num_classes: int):
     """The un-adapted backbone + head, for round 0's calibration statistics (same seed, same head as the
     server's)."""
-    cfg = OmegaConf.create(json.loads(model_key))
+    cfg = config_from_json(model_key)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     model, _ = build_backbone(cfg, num_classes)
     return model
@@ -87,19 +88,19 @@ def _cached_base_model(model_key: str, num_classes: int):
 
 @lru_cache(maxsize=2)
 def _cached_tokenizer(model_key: str):
-    model_cfg = OmegaConf.create(json.loads(model_key)).model
+    model_cfg = config_from_json(model_key).model
     return load_tokenizer(model_cfg.name, model_cfg.path)
 
 
 @lru_cache(maxsize=2)
 def _cached_task(model_key: str):
-    return build_task(OmegaConf.create(json.loads(model_key)))
+    return build_task(config_from_json(model_key))
 
 
 @lru_cache(maxsize=64)
 def _cached_partition(model_key: str, client: int) -> LocalData:
     """A simulated client's share of the task's training records."""
-    cfg = OmegaConf.create(json.loads(model_key))
+    cfg = config_from_json(model_key)
     task = _cached_task(model_key)
     tokenizer = _cached_tokenizer(model_key)
     parts = client_partitions(cfg, task.train.labels)
@@ -118,7 +119,7 @@ def _cached_partition(model_key: str, client: int) -> LocalData:
 def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...]) -> LocalData:
     """A real client's own file, all of it, labelled with the server task's class names. The node never
     reads the task's data.path / data.eval_path: those are files on the server's machine."""
-    cfg = OmegaConf.create(json.loads(model_key))
+    cfg = config_from_json(model_key)
     if is_causal_lm(cfg) and not cfg.data.get("prompt"):  # an instruction file: its records need no labels
         examples = load_conversations(data_path, path_key="data-path")
     else:
@@ -217,15 +218,12 @@ def store_ledger(cfg: DictConfig, context: Context, ledger: PrivacyLedger) -> No
     ledger.save(path)
 
 
-def noise_multiplier(cfg: DictConfig, context: Context, num_examples: int) -> float:
+def noise_multiplier(plan: PlanSettings, context: Context, num_examples: int) -> float:
     """This client's σ for the whole run, planned once per node (planning runs the accountant many times)."""
-    privacy = cfg.privacy
-    settings = json.dumps([privacy.target_epsilon, privacy.noise_multiplier, privacy.delta, privacy.accountant,
-                           num_examples, cfg.train.batch_size, privacy.get("sample_rate"), schedule_steps(cfg),
-                           init_statistics_entries(cfg)])
+    settings = json.dumps([asdict(plan), num_examples])
     record = context.state.config_records.get(PLAN_STATE_KEY)
     if record is not None and record["settings"] == settings:
         return float(record["noise-multiplier"])
-    sigma = client_noise_multiplier(cfg, num_examples)
+    sigma = client_noise_multiplier(plan, num_examples)
     context.state[PLAN_STATE_KEY] = ConfigRecord({"settings": settings, "noise-multiplier": sigma})
     return sigma

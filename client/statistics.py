@@ -55,7 +55,7 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
         metrics[NUM_EXAMPLES] = len(data)
     if calibration.privatized:
         ledger = load_ledger(cfg, context)
-        for sigma, q, steps in init_statistics_entries(cfg):
+        for sigma, q, steps in init_statistics_entries(cfg.privacy, cfg.adapter.method):
             ledger.record(0, sigma, q, steps, attempt=ledger.next_attempt(0))
             metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps})
         store_ledger(cfg, context, ledger)

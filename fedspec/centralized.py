@@ -72,7 +72,7 @@ def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
         return float(cfg.privacy.noise_multiplier), q, steps_per_epoch
     sigma = plan_noise(
         float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q,
-        steps_per_epoch * cfg.train.epochs, accountant=cfg.privacy.accountant, prior=init_statistics_entries(cfg),
+        steps_per_epoch * cfg.train.epochs, accountant=cfg.privacy.accountant, prior=init_statistics_entries(cfg.privacy, cfg.adapter.method),
     )
     return sigma, q, steps_per_epoch
 
@@ -120,7 +120,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                         head_clip_share=cfg.privacy.get("head_clip_share"),
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         ledger = PrivacyLedger(client_id=CENTRAL_CLIENT, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
-        for sigma0, q0, steps0 in init_statistics_entries(cfg):  # the privatized init statistic: "epoch 0"
+        for sigma0, q0, steps0 in init_statistics_entries(cfg.privacy, cfg.adapter.method):  # the privatized init statistic: "epoch 0"
             ledger.record(0, sigma0, q0, steps0)
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config)

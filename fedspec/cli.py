@@ -414,7 +414,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_privacy_plan(args: argparse.Namespace) -> int:
-    from .privacy.planning import client_level_lines, plan_run
+    from .privacy.planning import PlanSettings, client_level_lines, plan_run
     from .render import plan_table
 
     sizes = _sizes(args.sizes) if args.sizes else None
@@ -427,7 +427,7 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
         from .simulations.driver import client_sizes
 
         sizes = client_sizes(cfg)
-    plan = plan_run(cfg, sizes, rounds_limit=10 * int(cfg.federation.rounds))
+    plan = plan_run(PlanSettings.of(cfg), sizes, rounds_limit=10 * int(cfg.federation.rounds))
     out = Console()
     if not out.is_terminal:  # piped or captured: rich would wrap the table at 80 columns
         out = Console(width=120)

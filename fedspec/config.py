@@ -1,11 +1,11 @@
-"""Structured config: schemas, Hydra composition, validation, and the bridge to Flower's flat run_config.
+"""Structured config: schemas, Hydra composition, validation, and the bridge to Flower's apps.
 
 The YAML tree lives in ``configs/`` (installed as ``fedspec.configs``) and is the one source of default
 values; the dataclasses below only fix the keys and their types. ``compose_config(overrides)`` composes
 it with Hydra, checks types against the dataclass schemas below and validates values, so a bad value fails
-at once with one line naming the key and what is allowed. Flower's ``run_config`` only carries scalars:
-``flatten_config`` / ``unflatten_config`` turn the config into dotted scalar keys (lists as JSON strings) and
-back, both directions owned here.
+at once with one line naming the key and what is allowed. ``fedspec simulate`` hands its Flower apps the whole
+config as one JSON string (``config_to_json`` / ``config_from_json``); under ``flwr run`` the run_config carries
+Hydra overrides (``config_from_run_config``).
 """
 
 from __future__ import annotations
@@ -417,62 +417,40 @@ def check_federated(cfg: DictConfig) -> None:
         )
 
 
-# --- the bridge to Flower's run_config (scalars only) ------------------------------------------------------
-
-NONE_MARKER = "__none__"
-JSON_PREFIX = "json:"
+# --- the bridge to Flower's apps -------------------------------------------------------------------------------
 
 
-def flatten_config(cfg: DictConfig) -> dict[str, bool | int | float | str]:
-    """Dotted scalar keys for Flower's run_config; lists become JSON strings, None a marker string."""
-    flat: dict[str, bool | int | float | str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for key, value in node.items():
-            dotted = f"{prefix}{key}"
-            if isinstance(value, dict) and value:
-                walk(value, dotted + ".")
-            elif isinstance(value, (list, dict)):  # an empty dict would vanish as nested keys
-                flat[dotted] = JSON_PREFIX + json.dumps(value)
-            elif value is None:
-                flat[dotted] = NONE_MARKER
-            else:
-                flat[dotted] = value
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
+def config_to_json(cfg: DictConfig) -> str:
+    """The whole, resolved config as one JSON string: what ``fedspec simulate`` hands its Flower apps, and a
+    fingerprint of a config (equal configs give equal strings)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
 
 
-def unflatten_config(flat: dict[str, Any]) -> DictConfig:
-    """Inverse of :func:`flatten_config`, then the same type checks and validation as at the start."""
-    nested: dict[str, Any] = {}
-    for dotted, value in flat.items():
-        if value == NONE_MARKER:
-            value = None
-        elif isinstance(value, str) and value.startswith(JSON_PREFIX):
-            value = json.loads(value[len(JSON_PREFIX):])
-        node = nested
-        *parents, leaf = dotted.replace("-", "_").split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return to_structured(nested)
+def config_from_json(text: str) -> DictConfig:
+    """Inverse of :func:`config_to_json`, with the same type checks and validation as at the start; parsed once
+    per process (every message of a run carries the same string), a fresh copy each call."""
+    return _parsed_config(text).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_config(text: str) -> DictConfig:
+    return to_structured(json.loads(text))
 
 
 def config_from_run_config(
     run_config: dict[str, Any],
-    resolved: dict[str, Any] | None = None,
+    resolved: str | None = None,
     run_id: int | None = None,
     *,
     check_files: bool = True,
 ) -> DictConfig:
     """The config of a Flower app. ``fedspec simulate`` hands its apps the complete, already validated config
-    (``resolved``); under ``flwr run`` the run_config's ``overrides`` key holds Hydra overrides of the config
+    (``resolved``, from :func:`config_to_json`); under ``flwr run`` the run_config's ``overrides`` key holds Hydra overrides of the config
     tree (``--run-config 'overrides="adapter.rank=16 federation.clients=4"'``). Without ``run.name``, a
     ``flwr run`` is named after its Flower run id, the same on the server and on every client. Clients pass
     ``check_files=False`` (see :func:`validate`)."""
     if resolved is not None:
-        return unflatten_config(resolved)
+        return config_from_json(resolved)
     cfg = _compose_cached(tuple(shlex.split(str(run_config.get("overrides", "")))), check_files).copy()
     if not cfg.run.name and run_id is not None:
         cfg.run.name = f"flwr-run-{run_id}"
@@ -500,10 +478,10 @@ __all__ = [
     "check_federated",
     "FedspecConfig",
     "compose_config",
-    "flatten_config",
+    "config_from_json",
+    "config_to_json",
     "load_config_file",
     "save_config",
     "to_structured",
-    "unflatten_config",
     "validate",
 ]

@@ -8,7 +8,7 @@ import statistics
 from omegaconf import DictConfig
 from rich.table import Table
 
-from .privacy.planning import ClientPlan, budget_epsilon, participation_probability
+from .privacy.planning import ClientPlan, PlanSettings
 
 
 def number(value: float | None, spec: str) -> str:
@@ -44,8 +44,8 @@ def _rounds_cell(plan: ClientPlan, rounds: int) -> str:
 
 def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = True) -> Table:
     """One row per client (or min / median / max over clients): σ, expected and worst-case ε, rounds in budget."""
-    rounds, p = int(cfg.federation.rounds), participation_probability(cfg)
-    budget = budget_epsilon(cfg)
+    settings = PlanSettings.of(cfg)
+    rounds, p, budget = settings.rounds, settings.participation_probability, settings.budget_epsilon
     sigma = ("given" if cfg.privacy.noise_multiplier is not None
              else f"planned for ε ≤ {cfg.privacy.target_epsilon:g} in the worst case")
     limit = plans[0].rounds_limit if plans else rounds

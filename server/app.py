@@ -1,8 +1,8 @@
 """The Flower ServerApp.
 
-``app`` is what ``flwr run`` loads (``[tool.flwr.app.components]``): its config comes from the run_config
-(flattened dotted keys, see ``fedspec.config.flatten_config``). ``fedspec simulate`` builds its own instance
-with :func:`build_server_app`, handing it the resolved config directly.
+``app`` is what ``flwr run`` loads (``[tool.flwr.app.components]``): its config comes from the run_config's Hydra
+overrides. ``fedspec simulate`` builds its own instance with :func:`build_server_app`, handing it the resolved
+config as one JSON string (``fedspec.config.config_to_json``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from fedspec.config import config_from_run_config
 from fedspec.rundir import check_run_dir
 
 
-def build_server_app(run_config: dict | None = None) -> ServerApp:
+def build_server_app(config_json: str | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from .federation import run_federation
 
-        cfg = config_from_run_config(dict(context.run_config), run_config, run_id=context.run_id)
-        if run_config is None:  # `flwr run`: no driver checked the run folder (`fedspec simulate` did)
+        cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id)
+        if config_json is None:  # `flwr run`: no driver checked the run folder (`fedspec simulate` did)
             paths = check_run_dir(cfg)
             # A relative run.output_dir is relative to where the SuperLink was started: say where.
             log(INFO, "fedspec: run folder %s", paths.root.resolve())

@@ -13,13 +13,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fedspec.privacy import PrivacyLedger
-from fedspec.privacy.planning import budget_epsilon
+from fedspec.privacy.planning import PlanSettings
 
 
 class BudgetTracker:
     def __init__(self, cfg: DictConfig, declined: dict[str, list[int]] | None = None) -> None:
         self.cfg = cfg
-        self.budget = budget_epsilon(cfg) if cfg.privacy.enabled else None
+        self.budget = PlanSettings.of(cfg).budget_epsilon if cfg.privacy.enabled else None
         self.declined: dict[str, list[int]] = {cid: list(rounds) for cid, rounds in (declined or {}).items()}
 
     def record_decline(self, client: str, round_: int) -> None:

@@ -21,7 +21,7 @@ from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
-from fedspec.privacy.planning import plan_client_level
+from fedspec.privacy.planning import PlanSettings, plan_client_level
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
 from fedspec.strategies.client_dp import ClientDP
@@ -169,7 +169,7 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
 
 
 def _client_dp(cfg: DictConfig, num_clients: int) -> ClientDP | None:
-    plan = plan_client_level(cfg)
+    plan = plan_client_level(PlanSettings.of(cfg))
     if plan is None:
         return None
     seed = cfg.run.seed if cfg.privacy.seed_noise else None

@@ -8,7 +8,7 @@ from fedspec.builders import causal_lm_summary_lines, init_statistics_report, pe
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
-from fedspec.privacy.planning import budget_epsilon, participation_probability
+from fedspec.privacy.planning import PlanSettings
 from fedspec.privacy.report import ClientLevelSettings
 from fedspec.rundir import MetricsLog, RunPaths
 
@@ -17,19 +17,20 @@ from .progress import RoundRow, byte_size, rounds_markdown
 
 
 def privacy_settings(cfg: DictConfig) -> dict:
+    plan = PlanSettings.of(cfg)
     return {
         "record_level_dp": bool(cfg.privacy.enabled),
         "client_level_dp": bool(cfg.privacy.client_level.enabled),
         # the ε the plan aims at: the target σ was planned for, or (σ given) the budget clients enforce
         "target_epsilon": (None if not cfg.privacy.enabled else
-                           cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else budget_epsilon(cfg)),
-        "budget_epsilon": budget_epsilon(cfg) if cfg.privacy.enabled else None,
+                           cfg.privacy.target_epsilon if cfg.privacy.noise_multiplier is None else plan.budget_epsilon),
+        "budget_epsilon": plan.budget_epsilon if cfg.privacy.enabled else None,
         "max_grad_norm": cfg.privacy.max_grad_norm,
         "head_clip_share": cfg.privacy.get("head_clip_share"),  # per-group clipping: same total norm, same noise
         "rounds": cfg.federation.rounds,
         "local_steps": cfg.train.local_steps,
         "batch_size": cfg.train.batch_size,
-        "participation_probability": participation_probability(cfg),
+        "participation_probability": plan.participation_probability,
         "weighting": cfg.federation.weighting,
         **init_statistics_report(cfg, None),
     }

@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fedspec.builders import Task, build_model, build_task, client_partitions
-from fedspec.config import check_federated, flatten_config, load_config_file, save_config
+from fedspec.config import check_federated, config_to_json, load_config_file, save_config
 from fedspec.privacy.audit import canary_assignment
-from fedspec.privacy.planning import ClientPlan, PrivacyPlan, client_level_lines, plan_run
+from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
 from fedspec.render import plan_table
 from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
@@ -73,7 +73,7 @@ def preflight(cfg: DictConfig) -> PrivacyPlan:
     task = build_task(cfg)
     build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False,
                 federated=True)
-    return plan_run(cfg, client_sizes(cfg, task))
+    return plan_run(PlanSettings.of(cfg), client_sizes(cfg, task))
 
 
 class _HideInternalNotices(logging.Filter):
@@ -118,12 +118,12 @@ def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResul
     from fedspec.server.app import build_server_app
 
     _quiet_flower()
-    flat = flatten_config(cfg)
+    config_json = config_to_json(cfg)
     started = time.monotonic()
     with _restored_environment():
         run_simulation(
-            server_app=build_server_app(flat),
-            client_app=build_client_app(flat),
+            server_app=build_server_app(config_json),
+            client_app=build_client_app(config_json),
             num_supernodes=cfg.federation.clients,
             backend_config={
                 "client_resources": {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedspec.config import compose_config, flatten_config, unflatten_config
+from fedspec.config import compose_config, config_from_json, config_to_json
 from fedspec.errors import ConfigError
 
 
@@ -21,11 +21,14 @@ def test_group_and_key_overrides():
     assert list(cfg.adapter.targets) == ["query", "key"]
 
 
-def test_flower_run_config_round_trip_is_lossless():
-    cfg = compose_config(["adapter.targets=[query,value]", "privacy.noise_multiplier=1.5", "run.name=my-run"])
-    flat = flatten_config(cfg)
-    assert all(isinstance(v, (bool, int, float, str)) for v in flat.values())
-    assert unflatten_config(flat) == cfg
+def test_the_config_handed_to_flower_apps_round_trips_losslessly():
+    cfg = compose_config(["adapter.targets=[query,value]", "privacy.noise_multiplier=1.5", "run.name=my-run",
+                          "privacy=none"])
+    text = config_to_json(cfg)
+    assert config_from_json(text) == cfg
+    parsed = config_from_json(text)
+    parsed.run.name = "changed"  # each call gets its own copy: the parsed config is cached per process
+    assert config_from_json(text).run.name == "my-run"
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -91,12 +91,12 @@ def test_a_server_fixed_sample_rate_is_the_rate_opacus_samples_and_accounts(batc
 def test_a_server_fixed_sample_rate_gives_every_client_the_same_q_and_sigma():
     from fedspec.config import compose_config
     from fedspec.errors import ConfigError
-    from fedspec.privacy.planning import plan_clients
+    from fedspec.privacy.planning import PlanSettings, plan_clients
 
-    cfg = compose_config(["privacy.target_epsilon=3", "privacy.sample_rate=0.02"])
+    cfg = PlanSettings.of(compose_config(["privacy.target_epsilon=3", "privacy.sample_rate=0.02"]))
     plans = plan_clients(cfg, [60, 600, 6000])
     assert {p.sample_rate for p in plans} == {0.02} and len({p.noise_multiplier for p in plans}) == 1
-    assert len({p.sample_rate for p in plan_clients(compose_config(["privacy.target_epsilon=3"]), [60, 600])}) == 2
+    assert len({p.sample_rate for p in plan_clients(PlanSettings.of(compose_config(["privacy.target_epsilon=3"])), [60, 600])}) == 2
     with pytest.raises(ConfigError, match="samples 50 batches per epoch, but a client has only 40 records"):
         plan_clients(cfg, [40, 600])
     with pytest.raises(ConfigError, match=r"privacy.sample_rate=0.03 .* 1/k for a whole number k"):

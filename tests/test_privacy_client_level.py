@@ -175,19 +175,19 @@ def test_adapter_strategy_refuses_client_dp_with_example_weights():
 def test_config_requires_uniform_weighting_and_a_sane_delta():
     from fedspec.config import compose_config
     from fedspec.errors import ConfigError
-    from fedspec.privacy.planning import plan_client_level
+    from fedspec.privacy.planning import PlanSettings, plan_client_level
 
     with pytest.raises(ConfigError, match="federation.weighting='examples' is not allowed; client-level DP"):
         compose_config(["privacy=client-dp"])
     cfg = compose_config(["privacy=client-dp", "federation.weighting=uniform", "federation.clients=10",
                           "federation.fraction=0.3", "federation.rounds=20"])
-    plan = plan_client_level(cfg)
+    plan = plan_client_level(PlanSettings.of(cfg))
     assert plan.sample_rate == 0.3 and plan.expected_clients == pytest.approx(3.0)
     assert plan.epsilon == pytest.approx(epsilon([(plan.noise_multiplier, 0.3, 20)], 1e-3)) and plan.epsilon <= 8.0
     assert plan.noise_std == pytest.approx(plan.noise_multiplier * 0.5 / 3.0)
     with pytest.raises(ConfigError, match="privacy.client_level.delta=0.2 is not below 1/federation.clients"):
-        plan_client_level(compose_config(["privacy=client-dp", "federation.weighting=uniform",
-                                          "privacy.client_level.delta=0.2"]))
+        plan_client_level(PlanSettings.of(compose_config(["privacy=client-dp", "federation.weighting=uniform",
+                                                          "privacy.client_level.delta=0.2"])))
 
 
 def test_ledger_of_the_aggregate_round_trips(tmp_path):

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from fedspec.privacy import PrivacyLedger, epsilon
-from fedspec.privacy.planning import plan_run
+from fedspec.privacy.planning import PlanSettings, plan_run
 from fedspec.rundir import MetricsLog
 from fedspec.simulations.driver import client_sizes, simulate
 
@@ -46,7 +46,7 @@ def test_the_plan_foresees_who_runs_out(stopped_run):
     cfg, _ = stopped_run
     sizes = client_sizes(cfg)
     assert sizes == [127, 72, 129, 72]  # q = 1/8, 1/5, 1/9, 1/5
-    plan = plan_run(cfg, sizes)
+    plan = plan_run(PlanSettings.of(cfg), sizes)
     assert [p.rounds_within_budget for p in plan.clients] == [5, 1, 6, 1]
     for p in plan.clients:
         k = p.rounds_within_budget

@@ -12,25 +12,23 @@ from fedspec.cli import main
 from fedspec.config import compose_config
 from fedspec.errors import ConfigError
 from fedspec.privacy import PrivacyBudgetError, epsilon
-from fedspec.privacy.planning import (
-    budget_epsilon,
-    participation_probability,
-    plan_clients,
-    plan_run,
-    rounds_within_budget,
-)
+from fedspec.privacy.planning import PlanSettings, plan_clients, plan_run, rounds_within_budget
 
 SIZES = [60000, 5000, 800]
 
 
-def cfg_with(*overrides: str):
+def settings_with(*overrides: str) -> PlanSettings:
+    return PlanSettings.of(_composed(*overrides))
+
+
+def _composed(*overrides: str):
     return compose_config(["federation.clients=3", "federation.rounds=10", "federation.fraction=0.5",
                            "train.local_steps=20", "train.batch_size=256", "privacy.target_epsilon=3", *overrides])
 
 
 def test_sigma_is_planned_per_client_for_every_round_and_is_tight():
-    cfg = cfg_with()
-    plans = plan_clients(cfg, SIZES)
+    settings = settings_with()
+    plans = plan_clients(settings, SIZES)
     for plan, n in zip(plans, SIZES):
         q = 1 / math.ceil(n / 256)
         assert plan.sample_rate == q and plan.steps == 10 * 20
@@ -41,10 +39,10 @@ def test_sigma_is_planned_per_client_for_every_round_and_is_tight():
 
 
 def test_expected_epsilon_averages_over_how_often_a_client_is_sampled():
-    cfg = cfg_with()
-    p = participation_probability(cfg)
+    settings = settings_with()
+    p = settings.participation_probability
     assert p == 2 / 3  # ⌈0.5·3⌉ = 2 of 3 clients each round
-    plan = plan_clients(cfg, SIZES)[1]
+    plan = plan_clients(settings, SIZES)[1]
     by_rounds = [epsilon([(plan.noise_multiplier, plan.sample_rate, 20 * k)], 1e-5) for k in range(11)]
     expected = sum(math.comb(10, k) * p**k * (1 - p) ** (10 - k) * by_rounds[k] for k in range(11))
     assert plan.expected_epsilon == pytest.approx(expected, rel=1e-9)
@@ -53,11 +51,11 @@ def test_expected_epsilon_averages_over_how_often_a_client_is_sampled():
 
 
 def test_participation_probability_follows_the_sampling():
-    assert participation_probability(cfg_with("federation.fraction=0.1", "federation.min_clients=1")) == 1 / 3
-    assert participation_probability(cfg_with("federation.fraction=1.0")) == 1.0
-    client_level = cfg_with("privacy=client-dp", "federation.weighting=uniform", "privacy.target_epsilon=3",
+    assert settings_with("federation.fraction=0.1", "federation.min_clients=1").participation_probability == 1 / 3
+    assert settings_with("federation.fraction=1.0").participation_probability == 1.0
+    client_level = settings_with("privacy=client-dp", "federation.weighting=uniform", "privacy.target_epsilon=3",
                             "federation.fraction=0.1", "privacy.client_level.delta=1e-3")
-    assert participation_probability(client_level) == 0.1  # Poisson: exactly the fraction
+    assert client_level.participation_probability == 0.1  # Poisson: exactly the fraction
 
 
 def test_rounds_within_budget_at_a_given_sigma():
@@ -70,28 +68,28 @@ def test_rounds_within_budget_at_a_given_sigma():
 
 
 def test_given_sigma_with_a_budget_shows_who_runs_out():
-    cfg = cfg_with("privacy.noise_multiplier=1.0", "privacy.budget_epsilon=2.0")
-    assert budget_epsilon(cfg) == 2.0
-    plans = plan_clients(cfg, SIZES, rounds_limit=100)
+    settings = settings_with("privacy.noise_multiplier=1.0", "privacy.budget_epsilon=2.0")
+    assert settings.budget_epsilon == 2.0
+    plans = plan_clients(settings, SIZES, rounds_limit=100)
     assert plans[0].rounds_within_budget > 10  # large client: σ = 1 is plenty
     short = plans[2]
     assert short.rounds_within_budget < 10  # q = 1/4: it runs out mid-run and will decline
     # it declines from then on, so its ε after the run stops at the last round its budget allows
     at_cap = epsilon([(1.0, short.sample_rate, 20 * short.rounds_within_budget)], 1e-5)
     assert short.epsilon == at_cap <= 2.0 and short.expected_epsilon <= at_cap
-    assert budget_epsilon(cfg_with()) == 3.0  # no explicit budget: the target is the cap
-    assert budget_epsilon(cfg_with("privacy.noise_multiplier=1.0", "privacy.target_epsilon=null")) is None
+    assert settings_with().budget_epsilon == 3.0  # no explicit budget: the target is the cap
+    assert settings_with("privacy.noise_multiplier=1.0", "privacy.target_epsilon=null").budget_epsilon is None
 
 
 def test_unreachable_target_and_a_budget_too_small_fail_before_the_run():
     with pytest.raises(PrivacyBudgetError, match=r"privacy\.target_epsilon=0\.05 is unreachable.*\(a client with 60000 records\)"):
-        plan_run(cfg_with("privacy.target_epsilon=0.05"), SIZES)
+        plan_run(settings_with("privacy.target_epsilon=0.05"), SIZES)
     with pytest.raises(ConfigError, match="privacy.budget_epsilon=0.1 allows not even one round .* federation.min_clients=2"):
-        plan_run(cfg_with("privacy.noise_multiplier=1.0", "privacy.budget_epsilon=0.1"), SIZES)
+        plan_run(settings_with("privacy.noise_multiplier=1.0", "privacy.budget_epsilon=0.1"), SIZES)
     with pytest.raises(ConfigError, match="privacy.delta=0.01 is not below 1/n"):
-        plan_run(cfg_with("privacy.delta=0.01"), [50, 5000, 800])
+        plan_run(settings_with("privacy.delta=0.01"), [50, 5000, 800])
     with pytest.raises(PrivacyBudgetError, match=r"privacy\.client_level\.target_epsilon=0\.001 is unreachable"):
-        plan_run(cfg_with("privacy=client-dp", "federation.weighting=uniform", "privacy.target_epsilon=3",
+        plan_run(settings_with("privacy=client-dp", "federation.weighting=uniform", "privacy.target_epsilon=3",
                           "privacy.client_level.target_epsilon=0.001", "privacy.client_level.delta=1e-3"), SIZES)
 
 
@@ -100,7 +98,7 @@ def test_privacy_plan_command_prints_every_client(capsys):
             "--fraction", "0.5", "--local-steps", "20", "--batch-size", "256"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    plans = plan_clients(cfg_with(), SIZES)
+    plans = plan_clients(settings_with(), SIZES)
     for plan in plans:
         cells = [plan.client, plan.num_examples, f"{plan.sample_rate:.4f}", f"{plan.noise_multiplier:.4f}",
                  f"{plan.expected_epsilon:.3f}", f"{plan.epsilon:.3f}", plan.rounds_within_budget]

@@ -26,17 +26,18 @@ from .client_level import noise_std_of_mean
 
 __all__ = [
     "ClientLevelPlan",
+    "ClientLevelTarget",
     "ClientPlan",
+    "PlanSettings",
     "PrivacyPlan",
-    "budget_epsilon",
     "check_delta",
     "client_noise_multiplier",
-    "participation_probability",
+    "client_sample_rate",
+    "init_statistics_entries",
     "plan_client_level",
     "plan_clients",
     "plan_run",
     "rounds_within_budget",
-    "schedule_steps",
 ]
 
 
@@ -73,28 +74,80 @@ class PrivacyPlan:
     client_level: ClientLevelPlan | None
 
 
-def schedule_steps(cfg: DictConfig) -> int:
-    """The most DP-SGD steps one client can take in the run: it may be sampled in every round."""
-    return int(cfg.federation.rounds) * int(cfg.train.local_steps)
+Prior = tuple[tuple[float, float, int], ...]  # ledger entries a client pays for before DP-SGD
 
 
-def budget_epsilon(cfg: DictConfig) -> float | None:
-    """The ε each client refuses to exceed: privacy.budget_epsilon, else privacy.target_epsilon (None: no cap)."""
-    budget = cfg.privacy.budget_epsilon if cfg.privacy.budget_epsilon is not None else cfg.privacy.target_epsilon
-    return None if budget is None else float(budget)
+@dataclass(frozen=True)
+class ClientLevelTarget:
+    """The server's client-level DP settings (``privacy.client_level``)."""
+
+    enabled: bool
+    target_epsilon: float | None
+    noise_multiplier: float | None
+    clipping_norm: float
+    delta: float
 
 
-def participation_probability(cfg: DictConfig) -> float:
-    """Probability that a given client is sampled in a round.
+@dataclass(frozen=True)
+class PlanSettings:
+    """What planning reads from a run's config, and all it reads: build it with :meth:`of`."""
 
-    Under client-level DP clients are Poisson-sampled with rate ``fraction``; otherwise the server samples
-    ⌈fraction·N⌉ clients (at least ``min_clients``) uniformly without replacement.
-    """
-    n = int(cfg.federation.clients)
-    if cfg.privacy.client_level.enabled:
-        return float(cfg.federation.fraction)
-    sampled = min(n, max(math.ceil(float(cfg.federation.fraction) * n), int(cfg.federation.min_clients)))
-    return sampled / n
+    enabled: bool  # record-level DP on every client
+    target_epsilon: float | None
+    noise_multiplier: float | None  # given: no planning
+    budget_epsilon: float | None  # the ε each client refuses to exceed (None: no cap)
+    budget_key: str  # the config key that sets it, for messages
+    delta: float
+    accountant: str
+    fixed_sample_rate: float | None  # privacy.sample_rate: the server's one rate for every client
+    batch_size: int
+    local_steps: int
+    rounds: int
+    clients: int
+    fraction: float
+    min_clients: int
+    init_statistics: Prior  # a privatized round-0 statistic, paid for before DP-SGD
+    client_level: ClientLevelTarget
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> PlanSettings:
+        privacy, federation, level = cfg.privacy, cfg.federation, cfg.privacy.client_level
+        budget_key = "privacy.budget_epsilon" if privacy.budget_epsilon is not None else "privacy.target_epsilon"
+        budget = privacy.budget_epsilon if privacy.budget_epsilon is not None else privacy.target_epsilon
+        return cls(
+            enabled=bool(privacy.enabled), target_epsilon=_optional_float(privacy.target_epsilon),
+            noise_multiplier=_optional_float(privacy.noise_multiplier), budget_epsilon=_optional_float(budget),
+            budget_key=budget_key, delta=float(privacy.delta), accountant=str(privacy.accountant),
+            fixed_sample_rate=_optional_float(privacy.get("sample_rate")), batch_size=int(cfg.train.batch_size),
+            local_steps=int(cfg.train.local_steps), rounds=int(federation.rounds), clients=int(federation.clients),
+            fraction=float(federation.fraction), min_clients=int(federation.min_clients),
+            init_statistics=init_statistics_entries(privacy, cfg.adapter.method),
+            client_level=ClientLevelTarget(
+                enabled=bool(level.enabled), target_epsilon=_optional_float(level.target_epsilon),
+                noise_multiplier=_optional_float(level.noise_multiplier), clipping_norm=float(level.clipping_norm),
+                delta=float(level.delta)),
+        )
+
+    @property
+    def schedule_steps(self) -> int:
+        """The most DP-SGD steps one client can take in the run: it may be sampled in every round."""
+        return self.rounds * self.local_steps
+
+    @property
+    def participation_probability(self) -> float:
+        """Probability that a given client is sampled in a round.
+
+        Under client-level DP clients are Poisson-sampled with rate ``fraction``; otherwise the server samples
+        ⌈fraction·N⌉ clients (at least ``min_clients``) uniformly without replacement.
+        """
+        if self.client_level.enabled:
+            return self.fraction
+        sampled = min(self.clients, max(math.ceil(self.fraction * self.clients), self.min_clients))
+        return sampled / self.clients
+
+
+def _optional_float(value: object) -> float | None:
+    return None if value is None else float(value)
 
 
 def check_delta(delta: float, sizes: list[int]) -> None:
@@ -107,13 +160,13 @@ def check_delta(delta: float, sizes: list[int]) -> None:
             )
 
 
-def init_statistics_entries(cfg: DictConfig) -> tuple[tuple[float, float, int], ...]:
+def init_statistics_entries(privacy: DictConfig, method: str) -> Prior:
     """The ledger entries of a privatized round-0 statistic (data-driven initializers with
-    ``privacy.private_init_stats``): one Gaussian mechanism, (σ₀, q = 1, 1 step). Empty otherwise."""
+    ``privacy.private_init_stats``; ``privacy`` is the config's privacy section): one Gaussian mechanism,
+    (σ₀, q = 1, 1 step). Empty otherwise."""
     from ..adapters import get_method
 
-    privacy = cfg.privacy
-    if privacy.enabled and privacy.private_init_stats and get_method(cfg.adapter.method).calibration:
+    if privacy.enabled and privacy.private_init_stats and get_method(method).calibration:
         return ((float(privacy.init_noise_multiplier), 1.0, 1),)
     return ()
 
@@ -124,13 +177,13 @@ def _planned_sigma(target: float, delta: float, q: float, steps: int, accountant
     return plan_noise(target, delta, q, steps, accountant=accountant, prior=prior)
 
 
-def client_sample_rate(cfg: DictConfig, num_examples: int) -> float:
+def client_sample_rate(settings: PlanSettings, num_examples: int) -> float:
     """The Poisson rate a client with ``num_examples`` records trains and is accounted at: the server's fixed
     ``privacy.sample_rate`` (1/k, the same for every client), or 1/⌈n/B⌉ as Opacus derives it from a loader of
     batch B. A fixed rate needs at least k records: fewer would make the expected batch less than one record."""
-    fixed = cfg.privacy.get("sample_rate")
+    fixed = settings.fixed_sample_rate
     if fixed is None:
-        return sample_rate(num_examples, cfg.train.batch_size)
+        return sample_rate(num_examples, settings.batch_size)
     batches = round(1 / fixed)
     if num_examples < batches:
         raise ConfigError(f"privacy.sample_rate={fixed:g} samples {batches} batches per epoch, but a client has only "
@@ -139,21 +192,16 @@ def client_sample_rate(cfg: DictConfig, num_examples: int) -> float:
     return 1.0 / batches
 
 
-def client_noise_multiplier(cfg: DictConfig, num_examples: int) -> float:
+def client_noise_multiplier(settings: PlanSettings, num_examples: int) -> float:
     """σ for a client with ``num_examples`` records: the configured one, or planned from the target ε."""
-    if cfg.privacy.noise_multiplier is not None:
-        return float(cfg.privacy.noise_multiplier)
-    q = client_sample_rate(cfg, num_examples)
+    if settings.noise_multiplier is not None:
+        return settings.noise_multiplier
+    q = client_sample_rate(settings, num_examples)
     try:
-        return _planned_sigma(
-            float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q, schedule_steps(cfg),
-            cfg.privacy.accountant, init_statistics_entries(cfg),
-        )
+        return _planned_sigma(settings.target_epsilon, settings.delta, q, settings.schedule_steps,
+                              settings.accountant, settings.init_statistics)
     except PrivacyBudgetError as error:
         raise PrivacyBudgetError(f"privacy.{error} (a client with {num_examples} records)") from None
-
-
-Prior = tuple[tuple[float, float, int], ...]
 
 
 @lru_cache(maxsize=4096)
@@ -198,23 +246,22 @@ def _expected_epsilon(by_round: tuple[float, ...], p: float, before: float = 0.0
         math.comb(rounds, k) * p**k * (1 - p) ** (rounds - k) * by_round[k - 1] for k in range(1, rounds + 1))
 
 
-def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = None) -> list[ClientPlan]:
+def plan_clients(settings: PlanSettings, sizes: list[int], *, rounds_limit: int | None = None) -> list[ClientPlan]:
     """Every client's σ, its expected and worst-case ε, and the rounds its budget allows; raises on δ too large
     or an unreachable target. ``rounds_limit`` caps the search for rounds within budget (default: the
     configured rounds, enough to tell whether a client runs out during the run)."""
-    if not cfg.privacy.enabled:
+    if not settings.enabled:
         return []
-    delta, accountant = float(cfg.privacy.delta), str(cfg.privacy.accountant)
+    delta, accountant, prior = settings.delta, settings.accountant, settings.init_statistics
     check_delta(delta, sizes)
-    rounds, local_steps = int(cfg.federation.rounds), int(cfg.train.local_steps)
-    p = participation_probability(cfg)
-    budget = budget_epsilon(cfg)
+    rounds, local_steps = settings.rounds, settings.local_steps
+    p = settings.participation_probability
+    budget = settings.budget_epsilon
     limit = rounds if rounds_limit is None else max(int(rounds_limit), rounds)
     plans = []
     for client, n in enumerate(sizes):
-        q = client_sample_rate(cfg, n)
-        sigma = client_noise_multiplier(cfg, n)
-        prior = init_statistics_entries(cfg)
+        q = client_sample_rate(settings, n)
+        sigma = client_noise_multiplier(settings, n)
         before = _epsilon_after(sigma, q, 0, delta, accountant, prior)
         by_round = _epsilons_by_round(sigma, q, local_steps, rounds, delta, accountant, prior)
         within = (None if budget is None
@@ -229,47 +276,47 @@ def plan_clients(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None 
     return plans
 
 
-def plan_client_level(cfg: DictConfig) -> ClientLevelPlan | None:
+def plan_client_level(settings: PlanSettings) -> ClientLevelPlan | None:
     """The server's client-level σ (given, or planned for the whole run) and its ε; None when it is off."""
-    level = cfg.privacy.client_level
+    level = settings.client_level
     if not level.enabled:
         return None
-    n, q, rounds = int(cfg.federation.clients), float(cfg.federation.fraction), int(cfg.federation.rounds)
-    delta, accountant = float(level.delta), str(cfg.privacy.accountant)
+    n, q, rounds = settings.clients, settings.fraction, settings.rounds
+    delta, accountant = level.delta, settings.accountant
     if delta >= 1.0 / n:
         raise ConfigError(
             f"privacy.client_level.delta={delta:g} is not below 1/federation.clients = {1.0 / n:.3g}; "
             f"choose privacy.client_level.delta < {1.0 / n:.3g} (well below: it is the chance of exposing a whole client)"
         )
     if level.noise_multiplier is not None:
-        sigma = float(level.noise_multiplier)
+        sigma = level.noise_multiplier
     else:
         try:
-            sigma = _planned_sigma(float(level.target_epsilon), delta, q, rounds, accountant)
+            sigma = _planned_sigma(level.target_epsilon, delta, q, rounds, accountant)
         except PrivacyBudgetError as error:
             raise PrivacyBudgetError(f"privacy.client_level.{error}") from None
     eps = epsilon([(sigma, q, rounds)], delta, accountant)
     expected = q * n
-    return ClientLevelPlan(sigma, float(level.clipping_norm), q, rounds, delta, eps, expected,
-                           noise_std_of_mean(sigma, float(level.clipping_norm), expected))
+    return ClientLevelPlan(sigma, level.clipping_norm, q, rounds, delta, eps, expected,
+                           noise_std_of_mean(sigma, level.clipping_norm, expected))
 
 
-def plan_run(cfg: DictConfig, sizes: list[int], *, rounds_limit: int | None = None) -> PrivacyPlan:
+def plan_run(settings: PlanSettings, sizes: list[int], *, rounds_limit: int | None = None) -> PrivacyPlan:
     """The whole privacy plan of a run, and the checks every run makes before it starts: δ against every
     client's size, reachable targets, and enough clients with budget for at least one round."""
-    plans = plan_clients(cfg, sizes, rounds_limit=rounds_limit)
+    plans = plan_clients(settings, sizes, rounds_limit=rounds_limit)
     can_train = [p for p in plans if p.rounds_within_budget is None or p.rounds_within_budget >= 1]
-    needed = min(int(cfg.federation.min_clients), len(sizes))
+    needed = min(settings.min_clients, len(sizes))
     if plans and len(can_train) < needed:
-        key = "privacy.budget_epsilon" if cfg.privacy.budget_epsilon is not None else "privacy.target_epsilon"
         low, high = (f"{f(p.noise_multiplier for p in plans):.3g}" for f in (min, max))
         sigmas = [low] if low == high else [low, high]
         raise ConfigError(
-            f"{key}={budget_epsilon(cfg):g} allows not even one round of {cfg.train.local_steps} local steps for "
+            f"{settings.budget_key}={settings.budget_epsilon:g} allows not even one round of {settings.local_steps} "
+            f"local steps for "
             f"{len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier {'–'.join(sigmas)}, "
             f"so fewer than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
         )
-    return PrivacyPlan(plans, plan_client_level(cfg))
+    return PrivacyPlan(plans, plan_client_level(settings))
 
 
 def client_level_lines(plan: ClientLevelPlan) -> list[str]:
