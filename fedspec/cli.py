@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import FedspecError
+from .launch import DEFAULT_IDLE_POLL
 
 CONFIG_GROUPS = ("model", "data", "adapter", "strategy", "privacy", "federation")
 
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
     node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
     node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
+    node.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL, metavar="SECONDS",
+                      help=f"how long an idle node waits before asking the SuperLink for work again (default "
+                      f"{DEFAULT_IDLE_POLL:g}; Flower's flower-supernode waits 3 s, which every message of a round pays)")
     _add_launch_flags(node)
 
     audit = sub.add_parser(
@@ -281,8 +285,8 @@ def _compose(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulations.driver import simulate
     from .server.progress import rounds_table
+    from .simulations.driver import simulate
 
     started = time.monotonic()
     result = simulate(_compose(args), console)
@@ -505,7 +509,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     launch = node_launch(args.superlink, partition_id=args.partition_id, ca=args.ca and Path(args.ca),
                          key=args.key and Path(args.key), state_dir=Path(args.state_dir),
                          data_path=args.data_path and Path(args.data_path), port=args.port,
-                         num_partitions=args.num_partitions, warm=not args.cold, insecure=args.insecure)
+                         num_partitions=args.num_partitions, warm=not args.cold, insecure=args.insecure,
+                         idle_poll=args.idle_poll)
     if args.dry_run:
         print(launch.describe())
         return 0

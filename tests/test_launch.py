@@ -4,13 +4,14 @@ worker and the safe environment, and --insecure is refused off loopback. (The de
 from __future__ import annotations
 
 import shlex
+import time
 
 import pytest
 
 from fedspec.cli import main
 from fedspec.deployment import create_credentials
 from fedspec.errors import ConfigError
-from fedspec.launch import SAFE_ENV, node_launch, superlink_launch
+from fedspec.launch import IDLE_POLL_ENV, SAFE_ENV, node_launch, superlink_launch
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +73,33 @@ def test_cli_dry_run_prints_the_commands_and_missing_credentials_fail_in_one_lin
     assert "give --ca" in capsys.readouterr().err
     assert main(["superlink", "--credentials", str(tmp_path / "none"), "--dry-run"]) == 2
     assert "ca.crt does not exist" in capsys.readouterr().err
+
+
+def test_the_node_runs_flower_supernode_with_a_shorter_idle_poll(creds, tmp_path):
+    launch = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
+                         data_path=None, port=9094, num_partitions=2, warm=False, insecure=False, idle_poll=0.25)
+    (_, node), = launch.commands
+    assert node[1:3] == ["-m", "fedspec.client.supernode"] and launch.env[IDLE_POLL_ENV] == "0.25"
+    with pytest.raises(ConfigError, match="--idle-poll 5: choose between 0.05 and 3 seconds"):
+        node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
+                    data_path=None, port=9094, num_partitions=2, warm=False, insecure=False, idle_poll=5)
+
+
+def test_the_capped_clock_shortens_only_flowers_idle_sleep():
+    import inspect
+
+    from flwr.supernode import start_client_internal
+
+    from fedspec.client.supernode import capped_clock, idle_poll_seconds
+
+    # What the entry point relies on: Flower's idle loop sleeps 3 s through the module's own `time`.
+    assert "time.sleep(3)" in inspect.getsource(start_client_internal)
+    clock = capped_clock(0.05)
+    started = time.monotonic()
+    clock.sleep(3)
+    assert time.monotonic() - started < 1.0
+    assert clock.monotonic is time.monotonic and clock.time is time.time
+    assert idle_poll_seconds({}) == 3.0 and idle_poll_seconds({IDLE_POLL_ENV: "0.5"}) == 0.5
+    for bad in ("fast", "0", "10"):
+        with pytest.raises(SystemExit, match=IDLE_POLL_ENV):
+            idle_poll_seconds({IDLE_POLL_ENV: bad})
