@@ -27,9 +27,9 @@ from fedspec.builders import (
     is_causal_lm,
     torch_threads,
 )
+from fedspec.config import config_from_json, config_to_json
 from fedspec.data import load_examples
 from fedspec.data.instructions import cast_classification, load_conversations
-from fedspec.config import config_from_json, config_to_json
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger

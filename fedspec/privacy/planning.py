@@ -312,8 +312,8 @@ def plan_run(settings: PlanSettings, sizes: list[int], *, rounds_limit: int | No
         sigmas = [low] if low == high else [low, high]
         raise ConfigError(
             f"{settings.budget_key}={settings.budget_epsilon:g} allows not even one round of {settings.local_steps} "
-            f"local steps for "
-            f"{len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier {'–'.join(sigmas)}, "
+            f"local steps for {len(plans) - len(can_train)} of {len(plans)} clients at noise_multiplier "
+            f"{'–'.join(sigmas)}, "
             f"so fewer than federation.min_clients={needed} could train; raise the budget or privacy.noise_multiplier"
         )
     return PrivacyPlan(plans, plan_client_level(settings))
