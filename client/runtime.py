@@ -61,7 +61,8 @@ def client_id(context: Context) -> int:
 
 
 def _key(cfg: DictConfig) -> str:
-    """A hashable fingerprint of the parts of the config the cached objects depend on."""
+    """A hashable fingerprint of the parts of the config the cached objects depend on. The cached builders parse it
+    back without file checks: on a deployed node data.path names a file on the server's machine."""
     return config_to_json(cfg)
 
 
@@ -69,7 +70,7 @@ def _key(cfg: DictConfig) -> str:
 def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = None):
     """The adapted model (factors zero, loaded from each message). ``rank_pattern`` (JSON): per-layer ranks
     (EVA), read off the global state the server sends, since they are decided by the server in round 0."""
-    cfg = config_from_json(model_key)
+    cfg = config_from_json(model_key, check_files=False)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     rule = get_rule(cfg.strategy.name)
     return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False,
@@ -80,7 +81,7 @@ def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = N
 def _cached_base_model(model_key: str, num_classes: int):
     """The un-adapted backbone + head, for round 0's calibration statistics (same seed, same head as the
     server's)."""
-    cfg = config_from_json(model_key)
+    cfg = config_from_json(model_key, check_files=False)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     model, _ = build_backbone(cfg, num_classes)
     return model
@@ -88,19 +89,19 @@ def _cached_base_model(model_key: str, num_classes: int):
 
 @lru_cache(maxsize=2)
 def _cached_tokenizer(model_key: str):
-    model_cfg = config_from_json(model_key).model
+    model_cfg = config_from_json(model_key, check_files=False).model
     return load_tokenizer(model_cfg.name, model_cfg.path)
 
 
 @lru_cache(maxsize=2)
 def _cached_task(model_key: str):
-    return build_task(config_from_json(model_key))
+    return build_task(config_from_json(model_key, check_files=False))
 
 
 @lru_cache(maxsize=64)
 def _cached_partition(model_key: str, client: int) -> LocalData:
     """A simulated client's share of the task's training records."""
-    cfg = config_from_json(model_key)
+    cfg = config_from_json(model_key, check_files=False)
     task = _cached_task(model_key)
     tokenizer = _cached_tokenizer(model_key)
     parts = client_partitions(cfg, task.train.labels)
@@ -119,7 +120,7 @@ def _cached_partition(model_key: str, client: int) -> LocalData:
 def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...]) -> LocalData:
     """A real client's own file, all of it, labelled with the server task's class names. The node never
     reads the task's data.path / data.eval_path: those are files on the server's machine."""
-    cfg = config_from_json(model_key)
+    cfg = config_from_json(model_key, check_files=False)
     if is_causal_lm(cfg) and not cfg.data.get("prompt"):  # an instruction file: its records need no labels
         examples = load_conversations(data_path, path_key="data-path")
     else:

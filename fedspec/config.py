@@ -426,15 +426,16 @@ def config_to_json(cfg: DictConfig) -> str:
     return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True)
 
 
-def config_from_json(text: str) -> DictConfig:
-    """Inverse of :func:`config_to_json`, with the same type checks and validation as at the start; parsed once
-    per process (every message of a run carries the same string), a fresh copy each call."""
-    return _parsed_config(text).copy()
+def config_from_json(text: str, *, check_files: bool = True) -> DictConfig:
+    """Inverse of :func:`config_to_json`, with the same type checks and validation as at the start (``check_files``:
+    see :func:`validate`); parsed once per process (every message of a run carries the same string), a fresh copy
+    each call."""
+    return _parsed_config(text, check_files).copy()
 
 
 @functools.lru_cache(maxsize=8)
-def _parsed_config(text: str) -> DictConfig:
-    return to_structured(json.loads(text))
+def _parsed_config(text: str, check_files: bool) -> DictConfig:
+    return to_structured(json.loads(text), check_files=check_files)
 
 
 def config_from_run_config(
@@ -450,7 +451,7 @@ def config_from_run_config(
     ``flwr run`` is named after its Flower run id, the same on the server and on every client. Clients pass
     ``check_files=False`` (see :func:`validate`)."""
     if resolved is not None:
-        return config_from_json(resolved)
+        return config_from_json(resolved, check_files=check_files)
     cfg = _compose_cached(tuple(shlex.split(str(run_config.get("overrides", "")))), check_files).copy()
     if not cfg.run.name and run_id is not None:
         cfg.run.name = f"flwr-run-{run_id}"

@@ -31,6 +31,17 @@ def test_the_config_handed_to_flower_apps_round_trips_losslessly():
     assert config_from_json(text).run.name == "my-run"
 
 
+def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
+    """On a deployed node data.path names a file on the server's machine: clients parse without checking it."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    text = config_to_json(compose_config(["data.source=file", f"data.path={data}"]))
+    data.unlink()
+    assert config_from_json(text, check_files=False).data.path == str(data)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_from_json(text)
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("adapter.method=nope", "adapter.method='nope' is not allowed; choose one of: .*pissa"),
     ("strategy.name=fedprox", "strategy.name='fedprox' is not allowed; choose one of: fedsvd, ffa, fedit, fedavg"),
