@@ -101,6 +101,11 @@ def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None =
                 f"model.name={name!r} could not be loaded{offline}: not a local folder, not cached; "
                 "use model.name=minilm (packaged) or model.path=<folder>"
             ) from error
+    # fedspec pools the hidden states itself (TextClassifier): a BERT pooler would never run, and an adapter on it
+    # (adapter.targets=[dense] matches pooler.dense) would get no gradient, which Opacus reports only as "per sample
+    # gradient is not initialized". Without it the encoder is exactly what the classifier uses.
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None
     # from_pretrained returns eval mode; Opacus captures activations only in train mode.
     return use_fast_dropout(encoder).train()
 

@@ -152,3 +152,11 @@ def test_gpu_training_keeps_pytorch_dropout_and_sdpa():
     x = torch.ones(1000, 1000, device="cuda")
     y = dropout(x, 0.25)
     assert y.is_cuda and abs(float((y == 0).float().mean()) - 0.25) < 0.01
+
+
+def test_the_packaged_minilm_has_no_pooler_an_adapter_could_target():
+    """fedspec pools itself; BERT's own pooler never runs, so an adapter on it would get no gradient under DP."""
+    encoder = load_encoder("minilm")
+    assert encoder.pooler is None and not any(".pooler." in n or n.startswith("pooler") for n, _ in
+                                              encoder.named_parameters())
+    assert "pooler" not in " ".join(n for n, _ in encoder.named_modules())
