@@ -244,7 +244,7 @@ def subgroup_accuracy(run_dir: Path) -> float:
     from fedspec.training import evaluate
 
     cfg = load_config_file(run_dir / "config.yaml")
-    task = build_task(cfg)
+    task = build_task(cfg.data, cfg.run.seed)
     long = [i for i, text in enumerate(task.eval.texts) if len(text.split()) >= WHOLE_SENTENCE_WORDS]
     model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     load_adapter(model, run_dir / "adapter")

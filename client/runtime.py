@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from omegaconf import DictConfig
 
 from fedspec.builders import (
+    ModelSettings,
     build_backbone,
     build_model,
     build_task,
@@ -73,7 +74,7 @@ def _cached_model(model_key: str, num_classes: int, rank_pattern: str | None = N
     cfg = config_from_json(model_key, check_files=False)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
     rule = get_rule(cfg.strategy.name)
-    return build_model(cfg, num_classes, train_A=rule.clients_train_A, initialize=False,
+    return build_model(ModelSettings.of(cfg), num_classes, train_A=rule.clients_train_A, initialize=False,
                        rank_pattern=json.loads(rank_pattern) if rank_pattern else None, federated=True)
 
 
@@ -83,7 +84,7 @@ def _cached_base_model(model_key: str, num_classes: int):
     server's)."""
     cfg = config_from_json(model_key, check_files=False)
     torch_threads(int(max(1, cfg.federation.client_cpus)))
-    model, _ = build_backbone(cfg, num_classes)
+    model, _ = build_backbone(ModelSettings.of(cfg), num_classes)
     return model
 
 
@@ -95,7 +96,8 @@ def _cached_tokenizer(model_key: str):
 
 @lru_cache(maxsize=2)
 def _cached_task(model_key: str):
-    return build_task(config_from_json(model_key, check_files=False))
+    cfg = config_from_json(model_key, check_files=False)
+    return build_task(cfg.data, cfg.run.seed)
 
 
 @lru_cache(maxsize=64)
@@ -104,7 +106,7 @@ def _cached_partition(model_key: str, client: int) -> LocalData:
     cfg = config_from_json(model_key, check_files=False)
     task = _cached_task(model_key)
     tokenizer = _cached_tokenizer(model_key)
-    parts = client_partitions(cfg, task.train.labels)
+    parts = client_partitions(task.train.labels, cfg.data, clients=cfg.federation.clients, seed=cfg.run.seed)
     if client >= len(parts):
         raise ValueError(f"partition-id={client} but the data is split into federation.clients={len(parts)} parts")
     examples = task.train.subset(parts[client])
@@ -121,7 +123,7 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
     """A real client's own file, all of it, labelled with the server task's class names. The node never
     reads the task's data.path / data.eval_path: those are files on the server's machine."""
     cfg = config_from_json(model_key, check_files=False)
-    if is_causal_lm(cfg) and not cfg.data.get("prompt"):  # an instruction file: its records need no labels
+    if is_causal_lm(cfg.data) and not cfg.data.get("prompt"):  # an instruction file: its records need no labels
         examples = load_conversations(data_path, path_key="data-path")
     else:
         examples = load_examples(
@@ -132,7 +134,7 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
             label_names=list(label_names),
             path_key="data-path",  # a node-config key, not a config key
         )
-        if is_causal_lm(cfg):  # classification records answered with label words, as on the server
+        if is_causal_lm(cfg.data):  # classification records answered with label words, as on the server
             examples = cast_classification(examples, cfg.data.prompt, cfg.data.label_words)
     inputs, labels = encode(_cached_tokenizer(model_key), examples, cfg.model.max_length)
     return LocalData(inputs, labels)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fedspec.adapters import Calibration
-from fedspec.builders import calibrate, statistics_privacy
+from fedspec.builders import AdapterSettings, InitStatistics, calibrate
 from fedspec.models import Tokenized
 from fedspec.privacy.planning import init_statistics_entries
 from fedspec.protocol import (
@@ -37,8 +37,8 @@ def local_calibration(
 ) -> Calibration:
     """Client ``client``'s (possibly privatized) statistic sums over its seeded subset of records."""
     noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
-    privacy = statistics_privacy(cfg, seed=noise_seed)
-    return calibrate(cfg, model, inputs, labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
+    privacy = InitStatistics.of(cfg).mechanism(seed=noise_seed)
+    return calibrate(AdapterSettings.of(cfg.adapter), model, inputs, labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:

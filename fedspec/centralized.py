@@ -18,17 +18,16 @@ from rich.table import Table
 
 from .adapters import adapter_layers, save_adapter
 from .builders import (
+    InitStatistics,
+    ModelSettings,
     answer_score,
-    causal_lm_summary_lines,
     apply_adapter,
     build_backbone,
     build_task,
     calibrate,
-    calibration_kinds,
+    causal_lm_summary_lines,
     encode,
-    init_statistics_report,
     peft_export_line,
-    statistics_privacy,
     write_peft_export,
 )
 from .config import save_config
@@ -95,19 +94,21 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         raise ConfigError(f"privacy.sample_rate={cfg.privacy.sample_rate:g} fixes federated clients' sample rate (it "
                           "hides their record counts from the server); fedspec train has no clients: drop it")
     paths = check_run_dir(cfg)
-    task = build_task(cfg)
-    model, tokenizer = build_backbone(cfg, task.num_classes)
+    task = build_task(cfg.data, cfg.run.seed)
+    settings, statistics = ModelSettings.of(cfg), InitStatistics.of(cfg)
+    model, tokenizer = build_backbone(settings, task.num_classes)
     train_inputs, train_labels = encode(tokenizer, task.train, cfg.model.max_length)
     eval_inputs, eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
     n = len(train_labels)
     init_started = time.monotonic()
     calibration = None
-    if calibration_kinds(cfg):  # data-driven init: statistics of (a seeded subset of) the training records first
+    if statistics.kinds:  # data-driven init: statistics of (a seeded subset of) the training records first
         if cfg.privacy.enabled:
             check_delta(float(cfg.privacy.delta), [n])
-        privacy = statistics_privacy(cfg, seed=cfg.run.seed if cfg.privacy.seed_noise else None)
-        calibration = calibrate(cfg, model, train_inputs, train_labels, privacy=privacy, seed=cfg.run.seed)
-    apply_adapter(cfg, model, train_A=True, calibration=calibration)
+        privacy = statistics.mechanism(seed=cfg.run.seed if cfg.privacy.seed_noise else None)
+        calibration = calibrate(settings.adapter, model, train_inputs, train_labels, privacy=privacy,
+                                seed=cfg.run.seed)
+    apply_adapter(settings, model, train_A=True, calibration=calibration)
     init_seconds = time.monotonic() - init_started
 
     dp, ledger = None, None
@@ -132,7 +133,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
         eps = ledger.epsilon() if ledger is not None and ledger.entries else None
-        answers = answer_score(cfg, model, tokenizer, task.eval) if epoch in (0, cfg.train.epochs) else None
+        answers = answer_score(cfg.data, model, tokenizer, task.eval, cfg.train.eval_batch_size) if epoch in (0, cfg.train.epochs) else None
         return EpochRow(epoch, loss, metrics["accuracy"], metrics["loss"], eps, time.monotonic() - started, answers)
 
     rows = [evaluation_row(0, None, time.monotonic())]
@@ -160,9 +161,9 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 console.print(f"epoch {epoch}: train loss {result.mean_loss:.4f}  eval acc {rows[-1].eval_accuracy:.4f}")
 
     save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
-    peft_export = write_peft_export(model, paths.adapter_peft, cfg)
+    peft_export = write_peft_export(model, paths.adapter_peft, settings)
     write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
-                                 init_statistics_report(cfg, calibration))
+                                 statistics.report(calibration))
     paths.summary.write_text(_summary(cfg, rows, peft_export))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
@@ -200,7 +201,7 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> 
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
-        *causal_lm_summary_lines(cfg, (rows[0].eval_loss, rows[-1].eval_loss),
+        *causal_lm_summary_lines(cfg.data, (rows[0].eval_loss, rows[-1].eval_loss),
                                  (rows[0].answer_accuracy, rows[-1].answer_accuracy), "epoch", rows[-1].epoch),
         "",
         markdown_table(EPOCH_HEADERS, [_cells(r) for r in rows]),

@@ -327,12 +327,12 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         raise FedspecError(f"{args.run_dir} is not a fedspec run folder (no config.yaml)")
     cfg = load_config_file(paths.config)
     if any(line["kind"] == "epoch" for line in MetricsLog(paths.metrics).read()):
-        from .builders import init_statistics_report
+        from .builders import InitStatistics
         from .centralized import write_central_privacy_report
         from .privacy import load_ledgers
 
         ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
-        write_central_privacy_report(cfg, paths, ledgers, init_statistics_report(cfg, None))
+        write_central_privacy_report(cfg, paths, ledgers, InitStatistics.of(cfg).report(None))
     else:
         from .server.reports import rewrite_run_privacy_report
 
@@ -355,7 +355,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
     from .adapters import load_adapter, read_adapter_config
-    from .builders import build_backbone, is_causal_lm, write_peft_export
+    from .builders import ModelSettings, build_backbone, write_peft_export
     from .config import load_config_file
 
     adapter_dir = Path(args.adapter_dir)
@@ -364,15 +364,16 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     if not run_config.is_file():
         raise FedspecError(f"{run_config} does not exist: ADAPTER_DIR must sit in a run folder (runs/NAME/adapter)")
     cfg = load_config_file(run_config)
+    settings = ModelSettings.of(cfg)
     num_classes = 0  # a causal LM has no classification head
-    if not is_causal_lm(cfg):
+    if not settings.causal_lm:
         with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
             if "head.weight" not in weights.keys():
                 raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
             num_classes = weights.get_slice("head.weight").get_shape()[0]
-    model, _ = build_backbone(cfg, num_classes)
+    model, _ = build_backbone(settings, num_classes)
     load_adapter(model, adapter_dir)
-    reason = write_peft_export(model, Path(args.out_dir), cfg)
+    reason = write_peft_export(model, Path(args.out_dir), settings)
     if reason is not None:
         raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
     console.print(f"PEFT LoRA adapter written to {args.out_dir}")
@@ -383,7 +384,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
     from .adapters import load_adapter
-    from .builders import build_backbone, is_causal_lm
+    from .builders import ModelSettings, build_backbone
     from .config import load_config_file
     from .data.instructions import Conversations, load_prompts
     from .generation import generate_responses
@@ -392,11 +393,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise FedspecError(f"{run_dir} holds no config.yaml: RUN_DIR must be a run folder (runs/NAME)")
     cfg = load_config_file(run_dir / "config.yaml")
-    if not is_causal_lm(cfg):
+    settings = ModelSettings.of(cfg)
+    if not settings.causal_lm:
         raise FedspecError(f"{run_dir} trained a classifier (data.task={cfg.data.task}); generate needs a causal-LM run")
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
-    model, tokenizer = build_backbone(cfg, 0)
+    model, tokenizer = build_backbone(settings, 0)
     if not args.base:
         if not (run_dir / "adapter").is_dir():
             raise FedspecError(f"{run_dir} has no adapter/ yet (is the run finished?); --base answers without it")

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from fedspec import __version__
 from fedspec.adapters import Calibration, get_method, ranks_in_state
-from fedspec.builders import build_task, calibration_kinds
+from fedspec.builders import AdapterSettings, build_task
 from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
@@ -203,7 +203,7 @@ class Federation:
         self.log = MetricsLog(self.paths.metrics)
         self.traffic = Traffic()  # this round's payload bytes to and from each node
         self.rule = get_rule(cfg.strategy.name)
-        self.task = build_task(cfg)
+        self.task = build_task(cfg.data, cfg.run.seed)
         self._restore(load_checkpoint(self.paths.checkpoints) if cfg.run.resume else None)
 
     def _restore(self, checkpoint: Checkpoint | None) -> None:
@@ -248,7 +248,7 @@ class Federation:
 
     def _round_zero(self, nodes: dict[int, dict]) -> Calibration | None:
         """A data-driven initialization needs the clients' statistics first (a fresh run only)."""
-        if self.checkpoint is not None or not calibration_kinds(self.cfg):
+        if self.checkpoint is not None or not AdapterSettings.of(self.cfg.adapter).calibration_kinds:
             return None
         calibration, replies = collect_statistics(self.grid, sorted(nodes), self.cfg, self.log)
         for reply in replies:

@@ -21,7 +21,7 @@ from fedspec.adapters import (
     save_adapter,
 )
 from fedspec.adapters.state import FIXED, TRAINED
-from fedspec.builders import Task, answer_score, build_model, encode
+from fedspec.builders import ModelSettings, Task, answer_score, build_model, encode
 from fedspec.training import evaluate
 from fedspec.strategies import get_rule
 
@@ -50,7 +50,7 @@ class GlobalModel:
         rule = get_rule(cfg.strategy.name)
         self.cfg = cfg
         self.model, tokenizer = build_model(
-            cfg, task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
+            ModelSettings.of(cfg), task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
             rank_pattern=rank_pattern, federated=True,
         )
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
@@ -88,7 +88,8 @@ class GlobalModel:
             self.load(state)
         metrics = evaluate(self.model, self.eval_inputs, self.eval_labels, self.cfg.train.eval_batch_size)
         if answers:
-            metrics["answer_accuracy"] = answer_score(self.cfg, self.model, self.tokenizer, self.held_out)
+            metrics["answer_accuracy"] = answer_score(self.cfg.data, self.model, self.tokenizer, self.held_out,
+                                                     self.cfg.train.eval_batch_size)
         return metrics
 
     def save(self, directory, metadata: dict) -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fedspec.builders import causal_lm_summary_lines, init_statistics_report, peft_export_line, write_peft_export
+from fedspec.builders import (
+    InitStatistics,
+    ModelSettings,
+    causal_lm_summary_lines,
+    peft_export_line,
+    write_peft_export,
+)
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
@@ -32,7 +38,7 @@ def privacy_settings(cfg: DictConfig) -> dict:
         "batch_size": cfg.train.batch_size,
         "participation_probability": plan.participation_probability,
         "weighting": cfg.federation.weighting,
-        **init_statistics_report(cfg, None),
+        **InitStatistics.of(cfg).report(None),
     }
 
 
@@ -110,7 +116,7 @@ def write_final_reports(
     client_level: PrivacyLedger | None = None,
 ) -> None:
     model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
-    peft_export = write_peft_export(model.model, paths.adapter_peft, cfg)
+    peft_export = write_peft_export(model.model, paths.adapter_peft, ModelSettings.of(cfg))
     report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
                                       client_level=client_level)
     paths.summary.write_text(summary_markdown(cfg, rows, report, peft_export))
@@ -159,7 +165,7 @@ def summary_markdown(
                      f"over {len(rows) - 1} round{'' if len(rows) == 2 else 's'}")
     lines += [
         f"- eval accuracy: {first.eval_accuracy:.4f} (round {first.round}) → {last.eval_accuracy:.4f} (round {last.round})",
-        *causal_lm_summary_lines(cfg, (first.eval_loss, last.eval_loss), (first.answer_accuracy, last.answer_accuracy),
+        *causal_lm_summary_lines(cfg.data, (first.eval_loss, last.eval_loss), (first.answer_accuracy, last.answer_accuracy),
                                  "round", last.round),
         "",
         rounds_markdown(rows),

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec.adapters import Calibration, sum_calibrations
-from fedspec.builders import calibration_kinds, init_max_norm
+from fedspec.builders import InitStatistics
 from fedspec.errors import FedspecError
 from fedspec.rundir import MetricsLog
 from fedspec.protocol import (
@@ -44,8 +44,7 @@ def collect_statistics(
         for node in nodes
     ]
     replies = exchange(grid, messages, timeout=cfg.federation.round_timeout)
-    privacy = cfg.privacy
-    private = bool(privacy.enabled and privacy.private_init_stats)
+    statistics = InitStatistics.of(cfg)
     parts, replies_read = [], []
     for reply in replies:
         if reply.has_error():
@@ -59,9 +58,9 @@ def collect_statistics(
         reply_metrics = reply.content.metric_records[METRICS]
         parts.append(Calibration.from_tensors(
             reply.content.array_records[STATISTICS].to_torch_state_dict(),
-            kinds=calibration_kinds(cfg),
-            noise_multiplier=float(privacy.init_noise_multiplier) if private else None,
-            max_norm=init_max_norm(cfg) if private else None,
+            kinds=statistics.kinds,
+            noise_multiplier=statistics.noise_multiplier,
+            max_norm=statistics.max_norm,
         ))
         replies_read.append(parsed)
         log.write("client", round=0, **{k.replace("-", "_"): v for k, v in reply_metrics.items()})
@@ -72,5 +71,5 @@ def collect_statistics(
         )
     total = sum_calibrations(parts)
     log.write("init", round=0, method=cfg.adapter.method, clients=len(parts), calibration_examples=total.count,
-              statistics_privatized=private, seconds=time.monotonic() - started)
+              statistics_privatized=statistics.private, seconds=time.monotonic() - started)
     return total, replies_read

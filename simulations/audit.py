@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedspec.adapters import load_adapter
-from fedspec.builders import build_model, build_task
+from fedspec.builders import ModelSettings, build_model, build_task
 from fedspec.errors import ConfigError
 from fedspec.models import build_classifier, tokenize
 from fedspec.privacy.atomic import write_atomic
@@ -47,8 +47,9 @@ class AuditOutcome:
 
 def canary_scores(cfg: DictConfig, paths: RunPaths) -> tuple[list[float], list[bool]]:
     """(loss under the initial global model − loss under the final one, inclusion bit) of every canary."""
-    task = build_task(cfg)
-    initial, tokenizer = build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A)
+    task = build_task(cfg.data, cfg.run.seed)
+    initial, tokenizer = build_model(ModelSettings.of(cfg), task.num_classes,
+                                     train_A=get_rule(cfg.strategy.name).clients_train_A)
     final, _ = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     load_adapter(final, paths.adapter)
     texts, assignment = run_canaries(cfg.audit.canaries, cfg.federation.clients, cfg.audit.seed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fedspec.builders import Task, build_model, build_task, client_partitions
+from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions
 from fedspec.config import check_federated, config_to_json, load_config_file, save_config
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
@@ -56,8 +56,8 @@ def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
 def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:
     """Every client's number of training records, as the clients will build them: the partition of the
     configured data, plus the included canaries of an audited run. Fails on missing files or too many clients."""
-    task = task or build_task(cfg)
-    sizes = [len(p) for p in client_partitions(cfg, task.train.labels)]
+    task = task or build_task(cfg.data, cfg.run.seed)
+    sizes = [len(p) for p in client_partitions(task.train.labels, cfg.data, clients=cfg.federation.clients, seed=cfg.run.seed)]
     if cfg.audit.canaries:
         extra = canary_assignment(cfg.audit.canaries, len(sizes), task.num_classes, cfg.audit.seed)
         sizes = [n + k for n, k in zip(sizes, extra.included_per_client(len(sizes)))]
@@ -70,9 +70,9 @@ def preflight(cfg: DictConfig) -> PrivacyPlan:
     many clients), and plan every client's noise and the client-level noise (δ too large, an unreachable ε,
     a budget that lets too few clients train)."""
     check_federated(cfg)
-    task = build_task(cfg)
-    build_model(cfg, task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A, initialize=False,
-                federated=True)
+    task = build_task(cfg.data, cfg.run.seed)
+    build_model(ModelSettings.of(cfg), task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A,
+                initialize=False, federated=True)
     return plan_run(PlanSettings.of(cfg), client_sizes(cfg, task))
 
 

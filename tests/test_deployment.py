@@ -255,7 +255,8 @@ def _labelled_file(path: Path, seed: int, count: int) -> None:
     from fedspec.builders import build_task
     from fedspec.config import compose_config
 
-    examples = build_task(compose_config(["data.num_examples=400", "data.eval_examples=64", f"run.seed={seed}"])).train
+    cfg = compose_config(["data.num_examples=400", "data.eval_examples=64", f"run.seed={seed}"])
+    examples = build_task(cfg.data, cfg.run.seed).train
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for text, label in list(zip(examples.texts, examples.labels))[:count]:

@@ -22,7 +22,7 @@ SHAPE_METHODS = QUICK + [pytest.param(m, marks=pytest.mark.slow) for m in
 
 
 def _reloaded_accuracy(cfg, adapter_dir) -> float:
-    task = build_task(cfg)
+    task = build_task(cfg.data, cfg.run.seed)
     model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     load_adapter(model, adapter_dir)
     inputs, labels = encode(tokenizer, task.eval, cfg.model.max_length)
@@ -42,7 +42,7 @@ def test_fedspec_train_runs_every_method_under_dp_and_saves_a_reloadable_adapter
 
 def test_server_round_step_of_sst_redraws_vectors_and_keeps_the_global_weight(tiny_cfg):
     cfg = tiny_cfg("adapter=sst", "adapter.rank=4", "strategy=fedavg")
-    server = GlobalModel(cfg, build_task(cfg))
+    server = GlobalModel(cfg, build_task(cfg.data, cfg.run.seed))
     broadcast, fixed = split_fixed(server.state(), server.roles())
     assert not fixed  # SST has no fixed tensors: its frozen vectors are server-owned
     weights = {n: layer.adapted_weight().detach().clone() for n, layer in adapter_layers(server.model).items()}
@@ -54,7 +54,7 @@ def test_server_round_step_of_sst_redraws_vectors_and_keeps_the_global_weight(ti
         assert torch.allclose(layer.adapted_weight(), weights[name], atol=1e-5)
     # Methods without a server step broadcast exactly what was aggregated.
     cfg = tiny_cfg("adapter=svfit", "adapter.rank=4", "strategy=fedavg")
-    server = GlobalModel(cfg, build_task(cfg))
+    server = GlobalModel(cfg, build_task(cfg.data, cfg.run.seed))
     broadcast, fixed = split_fixed(server.state(), server.roles())
     assert fixed and all(k.endswith(("left.weight", "right.weight", "init_spectrum")) for k in fixed)
     assert server.after_round(broadcast, 1) is broadcast
@@ -70,7 +70,7 @@ def test_simulation_of_a_fedavg_method_with_frozen_bases_sent_once(tiny_cfg):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert _reloaded_accuracy(cfg, result.paths.adapter) == pytest.approx(rounds[-1]["eval_accuracy"], abs=1e-6)
     # The frozen SVD bases never change: the final adapter's are bit-identical to a fresh server's.
-    fresh = GlobalModel(cfg, build_task(cfg))
+    fresh = GlobalModel(cfg, build_task(cfg.data, cfg.run.seed))
     saved = load_file(str(result.paths.adapter / "adapter_model.safetensors"))
     _, fixed = split_fixed(fresh.state(), fresh.roles())
     assert fixed and all(torch.equal(saved[k], v) for k, v in fixed.items())

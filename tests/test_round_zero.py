@@ -39,10 +39,10 @@ def _expected_calibration(cfg):
     """Every client's statistic as the client computes it, summed: what the server must initialize from."""
     from fedspec.client.statistics import local_calibration
 
-    task = build_task(cfg)
+    task = build_task(cfg.data, cfg.run.seed)
     model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     parts = []
-    for client, indices in enumerate(client_partitions(cfg, task.train.labels)):
+    for client, indices in enumerate(client_partitions(task.train.labels, cfg.data, clients=cfg.federation.clients, seed=cfg.run.seed)):
         inputs, labels = encode(tokenizer, task.train.subset(indices), cfg.model.max_length)
         parts.append(local_calibration(cfg, client, model, inputs, labels))
     return task, sum_calibrations(parts)

@@ -88,7 +88,7 @@ def test_every_reported_epsilon_covers_all_steps_so_far(finished_run):
 
 def test_final_adapter_reloads_on_a_fresh_model_with_the_servers_accuracy(finished_run):
     cfg, result = finished_run
-    task = build_task(cfg)
+    task = build_task(cfg.data, cfg.run.seed)
     model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     load_adapter(model, result.paths.adapter)
     inputs, labels = encode(tokenizer, task.eval, cfg.model.max_length)
