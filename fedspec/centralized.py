@@ -179,7 +179,8 @@ def write_central_privacy_report(
         extra={"record_level_dp": bool(cfg.privacy.enabled),
                "target_epsilon": cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
                **(init_statistics or {})},
-        record_level=bool(cfg.privacy.enabled), server_sees=server_sees(cfg, centralized=True),
+        record_level=bool(cfg.privacy.enabled),
+        server_sees=server_sees(cfg.privacy, None, method=cfg.adapter.method, batch_size=cfg.train.batch_size),
     )
 
 

@@ -81,7 +81,8 @@ def write_run_privacy_report(
         client_level=level,
         declined=declined,
         quarantined=quarantined,
-        server_sees=server_sees(cfg),
+        server_sees=server_sees(cfg.privacy, cfg.federation, method=cfg.adapter.method,
+                                batch_size=cfg.train.batch_size),
         stopped=stopped,
         secure_aggregation=bool(cfg.federation.secure_aggregation.enabled),
     )

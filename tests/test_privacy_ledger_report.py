@@ -308,28 +308,33 @@ def test_report_without_record_level_dp_says_records_are_not_protected(tmp_path)
     assert "Record-level ε per client" not in md
 
 
-def test_what_the_server_sees_follows_the_settings():
+def _server_sees(overrides: list[str]) -> list[str]:
     from fedspec.config import compose_config
     from fedspec.privacy.disclosures import server_sees
 
-    default = "\n".join(server_sees(compose_config([])))
+    cfg = compose_config(overrides)
+    return server_sees(cfg.privacy, cfg.federation, method=cfg.adapter.method, batch_size=cfg.train.batch_size)
+
+
+def test_what_the_server_sees_follows_the_settings():
+    default = "\n".join(_server_sees([]))
     assert "**The exact number of training records of each client**" in default
     # add/remove adjacency treats a client's record count as private: releasing it is outside the ε, and said so
     assert "is **not covered by the ε**" in default and "also outside the ε, which treats n as private" in default
     assert "Round-0 statistics of data-driven initializations: none in this run (adapter.method=pissa" in default
     assert "not a cryptographically secure RNG" in default
-    uniform = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.seed_noise=true"])))
+    uniform = "\n".join(_server_sees(["federation.weighting=uniform", "privacy.seed_noise=true"]))
     assert "No record counts as weights" in uniform and "for tests only" in uniform
     assert "not covered by the ε" not in uniform
-    closed = "\n".join(server_sees(compose_config(["federation.weighting=uniform", "privacy.sample_rate=0.05"])))
+    closed = "\n".join(_server_sees(["federation.weighting=uniform", "privacy.sample_rate=0.05"]))
     assert "the same for every client (q = 0.05" in closed and "outside the ε" not in closed
     assert "not covered by the ε" not in closed
-    no_dp = "\n".join(server_sees(compose_config(["privacy=none"])))
+    no_dp = "\n".join(_server_sees(["privacy=none"]))
     assert "without any noise" in no_dp and "sample rate q" not in no_dp
     # a method whose initialization reads client data must say so, and whether the statistics were privatized
-    exact = "\n".join(server_sees(compose_config(["adapter=corda"])))
+    exact = "\n".join(_server_sees(["adapter=corda"]))
     assert "**Round-0 statistics of client data:** adapter.method=corda initializes from" in exact
     assert "not privatized in this run (set privacy.private_init_stats=true)" in exact
-    private = "\n".join(server_sees(compose_config(["adapter=corda", "privacy.private_init_stats=true"])))
+    private = "\n".join(_server_sees(["adapter=corda", "privacy.private_init_stats=true"]))
     assert "each client clipped and noised its sums (Gaussian mechanism, σ = 5)" in private
     assert "not privatized" not in private

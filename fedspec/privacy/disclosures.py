@@ -22,17 +22,18 @@ def init_uses_client_data(method: str) -> tuple[bool, str]:
     return bool(spec.calibration), spec.init_needs
 
 
-def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
-    """Bullet points (Markdown) for the report's "what is not protected" section."""
-    privacy = cfg.privacy
-    if centralized:
+def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: str, batch_size: int) -> list[str]:
+    """Bullet points (Markdown) for the report's "what is not protected" section: of a federation, or of the
+    centralized baseline (``federation=None``). ``method``: the adapter's; ``batch_size``: the clients' (expected)
+    batch."""
+    if federation is None:
         return [
             "Centralized baseline: all training records are pooled on one machine, so whoever runs it sees every "
             "record; DP covers only what the released adapter reveals about any one record.",
             _noise_source(privacy),
         ]
     level = privacy.client_level.enabled
-    secagg = cfg.federation.secure_aggregation
+    secagg = federation.secure_aggregation
     items = []
     if secagg.enabled:
         items.append(
@@ -57,12 +58,12 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
                      "no secure aggregation): it can reveal individual training records to the server.")
     # The accountant's ε is for add/remove-one adjacency, under which a client's record count n is itself
     # private: anything that reveals n exactly is outside the guarantee, and the report must say so.
-    if cfg.federation.weighting == "examples" and secagg.enabled:
+    if federation.weighting == "examples" and secagg.enabled:
         items.append("**The total number of training records of each round's clients** (their weights, inside the "
                      "masked sum; no client's count alone). The ε shown is for adding or removing one record, under "
                      "which counts are private: this total is **not covered by the ε**. "
                      "`federation.weighting=uniform` sends a fixed weight instead.")
-    elif cfg.federation.weighting == "examples":
+    elif federation.weighting == "examples":
         items.append("**The exact number of training records of each client** (`num-examples`, its aggregation "
                      "weight). The ε shown is for adding or removing one record, under which this count is itself "
                      "private: sending it exactly is **not covered by the ε**. Set `federation.weighting=uniform` "
@@ -77,7 +78,7 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
         items.append(
             "**Each client's sample rate q = 1/⌈n/B⌉ and noise multiplier** (the server keeps a copy of every "
             f"ledger for this report): they reveal its number of records n to within one batch of B = "
-            f"{cfg.train.batch_size} records, whatever the weighting — also outside the ε, which treats n as "
+            f"{batch_size} records, whatever the weighting — also outside the ε, which treats n as "
             "private. `privacy.sample_rate=1/k` (the same q, hence the same σ, for every client) closes this "
             "channel."
         )
@@ -86,17 +87,17 @@ def server_sees(cfg: DictConfig, *, centralized: bool = False) -> list[str]:
                  (", its ε" if privacy.enabled else "") + ".")
     items.append("**Who took part when:** which clients were sampled, which replied, which declined a round "
                  "because their budget was spent, and which failed.")
-    uses_data, needs = init_uses_client_data(cfg.adapter.method)
+    uses_data, needs = init_uses_client_data(method)
     if uses_data and privacy.private_init_stats:
-        items.append(f"Round-0 statistics of client data: adapter.method={cfg.adapter.method} initializes from "
+        items.append(f"Round-0 statistics of client data: adapter.method={method} initializes from "
                      f"{needs}; each client clipped and noised its sums (Gaussian mechanism, "
                      f"σ = {privacy.init_noise_multiplier:g}), counted in its ε as round 0.")
     elif uses_data:
-        items.append(f"**Round-0 statistics of client data:** adapter.method={cfg.adapter.method} initializes from "
+        items.append(f"**Round-0 statistics of client data:** adapter.method={method} initializes from "
                      f"{needs}; these statistics are not privatized in this run (set privacy.private_init_stats=true).")
     else:
         items.append(f"Round-0 statistics of data-driven initializations: none in this run "
-                     f"(adapter.method={cfg.adapter.method} initializes from {needs}, no client data).")
+                     f"(adapter.method={method} initializes from {needs}, no client data).")
     items.append("Evaluation: the server evaluates the global model on its own held-out data; clients send no "
                  "evaluation metrics.")
     if privacy.enabled or level:
