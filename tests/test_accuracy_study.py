@@ -67,6 +67,20 @@ def test_learning_rate_is_chosen_only_after_the_whole_sweep():
     assert with_lr(final, 0.5).key.endswith("lr0.5") and final.key.endswith("lrtbd")
 
 
+def test_an_untuned_grid_runs_its_fixed_rates_without_a_sweep(tmp_path):
+    grid = study_cells.DEFAULTS
+    assert tuning_cells(grid) == []
+    cells = final_cells(grid)
+    assert {(c.strategy, chosen_lr(grid, c, {})) for c in cells} == {("fedsvd", 1.0), (CENTRALIZED, 0.1)}
+    ready, waiting = accuracy.pending_cells(grid, {})
+    assert len(ready) == len(cells) and not waiting
+    command = study_cells.command(with_lr(cells[0], 1.0), grid, tmp_path)
+    assert "data.eval_examples=0" in command and "data.validation=true" not in command
+    with pytest.raises(ValueError, match="exactly one learning rate"):
+        study_cells.Grid("bad", ("sst2",), ("fedsvd",), ("pissa",), (3.0,), ("dir0.5",), (0,), (0.5, 1.0),
+                         tuned=False)
+
+
 def test_shards_split_the_grid_without_overlap():
     cells = tuning_cells(MINIMUM) + final_cells(MINIMUM)
     shards = [{c.key for c in cells if accuracy.in_shard(study_cells.stable_index(c), (i, 3))} for i in range(3)]
