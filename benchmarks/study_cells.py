@@ -15,7 +15,9 @@ CENTRALIZED = "centralized"
 LINEAR_ADAPTERS = {"svfit": "fedavg", "lora_xs": "fedavg"}
 DATASETS = {
     # folder under --data: (Hydra overrides, the subgroup scored besides the whole evaluation file)
-    "sst2": (("data=sst2", "data.path={root}/sst2/train.tsv", "data.eval_path={root}/sst2/validation.tsv"),
+    # (sst2: scored on a 1,000-row sample of validation.tsv, as the quick and fraction1 grids ran; defaults: every row)
+    "sst2": (("data=sst2", "data.path={root}/sst2/train.tsv", "data.eval_path={root}/sst2/validation.tsv",
+              "data.eval_examples=1000"),
              "whole sentences (>= 15 words)"),
     "agnews": (("data=agnews", "data.path={root}/agnews/train.tsv"), None),
     "topics": (("data=topics",), None),  # fedspec's generated smoke-test task: checks the runner, not accuracy

@@ -381,6 +381,15 @@ def test_validation_mode_scores_on_training_records_only(tmp_path, with_eval_fil
     assert abs(validation.label_counts()[0] - share * 30) < 1  # stratified like the training records
 
 
+def test_validation_split_takes_at_most_a_fifth_of_the_training_records(tmp_path):
+    lines = ["text\tlabel"] + [f"example {i}\t{'ab'[i % 2]}" for i in range(100)]
+    path = write(tmp_path / "d.tsv", "\n".join(lines) + "\n")
+    eval_path = write(tmp_path / "e.tsv", "text\tlabel\n" + "".join(f"held {i}\t{'ab'[i % 2]}\n" for i in range(80)))
+    tune_train, validation = load_task(DataConfig(source="file", path=str(path), eval_path=str(eval_path),
+                                                  validation=True))
+    assert (len(tune_train), len(validation)) == (80, 20)  # not 80 validation records out of 100
+
+
 def test_load_task_eval_file_reuses_train_label_mapping(tmp_path):
     train_path = write(tmp_path / "train.tsv", "text\tlabel\na\tWorld\nb\tSports\nc\tBusiness\n")
     eval_path = write(tmp_path / "eval.tsv", "text\tlabel\nd\tWorld\n")

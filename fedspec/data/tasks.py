@@ -78,8 +78,10 @@ def _held_out(cfg: Any, train, evaluation):
     train = cap_examples(train, _non_negative_int(cfg, "max_examples", 0), seed)
     if _option(cfg, "validation", False):
         # Tuning mode: the held-out data stays unseen; a validation split of the training records (carved with
-        # its own seed, the size of the held-out set) stands in for it, and the model trains on the rest.
-        return split_holdout(train, min(len(evaluation), len(train) // 2), seed + VALIDATION_SEED_OFFSET)
+        # its own seed, the size of the held-out set but at most a fifth of the training records, so that a large
+        # evaluation file does not take the training data away) stands in for it; the model trains on the rest.
+        size = min(len(evaluation), int(len(train) * DEFAULT_HOLDOUT_SHARE))
+        return split_holdout(train, size, seed + VALIDATION_SEED_OFFSET)
     return train, evaluation
 
 
