@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --grid minimum       # the minimum grid (days of CPU; hours on a GPU)
     python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (any machine)
     python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
+    python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
 
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own
@@ -126,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: run every N-th cell from the I-th")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with sst2/ and agnews/")
-    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md", help="the page to write")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the page to write (default docs/results.md for the quick grid, else docs/results-GRID.md)")
     parser.add_argument("--report", action="store_true", help="only rewrite the page from the finished cells")
     parser.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (then report)")
     parser.add_argument("--list", action="store_true", help="list the cells still to run and exit")
     args = parser.parse_args(argv)
     grid = study_cells.GRIDS[args.grid]
+    page = args.page or ROOT / "docs" / ("results.md" if grid.name == "quick" else f"results-{grid.name}.md")
     out = args.out / grid.name
     if not args.report:
         missing = [name for name in grid.datasets
@@ -158,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             ran += 1
             print(f"    {result['summary']} ({result['seconds']:.0f} s)", flush=True)
     results = load_results(out)
-    write_report(grid, results, args.page, out)
-    print(f"{len(results)} cells done; wrote {args.page}")
+    write_report(grid, results, page, out)
+    print(f"{len(results)} cells done; wrote {page}")
     return 0
 
 
