@@ -38,7 +38,8 @@ def local_calibration(
     """Client ``client``'s (possibly privatized) statistic sums over its seeded subset of records."""
     noise_seed = (cfg.run.seed * 1_000_003 + client * 1009) if cfg.privacy.seed_noise else None
     privacy = InitStatistics.of(cfg).mechanism(seed=noise_seed)
-    return calibrate(AdapterSettings.of(cfg.adapter), model, inputs, labels, privacy=privacy, seed=cfg.run.seed * 7919 + client)
+    return calibrate(AdapterSettings.of(cfg.adapter), model, inputs, labels, privacy=privacy,
+                     seed=cfg.run.seed * 7919 + client)
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:

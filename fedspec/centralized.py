@@ -133,7 +133,8 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     def evaluation_row(epoch: int, loss: float | None, started: float) -> EpochRow:
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
         eps = ledger.epsilon() if ledger is not None and ledger.entries else None
-        answers = answer_score(cfg.data, model, tokenizer, task.eval, cfg.train.eval_batch_size) if epoch in (0, cfg.train.epochs) else None
+        answers = (answer_score(cfg.data, model, tokenizer, task.eval, cfg.train.eval_batch_size)
+                   if epoch in (0, cfg.train.epochs) else None)
         return EpochRow(epoch, loss, metrics["accuracy"], metrics["loss"], eps, time.monotonic() - started, answers)
 
     rows = [evaluation_row(0, None, time.monotonic())]
