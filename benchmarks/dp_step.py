@@ -47,7 +47,8 @@ def _stock_classifier(like: nn.Module):
 
     from fedspec.models import TextClassifier, packaged_minilm_path
 
-    encoder = AutoModel.from_pretrained(str(packaged_minilm_path()), dtype=torch.float32)
+    # no pooler: TextClassifier pools the hidden states itself, and fedspec's encoder drops BERT's unused pooler too
+    encoder = AutoModel.from_pretrained(str(packaged_minilm_path()), dtype=torch.float32, add_pooling_layer=False)
     model = TextClassifier(encoder, CLASSES)
     model.load_state_dict(like.state_dict())
     return model.train()
