@@ -45,8 +45,12 @@ class Grid:
     tuned: bool = True  # False: no sweep; every strategy runs at its one rate (another grid's sweep chose it)
 
     def __post_init__(self) -> None:
-        if not self.tuned and any(len(dict(self.strategy_lrs).get(s, self.lrs)) != 1 for s in self.strategies):
+        if not self.tuned and any(len(self.rates(s)) != 1 for s in self.strategies):
             raise ValueError(f"grid {self.name}: an untuned grid gives every strategy exactly one learning rate")
+
+    def rates(self, strategy: str) -> tuple[float, ...]:
+        """The learning rates of a strategy: its own sweep where one is given, else the grid's."""
+        return dict(self.strategy_lrs).get(strategy, self.lrs)
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,7 @@ def strategies_for(grid: Grid, adapter: str) -> tuple[str, ...]:
 
 
 def lrs_for(grid: Grid, strategy: str) -> tuple[float, ...]:
-    return dict(grid.strategy_lrs).get(strategy, grid.lrs)
+    return grid.rates(strategy)
 
 
 def tuning_cells(grid: Grid) -> list[Cell]:
