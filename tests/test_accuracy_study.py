@@ -42,6 +42,13 @@ def test_minimum_grid_covers_the_issue_and_keys_are_unique():
     assert len(tuning) == 2 * ((2 * 3 + 1) * len(MINIMUM.lrs) + 3 * len(study_cells.lrs_for(MINIMUM, CENTRALIZED)))
 
 
+def test_final_cells_run_every_configuration_before_repeating_a_seed():
+    seeds = [c.seed for c in final_cells(MINIMUM)]
+    assert seeds == sorted(seeds)
+    first_seed = [c for c in final_cells(MINIMUM) if c.seed == MINIMUM.seeds[0]]
+    assert len(first_seed) * len(MINIMUM.seeds) == len(seeds)
+
+
 def test_commands_tune_on_training_data_and_score_on_held_out_data(tmp_path):
     tune = Cell("sst2", "fedsvd", "pissa", 3.0, "dir0.5", 0, 0.5, tune=True)
     command = study_cells.command(tune, MINIMUM, tmp_path)
