@@ -161,10 +161,13 @@ def _train(config_json: str | None) -> Callable[[Message, Context], Message]:
 
         cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id, check_files=False)
         if SECAGG in msg.content.config_records:  # secure aggregation: reply with the masked update only
-            from .secure_aggregation import masked_reply, round_session
+            from .secure_aggregation import masked_reply, noise_shares, round_session
 
-            # the session is checked before training: a node that cannot mask spends no privacy budget
+            # the session (and the noise request) are checked before training: a node that cannot mask, or would
+            # be asked to add too little noise, spends no privacy budget
             session = round_session(context, int(msg.content.config_records[CONFIG][SERVER_ROUND]))
+            if cfg.privacy.client_level.enabled:
+                noise_shares(cfg, msg)
             update, metrics = train_one_round(cfg, msg, context)
             if metrics.get(DECLINED):
                 return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -4,6 +4,9 @@ queries, and send a train reply whose only tensor is the masked, quantized ``[wÂ
 The round's secrets (key pairs, self-mask seed, the shares received) live in the node's ``context.state`` between
 the exchanges and are replaced every round. A node that lost them (a restart mid-round) refuses to train in that
 round, before spending any privacy budget: the server counts it as dropped.
+
+With client-level DP the vector is the clipped update rounded to integers plus this client's share of the Skellam
+noise (fedspec.privacy.skellam), so the sum the server unmasks is already noised.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from fedspec.protocol import (
     DROPPED,
     MASKED,
     METRICS,
+    NOISE_SHARES,
+    NORM_CLIPPED,
     NUM_EXAMPLES,
     SECAGG,
     SECAGG_STAGE,
@@ -30,6 +35,8 @@ from fedspec.protocol import (
     SURVIVORS,
     UNMASK,
 )
+from fedspec.privacy.planning import PlanSettings, plan_client_level
+from fedspec.privacy.skellam import SkellamNoise
 from fedspec.secagg import Advertisement, ClientSession, Quantizer, SecAggError
 
 SESSION_STATE_KEY = "secagg-session"
@@ -72,14 +79,36 @@ def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: Clien
     """``[wÂ·q(update), w]`` masked for this round's neighbours; the record count leaves the metrics (it is ``w``,
     inside the sum)."""
     secagg = cfg.federation.secure_aggregation
-    quantizer = Quantizer(secagg.clip_range, secagg.bits, secagg.max_weight)
     examples = metrics.pop(NUM_EXAMPLES, None)
-    weight = min(int(examples), secagg.max_weight) if examples is not None else 1
-    # Stochastic rounding needs unpredictable coins, not secret ones: a fresh generator per round
+    # A fresh generator per round from OS entropy: rounding needs unpredictable coins, the noise secret ones
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    vector, clipped = quantizer.encode(update, weight, generator)
+    if cfg.privacy.client_level.enabled:
+        noise = distributed_noise(cfg)
+        vector, norm = noise.encode(update, noise_shares(cfg, msg), generator)
+        metrics[NORM_CLIPPED] = int(norm > noise.clipping_norm)
+    else:
+        quantizer = Quantizer(secagg.clip_range, secagg.bits, secagg.max_weight)
+        weight = min(int(examples), secagg.max_weight) if examples is not None else 1
+        vector, metrics[CLIPPED_COORDINATES] = quantizer.encode(update, weight, generator)
     inbox = {int(node): ciphertext for node, ciphertext in msg.content.config_records[SECAGG].items()}
     masked = session.mask(vector, inbox)
     context.state[SESSION_STATE_KEY] = ConfigRecord(session.to_record())
-    metrics[CLIPPED_COORDINATES] = clipped
     return RecordDict({ARRAYS: ArrayRecord({MASKED: masked}), METRICS: MetricRecord(metrics)})
+
+
+def distributed_noise(cfg: DictConfig) -> SkellamNoise:
+    """The run's client-level noise, planned from the config exactly as the server plans it."""
+    return plan_client_level(PlanSettings.of(cfg)).distributed
+
+
+def noise_shares(cfg: DictConfig, msg: Message) -> int:
+    """m, as the server tells it in the train message; checked (before training, too: a bad request costs no
+    privacy budget), since too large an m would make this client add too little noise."""
+    told = msg.content.config_records[CONFIG].get(NOISE_SHARES)
+    fixed = cfg.privacy.client_level.min_survivors
+    if isinstance(told, bool) or not isinstance(told, int) or not 2 <= told <= cfg.federation.clients:
+        raise SecAggError(f"the server's {NOISE_SHARES!r}={told!r} is not a number of clients in "
+                          f"2..{cfg.federation.clients}: refusing to add noise for it")
+    if fixed is not None and told != fixed:
+        raise SecAggError(f"the server asks for 1/{told} of the noise, but privacy.client_level.min_survivors={fixed}")
+    return told

@@ -93,6 +93,9 @@ class ClientLevelConfig:
     noise_multiplier: float | None = MISSING  # set to skip planning
     clipping_norm: float = MISSING  # bound on the L2 norm of one client's update (all its tensors together)
     delta: float = MISSING  # must be well below 1/federation.clients
+    # Under secure aggregation the clients add the noise (distributed Skellam noise, fedspec.privacy.skellam), each
+    # 1/min_survivors of it, and a round is summed only when at least this many survive. None: the whole cohort.
+    min_survivors: int | None = MISSING
 
 
 @dataclass
@@ -373,6 +376,13 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
         fail("privacy.client_level.noise_multiplier", level.noise_multiplier, "it must be > 0")
     if level.noise_multiplier is None and level.target_epsilon <= 0:
         fail("privacy.client_level.target_epsilon", level.target_epsilon, "it must be > 0")
+    if level.min_survivors is not None:
+        if not cfg.federation.secure_aggregation.enabled:
+            fail("privacy.client_level.min_survivors", level.min_survivors,
+                 "it only applies when the clients add the noise, under secure aggregation (federation=secure)")
+        if not 2 <= level.min_survivors <= cfg.federation.clients:
+            fail("privacy.client_level.min_survivors", level.min_survivors,
+                 f"it must be in 2..federation.clients={cfg.federation.clients}")
 
 
 def _validate_secure_aggregation(secagg: DictConfig, fail) -> None:
@@ -408,12 +418,6 @@ def check_federated(cfg: DictConfig) -> None:
         raise ConfigError(
             f"strategy.name={cfg.strategy.name!r} is not allowed; it needs a low-rank (B·A) adapter method "
             f"({lowrank}); use strategy=fedavg for adapter.method={cfg.adapter.method}"
-        )
-    if cfg.federation.secure_aggregation.enabled and cfg.privacy.client_level.enabled:
-        raise ConfigError(
-            "federation.secure_aggregation.enabled=true with privacy.client_level.enabled=true is not supported yet: "
-            "the server would add client-level noise to a sum it has seen un-noised (distributed noise, added by "
-            "the clients, is not built); use one or the other"
         )
 
 

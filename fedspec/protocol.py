@@ -35,6 +35,7 @@ CALIBRATION_FLAG = "calibration-statistics"  # a query for round 0's statistics
 SECAGG_STAGE = "secagg-stage"  # a query of secure aggregation's exchanges: "advertise", "share" or "unmask"
 ADVERTISE, SHARE, UNMASK = "advertise", "share", "unmask"
 SURVIVORS, DROPPED = "survivors", "dropped"  # the unmask query's lists of node ids (strings: ids are uint64)
+NOISE_SHARES = "noise-shares"  # distributed client-level noise: the round's client adds 1/this of the noise
 
 # Metric keys (client → server)
 CLIENT_ID = "client-id"
@@ -51,6 +52,7 @@ BUDGET_EPSILON = "budget-epsilon"
 CALIBRATION_EXAMPLES = "calibration-examples"
 PRIVATIZED = "privatized"
 CLIPPED_COORDINATES = "clipped-coordinates"  # secure aggregation: coordinates clipped to ±clip_range before quantizing
+NORM_CLIPPED = "norm-clipped"  # distributed client-level noise: 1 when the update was longer than the clipping norm
 
 # A record count above this is not a client's dataset but an attempt to take over the weighted mean.
 MAX_NUM_EXAMPLES = 10**9
@@ -96,6 +98,7 @@ class TrainReply:
     # that round) must count both.
     attempt: int | None = None
     clipped_coordinates: int | None = None  # secure aggregation: coordinates clipped to ±clip_range
+    norm_clipped: bool | None = None  # distributed client-level noise: the update was clipped to the norm bound
     train_seconds: float | None = None
 
     @property
@@ -111,7 +114,8 @@ class TrainReply:
                            (NUM_EXAMPLES, self.num_examples), (NOISE_MULTIPLIER, self.noise_multiplier),
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
                            (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt),
-                           (CLIPPED_COORDINATES, self.clipped_coordinates), (TRAIN_SECONDS, self.train_seconds)):
+                           (CLIPPED_COORDINATES, self.clipped_coordinates), (TRAIN_SECONDS, self.train_seconds),
+                           (NORM_CLIPPED, None if self.norm_clipped is None else int(self.norm_clipped))):
             if value is not None:
                 metrics[key] = value
         return metrics
@@ -148,9 +152,12 @@ class TrainReply:
         seconds = _number(metrics, TRAIN_SECONDS, required=False)
         if seconds is not None and seconds < 0:
             raise ProtocolError(f"metric {TRAIN_SECONDS!r} must be >= 0, got {seconds}")
+        norm_clipped = _number(metrics, NORM_CLIPPED, integer=True, required=False)
+        if norm_clipped not in (None, 0, 1):
+            raise ProtocolError(f"metric {NORM_CLIPPED!r} must be 0 or 1, got {norm_clipped}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
                    noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped,
-                   train_seconds=seconds)
+                   train_seconds=seconds, norm_clipped=None if norm_clipped is None else bool(norm_clipped))
 
 
 @dataclass(frozen=True)

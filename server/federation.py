@@ -21,7 +21,7 @@ from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
-from fedspec.privacy.planning import PlanSettings, plan_client_level
+from fedspec.privacy.planning import ClientLevelPlan, PlanSettings, plan_client_level
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
 from fedspec.strategies import get_rule
 from fedspec.strategies.client_dp import ClientDP
@@ -168,21 +168,21 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
     return max(values) if values else None
 
 
-def _client_dp(cfg: DictConfig, num_clients: int) -> ClientDP | None:
-    plan = plan_client_level(PlanSettings.of(cfg))
-    if plan is None:
+def _client_dp(cfg: DictConfig, plan: ClientLevelPlan | None, num_clients: int) -> ClientDP | None:
+    """The server's client-level noise; None when client-level DP is off or the clients add the noise."""
+    if plan is None or plan.distributed is not None:
         return None
     seed = cfg.run.seed if cfg.privacy.seed_noise else None
     return ClientDP(plan.noise_multiplier, plan.clipping_norm, plan.sample_rate, num_clients, seed=seed)
 
 
-def _load_client_level_ledger(cfg: DictConfig, paths: RunPaths, resuming: bool) -> PrivacyLedger | None:
-    if not cfg.privacy.client_level.enabled:
+def _load_client_level_ledger(plan: ClientLevelPlan | None, paths: RunPaths, resuming: bool) -> PrivacyLedger | None:
+    if plan is None:
         return None
     path = paths.privacy / CLIENT_LEVEL_LEDGER_FILE
     if resuming and path.is_file():
         return PrivacyLedger.load(path)
-    return client_level_ledger(cfg.privacy.client_level.delta, cfg.privacy.accountant)
+    return client_level_ledger(plan.delta, plan.accountant)
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
@@ -219,14 +219,15 @@ class Federation:
         has_ledgers = checkpoint is not None and self.paths.ledgers.is_dir()
         self.ledgers = load_ledgers(self.paths.ledgers) if has_ledgers else {}
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
-        self.level_ledger = _load_client_level_ledger(cfg, self.paths, checkpoint is not None)
+        self.level_plan = plan_client_level(PlanSettings.of(cfg))
+        self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, checkpoint is not None)
         self.start_round = checkpoint.round + 1 if checkpoint else 1
 
     def run(self) -> list[RoundRow]:
         cfg = self.cfg
         nodes = discover_clients(self.grid, cfg.federation.clients, cfg.federation.round_timeout,
                                  self.task.train.label_names, min_clients=cfg.federation.min_clients, log=self.log)
-        self.client_dp = _client_dp(cfg, len(nodes))
+        self.client_dp = _client_dp(cfg, self.level_plan, len(nodes))
         self._initialize(nodes, self._round_zero(nodes))
         stopped = None
         with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as self.progress:
@@ -286,7 +287,8 @@ class Federation:
         self.secure_round = None
         if secure:
             self.secure_round = SecureRound(self.grid, cfg, self.strategy, self.traffic,
-                                            on_reply=lambda _: self.progress.client_done())
+                                            on_reply=lambda _: self.progress.client_done(),
+                                            noise=self.level_plan.distributed if self.level_plan else None)
         self.all_clients = sorted(str(info[CLIENT_ID]) for info in nodes.values())
 
     def _evaluate_start(self) -> None:
@@ -299,11 +301,8 @@ class Federation:
 
     def _stop_reason(self, round_: int) -> str | None:
         """Why the run ends before this round (privacy budgets), logged; None to go on."""
-        client_dp = self.client_dp
-        stopped = self.budget.stop_reason(
-            self.all_clients, self.ledgers, self.level_ledger,
-            (client_dp.noise_multiplier, client_dp.sample_rate) if client_dp else None,
-        )
+        stopped = self.budget.stop_reason(self.all_clients, self.ledgers, self.level_ledger,
+                                          self.level_plan.charged if self.level_plan else None)
         if stopped:
             self.log.write("stopped", round=round_, reason=stopped)
             self.progress.note(f"stopping before round {round_}: {stopped}")
@@ -321,9 +320,7 @@ class Federation:
                            on_reply=lambda _: self.progress.client_done(), traffic=self.traffic)
         state, summary = strategy.aggregate_train(round_, replies)
         self.global_state = self.model.after_round(state, round_)
-        if self.level_ledger is not None:  # the noised aggregate is released: it counts, whoever took part
-            self.level_ledger.record(round_, self.client_dp.noise_multiplier, self.client_dp.sample_rate, 1,
-                                     attempt=self.level_ledger.next_attempt(round_))
+        self._charge_client_level(round_)  # the noised aggregate is released: it counts, whoever took part
         _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
                      strategy.client_ids, self.traffic)
         return summary
@@ -339,6 +336,9 @@ class Federation:
             summary["secagg-failed"] = 1
             self.log.write("secagg-failed", round=round_, reason=result.failure)
             self.progress.note(f"round {round_} skipped: {result.failure}")
+        elif self.level_plan is not None:  # the clients' noised sum was unmasked: a release
+            self._charge_client_level(round_)
+            summary["noise-std"] = result.noise_std
         self.global_state = self.model.after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
                      strategy.client_ids, self.traffic)
@@ -346,6 +346,10 @@ class Federation:
             self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
                            reason=f"secure aggregation, {stage}: {reason}")
         return summary
+
+    def _charge_client_level(self, round_: int) -> None:
+        if self.level_ledger is not None:
+            self.level_ledger.record(round_, *self.level_plan.charged, 1, attempt=self.level_ledger.next_attempt(round_))
 
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
         """Evaluate the new global model; its row in metrics.jsonl and on screen."""

@@ -65,6 +65,7 @@ def write_run_privacy_report(
             clipping_norm=float(level_cfg.clipping_norm),
             expected_clients=float(cfg.federation.fraction) * int(cfg.federation.clients),
             target_epsilon=level_cfg.target_epsilon,
+            distributed=bool(cfg.federation.secure_aggregation.enabled),
         )
     quarantined: dict[str, list[int]] = {}
     for line in MetricsLog(paths.metrics).read() if paths.metrics.is_file() else []:

@@ -7,6 +7,11 @@ Clients that fail or time out in any exchange are dropped from the rest of the r
 keys but sent no masked vector have their pairwise masks removed from the sum with their neighbours' shares. When
 too few clients remain, the round is skipped (logged, counted, the global adapter unchanged) and the federation
 goes on; the privacy ledgers still record what every client that trained spent, since its update left the node.
+
+With client-level DP the clients add the noise (``noise``: distributed Skellam noise, fedspec.privacy.skellam):
+each sends its clipped, integer update plus 1/m of the noise, m = ``privacy.client_level.min_survivors`` or the
+cohort's size, told in the train message; the server unmasks only when at least m masked updates arrived, so the
+sum it learns always carries the whole noise.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
+from fedspec.privacy.skellam import SkellamNoise
 from fedspec.protocol import (
     ADVERTISE,
     CONFIG,
     DROPPED,
+    NOISE_SHARES,
     SECAGG,
     SECAGG_STAGE,
     SERVER_ROUND,
@@ -50,17 +57,26 @@ class SecureRoundResult:
     failure: str | None  # why it was not summed
     dropped: int  # clients that shared keys but sent no masked vector
     errors: list[tuple[int, str, str]]  # (node, exchange, reason) of the clients that failed in a query exchange
+    noise_std: float | None = None  # distributed client-level noise: its std per coordinate of the mean
 
 
 class SecureRound:
     def __init__(self, grid: Grid, cfg: DictConfig, strategy: AdapterStrategy, traffic: Traffic, *,
-                 on_reply: Callable | None = None):
+                 on_reply: Callable | None = None, noise: SkellamNoise | None = None):
         self.grid, self.strategy, self.traffic, self.on_reply = grid, strategy, traffic, on_reply
         self.timeout = cfg.federation.round_timeout
         secagg = cfg.federation.secure_aggregation
         self.quantizer = quantizer(cfg)
         self.fraction, self.neighbours = secagg.threshold, secagg.neighbours
+        self.noise, self.min_survivors = noise, cfg.privacy.client_level.min_survivors
         self.errors: list[tuple[int, str, str]] = []
+
+    def _dimension(self) -> int:
+        return sum(t.numel() for t in self.strategy.trained_template().values())
+
+    def noise_shares(self, cohort: int) -> int:
+        """m: how many clients' noise shares make the whole noise (each adds 1/m of it)."""
+        return self.min_survivors if self.min_survivors is not None else cohort
 
     def run(self, round_: int, state: dict[str, torch.Tensor]) -> SecureRoundResult:
         contents = self.strategy.train_contents(round_, state)
@@ -68,10 +84,19 @@ class SecureRound:
         self.errors = []
         replies: list[Message] = []
         outcome = RoundReplies()
+        shares = self.noise_shares(len(contents))
         try:
             if len(contents) > self.quantizer.max_clients():
                 raise SecAggError(f"{len(contents)} clients could wrap the masked sum around 2^62: lower "
                                   "federation.secure_aggregation.max_weight or bits")
+            if self.noise is not None:
+                # A setting that cannot work ends the run here (ConfigError), before any client trains
+                self.noise.check_headroom(self._dimension(), len(contents), shares)
+                if len(contents) < shares:
+                    raise SecAggError(f"{len(contents)} clients sampled, fewer than the {shares} whose noise shares "
+                                      "make the whole noise (privacy.client_level.min_survivors)")
+                for content in contents.values():
+                    content[CONFIG][NOISE_SHARES] = shares
             adverts = self._query(round_, ADVERTISE, {node: {} for node in contents})
             peers = session.peers(_advertisements(adverts))
             shared = self._query(round_, SHARE, {node: {str(v): ad.to_bytes() for v, ad in peers[node].items()}
@@ -80,15 +105,29 @@ class SecureRound:
             replies = self._train(round_, {node: contents[node] for node in inbox}, inbox)
             outcome = self.strategy.read_replies(replies)
             survivors, dropped = session.unmask_request({node: vector for node, _, vector in outcome.accepted})
+            if self.noise is not None and len(survivors) < shares:
+                # Unmasked, their sum would carry only part of the noise: it is never computed
+                raise SecAggError(f"only {len(survivors)} masked updates arrived, fewer than the {shares} whose noise "
+                                  "shares make the whole noise (privacy.client_level.min_survivors)")
             request = {SURVIVORS: [str(u) for u in survivors], DROPPED: [str(u) for u in dropped]}
             answers = self._query(round_, UNMASK, {node: request for node in survivors})
-            total = session.total(_by_node(answers))
-            sums, weight = self.quantizer.decode(total, self.strategy.trained_template())
-            mean = {k: v / weight for k, v in sums.items()}
-            return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors)
+            mean, clients = self._mean(session.total(_by_node(answers)))
+            noise_std = self.noise.std_of_mean(clients, self._dimension()) if self.noise is not None else None
+            return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors, noise_std)
         except SecAggError as error:
             return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)),
                                      self.errors)
+
+    def _mean(self, total: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """The clients' (weighted) mean update from the unmasked sum, and their total weight."""
+        template = self.strategy.trained_template()
+        if self.noise is not None:
+            sums, weight = self.noise.decode(total, template)
+        else:
+            sums, weight = self.quantizer.decode(total, template)
+        if weight < 1:
+            raise SecAggError(f"the unmasked sum counts {weight} clients: it is corrupt")
+        return {k: v / weight for k, v in sums.items()}, weight
 
     def _query(self, round_: int, stage: str, payloads: dict[int, dict]) -> dict[int, dict]:
         """One exchange of queries; {node: its reply's secagg record} for the nodes that answered without error."""

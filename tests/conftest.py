@@ -53,3 +53,12 @@ def tiny_cfg(tmp_path):
         ])
 
     return make
+
+
+@pytest.fixture
+def flower_task(monkeypatch):
+    """Flower builds messages only inside a running task: give this process a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for key in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, key, 1)

@@ -86,10 +86,21 @@ def test_secure_aggregation_settings_are_checked(override, message):
         compose_config([override])
 
 
-def test_secure_aggregation_with_client_level_dp_is_refused_in_one_line():
+def test_secure_aggregation_with_client_level_dp_plans_the_clients_noise():
     from fedspec.config import check_federated
+    from fedspec.privacy.accounting import SKELLAM
+    from fedspec.privacy.planning import PlanSettings, plan_client_level
 
     cfg = compose_config(["federation.secure_aggregation.enabled=true", "privacy=client-dp",
                           "federation.weighting=uniform"])
-    with pytest.raises(ConfigError, match="distributed noise, added by the clients, is not built"):
-        check_federated(cfg)
+    check_federated(cfg)
+    plan = plan_client_level(PlanSettings.of(cfg))
+    assert plan.distributed is not None and plan.accountant == SKELLAM and plan.charged[1] == 1.0
+    assert plan.epsilon <= cfg.privacy.client_level.target_epsilon
+    with pytest.raises(ConfigError, match="only applies when the clients add the noise"):
+        compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=3"])
+    with pytest.raises(ConfigError, match="must be in 2..federation.clients"):
+        compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=1",
+                        "federation.secure_aggregation.enabled=true"])
+
+

@@ -281,15 +281,6 @@ class _SilentGrid:
         return replies
 
 
-@pytest.fixture
-def flower_task(monkeypatch):
-    """Flower builds messages only inside a running task: give this process a task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for key in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, key, 1)
-
-
 def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
     from fedspec.errors import FedspecError
     from fedspec.server.federation import discover_clients

@@ -102,3 +102,68 @@ def test_a_round_too_small_to_sum_securely_is_skipped_logged_and_the_run_goes_on
 def _state_at(result, round_):
     state = load_file(str(result.paths.checkpoints / f"round-{round_:04d}" / "state.safetensors"))
     return {k: v for k, v in state.items() if not k.startswith("server-momentum.")}
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """One round with uniform weights, plain and under secure aggregation with client-level DP whose noise the
+    clients add (tiny z, a clipping norm no update reaches: what is left is the rounding)."""
+    from fedspec.config import compose_config
+
+    out = tmp_path_factory.mktemp("distributed")
+    common = ["model=tiny-bert", "data.num_examples=400", "data.eval_examples=64", "data.min_client_examples=8",
+              "federation.clients=4", "federation.rounds=1", "federation.fraction=0.75", "train.local_steps=2",
+              "train.batch_size=16", "privacy.seed_noise=true", f"run.output_dir={out}", "run.progress=false",
+              "federation.weighting=uniform"]
+    plain = simulate(compose_config([*common, "run.name=plain"]))
+    noised = simulate(compose_config([*common, "run.name=distributed", "federation.secure_aggregation.enabled=true",
+                                      "privacy=client-dp", "privacy.client_level.target_epsilon=null",
+                                      f"privacy.client_level.noise_multiplier={TINY_Z}",
+                                      f"privacy.client_level.clipping_norm={LARGE_C}"]))
+    return plain, noised
+
+
+TINY_Z, LARGE_C = 1e-6, 50.0
+
+
+def test_distributed_noise_rounds_within_the_stated_bound_and_charges_the_summed_round(distributed_runs):
+    from fedspec.privacy import PrivacyLedger
+    from fedspec.privacy.accounting import SKELLAM, epsilon
+    from fedspec.privacy.skellam import SkellamNoise, units
+
+    plain_run, noised_run = distributed_runs
+    plain, noised = _state(plain_run), _state(noised_run)
+    rows = list(MetricsLog(noised_run.paths.metrics).read())
+    assert all(r["norm_clipped"] == 0 for r in rows if r["kind"] == "client")  # no update reached C
+    trained = sum(v.numel() for k, v in plain.items()
+                  if not k.startswith("server-momentum.") and (k.endswith("lora_B.weight") or k.startswith("head.")))
+    # Rounding moves each client's coordinate by < C/S; the noise at this z is ≤ one unit on a few coordinates
+    resolution = LARGE_C / units(trained)
+    for key in ("head.weight", "head.bias"):
+        assert (plain[key] - noised[key]).abs().max() <= 0.5 * 2 * resolution * 1.01
+    assert not (plain["head.weight"] == noised["head.weight"]).all()  # it did go through the integer encoding
+    ledger = PrivacyLedger.load(noised_run.paths.privacy / "client-level-ledger.json")
+    sigma = SkellamNoise(TINY_Z, LARGE_C).accounted_multiplier
+    assert ledger.accountant == SKELLAM and ledger.history() == [(sigma, 1.0, 1)]
+    report = json.loads((noised_run.paths.privacy / "report.json").read_text())
+    assert report["client_level"]["distributed"] is True
+    assert report["client_level"]["final_epsilon"] == epsilon([(sigma, 1.0, 1)], ledger.delta, SKELLAM)
+    assert "noise added by the clients" in (noised_run.paths.privacy / "report.md").read_text()
+
+
+def test_a_round_with_fewer_clients_than_noise_shares_is_never_summed_and_costs_no_client_level_budget(tmp_path):
+    from fedspec.config import compose_config
+    from fedspec.privacy import PrivacyLedger
+
+    cfg = compose_config(["model=tiny-bert", "data.num_examples=300", "data.eval_examples=32",
+                          "data.min_client_examples=8", "federation.clients=3", "federation.rounds=1",
+                          "federation.fraction=0.5", "train.local_steps=1", "train.batch_size=16",
+                          "federation.weighting=uniform", "federation.secure_aggregation.enabled=true",
+                          "privacy=client-dp", "privacy.client_level.min_survivors=3", "run.name=short",
+                          f"run.output_dir={tmp_path}", "run.progress=false"])
+    result = simulate(cfg)
+    records = list(MetricsLog(result.paths.metrics).read())
+    failed = [r for r in records if r["kind"] == "secagg-failed"]
+    assert [r["round"] for r in failed] == [1] and "fewer than the 3 whose noise shares" in failed[0]["reason"]
+    assert not [r for r in records if r["kind"] == "client"]  # refused before anyone trained
+    assert PrivacyLedger.load(result.paths.privacy / "client-level-ledger.json").entries == ()

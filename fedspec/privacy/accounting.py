@@ -58,7 +58,12 @@ __all__ = [
 
 HistoryEntry = tuple[float, float, int]
 
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv")  # a user's choice (privacy.accountant)
+# Client-level DP with distributed Skellam noise under secure aggregation (fedspec.privacy.skellam): its ledger's
+# accountant, never a user's choice. Each entry's σ is the Gaussian multiplier whose RDP bounds the Skellam
+# mechanism's at every *integer* order; q must be 1 (no amplification by sampling is claimed).
+SKELLAM = "skellam"
+SKELLAM_ORDERS = np.arange(2, 513, dtype=float)  # the Skellam RDP bound holds at integer orders > 1
 PRV_EPS_ERROR = 0.01
 PRV_DELTA_ERROR_FRACTION = 1e-3
 # PRV discretizes the privacy loss on a grid whose size grows with ε and with sqrt(steps); at about
@@ -87,8 +92,8 @@ def _real(name: str, value: object) -> float:
 
 def validate_accountant(accountant: str) -> str:
     """Return `accountant` if fedspec supports it, else raise naming the allowed values."""
-    if accountant not in ACCOUNTANTS:
-        allowed = ", ".join(repr(a) for a in ACCOUNTANTS)
+    if accountant not in (*ACCOUNTANTS, SKELLAM):
+        allowed = ", ".join(repr(a) for a in (*ACCOUNTANTS, SKELLAM))
         raise ValueError(f"accountant must be one of {allowed}, got {accountant!r}")
     return accountant
 
@@ -140,7 +145,12 @@ def epsilon(history: Iterable[Sequence[float]], delta: float, accountant: str = 
     canonical = _canonical(history)
     if not canonical:
         return 0.0
-    raw = _rdp_epsilon(canonical, delta) if accountant == "rdp" else _prv_epsilon(canonical, delta)
+    if accountant == "rdp":
+        raw = _rdp_epsilon(canonical, delta)
+    elif accountant == SKELLAM:
+        raw = _skellam_epsilon(canonical, delta)
+    else:
+        raw = _prv_epsilon(canonical, delta)
     return _upper_bound(raw, canonical, accountant)
 
 
@@ -166,6 +176,19 @@ def _rdp_unit_curve(sigma: float, q: float) -> np.ndarray:
     curve = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
     curve.setflags(write=False)  # shared by every caller through the cache
     return curve
+
+
+def _skellam_epsilon(history: list[HistoryEntry], delta: float) -> float:
+    """Composition of releases whose RDP at integer order α is at most α / (2σ²) (the distributed Skellam
+    mechanism, see fedspec.privacy.skellam), converted to (ε, δ) by Opacus' RDP conversion at integer orders."""
+    if any(q != 1.0 for _, q, _ in history):
+        raise ValueError(f"the {SKELLAM!r} accountant claims no amplification by sampling: every entry's "
+                         f"sample_rate must be 1, got {history}")
+    rdp = sum(SKELLAM_ORDERS * steps / (2.0 * sigma**2) for sigma, _, steps in history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING, category=UserWarning)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=SKELLAM_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def _prv_epsilon(history: list[HistoryEntry], delta: float) -> float:
@@ -277,12 +300,12 @@ def plan_noise(
     def floor() -> float:
         # RDP's limit as σ → ∞ is the conversion of an all-zero RDP curve: exact and instant, where evaluating
         # Opacus' RDP at σ = 1e6 and q = 0.5 takes minutes. PRV has no such shortcut.
-        return _rdp_floor(delta) if accountant == "rdp" else eps_at(MAX_NOISE_MULTIPLIER)
+        return eps_at(MAX_NOISE_MULTIPLIER) if accountant == "prv" else _rdp_floor(delta, accountant)
 
     with warnings.catch_warnings():
         # Large σ probes sit at RDP's largest order; the floor check reports that case.
         warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING, category=UserWarning)
-        if target <= 0.0 or (accountant == "rdp" and target <= floor()):
+        if target <= 0.0 or (accountant != "prv" and target <= floor()):
             raise PrivacyBudgetError(_unreachable_message(target, floor(), delta, q, steps, accountant))
         high = _bracket_high(eps_at, target)
         if high is None:
@@ -290,9 +313,9 @@ def plan_noise(
         return _solve(eps_at, target, rtol, high)
 
 
-def _rdp_floor(delta: float) -> float:
-    """The smallest ε the RDP accountant certifies at δ with any noise: every order's RDP is 0 in the limit."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
+def _rdp_floor(delta: float, accountant: str = "rdp") -> float:
+    """The smallest ε an RDP accountant certifies at δ with any noise: every order's RDP is 0 in the limit."""
+    orders = SKELLAM_ORDERS if accountant == SKELLAM else RDPAccountant.DEFAULT_ALPHAS
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_EXTREME_ORDER_WARNING, category=UserWarning)
         eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=np.zeros(len(orders)), delta=delta)

@@ -43,8 +43,11 @@ def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: s
             "collude with the server). "
             + ("Each update in the sum is itself a DP release: the ε shown covers the sum." if privacy.enabled
                else "Without record-level DP the sum itself is not protected.")
-            + f" The server cannot check an update's norm: each client clips every coordinate to "
-            f"±{secagg.clip_range:g} and caps its weight at {secagg.max_weight}."
+            + (" Under client-level DP the sum already carries the clients' own noise shares (distributed Skellam "
+               "noise): the server never sees it un-noised. The server cannot check an update's norm: each client "
+               f"clips its whole update to {privacy.client_level.clipping_norm:g} itself." if level else
+               f" The server cannot check an update's norm: each client clips every coordinate to "
+               f"±{secagg.clip_range:g} and caps its weight at {secagg.max_weight}.")
         )
     elif privacy.enabled:
         items.append(

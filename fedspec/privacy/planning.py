@@ -9,7 +9,9 @@ is sampled — and, for a given σ, how many rounds of taking part its budget al
 enforces before every round (``privacy.budget_epsilon``, by default ``privacy.target_epsilon``).
 
 With client-level DP on, the server's guarantee is planned the same way over ``federation.rounds``
-releases at client sampling rate ``federation.fraction`` (see ``client_level``).
+releases at client sampling rate ``federation.fraction`` (see ``client_level``); under secure aggregation the
+clients add the noise and the plan is the distributed Skellam mechanism's, every round charged in full (see
+``skellam``).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from functools import lru_cache
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from .accounting import PrivacyBudgetError, epsilon, plan_noise, sample_rate
+from .accounting import SKELLAM, PrivacyBudgetError, epsilon, plan_noise, sample_rate
 from .client_level import noise_std_of_mean
+from .skellam import SkellamNoise, noise_multiplier_for
 
 __all__ = [
     "ClientLevelPlan",
@@ -58,14 +61,17 @@ class ClientPlan:
 
 @dataclass(frozen=True)
 class ClientLevelPlan:
-    noise_multiplier: float
+    noise_multiplier: float  # σ of the server's Gaussian noise; distributed: z of the clients' summed Skellam noise
     clipping_norm: float
     sample_rate: float  # Poisson client sampling rate = federation.fraction
     rounds: int
     delta: float
     epsilon: float
-    expected_clients: float  # q·N, the fixed denominator of the mean
+    expected_clients: float  # q·N, the fixed denominator of the mean (distributed: the number of clients summed)
     noise_std: float  # per coordinate of the aggregated (mean) update: σ·C/(q·N)
+    accountant: str  # of the client-level ledger: the run's accountant, or SKELLAM
+    charged: tuple[float, float]  # the (σ, q) the ledger records for every released round
+    distributed: SkellamNoise | None = None  # the clients' noise under secure aggregation; None: the server's
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class ClientLevelTarget:
     noise_multiplier: float | None
     clipping_norm: float
     delta: float
+    distributed: bool  # under secure aggregation the clients add the noise (fedspec.privacy.skellam)
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,8 @@ class PlanSettings:
             client_level=ClientLevelTarget(
                 enabled=bool(level.enabled), target_epsilon=_optional_float(level.target_epsilon),
                 noise_multiplier=_optional_float(level.noise_multiplier), clipping_norm=float(level.clipping_norm),
-                delta=float(level.delta)),
+                delta=float(level.delta),
+                distributed=bool(federation.secure_aggregation.enabled)),
         )
 
     @property
@@ -137,10 +145,10 @@ class PlanSettings:
     def participation_probability(self) -> float:
         """Probability that a given client is sampled in a round.
 
-        Under client-level DP clients are Poisson-sampled with rate ``fraction``; otherwise the server samples
-        ⌈fraction·N⌉ clients (at least ``min_clients``) uniformly without replacement.
+        Under client-level DP with the server's noise clients are Poisson-sampled with rate ``fraction``;
+        otherwise the server samples ⌈fraction·N⌉ clients (at least ``min_clients``) uniformly without replacement.
         """
-        if self.client_level.enabled:
+        if self.client_level.enabled and not self.client_level.distributed:
             return self.fraction
         sampled = min(self.clients, max(math.ceil(self.fraction * self.clients), self.min_clients))
         return sampled / self.clients
@@ -288,17 +296,38 @@ def plan_client_level(settings: PlanSettings) -> ClientLevelPlan | None:
             f"privacy.client_level.delta={delta:g} is not below 1/federation.clients = {1.0 / n:.3g}; "
             f"choose privacy.client_level.delta < {1.0 / n:.3g} (well below: it is the chance of exposing a whole client)"
         )
+    if level.distributed:
+        return _plan_distributed(level, q * n, q, rounds)
     if level.noise_multiplier is not None:
         sigma = level.noise_multiplier
     else:
-        try:
-            sigma = _planned_sigma(level.target_epsilon, delta, q, rounds, accountant)
-        except PrivacyBudgetError as error:
-            raise PrivacyBudgetError(f"privacy.client_level.{error}") from None
+        sigma = _planned_client_level_sigma(level, q, rounds, accountant)
     eps = epsilon([(sigma, q, rounds)], delta, accountant)
     expected = q * n
     return ClientLevelPlan(sigma, level.clipping_norm, q, rounds, delta, eps, expected,
-                           noise_std_of_mean(sigma, level.clipping_norm, expected))
+                           noise_std_of_mean(sigma, level.clipping_norm, expected), accountant, (sigma, q))
+
+
+def _planned_client_level_sigma(level: ClientLevelTarget, q: float, rounds: int, accountant: str) -> float:
+    try:
+        return _planned_sigma(level.target_epsilon, level.delta, q, rounds, accountant)
+    except PrivacyBudgetError as error:
+        raise PrivacyBudgetError(f"privacy.client_level.{error}") from None
+
+
+def _plan_distributed(level: ClientLevelTarget, expected: float, q: float, rounds: int) -> ClientLevelPlan:
+    """The clients' Skellam noise: z given, or planned so that every round charged in full (no amplification
+    by sampling: the server knows the cohort) stays within the target."""
+    if level.noise_multiplier is not None:
+        z = level.noise_multiplier
+    else:
+        # A hair above the planned σ, so that the round trip z → σ cannot land a rounding error over the target
+        z = noise_multiplier_for(_planned_client_level_sigma(level, 1.0, rounds, SKELLAM) * (1 + 1e-12))
+    noise = SkellamNoise(z, level.clipping_norm)
+    charged = (noise.accounted_multiplier, 1.0)
+    eps = epsilon([(*charged, rounds)], level.delta, SKELLAM)
+    return ClientLevelPlan(z, level.clipping_norm, q, rounds, level.delta, eps, expected,
+                           noise.std_of_mean(expected), SKELLAM, charged, noise)
 
 
 def plan_run(settings: PlanSettings, sizes: list[int], *, rounds_limit: int | None = None) -> PrivacyPlan:
@@ -321,6 +350,15 @@ def plan_run(settings: PlanSettings, sizes: list[int], *, rounds_limit: int | No
 
 def client_level_lines(plan: ClientLevelPlan) -> list[str]:
     """Plain-words summary of the client-level plan."""
+    if plan.distributed is not None:
+        return [
+            f"client-level DP, noise added by the clients under secure aggregation: each client's whole update "
+            f"clipped to C = {plan.clipping_norm:g} and rounded to integers; the clients' Skellam noise shares add up "
+            f"to z = {plan.noise_multiplier:.4f} times the sensitivity in the masked sum, which nobody sees un-noised "
+            f"(noise std ≈ {plan.noise_std:.3g} per coordinate of the mean of {plan.expected_clients:g} clients); "
+            f"ε = {plan.epsilon:.3f} at δ = {plan.delta:g} after {plan.rounds} rounds, each charged in full "
+            f"(zero-out adjacency, no amplification by sampling: the server knows the cohort)",
+        ]
     return [
         f"client-level DP: each sampled client's whole update clipped to C = {plan.clipping_norm:g}, "
         f"Gaussian noise σ·C on the sum with σ = {plan.noise_multiplier:.4f}, divided by q·N = "

@@ -44,7 +44,14 @@ CLIENT_LEVEL_GUARANTEE = (
     "sampled clients' updates plus Gaussian noise, so the sequence of global models reveals little about "
     "whether any one client took part at all, composed over every released round"
 )
-_ACCOUNTANT_NAMES = {"rdp": "RDP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
+DISTRIBUTED_GUARANTEE = (
+    "client-level (epsilon, delta)-DP of the aggregate under zero-out adjacency: each round's global update is the "
+    "sum of the clients' clipped, integer updates plus the Skellam noise shares they added themselves, unmasked by "
+    "secure aggregation, so no party (the server included) sees an un-noised sum and the global models reveal "
+    "little about any one client's data; every summed round is charged in full, without amplification by sampling"
+)
+_ACCOUNTANT_NAMES = {"rdp": "RDP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)",
+                     "skellam": "Skellam RDP at integer orders (Agarwal et al. 2021), Opacus' RDP conversion"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class ClientLevelSettings:
     clipping_norm: float
     expected_clients: float  # q·N, the fixed denominator
     target_epsilon: float | None = None
+    distributed: bool = False  # the clients added the noise under secure aggregation (fedspec.privacy.skellam)
 
 
 def write_privacy_report(
@@ -124,7 +132,7 @@ def build_privacy_report(
         "max_grad_norm": max_grad_norm,
         "summary": _summary(clients, target),
         "clients": clients,
-        "client_level": _client_level_section(client_level, accountant) if client_level else None,
+        "client_level": _client_level_section(client_level) if client_level else None,
         "declined": _rounds_by_client(declined),
         "quarantined": _rounds_by_client(quarantined),
         "server_sees": list(server_sees or []),
@@ -165,14 +173,15 @@ def _client_section(ledger: PrivacyLedger, delta: float, accountant: str) -> dic
     }
 
 
-def _client_level_section(settings: ClientLevelSettings, accountant: str) -> dict[str, Any]:
+def _client_level_section(settings: ClientLevelSettings) -> dict[str, Any]:
     ledger = settings.ledger
-    by_round = ledger.epsilon_by_round(ledger.delta, accountant)
+    by_round = ledger.epsilon_by_round()
     entries = ledger.entries
     return {
-        "guarantee": CLIENT_LEVEL_GUARANTEE,
+        "guarantee": DISTRIBUTED_GUARANTEE if settings.distributed else CLIENT_LEVEL_GUARANTEE,
+        "distributed": settings.distributed,
         "delta": ledger.delta,
-        "accountant": accountant,
+        "accountant": ledger.accountant,
         "clipping_norm": settings.clipping_norm,
         "noise_multiplier": entries[-1].noise_multiplier if entries else None,
         "sample_rate": entries[-1].sample_rate if entries else None,
@@ -271,7 +280,17 @@ def _header(report: Mapping[str, Any]) -> list[str]:
         lines += ["- **Training records: not protected.** Record-level DP is off (privacy.enabled=false): clients "
                   "train without DP-SGD, and their updates can reveal individual records."]
     level = report["client_level"]
-    if level:
+    if level and level.get("distributed"):
+        lines += [
+            "- **One client's data as a whole (client-level DP, noise added by the clients).** Each client clips "
+            f"its whole update to L2 norm {level['clipping_norm']:g}, rounds it to integers and adds its share of "
+            "Skellam noise before masking; secure aggregation lets the server unmask only the sum, and only when "
+            "enough clients survived for the shares to make the whole noise. The global models carry one (ε, δ) "
+            f"guarantee for every client at δ = {level['delta']:g}, against anyone, the server included: as if "
+            "one client's update had been replaced by zero (zero-out adjacency; the server knows who took part). "
+            "Every summed round is charged in full.",
+        ]
+    elif level:
         lines += [
             "- **Whether a client took part at all (client-level DP).** The server clips each sampled client's "
             f"whole update to L2 norm {level['clipping_norm']:g}, adds Gaussian noise to the sum and divides by "
@@ -318,7 +337,8 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
         target = level["target_epsilon"]
         lines += ["", (f"Client-level: ε = {_fmt(level['final_epsilon'])} at δ = {level['delta']:g} after "
                        f"{level['rounds_released']} released rounds (σ = {_fmt(level['noise_multiplier'])}, "
-                       f"q = {_fmt(level['sample_rate'])}, {_ACCOUNTANT_NAMES[level['accountant']]})"
+                       f"q = {_fmt(level['sample_rate'])}, {_ACCOUNTANT_NAMES[level['accountant']]}"
+                       + (": σ bounds the clients' summed Skellam noise" if level.get("distributed") else "") + ")"
                        + (f"; target ε: {_fmt(target)}." if target is not None else "."))]
     if report["declined"]:
         lines += ["", f"Clients that declined a round because it would have exceeded their budget: "
