@@ -286,8 +286,9 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
                  "data.source=file", "data.path=task/train.jsonl", "data.eval_path=task/eval.jsonl",
                  "data.min_client_examples=8", "train.local_steps=2", "train.batch_size=16", "run.name=deployed",
                  f"run.output_dir={tmp_path / 'runs'}", "run.progress=false"]
-    if secure:  # SecAgg+'s exchanges need the node's state (its keys) to persist between messages
-        overrides.append("federation.secure_aggregation.enabled=true")
+    if secure:  # SecAgg+'s exchanges need the node's state (its keys) to persist between messages; client-level DP
+        # under it: the nodes add the noise (distributed Skellam noise)
+        overrides += ["federation.secure_aggregation.enabled=true", "privacy=client-dp", "federation.weighting=uniform"]
 
     procs = Processes(tmp_path, env)
     try:
@@ -351,8 +352,8 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
     fits = [r for r in records if r["kind"] == "client"]
     assert sorted((r["round"], r["client_id"]) for r in fits) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for i, size in enumerate(sizes):  # each node trained on all of its own file
-        if secure:  # the count went inside the masked sum
-            assert all("num_examples" not in r and r["clipped_coordinates"] == 0 for r in fits)
+        if secure:  # no count, and each node clipped its whole update itself
+            assert all("num_examples" not in r and r["norm_clipped"] in (0, 1) for r in fits)
         else:
             assert {r["num_examples"] for r in fits if r["client_id"] == i} == {size}
     assert all(r["kind"] not in ("client-error", "secagg-failed") for r in records)
@@ -367,6 +368,10 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
         assert [e["round"] for e in ledger["entries"]] == [1, 2]
         assert ledger["entries"] == mirror["entries"]
     assert set(report["clients"]) == {"0", "1"}
+    if secure:  # both summed rounds charged to the client-level ledger, under the Skellam accountant
+        level = json.loads((run_dir / "privacy" / "client-level-ledger.json").read_text())
+        assert level["accountant"] == "skellam" and [e["round"] for e in level["entries"]] == [1, 2]
+        assert report["client_level"]["distributed"] is True
     assert all(c["rounds_taken_part"] == 2 for c in report["clients"].values())
     assert not (tmp_path / "runs" / "deployed" / "clients").exists()  # real clients keep no state on the server
 
