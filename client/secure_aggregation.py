@@ -77,7 +77,7 @@ def round_session(context: Context, round_: int) -> ClientSession:
 def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: ClientSession,
                  update: dict[str, torch.Tensor], metrics: dict) -> RecordDict:
     """``[w·q(update), w]`` masked for this round's neighbours; the record count leaves the metrics (it is ``w``,
-    inside the sum)."""
+    inside the sum). Under client-level DP: ``[x̃ + noise share, 1]`` (fedspec.privacy.skellam) instead."""
     secagg = cfg.federation.secure_aggregation
     examples = metrics.pop(NUM_EXAMPLES, None)
     # A fresh generator per round from OS entropy: rounding needs unpredictable coins, the noise secret ones
