@@ -296,8 +296,8 @@ def plan_client_level(settings: PlanSettings) -> ClientLevelPlan | None:
             f"privacy.client_level.delta={delta:g} is not below 1/federation.clients = {1.0 / n:.3g}; "
             f"choose privacy.client_level.delta < {1.0 / n:.3g} (well below: it is the chance of exposing a whole client)"
         )
-    if level.distributed:
-        return _plan_distributed(level, q * n, q, rounds)
+    if level.distributed:  # the cohort is ⌈fraction·N⌉ clients (at least min_clients), not Poisson-sampled
+        return _plan_distributed(level, settings.participation_probability * n, q, rounds)
     if level.noise_multiplier is not None:
         sigma = level.noise_multiplier
     else:
