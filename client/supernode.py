@@ -7,6 +7,10 @@ per round pay it four times. This entry point runs Flower's own ``flower_superno
 sleep lasts ``FEDSPEC_NODE_IDLE_POLL`` seconds (``fedspec node --idle-poll``). Only that module's view of
 ``time`` is changed: every other sleep shorter than the cap (its 0.5 s waits) is left as it is. A shorter poll costs
 one small gRPC request per interval per idle node on the SuperLink.
+
+With ``FEDSPEC_CLIENTAPP_LAUNCHER`` set (``fedspec node`` sets it), the SuperExec this node starts is
+``fedspec.client.superexec``, which hands every ClientApp start to fedspec's pre-imported launcher
+(``fedspec.client.launcher``) instead of spawning a fresh ``flwr-clientapp`` process.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+from fedspec.client.launcher import LAUNCHER_ENV, module_view
 from fedspec.launch import IDLE_POLL_ENV
 
 FLOWER_IDLE_POLL = 3.0  # seconds: Flower 1.42's hard-coded idle sleep
@@ -38,9 +43,22 @@ def idle_poll_seconds(environ: dict | None = None) -> float:
 def capped_clock(cap: float) -> SimpleNamespace:
     """The ``time`` module as ``start_client_internal`` sees it: every attribute is the real one, but no sleep
     lasts longer than ``cap``."""
-    clock = SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("__")})
-    clock.sleep = lambda seconds: time.sleep(min(seconds, cap))
-    return clock
+    return module_view(time, sleep=lambda seconds: time.sleep(min(seconds, cap)))
+
+
+def superexec_via_fedspec(real_popen=None) -> SimpleNamespace:
+    """``subprocess`` as ``start_client_internal`` sees it: its ``flower-superexec`` starts as
+    ``fedspec.client.superexec`` (the same SuperExec, handing ClientApp starts to fedspec's launcher)."""
+    import subprocess
+
+    real_popen = real_popen or subprocess.Popen
+
+    def popen(args, *rest, **kwargs):
+        if args and args[0] == "flower-superexec":
+            args = [sys.executable, "-m", "fedspec.client.superexec", *args[1:]]
+        return real_popen(args, *rest, **kwargs)
+
+    return module_view(subprocess, Popen=popen)
 
 
 def main() -> None:
@@ -48,6 +66,8 @@ def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
     start_client_internal.time = capped_clock(idle_poll_seconds())
+    if os.environ.get(LAUNCHER_ENV):
+        start_client_internal.subprocess = superexec_via_fedspec()
     sys.argv[0] = "flower-supernode"
     sys.exit(flower_supernode())
 

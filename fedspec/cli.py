@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser(
         "node",
         help="start a Flower SuperNode for fedspec, with its warm worker",
-        description="Run this node's warm worker (`fedspec worker`: the model and data stay loaded between rounds) "
-        "and flower-supernode in the foreground: TLS to the SuperLink (--ca), node authentication (--key), the "
+        description="Run this node's warm worker (`fedspec worker`: the model and data stay loaded between rounds), "
+        "its ClientApp launcher (a pre-imported flwr-clientapp, forked per message) and flower-supernode in the "
+        "foreground: TLS to the SuperLink (--ca), node authentication (--key), the "
         "node config fedspec reads (partition-id, state-dir, data-path) and the worker's socket, runtime "
         "dependency installation, telemetry and update checks off. Register the node's public key with the "
         "SuperLink first (flwr supernode register). --dry-run prints the commands. See docs/deployment.md.",
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
     node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
     node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
+    node.add_argument("--no-launcher", dest="launcher", action="store_false",
+                      help="let Flower start a fresh flwr-clientapp process for every message (~1 s of imports "
+                      "each) instead of forking fedspec's pre-imported one")
     node.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL, metavar="SECONDS",
                       help=f"how long an idle node waits before asking the SuperLink for work again (default "
                       f"{DEFAULT_IDLE_POLL:g}; Flower's flower-supernode waits 3 s, which every message of a round pays)")
@@ -513,7 +517,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                          key=args.key and Path(args.key), state_dir=Path(args.state_dir),
                          data_path=args.data_path and Path(args.data_path), port=args.port,
                          num_partitions=args.num_partitions, warm=not args.cold, insecure=args.insecure,
-                         idle_poll=args.idle_poll)
+                         idle_poll=args.idle_poll, launcher=args.launcher)
     if args.dry_run:
         print(launch.describe())
         return 0

@@ -3,7 +3,8 @@
 Each command builds the raw Flower command line (``--dry-run`` prints it) and runs it with safe defaults: TLS and
 SuperNode authentication on (``--insecure`` is refused unless every address is loopback), runtime dependency
 installation, telemetry and update checks off, a state folder, and for a node its warm worker (``fedspec worker``)
-started first, so the model and data stay loaded between rounds. The processes run in the foreground; Ctrl-C or
+started first, so the model and data stay loaded between rounds, and its ClientApp launcher
+(``fedspec.client.launcher``), so no message waits for a fresh process to import Flower. The processes run in the foreground; Ctrl-C or
 SIGTERM stops them all, and when one exits the others are stopped too. No Flower import: these are processes.
 """
 
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .client.launcher import LAUNCHER_ENV
 from .errors import ConfigError
 
 SAFE_ENV = {
@@ -92,7 +94,7 @@ def superlink_launch(credentials: Path | None, *, host: str, port: int, state_di
 
 def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path | None, state_dir: Path,
                 data_path: Path | None, port: int, num_partitions: int | None, warm: bool, insecure: bool,
-                idle_poll: float = DEFAULT_IDLE_POLL) -> Launch:
+                idle_poll: float = DEFAULT_IDLE_POLL, launcher: bool = True) -> Launch:
     state_dir = Path(state_dir).expanduser().resolve()
     host = superlink.rsplit(":", 1)[0]
     config = [f"partition-id={partition_id}", f'state-dir="{state_dir}"']
@@ -107,6 +109,12 @@ def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path
         config.append(f'worker="{socket}"')
         launch.commands.append(("worker", [_binary("fedspec"), "worker", "--socket", str(socket)]))
         launch.wait_for["worker"] = socket
+    if launcher:  # Flower starts a process per message; the launcher forks a pre-imported one (client/launcher.py)
+        launcher_socket = state_dir / "clientapp.sock"
+        launch.commands.append(("launcher", [sys.executable, "-m", "fedspec.client.launcher",
+                                             "--socket", str(launcher_socket)]))
+        launch.wait_for["launcher"] = launcher_socket
+        launch.env[LAUNCHER_ENV] = str(launcher_socket)
     # Flower's flower-supernode, through fedspec's entry point that shortens its idle poll (client/supernode.py).
     if not 0.05 <= idle_poll <= 3.0:
         raise ConfigError(f"--idle-poll {idle_poll:g}: choose between 0.05 and 3 seconds (Flower's own is 3)")

@@ -264,9 +264,9 @@ def _labelled_file(path: Path, seed: int, count: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "secure-aggregation", "warm"])
+@pytest.mark.parametrize("mode", ["plain", "secure-aggregation", "warm", "warm-no-launcher"])
 def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
-    secure, warm = mode == "secure-aggregation", mode == "warm"
+    secure, warm, launcher = mode == "secure-aggregation", mode.startswith("warm"), mode == "warm"
     started = time.monotonic()
     creds = create_credentials(tmp_path / "creds", nodes=3)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
@@ -324,6 +324,7 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
                     str(BIN / "fedspec"), "node", "--superlink", f"127.0.0.1:{link_port}", "--id", str(i),
                     "--ca", str(creds.ca_cert), "--key", str(creds.node_key(i)), "--data-path", str(own_data[i]),
                     "--num-partitions", "2", "--state-dir", str(states[i]), "--port", str(node_ports[i]),
+                    *([] if launcher else ["--no-launcher"]),
                 ], tmp_path / f"supernode-{i}-home")
             else:
                 supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"')
@@ -375,10 +376,11 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
     assert all(c["rounds_taken_part"] == 2 for c in report["clients"].values())
     assert not (tmp_path / "runs" / "deployed" / "clients").exists()  # real clients keep no state on the server
 
-    if warm:  # every message ran in the workers, none cold
+    if warm:  # every message ran in the workers, none cold; with the launcher, no flwr-clientapp was spawned
         for i in range(2):
             assert procs.log(f"node-{i}").count("fedspec worker: train of run") == 2
             assert "running this message here (cold)" not in procs.log(f"node-{i}")
+            assert (procs.log(f"node-{i}").count("fedspec launcher: flwr-clientapp forked") >= 2) == launcher
     # Round overhead beyond compute: the server's round time minus the slowest client's own training time
     overheads = [r["seconds"] - max(c["train_seconds"] for c in fits if c["round"] == r["round"]) for r in rounds]
     total = time.monotonic() - started

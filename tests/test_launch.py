@@ -11,6 +11,7 @@ import pytest
 from fedspec.cli import main
 from fedspec.deployment import create_credentials
 from fedspec.errors import ConfigError
+from fedspec.client.launcher import LAUNCHER_ENV
 from fedspec.launch import IDLE_POLL_ENV, SAFE_ENV, node_launch, superlink_launch
 
 
@@ -37,17 +38,23 @@ def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path)
     launch = node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
                          state_dir=tmp_path / "state", data_path=data, port=9100, num_partitions=None, warm=True,
                          insecure=False)
-    (worker_name, worker), (node_name, node) = launch.commands
-    assert (worker_name, node_name) == ("worker", "supernode")
+    (worker_name, worker), (launcher_name, launcher), (node_name, node) = launch.commands
+    assert (worker_name, launcher_name, node_name) == ("worker", "launcher", "supernode")
     socket = tmp_path / "state" / "worker.sock"
     assert worker[1:] == ["worker", "--socket", str(socket)] and launch.wait_for["worker"] == socket
+    launcher_socket = tmp_path / "state" / "clientapp.sock"
+    assert launcher[1:] == ["-m", "fedspec.client.launcher", "--socket", str(launcher_socket)]
+    assert launch.wait_for["launcher"] == launcher_socket and launch.env[LAUNCHER_ENV] == str(launcher_socket)
     config = shlex.split(node[node.index("--node-config") + 1])
     assert config == ["partition-id=3", f"state-dir={tmp_path / 'state'}", f"data-path={data}", f"worker={socket}"]
     assert node[node.index("--root-certificates") + 1] == str(creds.ca_cert)
     assert node[node.index("--auth-supernode-private-key") + 1] == str(creds.node_key(0))
     cold = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
                        data_path=None, port=9094, num_partitions=2, warm=False, insecure=False)
-    assert [name for name, _ in cold.commands] == ["supernode"]
+    assert [name for name, _ in cold.commands] == ["launcher", "supernode"]
+    bare = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
+                       data_path=None, port=9094, num_partitions=2, warm=False, insecure=False, launcher=False)
+    assert [name for name, _ in bare.commands] == ["supernode"] and LAUNCHER_ENV not in bare.env
 
 
 @pytest.mark.parametrize("host, allowed", [("127.0.0.1", True), ("localhost", True), ("::1", True),
@@ -77,7 +84,8 @@ def test_cli_dry_run_prints_the_commands_and_missing_credentials_fail_in_one_lin
 
 def test_the_node_runs_flower_supernode_with_a_shorter_idle_poll(creds, tmp_path):
     launch = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,
-                         data_path=None, port=9094, num_partitions=2, warm=False, insecure=False, idle_poll=0.25)
+                         data_path=None, port=9094, num_partitions=2, warm=False, insecure=False, idle_poll=0.25,
+                         launcher=False)
     (_, node), = launch.commands
     assert node[1:3] == ["-m", "fedspec.client.supernode"] and launch.env[IDLE_POLL_ENV] == "0.25"
     with pytest.raises(ConfigError, match="--idle-poll 5: choose between 0.05 and 3 seconds"):
