@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,6 +56,9 @@ def request_start(socket_path: str | os.PathLike[str], args: list[str]) -> bool:
 
 def serve(socket_path: Path) -> None:
     """Import, then fork one ``flwr-clientapp`` per request, forever (SIGTERM / Ctrl-C end it)."""
+    # A process that forks should have one thread: numpy's OpenBLAS would start a pool at import. (The children
+    # only forward messages to the warm worker; a cold one imports torch, whose own pools are unaffected.)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from flwr.supernode.cli import flwr_clientapp  # noqa: F401  (the imports are the point: children inherit them)
 
     import fedspec.client.app  # noqa: F401
@@ -69,6 +73,9 @@ def serve(socket_path: Path) -> None:
         finally:
             os.umask(previous)
         server.listen(16)
+        threads = _thread_count()
+        if threads != 1:  # forking a process with other threads can leave the child with locks nobody releases
+            print(f"fedspec launcher: warning: {threads} threads before forking", file=sys.stderr, flush=True)
         print(f"fedspec launcher: ready on {socket_path}", file=sys.stderr, flush=True)
         while True:
             conn, _ = server.accept()
@@ -84,6 +91,12 @@ def serve(socket_path: Path) -> None:
                     _run_clientapp(args)
                 conn.sendall(b"started\n")
                 print(f"fedspec launcher: flwr-clientapp forked (pid {child})", file=sys.stderr, flush=True)
+
+
+def _thread_count() -> int:
+    """The process's OS threads (native ones too, on Linux), else its Python threads."""
+    tasks = Path("/proc/self/task")
+    return len(list(tasks.iterdir())) if tasks.is_dir() else threading.active_count()
 
 
 def _read_request(conn: socket.socket) -> list[str] | None:
