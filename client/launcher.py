@@ -23,10 +23,10 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
-LAUNCHER_ENV = "FEDSPEC_CLIENTAPP_LAUNCHER"  # the socket SuperExec hands ClientApp starts to
 CLIENTAPP_COMMAND = "flwr-clientapp"
 ANSWER_SECONDS = 5.0  # a launcher that does not answer within this is treated as absent (Flower spawns the app)
 _MAX_REQUEST_BYTES = 64 * 1024
@@ -62,6 +62,10 @@ def serve(socket_path: Path) -> None:
     from flwr.supernode.cli import flwr_clientapp  # noqa: F401  (the imports are the point: children inherit them)
 
     import fedspec.client.app  # noqa: F401
+
+    from .object_pulls import shorten_object_pull_waits
+
+    shorten_object_pull_waits()  # a forked ClientApp asks for its message at once: see object_pulls.py
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel: no zombies, no waiting
     socket_path = Path(socket_path)
@@ -112,7 +116,7 @@ def _read_request(conn: socket.socket) -> list[str] | None:
 def _run_clientapp(args: list[str]) -> None:
     """In the forked child: run Flower's entry point and leave with its exit status, never back into the loop."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    code = 0
+    started, code = time.monotonic(), 0
     try:
         from flwr.supernode.cli import flwr_clientapp
 
@@ -124,8 +128,9 @@ def _run_clientapp(args: list[str]) -> None:
         print(f"fedspec launcher: flwr-clientapp failed: {error!r}", file=sys.stderr, flush=True)
         code = 1
     finally:
+        print(f"fedspec launcher: flwr-clientapp (pid {os.getpid()}) exited with {code} after "
+              f"{time.monotonic() - started:.2f} s", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        sys.stderr.flush()
     os._exit(code)
 
 

@@ -13,7 +13,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from fedspec.client.launcher import CLIENTAPP_COMMAND, LAUNCHER_ENV, module_view, request_start
+from fedspec.client.launcher import CLIENTAPP_COMMAND, module_view, request_start
+from fedspec.launch import LAUNCHER_ENV
 
 
 def routed_subprocess(socket_path: str) -> SimpleNamespace:

@@ -20,8 +20,8 @@ import sys
 import time
 from types import SimpleNamespace
 
-from fedspec.client.launcher import LAUNCHER_ENV, module_view
-from fedspec.launch import IDLE_POLL_ENV
+from fedspec.client.launcher import module_view
+from fedspec.launch import IDLE_POLL_ENV, LAUNCHER_ENV
 
 FLOWER_IDLE_POLL = 3.0  # seconds: Flower 1.42's hard-coded idle sleep
 
@@ -65,7 +65,10 @@ def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
+    from fedspec.client.object_pulls import shorten_object_pull_waits
+
     start_client_internal.time = capped_clock(idle_poll_seconds())
+    shorten_object_pull_waits()
     if os.environ.get(LAUNCHER_ENV):
         start_client_internal.subprocess = superexec_via_fedspec()
     sys.argv[0] = "flower-supernode"

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client.launcher import LAUNCHER_ENV
 from .errors import ConfigError
 
 SAFE_ENV = {
@@ -33,6 +32,7 @@ SAFE_ENV = {
 }
 WORKER_START_SECONDS = 180.0
 IDLE_POLL_ENV = "FEDSPEC_NODE_IDLE_POLL"  # read by fedspec.client.supernode (a Flower module: not imported here)
+LAUNCHER_ENV = "FEDSPEC_CLIENTAPP_LAUNCHER"  # the launcher's socket, read by fedspec.client.supernode and .superexec
 DEFAULT_IDLE_POLL = 0.5  # seconds an idle node waits before asking the SuperLink again (Flower's own: 3)
 
 

@@ -22,8 +22,11 @@ def build_server_app(config_json: str | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedspec.client.object_pulls import shorten_object_pull_waits
+
         from .federation import run_federation
 
+        shorten_object_pull_waits()  # replies are pulled from the SuperLink as their objects arrive
         cfg = config_from_run_config(dict(context.run_config), config_json, run_id=context.run_id)
         if config_json is None:  # `flwr run`: no driver checked the run folder (`fedspec simulate` did)
             paths = check_run_dir(cfg)

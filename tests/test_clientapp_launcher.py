@@ -89,3 +89,28 @@ def test_flower_still_starts_both_processes_by_name_through_its_modules_subproce
     assert "subprocess.Popen(" in inspect.getsource(subprocess_executor.SubprocessExecutor)
     source = inspect.getsource(start_client_internal)
     assert 'command = ["flower-superexec"]' in source and "subprocess.Popen(command)" in source
+
+
+def test_object_pulls_retry_after_a_short_wait_and_still_back_off(monkeypatch):
+    """A forked ClientApp asks for its message before the SuperNode has its objects: the first retry must not
+    wait Flower's 1 s. Checked through the real pull loop, with an object that arrives on the third ask."""
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+    from fedspec.client.object_pulls import FIRST_WAIT_SECONDS, shorten_object_pull_waits
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        monkeypatch.setitem(function.__kwdefaults__, "initial_backoff", function.__kwdefaults__["initial_backoff"])
+    shorten_object_pull_waits()
+    asks = []
+
+    def pull(object_id):
+        asks.append(time.monotonic())
+        if len(asks) < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert pull_objects(["x"], pull) == {"x": b"content"}
+    waits = [b - a for a, b in zip(asks, asks[1:])]
+    assert FIRST_WAIT_SECONDS * 0.7 < waits[0] < 0.5 and waits[1] > waits[0] * 1.3  # short first, then doubling
+    assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] == FIRST_WAIT_SECONDS

@@ -11,8 +11,7 @@ import pytest
 from fedspec.cli import main
 from fedspec.deployment import create_credentials
 from fedspec.errors import ConfigError
-from fedspec.client.launcher import LAUNCHER_ENV
-from fedspec.launch import IDLE_POLL_ENV, SAFE_ENV, node_launch, superlink_launch
+from fedspec.launch import IDLE_POLL_ENV, LAUNCHER_ENV, SAFE_ENV, node_launch, superlink_launch
 
 
 @pytest.fixture(scope="module")
