@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
     node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
     node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
-    node.add_argument("--no-launcher", dest="launcher", action="store_false",
+    # Linux only: forking a process that has imported system frameworks is unsafe on macOS
+    node.add_argument("--no-launcher", dest="launcher", action="store_false", default=sys.platform == "linux",
                       help="let Flower start a fresh flwr-clientapp process for every message (~1 s of imports "
-                      "each) instead of forking fedspec's pre-imported one")
+                      "each) instead of forking fedspec's pre-imported one (the default on Linux only)")
     node.add_argument("--idle-poll", type=float, default=DEFAULT_IDLE_POLL, metavar="SECONDS",
                       help=f"how long an idle node waits before asking the SuperLink for work again (default "
                       f"{DEFAULT_IDLE_POLL:g}; Flower's flower-supernode waits 3 s, which every message of a round pays)")
