@@ -86,15 +86,23 @@ def serve(socket_path: Path) -> None:
             with conn:
                 args = _read_request(conn)
                 if args is None:
-                    conn.sendall(b"refused\n")
+                    _answer(conn, b"refused\n")
                     continue
                 child = os.fork()
                 if child == 0:  # the child: Flower's flwr-clientapp, with everything already imported
                     server.close()
                     conn.close()
                     _run_clientapp(args)
-                conn.sendall(b"started\n")
+                _answer(conn, b"started\n")
                 print(f"fedspec launcher: flwr-clientapp forked (pid {child})", file=sys.stderr, flush=True)
+
+
+def _answer(conn: socket.socket, answer: bytes) -> None:
+    """A requester that hung up is no reason to stop serving."""
+    try:
+        conn.sendall(answer)
+    except OSError:
+        pass
 
 
 def _thread_count() -> int:
