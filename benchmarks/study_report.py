@@ -186,8 +186,10 @@ def missing_cells(grid: Grid, results: dict[str, dict]) -> list[str]:
     missing = [c.key for c in tuning_cells(grid) if c.key not in results]
     for cell in final_cells(grid):
         lr = chosen_lr(grid, cell, results)
-        if lr is None or with_lr(cell, lr).key not in results:
+        if lr is None:  # its learning rate waits for the sweep
             missing.append(cell.key)
+        elif with_lr(cell, lr).key not in results:
+            missing.append(with_lr(cell, lr).key)
     return missing
 
 
