@@ -122,7 +122,10 @@ class SecureRound:
         """The clients' (weighted) mean update from the unmasked sum, and their total weight."""
         template = self.strategy.trained_template()
         if self.noise is not None:
-            sums, weight = self.noise.decode(total, template)
+            try:  # the sum is of what clients sent: a wrong size skips the round, like the quantizer's
+                sums, weight = self.noise.decode(total, template)
+            except ValueError as error:
+                raise SecAggError(str(error)) from None
         else:
             sums, weight = self.quantizer.decode(total, template)
         if weight < 1:

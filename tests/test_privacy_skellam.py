@@ -146,3 +146,20 @@ def test_a_client_adds_noise_only_for_a_share_count_it_can_check(told, fixed, ok
     else:
         with pytest.raises(SecAggError, match="noise"):
             noise_shares(cfg, msg)
+
+
+def test_a_masked_sum_of_the_wrong_size_skips_the_round_instead_of_ending_the_run():
+    """Every client can agree on a vector of the wrong size (another release, a hostile cohort): the server's
+    decoding must fail the way the secure round survives, never with an error that ends the federation."""
+    from types import SimpleNamespace
+
+    from fedspec.secagg import SecAggError
+    from fedspec.server.secure_round import SecureRound
+
+    secure = SecureRound.__new__(SecureRound)  # only what _mean reads
+    secure.noise, secure.quantizer = SkellamNoise(1.0, 1.0), None
+    secure.strategy = SimpleNamespace(trained_template=lambda: {"x": torch.zeros(4)})
+    with pytest.raises(SecAggError, match="coordinates"):
+        secure._mean(torch.zeros(7, dtype=torch.int64))
+    mean, clients = secure._mean(torch.tensor([0, 0, 0, 0, 2], dtype=torch.int64))
+    assert clients == 2 and torch.equal(mean["x"], torch.zeros(4, dtype=torch.float64))
