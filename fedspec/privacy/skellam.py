@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from ..secagg.quantize import MODULUS_BITS
+from ..secagg.quantize import MODULUS_BITS, unflatten
 
 __all__ = ["MIN_UNITS", "SkellamNoise", "noise_multiplier_for", "skellam", "units"]
 
@@ -153,11 +153,7 @@ class SkellamNoise:
         signed = torch.where(total >= half, total - 2 * half, total)
         clients = int(signed[-1])
         values = signed[:-1].to(torch.float64) * (self.clipping_norm / units(sum(sizes)))
-        out, start = {}, 0
-        for key, size in zip(sorted(like), sizes):
-            out[key] = values[start:start + size].reshape(like[key].shape)
-            start += size
-        return out, clients
+        return unflatten(values, like), clients
 
 
 def skellam(variance: float, size: int, generator: torch.Generator) -> torch.Tensor:

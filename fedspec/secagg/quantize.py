@@ -69,8 +69,14 @@ class Quantizer:
             raise SecAggError(f"the masked sum has {total.numel()} coordinates, the update {sum(sizes)} + 1")
         weight = int(total[-1])
         values = total[:-1].to(torch.float64) * self.step - self.clip * weight
-        out, start = {}, 0
-        for key, size in zip(sorted(like), sizes):
-            out[key] = values[start:start + size].reshape(like[key].shape)
-            start += size
-        return out, weight
+        return unflatten(values, like), weight
+
+
+def unflatten(values: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A flat vector back into tensors shaped as ``like``'s, keys in sorted order (how updates are flattened)."""
+    out, start = {}, 0
+    for key in sorted(like):
+        size = like[key].numel()
+        out[key] = values[start:start + size].reshape(like[key].shape)
+        start += size
+    return out
