@@ -55,7 +55,7 @@ def _config_groups(grid: Grid, results: dict[str, dict]) -> dict[tuple, list[dic
 
 def _data_scoring(grid: Grid) -> str:
     """How each data set of the grid trains and is scored."""
-    rows = "every row" if "data.eval_examples=0" in grid.overrides else "a 1,000-row sample"
+    rows = "every row" if "data.eval_examples=0" in grid.overrides + grid.final_overrides else "a 1,000-row sample"
     parts = {
         "sst2": (f"SST-2 trains on `train.tsv` (20,000 records) and is scored on `validation.tsv` ({rows}) and on its "
                  "whole sentences (≥ 15 words)."),

@@ -88,6 +88,17 @@ def test_an_untuned_grid_runs_its_fixed_rates_without_a_sweep(tmp_path):
                          tuned=False)
 
 
+def test_final_overrides_score_only_the_finals_differently(tmp_path):
+    """The methods grid tunes on the training file's 1,000-row validation split (as earlier sweeps did) and
+    scores its finals on every evaluation row."""
+    grid = study_cells.METHODS
+    tune = next(c for c in tuning_cells(grid) if c.strategy == "ffa")
+    final = with_lr(next(c for c in final_cells(grid) if c.strategy == "ffa"), 1.0)
+    assert "data.eval_examples=0" not in study_cells.command(tune, grid, tmp_path)
+    assert "data.eval_examples=0" in study_cells.command(final, grid, tmp_path)
+    assert {c.strategy for c in final_cells(grid)} == {"fedsvd", "ffa", "fedit", "fedavg", CENTRALIZED}
+
+
 def test_shards_split_the_grid_without_overlap():
     cells = tuning_cells(MINIMUM) + final_cells(MINIMUM)
     shards = [{c.key for c in cells if accuracy.in_shard(study_cells.stable_index(c), (i, 3))} for i in range(3)]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import fedspec
-from fedspec.models import tokenize
+from fedspec.models import Tokenized, tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
 from fedspec.privacy.accounting import sample_rate
-from fedspec.training import DPSettings, evaluate, train_steps
+from fedspec.training import DPSettings, evaluate, predict_logits, train_steps
 
 from helpers import assert_opacus_matches_per_example_loop, tiny_classifier
 
@@ -218,3 +218,21 @@ def test_the_new_settings_can_be_overridden_from_every_config_group(tiny_cfg):
     assert tiny_cfg("privacy=client-dp", "federation.weighting=uniform",
                     "privacy.head_clip_share=0.3").privacy.head_clip_share == 0.3
     assert tiny_cfg("train.physical_batch_size=4").train.physical_batch_size == 4
+
+
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_evaluation_in_length_order_returns_every_row_in_its_own_place(model_name):
+    """Evaluation batches rows of similar length (less padding); each row's logits must still be the ones the
+    model gives it alone, in the caller's order."""
+    texts = ["a", "the bank raised its rates again today after the long meeting", "rain", "stocks fell sharply",
+             "scientists found water on the moon and then some more", "ok"] * 3
+    model, tokenizer = tiny_classifier(model_name)
+    fedspec.adapt(model, "pissa", 2)
+    data = tokenize(tokenizer, texts, 16)
+    logits = predict_logits(model, data, batch_size=4)
+    alone = torch.cat([predict_logits(model, Tokenized(data.input_ids[i:i + 1], data.attention_mask[i:i + 1]))
+                       for i in range(len(texts))])
+    torch.testing.assert_close(logits, alone, rtol=1e-4, atol=1e-5)
+    labels = torch.arange(len(texts)) % 3
+    expected = torch.nn.functional.cross_entropy(alone, labels).item()
+    assert evaluate(model, data, labels, batch_size=4)["loss"] == pytest.approx(expected, rel=1e-4)
