@@ -292,6 +292,14 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
     return record
 
 
+def last_rounds_drop(curve: list[float], rounds: int = 5) -> float:
+    """How far the last ``rounds`` rounds fell below the best round before them: 0 for a curve that only rises,
+    the depth of the swing for one that falls back (the spread alone cannot tell the two apart)."""
+    trained = curve[1:] or curve
+    start = max(len(trained) - rounds, 0)
+    return max((max(trained[: i + 1]) - trained[i] for i in range(start, len(trained))), default=0.0)
+
+
 def subgroup_accuracy(run_dir: Path) -> float:
     """Accuracy of the run's final adapter on the evaluation file's whole sentences (>= 15 words). SST-2's rows are
     phrases of its parse trees as well as whole sentences (22 % of the rows have 15 words or more, in train.tsv and

@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import generative
-from study_cells import CENTRALIZED, Cell, Grid, chosen_lr, final_cells, tuning_cells, with_lr
+from study_cells import CENTRALIZED, Cell, Grid, chosen_lr, final_cells, last_rounds_drop, tuning_cells, with_lr
 
 COMMAND = "python benchmarks/accuracy.py --grid {grid}"
 
@@ -74,8 +74,8 @@ def _lr_source(grid: Grid) -> str:
 
 def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
     lines = [("| data | strategy | adapter | ε | partition | lr | final accuracy | whole sentences | last-5 spread "
-              "| max client ε | bytes / client / round | minutes / run |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| last-5 drop | max client ε | bytes / client / round | minutes / run |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, strategy, adapter, eps, partition), records in sorted(_config_groups(grid, results).items()):
         subgroup = [r["subgroup_accuracy"] for r in records if r.get("subgroup_accuracy") is not None]
         epsilons = [r["max_epsilon"] for r in records if r.get("max_epsilon") is not None]
@@ -85,6 +85,7 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
             _mean_ci([r["accuracy"] for r in records]),
             _mean_ci(subgroup) if subgroup else "—",
             "—" if strategy == CENTRALIZED else f"{max(r['last5_spread'] for r in records):.3f}",  # one epoch
+            "—" if strategy == CENTRALIZED else f"{max(last_rounds_drop(r['curve']) for r in records):.3f}",
             f"{max(epsilons):.3f}" if epsilons else "—",
             f"{mean(sent) / 1024:.0f} KiB" if sent else "—",
             f"{mean(r['seconds'] for r in records) / 60:.1f}",
@@ -209,7 +210,9 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         f"{grid.clients} clients, {grid.rounds} rounds, record-level DP-SGD with δ = 1e-5; ε is each client's over "
         f"the whole run (the centralized baseline: the pooled data's, over its whole training). {_lr_source(grid)} "
         "± is the 95 % Student-t interval over seeds; only differences whose intervals do not overlap are "
-        "differences."),
+        "differences. Last-5 spread: the highest minus the lowest accuracy of the last five rounds; last-5 drop: "
+        "how far those rounds fell below the best round before them (0 when the curve only rises). Both are the "
+        "largest over seeds."),
         "",
         "## Accuracy",
         "",

@@ -99,6 +99,14 @@ def test_final_overrides_score_only_the_finals_differently(tmp_path):
     assert {c.strategy for c in final_cells(grid)} == {"fedsvd", "ffa", "fedit", "fedavg", CENTRALIZED}
 
 
+def test_last_rounds_drop_tells_a_swing_from_a_rise():
+    rising = [0.5, 0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
+    assert study_cells.last_rounds_drop(rising) == 0.0
+    swinging = [0.2, 0.54, 0.71, 0.78, 0.74, 0.69, 0.68, 0.70, 0.79, 0.81, 0.84]  # AG News, seed 2, half the clients
+    assert study_cells.last_rounds_drop(swinging) == pytest.approx(0.78 - 0.68)
+    assert study_cells.last_rounds_drop([0.5, 0.8]) == 0.0
+
+
 def test_shards_split_the_grid_without_overlap():
     cells = tuning_cells(MINIMUM) + final_cells(MINIMUM)
     shards = [{c.key for c in cells if accuracy.in_shard(study_cells.stable_index(c), (i, 3))} for i in range(3)]
