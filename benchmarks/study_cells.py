@@ -85,8 +85,8 @@ class Cell:
 
 
 # The defaults against the centralized baseline at the target point: ~2 h on 2 CPU cores. Half the clients
-# per round (federation=default), as every data config had when it ran; data=sst2 now carries all_clients, which
-# the fraction1 grid measures.
+# per round (federation=default), as every data config had when it ran; data=sst2 and data=agnews now carry
+# all_clients, which the fraction1 grid measures.
 QUICK = Grid(
     name="quick",
     datasets=("sst2", "agnews"),

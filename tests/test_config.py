@@ -23,9 +23,9 @@ def test_group_and_key_overrides():
 
 def test_a_data_config_carries_its_recipe_and_the_command_line_still_wins():
     assert compose_config([], check_files=False).federation.fraction == 0.5
-    assert compose_config(["data=agnews"], check_files=False).federation.fraction == 0.5
-    sst2 = compose_config(["data=sst2"], check_files=False)
-    assert sst2.federation.fraction == 1.0 and sst2.federation.clients == 20  # the rest of federation/default
+    for real_data in ("sst2", "agnews"):
+        cfg = compose_config([f"data={real_data}"], check_files=False)
+        assert cfg.federation.fraction == 1.0 and cfg.federation.clients == 20  # the rest of federation/default
     assert compose_config(["data=sst2", "federation=default"], check_files=False).federation.fraction == 0.5
     assert compose_config(["data=sst2", "federation.fraction=0.3"], check_files=False).federation.fraction == 0.3
 
