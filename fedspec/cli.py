@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--clients", type=int, help="number of clients (federation.clients, default 20)")
     simulate.add_argument("--rounds", type=int, help="number of rounds (federation.rounds, default 5)")
     simulate.add_argument("--fraction", type=float, help="share of clients sampled per round (federation.fraction: "
-                          "default 0.5; data=sst2 carries 1, every client in every round)")
+                          "default 0.5; data=sst2 and data=agnews carry 1, every client in every round)")
     simulate.add_argument("--resume", action="store_true", help="continue runs/<name>/ from its last checkpoint")
     _add_common(simulate)
 
