@@ -5,6 +5,8 @@
     python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (any machine)
     python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
     python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
+    python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the defaults' point
+    python benchmarks/accuracy.py --grid partitions    # the defaults under Dirichlet 0.1, 0.5 and IID clients
 
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own

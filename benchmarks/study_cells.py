@@ -175,7 +175,22 @@ METHODS = Grid(
     strategy_lrs=((CENTRALIZED, (0.1, 0.25, 0.5, 1.0, 2.0)),),
     final_overrides=("data.eval_examples=0",),
 )
-GRIDS = {grid.name: grid for grid in (QUICK, FRACTION1, DEFAULTS, METHODS, MINIMUM, SMOKE)}
+# How the defaults fare as the clients' label skew changes: Dirichlet 0.1 (most clients hold nearly one class),
+# 0.5 (the defaults grid's point, so its ε = 3 cells are the same runs) and IID, at the rates the defaults keep.
+PARTITIONS = Grid(
+    name="partitions",
+    datasets=("sst2",),
+    strategies=("fedsvd", CENTRALIZED),
+    adapters=("pissa",),
+    epsilons=(3.0,),
+    partitions=("dir0.5", "dir0.1", "iid"),
+    seeds=(0, 1, 2),
+    lrs=(1.0,),
+    strategy_lrs=((CENTRALIZED, (0.1,)),),
+    overrides=("data.eval_examples=0",),
+    tuned=False,
+)
+GRIDS = {grid.name: grid for grid in (QUICK, FRACTION1, DEFAULTS, METHODS, PARTITIONS, MINIMUM, SMOKE)}
 
 
 def needs_data_root(dataset: str) -> bool:

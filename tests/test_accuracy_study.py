@@ -99,6 +99,20 @@ def test_final_overrides_score_only_the_finals_differently(tmp_path):
     assert {c.strategy for c in final_cells(grid)} == {"fedsvd", "ffa", "fedit", "fedavg", CENTRALIZED}
 
 
+def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_defaults_grid(tmp_path):
+    partitions, defaults = study_cells.PARTITIONS, study_cells.DEFAULTS
+    cells = final_cells(partitions)
+    assert {c.partition for c in cells if c.strategy == "fedsvd"} == {"dir0.1", "dir0.5", "iid"}
+    assert {c.partition for c in cells if c.strategy == CENTRALIZED} == {"dir0.5"}  # pooled: one cell per seed
+    in_defaults = {c.key for c in final_cells(defaults)}
+    for cell in (c for c in cells if c.partition == "dir0.5"):  # same key, same rate, same command
+        assert cell.key in in_defaults
+        lr = chosen_lr(partitions, cell, {})
+        assert lr == chosen_lr(defaults, cell, {})
+        assert (study_cells.command(with_lr(cell, lr), partitions, tmp_path)
+                == study_cells.command(with_lr(cell, lr), defaults, tmp_path))
+
+
 def test_last_rounds_drop_tells_a_swing_from_a_rise():
     rising = [0.5, 0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
     assert study_cells.last_rounds_drop(rising) == 0.0
