@@ -33,12 +33,12 @@ from .builders import (
 from .config import save_config
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
-
+from .privacy.accounting import sample_rate
 from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta, init_statistics_entries
 from .render import markdown_table, number, results_table
 from .rundir import MetricsLog, RunPaths, check_run_dir
-from .privacy.accounting import sample_rate
+from .trained import labels_metadata
 from .training import DPSettings, evaluate, train_steps
 
 CENTRAL_CLIENT = "centralized"
@@ -161,7 +161,8 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             if cfg.run.progress:
                 console.print(f"epoch {epoch}: train loss {result.mean_loss:.4f}  eval acc {rows[-1].eval_accuracy:.4f}")
 
-    save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized"})
+    save_adapter(model, paths.adapter, metadata={"run": cfg.run.name, "mode": "centralized",
+                                                 **labels_metadata(settings, task.eval.label_names)})
     peft_export = write_peft_export(model, paths.adapter_peft, settings)
     write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
                                  statistics.report(calibration))

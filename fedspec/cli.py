@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, help="the longest answer (default: the run's data.max_new_tokens)")
     generate.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
 
+    predict = sub.add_parser(
+        "predict",
+        help="label texts with a trained classifier run",
+        description="Load RUN_DIR's model with its final adapter and head and label each --text (printed: the "
+        "most probable class, its probability, the text) or each text of --file (one per line, or JSON lines; "
+        "written to stdout as JSON lines with the label and every class's probability). Texts are tokenized and "
+        "truncated as in training (model.max_length).",
+    )
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of a classification task")
+    predict.add_argument("--text", action="append", default=[], help="a text to label (repeatable)")
+    predict.add_argument("--file", help="texts to label: one per line, or JSON lines (.jsonl) with a text field")
+    predict.add_argument("--field", default="text", help="the text field of a JSON-lines --file (default: text)")
+
     plan = sub.add_parser(
         "privacy-plan",
         help="plan each client's noise for a target epsilon before running",
@@ -358,28 +371,12 @@ def _sizes(text: str) -> list[int]:
 
 
 def cmd_export_peft(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from .adapters import load_adapter, read_adapter_config
-    from .builders import ModelSettings, build_backbone, write_peft_export
-    from .config import load_config_file
+    from .builders import write_peft_export
+    from .trained import load_trained
 
     adapter_dir = Path(args.adapter_dir)
-    read_adapter_config(adapter_dir)  # a clear error when it is not a fedspec adapter
-    run_config = adapter_dir.parent / "config.yaml"
-    if not run_config.is_file():
-        raise FedspecError(f"{run_config} does not exist: ADAPTER_DIR must sit in a run folder (runs/NAME/adapter)")
-    cfg = load_config_file(run_config)
-    settings = ModelSettings.of(cfg)
-    num_classes = 0  # a causal LM has no classification head
-    if not settings.causal_lm:
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
-            if "head.weight" not in weights.keys():
-                raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
-            num_classes = weights.get_slice("head.weight").get_shape()[0]
-    model, _ = build_backbone(settings, num_classes)
-    load_adapter(model, adapter_dir)
-    reason = write_peft_export(model, Path(args.out_dir), settings)
+    run = load_trained(adapter_dir.parent, adapter_dir=adapter_dir)
+    reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:
         raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
     console.print(f"PEFT LoRA adapter written to {args.out_dir}")
@@ -389,39 +386,48 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
 
-    from .adapters import load_adapter
-    from .builders import ModelSettings, build_backbone
-    from .config import load_config_file
     from .data.instructions import Conversations, load_prompts
     from .generation import generate_responses
+    from .trained import load_trained
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FedspecError(f"{run_dir} holds no config.yaml: RUN_DIR must be a run folder (runs/NAME)")
-    cfg = load_config_file(run_dir / "config.yaml")
-    settings = ModelSettings.of(cfg)
-    if not settings.causal_lm:
-        raise FedspecError(f"{run_dir} trained a classifier (data.task={cfg.data.task}); generate needs a causal-LM run")
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
-    model, tokenizer = build_backbone(settings, 0)
-    if not args.base:
-        if not (run_dir / "adapter").is_dir():
-            raise FedspecError(f"{run_dir} has no adapter/ yet (is the run finished?); --base answers without it")
-        load_adapter(model, run_dir / "adapter")
+    run = load_trained(Path(args.run_dir), with_adapter=not args.base)
+    if not run.settings.causal_lm:
+        raise FedspecError(f"{args.run_dir} trained a classifier: label texts with `fedspec predict`")
     records = Conversations([(("user", text), ("assistant", "")) for text in args.prompt], [0] * len(args.prompt),
                             ["-"])
     from_file = load_prompts(args.file) if args.file else None
     if from_file is not None:
         records = Conversations([*records.records, *from_file.records], [0] * (len(records) + len(from_file)), ["-"])
-    max_new = args.max_new_tokens or int(cfg.data.max_new_tokens)
-    answers = generate_responses(model, tokenizer, records, max_new_tokens=max_new)
+    max_new = args.max_new_tokens or int(run.cfg.data.max_new_tokens)
+    answers = generate_responses(run.model, run.tokenizer, records, max_new_tokens=max_new)
     for index, (record, answer) in enumerate(zip(records.records, answers)):
         if index < len(args.prompt):
             console.print(f"[bold]prompt:[/] {record[0][1]}\n[bold]answer:[/] {answer}\n", highlight=False)
         else:
             line = {"prompt": record[-2][1], "response": answer, **({"reference": record[-1][1]} if record[-1][1] else {})}
             print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.sources import load_texts
+    from .trained import classify, load_trained
+
+    if not args.text and not args.file:
+        raise FedspecError("give --text TEXT (repeatable) or --file TEXTS (one per line, or JSON lines)")
+    texts = load_texts(args.file, args.field) if args.file else []
+    run = load_trained(Path(args.run_dir))
+    predictions = classify(run, [*args.text, *texts])
+    for text, prediction in zip(args.text, predictions):
+        console.print(f"[bold]{prediction.label}[/] ({prediction.probabilities[prediction.label]:.3f})  {text}",
+                      highlight=False, soft_wrap=True)
+    for text, prediction in zip(texts, predictions[len(args.text):]):
+        print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities},
+                         ensure_ascii=False))
     return 0
 
 
@@ -537,6 +543,7 @@ COMMANDS = {
     "audit": cmd_audit,
     "export-peft": cmd_export_peft,
     "generate": cmd_generate,
+    "predict": cmd_predict,
 }
 
 

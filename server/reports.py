@@ -17,6 +17,7 @@ from fedspec.privacy.disclosures import server_sees
 from fedspec.privacy.planning import PlanSettings
 from fedspec.privacy.report import ClientLevelSettings
 from fedspec.rundir import MetricsLog, RunPaths
+from fedspec.trained import labels_metadata
 
 from .global_model import GlobalModel
 from .progress import RoundRow, byte_size, rounds_markdown
@@ -117,8 +118,10 @@ def write_final_reports(
     stopped: str | None = None,
     client_level: PrivacyLedger | None = None,
 ) -> None:
-    model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name})
-    peft_export = write_peft_export(model.model, paths.adapter_peft, ModelSettings.of(cfg))
+    settings = ModelSettings.of(cfg)
+    model.save(paths.adapter, metadata={"run": cfg.run.name, "rounds": rows[-1].round, "strategy": cfg.strategy.name,
+                                        **labels_metadata(settings, model.held_out.label_names)})
+    peft_export = write_peft_export(model.model, paths.adapter_peft, settings)
     report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
                                       client_level=client_level)
     paths.summary.write_text(summary_markdown(cfg, rows, report, peft_export))

@@ -96,6 +96,19 @@ def test_final_adapter_reloads_on_a_fresh_model_with_the_servers_accuracy(finish
     assert accuracy == pytest.approx(_rounds(result.paths)[-1]["eval_accuracy"], abs=1e-6)
 
 
+def test_predict_labels_the_held_out_texts_with_the_servers_accuracy_and_class_names(finished_run):
+    from fedspec.trained import classify, load_trained
+
+    cfg, result = finished_run
+    task = build_task(cfg.data, cfg.run.seed)
+    run = load_trained(result.paths.root)
+    assert run.labels == task.eval.label_names  # saved beside the adapter by the server
+    predictions = classify(run, task.eval.texts)
+    correct = [p.label == task.eval.label_names[y] for p, y in zip(predictions, task.eval.labels)]
+    assert sum(correct) / len(correct) == pytest.approx(_rounds(result.paths)[-1]["eval_accuracy"], abs=1e-6)
+    assert all(sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5) for p in predictions)
+
+
 def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_path):
     """Roll a copy of the finished run back to the state right after round 2's checkpoint (as if the server had
     crashed before sending round 3), resume it, and compare with the uninterrupted run: same model (the server's

@@ -220,6 +220,24 @@ def read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
     return numbered
 
 
+def load_texts(path: str | Path, field: str = "text", *, path_key: str = "--file") -> list[str]:
+    """Unlabelled texts to score: JSON lines (.jsonl, .ndjson, .json) with a ``field``, else one text per
+    non-blank line."""
+    file = existing_file(path, path_key)
+    if _FORMAT_BY_EXTENSION.get(file.suffix.lower()) == "jsonl":
+        texts = []
+        for line_number, record in read_json_records(file):
+            if not isinstance(record.get(field), str):
+                raise DataError(f"line {line_number} of {file} has no text in {field!r} (its fields: "
+                                f"{', '.join(map(str, record))}); name the text field with --field")
+            texts.append(record[field])
+    else:
+        texts = [line for line in _read_text(file).splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path_key}={str(path)!r} holds no texts")
+    return texts
+
+
 def _fields_from_json(
     file: Path, text_field: Field, label_field: Field
 ) -> tuple[list[str], list[Any], list[int]]:

@@ -1,0 +1,103 @@
+"""`fedspec predict`: a finished classifier run labels new texts with its own class names, exactly as it scored
+its held-out data, and bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedspec.cli import main
+from fedspec.rundir import MetricsLog
+
+REVIEWS = [("a warm , funny and moving film", "positive"), ("dull , flat and far too long", "negative"),
+           ("the best thing i saw this year", "positive"), ("a tedious mess of a movie", "negative")]
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A centralized tiny-bert run on a file with string labels, scored on every row of its evaluation file."""
+    root = tmp_path_factory.mktemp("predict")
+    train, held_out = root / "train.jsonl", root / "eval.jsonl"
+    train.write_text("".join(json.dumps({"text": f"{text} {i}", "label": label}) + "\n"
+                             for i in range(24) for text, label in REVIEWS))
+    held_out.write_text("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in REVIEWS * 3))
+    assert main(["train", "model=tiny-bert", "data.source=file", f"data.path={train}", f"data.eval_path={held_out}",
+                 "data.eval_examples=0", "privacy=none", "train.batch_size=16", "run.name=reviews",
+                 f"run.output_dir={root}", "run.progress=false"]) == 0
+    return root / "reviews", held_out
+
+
+def test_predict_names_the_runs_classes_and_reproduces_its_held_out_accuracy(classifier_run, capsys):
+    run, held_out = classifier_run
+    capsys.readouterr()
+    assert main(["predict", str(run), "--file", str(held_out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = [json.loads(line) for line in held_out.read_text().splitlines()]
+    assert [line["text"] for line in lines] == [record["text"] for record in expected]
+    assert all(set(line["probabilities"]) == {"negative", "positive"} for line in lines)
+    assert all(line["probabilities"][line["label"]] == max(line["probabilities"].values()) for line in lines)
+    accuracy = sum(line["label"] == record["label"] for line, record in zip(lines, expected)) / len(lines)
+    epochs = [r for r in MetricsLog(run / "metrics.jsonl").read() if r["kind"] == "epoch"]
+    assert accuracy == pytest.approx(epochs[-1]["eval_accuracy"], abs=1e-6)
+
+
+def test_predict_prints_a_label_for_each_text_and_reads_plain_text_files(classifier_run, tmp_path, capsys):
+    run, _ = classifier_run
+    capsys.readouterr()
+    assert main(["predict", str(run), "--text", "a moving film", "--text", "a tedious mess"]) == 0
+    printed = capsys.readouterr().err.splitlines()
+    assert len(printed) == 2 and printed[0].endswith("a moving film") and printed[1].endswith("a tedious mess")
+    assert all(line.split()[0] in ("negative", "positive") for line in printed)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a moving film\n\na tedious mess\n")
+    assert main(["predict", str(run), "--file", str(texts)]) == 0
+    assert [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()] == ["a moving film",
+                                                                                         "a tedious mess"]
+
+
+def test_a_run_saved_without_class_names_is_labelled_by_class_id(classifier_run, tmp_path, capsys):
+    import shutil
+
+    run, _ = classifier_run
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    config = old / "adapter" / "adapter_config.json"
+    raw = json.loads(config.read_text())
+    del raw["metadata"]["labels"]
+    config.write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["predict", str(old), "--text", "a moving film"]) == 0
+    assert capsys.readouterr().err.split()[0] in ("0", "1")
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ([], "give --text TEXT"),
+    (["--file", "{missing}"], "nope.txt' does not exist"),
+    (["--file", "{numbers}"], "has no text in 'text' (its fields: text, review); name the text field with --field"),
+])
+def test_bad_predict_input_gets_one_line(classifier_run, tmp_path, capsys, arguments, message):
+    run, _ = classifier_run
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text(json.dumps({"text": 5, "review": "a fine film"}) + "\n")
+    capsys.readouterr()
+    assert main(["predict", str(run), *(a.format(missing=tmp_path / "nope.txt", numbers=numbers) for a in arguments)]) == 2
+    assert message in capsys.readouterr().err.replace("\n", "")
+    assert main(["predict", str(run), "--file", str(numbers), "--field", "review"]) == 0
+
+
+def test_predict_needs_a_finished_run_folder(classifier_run, tmp_path, capsys):
+    run, _ = classifier_run
+    assert main(["predict", str(tmp_path), "--text", "x"]) == 2
+    assert "config.yaml does not exist: give a run folder" in capsys.readouterr().err.replace("\n", "")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["predict", str(unfinished), "--text", "x"]) == 2
+    assert "has no adapter/ yet (is the run finished?)" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
+    run, _ = classifier_run
+    assert main(["generate", str(run), "--prompt", "hello"]) == 2
+    assert "fedspec predict" in capsys.readouterr().err
