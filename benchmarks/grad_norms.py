@@ -42,9 +42,9 @@ def per_record_norms(model: torch.nn.Module, tokenizer, texts: list[str], labels
 
 def describe(name: str, norms: list[float], bound: float) -> str:
     ordered = sorted(norms)
-    pick = lambda share: ordered[round(share * (len(ordered) - 1))]  # noqa: E731
+    p10, p90 = (ordered[round(share * (len(ordered) - 1))] for share in (0.1, 0.9))
     clipped = sum(norm > bound for norm in norms) / len(norms)
-    return (f"{name:<24} {len(norms):>7} {median(norms):>8.3f} {pick(0.1):>8.3f} {pick(0.9):>8.3f} "
+    return (f"{name:<24} {len(norms):>7} {median(norms):>8.3f} {p10:>8.3f} {p90:>8.3f} "
             f"{ordered[-1]:>8.3f} {clipped:>9.1%}")
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fedspec
-from fedspec.models import Tokenized, tokenize
 from fedspec.adapters import METHODS, MethodSpec, PenaltyStep, register
+from fedspec.models import Tokenized, tokenize
 from fedspec.privacy.accounting import sample_rate
 from fedspec.training import DPSettings, evaluate, predict_logits, train_steps
 
