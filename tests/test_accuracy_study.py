@@ -111,6 +111,10 @@ def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_defaults_gri
         assert lr == chosen_lr(defaults, cell, {})
         assert (study_cells.command(with_lr(cell, lr), partitions, tmp_path)
                 == study_cells.command(with_lr(cell, lr), defaults, tmp_path))
+    # Dirichlet 0.1 cannot give 20 clients 32 records each: only its cells accept smaller clients
+    small = "data.min_client_examples=8"
+    assert all((small in study_cells.command(with_lr(c, 1.0), partitions, tmp_path)) == (c.partition == "dir0.1")
+               for c in cells)
 
 
 def test_last_rounds_drop_tells_a_swing_from_a_rise():
