@@ -7,6 +7,7 @@
     python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
     python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the defaults' point
     python benchmarks/accuracy.py --grid partitions    # the defaults under Dirichlet 0.1, 0.5 and IID clients
+    python benchmarks/accuracy.py --grid records       # every SST-2 record, batches of 128: less noise per step
 
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own
