@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             cell = mine[0]
             total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
-            print(f"[{len(results) + 1}/{total}] {cell.describe()} …", flush=True)
+            done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
+            print(f"[{done + 1}/{total}] {cell.describe()} …", flush=True)
             result = run_cell(cell, grid, out, args.data)
             save_result(out, result)
             ran += 1
