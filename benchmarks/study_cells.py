@@ -199,7 +199,7 @@ PARTITIONS = Grid(
     partition_overrides=DIR01_SMALL_CLIENTS,
 )
 # More signal per unit of noise (docs/recipe.md, "Where DP's cost goes"): every record of SST-2's train.tsv
-# (67,349, not 20,000) lets each client draw batches of 128 at about the sampling rate batch 32 had, so the noise on
+# (60,614, not 20,000) lets each client draw batches of 128 at about the sampling rate batch 32 had, so the noise on
 # its averaged clipped gradient (σ·C/B) falls about fourfold at the same ε; 4 local steps keep the client compute at
 # twice the defaults'. Does the federation then reach the pooled large-batch figure on whole sentences?
 RECORDS = Grid(

@@ -56,8 +56,9 @@ def _config_groups(grid: Grid, results: dict[str, dict]) -> dict[tuple, list[dic
 def _data_scoring(grid: Grid) -> str:
     """How each data set of the grid trains and is scored."""
     rows = "every row" if "data.eval_examples=0" in grid.overrides + grid.final_overrides else "a 1,000-row sample"
+    records = "every record" if "data.max_examples=0" in grid.overrides else "20,000 records"
     parts = {
-        "sst2": (f"SST-2 trains on `train.tsv` (20,000 records) and is scored on `validation.tsv` ({rows}) and on its "
+        "sst2": (f"SST-2 trains on `train.tsv` ({records}) and is scored on `validation.tsv` ({rows}) and on its "
                  "whole sentences (≥ 15 words)."),
         "agnews": "AG News is scored on a stratified 1,000-record split carved from its file, never trained on.",
     }
@@ -212,7 +213,8 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         "± is the 95 % Student-t interval over seeds; only differences whose intervals do not overlap are "
         "differences. Last-5 spread: the highest minus the lowest accuracy of the last five rounds; last-5 drop: "
         "how far those rounds fell below the best round before them (0 when the curve only rises). Both are the "
-        "largest over seeds."),
+        "largest over seeds."
+        + (f" Every cell of this grid adds `{' '.join(grid.overrides)}` to the command." if grid.overrides else "")),
         "",
         "## Accuracy",
         "",
