@@ -201,7 +201,8 @@ PARTITIONS = Grid(
 # More signal per unit of noise (docs/recipe.md, "Where DP's cost goes"): every record of SST-2's train.tsv
 # (60,614, not 20,000) lets each client draw batches of 128 at about the sampling rate batch 32 had, so the noise on
 # its averaged clipped gradient (σ·C/B) falls about fourfold at the same ε; 4 local steps keep the client compute at
-# twice the defaults'. Does the federation then reach the pooled large-batch figure on whole sentences?
+# twice the defaults'. At lr 4 (the noise per step of batch 32 at lr 1, four times the signal) it gains 1.2 points
+# over the defaults paired by seed, 1.4 on whole sentences (0.797; docs/recipe.md).
 RECORDS = Grid(
     name="records",
     datasets=("sst2",),
