@@ -56,7 +56,8 @@ def _config_groups(grid: Grid, results: dict[str, dict]) -> dict[tuple, list[dic
 def _data_scoring(grid: Grid) -> str:
     """How each data set of the grid trains and is scored."""
     rows = "every row" if "data.eval_examples=0" in grid.overrides + grid.final_overrides else "a 1,000-row sample"
-    records = "every record" if "data.max_examples=0" in grid.overrides else "20,000 records"
+    sst2_overrides = dict(grid.dataset_overrides).get("sst2", ()) + grid.overrides
+    records = "20,000 records" if "data.max_examples=20000" in sst2_overrides else "every record"
     parts = {
         "sst2": (f"SST-2 trains on `train.tsv` ({records}) and is scored on `validation.tsv` ({rows}) and on its "
                  "whole sentences (≥ 15 words)."),
@@ -214,7 +215,8 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         "differences. Last-5 spread: the highest minus the lowest accuracy of the last five rounds; last-5 drop: "
         "how far those rounds fell below the best round before them (0 when the curve only rises). Both are the "
         "largest over seeds."
-        + (f" Every cell of this grid adds `{' '.join(grid.overrides)}` to the command." if grid.overrides else "")),
+        + (f" Every cell of this grid adds `{' '.join(grid.overrides)}` to the command." if grid.overrides else "")
+        + "".join(f" Its `{dataset}` cells add `{' '.join(added)}`." for dataset, added in grid.dataset_overrides)),
         "",
         "## Accuracy",
         "",

@@ -18,7 +18,7 @@ from rich.console import Console
 from .errors import FedspecError
 from .launch import DEFAULT_IDLE_POLL
 
-CONFIG_GROUPS = ("model", "data", "adapter", "strategy", "privacy", "federation")
+CONFIG_GROUPS = ("model", "data", "adapter", "strategy", "privacy", "federation", "train")
 
 
 def _epilog() -> str:

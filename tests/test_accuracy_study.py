@@ -75,7 +75,7 @@ def test_learning_rate_is_chosen_only_after_the_whole_sweep():
 
 
 def test_an_untuned_grid_runs_its_fixed_rates_without_a_sweep(tmp_path):
-    grid = study_cells.DEFAULTS
+    grid = study_cells.BATCH32
     assert tuning_cells(grid) == []
     cells = final_cells(grid)
     assert {(c.strategy, chosen_lr(grid, c, {})) for c in cells} == {("fedsvd", 1.0), (CENTRALIZED, 0.1)}
@@ -99,8 +99,8 @@ def test_final_overrides_score_only_the_finals_differently(tmp_path):
     assert {c.strategy for c in final_cells(grid)} == {"fedsvd", "ffa", "fedit", "fedavg", CENTRALIZED}
 
 
-def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_defaults_grid(tmp_path):
-    partitions, defaults = study_cells.PARTITIONS, study_cells.DEFAULTS
+def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_batch32_grid(tmp_path):
+    partitions, defaults = study_cells.PARTITIONS, study_cells.BATCH32
     cells = final_cells(partitions)
     assert {c.partition for c in cells if c.strategy == "fedsvd"} == {"dir0.1", "dir0.5", "iid"}
     assert {c.partition for c in cells if c.strategy == CENTRALIZED} == {"dir0.5"}  # pooled: one cell per seed

@@ -28,6 +28,14 @@ def test_a_data_config_carries_its_recipe_and_the_command_line_still_wins():
         assert cfg.federation.fraction == 1.0 and cfg.federation.clients == 20  # the rest of federation/default
     assert compose_config(["data=sst2", "federation=default"], check_files=False).federation.fraction == 0.5
     assert compose_config(["data=sst2", "federation.fraction=0.3"], check_files=False).federation.fraction == 0.3
+    # SST-2's clients hold thousands of records each: every record, in batches of 128
+    sst2 = compose_config(["data=sst2"], check_files=False)
+    assert (sst2.data.max_examples, sst2.train.batch_size, sst2.train.local_steps) == (0, 128, 4)
+    assert compose_config([], check_files=False).train.batch_size == 32
+    assert compose_config(["data=agnews"], check_files=False).train.batch_size == 32  # 500 records a client
+    back = compose_config(["data=sst2", "train=default"], check_files=False).train
+    assert (back.batch_size, back.local_steps, back.lr) == (32, 8, 1.0)
+    assert compose_config(["data=sst2", "train.lr=2"], check_files=False).train.batch_size == 128
 
 
 def test_the_config_handed_to_flower_apps_round_trips_losslessly():
