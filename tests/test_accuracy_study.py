@@ -117,6 +117,34 @@ def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_batch32_grid
                for c in cells)
 
 
+def _composed(command: list[str]):
+    """The config a study cell's command line composes (--clients / --rounds as the CLI maps them)."""
+    from fedspec.config import compose_config
+
+    flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
+    overrides = [f"{flags[a]}={b}" for a, b in zip(command, command[1:]) if a in flags]
+    return compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
+
+
+def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(tmp_path):
+    """Its federated cells are the user's command with nothing else (the rate is train=large_batch's, which
+    data=sst2 picks), and its ε = 3 cells compose exactly the configuration of the records grid's finals."""
+    defaults, records = study_cells.DEFAULTS, study_cells.RECORDS
+    user = ["simulate", "--clients", "20", "--rounds", "10", "data=sst2", f"data.path={tmp_path}/sst2/train.tsv",
+            f"data.eval_path={tmp_path}/sst2/validation.tsv", "privacy.target_epsilon=3"]
+    for cell in final_cells(defaults):
+        cell = with_lr(cell, chosen_lr(defaults, cell, {}))
+        config = _composed(study_cells.command(cell, defaults, tmp_path))
+        if cell.strategy == "fedsvd" and cell.epsilon == 3.0 and cell.seed == 0:
+            assert config == _composed(user)
+        if cell.epsilon == 3.0:
+            assert cell.lr in records.rates(cell.strategy)
+            assert config == _composed(study_cells.command(cell, records, tmp_path))
+    batch32 = _composed(study_cells.command(with_lr(final_cells(study_cells.BATCH32)[0], 1.0), study_cells.BATCH32,
+                                            tmp_path))
+    assert (batch32.data.max_examples, batch32.train.batch_size, batch32.train.local_steps) == (20000, 32, 8)
+
+
 def test_last_rounds_drop_tells_a_swing_from_a_rise():
     rising = [0.5, 0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
     assert study_cells.last_rounds_drop(rising) == 0.0
