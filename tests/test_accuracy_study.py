@@ -145,6 +145,13 @@ def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(t
     assert (batch32.data.max_examples, batch32.train.batch_size, batch32.train.local_steps) == (20000, 32, 8)
 
 
+def test_wall_time_counts_only_runs_timed_from_start_to_finish():
+    from study_report import _minutes
+
+    assert _minutes([{"seconds": 600}, {"seconds": 60, "resumed": True}, {"seconds": 1200}]) == "15.0"
+    assert _minutes([{"seconds": 60, "resumed": True}, {"seconds": 120, "resumed": True}]) == "≥ 2.0"
+
+
 def test_last_rounds_drop_tells_a_swing_from_a_rise():
     rising = [0.5, 0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
     assert study_cells.last_rounds_drop(rising) == 0.0
