@@ -250,7 +250,7 @@ DEFAULTS = Grid(
     partitions=("dir0.5",),
     seeds=(0, 1, 2),
     lrs=(16.0,),
-    strategy_lrs=((CENTRALIZED, (2.0,)),),
+    strategy_lrs=((CENTRALIZED, (2.0,)),),  # pooled batch 256's rate, until the records grid's centralized sweep ends
     final_overrides=("data.eval_examples=0",),
     tuned=False,
 )
