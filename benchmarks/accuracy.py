@@ -5,8 +5,9 @@
     python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (any machine)
     python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
     python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
-    python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the defaults' point
-    python benchmarks/accuracy.py --grid partitions    # the defaults under Dirichlet 0.1, 0.5 and IID clients
+    python benchmarks/accuracy.py --grid batch32       # the batch-32 recipe SST-2 had before, across ε
+    python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the batch-32 recipe's point
+    python benchmarks/accuracy.py --grid partitions    # the batch-32 recipe under Dirichlet 0.1, 0.5 and IID clients
     python benchmarks/accuracy.py --grid records       # every SST-2 record, batches of 128: less noise per step
 
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
