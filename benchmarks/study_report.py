@@ -9,7 +9,16 @@ from pathlib import Path
 from statistics import mean, stdev
 
 import generative
-from study_cells import CENTRALIZED, Cell, Grid, chosen_lr, final_cells, last_rounds_drop, tuning_cells, with_lr
+from study_cells import (
+    CENTRALIZED,
+    Cell,
+    Grid,
+    chosen_lr,
+    final_cells,
+    last_rounds_drop,
+    tuning_cells,
+    with_lr,
+)
 
 COMMAND = "python benchmarks/accuracy.py --grid {grid}"
 
