@@ -251,7 +251,7 @@ DEFAULTS = Grid(
     partitions=("dir0.5",),
     seeds=(0, 1, 2),
     lrs=(16.0,),
-    strategy_lrs=((CENTRALIZED, (2.0,)),),  # pooled batch 256's rate, until the records grid's centralized sweep ends
+    strategy_lrs=((CENTRALIZED, (1.0,)),),  # leads the records grid's centralized sweep so far (0.5 still to run)
     final_overrides=("data.eval_examples=0",),
     tuned=False,
 )
