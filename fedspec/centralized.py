@@ -76,6 +76,11 @@ def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
     return sigma, q, steps_per_epoch
 
 
+def centralized_lr(train: DictConfig) -> float:
+    """The rate of `fedspec train`: ``train.centralized_lr`` where a recipe sets one, else the clients' ``train.lr``."""
+    return float(train.lr if train.centralized_lr is None else train.centralized_lr)
+
+
 def trainable_counts(model) -> dict[str, int]:
     """Trainable parameters inside the adapter layers and elsewhere (a classification head)."""
     inside = tuple(f"{name}." for name in adapter_layers(model))
@@ -147,7 +152,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             bar = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=steps_per_epoch)
             result = train_steps(
                 model, train_inputs, train_labels, steps=steps_per_epoch, batch_size=cfg.train.batch_size,
-                optimizer=cfg.train.optimizer, lr=cfg.train.lr, dp=dp, seed=cfg.run.seed + epoch,
+                optimizer=cfg.train.optimizer, lr=centralized_lr(cfg.train), dp=dp, seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
                 first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
                 physical_batch_size=cfg.train.physical_batch_size,
@@ -203,6 +208,8 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> 
         f"# fedspec run `{cfg.run.name}` (centralized baseline)",
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
+        f"- training: {cfg.train.optimizer} lr {centralized_lr(cfg.train):g}, batch {cfg.train.batch_size}, "
+        f"{cfg.train.epochs} epoch(s)",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
         *causal_lm_summary_lines(cfg.data, (rows[0].eval_loss, rows[-1].eval_loss),
                                  (rows[0].answer_accuracy, rows[-1].answer_accuracy), "epoch", rows[-1].epoch),

@@ -315,11 +315,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_centralized_rate(overrides: list[str], cfg) -> None:
+    """A recipe's train.centralized_lr is the rate of `fedspec train`: a train.lr override would not reach it."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "train.lr" in keys and "train.centralized_lr" not in keys and cfg.train.centralized_lr is not None:
+        raise FedspecError(f"train.lr is the clients' rate; fedspec train steps at train.centralized_lr "
+                           f"({cfg.train.centralized_lr:g}, set by the recipe): override train.centralized_lr instead")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .centralized import epochs_table, train_centralized
 
     started = time.monotonic()
-    result = train_centralized(_compose(args), console)
+    cfg = _compose(args)
+    _check_centralized_rate(_overrides(args), cfg)
+    result = train_centralized(cfg, console)
     Console().print(epochs_table(result.rows))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
     return 0

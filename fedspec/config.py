@@ -129,6 +129,7 @@ class TrainConfig:
     batch_size: int = MISSING
     local_steps: int = MISSING
     epochs: int = MISSING  # centralized `fedspec train`
+    centralized_lr: float | None = None  # `fedspec train`'s own rate; None: lr
     eval_batch_size: int = MISSING
     physical_batch_size: int | None = None  # records per forward/backward pass (a small GPU); None: the whole batch
 
@@ -310,6 +311,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
+    if cfg.train.centralized_lr is not None and cfg.train.centralized_lr <= 0:
+        fail("train.centralized_lr", cfg.train.centralized_lr, "it must be positive (or null: train.lr)")
     if cfg.train.physical_batch_size is not None and cfg.train.physical_batch_size < 1:
         fail("train.physical_batch_size", cfg.train.physical_batch_size, "it must be at least 1 (or null: no split)")
     if cfg.data.task == "causal_lm" and cfg.model.name in ("minilm", "tiny-bert"):

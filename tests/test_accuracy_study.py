@@ -127,8 +127,8 @@ def _composed(command: list[str]):
 
 
 def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(tmp_path):
-    """Its federated cells are the user's command with nothing else (the rate is train=large_batch's, which
-    data=sst2 picks), and its ε = 3 cells compose exactly the configuration of the records grid's finals."""
+    """Its cells are the user's commands with nothing else (the rates are train=large_batch's, which data=sst2
+    picks: lr for the clients, centralized_lr for `fedspec train`), and its ε = 3 cells compose exactly the configuration of the records grid's finals."""
     defaults, records = study_cells.DEFAULTS, study_cells.RECORDS
     user = ["simulate", "--clients", "20", "--rounds", "10", "data=sst2", f"data.path={tmp_path}/sst2/train.tsv",
             f"data.eval_path={tmp_path}/sst2/validation.tsv", "privacy.target_epsilon=3"]
@@ -137,6 +137,8 @@ def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(t
         config = _composed(study_cells.command(cell, defaults, tmp_path))
         if cell.strategy == "fedsvd" and cell.epsilon == 3.0 and cell.seed == 0:
             assert config == _composed(user)
+        if cell.strategy == "centralized" and cell.epsilon == 3.0 and cell.seed == 0:  # the recipe's centralized_lr
+            assert config == _composed(["train", *user[5:]])
         if cell.epsilon == 3.0:
             assert cell.lr in records.rates(cell.strategy)
             assert config == _composed(study_cells.command(cell, records, tmp_path))
