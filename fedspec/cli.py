@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="centralized baseline: same model, data, adapter and DP, no federation",
         description="Train the adapter on all training records pooled, with the same config groups and the same "
-        "training loop the clients use; DP-SGD noise is planned for all epochs.",
+        "training loop the clients use; DP-SGD noise is planned for all epochs. It steps at train.centralized_lr "
+        "where the recipe sets one (data=sst2's does: its clients' rate is too large for one pooled model), else at "
+        "train.lr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
