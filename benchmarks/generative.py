@@ -35,8 +35,7 @@ RUNS = {
 
 
 def common(data: Path) -> list[str]:
-    # train=default: data=sst2's recipe (train=large_batch) would give `fedspec train` its own centralized_lr
-    return ["model=smollm2", "data=sst2", "train=default", "data.task=causal_lm", f"data.path={data}/sst2/train.tsv",
+    return ["model=smollm2", "data=sst2", "data.task=causal_lm", f"data.path={data}/sst2/train.tsv",
             f"data.eval_path={data}/sst2/validation.tsv", "data.max_examples=3200", "data.eval_examples=200",
             "data.generation_examples=200", "model.max_length=96", "train.batch_size=16", f"train.lr={LR}",
             "privacy.target_epsilon=3"]

@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="centralized baseline: same model, data, adapter and DP, no federation",
         description="Train the adapter on all training records pooled, with the same config groups and the same "
         "training loop the clients use; DP-SGD noise is planned for all epochs. It steps at train.centralized_lr "
-        "where the recipe sets one (data=sst2's does: its clients' rate is too large for one pooled model), else at "
-        "train.lr.",
+        "where the recipe sets one (data=sst2's does: its clients' rate is too large for one pooled model) and the "
+        "command line sets no train.lr, else at train.lr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -317,21 +317,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_centralized_rate(overrides: list[str], cfg) -> None:
-    """A recipe's train.centralized_lr is the rate of `fedspec train`: a train.lr override would not reach it."""
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "train.lr" in keys and "train.centralized_lr" not in keys and cfg.train.centralized_lr is not None:
-        raise FedspecError(f"train.lr is the clients' rate; fedspec train steps at train.centralized_lr "
-                           f"({cfg.train.centralized_lr:g}, set by the recipe): override train.centralized_lr instead")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .centralized import epochs_table, train_centralized
 
     started = time.monotonic()
-    cfg = _compose(args)
-    _check_centralized_rate(_overrides(args), cfg)
-    result = train_centralized(cfg, console)
+    result = train_centralized(_compose(args), console)
     Console().print(epochs_table(result.rows))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
     return 0

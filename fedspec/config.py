@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
@@ -242,7 +242,17 @@ def compose_config(
         raise ConfigError(f"bad override: {str(error).splitlines()[0]}") from None
     finally:
         GlobalHydra.instance().clear()
+    _command_line_rate_wins(raw, overrides)
     return to_structured(raw, check_files=check_files)
+
+
+def _command_line_rate_wins(raw: DictConfig, overrides: list[str]) -> None:
+    """A recipe's train.centralized_lr (the rate of `fedspec train`) gives way to a train.lr the command line sets:
+    the command line wins over a recipe, and train.lr=0.01 must not leave `fedspec train` stepping at 0.5."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "train.lr" in keys and "train.centralized_lr" not in keys:
+        with open_dict(raw):
+            raw.train.centralized_lr = None
 
 
 def to_structured(raw: Any, *, check_files: bool = True) -> DictConfig:

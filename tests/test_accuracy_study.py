@@ -118,17 +118,22 @@ def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_batch32_grid
 
 
 def _composed(command: list[str]):
-    """The config a study cell's command line composes (--clients / --rounds as the CLI maps them)."""
+    """The config a study cell's command line composes (--clients / --rounds as the CLI maps them), less what its
+    command never reads (simulate: fedspec train's rate, which a train.lr on the command line clears)."""
     from fedspec.config import compose_config
 
     flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
     overrides = [f"{flags[a]}={b}" for a, b in zip(command, command[1:]) if a in flags]
-    return compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
+    config = compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
+    if command[0] == "simulate":
+        del config.train.centralized_lr
+    return config
 
 
 def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(tmp_path):
     """Its cells are the user's commands with nothing else (the rates are train=large_batch's, which data=sst2
-    picks: lr for the clients, centralized_lr for `fedspec train`), and its ε = 3 cells compose exactly the configuration of the records grid's finals."""
+    picks: lr for the clients, centralized_lr for `fedspec train`), and its ε = 3 cells compose exactly the
+    configuration of the records grid's finals."""
     defaults, records = study_cells.DEFAULTS, study_cells.RECORDS
     user = ["simulate", "--clients", "20", "--rounds", "10", "data=sst2", f"data.path={tmp_path}/sst2/train.tsv",
             f"data.eval_path={tmp_path}/sst2/validation.tsv", "privacy.target_epsilon=3"]
