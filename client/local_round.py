@@ -73,7 +73,6 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         first_step=(round_ - 1) * cfg.train.local_steps,
         total_steps=plan.schedule_steps,
         physical_batch_size=cfg.train.physical_batch_size,
-        clip_norm=None if dp else cfg.privacy.max_grad_norm,
     )
     client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
     update = client_update(adapter_state(model), received, rule, client_trained=client_trained)

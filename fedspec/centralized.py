@@ -156,7 +156,6 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 on_step=lambda *_: progress.advance(bar),
                 first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
                 physical_batch_size=cfg.train.physical_batch_size,
-                clip_norm=None if dp else cfg.privacy.max_grad_norm,
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)

@@ -105,7 +105,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = MISSING  # set to skip planning
     budget_epsilon: float | None = MISSING  # each client's hard cap (None: target_epsilon)
     delta: float = MISSING
-    max_grad_norm: float | None = MISSING  # DP: each record's clip; without DP the batch gradient's (None: none)
+    max_grad_norm: float = MISSING
     accountant: str = MISSING  # rdp | prv
     grad_sample_mode: str = MISSING  # hooks | ghost (per-sample gradients, or ghost clipping's norms only)
     seed_noise: bool = MISSING  # tests only: seeded noise is not private against an adversary who knows the seed
@@ -337,7 +337,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if privacy.enabled:
         if not 0.0 < privacy.delta < 1.0:
             fail("privacy.delta", privacy.delta, "it must be in (0, 1), well below 1/(client dataset size)")
-        if privacy.max_grad_norm is None or privacy.max_grad_norm <= 0:
+        if privacy.max_grad_norm <= 0:
             fail("privacy.max_grad_norm", privacy.max_grad_norm, "the clipping norm must be > 0")
         if privacy.noise_multiplier is None and privacy.target_epsilon is None:
             fail("privacy.target_epsilon", None, "set privacy.target_epsilon or privacy.noise_multiplier")
@@ -362,8 +362,6 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                 if norm is None or norm <= 0:
                     fail(f"privacy.init_max_norm.{kind}", norm,
                          f"adapter.method={spec.name} releases {kind} statistics: give their clipping norm (> 0)")
-    elif privacy.max_grad_norm is not None and privacy.max_grad_norm <= 0:
-        fail("privacy.max_grad_norm", privacy.max_grad_norm, "it must be > 0, or null: no bound on the batch gradient")
     _validate_client_level(cfg, fail)
     audit = cfg.audit
     if audit.canaries < 0:

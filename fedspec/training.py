@@ -108,13 +108,8 @@ def train_steps(
     first_step: int = 0,
     total_steps: int | None = None,
     physical_batch_size: int | None = None,
-    clip_norm: float | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
-
-    Without DP, ``clip_norm`` bounds the norm of each batch's gradient (as transformers' Trainer does with its
-    ``max_grad_norm``), so a rate tuned on DP-SGD's clipped gradients cannot blow the model up once the clipping
-    is gone; None: no bound. Under DP, ``dp.max_grad_norm`` clips each record's gradient instead.
 
     ``physical_batch_size`` bounds how many records go through the model at once (a small GPU): a larger
     (logical) batch is split into micro-batches whose gradients add up to the same step — under DP by Opacus'
@@ -145,10 +140,7 @@ def train_steps(
     if dp is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
         loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
-        return _loop(model, opt, loss_fn, loader, steps, on_step, schedule, split=physical_batch_size,
-                     clip_norm=clip_norm)
-    if clip_norm is not None:
-        raise ValueError("clip_norm bounds a non-private batch gradient; under DP, dp.max_grad_norm clips each record")
+        return _loop(model, opt, loss_fn, loader, steps, on_step, schedule, split=physical_batch_size)
     return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step,
                           schedule=schedule, physical_batch_size=physical_batch_size)
 
@@ -165,7 +157,7 @@ def _mark_empty_batch(params: list[nn.Parameter]) -> None:
 
 
 def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: bool = False,
-          split: int | None = None, clip_norm: float | None = None) -> TrainResult:
+          split: int | None = None) -> TrainResult:
     """``steps`` optimizer steps. Under Opacus' BatchMemoryManager the loader yields micro-batches and the DP
     optimizer only steps at the end of each logical batch; ``split`` micro-batches a non-private batch here."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -188,8 +180,6 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
             _mark_empty_batch(params)
         else:
             continue
-        if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         opt.step()
         if getattr(opt, "_is_last_step_skipped", False):  # a micro-batch: its logical batch goes on
             continue
