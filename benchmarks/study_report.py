@@ -105,6 +105,37 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _signed_ci(values: list[float]) -> str:
+    if not values:
+        return "—"
+    text = f"{mean(values):+.3f}".replace("-", "−")
+    return f"{text} ± {confidence_interval(values):.3f} (n={len(values)})" if len(values) > 1 else f"{text} (n=1)"
+
+
+def paired_table(grid: Grid, results: dict[str, dict]) -> list[str]:
+    """Each federated configuration minus the centralized baseline at the same data, adapter and ε, paired by seed
+    (a seed fixes the records both train on, so the paired interval is narrower than the two means' intervals
+    side by side). Empty when the grid has no centralized cells to pair with."""
+    groups = _config_groups(grid, results)
+    lines = []
+    for (dataset, strategy, adapter, eps, partition), records in sorted(groups.items()):
+        central = {r["seed"]: r for r in groups.get((dataset, CENTRALIZED, adapter, eps, grid.partitions[0]), [])}
+        pairs = [(r, central[r["seed"]]) for r in records if strategy != CENTRALIZED and r["seed"] in central]
+        if not pairs:
+            continue
+        accuracy = [f["accuracy"] - c["accuracy"] for f, c in pairs]
+        whole = [f["subgroup_accuracy"] - c["subgroup_accuracy"] for f, c in pairs
+                 if f.get("subgroup_accuracy") is not None and c.get("subgroup_accuracy") is not None]
+        seeds = ", ".join(str(f["seed"]) for f, _ in pairs)
+        lines.append(f"| {dataset} | {strategy} | {adapter} | {eps} | {partition} | {seeds} | {_signed_ci(accuracy)} "
+                     f"| {_signed_ci(whole)} |")
+    if not lines:
+        return []
+    header = ("| data | strategy | adapter | ε | partition | seeds | accuracy: federated − centralized "
+              "| whole sentences: federated − centralized |")
+    return [header, "|---|---|---|---|---|---|---|---|", *lines]
+
+
 def _minutes(records: list[dict]) -> str:
     """Mean wall time of the runs that ran start to finish: a resumed run timed only its last stretch, so when
     every run was resumed the longest stretch is a lower bound."""
@@ -232,13 +263,20 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         "how far those rounds fell below the best round before them (0 when the curve only rises). Both are the "
         "largest over seeds."
         + (f" Every cell of this grid adds `{' '.join(grid.overrides)}` to the command." if grid.overrides else "")
-        + "".join(f" Its `{dataset}` cells add `{' '.join(added)}`." for dataset, added in grid.dataset_overrides)),
+        + "".join(f" Its `{dataset}` cells add `{' '.join(added)}`." for dataset, added in grid.dataset_overrides)
+        + (f" Its centralized cells add `{' '.join(grid.centralized_overrides)}`." if grid.centralized_overrides
+           else "")),
         "",
         "## Accuracy",
         "",
         *results_table(grid, results),
         "",
     ]
+    paired = paired_table(grid, results)
+    if paired:
+        lines += ["## The federation against the centralized baseline, paired by seed", "",
+                  "Each seed fixes the records both runs train on; the interval is over the seeds' differences.", "",
+                  *paired, ""]
     if has_eps:
         lines += [f"![accuracy vs ε](img/{eps_plot.name})", ""]
     if has_rounds:

@@ -1,8 +1,9 @@
 """`fedspec train`: the centralized baseline — same model, data, adapter and DP settings, no federation.
 
 All training records are pooled; the adapter trains as its method defines (A and B for the low-rank
-methods); DP-SGD noise is planned for the whole run (``train.epochs`` passes over the data) and the privacy
-ledger composes the epochs exactly as a federated client composes its rounds.
+methods); DP-SGD noise is planned for the whole run (``train.epochs`` passes over the data, or
+``train.max_steps`` steps: the last epoch then ends early) and the privacy ledger composes the epochs exactly as a
+federated client composes its rounds.
 """
 
 from __future__ import annotations
@@ -62,18 +63,24 @@ class CentralResult:
     noise_multiplier: float | None
 
 
-def _noise(cfg: DictConfig, n: int) -> tuple[float, float, int]:
-    """(σ, q, steps per epoch) for the pooled dataset, σ planned for all epochs (after a privatized
-    initialization statistic, if any)."""
-    q = sample_rate(n, cfg.train.batch_size)
-    steps_per_epoch = math.ceil(n / cfg.train.batch_size)
+def epoch_steps(train: DictConfig, n: int) -> list[int]:
+    """The DP-SGD steps of each epoch over ``n`` pooled records: ``train.epochs`` whole passes, or ``train.max_steps``
+    steps in all (whole passes, then what is left)."""
+    per_epoch = math.ceil(n / train.batch_size)
+    if train.max_steps is None:
+        return [per_epoch] * train.epochs
+    whole, rest = divmod(train.max_steps, per_epoch)
+    return [per_epoch] * whole + ([rest] if rest else [])
+
+
+def _noise(cfg: DictConfig, n: int, steps: int) -> float:
+    """σ for ``steps`` DP-SGD steps over the pooled dataset (after a privatized initialization statistic, if any)."""
     if cfg.privacy.noise_multiplier is not None:
-        return float(cfg.privacy.noise_multiplier), q, steps_per_epoch
-    sigma = plan_noise(
-        float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), q,
-        steps_per_epoch * cfg.train.epochs, accountant=cfg.privacy.accountant, prior=init_statistics_entries(cfg.privacy, cfg.adapter.method),
+        return float(cfg.privacy.noise_multiplier)
+    return plan_noise(
+        float(cfg.privacy.target_epsilon), float(cfg.privacy.delta), sample_rate(n, cfg.train.batch_size), steps,
+        accountant=cfg.privacy.accountant, prior=init_statistics_entries(cfg.privacy, cfg.adapter.method),
     )
-    return sigma, q, steps_per_epoch
 
 
 def centralized_lr(train: DictConfig) -> float:
@@ -117,11 +124,10 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     init_seconds = time.monotonic() - init_started
 
     dp, ledger = None, None
-    steps_per_epoch = math.ceil(n / cfg.train.batch_size)
+    plan = epoch_steps(cfg.train, n)
     if cfg.privacy.enabled:
         check_delta(float(cfg.privacy.delta), [n])
-        sigma, _, steps_per_epoch = _noise(cfg, n)
-        dp = DPSettings(sigma, cfg.privacy.max_grad_norm, cfg.privacy.accountant,
+        dp = DPSettings(_noise(cfg, n, sum(plan)), cfg.privacy.max_grad_norm, cfg.privacy.accountant,
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
                         head_clip_share=cfg.privacy.get("head_clip_share"),
                         seed=cfg.run.seed if cfg.privacy.seed_noise else None)
@@ -139,7 +145,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         metrics = evaluate(model, eval_inputs, eval_labels, cfg.train.eval_batch_size)
         eps = ledger.epsilon() if ledger is not None and ledger.entries else None
         answers = (answer_score(cfg.data, model, tokenizer, task.eval, cfg.train.eval_batch_size)
-                   if epoch in (0, cfg.train.epochs) else None)
+                   if epoch in (0, len(plan)) else None)
         return EpochRow(epoch, loss, metrics["accuracy"], metrics["loss"], eps, time.monotonic() - started, answers)
 
     rows = [evaluation_row(0, None, time.monotonic())]
@@ -147,14 +153,14 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not cfg.run.progress)
     with progress:
-        for epoch in range(1, cfg.train.epochs + 1):
+        for epoch, steps in enumerate(plan, start=1):
             started = time.monotonic()
-            bar = progress.add_task(f"epoch {epoch}/{cfg.train.epochs}", total=steps_per_epoch)
+            bar = progress.add_task(f"epoch {epoch}/{len(plan)}", total=steps)
             result = train_steps(
-                model, train_inputs, train_labels, steps=steps_per_epoch, batch_size=cfg.train.batch_size,
+                model, train_inputs, train_labels, steps=steps, batch_size=cfg.train.batch_size,
                 optimizer=cfg.train.optimizer, lr=centralized_lr(cfg.train), dp=dp, seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
-                first_step=(epoch - 1) * steps_per_epoch, total_steps=cfg.train.epochs * steps_per_epoch,
+                first_step=sum(plan[:epoch - 1]), total_steps=sum(plan),
                 physical_batch_size=cfg.train.physical_batch_size,
             )
             if ledger is not None:
@@ -171,7 +177,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     peft_export = write_peft_export(model, paths.adapter_peft, settings)
     write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
                                  statistics.report(calibration))
-    paths.summary.write_text(_summary(cfg, rows, peft_export))
+    paths.summary.write_text(_summary(cfg, rows, peft_export, sum(plan)))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
 
@@ -203,13 +209,13 @@ def epochs_table(rows: list[EpochRow]) -> Table:
     return results_table("fedspec train (centralized)", EPOCH_HEADERS, [_cells(r) for r in rows])
 
 
-def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None) -> str:
+def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None, steps: int) -> str:
     lines = [
         f"# fedspec run `{cfg.run.name}` (centralized baseline)",
         "",
         f"- model: `{cfg.model.name}`, adapter: `{cfg.adapter.method}` rank {cfg.adapter.rank}",
         f"- training: {cfg.train.optimizer} lr {centralized_lr(cfg.train):g}, batch {cfg.train.batch_size}, "
-        f"{cfg.train.epochs} epoch(s)",
+        f"{steps} step(s) in {len(rows) - 1} epoch(s)",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
         *causal_lm_summary_lines(cfg.data, (rows[0].eval_loss, rows[-1].eval_loss),
                                  (rows[0].answer_accuracy, rows[-1].answer_accuracy), "epoch", rows[-1].epoch),

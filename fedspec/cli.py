@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     train.add_argument("--epochs", type=int, help="passes over the training data (train.epochs, default 1)")
+    train.add_argument("--max-steps", type=int, help="this many DP-SGD steps instead of whole passes, e.g. a "
+                       "federation's clients × rounds × local steps (train.max_steps; noise is planned for them)")
     _add_common(train)
 
     report = sub.add_parser(
@@ -265,6 +267,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         "rounds": "federation.rounds",
         "fraction": "federation.fraction",
         "epochs": "train.epochs",
+        "max_steps": "train.max_steps",
         "name": "run.name",
         "output_dir": "run.output_dir",
         "seed": "run.seed",

@@ -129,7 +129,9 @@ class TrainConfig:
     batch_size: int = MISSING
     local_steps: int = MISSING
     epochs: int = MISSING  # centralized `fedspec train`
+    max_steps: int | None = None  # `fedspec train`: this many DP-SGD steps instead of epochs whole passes
     centralized_lr: float | None = None  # `fedspec train`'s own rate; None: lr
+    rates_need_dp: bool = False  # the rates are DP-SGD's: refused with privacy=none unless the command line sets lr
     eval_batch_size: int = MISSING
     physical_batch_size: int | None = None  # records per forward/backward pass (a small GPU); None: the whole batch
 
@@ -247,12 +249,15 @@ def compose_config(
 
 
 def _command_line_rate_wins(raw: DictConfig, overrides: list[str]) -> None:
-    """A recipe's train.centralized_lr (the rate of `fedspec train`) gives way to a train.lr the command line sets:
-    the command line wins over a recipe, and train.lr=0.01 must not leave `fedspec train` stepping at 0.5."""
+    """A recipe's rates give way to a train.lr the command line sets: the command line wins over a recipe, so
+    train.lr=0.01 must not leave `fedspec train` stepping at the recipe's train.centralized_lr, and a rate the user
+    chose is not refused for being a DP-SGD recipe's (train.rates_need_dp)."""
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    if "train.lr" in keys and "train.centralized_lr" not in keys:
+    if "train.lr" in keys:
         with open_dict(raw):
-            raw.train.centralized_lr = None
+            raw.train.rates_need_dp = False
+            if "train.centralized_lr" not in keys:
+                raw.train.centralized_lr = None
 
 
 def to_structured(raw: Any, *, check_files: bool = True) -> DictConfig:
@@ -323,6 +328,16 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
     if cfg.train.centralized_lr is not None and cfg.train.centralized_lr <= 0:
         fail("train.centralized_lr", cfg.train.centralized_lr, "it must be positive (or null: train.lr)")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        fail("train.max_steps", cfg.train.max_steps, "it must be at least 1 (or null: train.epochs whole passes)")
+    if cfg.train.rates_need_dp and not cfg.privacy.enabled:
+        rates = f"train.lr={cfg.train.lr:g}" + ("" if cfg.train.centralized_lr is None
+                                                else f", train.centralized_lr={cfg.train.centralized_lr:g}")
+        raise ConfigError(
+            f"privacy=none is refused with this training recipe: its rates ({rates}) are DP-SGD's, steps on "
+            "per-sample-clipped, noised gradients, and without DP they diverge (train=large_batch on SST-2: training "
+            "loss 94 after two rounds). Add train=default (lr 1, batch 32: 0.841 federated on SST-2 without DP; "
+            "docs/recipe.md) or set train.lr")
     if cfg.train.physical_batch_size is not None and cfg.train.physical_batch_size < 1:
         fail("train.physical_batch_size", cfg.train.physical_batch_size, "it must be at least 1 (or null: no split)")
     if cfg.data.task == "causal_lm" and cfg.model.name in ("minilm", "tiny-bert"):
@@ -426,6 +441,9 @@ def check_federated(cfg: DictConfig) -> None:
     method's federated rule — FedSVD, FFA-LoRA and FedIT need a low-rank B·A method, FedAvg takes any."""
     from .adapters import METHODS
 
+    if cfg.train.max_steps is not None:
+        raise ConfigError(f"train.max_steps={cfg.train.max_steps} counts `fedspec train`'s steps; a federation's "
+                          "clients take train.local_steps a round (--local-steps, --rounds): drop it")
     if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
         lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
         raise ConfigError(

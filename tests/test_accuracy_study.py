@@ -21,7 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import accuracy  # noqa: E402
 import study_cells  # noqa: E402
 from study_cells import CENTRALIZED, MINIMUM, SMOKE, Cell, chosen_lr, final_cells, tuning_cells, with_lr  # noqa: E402
-from study_report import confidence_interval  # noqa: E402
+from study_report import confidence_interval, paired_table  # noqa: E402
 
 
 def test_minimum_grid_covers_the_issue_and_keys_are_unique():
@@ -119,12 +119,14 @@ def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_batch32_grid
 
 def _composed(command: list[str]):
     """The config a study cell's command line composes (--clients / --rounds as the CLI maps them), less what its
-    command never reads (simulate: fedspec train's rate, which a train.lr on the command line clears)."""
+    run never reads: simulate does not read fedspec train's rate, and no run reads train.rates_need_dp, a check at
+    composition (a train.lr on the command line clears both)."""
     from fedspec.config import compose_config
 
     flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
     overrides = [f"{flags[a]}={b}" for a, b in zip(command, command[1:]) if a in flags]
     config = compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
+    del config.train.rates_need_dp
     if command[0] == "simulate":
         del config.train.centralized_lr
     return config
@@ -150,6 +152,43 @@ def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(t
     batch32 = _composed(study_cells.command(with_lr(final_cells(study_cells.BATCH32)[0], 1.0), study_cells.BATCH32,
                                             tmp_path))
     assert (batch32.data.max_examples, batch32.train.batch_size, batch32.train.local_steps) == (20000, 32, 8)
+
+
+def test_the_steps_grid_gives_fedspec_train_the_records_federations_steps_and_shares_its_federated_cells(tmp_path):
+    steps, records = study_cells.STEPS, study_cells.RECORDS
+    federated = [c for c in final_cells(steps) if c.strategy == "fedsvd"]
+    for cell in federated + [c for c in tuning_cells(steps) if c.strategy == "fedsvd"]:
+        cell = with_lr(cell, 16.0)
+        assert study_cells.command(cell, steps, tmp_path) == study_cells.command(cell, records, tmp_path)
+    simulate = _composed(study_cells.command(with_lr(federated[0], 16.0), steps, tmp_path))
+    client_steps = (simulate.federation.clients * simulate.federation.fraction * simulate.federation.rounds
+                    * simulate.train.local_steps)
+    central = next(c for c in final_cells(steps) if c.strategy == CENTRALIZED)
+    train = _composed(study_cells.command(with_lr(central, 0.5), steps, tmp_path))
+    assert train.train.max_steps == client_steps == 800
+    assert (train.train.batch_size, train.privacy.target_epsilon) == (simulate.train.batch_size, 3.0)
+    # only the steps differ from the records grid's one-pass baseline
+    one_pass = _composed(study_cells.command(with_lr(central, 0.5), records, tmp_path))
+    train.train.max_steps = None
+    assert train == one_pass
+
+
+def test_the_paired_table_subtracts_the_centralized_run_of_the_same_seed():
+    grid = study_cells.DEFAULTS
+    results = {}
+    for seed, fed, central in ((0, 0.836, 0.844), (1, 0.841, 0.849), (2, 0.835, 0.848)):
+        for strategy, lr, score in (("fedsvd", 16.0, fed), (CENTRALIZED, 0.5, central)):
+            cell = Cell("sst2", strategy, "pissa", 3.0, "dir0.5", seed, lr)
+            results[cell.key] = {**cell.__dict__, "accuracy": score, "subgroup_accuracy": score - 0.03,
+                                 "curve": [0.5, score], "last5_spread": 0.0}
+    unpaired = Cell("sst2", "fedsvd", "pissa", 1.0, "dir0.5", 2, 16.0)  # ε = 1: no centralized run to pair with
+    results[unpaired.key] = {**unpaired.__dict__, "accuracy": 0.8, "curve": [0.5, 0.8], "last5_spread": 0}
+    _, _, row = paired_table(grid, results)
+    differences = [-0.008, -0.008, -0.013]
+    assert row.startswith("| sst2 | fedsvd | pissa | 3 | dir0.5 | 0, 1, 2 | ")
+    expected = f"−{-sum(differences) / 3:.3f} ± {confidence_interval(differences):.3f} (n=3)"
+    assert row.count(expected) == 2  # accuracy and whole sentences (the same offset on both)
+    assert paired_table(study_cells.SMOKE, {}) == []
 
 
 def test_wall_time_counts_only_runs_timed_from_start_to_finish():

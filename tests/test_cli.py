@@ -51,6 +51,9 @@ def test_help_explains_the_commands(capsys):
     (["--rounds", "1", "federation.rounds=0"], "--rounds 1 and federation.rounds=0 both set federation.rounds"),
     (["federation.update_clip=0.5"], "federation.update_clip=0.5 is not allowed; it must be >= 1"),
     (["strategy.server_momentum=1.0"], "strategy.server_momentum=1.0 is not allowed; it must be in [0, 1)"),
+    (["train.max_steps=100"], "train.max_steps=100 counts `fedspec train`'s steps"),
+    # data=sst2's recipe: rates for DP-SGD's clipped, noised steps, which diverge without DP
+    (["train=large_batch", "privacy=none"], "privacy=none is refused with this training recipe: its rates (train.lr=16"),
 ])
 def test_bad_input_fails_before_anything_runs(capsys, tmp_path, extra, message):
     argv = ["simulate", "--clients", "4", "--output-dir", str(tmp_path), "--name", "bad", *TINY, *extra]
@@ -100,6 +103,44 @@ def test_fedspec_train_steps_at_the_recipes_centralized_rate_unless_the_command_
     # the command line sets: the command line wins (TINY's batch 16 and 2 local steps win over the group's too).
     assert same(plain, adapter("override", seeded, "train=large_batch", "train.lr=0.5"))
     assert "centralized_lr: null" in (tmp_path / "override" / "config.yaml").read_text()
+
+
+def test_a_dp_sgd_recipe_runs_without_dp_once_the_command_line_chooses_its_rate():
+    from fedspec.config import compose_config
+
+    for overrides in (["train=large_batch", "privacy=none", "train.lr=0.5"], ["privacy=none"]):
+        cfg = compose_config(overrides)
+        assert not cfg.privacy.enabled and not cfg.train.rates_need_dp
+    assert compose_config(["train=large_batch"]).train.rates_need_dp  # under DP nothing changes
+
+
+def test_fedspec_train_max_steps_is_whole_passes_then_the_rest_with_noise_planned_for_them_all(capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from fedspec.centralized import CENTRAL_CLIENT
+    from fedspec.privacy import PrivacyLedger, ledger_filename
+
+    def run(name: str, *flags: str) -> tuple[dict, list[int], float]:
+        argv = ["train", "--output-dir", str(tmp_path), "--name", name, *TINY, "privacy.seed_noise=true", *flags]
+        assert main(argv) == 0
+        ledger = PrivacyLedger.load(tmp_path / name / "privacy" / "ledgers" / ledger_filename(CENTRAL_CLIENT))
+        adapter = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+        return adapter, [e.steps for e in ledger.entries], ledger.epsilon()
+
+    _, (per_epoch,), _ = run("one")
+    two, steps, _ = run("two", "--epochs", "2")
+    assert steps == [per_epoch, per_epoch]
+    # max_steps of two whole passes is --epochs 2, bit for bit (seeded noise)
+    same, steps_again, _ = run("max", "--max-steps", str(2 * per_epoch))
+    assert steps_again == steps and all(same[k].equal(two[k]) for k in two)
+    # a pass and 3 steps: the last epoch ends early, and σ is planned for all of them, so ε lands on the target
+    _, steps, eps = run("partial", "--max-steps", str(per_epoch + 3))
+    assert steps == [per_epoch, 3]
+    assert eps == pytest.approx(8.0, abs=0.05) and eps <= 8.0
+    assert f"{per_epoch + 3} step(s) in 2 epoch(s)" in (tmp_path / "partial" / "summary.md").read_text()
+    capsys.readouterr()
+    _fails(capsys, ["train", "--output-dir", str(tmp_path), "--name", "bad", *TINY, "--max-steps", "0"],
+           "train.max_steps=0 is not allowed; it must be at least 1")
 
 
 def test_privacy_report_command_rewrites_the_report_from_the_ledgers(capsys, tmp_path):
