@@ -264,18 +264,11 @@ DEFAULTS = Grid(
 # records (1.7 passes; σ planned for 800 steps at the same ε, so more noise on each), with its own sweep: the step
 # count moves the best rate. The federated cells are the records grid's (the same commands, so the same keys).
 RECORDS_FEDERATION_STEPS = RECORDS.clients * RECORDS.rounds * 4  # every client in every round (data=sst2)
-STEPS = Grid(
+STEPS = replace(
+    RECORDS,
     name="steps",
-    datasets=("sst2",),
-    strategies=("fedsvd", CENTRALIZED),
-    adapters=("pissa",),
-    epsilons=(3.0,),
-    partitions=("dir0.5",),
-    seeds=(0, 1, 2),
     lrs=(16.0,),  # the records grid's choice: its tuning cell is that grid's
     strategy_lrs=((CENTRALIZED, (0.25, 0.5, 1.0)),),
-    overrides=RECORDS.overrides,
-    final_overrides=RECORDS.final_overrides,
     centralized_overrides=(f"train.max_steps={RECORDS_FEDERATION_STEPS}",),
 )
 GRIDS = {grid.name: grid
