@@ -83,15 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="centralized baseline: same model, data, adapter and DP, no federation",
         description="Train the adapter on all training records pooled, with the same config groups and the same "
-        "training loop the clients use; DP-SGD noise is planned for all epochs. It steps at train.centralized_lr "
+        "training loop the clients use; DP-SGD noise is planned for all its steps. It steps at train.centralized_lr "
         "where the recipe sets one (data=sst2's does: its clients' rate is too large for one pooled model) and the "
         "command line sets no train.lr, else at train.lr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
     train.add_argument("--epochs", type=int, help="passes over the training data (train.epochs, default 1)")
-    train.add_argument("--max-steps", type=int, help="this many DP-SGD steps instead of whole passes, e.g. a "
-                       "federation's clients × rounds × local steps (train.max_steps; noise is planned for them)")
+    train.add_argument("--max-steps", type=int, help="this many DP-SGD steps instead of whole passes (overrides "
+                       "--epochs, as transformers' max_steps does), e.g. a federation's clients × rounds × local "
+                       "steps to compare at equal steps (train.max_steps)")
     _add_common(train)
 
     report = sub.add_parser(
