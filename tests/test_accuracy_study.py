@@ -4,6 +4,7 @@ never run again)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -18,10 +19,10 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import accuracy  # noqa: E402
-import study_cells  # noqa: E402
-from study_cells import CENTRALIZED, MINIMUM, SMOKE, Cell, chosen_lr, final_cells, tuning_cells, with_lr  # noqa: E402
-from study_report import confidence_interval, paired_table  # noqa: E402
+import accuracy
+import study_cells
+from study_cells import CENTRALIZED, MINIMUM, SMOKE, Cell, chosen_lr, final_cells, tuning_cells, with_lr
+from study_report import confidence_interval, paired_table
 
 
 def test_minimum_grid_covers_the_issue_and_keys_are_unique():
@@ -124,7 +125,7 @@ def _composed(command: list[str]):
     from fedspec.config import compose_config
 
     flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
-    overrides = [f"{flags[a]}={b}" for a, b in zip(command, command[1:]) if a in flags]
+    overrides = [f"{flags[a]}={b}" for a, b in itertools.pairwise(command) if a in flags]
     config = compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
     del config.train.rates_need_dp
     if command[0] == "simulate":
@@ -171,6 +172,19 @@ def test_the_steps_grid_gives_fedspec_train_the_records_federations_steps_and_sh
     one_pass = _composed(study_cells.command(with_lr(central, 0.5), records, tmp_path))
     train.train.max_steps = None
     assert train == one_pass
+
+
+def test_the_noise_grid_trains_the_steps_baseline_at_the_federations_equivalent_sigma(tmp_path):
+    noise, steps, records = study_cells.NOISE, study_cells.STEPS, study_cells.RECORDS
+    for cell in final_cells(noise):
+        cell = with_lr(cell, chosen_lr(noise, cell, {}))
+        if cell.strategy == "fedsvd":  # the records grid's finals, shared
+            assert study_cells.command(cell, noise, tmp_path) == study_cells.command(cell, records, tmp_path)
+            continue
+        train = _composed(study_cells.command(cell, noise, tmp_path))
+        assert train.privacy.noise_multiplier == study_cells.FEDERATION_EQUIVALENT_SIGMA
+        train.privacy.noise_multiplier = None  # only σ differs from the steps grid's baseline
+        assert train == _composed(study_cells.command(cell, steps, tmp_path))
 
 
 def test_the_paired_table_subtracts_the_centralized_run_of_the_same_seed():
