@@ -22,10 +22,11 @@ steps the aggregate is noisier than the pooled run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from study_cells import read_metrics
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ class ClientNoise:
     sample_rate: float
 
 
-def first_round_clients(metrics: Path) -> list[ClientNoise]:
+def first_round_clients(run_dir: Path) -> list[ClientNoise]:
     """Every client's records, σ and q in round 1 (each plans them once, for the whole run)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"
+    rows = read_metrics(run_dir)
     clients = [ClientNoise(row["num_examples"], row["noise_multiplier"], row["sample_rate"])
                for row in rows if row.get("kind") == "client" and row.get("round") == 1]
     if not clients:
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="the centralized run's batch size")
     args = parser.parse_args()
     for run in args.runs:
-        clients = first_round_clients(run / "metrics.jsonl")
+        clients = first_round_clients(run)
         sigmas = [c.noise_multiplier for c in clients]
         print(f"{run.name}: {len(clients)} clients, {sum(c.examples for c in clients):,} records, "
               f"σ_k {min(sigmas):.3f}–{max(sigmas):.3f} → centralized-equivalent σ "

@@ -47,9 +47,9 @@ def test_round_one_client_rows_are_read_and_a_run_without_them_is_refused(tmp_pa
             {"kind": "client", "round": 2, "num_examples": 283, "noise_multiplier": 3.4, "sample_rate": 1 / 3}]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    assert first_round_clients(metrics) == [ClientNoise(283, 3.4, 1 / 3), ClientNoise(2040, 0.8, 1 / 16)]
+    assert first_round_clients(tmp_path) == [ClientNoise(283, 3.4, 1 / 3), ClientNoise(2040, 0.8, 1 / 16)]
     expected = 128 * math.sqrt(2) * math.hypot(283 / 2323 * 3.4 / (283 / 3), 2040 / 2323 * 0.8 / (2040 / 16))
-    assert centralized_equivalent_sigma(first_round_clients(metrics), 128) == pytest.approx(expected)
+    assert centralized_equivalent_sigma(first_round_clients(tmp_path), 128) == pytest.approx(expected)
     metrics.write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(SystemExit, match="no round-1 client rows"):
-        first_round_clients(metrics)
+        first_round_clients(tmp_path)
