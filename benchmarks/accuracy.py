@@ -14,7 +14,8 @@ Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, 
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own
 process, on the real SST-2 / AG News files. A cell's result is one JSON file written when it finishes, so a
 killed study continues where it stopped (a half-finished federation resumes from its last checkpoint), and
-shards on several machines only need their `cells/` folders copied together before `--report`.
+shards on several machines only need their `cells/` folders copied together before `--report`. Grids share runs:
+a cell whose exact command another grid has finished (under the same --out) is adopted from it, not run again.
 
 Learning rates are tuned per (dataset, strategy, adapter) on a validation split carved from the *training*
 file (`data.validation=true`); the chosen rate then runs on the evaluation file, which no run trains or tunes on.
@@ -90,6 +91,31 @@ def load_results(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
+def adopt_shared_results(grid: Grid, root: Path, data_root: Path) -> list[str]:
+    """Copy into ``root/<grid>/cells`` each finished cell of another grid under ``root`` that ran exactly the command
+    this grid gives that cell (the defaults grid's ε = 3 cells are the records grid's finals, the minimum grid's
+    sweep holds the methods grid's), marked with the grid it came from. Returns the keys adopted.
+
+    Same key is not enough: the steps grid's `fedspec train` cells have the records grid's keys but train longer."""
+    out = root / grid.name
+    have = load_results(out)
+    wanted = {cell.key: cell for cell in study_cells.tuning_cells(grid)}
+    for cell in study_cells.final_cells(grid):  # at every rate its sweep could choose
+        wanted |= {c.key: c for c in (with_lr(cell, lr) for lr in study_cells.lrs_for(grid, cell.strategy))}
+    adopted = []
+    for other in study_cells.GRIDS.values():
+        if other.name == grid.name or not (root / other.name / "cells").is_dir():
+            continue
+        for key, record in load_results(root / other.name).items():
+            cell = wanted.get(key)
+            if cell is None or key in have or not study_cells.same_run(cell, grid, other, data_root):
+                continue
+            have[key] = {**record, "shared_from": record.get("shared_from", other.name)}
+            save_result(out, have[key])
+            adopted.append(key)
+    return adopted
+
+
 def pending_cells(grid: Grid, results: dict[str, dict]) -> tuple[list[Cell], list[Cell]]:
     """(cells to run now, final cells still waiting for their learning-rate sweep to finish)."""
     ready, waiting = [], []
@@ -140,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     grid = study_cells.GRIDS[args.grid]
     page = args.page or ROOT / "docs" / ("results.md" if grid.name == "quick" else f"results-{grid.name}.md")
     out = args.out / grid.name
+    adopted = adopt_shared_results(grid, args.out, args.data)
+    if adopted:
+        print(f"{len(adopted)} cells adopted from other grids that ran the same configuration: {', '.join(adopted)}")
     if not args.report:
         missing = [name for name in grid.datasets
                    if study_cells.needs_data_root(name) and not (args.data / name).is_dir()]

@@ -1,8 +1,10 @@
 """The accuracy study's grid: its cells, the command each one runs, the record it leaves, and how a
-learning rate is chosen. Pure functions (no torch, no Flower) except :func:`subgroup_accuracy`."""
+learning rate is chosen. Pure functions (no torch, no Flower) except :func:`subgroup_accuracy`; :func:`run_config`
+composes Hydra's config."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
@@ -362,6 +364,28 @@ def command(cell: Cell, grid: Grid, data_root: Path) -> list[str]:
         return ["train", *overrides, *grid.centralized_overrides]
     return ["simulate", "--clients", str(grid.clients), "--rounds", str(grid.rounds), f"strategy={cell.strategy}",
             *overrides]
+
+
+def run_config(command_line: list[str]):
+    """The configuration a cell's command line runs: the config it composes (--clients / --rounds as the CLI maps
+    them), less what its run never reads: simulate does not read fedspec train's rate, and no run reads
+    train.rates_need_dp, a check at composition (a train.lr on the command line clears both). Two cells run the same
+    thing when their subcommands and run configs are equal, however their overrides are ordered or spelled."""
+    from fedspec.config import compose_config
+
+    flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
+    overrides = [f"{flags[a]}={b}" for a, b in itertools.pairwise(command_line) if a in flags]
+    config = compose_config(overrides + [a for a in command_line[1:] if "=" in a], check_files=False)
+    del config.train.rates_need_dp
+    if command_line[0] == "simulate":
+        del config.train.centralized_lr
+    return config
+
+
+def same_run(cell: Cell, grid: Grid, other: Grid, data_root: Path) -> bool:
+    """Whether ``grid`` and ``other`` run ``cell`` identically (so one grid's finished run stands for the other's)."""
+    ours, theirs = command(cell, grid, data_root), command(cell, other, data_root)
+    return ours == theirs or (ours[0] == theirs[0] and run_config(ours) == run_config(theirs))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

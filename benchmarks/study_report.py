@@ -4,7 +4,7 @@ bytes sent per client per round, wall time, and the cells still missing."""
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -232,15 +232,45 @@ def plot_rounds(grid: Grid, results: dict[str, dict], path: Path) -> bool:
     return True
 
 
-def missing_cells(grid: Grid, results: dict[str, dict]) -> list[str]:
-    missing = [c.key for c in tuning_cells(grid) if c.key not in results]
+def missing_cells(grid: Grid, results: dict[str, dict]) -> list[Cell]:
+    missing = [c for c in tuning_cells(grid) if c.key not in results]
     for cell in final_cells(grid):
         lr = chosen_lr(grid, cell, results)
         if lr is None:  # its learning rate waits for the sweep
-            missing.append(cell.key)
+            missing.append(cell)
         elif with_lr(cell, lr).key not in results:
-            missing.append(with_lr(cell, lr).key)
+            missing.append(with_lr(cell, lr))
     return missing
+
+
+MISSING_LISTED = 60
+
+
+def missing_section(grid: Grid, results: dict[str, dict]) -> list[str]:
+    """The cells still to run: each by name when few, else counted by (dataset, strategy, adapter) and kind."""
+    missing = missing_cells(grid, results)
+    if not missing:
+        return ["None: every cell of the grid ran."]
+    total = len(tuning_cells(grid)) + len(final_cells(grid))
+    lines = [f"{len(missing)} of the grid's {total} cells have not run yet (rerun the command to continue):", ""]
+    if len(missing) <= MISSING_LISTED:
+        return lines + [f"- `{cell.key}`" for cell in missing]
+    counts = Counter((*cell.group, "sweep" if cell.tune else "final") for cell in missing)
+    lines += ["| data | strategy | adapter | sweep cells missing | final cells missing |", "|---|---|---|---:|---:|"]
+    for group in dict.fromkeys(cell.group for cell in missing):
+        lines.append(f"| {' | '.join(group)} | {counts[(*group, 'sweep')]} | {counts[(*group, 'final')]} |")
+    return lines
+
+
+def shared_note(results: dict[str, dict]) -> list[str]:
+    """Which cells another grid ran with the same configuration (accuracy.adopt_shared_results)."""
+    sources = Counter(r["shared_from"] for r in results.values() if r.get("shared_from"))
+    if not sources:
+        return []
+    listed = ", ".join(f"{grid} ({count})" for grid, count in sorted(sources.items()))
+    note = (f"{sum(sources.values())} of these cells ran in other grids with the same configuration and are shared "
+            f"with them: {listed}.")
+    return [note, ""]
 
 
 def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) -> None:
@@ -248,7 +278,6 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
     images.mkdir(parents=True, exist_ok=True)
     eps_plot, rounds_plot = images / f"accuracy-vs-epsilon-{grid.name}.png", images / f"accuracy-rounds-{grid.name}.png"
     has_eps, has_rounds = plot_accuracy_vs_epsilon(grid, results, eps_plot), plot_rounds(grid, results, rounds_plot)
-    missing = missing_cells(grid, results)
     datasets = ", ".join(f"`{d}`" for d in grid.datasets)
     lines = [
         "# Results on real data",
@@ -283,19 +312,12 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         lines += [f"![accuracy over rounds](img/{rounds_plot.name})", ""]
     commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
     code = f"Code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)} (each cell records the commit it ran on)."
-    lines += [code, ""]
+    lines += [code, "", *shared_note(results)]
     if grid.tuned:
         lines += ["## Learning-rate sweep (validation split of the training file)", "", *sweep_table(grid, results),
                   ""]
     lines += generative.markdown(generative.load())
-    lines += ["## Missing cells", ""]
-    if missing:
-        lines += [f"{len(missing)} cells of the grid have not run yet (rerun the command to continue):", ""]
-        lines += [f"- `{key}`" for key in missing[:60]]
-        if len(missing) > 60:
-            lines.append(f"- … and {len(missing) - 60} more")
-    else:
-        lines.append("None: every cell of the grid ran.")
+    lines += ["## Missing cells", "", *missing_section(grid, results)]
     page.write_text("\n".join(lines) + "\n")
 
 

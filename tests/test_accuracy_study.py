@@ -4,10 +4,10 @@ never run again)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +21,17 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy
 import study_cells
-from study_cells import CENTRALIZED, MINIMUM, SMOKE, Cell, chosen_lr, final_cells, tuning_cells, with_lr
+from study_cells import (
+    CENTRALIZED,
+    MINIMUM,
+    SMOKE,
+    Cell,
+    chosen_lr,
+    final_cells,
+    run_config,
+    tuning_cells,
+    with_lr,
+)
 from study_report import confidence_interval, paired_table
 
 
@@ -118,21 +128,6 @@ def test_the_partitions_grid_shares_its_dirichlet_05_cells_with_the_batch32_grid
                for c in cells)
 
 
-def _composed(command: list[str]):
-    """The config a study cell's command line composes (--clients / --rounds as the CLI maps them), less what its
-    run never reads: simulate does not read fedspec train's rate, and no run reads train.rates_need_dp, a check at
-    composition (a train.lr on the command line clears both)."""
-    from fedspec.config import compose_config
-
-    flags = {"--clients": "federation.clients", "--rounds": "federation.rounds"}
-    overrides = [f"{flags[a]}={b}" for a, b in itertools.pairwise(command) if a in flags]
-    config = compose_config(overrides + [a for a in command[1:] if "=" in a], check_files=False)
-    del config.train.rates_need_dp
-    if command[0] == "simulate":
-        del config.train.centralized_lr
-    return config
-
-
 def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(tmp_path):
     """Its cells are the user's commands with nothing else (the rates are train=large_batch's, which data=sst2
     picks: lr for the clients, centralized_lr for `fedspec train`), and its ε = 3 cells compose exactly the
@@ -142,15 +137,15 @@ def test_the_defaults_grid_runs_what_a_user_runs_and_shares_the_records_finals(t
             f"data.eval_path={tmp_path}/sst2/validation.tsv", "privacy.target_epsilon=3"]
     for cell in final_cells(defaults):
         cell = with_lr(cell, chosen_lr(defaults, cell, {}))
-        config = _composed(study_cells.command(cell, defaults, tmp_path))
+        config = run_config(study_cells.command(cell, defaults, tmp_path))
         if cell.strategy == "fedsvd" and cell.epsilon == 3.0 and cell.seed == 0:
-            assert config == _composed(user)
+            assert config == run_config(user)
         if cell.strategy == "centralized" and cell.epsilon == 3.0 and cell.seed == 0:  # the recipe's centralized_lr
-            assert config == _composed(["train", *user[5:]])
+            assert config == run_config(["train", *user[5:]])
         if cell.epsilon == 3.0:
             assert cell.lr in records.rates(cell.strategy)
-            assert config == _composed(study_cells.command(cell, records, tmp_path))
-    batch32 = _composed(study_cells.command(with_lr(final_cells(study_cells.BATCH32)[0], 1.0), study_cells.BATCH32,
+            assert config == run_config(study_cells.command(cell, records, tmp_path))
+    batch32 = run_config(study_cells.command(with_lr(final_cells(study_cells.BATCH32)[0], 1.0), study_cells.BATCH32,
                                             tmp_path))
     assert (batch32.data.max_examples, batch32.train.batch_size, batch32.train.local_steps) == (20000, 32, 8)
 
@@ -161,15 +156,15 @@ def test_the_steps_grid_gives_fedspec_train_the_records_federations_steps_and_sh
     for cell in federated + [c for c in tuning_cells(steps) if c.strategy == "fedsvd"]:
         cell = with_lr(cell, 16.0)
         assert study_cells.command(cell, steps, tmp_path) == study_cells.command(cell, records, tmp_path)
-    simulate = _composed(study_cells.command(with_lr(federated[0], 16.0), steps, tmp_path))
+    simulate = run_config(study_cells.command(with_lr(federated[0], 16.0), steps, tmp_path))
     client_steps = (simulate.federation.clients * simulate.federation.fraction * simulate.federation.rounds
                     * simulate.train.local_steps)
     central = next(c for c in final_cells(steps) if c.strategy == CENTRALIZED)
-    train = _composed(study_cells.command(with_lr(central, 0.5), steps, tmp_path))
+    train = run_config(study_cells.command(with_lr(central, 0.5), steps, tmp_path))
     assert train.train.max_steps == client_steps == 800
     assert (train.train.batch_size, train.privacy.target_epsilon) == (simulate.train.batch_size, 3.0)
     # only the steps differ from the records grid's one-pass baseline
-    one_pass = _composed(study_cells.command(with_lr(central, 0.5), records, tmp_path))
+    one_pass = run_config(study_cells.command(with_lr(central, 0.5), records, tmp_path))
     train.train.max_steps = None
     assert train == one_pass
 
@@ -181,10 +176,34 @@ def test_the_noise_grid_trains_the_steps_baseline_at_the_federations_equivalent_
         if cell.strategy == "fedsvd":  # the records grid's finals, shared
             assert study_cells.command(cell, noise, tmp_path) == study_cells.command(cell, records, tmp_path)
             continue
-        train = _composed(study_cells.command(cell, noise, tmp_path))
+        train = run_config(study_cells.command(cell, noise, tmp_path))
         assert train.privacy.noise_multiplier == study_cells.FEDERATION_EQUIVALENT_SIGMA
         train.privacy.noise_multiplier = None  # only σ differs from the steps grid's baseline
-        assert train == _composed(study_cells.command(cell, steps, tmp_path))
+        assert train == run_config(study_cells.command(cell, steps, tmp_path))
+
+
+def test_a_grid_adopts_another_grids_finished_run_of_the_same_configuration_and_nothing_else(tmp_path):
+    """The steps grid's federations are the records grid's (adopted, marked with their source); its `fedspec train`
+    cells have the records grid's keys but train 800 steps instead of one pass (never adopted); the defaults grid
+    spells the records grid's ε = 3 commands differently (train=large_batch through data=sst2) but composes the same
+    runs (adopted). A second call adopts nothing more."""
+    root, data = tmp_path / "accuracy", tmp_path / "data"
+    records = {}
+    for strategy, lr in (("fedsvd", 16.0), (CENTRALIZED, 0.5)):
+        cell = Cell("sst2", strategy, "pissa", 3.0, "dir0.5", 0, lr)
+        records[cell.key] = {**cell.__dict__, "key": cell.key, "accuracy": 0.84, "curve": [0.5, 0.84]}
+        accuracy.save_result(root / "records", records[cell.key])
+    federated, pooled = records
+    assert accuracy.adopt_shared_results(study_cells.STEPS, root, data) == [federated]
+    adopted = accuracy.load_results(root / "steps")
+    assert adopted[federated] == {**records[federated], "shared_from": "records"}
+    assert pooled not in adopted  # same key, other command: the steps grid must run it itself
+    assert sorted(accuracy.adopt_shared_results(study_cells.DEFAULTS, root, data)) == sorted(records)
+    assert accuracy.load_results(root / "defaults")[pooled]["shared_from"] == "records"
+    assert accuracy.adopt_shared_results(study_cells.DEFAULTS, root, data) == []
+    shutil.rmtree(root / "records")  # from a grid that adopted it, a cell keeps the name of the grid that ran it
+    assert accuracy.adopt_shared_results(study_cells.NOISE, root, data) == [federated]
+    assert accuracy.load_results(root / "noise")[federated]["shared_from"] == "records"
 
 
 def test_the_paired_table_subtracts_the_centralized_run_of_the_same_seed():
@@ -287,3 +306,21 @@ def test_the_generative_section_shows_each_run_and_a_degraded_federation():
     text = "\n".join(generative.markdown(results))
     assert "| centralized | not run yet |" not in text and "| central | not run yet |" in text
     assert "| 0.780 → 0.240 | 2.18 → 1.27 | 0.230 → 0.600 | 2.07 | 5, 1, 1, 1 (12 client failures, 12 out of memory) |" in text
+
+
+def test_the_missing_cells_are_listed_when_few_and_counted_by_group_when_many():
+    from study_report import MISSING_LISTED, missing_section
+
+    few = missing_section(SMOKE, {})
+    assert few[0].startswith(f"{len(tuning_cells(SMOKE)) + len(final_cells(SMOKE))} of the grid's")
+    assert {line.strip("-` ") for line in few[2:]} == {c.key for c in tuning_cells(SMOKE) + final_cells(SMOKE)}
+    ran = tuning_cells(MINIMUM)[0]
+    many = missing_section(MINIMUM, {ran.key: {"score": 0.8}})
+    total = len(tuning_cells(MINIMUM)) + len(final_cells(MINIMUM))
+    assert total - 1 > MISSING_LISTED and many[0].startswith(f"{total - 1} of the grid's {total} cells")
+    rows = {tuple(line.strip("| ").split(" | ")[:3]): [int(n) for n in line.strip("| ").split(" | ")[3:]]
+            for line in many[4:]}
+    assert sum(sweep + final for sweep, final in rows.values()) == total - 1
+    sweep_rates = len(MINIMUM.rates(ran.strategy))
+    assert rows[ran.group][0] == sweep_rates - 1  # the one sweep cell that ran is not missing
+    assert ("agnews", "fedavg", "svfit") in rows and ("sst2", "fedavg", "pissa") not in rows
