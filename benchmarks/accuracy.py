@@ -9,6 +9,7 @@
     python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the batch-32 recipe's point
     python benchmarks/accuracy.py --grid partitions    # the batch-32 recipe under Dirichlet 0.1, 0.5 and IID clients
     python benchmarks/accuracy.py --grid records       # every SST-2 record, batches of 128: less noise per step
+    python benchmarks/accuracy.py --grid rounds15      # the defaults at ε = 3 with 15 rounds: the last-rounds target
 
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own

@@ -206,6 +206,18 @@ def test_a_grid_adopts_another_grids_finished_run_of_the_same_configuration_and_
     assert accuracy.load_results(root / "noise")[federated]["shared_from"] == "records"
 
 
+def test_the_rounds15_grid_is_the_users_epsilon_3_command_with_15_rounds(tmp_path):
+    rounds15, defaults = study_cells.ROUNDS15, study_cells.DEFAULTS
+    cells = final_cells(rounds15)
+    assert [c.seed for c in cells] == [0, 1, 2] and {(c.strategy, c.epsilon) for c in cells} == {("fedsvd", 3.0)}
+    for cell in cells:
+        cell = with_lr(cell, chosen_lr(rounds15, cell, {}))
+        longer, ten = (run_config(study_cells.command(cell, grid, tmp_path)) for grid in (rounds15, defaults))
+        assert (longer.federation.rounds, ten.federation.rounds) == (15, 10)
+        longer.federation.rounds = 10
+        assert longer == ten  # nothing else differs
+
+
 def test_the_paired_table_subtracts_the_centralized_run_of_the_same_seed():
     grid = study_cells.DEFAULTS
     results = {}
