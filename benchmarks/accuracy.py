@@ -97,12 +97,18 @@ def adopt_shared_results(grid: Grid, root: Path, data_root: Path) -> list[str]:
     this grid gives that cell (the defaults grid's ε = 3 cells are the records grid's finals, the minimum grid's
     sweep holds the methods grid's), marked with the grid it came from. Returns the keys adopted.
 
-    Same key is not enough: the steps grid's `fedspec train` cells have the records grid's keys but train longer."""
+    Same key is not enough: the steps grid's `fedspec train` cells have the records grid's keys but train longer.
+    A cell adopted before that no longer runs this grid's configuration (the grid was redefined) is dropped."""
     out = root / grid.name
     have = load_results(out)
     wanted = {cell.key: cell for cell in study_cells.tuning_cells(grid)}
     for cell in study_cells.final_cells(grid):  # at every rate its sweep could choose
         wanted |= {c.key: c for c in (with_lr(cell, lr) for lr in study_cells.lrs_for(grid, cell.strategy))}
+    for key, record in list(have.items()):
+        source = study_cells.GRIDS.get(record.get("shared_from", ""))
+        if source and (key not in wanted or not study_cells.same_run(wanted[key], grid, source, data_root)):
+            (out / "cells" / f"{key}.json").unlink()
+            del have[key]
     adopted = []
     for other in study_cells.GRIDS.values():
         if other.name == grid.name or not (root / other.name / "cells").is_dir():

@@ -64,7 +64,8 @@ def _config_groups(grid: Grid, results: dict[str, dict]) -> dict[tuple, list[dic
 
 def _data_scoring(grid: Grid) -> str:
     """How each data set of the grid trains and is scored."""
-    rows = "every row" if "data.eval_examples=0" in grid.overrides + grid.final_overrides else "a 1,000-row sample"
+    scored = grid.overrides + grid.final_overrides + dict(grid.dataset_final_overrides).get("sst2", ())
+    rows = "every row" if "data.eval_examples=0" in scored else "a 1,000-row sample"
     sst2_overrides = dict(grid.dataset_overrides).get("sst2", ()) + grid.overrides
     records = "20,000 records" if "data.max_examples=20000" in sst2_overrides else "every record"
     parts = {
@@ -253,6 +254,11 @@ def missing_section(grid: Grid, results: dict[str, dict]) -> list[str]:
         return ["None: every cell of the grid ran."]
     total = len(tuning_cells(grid)) + len(final_cells(grid))
     lines = [f"{len(missing)} of the grid's {total} cells have not run yet (rerun the command to continue):", ""]
+    early = sum(1 for cell in missing if cell.lr is None
+                and any(with_lr(cell, lr).key in results for lr in grid.rates(cell.strategy)))
+    if early:  # shared from another grid whose sweep chose the rate this grid's sweep has yet to
+        lines[0] = lines[0].removesuffix(":") + (f"; {early} of them ran already at a rate this grid's sweep, still "
+                                                 "unfinished, may choose, and count once it does:")
     if len(missing) <= MISSING_LISTED:
         return lines + [f"- `{cell.key}`" for cell in missing]
     counts = Counter((*cell.group, "sweep" if cell.tune else "final") for cell in missing)

@@ -4,6 +4,7 @@ never run again)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -182,7 +183,7 @@ def test_the_noise_grid_trains_the_steps_baseline_at_the_federations_equivalent_
         assert train == run_config(study_cells.command(cell, steps, tmp_path))
 
 
-def test_a_grid_adopts_another_grids_finished_run_of_the_same_configuration_and_nothing_else(tmp_path):
+def test_a_grid_adopts_another_grids_finished_run_of_the_same_configuration_and_nothing_else(tmp_path, monkeypatch):
     """The steps grid's federations are the records grid's (adopted, marked with their source); its `fedspec train`
     cells have the records grid's keys but train 800 steps instead of one pass (never adopted); the defaults grid
     spells the records grid's ε = 3 commands differently (train=large_batch through data=sst2) but composes the same
@@ -204,6 +205,12 @@ def test_a_grid_adopts_another_grids_finished_run_of_the_same_configuration_and_
     shutil.rmtree(root / "records")  # from a grid that adopted it, a cell keeps the name of the grid that ran it
     assert accuracy.adopt_shared_results(study_cells.NOISE, root, data) == [federated]
     assert accuracy.load_results(root / "noise")[federated]["shared_from"] == "records"
+    # a redefined grid drops what it adopted under its old definition (here: the steps grid's federations grow to 15
+    # rounds), and keeps what it ran itself
+    accuracy.save_result(root / "steps", {**records[pooled], "accuracy": 0.85})
+    monkeypatch.setitem(study_cells.GRIDS, "steps", dataclasses.replace(study_cells.STEPS, rounds=15))
+    assert accuracy.adopt_shared_results(study_cells.GRIDS["steps"], root, data) == []
+    assert set(accuracy.load_results(root / "steps")) == {pooled}
 
 
 def test_the_rounds15_grid_is_the_users_epsilon_3_command_with_15_rounds(tmp_path):
