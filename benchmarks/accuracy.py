@@ -16,7 +16,7 @@ or `fedspec train` (the centralized baseline at the same ε and a matched number
 process, on the real SST-2 / AG News files. A cell's result is one JSON file written when it finishes, so a
 killed study continues where it stopped (a half-finished federation resumes from its last checkpoint), and
 shards on several machines only need their `cells/` folders copied together before `--report`. Grids share runs:
-a cell whose exact command another grid has finished (under the same --out) is adopted from it, not run again.
+a cell whose configuration another grid has finished (under the same --out) is adopted from it, not run again.
 
 Learning rates are tuned per (dataset, strategy, adapter) on a validation split carved from the *training*
 file (`data.validation=true`); the chosen rate then runs on the evaluation file, which no run trains or tunes on.
@@ -93,8 +93,8 @@ def load_results(out: Path) -> dict[str, dict]:
 
 
 def adopt_shared_results(grid: Grid, root: Path, data_root: Path) -> list[str]:
-    """Copy into ``root/<grid>/cells`` each finished cell of another grid under ``root`` that ran exactly the command
-    this grid gives that cell (the defaults grid's ε = 3 cells are the records grid's finals, the minimum grid's
+    """Copy into ``root/<grid>/cells`` each finished cell of another grid under ``root`` that ran the configuration
+    this grid's command for that cell composes (the defaults grid's ε = 3 cells are the records grid's finals, the minimum grid's
     sweep holds the methods grid's), marked with the grid it came from. Returns the keys adopted.
 
     Same key is not enough: the steps grid's `fedspec train` cells have the records grid's keys but train longer.

@@ -11,6 +11,10 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import mean
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CENTRALIZED = "centralized"
 # Adapters whose trainable tensors enter ΔW linearly (exact under FedAvg), and the one strategy they take.
@@ -376,7 +380,7 @@ def command(cell: Cell, grid: Grid, data_root: Path) -> list[str]:
             *overrides]
 
 
-def run_config(command_line: list[str]):
+def run_config(command_line: list[str]) -> DictConfig:
     """The configuration a cell's command line runs: the config it composes (--clients / --rounds as the CLI maps
     them), less what its run never reads: simulate does not read fedspec train's rate, and no run reads
     train.rates_need_dp, a check at composition (a train.lr on the command line clears both). Two cells run the same

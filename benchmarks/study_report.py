@@ -253,12 +253,13 @@ def missing_section(grid: Grid, results: dict[str, dict]) -> list[str]:
     if not missing:
         return ["None: every cell of the grid ran."]
     total = len(tuning_cells(grid)) + len(final_cells(grid))
-    lines = [f"{len(missing)} of the grid's {total} cells have not run yet (rerun the command to continue):", ""]
+    # finals shared from another grid at a rate this grid's sweep has not chosen yet
     early = sum(1 for cell in missing if cell.lr is None
                 and any(with_lr(cell, lr).key in results for lr in grid.rates(cell.strategy)))
-    if early:  # shared from another grid whose sweep chose the rate this grid's sweep has yet to
-        lines[0] = lines[0].removesuffix(":") + (f"; {early} of them ran already at a rate this grid's sweep, still "
-                                                 "unfinished, may choose, and count once it does:")
+    waiting = (f"; {early} of them ran already, at a rate this grid's unfinished sweep may choose (they count once it "
+               "does)") if early else ""
+    lines = [f"{len(missing)} of the grid's {total} cells have not run yet{waiting} (rerun the command to continue):",
+             ""]
     if len(missing) <= MISSING_LISTED:
         return lines + [f"- `{cell.key}`" for cell in missing]
     counts = Counter((*cell.group, "sweep" if cell.tune else "final") for cell in missing)
