@@ -256,10 +256,9 @@ def missing_section(grid: Grid, results: dict[str, dict]) -> list[str]:
     # finals shared from another grid at a rate this grid's sweep has not chosen yet
     early = sum(1 for cell in missing if cell.lr is None
                 and any(with_lr(cell, lr).key in results for lr in grid.rates(cell.strategy)))
-    waiting = (f"; {early} of them ran already, at a rate this grid's unfinished sweep may choose (they count once it "
-               "does)") if early else ""
-    lines = [f"{len(missing)} of the grid's {total} cells have not run yet{waiting} (rerun the command to continue):",
-             ""]
+    waiting = (f"; {early} of them ran already, at a rate this grid's unfinished sweep may choose, and count once it "
+               "does") if early else ""
+    lines = [f"{len(missing)} of the grid's {total} cells have not run yet{waiting}. Rerun the command to continue.", ""]
     if len(missing) <= MISSING_LISTED:
         return lines + [f"- `{cell.key}`" for cell in missing]
     counts = Counter((*cell.group, "sweep" if cell.tune else "final") for cell in missing)
