@@ -16,6 +16,10 @@ the result is right and stayed on the GPU):
    lower bound), float16/bfloat16/float32, with max error against a float32 reference.
 5. A DP-SGD step on CUDA (MiniLM, batch 32 and 256 × 128): Opacus hooks vs a non-DP step, ghost clipping, and
    PEFT LoRA + Opacus on transformers' own MiniLM (when PEFT is installed); functorch guard on.
+6. The batched Jacobi eigensolver (Triton) against torch.linalg.eigh (cuSOLVER) in float64 on the engine's sizes.
+Checks 1–3 also A/B the engine's GPU choices in the same run (ENGINE_VARIANTS: the Jacobi kernel for small
+eigenproblems, trust tests read once per SVD, batched large layers), and check 2 replays the FedSVD rotation
+shortcut from a CUDA graph.
 With OUT set, torch.profiler tables of checks 1 and 3 are written to $OUT/profile_*.txt.
 `--checks 0,3` runs only the checks named. Without CUDA it exits at once with status 2 and one line saying so.
 A global deadline skips what is left.
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-DEADLINE_S = 270.0
+DEADLINE_S = 420.0
 PYTEST_LIMIT_S = 150  # the gpu tests run first: correctness before timings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,6 +93,48 @@ def require(condition: bool, message: str) -> None:
         raise AssertionError(message)
 
 
+# The SVD engine's GPU choices, A/B-tested in one run: (small eigenproblems on the Jacobi kernel, trust tests read
+# once per SVD, same-shape large layers batched). "before" is the engine as the last GPU session left it.
+ENGINE_VARIANTS = {
+    "before": (False, False, False),
+    "Jacobi": (True, False, False),
+    "Jacobi+deferred": (True, True, False),
+    "Jacobi+deferred+batched": (True, True, True),
+}
+
+
+@contextmanager
+def engine(variant: str):
+    """Run the SVD engine with one of ENGINE_VARIANTS' choices, restoring the defaults afterwards."""
+    import fedspec.svd.grouping as grouping
+    import fedspec.svd.kernels.jacobi as jacobi
+    import fedspec.svd.truncated as truncated
+
+    use_jacobi, deferred, batched = ENGINE_VARIANTS[variant]
+    saved = jacobi.USE_ON_CUDA, truncated.GPU_DEFERRED_CHECKS, grouping.GPU_BATCH_BYTES
+    jacobi.USE_ON_CUDA, truncated.GPU_DEFERRED_CHECKS = use_jacobi, deferred
+    grouping.GPU_BATCH_BYTES = max(saved[2], 2**30) if batched else grouping.BATCH_BYTES
+    try:
+        yield
+    finally:
+        jacobi.USE_ON_CUDA, truncated.GPU_DEFERRED_CHECKS, grouping.GPU_BATCH_BYTES = saved
+
+
+def captured(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream, as torch's docs ask): returns the graph and the
+    output tensors its replays overwrite. Raises if fn synchronizes with the host."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @check("1 truncated_svd")
 def check_truncated_svd():
     from fedspec.svd import error_vs_exact, truncated_svd
@@ -101,6 +148,15 @@ def check_truncated_svd():
     Ue, Se, Vhe = truncated_svd(W, 16, method="exact")
     require(float(error_vs_exact(W, Ue, Se, Vhe).max()) < 1e-4, "exact path is not exact")
     big = torch.randn(11008, 4096, device=dev, generator=g) * 0.02
+    times = {}
+    for variant in ("before", "Jacobi", "Jacobi+deferred"):
+        with engine(variant):
+            times[variant] = cuda_time(lambda: truncated_svd(big, 16, niter=4, oversample=8))
+            errors = error_vs_exact(W, *truncated_svd(W, 16))
+            require(float(errors.max()) <= err * 1.01 + 1e-5, f"{variant}: error {float(errors.max()):.1e} vs {err:.1e}")
+    ROWS.append(("1 truncated_svd A/B", "11008×4096 r=16, fp32: " + " / ".join(times),
+                 " / ".join(ms(t) for t in times.values()), f"before {ms(times['before'])}",
+                 f"{times['before'] / times['Jacobi+deferred']:.2f}× faster than before; accuracy unchanged"))
     t_fed = cuda_time(lambda: truncated_svd(big, 16, niter=4, oversample=8))
     t_bf16 = cuda_time(lambda: truncated_svd(big, 16, niter=4, oversample=8, pass_precision="bfloat16"))
     bf16_err = float(error_vs_exact(W, *truncated_svd(W, 16, pass_precision="bfloat16")).max())
@@ -135,6 +191,25 @@ def check_refactor():
                       / (B.double() @ A.double()).norm()) < 1e-5, f"{name}: B·A changed by the rotation shortcut")
     t_general = cuda_time(lambda: refactor_lowrank_grouped(first), repeats=3)
     t_short = cuda_time(lambda: refactor_lowrank_grouped(later, assume_orthonormal_rows=True), repeats=3)
+    with engine("before"):
+        t_general_before = cuda_time(lambda: refactor_lowrank_grouped(first), repeats=3)
+        t_short_before = cuda_time(lambda: refactor_lowrank_grouped(later, assume_orthonormal_rows=True), repeats=3)
+    ROWS.append(("2 FedSVD refactor A/B", "round 1 / rotation shortcut: Jacobi kernel vs cuSOLVER eigh",
+                 f"{ms(t_general)} / {ms(t_short)}", f"cuSOLVER {ms(t_general_before)} / {ms(t_short_before)}",
+                 f"{t_general_before / t_general:.2f}× / {t_short_before / t_short:.2f}×"))
+    try:  # the rotation shortcut has no host read with the Jacobi kernel: one CUDA graph replays the whole step
+        graph, replayed = captured(lambda: refactor_lowrank_grouped(later, assume_orthonormal_rows=True))
+        graph.replay()
+        torch.cuda.synchronize()
+        name = next(iter(later))
+        require(torch.allclose(replayed[name][0] @ replayed[name][1], short[name][0] @ short[name][1], atol=1e-5),
+                "the replayed graph's B·A differs from the eager step's")
+        t_graph = cuda_time(graph.replay, repeats=9)
+        ROWS.append(("2 FedSVD refactor, CUDA graph", "rotation shortcut captured once, replayed", ms(t_graph),
+                     f"eager {ms(t_short)}", f"OK: same B·A; {t_short / t_graph:.2f}× faster than eager"))
+    except Exception as error:  # an experiment: report why capture failed, keep the other rows
+        ROWS.append(("2 FedSVD refactor, CUDA graph", "rotation shortcut captured once, replayed", "—", "—",
+                     f"capture failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}"))
     t_per_layer = cuda_time(lambda: _rotate_per_layer(later), repeats=3)  # what the CPU path does
     B, A = first["layers.0.q_proj"]
     t_dense = cuda_time(lambda: torch.linalg.svd(B @ A, full_matrices=False), repeats=1, warmup=1)
@@ -159,7 +234,6 @@ def check_adapt():
     from pissa_init import LLAMA_TARGETS
 
     import fedspec
-    from fedspec.adapters import adapter_layers
 
     build = _cuda_llama()
 
@@ -186,26 +260,48 @@ def check_adapt():
     first, model, original = fedspec_once()  # pays for CUDA library set-up (cuSOLVER handles, kernel loading)
     off = [n for n, p in model.named_parameters() if not p.is_cuda]
     require(not off, f"parameters left the GPU: {off[:3]}")
-    worst = 0.0
-    with torch.no_grad():
-        for name, layer in adapter_layers(model).items():
-            rebuilt = layer.base.weight.float() + layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
-            worst = max(worst, float((rebuilt - original[name]).norm() / original[name].norm()))
+    worst = _residual_error(model, original)
     require(worst < 2e-2, f"residual + s·B·A differs from W by {worst:.1e} (bf16)")
     del model, original
-    ours, theirs = [], []
-    for _ in range(3):  # interleaved, so drifting GPU clocks hit both alike
-        ours.append(fedspec_once()[0])
+    for variant in ENGINE_VARIANTS:  # every variant's init is right too (and its kernels are compiled before timing)
+        with engine(variant):
+            _, model, original = fedspec_once()
+        error = _residual_error(model, original)
+        require(error < 2e-2, f"{variant}: residual + s·B·A differs from W by {error:.1e} (bf16)")
+        del model, original
+    ours: dict[str, list[float]] = {"default": [], **{variant: [] for variant in ENGINE_VARIANTS}}
+    theirs = []
+    for _ in range(3):  # interleaved, so drifting GPU clocks hit all alike
+        ours["default"].append(fedspec_once()[0])
+        for variant in ENGINE_VARIANTS:
+            with engine(variant):
+                ours[variant].append(fedspec_once()[0])
         if has_peft:
             theirs.append(peft_once())
-    t_fed = sorted(ours)[1]
+    median = {variant: sorted(times)[1] for variant, times in ours.items()}
+    t_fed = median["default"]
     baseline = f"PEFT pissa_niter_4 {ms(sorted(theirs)[1])}" if theirs else "PEFT not installed"
     speedup = f"; PEFT takes {sorted(theirs)[1] / t_fed:.2f}× fedspec's time" if theirs else ""
     ROWS.append(("3 PiSSA init on GPU", "2-layer 7B-shaped Llama, bf16, 14 layers, r=16; median of 3 (first call)",
                  f"{ms(t_fed)} ({ms(first)})", baseline,
                  f"OK: all on GPU, ‖W_res + sBA − W‖/‖W‖ ≤ {worst:.1e}{speedup}"))
+    ROWS.append(("3 PiSSA init A/B", " / ".join(ENGINE_VARIANTS), " / ".join(ms(median[v]) for v in ENGINE_VARIANTS),
+                 baseline, "PEFT takes " + " / ".join(f"{sorted(theirs)[1] / median[v]:.2f}×" for v in ENGINE_VARIANTS)
+                 + " each variant's time" if theirs else "OK"))
     model = build()
     _profile("adapt", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS))
+
+
+def _residual_error(model, original) -> float:
+    """Largest ‖W_res + s·B·A − W‖ / ‖W‖ over the adapted layers: the PiSSA init left each weight as it was."""
+    from fedspec.adapters import adapter_layers
+
+    worst = 0.0
+    with torch.no_grad():
+        for name, layer in adapter_layers(model).items():
+            rebuilt = layer.base.weight.float() + layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
+            worst = max(worst, float((rebuilt - original[name]).norm() / original[name].norm()))
+    return worst
 
 
 def _profile(name: str, fn) -> None:
@@ -298,6 +394,8 @@ def check_dp():
                 stock = dp_step._stock_classifier(base).cuda()
                 steps["peft"] = dp_step._stepper(dp_step._peft_model(stock), batch, private=True)
             t = {name: cuda_time(step, repeats=9) for name, step in steps.items()}
+            if size == dp_step.BATCH:
+                _profile("dp_step", steps["dp"])  # where a small-batch DP step's time goes
         setting = f"MiniLM, r={dp_step.RANK} q/v + head, batch {size} × {dp_step.LENGTH}, σ=1, C=1, Adam"
         ratio = t["dp"] / t["plain"]
         ROWS.append(("5 DP-SGD step", f"{setting}; FedSVD client, Opacus hooks", ms(t["dp"]), f"non-DP {ms(t['plain'])}",
@@ -308,6 +406,32 @@ def check_dp():
             ROWS.append(("5 DP-SGD step", f"{setting}; A and B train / FedSVD client",
                          f"{ms(t['dp-AB'])} / {ms(t['dp'])}", f"PEFT LoRA + Opacus {ms(t['peft'])}",
                          f"{t['peft'] / t['dp-AB']:.2f}× / {t['peft'] / t['dp']:.2f}× faster than PEFT + Opacus"))
+
+
+@check("6 Jacobi eigensolver")
+def check_jacobi():
+    from fedspec.svd.kernels.jacobi import jacobi_eigh
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cells = []
+    # The engine's small problems: FedSVD's r×r rotations (224 at once for a 7B adapter set, r = 16), Rayleigh–Ritz
+    # Gram matrices of one layer or a batch of layers ((niter + 1)·(r + oversample) = 120 for PiSSA's defaults).
+    for count, n in ((224, 16), (1, 64), (1, 120), (8, 120), (14, 120)):
+        X = torch.randn(count, n, n, device="cuda", dtype=torch.float64, generator=g)
+        G = X @ X.mT
+        evals, evecs, sweeps = jacobi_eigh(G, return_sweeps=True)
+        want = torch.linalg.eigvalsh(G)
+        value = float(((evals - want).abs() / want.abs().amax(-1, keepdim=True)).max())
+        rebuilt = evecs @ torch.diag_embed(evals) @ evecs.mT
+        residual = float((torch.linalg.matrix_norm(rebuilt - G) / torch.linalg.matrix_norm(G)).max())
+        require(value < 1e-12 and residual < 1e-12, f"{count}×{n}²: eigenvalue error {value:.1e}, residual {residual:.1e}")
+        t_jacobi = cuda_time(lambda G=G: jacobi_eigh(G), repeats=9)
+        t_torch = cuda_time(lambda G=G: torch.linalg.eigh(G), repeats=9)
+        cells.append((f"{count}×{n}²", t_jacobi, t_torch, max(value, residual), int(sweeps.max())))
+    ROWS.append(("6 Jacobi eigensolver", "float64 stacks " + " / ".join(c[0] for c in cells),
+                 " / ".join(ms(c[1]) for c in cells), "torch.linalg.eigh " + " / ".join(ms(c[2]) for c in cells),
+                 f"OK, errors ≤ {max(c[3] for c in cells):.1e}, ≤ {max(c[4] for c in cells)} sweeps; "
+                + " / ".join(f"{c[2] / c[1]:.1f}×" for c in cells)))
 
 
 @check("0 pytest -m gpu")
@@ -336,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr, flush=True)
     chosen = None if args.checks is None else {c.strip() for c in args.checks.split(",")}
-    for run in (check_pytest, check_truncated_svd, check_refactor, check_adapt, check_kernel, check_dp):
+    for run in (check_pytest, check_jacobi, check_truncated_svd, check_refactor, check_adapt, check_kernel, check_dp):
         if chosen is not None and run.number not in chosen:
             continue
         run()

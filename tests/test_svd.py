@@ -12,15 +12,18 @@ import pytest
 import torch
 
 import fedspec.svd.refactor as refactor_module
-from fedspec.svd.orthonormal import _householder_max_columns, qr_tall
 from fedspec.svd import (
+    BATCH_BYTES,
+    batch_bytes,
     batch_chunks,
+    error_vs_exact,
     group_by_shape,
     reconstruction_error,
     refactor_lowrank,
     refactor_lowrank_grouped,
     truncated_svd,
 )
+from fedspec.svd.orthonormal import _householder_max_columns, all_trusted, qr_tall
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -616,6 +619,50 @@ def test_qr_tall_falls_back_to_householder_on_rank_deficient_input():
     assert rel_err(Q.double() @ R, Y.double()) < 1e-5
 
 
+def test_qr_tall_with_collected_checks_is_exact_and_reads_nothing_until_asked():
+    """The GPU's way: CholeskyQR2 for every block, its trust tests collected as tensors and read at once."""
+    Y = torch.randn(3, 200, 8, generator=gen(3))  # narrow: the checked path would take Householder
+    checks: list[torch.Tensor] = []
+    Q, R = qr_tall(Y, checks=checks)
+    assert len(checks) == 2 and all(isinstance(c, torch.Tensor) for c in checks) and all_trusted(checks)
+    assert float((Q.double().mT @ Q.double() - torch.eye(8, dtype=torch.float64)).abs().max()) < 1e-6
+    assert rel_err(Q.double() @ R, Y.double()) < 1e-6
+    Y[1] = 0.0
+    failed: list[torch.Tensor] = []
+    qr_tall(Y, checks=failed)
+    assert not all_trusted(failed)  # the caller redoes its work with checked QRs
+    assert all_trusted([])
+
+
+@pytest.mark.parametrize("spectrum", ["random", "decaying"])
+def test_block_krylov_with_deferred_checks_matches_the_checked_svd(spectrum):
+    """On a GPU the randomized SVD reads its trust tests once; where they pass, its result is as accurate as the
+    checked path's (run here on the CPU, where the arithmetic is the same). A spectrum that falls to float32's
+    rounding within the basis (e^(-0.5 k) over 200 values) fails a test and is redone, as rank-deficient input is."""
+    from fedspec.svd.truncated import _block_krylov, _gaussian_sketch
+
+    g = gen(4)
+    U, _ = torch.linalg.qr(torch.randn(300, 200, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(200, 200, generator=g))
+    rate = {"random": None, "decaying": 0.05}[spectrum]
+    W = torch.randn(300, 200, generator=g) if rate is None else (U * torch.exp(-rate * torch.arange(200.0))) @ V.T
+    omega = _gaussian_sketch((200, 16), torch.float32, W.device, gen(5))
+    deferred = _block_krylov(W, omega, 8, 3, checks=[])
+    checked = _block_krylov(W, omega, 8, 3)
+    assert deferred is not None
+    err_deferred, err_checked = float(error_vs_exact(W, *deferred)), float(error_vs_exact(W, *checked))
+    assert err_deferred <= err_checked * 1.01 + 1e-5, (err_deferred, err_checked)
+
+
+def test_block_krylov_with_deferred_checks_asks_for_a_redo_on_rank_deficient_input():
+    from fedspec.svd.truncated import _block_krylov, _gaussian_sketch
+
+    W = torch.randn(300, 3, generator=gen(6)) @ torch.randn(3, 200, generator=gen(7))  # rank 3 < the basis
+    omega = _gaussian_sketch((200, 16), torch.float32, W.device, gen(5))
+    assert _block_krylov(W, omega, 8, 3, checks=[]) is None
+    assert float(error_vs_exact(W, *_block_krylov(W, omega, 8, 3))) < 1e-4
+
+
 def test_off_the_cpu_a_large_batch_of_narrow_blocks_uses_cholesky_qr():
     """torch runs a batch of Householder QRs matrix by matrix on a GPU: there a large stack of blocks goes through
     CholeskyQR2 (checked on the meta device: only the choice, not the arithmetic; tests/test_svd_gpu.py runs it)."""
@@ -628,6 +675,10 @@ def test_off_the_cpu_a_large_batch_of_narrow_blocks_uses_cholesky_qr():
 def test_batch_chunks_bound_the_stack():
     assert batch_chunks(list("abcde"), item_bytes=10, limit=25) == [["a", "b"], ["c", "d"], ["e"]]
     assert batch_chunks(["a", "b"], item_bytes=100, limit=10) == [["a"], ["b"]]  # never an empty chunk
+
+
+def test_the_cpu_batches_small_layers_only():
+    assert batch_bytes(torch.device("cpu")) == BATCH_BYTES
 
 
 def test_group_by_shape_keys_on_shape_dtype_and_device():

@@ -59,6 +59,19 @@ def test_qr_tall_on_cuda_is_exact_and_stays_there(batch):
     torch.testing.assert_close(Q.double() @ R, Y.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_rank_deficient_input_on_cuda_is_redone_with_checked_qrs(batch):
+    """On a GPU the randomized SVD reads its trust tests once; rank-deficient W fails them and the SVD is redone the
+    checked way: the result is exact, finite and on the GPU, never the NaN of an untrusted Cholesky pass."""
+    g = torch.Generator().manual_seed(2)
+    W = (torch.randn(*batch, 500, 3, generator=g) @ torch.randn(*batch, 3, 300, generator=g)).cuda()
+    U, S, Vh = truncated_svd(W, 8, generator=torch.Generator().manual_seed(1))
+    assert U.is_cuda and bool(torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all())
+    assert float(error_vs_exact(W, U, S, Vh).max()) < 1e-4
+    zero = truncated_svd(torch.zeros(*batch, 200, 100, device="cuda"), 4)
+    assert all(bool(torch.isfinite(t).all()) for t in zero) and float(zero[1].abs().max()) == 0.0
+
+
 @pytest.mark.parametrize("method", ["pissa", "milora", "lora"])
 def test_adapt_on_a_cuda_model_keeps_everything_on_the_gpu(method):
     from transformers import BertConfig, BertModel

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..svd import PassBuffer, batch_chunks
+from ..svd import PassBuffer, batch_bytes, batch_chunks
 from .calibration import KINDS, Calibration
 from .layers import AdapterLayer, LowRankLinear
 from .registry import MethodSpec, get_method
@@ -86,7 +86,8 @@ def _initialize(
     calibration: Calibration | None,
 ) -> None:
     """Compute starting tensors with one batched initializer call per group of same-shape, same-rank layers
-    (split into chunks of bounded size when the layers are large: batching only pays for small matrices).
+    (split into chunks of bounded size when the layers are large: on a CPU batching only pays for small matrices,
+    on a GPU for all; see `fedspec.svd.batch_bytes`).
 
     An initializer returns either ``(B0, A0)`` (the low-rank additive shape) or a dict of batched tensors named as
     the layer's parameters; each layer's ``set_initial`` loads its slice and derives its base.
@@ -100,7 +101,8 @@ def _initialize(
     for (_, dtype, rank), group in groups.items():
         compute = torch.float64 if dtype == torch.float64 else torch.float32
         item_bytes = originals[group[0]].numel() * compute.itemsize
-        for names in batch_chunks(group, item_bytes):  # bounded memory: a 7B model's gate_proj alone is 11 GB
+        limit = batch_bytes(originals[group[0]].device)
+        for names in batch_chunks(group, item_bytes, limit):  # bounded memory: a 7B model's gate_proj alone is 11 GB
             weights = _stack_chunk([originals[n].detach() for n in names], compute, spec, options, stack_buffer)
             _initialize_chunk(layers, originals, names, weights, rank, spec, keys, calibration,
                               scaling, generator, {**options, "pass_buffer": buffer})

@@ -5,13 +5,14 @@ Every decomposition runs in float32 or float64 whatever the model dtype, and wit
 Singular-vector signs are arbitrary: compare products, never factors.
 """
 
-from .grouping import BATCH_BYTES, batch_chunks, group_by_shape
+from .grouping import BATCH_BYTES, batch_bytes, batch_chunks, group_by_shape
 from .precision import PASS_PRECISIONS, PassBuffer, compute_dtype
 from .refactor import refactor_lowrank, refactor_lowrank_grouped
 from .truncated import METHODS, error_vs_exact, reconstruction_error, truncated_svd
 
 __all__ = [
     "BATCH_BYTES",
+    "batch_bytes",
     "batch_chunks",
     "METHODS",
     "PASS_PRECISIONS",

@@ -11,11 +11,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["BATCH_BYTES", "TensorSignature", "batch_chunks", "group_by_shape", "signature"]
+__all__ = ["BATCH_BYTES", "TensorSignature", "batch_bytes", "batch_chunks", "group_by_shape", "signature"]
 
 # Largest stack one batched call builds. Stacking copies every matrix, and batching amortizes only call
-# overhead, which matters for small matrices; large ones are compute-bound one by one anyway.
+# overhead, which matters for small matrices; on a CPU large ones are compute-bound one by one anyway.
 BATCH_BYTES = 32 * 2**20
+# On a GPU every SVD call is launch-bound whatever the layer's size (docs/gpu.md: a 7B layer's randomized SVD keeps
+# an H100 busy for 3.9 of its 6 ms), so same-shape layers stack up to this much (capped at 1/32 of the GPU's memory).
+# Worth it only where the batch's small steps are batched too: CholeskyQR2 and the Jacobi eigensolver, one launch
+# for the stack where cuSOLVER loops over its matrices.
+GPU_BATCH_BYTES = 2**30
 
 # (shape, dtype, device) of each tensor in an entry; entries with equal signatures stack.
 TensorSignature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
@@ -41,6 +46,13 @@ def group_by_shape(
     for name, value in tensors.items():
         groups.setdefault(signature(value), []).append(name)
     return groups
+
+
+def batch_bytes(device: torch.device) -> int:
+    """Largest stack (bytes) one batched decomposition builds on `device`."""
+    if device.type == "cuda":
+        return min(GPU_BATCH_BYTES, torch.cuda.get_device_properties(device).total_memory // 32)
+    return BATCH_BYTES
 
 
 def batch_chunks(names: Sequence[str], item_bytes: int, limit: int = BATCH_BYTES) -> list[list[str]]:

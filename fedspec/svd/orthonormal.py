@@ -16,18 +16,28 @@ import math
 
 import torch
 
-__all__ = ["gram", "orthonormal_columns", "qr_tall"]
+__all__ = ["all_trusted", "gram", "orthonormal_columns", "qr_tall"]
 
 
-def qr_tall(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def qr_tall(Y: torch.Tensor, *, checks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin QR `Y = Q R` of (a batch of) tall matrices (..., m, b), m ≥ b.
 
     Q has Y's dtype and device with orthonormal columns; R is (..., b, b) upper triangular in float64
     (it feeds small float64 decompositions). Householder is used when CholeskyQR2 cannot be trusted.
+
+    `checks`: a list that collects CholeskyQR2's trust tests as tensors instead of reading each back to the host,
+    which on a GPU is a synchronization per QR. Every block then takes CholeskyQR2, and the caller reads all the
+    tests at once with :func:`all_trusted` and redoes its work without `checks` if one failed (the result of an
+    untrusted pass may hold NaN). Meant for GPUs; on a CPU it works the same (tests use it) but is not faster.
     """
     m, b = Y.shape[-2:]
     if m < b:
         raise ValueError(f"qr_tall needs a tall matrix (m >= b), got shape {tuple(Y.shape)}")
+    if checks is not None:
+        Q1, R1, trusted1 = _cholesky_pass(Y.to(torch.float64))
+        Q2, R2, trusted2 = _cholesky_pass(Q1)
+        checks += [trusted1.all(), trusted2.all()]
+        return Q2.to(Y.dtype), R2 @ R1
     if b <= _householder_max_columns(Y):
         Q, R = torch.linalg.qr(Y, mode="reduced")
         return Q, R.to(torch.float64)
@@ -41,9 +51,14 @@ def qr_tall(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return Q.to(Y.dtype), R
 
 
-def orthonormal_columns(Y: torch.Tensor) -> torch.Tensor:
+def all_trusted(checks: list[torch.Tensor]) -> bool:
+    """Whether every trust test `qr_tall(..., checks=...)` collected passed: one host read for all of them."""
+    return not checks or bool(torch.stack(checks).all())
+
+
+def orthonormal_columns(Y: torch.Tensor, *, checks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """An orthonormal basis of the column space of tall Y (..., m, b): the Q of :func:`qr_tall`."""
-    return qr_tall(Y)[0]
+    return qr_tall(Y, checks=checks)[0]
 
 
 # Up to this many columns LAPACK's Householder QR was the faster of the two (about 1 ms for 11008 × 16 on
@@ -98,20 +113,33 @@ GRAM_BLOCKED_MIN_ROWS = 8192
 
 def _cholesky_qr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """One Cholesky QR pass in float64: G = YᵀY = RᵀR, Q = Y R⁻¹. Returns (Q, R, trustworthy)."""
+    G, R, trusted = _cholesky_factor(Y)
+    if not bool(trusted.all()):  # one host read for the three tests (a synchronization on a GPU)
+        return Y, G, False
+    return Y @ _upper_inverse(R), R, True
+
+
+def _cholesky_pass(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Cholesky QR pass whose trust tests stay on the device: (Q, R, trusted), Q meaningless where not trusted."""
+    _, R, trusted = _cholesky_factor(Y)
+    return Y @ _upper_inverse(R), R, trusted
+
+
+def _cholesky_factor(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G = YᵀY, its Cholesky factor R (G = RᵀR) and, per matrix, whether the pass can be trusted (a device tensor)."""
     G = gram(Y)
     L, info = torch.linalg.cholesky_ex(G)
     diag = torch.diagonal(L, dim1=-2, dim2=-1)
     smallest, largest = diag.amin(dim=-1), diag.amax(dim=-1)
-    # cond(G) >= (max diag(L) / min diag(L))²: a cheap lower bound that catches near-singular input. The three
-    # tests are read back in one go: on a GPU each read is a host synchronization. (A failed factorization can
-    # leave NaN in L, which fails the `> 0` test; `info` catches it as well.)
+    # cond(G) >= (max diag(L) / min diag(L))²: a cheap lower bound that catches near-singular input. (A failed
+    # factorization can leave NaN in L, which fails the `> 0` test; `info` catches it as well.)
     trusted = (info == 0) & (smallest > 0) & ((largest / smallest) ** 2 <= _MAX_GRAM_CONDITION)
-    if not bool(trusted.all()):
-        return Y, G, False
-    R = L.mT
-    # Y·R⁻¹ as one matrix product with the small explicit inverse: a batched triangular solve of a tall
-    # matrix runs matrix by matrix on the CPU and was the slowest step; CholeskyQR2's second pass absorbs
-    # the slightly larger rounding error of the explicit inverse.
+    return G, L.mT, trusted
+
+
+def _upper_inverse(R: torch.Tensor) -> torch.Tensor:
+    """R⁻¹ of upper-triangular R. Y·R⁻¹ is then one matrix product with the small explicit inverse: a batched
+    triangular solve of a tall matrix runs matrix by matrix on the CPU and was the slowest step; CholeskyQR2's
+    second pass absorbs the slightly larger rounding error of the explicit inverse."""
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device).expand_as(R)
-    R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
-    return Y @ R_inv, R, True
+    return torch.linalg.solve_triangular(R, eye, upper=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .eigh import small_eigh
 from .grouping import group_by_shape
 from .orthonormal import gram, qr_tall
 from .precision import compute_dtype
@@ -43,7 +44,7 @@ def refactor_lowrank(
     B_new = B V and A_new = Vᵀ A. The flag is trusted, not checked; with a non-orthonormal A the
     product is still preserved but A_new's rows are not orthonormal.
 
-    Everything runs on the inputs' device (cuBLAS/cuSOLVER for CUDA tensors); the small r×r
+    Everything runs on the inputs' device (cuBLAS/cuSOLVER, and the Jacobi kernel, for CUDA tensors); the small r×r
     decompositions run in float64 there too.
 
     Rank-deficient input (e.g. B = 0 for a layer no client updated) gives zero singular values
@@ -143,7 +144,7 @@ def _eigh_descending(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A rank-deficient G (B = 0, or m < r) has zero eigenvalues whose eigenvectors are still orthonormal,
     so the rotated factors stay finite and A's rows stay orthonormal.
     """
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = small_eigh(G)
     return evecs.flip(-1), evals.flip(-1)
 
 

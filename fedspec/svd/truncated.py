@@ -14,7 +14,8 @@ import operator
 
 import torch
 
-from .orthonormal import gram, orthonormal_columns, qr_tall
+from .eigh import small_eigh
+from .orthonormal import all_trusted, gram, orthonormal_columns, qr_tall
 from .precision import PassBuffer, compute_dtype, pass_dtype
 
 __all__ = ["METHODS", "error_vs_exact", "reconstruction_error", "truncated_svd"]
@@ -149,7 +150,18 @@ def _randomized(
         Wp = (buffer or PassBuffer()).copy(W, passes)
     if niter == 0:
         return _range_finder(Wp, omega, rank)
+    if W.device.type != "cpu" and GPU_DEFERRED_CHECKS:
+        result = _block_krylov(Wp, omega, rank, niter, checks=[])
+        if result is not None:
+            return result
     return _block_krylov(Wp, omega, rank, niter)
+
+
+# On a GPU the block Krylov SVD collects every trust test (CholeskyQR2's, the Rayleigh–Ritz conditioning) on the
+# device and reads them back once, at the end; if one failed, the SVD is redone with tests read as they come (the
+# CPU's way), which picks Householder QRs and the QR-based Rayleigh–Ritz where they are needed. Each host read is a
+# synchronization that stalls the launch queue, and a 7B layer's SVD made about a dozen of them.
+GPU_DEFERRED_CHECKS = True
 
 
 def _times(Wp: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -178,7 +190,9 @@ def _range_finder(Wp: torch.Tensor, omega: torch.Tensor, rank: int) -> SVDResult
     return U, S[..., :rank].to(Q.dtype), Vh
 
 
-def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) -> SVDResult:
+def _block_krylov(
+    Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int, checks: list[torch.Tensor] | None = None
+) -> SVDResult | None:
     """Randomized block Krylov (Musco & Musco, 2015) on the row space, in 2·niter + 1 passes over W.
 
     Power iterations that keep every iterate: P spans {Ω, (WᵀW)Ω, ..., (WᵀW)^niter Ω} (orthonormalized
@@ -191,6 +205,9 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
     contiguous block of rows (a plain copy into the basis, where a strided copy into columns cost as much as one
     pass on MiniLM's layers), the Gram–Schmidt products read row-major operands, and the Wᵀ pass reads the rows
     of (W·P)ᵀ as they are: (WᵀW·P)ᵀ = (W·P)ᵀ·W.
+
+    With `checks` (a list, on a GPU) every orthonormalization is CholeskyQR2 with its trust tests left on the
+    device, read once in the Rayleigh–Ritz step; None is returned if one failed (the caller redoes the SVD).
     """
     n, b = omega.shape[-2:]
     blocks = min(niter + 1, -(-n // b))  # stop once the basis spans the whole row space: W·P·Pᵀ = W
@@ -199,7 +216,7 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
     # fresh copy per iteration, a measurable share of the cost on small layers.
     basis_t = omega.new_empty(*Wp.shape[:-2], total, n)  # rows: Pᵀ
     image_t = omega.new_empty(*Wp.shape[:-2], total, Wp.shape[-2])  # rows: (W·P)ᵀ
-    P_t, width = orthonormal_columns(omega).mT, 0
+    P_t, width = orthonormal_columns(omega, checks=checks).mT, 0
     while True:
         k = P_t.shape[-2]
         basis_t[..., width:width + k, :] = P_t
@@ -218,9 +235,9 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
         # passes the basis was up to 9e-4 from orthonormal on an AMD CPU's MKL (random rank-k W, k < r: relative
         # reconstruction errors up to 0.27; with three, 4e-7 at no measurable cost).
         for _ in range(3):
-            Z_t = orthonormal_columns((Z_t - (Z_t @ done_t.mT) @ done_t).mT).mT
+            Z_t = orthonormal_columns((Z_t - (Z_t @ done_t.mT) @ done_t).mT, checks=checks).mT
         P_t = Z_t
-    return _rayleigh_ritz(image_t, basis_t, rank)
+    return _rayleigh_ritz(image_t, basis_t, rank, checks)
 
 
 # The Gram matrix of W·P gives its top-r singular triplets exactly enough (float64, relative error ~eps·κ²)
@@ -228,8 +245,14 @@ def _block_krylov(Wp: torch.Tensor, omega: torch.Tensor, rank: int, niter: int) 
 _GRAM_MIN_SINGULAR_RATIO = 1e-4
 
 
-def _rayleigh_ritz(image_t: torch.Tensor, basis_t: torch.Tensor, rank: int) -> SVDResult:
-    """Top-r SVD of W·P·Pᵀ from the transposed image (W·P)ᵀ (..., k, m) and orthonormal basis Pᵀ (..., k, n)."""
+def _rayleigh_ritz(
+    image_t: torch.Tensor, basis_t: torch.Tensor, rank: int, checks: list[torch.Tensor] | None = None
+) -> SVDResult | None:
+    """Top-r SVD of W·P·Pᵀ from the transposed image (W·P)ᵀ (..., k, m) and orthonormal basis Pᵀ (..., k, n).
+
+    With `checks`, the basis's trust tests are read together with this step's own, and None is returned when
+    any failed (the caller redoes the SVD with tests read as they come).
+    """
     dtype = image_t.dtype
     image = image_t.mT
     if image.shape[-2] < image.shape[-1]:  # W has fewer rows than the basis is wide: W·P is small anyway
@@ -238,9 +261,12 @@ def _rayleigh_ritz(image_t: torch.Tensor, basis_t: torch.Tensor, rank: int) -> S
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
     # and two products in CholeskyQR2) followed by an SVD.
     # Converted before transposing: converting the transposed view was 5× slower.
-    evals, evecs = torch.linalg.eigh(gram(image_t.to(torch.float64).mT))
+    evals, evecs = small_eigh(gram(image_t.to(torch.float64).mT))
     S = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
-    if bool(((S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)).all()):  # one host read
+    conditioned = (S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)
+    if checks is not None and not all_trusted([*checks, conditioned.all()]):  # the SVD's one host read
+        return None
+    if checks is not None or bool(conditioned.all()):  # (checked already, or) one host read
         V = evecs[..., -rank:].flip(-1)
         U = image @ (V / S.unsqueeze(-2)).to(dtype)
         return U, S.to(dtype), V.to(dtype).mT @ basis_t

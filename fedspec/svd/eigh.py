@@ -1,0 +1,22 @@
+"""The engine's small symmetric eigendecompositions (Rayleigh–Ritz Gram matrices, FedSVD's r×r rotations).
+
+On a GPU they go to the batched Jacobi kernel (`fedspec.svd.kernels.jacobi`): one launch per stack and no host
+synchronization, where cuSOLVER runs a tridiagonal reduction of many small launches per matrix and torch reads its
+error code back to the host. On a CPU LAPACK's eigh is the fast path. The kernel module (and Triton with it) is
+imported only when a CUDA matrix asks for it, so CPU-only processes never pay Triton's import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["small_eigh"]
+
+
+def small_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.linalg.eigh(G)` (ascending eigenvalues, eigenvector columns) for a stack of small symmetric matrices."""
+    if G.is_cuda:
+        from .kernels.jacobi import symmetric_eigh
+
+        return symmetric_eigh(G)
+    return torch.linalg.eigh(G)
