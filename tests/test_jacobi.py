@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fedspec.svd.kernels import jacobi
 from fedspec.svd.eigh import small_eigh
+from fedspec.svd.kernels import jacobi
 
 needs_triton = pytest.mark.skipif(jacobi.triton is None, reason="triton is not installed (pip install 'fedspec[gpu]')")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -155,6 +155,8 @@ def test_the_engine_uses_the_kernel_on_cuda_and_eigh_can_be_chosen(monkeypatch):
     calls = []
     monkeypatch.setattr(jacobi, "jacobi_eigh", lambda M: calls.append(M.shape) or torch.linalg.eigh(M))
     small_eigh(G)
+    assert calls == [G.shape]
+    small_eigh(_symmetric(1, 120, torch.float64, device="cuda"))  # a Rayleigh–Ritz size: cuSOLVER is far faster
     assert calls == [G.shape]
     monkeypatch.setattr(jacobi, "USE_ON_CUDA", False)
     small_eigh(G)

@@ -64,7 +64,7 @@ def test_shortcut_skips_every_decomposition_of_A(monkeypatch):
     """The rotation path must not QR-factorize A (the point of the shortcut)."""
     calls = []
     original = refactor_module.qr_tall
-    monkeypatch.setattr(refactor_module, "qr_tall", lambda X: calls.append(tuple(X.shape)) or original(X))
+    monkeypatch.setattr(refactor_module, "qr_tall", lambda X, **kw: calls.append(tuple(X.shape)) or original(X, **kw))
     rule = get_rule("fedsvd")
     state = aggregate(rule, _state(), _updates(_state(), 1), [1.0, 1.0, 1.0])
     assert len(calls) == 3  # round 1: one batched QR of Aᵀ per shape group

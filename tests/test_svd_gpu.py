@@ -87,3 +87,32 @@ def test_adapt_on_a_cuda_model_keeps_everything_on_the_gpu(method):
         torch.testing.assert_close(rebuilt, original[f"{name}.weight"], rtol=1e-4, atol=1e-5)
     ids = torch.randint(0, 60, (2, 7), device="cuda")
     assert model(input_ids=ids).last_hidden_state.is_cuda
+
+
+def test_the_rotation_step_replays_a_captured_graph_with_each_rounds_values(monkeypatch):
+    """FedSVD's later rounds on a GPU: the stacked rotation is captured once and replayed; each replay must use
+    that call's B and A (never the captured ones), agree with the eager step, and new shapes capture anew."""
+    import fedspec.svd.refactor as refactor_module
+
+    def pairs(seed, rows=300):
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for i in range(5):
+            A = torch.linalg.qr(torch.randn(200, 8, generator=g)).Q.mT.contiguous()
+            out[f"layer{i}"] = (torch.randn(rows, 8, generator=g).cuda(), A.cuda())
+        return out
+
+    rounds = [pairs(1), pairs(2)]
+    captured = [refactor_lowrank_grouped(p, assume_orthonormal_rows=True) for p in rounds]
+    graph = refactor_module._captured_rotation
+    assert graph is not None, "a CUDA model's rotation step should run from a captured graph"
+    monkeypatch.setattr(refactor_module, "GPU_CAPTURE_ROTATION", False)
+    for p, got in zip(rounds, captured):
+        eager = refactor_lowrank_grouped(p, assume_orthonormal_rows=True)
+        for name, (B, A) in p.items():
+            torch.testing.assert_close(got[name][0] @ got[name][1], B @ A, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[name][0] @ got[name][1], eager[name][0] @ eager[name][1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[name][1] @ got[name][1].mT, torch.eye(8, device="cuda"), rtol=0, atol=1e-5)
+    monkeypatch.setattr(refactor_module, "GPU_CAPTURE_ROTATION", True)
+    refactor_lowrank_grouped(pairs(3, rows=150), assume_orthonormal_rows=True)
+    assert refactor_module._captured_rotation is not graph  # other shapes: captured anew

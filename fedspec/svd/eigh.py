@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["small_eigh"]
+__all__ = ["small_eigh", "sync_free_eigh"]
 
 
 def small_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,3 +20,13 @@ def small_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         return symmetric_eigh(G)
     return torch.linalg.eigh(G)
+
+
+def sync_free_eigh(n: int, device: torch.device) -> bool:
+    """Whether `small_eigh` of n×n float64 matrices on `device` runs without a host read (capturable in a CUDA
+    graph): on the Jacobi kernel, CUDA only. torch.linalg.eigh reads its error code back to the host."""
+    if device.type != "cuda":
+        return False
+    from .kernels import jacobi
+
+    return jacobi.triton is not None and jacobi.USE_ON_CUDA and n <= jacobi.ENGINE_MAX_SIZE

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["all_trusted", "gram", "orthonormal_columns", "qr_tall"]
+__all__ = ["all_trusted", "deferred_checks", "gram", "orthonormal_columns", "qr_tall"]
 
 
 def qr_tall(Y: torch.Tensor, *, checks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +49,18 @@ def qr_tall(Y: torch.Tensor, *, checks: list[torch.Tensor] | None = None) -> tup
             return Q2.to(Y.dtype), R2 @ R1
     Q, R = torch.linalg.qr(Yd, mode="reduced")
     return Q.to(Y.dtype), R
+
+
+# On a GPU the engine's decompositions collect every trust test (CholeskyQR2's, the Rayleigh–Ritz conditioning) on
+# the device and read them back once, at the end; if one failed, the work is redone with tests read as they come
+# (the CPU's way), which picks Householder QRs where they are needed. Each host read is a synchronization that
+# stalls the launch queue, and a 7B layer's randomized SVD made about a dozen of them.
+GPU_DEFERRED_CHECKS = True
+
+
+def deferred_checks(device: torch.device) -> list[torch.Tensor] | None:
+    """A list to collect `qr_tall`'s trust tests in, for work on `device`; None where they are read as they come."""
+    return [] if device.type != "cpu" and GPU_DEFERRED_CHECKS else None
 
 
 def all_trusted(checks: list[torch.Tensor]) -> bool:

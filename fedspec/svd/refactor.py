@@ -17,9 +17,10 @@ from collections.abc import Mapping
 
 import torch
 
-from .eigh import small_eigh
+from .captured import CapturedStep
+from .eigh import small_eigh, sync_free_eigh
 from .grouping import group_by_shape
-from .orthonormal import gram, qr_tall
+from .orthonormal import all_trusted, deferred_checks, gram, qr_tall
 from .precision import compute_dtype
 
 __all__ = ["refactor_lowrank", "refactor_lowrank_grouped"]
@@ -77,22 +78,56 @@ def refactor_lowrank_grouped(
     are batched into one call per group while the two thin products per layer (B·V and Vᵀ·A) run on the
     layers' own tensors: copying the factors into a stack cost more there than the products it would
     batch. On a GPU the group is stacked like the general path: copies are nearly free there, and the
-    per-layer products were ~8 kernel launches a layer (224 layers of a 7B model: ~1,800 launches).
+    per-layer products were ~8 kernel launches a layer (224 layers of a 7B model: ~1,800 launches), and the whole
+    stacked step is captured in a CUDA graph on its first call and replayed after (`GPU_CAPTURE_ROTATION`).
     Returns a new dict with the input's keys, in the input's order.
     """
     out: dict[str, LowRankPair] = {}
+    stacked: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # (names, B stack, A stack) per group
     for signature, names in group_by_shape(pairs).items():
         _, _, device = signature[0]  # B's (shape, dtype, device)
         if assume_orthonormal_rows and device.type == "cpu":
             rotated = _rotate_group([pairs[name][0] for name in names], [pairs[name][1] for name in names])
             out.update(zip(names, rotated))
             continue
-        B_stack = torch.stack([pairs[name][0] for name in names])
-        A_stack = torch.stack([pairs[name][1] for name in names])
-        B_new, A_new = refactor_lowrank(B_stack, A_stack, assume_orthonormal_rows=assume_orthonormal_rows)
-        for name, b, a in zip(names, B_new.unbind(0), A_new.unbind(0)):
-            out[name] = (b, a)
+        stacked.append((names, torch.stack([pairs[name][0] for name in names]),
+                        torch.stack([pairs[name][1] for name in names])))
+    results = _refactor_stacks([(B, A) for _, B, A in stacked], assume_orthonormal_rows)
+    for (names, _, _), (B_new, A_new) in zip(stacked, results):
+        out.update(zip(names, zip(B_new.unbind(0), A_new.unbind(0))))
     return {name: out[name] for name in pairs}
+
+
+# FedSVD's rotation step (every round after the first) on a GPU replays a CUDA graph captured on its first call for
+# the adapter set's shapes: one launch instead of ~10 per layer group. False runs it eagerly.
+GPU_CAPTURE_ROTATION = True
+_captured_rotation: CapturedStep | None = None  # the last adapter set's graph: a server refactors one adapter set
+
+
+def _refactor_stacks(stacks: list[LowRankPair], assume_orthonormal_rows: bool) -> list[LowRankPair]:
+    """refactor_lowrank of each (B, A) stack; on a GPU, the rotation shortcut through a captured CUDA graph."""
+    if assume_orthonormal_rows and stacks and _capturable(stacks):
+        return _replay_rotation(stacks)
+    return [refactor_lowrank(B, A, assume_orthonormal_rows=assume_orthonormal_rows) for B, A in stacks]
+
+
+def _capturable(stacks: list[LowRankPair]) -> bool:
+    """Whether the rotation of these stacks runs without a host read (so a CUDA graph can hold it)."""
+    if not GPU_CAPTURE_ROTATION or not all(t.is_cuda for pair in stacks for t in pair):
+        return False
+    return all(sync_free_eigh(B.shape[-1], B.device) for B, _ in stacks)
+
+
+def _replay_rotation(stacks: list[LowRankPair]) -> list[LowRankPair]:
+    global _captured_rotation
+    if _captured_rotation is None or _captured_rotation.key != CapturedStep.key_of(stacks):
+        _captured_rotation = None  # free the old graph's memory before capturing the new one
+        _captured_rotation = CapturedStep(_rotate_stacks, stacks)
+    return _captured_rotation(stacks)
+
+
+def _rotate_stacks(stacks: list[LowRankPair]) -> list[LowRankPair]:
+    return [refactor_lowrank(B, A, assume_orthonormal_rows=True) for B, A in stacks]
 
 
 def _rotate_group(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[LowRankPair]:
@@ -110,11 +145,20 @@ def _rotate_group(Bs: list[torch.Tensor], As: list[torch.Tensor]) -> list[LowRan
 
 
 def _refactor_two_sided(B: torch.Tensor, A: torch.Tensor) -> LowRankPair:
+    checks = deferred_checks(A.device)  # on a GPU: QR trust tests read once, the QR redone checked if one failed
+    if checks is not None:
+        result = _two_sided(B, A, checks)
+        if all_trusted(checks):
+            return result
+    return _two_sided(B, A, None)
+
+
+def _two_sided(B: torch.Tensor, A: torch.Tensor, checks: list[torch.Tensor] | None) -> LowRankPair:
     # Aᵀ = Q_a R_a (thin QR)  =>  B·A = (B R_aᵀ) Q_aᵀ, and with the eigendecomposition of the r×r Gram
     # matrix (B R_aᵀ)ᵀ(B R_aᵀ) = V Λ Vᵀ:  B·A = (B R_aᵀ V) (Vᵀ Q_aᵀ), columns of the left factor orthogonal
     # with norms √Λ (the singular values), rows of the right factor orthonormal. B is never decomposed:
     # only its r×r Gram matrix is formed, and it is multiplied once by an r×r matrix.
-    Q_a, R_a = qr_tall(A.mT)  # (n, r) in A's compute dtype, (r, r) float64; Householder if A is deficient
+    Q_a, R_a = qr_tall(A.mT, checks=checks)  # (n, r) in A's dtype, (r, r) float64; Householder if A is deficient
     gram = R_a @ _gram(B) @ R_a.mT
     V, _ = _eigh_descending(gram)
     return B @ (R_a.mT @ V).to(B.dtype), (Q_a @ V.to(A.dtype)).mT

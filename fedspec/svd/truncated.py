@@ -15,7 +15,7 @@ import operator
 import torch
 
 from .eigh import small_eigh
-from .orthonormal import all_trusted, gram, orthonormal_columns, qr_tall
+from .orthonormal import all_trusted, deferred_checks, gram, orthonormal_columns, qr_tall
 from .precision import PassBuffer, compute_dtype, pass_dtype
 
 __all__ = ["METHODS", "error_vs_exact", "reconstruction_error", "truncated_svd"]
@@ -150,18 +150,12 @@ def _randomized(
         Wp = (buffer or PassBuffer()).copy(W, passes)
     if niter == 0:
         return _range_finder(Wp, omega, rank)
-    if W.device.type != "cpu" and GPU_DEFERRED_CHECKS:
-        result = _block_krylov(Wp, omega, rank, niter, checks=[])
+    checks = deferred_checks(W.device)
+    if checks is not None:  # a GPU: one host read for the whole SVD, redone the checked way if a test failed
+        result = _block_krylov(Wp, omega, rank, niter, checks=checks)
         if result is not None:
             return result
     return _block_krylov(Wp, omega, rank, niter)
-
-
-# On a GPU the block Krylov SVD collects every trust test (CholeskyQR2's, the Rayleigh–Ritz conditioning) on the
-# device and reads them back once, at the end; if one failed, the SVD is redone with tests read as they come (the
-# CPU's way), which picks Householder QRs and the QR-based Rayleigh–Ritz where they are needed. Each host read is a
-# synchronization that stalls the launch queue, and a 7B layer's SVD made about a dozen of them.
-GPU_DEFERRED_CHECKS = True
 
 
 def _times(Wp: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
