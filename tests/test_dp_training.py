@@ -236,3 +236,23 @@ def test_evaluation_in_length_order_returns_every_row_in_its_own_place(model_nam
     labels = torch.arange(len(texts)) % 3
     expected = torch.nn.functional.cross_entropy(alone, labels).item()
     assert evaluate(model, data, labels, batch_size=4)["loss"] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dp_training_on_cuda_draws_its_noise_there_reproducibly():
+    """Opacus draws the noise on the trainable tensors' device, and torch refuses a CPU generator for CUDA tensors:
+    a seeded DP run on a GPU must work, stay there, and repeat exactly."""
+    results = []
+    for _ in range(2):
+        model, batch, labels = _batch(TEXTS * 4, LABELS.repeat(4))
+        fedspec.adapt(model, "pissa", 4, train_A=False)
+        model = model.cuda()
+        batch = Tokenized(batch.input_ids.cuda(), batch.attention_mask.cuda())
+        train_steps(model, batch, labels.cuda(), steps=3, batch_size=8, lr=1e-2,
+                    dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+        trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert all(p.is_cuda for p in trained.values())
+        results.append(trained)
+    for name, tensor in results[0].items():  # same seed, same noise (up to CUDA's reduction order)
+        torch.testing.assert_close(tensor, results[1][name], rtol=0, atol=1e-6)

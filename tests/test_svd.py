@@ -620,7 +620,8 @@ def test_qr_tall_falls_back_to_householder_on_rank_deficient_input():
 
 
 def test_qr_tall_with_collected_checks_is_exact_and_reads_nothing_until_asked():
-    """The GPU's way: CholeskyQR2 for every block, its trust tests collected as tensors and read at once."""
+    """The GPU's way: CholeskyQR2 for every stack of blocks, its trust tests collected as tensors and read at once;
+    a single narrow block keeps Householder, which has no test to collect."""
     Y = torch.randn(3, 200, 8, generator=gen(3))  # narrow: the checked path would take Householder
     checks: list[torch.Tensor] = []
     Q, R = qr_tall(Y, checks=checks)
@@ -632,6 +633,9 @@ def test_qr_tall_with_collected_checks_is_exact_and_reads_nothing_until_asked():
     qr_tall(Y, checks=failed)
     assert not all_trusted(failed)  # the caller redoes its work with checked QRs
     assert all_trusted([])
+    single: list[torch.Tensor] = []
+    Q, R = qr_tall(Y[0], checks=single)
+    assert single == [] and rel_err(Q.double() @ R, Y[0].double()) < 1e-6
 
 
 @pytest.mark.parametrize("spectrum", ["random", "decaying"])
