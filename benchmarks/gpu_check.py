@@ -99,6 +99,7 @@ def require(condition: bool, message: str) -> None:
 ENGINE_VARIANTS = {
     "before": (False, False, False, False),
     "deferred": (True, True, False, False),
+    "batched": (True, False, True, False),
     "deferred+batched": (True, True, True, False),  # everything but the captured FedSVD rotation
 }
 
@@ -205,7 +206,7 @@ def _rotate_per_layer(pairs):
         _rotate_group([pairs[n][0] for n in names], [pairs[n][1] for n in names])
 
 
-PISSA_VARIANTS = ("before", "deferred", "deferred+batched")  # the rotation's capture plays no part in an init
+PISSA_VARIANTS = ("before", "batched", "deferred+batched")  # the rotation's capture plays no part in an init
 
 
 @check("3 PiSSA init on GPU")
