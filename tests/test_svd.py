@@ -665,6 +665,8 @@ def test_block_krylov_with_deferred_checks_asks_for_a_redo_on_rank_deficient_inp
     omega = _gaussian_sketch((200, 16), torch.float32, W.device, gen(5))
     assert _block_krylov(W, omega, 8, 3, checks=[]) is None
     assert float(error_vs_exact(W, *_block_krylov(W, omega, 8, 3))) < 1e-4
+    # A stack of zero matrices: its CholeskyQR2 passes fail and leave NaN, which must not reach eigh (it raises).
+    assert _block_krylov(torch.zeros(3, 300, 200), omega, 8, 3, checks=[]) is None
 
 
 def test_off_the_cpu_a_large_batch_of_narrow_blocks_uses_cholesky_qr():

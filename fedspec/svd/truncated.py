@@ -255,7 +255,10 @@ def _rayleigh_ritz(
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
     # and two products in CholeskyQR2) followed by an SVD.
     # Converted before transposing: converting the transposed view was 5× slower.
-    evals, evecs = small_eigh(gram(image_t.to(torch.float64).mT))
+    G = gram(image_t.to(torch.float64).mT)
+    if checks is not None:  # an untrusted QR may have left NaN, and eigh raises on it before the tests are read
+        G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    evals, evecs = small_eigh(G)
     S = evals[..., -rank:].flip(-1).clamp_min(0).sqrt()
     conditioned = (S[..., -1] >= _GRAM_MIN_SINGULAR_RATIO * S[..., 0]) & (S[..., 0] > 0)
     if checks is not None and not all_trusted([*checks, conditioned.all()]):  # the SVD's one host read
