@@ -12,15 +12,14 @@ the result is right and stayed on the GPU):
    torch.linalg.svd of B·A (timed on two products, extrapolated).
 3. fedspec.adapt("pissa") on a CUDA 2-layer 7B-shaped Llama (bfloat16): every parameter still on the GPU,
    residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed.
-4. The Triton fused adapter forward vs torch (unfused base + adapter, and the merged single matmul as the
-   lower bound), float16/bfloat16/float32, with max error against a float32 reference.
+4. (Retired: the Triton fused adapter forward, removed after it lost to cuBLAS in every run; docs/gpu.md.)
 5. A DP-SGD step on CUDA (MiniLM, batch 32 and 256 × 128): Opacus hooks vs a non-DP step, ghost clipping, and
    PEFT LoRA + Opacus on transformers' own MiniLM (when PEFT is installed); functorch guard on.
 6. The batched Jacobi eigensolver (Triton) against torch.linalg.eigh (cuSOLVER) in float64 on the engine's sizes.
 Checks 1–3 also A/B the engine's GPU choices in the same run (ENGINE_VARIANTS: the Jacobi kernel for small
 eigenproblems, trust tests read once per decomposition, batched large layers, the FedSVD rotation replayed from a
 CUDA graph) against the engine as the previous GPU session left it.
-With OUT set, torch.profiler tables of checks 1 and 3 are written to $OUT/profile_*.txt.
+With OUT set, torch.profiler tables of checks 1, 3 and 5 (batch 32) are written to $OUT/profile_*.txt.
 `--checks 0,3` runs only the checks named. Without CUDA it exits at once with status 2 and one line saying so.
 A global deadline skips what is left.
 """
@@ -325,34 +324,6 @@ def _cuda_llama():
     return build
 
 
-@check("4 Triton fused adapter forward")
-def check_kernel():
-    from fedspec.svd.kernels.fused_lowrank import lowrank_linear, lowrank_linear_reference, triton_available
-
-    require(triton_available(), "triton is not installed (pip install 'fedspec[gpu]')")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for tokens, K, N in ((4096, 4096, 4096), (4096, 4096, 11008), (256, 4096, 4096)):
-            r, s = 16, 2.0
-            x = torch.randn(tokens, K, device="cuda", generator=g).to(dtype)
-            W = (torch.randn(N, K, device="cuda", generator=g) / K**0.5).to(dtype)
-            b = torch.randn(N, device="cuda", generator=g).to(dtype)
-            A = (torch.randn(r, K, device="cuda", generator=g) / K**0.5).to(dtype)
-            B = torch.randn(N, r, device="cuda", generator=g).to(dtype)
-            with torch.no_grad():
-                y = lowrank_linear(x, W, b, A, B, s)
-                ref = lowrank_linear_reference(x.float(), W.float(), b.float(), A.float(), B.float(), s)
-                err = float((y.float() - ref).abs().max() / ref.abs().max())
-                require(err < (2e-2 if dtype != torch.float32 else 1e-4), f"{dtype} {tokens}×{K}→{N}: error {err:.1e}")
-                merged = W + s * (B @ A)
-                t_fused = cuda_time(lambda: lowrank_linear(x, W, b, A, B, s))
-                t_torch = cuda_time(lambda: lowrank_linear_reference(x, W, b, A, B, s))
-                t_merged = cuda_time(lambda: torch.nn.functional.linear(x, merged, b))
-            ROWS.append(("4 fused adapter forward", f"{str(dtype)[6:]} {tokens} tokens, {K}→{N}, r={r}", ms(t_fused),
-                         f"torch unfused {ms(t_torch)}; merged matmul {ms(t_merged)}",
-                         f"OK, max rel. error {err:.1e}; {t_torch / t_fused:.2f}× vs unfused"))
-
-
 @check("5 DP-SGD step on GPU")
 def check_dp():
     import warnings
@@ -441,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}", file=sys.stderr, flush=True)
     chosen = None if args.checks is None else {c.strip() for c in args.checks.split(",")}
-    for run in (check_pytest, check_jacobi, check_truncated_svd, check_refactor, check_adapt, check_kernel, check_dp):
+    for run in (check_pytest, check_jacobi, check_truncated_svd, check_refactor, check_adapt, check_dp):
         if chosen is not None and run.number not in chosen:
             continue
         run()

@@ -21,6 +21,7 @@ from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import PlanSettings, client_sample_rate
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
+from fedspec.devices import peak_memory_mib, reset_peak_memory
 from fedspec.training import DPSettings, train_steps
 
 from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
@@ -58,6 +59,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
                         seed=seed)
 
     load_adapter_state(model, {**received, **base_init})
+    device = next(model.parameters()).device
+    reset_peak_memory(device)
     started = time.perf_counter()
     result = train_steps(
         model,
@@ -74,12 +77,15 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         total_steps=plan.schedule_steps,
         physical_batch_size=cfg.train.physical_batch_size,
     )
+    seconds = time.perf_counter() - started
     client_trained = {k for k, role in adapter_roles(model).items() if role == TRAINED}
-    update = client_update(adapter_state(model), received, rule, client_trained=client_trained)
+    trained = {k: v.cpu() for k, v in adapter_state(model).items()}  # the reply holds CPU tensors
+    update = client_update(trained, received, rule, client_trained=client_trained)
     # uniform weighting: the server never learns the count
     examples = len(data) if cfg.federation.weighting == "examples" else None
     reply = TrainReply(client, train_loss=result.mean_loss, steps=result.steps, num_examples=examples,
-                       train_seconds=round(time.perf_counter() - started, 3))
+                       train_seconds=round(seconds, 3), step_seconds=round(seconds / max(result.steps, 1), 4),
+                       cuda=device.type == "cuda", peak_memory_mib=round(peak_memory_mib(device), 1))
     if dp is not None:
         ledger = load_ledger(cfg, context)
         attempt = ledger.next_attempt(round_)

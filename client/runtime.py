@@ -28,8 +28,9 @@ from fedspec.builders import (
     is_causal_lm,
     torch_threads,
 )
-from fedspec.config import config_from_json, config_to_json
+from fedspec.config import DEVICE_PATTERN, config_from_json, config_to_json
 from fedspec.data import load_examples
+from fedspec.devices import resolve_device
 from fedspec.data.instructions import cast_classification, load_conversations
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized, load_tokenizer
@@ -157,10 +158,19 @@ def _num_classes(cfg: DictConfig, context: Context) -> int:
 
 
 def model_and_data(cfg: DictConfig, context: Context, rank_pattern: dict[str, int] | None = None):
-    """(model, local data) for this node; the model object is shared with other clients of this process."""
+    """(model, local data) for this node, the model on its device (moved once: it is shared with the other clients
+    of this process); the data stays on the CPU, batches move as they are used."""
     pattern = json.dumps(rank_pattern, sort_keys=True) if rank_pattern else None
     model, _ = _cached_model(_key(cfg), _num_classes(cfg, context), pattern)
-    return model, local_data(cfg, context)
+    return model.to(node_device(cfg, context)), local_data(cfg, context)
+
+
+def node_device(cfg: DictConfig, context: Context) -> torch.device:
+    """The node's own ``device`` (node config: its operator knows its hardware), else the run's ``train.device``."""
+    setting = str(context.node_config.get("device") or cfg.train.device)
+    if not DEVICE_PATTERN.fullmatch(setting):
+        raise FedspecError(f"node config device={setting!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return resolve_device(setting)
 
 
 def base_model_and_data(cfg: DictConfig, context: Context):

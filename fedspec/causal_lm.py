@@ -133,14 +133,15 @@ class CausalLM(nn.Module):
         """Greedy continuations with a KV cache (prompts left-padded); returns only the new tokens."""
         was_training = self.training
         self.eval()
+        device = next(self.parameters()).device
         try:
             out = self.lm.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, use_cache=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             )
         finally:
             self.train(was_training)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1]:].cpu()
 
 
 # --- the packaged default LLM ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -32,6 +33,7 @@ from .builders import (
     write_peft_export,
 )
 from .config import save_config
+from .devices import peak_memory_mib, reset_peak_memory, resolve_device
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
 from .privacy.accounting import sample_rate
@@ -120,6 +122,11 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
         privacy = statistics.mechanism(seed=cfg.run.seed if cfg.privacy.seed_noise else None)
         calibration = calibrate(settings.adapter, model, train_inputs, train_labels, privacy=privacy,
                                 seed=cfg.run.seed)
+    # The statistics of a data-driven init are gathered on the CPU; the initialization itself (its SVDs) and the
+    # training run on train.device.
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+    reset_peak_memory(device)
     apply_adapter(settings, model, train_A=True, calibration=calibration)
     init_seconds = time.monotonic() - init_started
 
@@ -137,7 +144,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config)
     log = MetricsLog(paths.metrics)
-    log.write("init", method=cfg.adapter.method, seconds=init_seconds,
+    log.write("init", method=cfg.adapter.method, seconds=init_seconds, device=str(device),
               calibration_examples=calibration.count if calibration else 0,
               statistics_privatized=bool(calibration and calibration.privatized), **trainable_counts(model))
 
@@ -177,7 +184,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     peft_export = write_peft_export(model, paths.adapter_peft, settings)
     write_central_privacy_report(cfg, paths, {CENTRAL_CLIENT: ledger} if ledger else {},
                                  statistics.report(calibration))
-    paths.summary.write_text(_summary(cfg, rows, peft_export, sum(plan)))
+    paths.summary.write_text(_summary(cfg, rows, peft_export, sum(plan), _device_line(device)))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
 
 
@@ -209,7 +216,14 @@ def epochs_table(rows: list[EpochRow]) -> Table:
     return results_table("fedspec train (centralized)", EPOCH_HEADERS, [_cells(r) for r in rows])
 
 
-def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None, steps: int) -> str:
+def _device_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return f"- device: `{device}` ({name}), peak GPU memory {peak_memory_mib(device) / 1024:.2f} GiB"
+    return f"- device: `cpu`, peak resident memory of the process {peak_memory_mib(device) / 1024:.2f} GiB"
+
+
+def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None, steps: int, device_line: str) -> str:
     lines = [
         f"# fedspec run `{cfg.run.name}` (centralized baseline)",
         "",
@@ -217,6 +231,7 @@ def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None, ste
         f"- training: {cfg.train.optimizer} lr {centralized_lr(cfg.train):g}, batch {cfg.train.batch_size}, "
         f"{steps} step(s) in {len(rows) - 1} epoch(s)",
         f"- privacy: {'record-level DP-SGD' if cfg.privacy.enabled else '**no differential privacy**'}",
+        device_line,
         *causal_lm_summary_lines(cfg.data, (rows[0].eval_loss, rows[-1].eval_loss),
                                  (rows[0].answer_accuracy, rows[-1].answer_accuracy), "epoch", rows[-1].epoch),
         "",

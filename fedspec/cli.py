@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run this node's warm worker (`fedspec worker`: the model and data stay loaded between rounds), "
         "its ClientApp launcher (a pre-imported flwr-clientapp, forked per message) and flower-supernode in the "
         "foreground: TLS to the SuperLink (--ca), node authentication (--key), the "
-        "node config fedspec reads (partition-id, state-dir, data-path) and the worker's socket, runtime "
+        "node config fedspec reads (partition-id, state-dir, data-path, device) and the worker's socket, runtime "
         "dependency installation, telemetry and update checks off. Register the node's public key with the "
         "SuperLink first (flwr supernode register). --dry-run prints the commands. See docs/deployment.md.",
     )
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--key", metavar="FILE", help="this node's private key (supernodes/node-<i>)")
     node.add_argument("--data-path", metavar="FILE", help="this node's own data (else: its share of the task's)")
     node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path)")
+    node.add_argument("--device", metavar="DEVICE", help="where this node trains: auto, cpu, cuda or cuda:N "
+                      "(default: the run's train.device, itself auto: the first GPU torch sees, else the CPU)")
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
     node.add_argument("--port", type=int, default=9094, help="the node's local Runtime API port (default 9094)")
     node.add_argument("--cold", action="store_true", help="no warm worker: every message rebuilds the model")
@@ -528,7 +530,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     launch = node_launch(args.superlink, partition_id=args.partition_id, ca=args.ca and Path(args.ca),
                          key=args.key and Path(args.key), state_dir=Path(args.state_dir),
-                         data_path=args.data_path and Path(args.data_path), port=args.port,
+                         data_path=args.data_path and Path(args.data_path), port=args.port, device=args.device,
                          num_partitions=args.num_partitions, warm=not args.cold, insecure=args.insecure,
                          idle_poll=args.idle_poll, launcher=args.launcher)
     if args.dry_run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,7 @@ class TrainConfig:
     rates_need_dp: bool = False  # the rates are DP-SGD's: refused with privacy=none unless the command line sets lr
     eval_batch_size: int = MISSING
     physical_batch_size: int | None = None  # records per forward/backward pass (a small GPU); None: the whole batch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (fedspec.devices)
 
 
 @dataclass
@@ -212,6 +214,10 @@ CHOICES: dict[str, tuple] = {
     "model.pooling": ("mean", "last"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
+
+
+# train.device: auto, cpu, cuda or cuda:N (fedspec.devices resolves it; checked here without importing torch)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def config_dir() -> Path:
@@ -326,6 +332,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
+    if not DEVICE_PATTERN.fullmatch(str(cfg.train.device)):
+        fail("train.device", cfg.train.device, "choose auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     if cfg.train.centralized_lr is not None and cfg.train.centralized_lr <= 0:
         fail("train.centralized_lr", cfg.train.centralized_lr, "it must be positive (or null: train.lr)")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import DEVICE_PATTERN
 from .errors import ConfigError
 
 SAFE_ENV = {
@@ -94,10 +95,14 @@ def superlink_launch(credentials: Path | None, *, host: str, port: int, state_di
 
 def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path | None, state_dir: Path,
                 data_path: Path | None, port: int, num_partitions: int | None, warm: bool, insecure: bool,
-                idle_poll: float = DEFAULT_IDLE_POLL, launcher: bool = True) -> Launch:
+                idle_poll: float = DEFAULT_IDLE_POLL, launcher: bool = True, device: str | None = None) -> Launch:
     state_dir = Path(state_dir).expanduser().resolve()
     host = superlink.rsplit(":", 1)[0]
     config = [f"partition-id={partition_id}", f'state-dir="{state_dir}"']
+    if device is not None:
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ConfigError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+        config.append(f'device="{device}"')
     if num_partitions is not None:
         config.append(f"num-partitions={num_partitions}")
     if data_path is not None:

@@ -42,6 +42,9 @@ CLIENT_ID = "client-id"
 NUM_EXAMPLES = "num-examples"  # absent under federation.weighting=uniform: the server never learns the count
 TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"  # the client's own training time this round (round time minus this: overhead)
+STEP_SECONDS = "step-seconds"  # its mean time per optimizer step this round
+CUDA = "cuda"  # 1: the client trained on a CUDA device (train.device), 0: on its CPU
+PEAK_MEMORY_MIB = "peak-memory-mib"  # CUDA: peak memory torch allocated this round; CPU: the process's peak RSS
 STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
@@ -100,6 +103,9 @@ class TrainReply:
     clipped_coordinates: int | None = None  # secure aggregation: coordinates clipped to ±clip_range
     norm_clipped: bool | None = None  # distributed client-level noise: the update was clipped to the norm bound
     train_seconds: float | None = None
+    step_seconds: float | None = None
+    cuda: bool | None = None
+    peak_memory_mib: float | None = None
 
     @property
     def private(self) -> bool:
@@ -115,7 +121,9 @@ class TrainReply:
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
                            (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt),
                            (CLIPPED_COORDINATES, self.clipped_coordinates), (TRAIN_SECONDS, self.train_seconds),
-                           (NORM_CLIPPED, None if self.norm_clipped is None else int(self.norm_clipped))):
+                           (NORM_CLIPPED, None if self.norm_clipped is None else int(self.norm_clipped)),
+                           (STEP_SECONDS, self.step_seconds), (CUDA, None if self.cuda is None else int(self.cuda)),
+                           (PEAK_MEMORY_MIB, self.peak_memory_mib)):
             if value is not None:
                 metrics[key] = value
         return metrics
@@ -149,15 +157,21 @@ class TrainReply:
         clipped = _number(metrics, CLIPPED_COORDINATES, integer=True, required=False)
         if clipped is not None and clipped < 0:
             raise ProtocolError(f"metric {CLIPPED_COORDINATES!r} must be >= 0, got {clipped}")
-        seconds = _number(metrics, TRAIN_SECONDS, required=False)
-        if seconds is not None and seconds < 0:
-            raise ProtocolError(f"metric {TRAIN_SECONDS!r} must be >= 0, got {seconds}")
+        seconds, step_seconds, peak = (_number(metrics, key, required=False)
+                                       for key in (TRAIN_SECONDS, STEP_SECONDS, PEAK_MEMORY_MIB))
+        for key, value in ((TRAIN_SECONDS, seconds), (STEP_SECONDS, step_seconds), (PEAK_MEMORY_MIB, peak)):
+            if value is not None and value < 0:
+                raise ProtocolError(f"metric {key!r} must be >= 0, got {value}")
+        cuda = _number(metrics, CUDA, integer=True, required=False)
+        if cuda not in (None, 0, 1):
+            raise ProtocolError(f"metric {CUDA!r} must be 0 or 1, got {cuda}")
         norm_clipped = _number(metrics, NORM_CLIPPED, integer=True, required=False)
         if norm_clipped not in (None, 0, 1):
             raise ProtocolError(f"metric {NORM_CLIPPED!r} must be 0 or 1, got {norm_clipped}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
                    noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped,
-                   train_seconds=seconds, norm_clipped=None if norm_clipped is None else bool(norm_clipped))
+                   train_seconds=seconds, norm_clipped=None if norm_clipped is None else bool(norm_clipped),
+                   step_seconds=step_seconds, cuda=None if cuda is None else bool(cuda), peak_memory_mib=peak)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,15 @@ def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (*trimmed, labels[:, :length] if labels.dim() == 2 else labels)
 
 
+def _on(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A batch moved to the model's device (data stays on the CPU until a batch of it is used)."""
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def criterion(model: nn.Module) -> nn.Module:
     """The model's training loss: next-token loss on responses for a causal LM (its ``criterion()``),
     cross-entropy on the class for a classifier."""
@@ -166,6 +175,7 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
     optimizer only steps at the end of each logical batch; ``split`` micro-batches a non-private batch here."""
     params = [p for p in model.parameters() if p.requires_grad]
     first_step, total_steps, lr, seed = schedule
+    device = _model_device(model)
     # Hooks see the (DP) optimizer: after its step, p.grad holds the privatized gradient.
     hooks = training_hooks(model, HookContext(lr=lr, total_steps=total_steps, optimizer=opt, seed=seed))
     total_loss, examples, step = 0.0, 0, 0
@@ -175,7 +185,7 @@ def _loop(model, opt, loss_fn, loader, steps, on_step, schedule, *, private: boo
         opt.zero_grad(set_to_none=True)  # a DP optimizer keeps the clipped sum of a logical batch's micro-batches
         if len(y) > 0:
             for rows in _micro_batches(len(y), split):
-                ids, mask, labels = _trim(input_ids[rows], attention_mask[rows], y[rows])
+                ids, mask, labels = _on(device, *_trim(input_ids[rows], attention_mask[rows], y[rows]))
                 loss = loss_fn(_outputs(model, ids, mask, labels), labels)
                 (loss if len(labels) == len(y) else loss * (len(labels) / len(y))).backward()
                 total_loss += loss.item() * len(labels)
@@ -303,12 +313,13 @@ def predict_logits(model: nn.Module, data: Tokenized, batch_size: int = 128) -> 
     """Logits of every row, in the rows' order."""
     was_training = model.training
     model.eval()
+    device = _model_device(model)
     logits = None
     for rows in _by_length(data.attention_mask, batch_size):
-        out = model(*_trim(data.input_ids[rows], data.attention_mask[rows]))
-        if logits is None:
-            logits = out.new_empty((len(data), *out.shape[1:]))
-        logits[rows] = out
+        out = model(*_on(device, *_trim(data.input_ids[rows], data.attention_mask[rows])))
+        if logits is None:  # on the CPU, with the labels they are scored against
+            logits = torch.empty((len(data), *out.shape[1:]), dtype=out.dtype)
+        logits[rows] = out.cpu()
     model.train(was_training)
     return logits if logits is not None else torch.empty(0)
 
@@ -331,8 +342,9 @@ def _evaluate_tokens(model: nn.Module, data: Tokenized, labels: torch.Tensor, ba
     was_training = model.training
     model.eval()
     total_nll, correct, tokens = 0.0, 0, 0
+    device = _model_device(model)
     for rows in _by_length(data.attention_mask, batch_size):
-        ids, mask, y = _trim(data.input_ids[rows], data.attention_mask[rows], labels[rows])
+        ids, mask, y = _on(device, *_trim(data.input_ids[rows], data.attention_mask[rows], labels[rows]))
         logits = model(ids, mask)
         trained = response_mask(y)
         total_nll += response_token_losses(logits, y).sum().item()

@@ -99,6 +99,7 @@ def test_fedspec_train_steps_at_the_recipes_centralized_rate_unless_the_command_
     plain = adapter("plain", seeded, "train.lr=0.5")
     assert same(plain, adapter("recipe", seeded, "train.lr=99", "train.centralized_lr=0.5"))
     assert "sgd lr 0.5, batch 16" in (tmp_path / "recipe" / "summary.md").read_text()
+    assert "- device: `cpu`, peak resident memory" in (tmp_path / "recipe" / "summary.md").read_text()
     # ... and data=sst2's recipe (train=large_batch: clients at 16, fedspec train at 0.5) gives way to a train.lr
     # the command line sets: the command line wins (TINY's batch 16 and 2 local steps win over the group's too).
     assert same(plain, adapter("override", seeded, "train=large_batch", "train.lr=0.5"))

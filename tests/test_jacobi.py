@@ -125,6 +125,17 @@ def test_bad_input_is_refused_with_a_clear_error(interpreted):
         interpreted.jacobi_eigh(torch.zeros(4, 4, dtype=torch.bfloat16))
 
 
+def test_without_a_runnable_triton_the_kernel_refuses_and_the_engine_uses_torch(monkeypatch):
+    from fedspec.svd.kernels import runtime
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not runtime.triton_runs_here("cpu")
+    with pytest.raises(RuntimeError, match="Triton does not run"):
+        jacobi.jacobi_eigh(torch.eye(3, dtype=torch.float64))
+    evals, _ = small_eigh(torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(evals, torch.ones(3, dtype=torch.float64))
+
+
 def test_cpu_matrices_go_to_lapack():
     """The engine's dispatcher leaves CPU matrices to torch (bit for bit), interpreter or not."""
     G = _symmetric(2, 9, torch.float64, seed=7)

@@ -46,6 +46,14 @@ def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path)
     assert launch.wait_for["launcher"] == launcher_socket and launch.env[LAUNCHER_ENV] == str(launcher_socket)
     config = shlex.split(node[node.index("--node-config") + 1])
     assert config == ["partition-id=3", f"state-dir={tmp_path / 'state'}", f"data-path={data}", f"worker={socket}"]
+    gpu = node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
+                      state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
+                      insecure=False, device="cuda:1")
+    assert "device=cuda:1" in shlex.split(gpu.commands[-1][1][gpu.commands[-1][1].index("--node-config") + 1])
+    with pytest.raises(ConfigError, match="--device gpu"):
+        node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
+                    state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
+                    insecure=False, device="gpu")
     assert node[node.index("--root-certificates") + 1] == str(creds.ca_cert)
     assert node[node.index("--auth-supernode-private-key") + 1] == str(creds.node_key(0))
     cold = node_launch("link:8000", partition_id=0, ca=creds.ca_cert, key=creds.node_key(0), state_dir=tmp_path,

@@ -77,6 +77,9 @@ BAD_REPLIES = [
     ("zero steps", _metrics(2, steps=0), _update(seed=9), "steps"),
     ("a billion attempts at the round", _metrics(2, attempt=10**9), _update(seed=9), "attempt"),
     ("zero num-examples (an all-zero weight)", _metrics(2, num_examples=0), _update(seed=9), "num-examples"),
+    ("negative peak memory", {**_metrics(2), "peak-memory-mib": -1.0}, _update(seed=9), "peak-memory-mib"),
+    ("negative step time", {**_metrics(2), "step-seconds": -0.5}, _update(seed=9), "step-seconds"),
+    ("a device flag of 2", {**_metrics(2), "cuda": 2}, _update(seed=9), "cuda"),
     ("a decline in another client's name", {"client-id": 0, "declined": 1, "epsilon": 7.9, "budget-epsilon": 8.0},
      None, "claims client 0"),
 ]
@@ -432,3 +435,11 @@ def test_a_failing_client_app_reaches_the_server_as_one_line_with_its_traceback_
     # What the server logs: Flower's runtimes wrap the ClientApp's exception; the one line comes back out.
     wrapped = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. Message: {message}'>"
     assert error_reason(wrapped) == message
+
+
+def test_a_reply_reports_its_device_peak_memory_and_step_time():
+    reply = TrainReply(3, train_loss=0.5, steps=4, num_examples=10, train_seconds=2.0, step_seconds=0.5, cuda=True,
+                       peak_memory_mib=7912.5)
+    read = TrainReply.from_metrics(reply.to_metrics(), needs_examples=True)
+    assert (read.cuda, read.peak_memory_mib, read.step_seconds) == (True, 7912.5, 0.5)
+    assert reply.to_metrics()["cuda"] == 1  # metrics are numbers: the flag travels as 0 / 1

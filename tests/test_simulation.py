@@ -57,6 +57,9 @@ def test_run_folder_holds_config_metrics_adapter_checkpoints_and_privacy_report(
     assert [r["round"] for r in _rounds(result.paths)] == list(range(ROUNDS + 1))
     clients = [r for r in MetricsLog(result.paths.metrics).read() if r["kind"] == "client"]
     assert len(clients) == ROUNDS * 2  # fraction 0.5 of 4 clients each round
+    # Each client says where it trained (train.device=auto: the CPU here), its peak memory and its time per step.
+    assert all(c["cuda"] == 0 and c["peak_memory_mib"] > 0 and 0 < c["step_seconds"] <= c["train_seconds"]
+               for c in clients)
     # Communication: what each client received (the global trained tensors, plus A and the head once) and sent
     # back (its update), summed per round and over the run.
     assert all(c["bytes_received"] == c["update_bytes"] > 0 and c["bytes_sent"] >= c["update_bytes"] for c in clients)

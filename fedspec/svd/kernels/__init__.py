@@ -1,20 +1,13 @@
-"""GPU kernels of the SVD engine and its users, each with a torch reference it is tested against.
+"""GPU kernels of the SVD engine, each tested against torch on the CPU under Triton's interpreter and on CUDA.
 
 - `symmetric_eigh` / `jacobi_eigh`: batched eigendecomposition of small symmetric matrices (parallel cyclic Jacobi,
-  one Triton launch per stack, no host synchronization); the engine's Rayleigh–Ritz and FedSVD rotations on CUDA.
-- `lowrank_linear`: the fused low-rank adapter forward x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ (Triton; the torch reference
-  runs wherever Triton cannot).
-Install Triton with the `[gpu]` extra.
+  one Triton launch per stack, no host synchronization): FedSVD's r×r rotations on CUDA, which this makes
+  capturable in a CUDA graph.
+Install Triton with the `[gpu]` extra. (A fused low-rank adapter forward lived here until it had lost to cuBLAS in
+every GPU run: docs/gpu.md.)
 """
 
-from .fused_lowrank import lowrank_linear, lowrank_linear_reference, triton_available, triton_runs_here
 from .jacobi import jacobi_eigh, symmetric_eigh
+from .runtime import triton_available, triton_runs_here
 
-__all__ = [
-    "jacobi_eigh",
-    "lowrank_linear",
-    "lowrank_linear_reference",
-    "symmetric_eigh",
-    "triton_available",
-    "triton_runs_here",
-]
+__all__ = ["jacobi_eigh", "symmetric_eigh", "triton_available", "triton_runs_here"]

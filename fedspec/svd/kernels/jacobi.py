@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_lowrank import tl, triton, triton_runs_here
+from .runtime import tl, triton, triton_runs_here
 
 __all__ = ["MAX_SIZE", "jacobi_eigh", "symmetric_eigh"]
 
