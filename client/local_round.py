@@ -17,11 +17,11 @@ from omegaconf import DictConfig
 
 from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, get_method, load_adapter_state, ranks_in_state
 from fedspec.adapters.state import TRAINED
+from fedspec.devices import peak_memory_mib, reset_peak_memory
 from fedspec.errors import FedspecError
 from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import PlanSettings, client_sample_rate
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
-from fedspec.devices import peak_memory_mib, reset_peak_memory
 from fedspec.training import DPSettings, train_steps
 
 from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger

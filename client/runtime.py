@@ -30,8 +30,8 @@ from fedspec.builders import (
 )
 from fedspec.config import DEVICE_PATTERN, config_from_json, config_to_json
 from fedspec.data import load_examples
-from fedspec.devices import resolve_device
 from fedspec.data.instructions import cast_classification, load_conversations
+from fedspec.devices import resolve_device
 from fedspec.errors import FedspecError
 from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger

@@ -1,5 +1,5 @@
 """Orthonormal bases of tall-skinny matrices: Householder for narrow blocks, Cholesky QR for wide ones (and for
-large stacks of blocks on a GPU).
+stacks of blocks on a GPU).
 
 Every randomized SVD and every FedSVD re-factorization orthonormalizes tall-skinny blocks (m × b with
 b ≤ ~100 and m in the thousands). LAPACK's Householder QR works column by column; for a few dozen columns

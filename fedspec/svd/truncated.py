@@ -200,8 +200,8 @@ def _block_krylov(
     pass on MiniLM's layers), the Gram–Schmidt products read row-major operands, and the Wᵀ pass reads the rows
     of (W·P)ᵀ as they are: (WᵀW·P)ᵀ = (W·P)ᵀ·W.
 
-    With `checks` (a list, on a GPU) every orthonormalization is CholeskyQR2 with its trust tests left on the
-    device, read once in the Rayleigh–Ritz step; None is returned if one failed (the caller redoes the SVD).
+    With `checks` (a list, on a GPU) a batch's orthonormalizations are CholeskyQR2 with their trust tests left on
+    the device, read once in the Rayleigh–Ritz step; None is returned if one failed (the caller redoes the SVD).
     """
     n, b = omega.shape[-2:]
     blocks = min(niter + 1, -(-n // b))  # stop once the basis spans the whole row space: W·P·Pᵀ = W
