@@ -299,9 +299,16 @@ NOISE = replace(
 # noise planned for 15 rounds at the same ε), paired by seed with the defaults grid's 10-round runs. On the batch-32
 # recipe 15 rounds brought the spread to 0.4 points at two seeds (docs/recipe.md).
 ROUNDS15 = replace(DEFAULTS, name="rounds15", strategies=("fedsvd",), epsilons=(3.0,), rounds=15)
+# Does a larger client batch close the federation's gap to centralized DP at equal steps? That gap is what per-client
+# accounting costs (the noise grid): each client's σ is planned for its own q, twenty times the pooled one. Batch 256
+# × 2 steps carries the same 512 records a client a round as the defaults' 128 × 4, and the step doubles with the
+# batch (lr 32 = 2 × 16, the records grid's choice at 128). The defaults' ε = 3 command otherwise, paired by seed with
+# the defaults grid's runs; benchmarks/noise_equivalent.py on the finished runs gives the aggregate's σ_eq.
+BATCH256 = replace(DEFAULTS, name="batch256", strategies=("fedsvd",), epsilons=(3.0,), lrs=(32.0,), strategy_lrs=(),
+                   overrides=("train.batch_size=256", "train.local_steps=2"))
 GRIDS = {grid.name: grid
-         for grid in (QUICK, FRACTION1, BATCH32, METHODS, PARTITIONS, RECORDS, STEPS, NOISE, DEFAULTS, ROUNDS15, MINIMUM,
-                      SMOKE)}
+         for grid in (QUICK, FRACTION1, BATCH32, METHODS, PARTITIONS, RECORDS, STEPS, NOISE, DEFAULTS, ROUNDS15, BATCH256,
+                      MINIMUM, SMOKE)}
 
 
 def needs_data_root(dataset: str) -> bool:
