@@ -2,7 +2,7 @@
 
 The SVD engine's small problems — FedSVD's r×r rotations, and the k×k Gram matrix of a Rayleigh–Ritz step
 (k = (niter + 1)·(r + oversample), 120 for PiSSA's defaults at r = 16) — are tiny for a GPU. cuSOLVER solves each one
-with a tridiagonal reduction of many small launches (~1.2 ms for a 64×64 float64 matrix on an H200), matrix by
+with a tridiagonal reduction of many small launches (0.9 ms for one 64×64 float64 matrix on an H200), matrix by
 matrix for sizes above 32, and `torch.linalg.eigh` reads its error code back to the host, which also rules out
 capturing the SVD in a CUDA graph. Here one program owns one matrix, kept whole in registers, and runs sweeps of
 the round-robin ("chess tournament") ordering: each of the n − 1 rounds of a sweep rotates n/2 disjoint index
@@ -12,12 +12,12 @@ off-diagonal mass is below `tol` relative to the whole matrix (quadratic converg
 
 Accuracy: each rotation is orthogonal to working precision and zeroes its pair exactly (Golub & Van Loan,
 Algorithm 8.5.2, the symmetric Schur decomposition), so in float64 the eigenvalues agree with `torch.linalg.eigh`
-to ~n·eps·‖G‖ and the eigenvectors are orthonormal to ~n·eps (tests/test_kernels.py states the measured bounds).
+to ~n·eps·‖G‖ and the eigenvectors are orthonormal to ~n·eps (tests/test_jacobi.py states the measured bounds).
 Only G's lower triangle is read, as `torch.linalg.eigh` does by default.
 
-`symmetric_eigh` is the engine's entry point: the kernel for small CUDA matrices (n ≤ `ENGINE_MAX_SIZE`, where it
-measured as fast as cuSOLVER; larger ones it loses to it, see there) when Triton is installed, `torch.linalg.eigh` otherwise; both return eigenvalues in ascending order with matching eigenvector
-columns. `jacobi_eigh` runs the kernel itself: on CUDA, or on a CPU under Triton's interpreter
+`symmetric_eigh` is the engine's entry point: the kernel for small CUDA matrices (n ≤ `ENGINE_MAX_SIZE`; larger
+ones it loses to cuSOLVER, see there) when Triton is installed, `torch.linalg.eigh` otherwise; both return
+eigenvalues in ascending order with matching eigenvector columns. `jacobi_eigh` runs the kernel itself: on CUDA, or on a CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``), which is how the default test suite checks it.
 """
 
@@ -32,10 +32,11 @@ __all__ = ["MAX_SIZE", "jacobi_eigh", "symmetric_eigh"]
 # Largest n the kernel takes: a 128×128 float64 tile is 128 KiB of registers per program, mostly spilled.
 MAX_SIZE = 128
 # Largest n the engine sends to the kernel. Measured on an H200 (float64, against torch.linalg.eigh in the same run):
-# 224 stacked 16×16 matrices 0.29 against 0.23 ms, about a tie, and without a host read, so FedSVD's rotation step
-# can be captured in a CUDA graph (1.4 against 3.4 ms eager); but one 64×64 matrix took 3.5 against 0.8 ms and one
-# 120×120 (a Rayleigh–Ritz Gram matrix) 282 against 1.6 ms: a whole matrix per program spills its registers, and the
-# n − 1 rounds of a sweep run one after another. Those sizes stay with cuSOLVER.
+# 224 stacked 16×16 matrices 0.24 against 0.22 ms, 224 × 32×32 0.70 against 0.38 ms, and no host read, so FedSVD's
+# rotation step can be captured in a CUDA graph (r = 16: 2.06 ms replayed against 2.44 eager and 2.93 with cuSOLVER;
+# at r = 32 only the kernel makes the capture possible); but one 64×64 matrix took 3.5 against 0.9 ms and one 120×120
+# (a Rayleigh–Ritz Gram matrix) 256 against 1.5 ms: a whole matrix per program spills its registers, and the n − 1
+# rounds of a sweep run one after another. Those sizes stay with cuSOLVER.
 ENGINE_MAX_SIZE = 32
 # Sweeps are cheap to bound: cyclic Jacobi converges quadratically once the off-diagonal is small, and on every
 # matrix the tests draw (including repeated and zero eigenvalues) the loop stopped after at most 10.
