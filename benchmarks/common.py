@@ -92,5 +92,8 @@ def render(rows: list[Row]) -> str:
 def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     cpu = platform.processor() or platform.machine()
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} with {torch.get_num_threads()} threads, "
-            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
+    from fedspec.svd.precision import native_bf16_matmul
+
+    bf16 = "native bf16 matrix products" if native_bf16_matmul(torch.device("cpu")) else "no native bf16 (float32 passes)"
+    return (f"{os.cpu_count()} CPU cores ({cpu}, {bf16}), torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")

@@ -92,11 +92,14 @@ How to read it:
   fewer passes could not match PEFT's error (niter=2 measured 0.99451 with oversample=8 on the 7B-shaped
   model, 0.93063 with oversample=0 on MiniLM). Oversampling buys little (oversample=8: 0.99406 instead of
   0.99414, 0.92346 instead of 0.92551) for about 30% more time. What makes the passes cheap is
-  `pass_precision=auto`: on this CPU (AMX) the passes over weights of 256² elements and more read a bf16 copy
-  of W (float32 accumulation, every orthonormalization in float32/64), 1.7–3.5× faster per pass on the 7B
-  shapes (1.05 s instead of 1.35 s for the whole 7B-shaped init at equal error), about 2× for W·P on MiniLM's;
-  PiSSA stacks each group of layers straight into bf16, so the copy costs no more than the float32 stack it
-  replaces. The error columns include that choice. The rest of MiniLM's time is per-layer overhead
+  `pass_precision=auto`: on a CPU with native bf16 products (AMX, AVX512-BF16; the machine line says whether this
+  one has them) the passes over weights of 256² elements and more read a bf16 copy of W (float32 accumulation,
+  every orthonormalization in float32/64), 1.7–3.5× faster per pass on the 7B shapes (an AMX machine: 1.05 s
+  instead of 1.35 s for the whole 7B-shaped init at equal error, 4.2× PEFT's time; SmolLM2 4.4×), about 2× for W·P
+  on MiniLM's; PiSSA stacks each group of layers straight into bf16, so the copy costs no more than the float32
+  stack it replaces. Without native bf16 (an AMD EPYC without AVX512-BF16, 2026-12-04) `auto` keeps float32
+  passes: there the 7B-shaped init led PEFT by 2.4× and 3.0× and SmolLM2's by 3.2× and 2.7× in two runs, below
+  the 3× target for the 7B shape. The error columns include that choice. The rest of MiniLM's time is per-layer overhead
   (orthonormalizations, small eigendecompositions, building the layers, the residual). Both models are timed
   after one warm-up round; a process's first call costs more (fedspec's 7B-shaped init about 0.25 s: oneDNN
   sets up its bf16 kernels once per shape).
