@@ -699,3 +699,28 @@ def test_group_by_shape_keys_on_shape_dtype_and_device():
     pairs = {"x": (torch.zeros(4, 2), torch.zeros(2, 5)), "y": (torch.zeros(4, 2), torch.zeros(2, 6))}
     pair_groups = group_by_shape(pairs)
     assert len(pair_groups) == 2
+
+
+def test_a_rotation_step_that_cannot_be_captured_runs_eagerly_and_is_not_retried(monkeypatch):
+    """On a GPU FedSVD's rotation replays a CUDA graph; where capture fails (a torch whose step syncs), the round
+    must still run — eagerly, with one warning — and later rounds must not try again (checked here with the capture
+    made to fail, on CPU tensors)."""
+    attempts = []
+
+    class FailingCapture:
+        key_of = staticmethod(lambda stacks: ("shapes",))
+
+        def __init__(self, fn, stacks):
+            attempts.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(refactor_module, "CapturedStep", FailingCapture)
+    monkeypatch.setattr(refactor_module, "_uncapturable", set())
+    monkeypatch.setattr(refactor_module, "_captured_rotation", None)
+    B = torch.randn(3, 40, 4, generator=gen(11))
+    A = torch.linalg.qr(torch.randn(3, 30, 4, generator=gen(12))).Q.mT
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        (B_new, A_new), = refactor_module._replay_rotation([(B, A)])
+    assert rel_err(B_new @ A_new, B @ A) < 1e-5
+    refactor_module._replay_rotation([(B, A)])
+    assert len(attempts) == 1

@@ -13,6 +13,7 @@ outside: callers re-factorize B·A, not s·B·A.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -120,10 +121,22 @@ def _capturable(stacks: list[LowRankPair]) -> bool:
 
 def _replay_rotation(stacks: list[LowRankPair]) -> list[LowRankPair]:
     global _captured_rotation
-    if _captured_rotation is None or _captured_rotation.key != CapturedStep.key_of(stacks):
+    key = CapturedStep.key_of(stacks)
+    if key in _uncapturable:
+        return _rotate_stacks(stacks)
+    if _captured_rotation is None or _captured_rotation.key != key:
         _captured_rotation = None  # free the old graph's memory before capturing the new one
-        _captured_rotation = CapturedStep(_rotate_stacks, stacks)
+        try:
+            _captured_rotation = CapturedStep(_rotate_stacks, stacks)
+        except RuntimeError as error:  # a torch or driver where some step syncs: run eagerly, never fail a round
+            _uncapturable.add(key)
+            warnings.warn(f"FedSVD's rotation step could not be captured in a CUDA graph ({error}); it runs eagerly",
+                          RuntimeWarning, stacklevel=2)
+            return _rotate_stacks(stacks)
     return _captured_rotation(stacks)
+
+
+_uncapturable: set[tuple] = set()  # adapter-set shapes whose capture failed once
 
 
 def _rotate_stacks(stacks: list[LowRankPair]) -> list[LowRankPair]:
