@@ -102,10 +102,6 @@ def _entropy_generator(seed: int | None, device: torch.device | str = "cpu") -> 
     return torch.Generator(device=device).manual_seed(seed if seed is not None else secrets.randbits(63))
 
 
-def _trainable_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
-
-
 def train_steps(
     model: nn.Module,
     data: Tokenized,
@@ -272,9 +268,9 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
             max_grad_norm=dp.max_grad_norm if norms is None else norms,
             clipping="flat" if norms is None else "per_layer",
             poisson_sampling=False,  # the loader samples by Poisson already (_poisson_loader)
-            # On the trainable tensors' device: Opacus draws the noise there, and torch refuses a CPU generator
+            # On the model's device: Opacus draws the noise there, and torch refuses a CPU generator
             # for CUDA tensors.
-            noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1, _trainable_device(model)),
+            noise_generator=_entropy_generator(None if dp.seed is None else dp.seed + 1, _model_device(model)),
             wrap_model=False,  # keep the caller's model object (and its cached adapter) as it is
             grad_sample_mode=dp.grad_sample_mode,
             criterion=loss_fn,
