@@ -33,7 +33,7 @@ from .builders import (
     write_peft_export,
 )
 from .config import save_config
-from .devices import peak_memory_mib, reset_peak_memory, resolve_device
+from .devices import device_name, peak_memory_mib, reset_peak_memory, resolve_device
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
 from .privacy.accounting import sample_rate
@@ -217,10 +217,10 @@ def epochs_table(rows: list[EpochRow]) -> Table:
 
 
 def _device_line(device: torch.device) -> str:
+    peak = f"{peak_memory_mib(device) / 1024:.2f} GiB"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return f"- device: `{device}` ({name}), peak GPU memory {peak_memory_mib(device) / 1024:.2f} GiB"
-    return f"- device: `cpu`, peak resident memory of the process {peak_memory_mib(device) / 1024:.2f} GiB"
+        return f"- device: {device_name(device)}, peak GPU memory {peak}"
+    return f"- device: {device_name(device)}, peak resident memory of the process {peak}"
 
 
 def _summary(cfg: DictConfig, rows: list[EpochRow], peft_export: str | None, steps: int, device_line: str) -> str:

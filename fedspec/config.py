@@ -161,6 +161,7 @@ class FederationConfig:
     weighting: str = MISSING  # examples | uniform (clients send a fixed weight, not their number of records)
     update_clip: float | None = MISSING  # clip each update's norm to this × the cohort's median (0/None: off)
     weight_cap: float | None = MISSING  # cap each client's weight at this × the cohort's median (0/None: off)
+    server_device: str = "auto"  # where the server evaluates the global model: auto | cpu | cuda | cuda:N
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
 
 
@@ -216,7 +217,8 @@ CHOICES: dict[str, tuple] = {
 }
 
 
-# train.device: auto, cpu, cuda or cuda:N (fedspec.devices resolves it; checked here without importing torch)
+# train.device and federation.server_device: auto, cpu, cuda or cuda:N (fedspec.devices resolves them; checked here
+# without importing torch)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -332,8 +334,10 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             value = OmegaConf.select(cfg, key)
             if value and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{key}={value!r} does not exist; give the path of a TSV, CSV or JSONL file")
-    if not DEVICE_PATTERN.fullmatch(str(cfg.train.device)):
-        fail("train.device", cfg.train.device, "choose auto (a GPU when torch sees one), cpu, cuda or cuda:N")
+    for key in ("train.device", "federation.server_device"):
+        value = OmegaConf.select(cfg, key)
+        if not DEVICE_PATTERN.fullmatch(str(value)):
+            fail(key, value, "choose auto (a GPU when torch sees one), cpu, cuda or cuda:N")
     if cfg.train.centralized_lr is not None and cfg.train.centralized_lr <= 0:
         fail("train.centralized_lr", cfg.train.centralized_lr, "it must be positive (or null: train.lr)")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

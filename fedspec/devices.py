@@ -16,24 +16,31 @@ import torch
 
 from .config import DEVICE_PATTERN
 
-__all__ = ["peak_memory_mib", "reset_peak_memory", "resolve_device"]
+__all__ = ["device_name", "peak_memory_mib", "reset_peak_memory", "resolve_device"]
 
 
-def resolve_device(setting: str) -> torch.device:
-    """The torch device for a `train.device` setting (auto | cpu | cuda | cuda:N)."""
+def resolve_device(setting: str, key: str = "train.device") -> torch.device:
+    """The torch device for a device setting (auto | cpu | cuda | cuda:N); ``key`` names it in errors."""
     if not DEVICE_PATTERN.fullmatch(str(setting)):
-        raise ValueError(f"train.device={setting!r} is not a device; choose auto, cpu, cuda or cuda:N")
+        raise ValueError(f"{key}={setting!r} is not a device; choose auto, cpu, cuda or cuda:N")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={setting} but torch sees no CUDA device here (torch "
-                               f"{torch.__version__}); use train.device=auto or train.device=cpu")
+            raise RuntimeError(f"{key}={setting} but torch sees no CUDA device here (torch "
+                               f"{torch.__version__}); use {key}=auto or {key}=cpu")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise RuntimeError(f"train.device={setting} but this machine has {torch.cuda.device_count()} CUDA "
+            raise RuntimeError(f"{key}={setting} but this machine has {torch.cuda.device_count()} CUDA "
                                "device(s)")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """`cuda:0` (NVIDIA H200), or `cpu`: for summaries."""
+    if device.type == "cuda":
+        return f"`{device}` ({torch.cuda.get_device_name(device)})"
+    return f"`{device}`"
 
 
 def reset_peak_memory(device: torch.device) -> None:

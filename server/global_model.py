@@ -4,6 +4,9 @@ Initialization runs here, once (e.g. PiSSA's SVD): clients receive the adapter t
 *fixed* ones (e.g. PiSSA's init factors ``B0, A0``, LoRA-XS's frozen bases) from which they rebuild the base on
 their own copy of the original weights. Which tensors are fixed, trained by clients or owned by the server is
 the method's federated rule, read from the model (``fedspec.adapters.adapter_roles``).
+
+The model lives on ``federation.server_device`` (a GPU when the server's host has one); what leaves this class —
+the state broadcast to clients, aggregated and checkpointed — is always on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from fedspec.adapters import (
 )
 from fedspec.adapters.state import FIXED, TRAINED
 from fedspec.builders import ModelSettings, Task, answer_score, build_model, encode
+from fedspec.devices import resolve_device
 from fedspec.training import evaluate
 from fedspec.strategies import get_rule
 
@@ -53,11 +57,13 @@ class GlobalModel:
             ModelSettings.of(cfg), task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
             rank_pattern=rank_pattern, federated=True,
         )
+        self.device = resolve_device(cfg.federation.server_device, "federation.server_device")
+        self.model.to(self.device)
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)
         self.tokenizer, self.held_out = tokenizer, task.eval
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in adapter_state(self.model).items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in adapter_state(self.model).items()}
 
     def roles(self) -> dict[str, str]:
         return adapter_roles(self.model)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
+
+import torch
 from omegaconf import DictConfig
 
 from fedspec.builders import (
@@ -11,6 +14,7 @@ from fedspec.builders import (
     peft_export_line,
     write_peft_export,
 )
+from fedspec.devices import device_name
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
@@ -124,13 +128,36 @@ def write_final_reports(
     peft_export = write_peft_export(model.model, paths.adapter_peft, settings)
     report = write_run_privacy_report(cfg, paths, ledgers, declined=declined, stopped=stopped,
                                       client_level=client_level)
-    paths.summary.write_text(summary_markdown(cfg, rows, report, peft_export))
+    compute = compute_line(model.device, [line for line in MetricsLog(paths.metrics).read() if line["kind"] == "client"])
+    paths.summary.write_text(summary_markdown(cfg, rows, report, peft_export, compute))
+
+
+def compute_line(server_device: torch.device, client_lines: list[dict]) -> str:
+    """Where the run computed: the server's device, and what the clients reported of theirs each round (their
+    ``client`` lines in metrics.jsonl: CUDA or not, seconds per optimizer step, peak memory)."""
+    line = f"- compute: the server evaluated on {device_name(server_device)}"
+    reported = [c for c in client_lines if "cuda" in c]
+    if not reported:
+        return line
+    on_gpu = sorted({c["client_id"] for c in reported if c["cuda"]})
+    on_cpu = sorted({c["client_id"] for c in reported if not c["cuda"]})
+    where = ", ".join(f"{len(ids)} on {kind}" for ids, kind in ((on_gpu, "CUDA"), (on_cpu, "their CPU")) if ids)
+    line += f"; clients trained {where}"
+    steps = [c["step_seconds"] for c in reported if "step_seconds" in c]
+    if steps:
+        line += f", median {statistics.median(steps) * 1000:.0f} ms per optimizer step"
+    for ids, cuda, memory in ((on_gpu, True, "GPU memory"), (on_cpu, False, "resident memory")):
+        peaks = [c["peak_memory_mib"] for c in reported if c["cuda"] == cuda and "peak_memory_mib" in c]
+        if ids and peaks:
+            line += f", peak {memory} up to {max(peaks) / 1024:.2f} GiB"
+    return line
 
 
 def summary_markdown(
-    cfg: DictConfig, rows: list[RoundRow], privacy_report: dict, peft_export: str | None
+    cfg: DictConfig, rows: list[RoundRow], privacy_report: dict, peft_export: str | None, compute: str | None = None
 ) -> str:
-    """``peft_export``: why the run has no PEFT export (None: it has one)."""
+    """``peft_export``: why the run has no PEFT export (None: it has one); ``compute``: the line of
+    :func:`compute_line`."""
     first, last = rows[0], rows[-1]
     if cfg.privacy.enabled:
         epsilons = [c["final_epsilon"] for c in privacy_report.get("clients", {}).values()]
@@ -156,6 +183,8 @@ def summary_markdown(
         f"- data: `{cfg.data.source}` ({cfg.data.partition}, α = {cfg.data.alpha})",
         f"- privacy: {privacy}",
     ]
+    if compute:
+        lines.append(compute)
     if declined:
         lines.append(f"- budget enforcement: clients {', '.join(declined)} declined rounds their budget did not cover")
     if privacy_report.get("stopped"):

@@ -67,7 +67,11 @@ def test_run_folder_holds_config_metrics_adapter_checkpoints_and_privacy_report(
         mine = [c for c in clients if c["round"] == row["round"]]
         assert row["bytes_sent"] == sum(c["bytes_sent"] for c in mine)
         assert row["bytes_received"] == sum(c["bytes_received"] for c in mine)
-    assert "- communication: " in (root / "summary.md").read_text()
+    summary = (root / "summary.md").read_text()
+    assert "- communication: " in summary
+    # ... and the summary says where the run computed (clients 0-3 each sampled at least once over the run).
+    trained = len({c["client_id"] for c in clients})
+    assert f"- compute: the server evaluated on `cpu`; clients trained {trained} on their CPU, median " in summary
 
 
 def test_every_reported_epsilon_covers_all_steps_so_far(finished_run):
