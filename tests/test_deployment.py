@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -263,10 +264,15 @@ def _labelled_file(path: Path, seed: int, count: int) -> None:
             f.write(json.dumps({"text": text, "label": examples.label_names[label]}) + "\n")
 
 
+NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "secure-aggregation", "warm", "warm-no-launcher"])
+@pytest.mark.parametrize("mode", ["plain", "secure-aggregation", "warm", "warm-no-launcher",
+                                  pytest.param("warm-gpu-node", marks=NEEDS_CUDA)])
 def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
-    secure, warm, launcher = mode == "secure-aggregation", mode.startswith("warm"), mode == "warm"
+    secure, warm, launcher = mode == "secure-aggregation", mode.startswith("warm"), mode != "warm-no-launcher"
+    gpu_node = mode == "warm-gpu-node"  # an edge fleet: node 0 trains on its GPU, node 1 on its CPU
     started = time.monotonic()
     creds = create_credentials(tmp_path / "creds", nodes=3)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(3)]
@@ -324,7 +330,7 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
                     str(BIN / "fedspec"), "node", "--superlink", f"127.0.0.1:{link_port}", "--id", str(i),
                     "--ca", str(creds.ca_cert), "--key", str(creds.node_key(i)), "--data-path", str(own_data[i]),
                     "--num-partitions", "2", "--state-dir", str(states[i]), "--port", str(node_ports[i]),
-                    *([] if launcher else ["--no-launcher"]),
+                    *([] if launcher else ["--no-launcher"]), *(["--device", ("cuda", "cpu")[i]] if gpu_node else []),
                 ], tmp_path / f"supernode-{i}-home")
             else:
                 supernode(i, f'partition-id={i} num-partitions=2 state-dir="{states[i]}" data-path="{own_data[i]}"')
@@ -381,6 +387,14 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
             assert procs.log(f"node-{i}").count("fedspec worker: train of run") == 2
             assert "running this message here (cold)" not in procs.log(f"node-{i}")
             assert (procs.log(f"node-{i}").count("fedspec launcher: flwr-clientapp forked") >= 2) == launcher
+    if gpu_node:  # each node says where it trained, and the summary sums it up
+        assert {(r["client_id"], r["cuda"]) for r in fits} == {(0, 1), (1, 0)}
+        assert all(r["peak_memory_mib"] > 0 and r["step_seconds"] > 0 for r in fits)
+        gpu_peaks = [r["peak_memory_mib"] for r in fits if r["cuda"]]
+        assert "clients trained 1 on CUDA, 1 on their CPU" in (run_dir / "summary.md").read_text()
+        print(f"\nGPU node: peak GPU memory {max(gpu_peaks):.1f} MiB, step "
+              + ", ".join(f"{r['step_seconds'] * 1000:.1f} ms" for r in fits if r["cuda"]) + "; CPU node: step "
+              + ", ".join(f"{r['step_seconds'] * 1000:.1f} ms" for r in fits if not r["cuda"]))
     # Round overhead beyond compute: the server's round time minus the slowest client's own training time
     overheads = [r["seconds"] - max(c["train_seconds"] for c in fits if c["round"] == r["round"]) for r in rounds]
     total = time.monotonic() - started
