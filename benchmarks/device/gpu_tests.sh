@@ -1,14 +1,13 @@
 #!/bin/bash
 # On the lent GPU machine (after benchmarks/device/prepare.sh here; carry .gpu): every `gpu` test, among them the
 # deployment over Flower's runtime with one GPU node and one CPU node (issue 17), in a venv over the image's packages
-# with flwr's stack and fedspec installed, as a user's machine would have them.
+# with flwr's stack and fedspec installed as on a user's machine.
 set -o pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD/.gpu/site
 python3 -m venv --system-site-packages /tmp/venv || exit 1
 /tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-compile .gpu/wheels312/*.whl || exit 1
-/tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation . || exit 1  # fedspec itself
+# fedspec itself, editable as the deployment guide installs it where `flwr run` starts from the checkout
+/tmp/venv/bin/python -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 /tmp/venv/bin/python -c "import torch, flwr, opacus; print('torch', torch.__version__, 'flwr', flwr.__version__, 'opacus', opacus.__version__)"
-# From tests/: `python -m` puts the working folder first on sys.path, and the checkout's bare fedspec/ folder must not
-# shadow the installed package (fedspec.server and fedspec.client are mapped from server/ and client/ at install).
-cd tests && /tmp/venv/bin/python -m pytest -q -rs -s -m gpu -p no:cacheprovider . "$@" 2>&1 | tee ${OUT:-/tmp}/gpu_tests.txt
+/tmp/venv/bin/python -m pytest -q -rs -s -m gpu -p no:cacheprovider "$@" 2>&1 | tee ${OUT:-/tmp}/gpu_tests.txt
