@@ -322,7 +322,8 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
     if grid.tuned:
         lines += ["## Learning-rate sweep (validation split of the training file)", "", *sweep_table(grid, results),
                   ""]
-    lines += generative.markdown(generative.load())
+    if grid.name == "quick":  # the main page, docs/results.md, also carries the generative benchmark
+        lines += generative.markdown(generative.load())
     lines += ["## Missing cells", "", *missing_section(grid, results)]
     page.write_text("\n".join(lines) + "\n")
 
