@@ -139,8 +139,8 @@ def compute_line(server_device: torch.device, client_lines: list[dict]) -> str:
     reported = [c for c in client_lines if "cuda" in c]
     if not reported:
         return line
-    on_gpu = sorted({c["client_id"] for c in reported if c["cuda"]})
-    on_cpu = sorted({c["client_id"] for c in reported if not c["cuda"]})
+    on_gpu = {c["client_id"] for c in reported if c["cuda"]}
+    on_cpu = {c["client_id"] for c in reported if not c["cuda"]}
     where = ", ".join(f"{len(ids)} on {kind}" for ids, kind in ((on_gpu, "CUDA"), (on_cpu, "their CPU")) if ids)
     line += f"; clients trained {where}"
     steps = [c["step_seconds"] for c in reported if "step_seconds" in c]
