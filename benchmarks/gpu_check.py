@@ -153,9 +153,9 @@ def check_truncated_svd():
 
 @check("2 FedSVD refactor")
 def check_refactor():
-    from fedsvd_server import LAYERS, RANK, SHAPES, adapter_set
-
     from fedspec.svd import refactor_lowrank_grouped
+
+    from fedsvd_server import LAYERS, RANK, SHAPES, adapter_set
 
     first = {k: (b.cuda(), a.cuda()) for k, (b, a) in adapter_set(False).items()}
     later = {k: (b.cuda(), a.cuda()) for k, (b, a) in adapter_set(True, seed=1).items()}
@@ -210,9 +210,9 @@ PISSA_VARIANTS = ("before", "batched", "deferred+batched")  # the rotation's cap
 
 @check("3 PiSSA init on GPU")
 def check_adapt():
-    from pissa_init import LLAMA_TARGETS
-
     import fedspec
+
+    from pissa_init import LLAMA_TARGETS
 
     build = _cuda_llama()
 

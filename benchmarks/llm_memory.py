@@ -20,8 +20,8 @@ import json
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 import warnings
+from contextlib import nullcontext
 
 import torch
 

@@ -13,9 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from proctree import measure
-
 from common import Row, seconds, yes_no
+from proctree import measure
 
 FEDSPEC = str(Path(sys.executable).with_name("fedspec"))
 

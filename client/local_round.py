@@ -9,22 +9,35 @@ nothing; the server records it and goes on without it.
 from __future__ import annotations
 
 import time
-
 from dataclasses import replace
 
 from flwr.app import Context, Message
 from omegaconf import DictConfig
 
-from fedspec.adapters import adapter_layers, adapter_roles, adapter_state, get_method, load_adapter_state, ranks_in_state
+from fedspec.adapters import (
+    adapter_layers,
+    adapter_roles,
+    adapter_state,
+    get_method,
+    load_adapter_state,
+    ranks_in_state,
+)
 from fedspec.adapters.state import TRAINED
 from fedspec.devices import peak_memory_mib, reset_peak_memory
 from fedspec.errors import FedspecError
-from fedspec.strategies import client_update, get_rule
 from fedspec.privacy.planning import PlanSettings, client_sample_rate
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
+from fedspec.strategies import client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from .runtime import client_id, load_ledger, model_and_data, noise_multiplier, remember_base_init, store_ledger
+from .runtime import (
+    client_id,
+    load_ledger,
+    model_and_data,
+    noise_multiplier,
+    remember_base_init,
+    store_ledger,
+)
 
 
 def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[dict, dict]:

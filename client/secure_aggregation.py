@@ -17,6 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
+from fedspec.privacy.planning import PlanSettings, plan_client_level
+from fedspec.privacy.skellam import SkellamNoise
 from fedspec.protocol import (
     ADVERTISE,
     ARRAYS,
@@ -35,8 +37,6 @@ from fedspec.protocol import (
     SURVIVORS,
     UNMASK,
 )
-from fedspec.privacy.planning import PlanSettings, plan_client_level
-from fedspec.privacy.skellam import SkellamNoise
 from fedspec.secagg import Advertisement, ClientSession, Quantizer, SecAggError
 
 SESSION_STATE_KEY = "secagg-session"

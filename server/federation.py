@@ -22,9 +22,6 @@ from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
 from fedspec.privacy.planning import ClientLevelPlan, PlanSettings, plan_client_level
-from fedspec.rundir import MetricsLog, RunPaths, run_paths
-from fedspec.strategies import get_rule
-from fedspec.strategies.client_dp import ClientDP
 from fedspec.protocol import (
     CLIENT_ID,
     CONFIG,
@@ -38,6 +35,9 @@ from fedspec.protocol import (
     TrainReply,
     error_reason,
 )
+from fedspec.rundir import MetricsLog, RunPaths, run_paths
+from fedspec.strategies import get_rule
+from fedspec.strategies.client_dp import ClientDP
 from fedspec.strategies.flower import AdapterStrategy, RoundReplies
 from fedspec.strategies.influence import InfluenceBound
 from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum

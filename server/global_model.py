@@ -26,8 +26,8 @@ from fedspec.adapters import (
 from fedspec.adapters.state import FIXED, TRAINED
 from fedspec.builders import ModelSettings, Task, answer_score, build_model, encode
 from fedspec.devices import resolve_device
-from fedspec.training import evaluate
 from fedspec.strategies import get_rule
+from fedspec.training import evaluate
 
 
 def split_fixed(

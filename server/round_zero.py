@@ -19,7 +19,6 @@ from omegaconf import DictConfig
 from fedspec.adapters import Calibration, sum_calibrations
 from fedspec.builders import InitStatistics
 from fedspec.errors import FedspecError
-from fedspec.rundir import MetricsLog
 from fedspec.protocol import (
     CALIBRATION_FLAG,
     CONFIG,
@@ -29,6 +28,7 @@ from fedspec.protocol import (
     StatisticsReply,
     error_reason,
 )
+from fedspec.rundir import MetricsLog
 
 from .messaging import exchange
 

@@ -55,7 +55,6 @@ from .influence import InfluenceBound, bound_influence
 from .server_optimizer import ServerOptimizer
 
 
-
 class AdapterStrategy:
     def __init__(
         self,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
+from fedspec.data import TextExamples
 from fedspec.privacy.audit import (
     audit_scores,
     canary_assignment,
@@ -20,7 +21,6 @@ from fedspec.privacy.audit import (
     p_value,
     with_canaries,
 )
-from fedspec.data import TextExamples
 
 
 def _logit(p: float) -> float:

@@ -9,12 +9,13 @@ import torch
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 import fedspec
-from helpers import tiny_classifier
 from fedspec.adapters import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
 from fedspec.adapters.targets import match_targets
 from fedspec.errors import AdapterError
 from fedspec.models import tokenize
 from fedspec.privacy import epsilon
+
+from helpers import tiny_classifier
 
 TEXTS = [
     "the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",

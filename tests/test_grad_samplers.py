@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
-from helpers import tiny_classifier
 from fedspec.adapters import METHODS, adapter_layers
 from fedspec.adapters.layers import Diagonal
 from fedspec.errors import AdapterError, ConfigError
@@ -22,6 +21,8 @@ from fedspec.privacy.grad_samplers import (
     linear_norm_sample,
 )
 from fedspec.training import DPSettings, train_steps
+
+from helpers import tiny_classifier
 
 TEXTS = ["the team won the cup", "stocks fell sharply", "a new chip was shown", "rain delayed the match"]
 LABELS = torch.tensor([0, 1, 2, 0])

@@ -27,7 +27,13 @@ from fedspec.models import tokenize
 from fedspec.strategies import aggregate, client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from helpers import assert_opacus_matches_per_example_loop, outputs, per_example_grads, perturb, tiny_classifier
+from helpers import (
+    assert_opacus_matches_per_example_loop,
+    outputs,
+    per_example_grads,
+    perturb,
+    tiny_classifier,
+)
 
 SHAPE_METHODS = ["sorsa", "kasa", "adalora", "sora", "lora_xs", "effort", "svfit", "clip_svd", "salt", "loldu",
                  "sst", "dora"]

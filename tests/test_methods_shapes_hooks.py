@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fedspec
-from helpers import tiny_classifier
 from fedspec.adapters import HookContext, adapter_layers, training_hooks
 from fedspec.adapters.methods.adalora import RankAllocator
 from fedspec.adapters.methods.common import factor_gaps
@@ -17,6 +16,8 @@ from fedspec.adapters.methods.sst import SpectralResampler
 from fedspec.errors import AdapterError
 from fedspec.models import tokenize
 from fedspec.training import DPSettings, train_steps
+
+from helpers import tiny_classifier
 
 TEXTS = ["the team won the cup final", "stocks fell sharply after the report", "a new chip was unveiled today",
          "rain delayed the match", "the bank raised its rates", "scientists found water on the moon"] * 2

@@ -16,7 +16,13 @@ from fedspec.privacy.client_level import (
     plan_client_level_noise,
 )
 from fedspec.strategies import apply_mean_update, get_rule, weighted_mean
-from fedspec.strategies.client_dp import clip_update, noise_generator, poisson_sample, private_mean, update_norm
+from fedspec.strategies.client_dp import (
+    clip_update,
+    noise_generator,
+    poisson_sample,
+    private_mean,
+    update_norm,
+)
 
 DELTA = 1e-5
 TEMPLATE = {"layer.lora_B.weight": torch.zeros(16, 4), "head.weight": torch.zeros(3, 16), "head.bias": torch.zeros(3)}

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from helpers import train_reply
 from omegaconf import OmegaConf
 
 from fedspec.protocol import ProtocolError, TrainReply, check_update
 from fedspec.strategies import get_rule
 from fedspec.strategies.flower import AdapterStrategy
+
+from helpers import train_reply
 
 SHAPES = {"l0.lora_A.weight": (4, 6), "l0.lora_B.weight": (5, 4), "head.weight": (2, 5)}
 TRAINED = ["l0.lora_B.weight", "head.weight"]  # FedSVD: clients train B (and the head), A is the server's

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fedspec.centralized import train_centralized
 from fedspec.config import compose_config
 

@@ -76,10 +76,10 @@ def test_strategy_takes_the_shortcut_after_the_first_refactor(monkeypatch):
     """AdapterStrategy passes a_orthonormal=False until a round has re-factorized, True afterwards (FedSVD
     only); a round without updates re-factorizes nothing and leaves the flag as it was."""
     pytest.importorskip("flwr")
-    from helpers import train_reply
-
     import fedspec.strategies.flower as flower_module
     from fedspec.strategies.flower import AdapterStrategy
+
+    from helpers import train_reply
 
     seen: list[bool] = []
     original = flower_module.apply_mean_update

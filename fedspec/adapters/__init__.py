@@ -2,9 +2,9 @@
 methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
+from .calibration import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
 from .hooks import HookContext, PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
-from .calibration import Calibration, StatisticsPrivacy, collect_calibration, sum_calibrations
 from .layers import AdapterLayer, FactorizedLinear, LowRankLinear
 from .peft_export import export_peft, peft_exportable
 from .registry import METHODS, MethodSpec, get_method, register

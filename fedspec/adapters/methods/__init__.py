@@ -26,7 +26,7 @@ losses are applied as their own SGD step of size lr·weight after the optimizer 
 open, the choice is stated in the initializer's or hook's docstring.
 """
 
-from . import (  # noqa: F401  (importing a method's module registers it)
+from . import (  # noqa: F401, I001  (importing a method's module registers it; one block, not a line each)
     adalora, clip_svd, corda, dora, effort, eva, fwsvd, kasa, loldu, lora, lora_ga, lora_xs, milora, olora, pissa, salt,
     soma, sora, sorsa, sst, svfit,
 )
