@@ -1,4 +1,5 @@
-"""train.device and federation.server_device: what `auto` picks, the errors of a device a node lacks, and GPU training end to end (``gpu``)."""
+"""train.device and federation.server_device: what `auto` picks, the errors of a device a machine lacks, the run
+summary's compute line, and training and evaluation on a GPU end to end (``gpu``)."""
 
 from __future__ import annotations
 
