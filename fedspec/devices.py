@@ -1,10 +1,10 @@
 """The device a client or `fedspec train` computes on (`train.device`), and what it used there.
 
 `auto` takes the first CUDA device when torch sees one and the CPU otherwise, so one config serves a fleet of nodes
-with and without GPUs; `cpu`, `cuda` and `cuda:N` insist (a node asked for a GPU it lacks stops with an error that
-says so, rather than training on its CPU for hours). Data stays on the CPU and each batch moves to the model's
+with and without GPUs; `cpu`, `cuda` and `cuda:N` insist (a node asked for a GPU it lacks stops with a ConfigError
+that says so, rather than training on its CPU for hours). Data stays on the CPU and each batch moves to the model's
 device as it is used; the DP noise is drawn there too (`fedspec.training`). Replies and checkpoints hold CPU
-tensors whatever the device.
+tensors whatever the device. The server's own device is `federation.server_device`, resolved the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .config import DEVICE_PATTERN
+from .errors import ConfigError
 
 __all__ = ["device_name", "peak_memory_mib", "reset_peak_memory", "resolve_device"]
 
@@ -22,17 +23,17 @@ __all__ = ["device_name", "peak_memory_mib", "reset_peak_memory", "resolve_devic
 def resolve_device(setting: str, key: str = "train.device") -> torch.device:
     """The torch device for a device setting (auto | cpu | cuda | cuda:N); ``key`` names it in errors."""
     if not DEVICE_PATTERN.fullmatch(str(setting)):
-        raise ValueError(f"{key}={setting!r} is not a device; choose auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{key}={setting!r} is not a device; choose auto, cpu, cuda or cuda:N")
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"{key}={setting} but torch sees no CUDA device here (torch "
-                               f"{torch.__version__}); use {key}=auto or {key}=cpu")
+            raise ConfigError(f"{key}={setting} but torch sees no CUDA device here (torch "
+                              f"{torch.__version__}); use {key}=auto or {key}=cpu")
         if (device.index or 0) >= torch.cuda.device_count():
-            raise RuntimeError(f"{key}={setting} but this machine has {torch.cuda.device_count()} CUDA "
-                               "device(s)")
+            raise ConfigError(f"{key}={setting} but this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s)")
     return device
 
 

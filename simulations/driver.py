@@ -13,11 +13,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions
 from fedspec.config import check_federated, config_to_json, load_config_file, save_config
+from fedspec.devices import resolve_device
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
 from fedspec.render import plan_table
@@ -68,8 +69,11 @@ def preflight(cfg: DictConfig) -> PrivacyPlan:
     """Everything that can fail on bad input, before any worker starts: place the adapter on the model (no
     SVD yet: unknown targets, a rank too large), partition the data as the clients will (missing files, too
     many clients), and plan every client's noise and the client-level noise (δ too large, an unreachable ε,
-    a budget that lets too few clients train)."""
+    a budget that lets too few clients train), and the devices: in a simulation the server and every client run on
+    this machine."""
     check_federated(cfg)
+    for key in ("train.device", "federation.server_device"):
+        resolve_device(OmegaConf.select(cfg, key), key)
     task = build_task(cfg.data, cfg.run.seed)
     build_model(ModelSettings.of(cfg), task.num_classes, train_A=get_rule(cfg.strategy.name).clients_train_A,
                 initialize=False, federated=True)

@@ -54,6 +54,9 @@ def test_help_explains_the_commands(capsys):
     (["train.max_steps=100"], "train.max_steps=100 counts `fedspec train`'s steps"),
     # data=sst2's recipe: rates for DP-SGD's clipped, noised steps, which diverge without DP
     (["train=large_batch", "privacy=none"], "privacy=none is refused with this training recipe: its rates (train.lr=16"),
+    # a simulation's server and clients all run here: a device this machine lacks is refused up front
+    (["federation.server_device=cuda:99"], "federation.server_device=cuda:99 but "),
+    (["train.device=cuda:99"], "train.device=cuda:99 but "),
 ])
 def test_bad_input_fails_before_anything_runs(capsys, tmp_path, extra, message):
     argv = ["simulate", "--clients", "4", "--output-dir", str(tmp_path), "--name", "bad", *TINY, *extra]

@@ -22,11 +22,11 @@ def test_auto_takes_a_gpu_when_torch_sees_one_and_the_cpu_otherwise(monkeypatch)
 
 def test_a_gpu_the_node_lacks_is_an_error_that_says_what_to_do(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="train.device=cuda but torch sees no CUDA device.*train.device=auto"):
+    with pytest.raises(ConfigError, match="train.device=cuda but torch sees no CUDA device.*train.device=auto"):
         resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(RuntimeError, match="cuda:3 but this machine has 1 CUDA device"):
+    with pytest.raises(ConfigError, match="cuda:3 but this machine has 1 CUDA device"):
         resolve_device("cuda:3")
 
 
@@ -40,7 +40,7 @@ def test_a_setting_that_is_no_device_is_refused_when_the_config_is_composed(key,
 
 def test_a_gpu_the_server_lacks_is_named_by_its_own_setting(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="federation.server_device=cuda but torch sees no CUDA device.*"
+    with pytest.raises(ConfigError, match="federation.server_device=cuda but torch sees no CUDA device.*"
                                            "federation.server_device=auto"):
         resolve_device("cuda", "federation.server_device")
 
