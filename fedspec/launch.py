@@ -102,6 +102,9 @@ def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path
     if device is not None:
         if not DEVICE_PATTERN.fullmatch(device):
             raise ConfigError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+        from .devices import resolve_device  # imports torch: only when a node names its device
+
+        resolve_device(device, "--device")  # a GPU this machine lacks: refused now, not at the first round
         config.append(f'device="{device}"')
     if num_partitions is not None:
         config.append(f"num-partitions={num_partitions}")

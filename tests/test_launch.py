@@ -7,6 +7,7 @@ import shlex
 import time
 
 import pytest
+import torch
 
 from fedspec.cli import main
 from fedspec.deployment import create_credentials
@@ -31,7 +32,7 @@ def test_superlink_runs_with_tls_node_auth_and_a_state_database(creds, tmp_path)
     assert launch.env["FLWR_TELEMETRY_ENABLED"] == "0" and launch.env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
 
 
-def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path):
+def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path, monkeypatch):
     data = tmp_path / "mine.jsonl"
     data.write_text("{}\n")
     launch = node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
@@ -46,10 +47,20 @@ def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path)
     assert launch.wait_for["launcher"] == launcher_socket and launch.env[LAUNCHER_ENV] == str(launcher_socket)
     config = shlex.split(node[node.index("--node-config") + 1])
     assert config == ["partition-id=3", f"state-dir={tmp_path / 'state'}", f"data-path={data}", f"worker={socket}"]
-    gpu = node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
-                      state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
-                      insecure=False, device="cuda:1")
+    def on_gpu_node(device: str):
+        return node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
+                           state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
+                           insecure=False, device=device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = on_gpu_node("cuda:1")
     assert "device=cuda:1" in shlex.split(gpu.commands[-1][1][gpu.commands[-1][1].index("--node-config") + 1])
+    with pytest.raises(ConfigError, match="--device=cuda:2 but this machine has 2 CUDA device"):
+        on_gpu_node("cuda:2")  # refused when the node starts, not at its first round
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device=cuda but torch sees no CUDA device"):
+        on_gpu_node("cuda")
     with pytest.raises(ConfigError, match="--device gpu"):
         node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
                     state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
