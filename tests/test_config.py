@@ -32,8 +32,7 @@ def test_a_data_config_carries_its_recipe_and_the_command_line_still_wins():
     sst2 = compose_config(["data=sst2"], check_files=False)
     assert (sst2.data.max_examples, sst2.train.batch_size, sst2.train.local_steps) == (0, 128, 4)
     assert compose_config([], check_files=False).train.batch_size == 32
-    agnews = compose_config(["data=agnews"], check_files=False).train  # 500 records a client: batches of 32
-    assert (agnews.batch_size, agnews.lr, agnews.centralized_lr) == (32, 0.5, 0.1)  # the rates its sweep chose
+    assert compose_config(["data=agnews"], check_files=False).train.batch_size == 32  # 500 records a client
     back = compose_config(["data=sst2", "train=default"], check_files=False).train
     assert (back.batch_size, back.local_steps, back.lr) == (32, 8, 1.0)
     assert compose_config(["data=sst2", "train.lr=2"], check_files=False).train.batch_size == 128
