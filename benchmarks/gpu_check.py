@@ -19,7 +19,7 @@ the result is right and stayed on the GPU):
 Checks 1–3 also A/B the engine's GPU choices in the same run (ENGINE_VARIANTS: the Jacobi kernel for small
 eigenproblems, trust tests read once per decomposition, batched large layers, the FedSVD rotation replayed from a
 CUDA graph) against the engine as the previous GPU session left it.
-With OUT set, torch.profiler tables of checks 1, 3 and 5 (batch 32) are written to $OUT/profile_*.txt.
+With OUT set, torch.profiler tables of checks 1, 2 (round 1), 3 and 5 (batch 32) are written to $OUT/profile_*.txt.
 `--checks 0,3` runs only the checks named. Without CUDA it exits at once with status 2 and one line saying so.
 A global deadline skips what is left.
 """
@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -186,6 +186,7 @@ def check_refactor():
                  f"before {ms(t_general_before)}; {ms(t_short_before)}",
                  (f"{t_general_before / t_general:.2f}×; {t_short_before / t_short:.2f}× / "
                   f"{t_short_before / t_short_eager:.2f}× faster than before (targets: ≤ 4 ms round 1, ≤ 2 ms later)")))
+    _profile("refactor_round1", lambda: refactor_lowrank_grouped(first))  # where round 1's time goes
     t_per_layer = cuda_time(lambda: _rotate_per_layer(later), repeats=3)  # what the CPU path does
     B, A = first["layers.0.q_proj"]
     t_dense = cuda_time(lambda: torch.linalg.svd(B @ A, full_matrices=False), repeats=1, warmup=1)
@@ -206,6 +207,10 @@ def _rotate_per_layer(pairs):
 
 
 PISSA_VARIANTS = ("before", "batched", "deferred+batched")  # the rotation's capture plays no part in an init
+# The SVD itself, on the default engine: block Krylov (the default) against subspace iteration, whose 24×24
+# Rayleigh–Ritz problem goes to the Jacobi kernel (Krylov's is 120×120: cuSOLVER); niter=2 as a cheaper try.
+PISSA_SVDS = {"krylov": {}, "subspace": {"svd_method": "subspace"}, "subspace niter 2": {"svd_method": "subspace", "niter": 2}}
+ACCURACY_LAYERS = ("layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.down_proj")  # one per shape
 
 
 @check("3 PiSSA init on GPU")
@@ -216,12 +221,12 @@ def check_adapt():
 
     build = _cuda_llama()
 
-    def fedspec_once():
+    def fedspec_once(**options):
         model = build()
         original = {n: model.get_submodule(n).weight.detach().float().clone() for n, _ in _linear_names(model)}
         torch.cuda.synchronize()
         start = time.perf_counter()
-        fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS)
+        fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS, **options)
         torch.cuda.synchronize()
         return time.perf_counter() - start, model, original
 
@@ -231,9 +236,10 @@ def check_adapt():
         model = build()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LLAMA_TARGETS, init_lora_weights="pissa_niter_4"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LLAMA_TARGETS,
+                                                 init_lora_weights="pissa_niter_4"))
         torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, model
 
     has_peft = importlib.util.find_spec("peft") is not None
     first, model, original = fedspec_once()  # pays for CUDA library set-up (cuSOLVER handles, kernel loading)
@@ -241,6 +247,9 @@ def check_adapt():
     require(not off, f"parameters left the GPU: {off[:3]}")
     worst = _residual_error(model, original)
     require(worst < 2e-2, f"residual + s·B·A differs from W by {worst:.1e} (bf16)")
+    # How close each init's s·B·A is to the exact top-16 of W (the same W for all: build() is seeded)
+    exact = {name: _exact_top(original[name], 16) for name in ACCURACY_LAYERS}
+    distances = {"krylov": _top_distance(model, exact)}
     del model, original
     for variant in PISSA_VARIANTS:  # every variant's init is right too (and its kernels are compiled before timing)
         with engine(variant):
@@ -248,27 +257,63 @@ def check_adapt():
         error = _residual_error(model, original)
         require(error < 2e-2, f"{variant}: residual + s·B·A differs from W by {error:.1e} (bf16)")
         del model, original
-    ours: dict[str, list[float]] = {"default": [], **{variant: [] for variant in PISSA_VARIANTS}}
+    for svd, options in list(PISSA_SVDS.items())[1:]:
+        _, model, original = fedspec_once(**options)
+        error = _residual_error(model, original)
+        require(error < 2e-2, f"{svd}: residual + s·B·A differs from W by {error:.1e} (bf16)")
+        distances[svd] = _top_distance(model, exact)
+        del model, original
+    if has_peft:
+        distances["PEFT"] = _top_distance(peft_once()[1], exact, prefix="base_model.model.")
+    timed = {**{variant: {} for variant in PISSA_VARIANTS}, **PISSA_SVDS}
+    ours: dict[str, list[float]] = {variant: [] for variant in timed}
     theirs = []
     for _ in range(3):  # interleaved, so drifting GPU clocks hit all alike
-        ours["default"].append(fedspec_once()[0])
-        for variant in PISSA_VARIANTS:
-            with engine(variant):
-                ours[variant].append(fedspec_once()[0])
+        for variant, options in timed.items():
+            with engine(variant) if variant in PISSA_VARIANTS else nullcontext():
+                ours[variant].append(fedspec_once(**options)[0])
         if has_peft:
-            theirs.append(peft_once())
+            theirs.append(peft_once()[0])
     median = {variant: sorted(times)[1] for variant, times in ours.items()}
-    t_fed = median["default"]
-    baseline = f"PEFT pissa_niter_4 {ms(sorted(theirs)[1])}" if theirs else "PEFT not installed"
-    speedup = f"; PEFT takes {sorted(theirs)[1] / t_fed:.2f}× fedspec's time" if theirs else ""
+    t_fed = median["krylov"]
+    t_peft = sorted(theirs)[1] if theirs else None
+    baseline = f"PEFT pissa_niter_4 {ms(t_peft)}" if theirs else "PEFT not installed"
+    speedup = f"; PEFT takes {t_peft / t_fed:.2f}× fedspec's time" if theirs else ""
     ROWS.append(("3 PiSSA init on GPU", "2-layer 7B-shaped Llama, bf16, 14 layers, r=16; median of 3 (first call)",
                  f"{ms(t_fed)} ({ms(first)})", baseline,
                  f"OK: all on GPU, ‖W_res + sBA − W‖/‖W‖ ≤ {worst:.1e}{speedup}"))
     ROWS.append(("3 PiSSA init A/B", " / ".join(PISSA_VARIANTS), " / ".join(ms(median[v]) for v in PISSA_VARIANTS),
-                 baseline, "PEFT takes " + " / ".join(f"{sorted(theirs)[1] / median[v]:.2f}×" for v in PISSA_VARIANTS)
+                 baseline, "PEFT takes " + " / ".join(f"{t_peft / median[v]:.2f}×" for v in PISSA_VARIANTS)
                  + " each variant's time" if theirs else "OK"))
+    ROWS.append(("3 PiSSA init SVD", " / ".join(PISSA_SVDS) + "; distance ‖sBA − W_16‖/‖W_16‖ to the exact top-16 of "
+                 "q / gate / down (flat spectrum: random weights)",
+                 " / ".join(f"{ms(median[v])} ({distances[v]})" for v in PISSA_SVDS),
+                 f"{baseline} ({distances.get('PEFT', '—')})",
+                 "PEFT takes " + " / ".join(f"{t_peft / median[v]:.2f}×" for v in PISSA_SVDS) + " each one's time"
+                 if theirs else "OK"))
     model = build()
     _profile("adapt", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS))
+    model = build()
+    _profile("adapt_subspace", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS, svd_method="subspace"))
+
+
+def _exact_top(W: torch.Tensor, rank: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+def _top_distance(model, exact: dict[str, torch.Tensor], prefix: str = "") -> str:
+    """‖s·B·A − W_r‖/‖W_r‖ per layer of `exact`, for a fedspec or a PEFT model, as 'q / gate / down'."""
+    cells = []
+    with torch.no_grad():
+        for name, W_r in exact.items():
+            layer = model.get_submodule(prefix + name)
+            if hasattr(layer, "lora_B") and isinstance(layer.lora_B, torch.nn.ModuleDict):  # PEFT
+                B, A, s = layer.lora_B["default"].weight, layer.lora_A["default"].weight, layer.scaling["default"]
+            else:
+                B, A, s = layer.lora_B.weight, layer.lora_A.weight, layer.scaling
+            cells.append(float((s * (B.float() @ A.float()) - W_r).norm() / W_r.norm()))
+    return " / ".join(f"{c:.3f}" for c in cells)
 
 
 def _residual_error(model, original) -> float:

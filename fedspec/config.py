@@ -205,7 +205,7 @@ CHOICES: dict[str, tuple] = {
     "data.format": ("auto", "tsv", "csv", "jsonl"),
     "data.task": ("classification", "causal_lm"),
     "data.answer": ("exact", "gsm8k"),
-    "adapter.svd_method": ("randomized", "exact"),
+    "adapter.svd_method": ("randomized", "subspace", "exact"),
     "adapter.svd_pass_precision": ("full", "bfloat16", "auto"),
     "strategy.name": STRATEGIES,
     "privacy.accountant": ("rdp", "prv"),

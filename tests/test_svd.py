@@ -78,16 +78,17 @@ def reference_svd(W: torch.Tensor, rank: int, smallest: bool = False) -> torch.T
 # ------------------------------------------------------------------------------------ truncated_svd
 
 
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("m", "n", "rank"), [(60, 40, 5), (40, 70, 10), (50, 50, 1)])
-def test_randomized_error_within_one_percent_of_exact(dtype, m, n, rank):
+def test_randomized_error_within_one_percent_of_exact(method, dtype, m, n, rank):
     W = decaying_matrix(m, n, dtype=dtype)
     err_exact = reconstruction_error(W, *truncated_svd(W, rank, method="exact"))
-    err_rand = reconstruction_error(W, *truncated_svd(W, rank, method="randomized"))
+    err_rand = reconstruction_error(W, *truncated_svd(W, rank, method=method))
     assert float(err_rand) <= 1.01 * float(err_exact)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 @pytest.mark.parametrize(("m", "n"), [(48, 32), (32, 48)])
 def test_top_components_match_linalg_svd(method, m, n):
     W = decaying_matrix(m, n)
@@ -131,7 +132,7 @@ def test_oversampling_and_power_iterations_each_improve_the_sketch():
     assert ratio(4, 8) < 1.0 + 1e-9
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 @pytest.mark.parametrize("batch", [(3,), (2, 2)])
 def test_batched_equals_per_matrix(method, batch):
     W = decaying_matrix(24, 16, batch=batch)
@@ -152,7 +153,7 @@ def test_batched_smallest_equals_per_matrix():
 
 
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 def test_half_precision_input_is_computed_in_float32(half, method):
     W = decaying_matrix(32, 24).to(half)
     U, S, Vh = truncated_svd(W, 4, method=method)
@@ -161,7 +162,7 @@ def test_half_precision_input_is_computed_in_float32(half, method):
     torch.testing.assert_close(product(U, S, Vh), product(U32, S32, Vh32))
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 def test_float64_stays_float64(method):
     U, S, Vh = truncated_svd(decaying_matrix(16, 12), 3, method=method)
     assert U.dtype == S.dtype == Vh.dtype == torch.float64
@@ -203,14 +204,14 @@ def test_no_generator_is_deterministic_and_leaves_global_rng_alone():
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 def test_never_under_autograd(method):
     W = torch.randn(10, 8, requires_grad=True)
     U, S, Vh = truncated_svd(W, 2, method=method)
     assert not (U.requires_grad or S.requires_grad or Vh.requires_grad)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 def test_zero_matrix_is_finite(method):
     U, S, Vh = truncated_svd(torch.zeros(12, 9), 3, method=method)
     assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
@@ -218,15 +219,42 @@ def test_zero_matrix_is_finite(method):
     assert float(reconstruction_error(torch.zeros(12, 9), U, S, Vh)) == 0.0
 
 
-def test_rank_deficient_randomized_is_exact_and_finite():
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
+def test_rank_deficient_randomized_is_exact_and_finite(method):
     """Asking for more components than W has: the trailing singular values are ~0, and the Rayleigh–Ritz step must
     not divide by them (it falls back to a thin QR), so the result is finite and still reproduces W."""
     g = gen(4)
     W = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)
-    U, S, Vh = truncated_svd(W, 6, method="randomized")
+    U, S, Vh = truncated_svd(W, 6, method=method)
     assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
     assert float(reconstruction_error(W, U, S, Vh)) < 1e-4  # float32
     assert float(S[3:].max()) < 1e-5 * float(S[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_on_a_flat_spectrum_krylov_beats_subspace_which_beats_unoversampled_svd_lowrank(seed):
+    """The trade-off `method="subspace"` documents, at equal passes (niter = 4): block Krylov captures the most of
+    the top-r energy when the top singular values have tiny gaps; subspace iteration with its oversampling still
+    captures more than torch.svd_lowrank without any (what PEFT's pissa_niter_4 runs: q = r)."""
+    W = torch.randn(300, 200, generator=gen(seed), dtype=torch.float64) / 200**0.5
+    rank = 8
+
+    def distance(U, S, Vh):
+        return float(error_vs_exact(W, U, S, Vh))
+
+    krylov = distance(*truncated_svd(W, rank, niter=4, oversample=8, generator=gen(10 + seed)))
+    subspace = distance(*truncated_svd(W, rank, method="subspace", niter=4, oversample=8, generator=gen(10 + seed)))
+    torch.manual_seed(seed)
+    U, S, V = torch.svd_lowrank(W, q=rank, niter=4)
+    peft_like = distance(U, S, V.mT)
+    assert krylov < subspace < peft_like
+
+
+def test_subspace_iteration_converges_to_the_exact_top_components():
+    """Enough iterations on a separated spectrum reach the exact truncated SVD (to float64 rounding)."""
+    W = decaying_matrix(80, 60, decay=0.7)
+    U, S, Vh = truncated_svd(W, 5, method="subspace", niter=30, oversample=3)
+    assert rel_err(product(U, S, Vh), reference_svd(W, 5)) < 1e-10
 
 
 # ------------------------------------------------------------------------ pass precision (bf16 passes)
@@ -321,7 +349,7 @@ def test_pass_buffer_stacks_with_one_converting_copy_into_reused_memory():
         buffer.stack([], torch.bfloat16)
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
 def test_unknown_pass_precision_lists_allowed_values(method):
     with pytest.raises(ValueError, match=r"'half'.*full, bfloat16, auto"):
         truncated_svd(torch.randn(8, 6), 2, method=method, pass_precision="half")

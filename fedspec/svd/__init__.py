@@ -8,13 +8,14 @@ Singular-vector signs are arbitrary: compare products, never factors.
 from .grouping import BATCH_BYTES, batch_bytes, batch_chunks, group_by_shape
 from .precision import PASS_PRECISIONS, PassBuffer, compute_dtype
 from .refactor import refactor_lowrank, refactor_lowrank_grouped
-from .truncated import METHODS, error_vs_exact, reconstruction_error, truncated_svd
+from .truncated import METHODS, RANDOMIZED, error_vs_exact, reconstruction_error, truncated_svd
 
 __all__ = [
     "BATCH_BYTES",
     "batch_bytes",
     "batch_chunks",
     "METHODS",
+    "RANDOMIZED",
     "PASS_PRECISIONS",
     "PassBuffer",
     "compute_dtype",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...svd import PassBuffer, truncated_svd
+from ...svd import RANDOMIZED, PassBuffer, truncated_svd
 from ...svd.precision import compute_dtype, pass_dtype
 from ..registry import MethodSpec, register
 from .common import split_singular_values
@@ -40,7 +40,7 @@ def weights_dtype(
 ) -> torch.dtype:
     """The dtype :func:`pissa` reads its stacked weights in (same defaults): the randomized SVD reads W only
     through its passes, so a stack in the pass dtype is all it needs; the exact SVD needs float32/64."""
-    if svd_method == "randomized":
+    if svd_method in RANDOMIZED:
         return pass_dtype(pass_precision, weight)
     return compute_dtype(weight.dtype)
 
