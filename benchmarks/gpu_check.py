@@ -208,8 +208,11 @@ def _rotate_per_layer(pairs):
 
 PISSA_VARIANTS = ("before", "batched", "deferred+batched")  # the rotation's capture plays no part in an init
 # The SVD itself, on the default engine: block Krylov (the default) against subspace iteration, whose 24×24
-# Rayleigh–Ritz problem goes to the Jacobi kernel (Krylov's is 120×120: cuSOLVER); niter=2 as a cheaper try.
-PISSA_SVDS = {"krylov": {}, "subspace": {"svd_method": "subspace"}, "subspace niter 2": {"svd_method": "subspace", "niter": 2}}
+# Rayleigh–Ritz problem goes to the Jacobi kernel (Krylov's is 120×120: cuSOLVER); each with its passes over the bf16
+# weights in float32 (the default: a float32 copy of W) and in bf16 (W read as it is).
+PISSA_SVDS = {"krylov": {}, "subspace": {"svd_method": "subspace"},
+              "krylov bf16": {"pass_precision": "bfloat16"},
+              "subspace bf16": {"svd_method": "subspace", "pass_precision": "bfloat16"}}
 ACCURACY_LAYERS = ("layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj", "layers.0.mlp.down_proj")  # one per shape
 
 
