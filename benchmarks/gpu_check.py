@@ -298,6 +298,9 @@ def check_adapt():
     _profile("adapt", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS))
     model = build()
     _profile("adapt_subspace", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS, svd_method="subspace"))
+    model = build()
+    _profile("adapt_subspace_bf16", lambda: fedspec.adapt(model, "pissa", 16, LLAMA_TARGETS, svd_method="subspace",
+                                                           pass_precision="bfloat16"))
 
 
 def _exact_top(W: torch.Tensor, rank: int) -> torch.Tensor:
