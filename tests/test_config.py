@@ -67,6 +67,7 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("privacy.delta=2", r"privacy.delta=2.0 is not allowed; it must be in \(0, 1\)"),
     ("privacy.accountant=gdp", "privacy.accountant='gdp' is not allowed; choose one of: rdp, prv"),
     ("adapter.rank=zero", "invalid config value: adapter.rank"),
+    ("adapter.svd_method=krylov", "adapter.svd_method='krylov' is not allowed; choose one of: randomized, subspace, exact"),
     ("data=file_that_is_not_a_group", "bad override"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):

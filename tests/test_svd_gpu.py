@@ -14,7 +14,7 @@ from fedspec.svd.orthonormal import qr_tall
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("method", ["randomized", "exact"])
+@pytest.mark.parametrize("method", ["randomized", "subspace", "exact"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("batch", [3, 20])  # 20: a large stack, whose QRs take CholeskyQR2 on a GPU
 def test_truncated_svd_on_cuda_matches_cpu_and_stays_there(method, dtype, batch):
