@@ -96,6 +96,8 @@ def load_encoder(name: str, path: str | None = None, *, vocab_size: int | None =
         try:
             encoder = AutoModel.from_pretrained(source, dtype=getattr(torch, dtype))
         except OSError as error:
+            if Path(source).is_dir():  # a folder (the packaged model's too) without loadable weights
+                raise ConfigError(f"model weights could not be loaded from the folder {source}: {error}") from error
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise ConfigError(
                 f"model.name={name!r} could not be loaded{offline}: not a local folder, not cached; "

@@ -64,6 +64,18 @@ def test_bad_input_fails_before_anything_runs(capsys, tmp_path, extra, message):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_model_folder_without_weights_is_named(capsys, tmp_path):
+    from fedspec.models import packaged_minilm_path
+
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (packaged_minilm_path() / name).exists():
+            (folder / name).write_bytes((packaged_minilm_path() / name).read_bytes())
+    argv = ["train", "--output-dir", str(tmp_path), "--name", "bad", *TINY, "model=minilm", f"model.path={folder}"]
+    _fails(capsys, argv, f"model weights could not be loaded from the folder {folder}")
+
+
 def test_an_existing_run_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "config.yaml").write_text("x: 1\n")
