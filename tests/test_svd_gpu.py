@@ -21,10 +21,11 @@ def test_truncated_svd_on_cuda_matches_cpu_and_stays_there(method, dtype, batch)
     g = torch.Generator().manual_seed(0)
     W = torch.randn(batch, 96, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 64, dtype=torch.float64)
     W = W.to(dtype)
-    U, S, Vh = truncated_svd(W.cuda(), 6, method=method, generator=torch.Generator().manual_seed(1))
+    niter = 8 if method == "subspace" else 4  # subspace iteration converges more slowly (1.3e-3 at 4 here)
+    U, S, Vh = truncated_svd(W.cuda(), 6, method=method, niter=niter, generator=torch.Generator().manual_seed(1))
     assert U.is_cuda and S.is_cuda and Vh.is_cuda
     assert U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    Uc, Sc, Vhc = truncated_svd(W, 6, method=method, generator=torch.Generator().manual_seed(1))
+    Uc, Sc, Vhc = truncated_svd(W, 6, method=method, niter=niter, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(S.cpu(), Sc, rtol=1e-4, atol=1e-5)
     assert float(error_vs_exact(W.cuda(), U, S, Vh).max()) < 1e-3
 
