@@ -366,13 +366,14 @@ def test_rank_must_be_int():
         truncated_svd(torch.randn(12, 8), 2.0)
 
 
-def test_smallest_with_randomized_is_refused():
-    with pytest.raises(ValueError, match=r"top singular subspace.*method='exact'"):
-        truncated_svd(torch.randn(12, 8), 2, smallest=True)
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
+def test_smallest_with_randomized_is_refused(method):
+    with pytest.raises(ValueError, match=rf"method='{method}'.*top singular subspace.*method='exact'"):
+        truncated_svd(torch.randn(12, 8), 2, method=method, smallest=True)
 
 
 def test_unknown_method_lists_allowed_values():
-    with pytest.raises(ValueError, match=r"'lanczos'.*exact, randomized"):
+    with pytest.raises(ValueError, match=r"'lanczos'.*exact, randomized, subspace"):
         truncated_svd(torch.randn(12, 8), 2, method="lanczos")
 
 
