@@ -11,7 +11,8 @@ the result is right and stayed on the GPU):
    shortcut (stacked per shape on a GPU; also timed per layer, as the CPU runs it); time vs a dense
    torch.linalg.svd of B·A (timed on two products, extrapolated).
 3. fedspec.adapt("pissa") on a CUDA 2-layer 7B-shaped Llama (bfloat16): every parameter still on the GPU,
-   residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed.
+   residual exact; median of 3 vs PEFT pissa_niter_4 on the same GPU (interleaved) when PEFT is installed; block
+   Krylov and subspace iteration (PISSA_SVDS), each with its distance to the exact top-16 beside PEFT's.
 4. (Retired: the Triton fused adapter forward, removed after it lost to cuBLAS in every run; docs/gpu.md.)
 5. A DP-SGD step on CUDA (MiniLM, batch 32 and 256 × 128): Opacus hooks vs a non-DP step, ghost clipping, and
    PEFT LoRA + Opacus on transformers' own MiniLM (when PEFT is installed); functorch guard on.
