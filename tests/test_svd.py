@@ -233,9 +233,9 @@ def test_rank_deficient_randomized_is_exact_and_finite(method):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_on_a_flat_spectrum_krylov_beats_subspace_which_beats_unoversampled_svd_lowrank(seed):
-    """The trade-off `method="subspace"` documents, at equal passes (niter = 4): block Krylov captures the most of
-    the top-r energy when the top singular values have tiny gaps; subspace iteration with its oversampling still
-    captures more than torch.svd_lowrank without any (what PEFT's pissa_niter_4 runs: q = r)."""
+    """The trade-off `method="subspace"` documents, at niter = 4 (9 passes; svd_lowrank's 10): block Krylov captures
+    the most of the top-r energy when the top singular values have tiny gaps; subspace iteration with its
+    oversampling still captures more than torch.svd_lowrank without any (what PEFT's pissa_niter_4 runs: q = r)."""
     W = torch.randn(300, 200, generator=gen(seed), dtype=torch.float64) / 200**0.5
     rank = 8
 
