@@ -3,7 +3,8 @@
 Before training, a client under record-level DP asks its ledger whether this round's steps would push its
 ε past its budget (``privacy.budget_epsilon``, by default ``privacy.target_epsilon``). If so it declines:
 it replies with no update and the metric ``declined = 1`` (and its ε so far), trains nothing and spends
-nothing; the server records it and goes on without it.
+nothing; the server records it and goes on without it. A round it has answered already (the server crashed and
+resumed into it) gets the same answer again, at no new cost (:mod:`.released`).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
 from fedspec.strategies import client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
+from .released import load_released, received_fingerprint, store_released
 from .runtime import (
     client_id,
+    ledger_path,
     load_ledger,
     model_and_data,
     noise_multiplier,
@@ -60,6 +63,10 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     plan = PlanSettings.of(cfg)
     dp = None
     if cfg.privacy.enabled:
+        fingerprint = received_fingerprint(round_, received)
+        released = load_released(ledger_path(cfg, context).parent, round_, fingerprint)
+        if released is not None:  # the server resumed into a round this client had answered: the same answer
+            return released
         sigma = noise_multiplier(plan, context, len(data))
         declined = _decline_if_over_budget(plan, cfg, context, client, sigma, len(data))
         if declined is not None:
@@ -106,6 +113,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         store_ledger(cfg, context, ledger)
         reply = replace(reply, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                         epsilon=ledger.epsilon(), attempt=attempt)
+        store_released(ledger_path(cfg, context).parent, round_, fingerprint, update, reply.to_metrics())
     return update, reply.to_metrics()
 
 
