@@ -241,7 +241,8 @@ def test_a_server_killed_mid_run_resumes_bit_for_bit_and_reports_every_attempt(f
     deadline = time.monotonic() + 600
     # killed as soon as a client has answered round 3, before the server can aggregate it: resumed, the server asks
     # that client for round 3 again
-    while not (tmp_path / "sim" / "checkpoints" / "round-0002" / "meta.json").is_file() or not _released(tmp_path, 3):
+    checkpointed = tmp_path / "sim" / "checkpoints" / "round-0002" / "meta.json"
+    while not checkpointed.is_file() or not _released(tmp_path, 3):
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "round 2 was never checkpointed, or no client answered round 3"
         time.sleep(0.05)
@@ -259,7 +260,8 @@ def test_a_server_killed_mid_run_resumes_bit_for_bit_and_reports_every_attempt(f
     uninterrupted = json.loads((result.paths.privacy / "report.json").read_text())["clients"]
     report = json.loads((root / "privacy" / "report.json").read_text())["clients"]
     for client, entry in report.items():
-        assert entry["final_epsilon"] == pytest.approx(uninterrupted[client]["final_epsilon"], rel=1e-9), client
+        expected = uninterrupted[client]["final_epsilon"]
+        assert entry["final_epsilon"] == pytest.approx(expected, rel=1e-9), client
         ledger_file = root / "clients" / f"client-{client}" / "ledger.json"
         if ledger_file.is_file():  # a client never sampled has no ledger of its own
             own = PrivacyLedger.load(ledger_file)
