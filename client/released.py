@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from fedspec.privacy.atomic import write_atomic
 
@@ -56,8 +56,8 @@ def load_released(folder: Path, round_: int, fingerprint: str) -> tuple[dict[str
         return None
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:  # the header first: the tensors only if they match
         header = handle.metadata() or {}
-    if header.get("round") != str(round_) or header.get("fingerprint") != fingerprint:
-        return None
-    return load(path.read_bytes()), json.loads(header["metrics"])
+        if header.get("round") != str(round_) or header.get("fingerprint") != fingerprint:
+            return None
+        return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(header["metrics"])
