@@ -54,10 +54,13 @@ def load_released(folder: Path, round_: int, fingerprint: str) -> tuple[dict[str
     path = folder / FILE_NAME
     if not path.is_file():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:  # the header first: the tensors only if they match
-        header = handle.metadata() or {}
-        if header.get("round") != str(round_) or header.get("fingerprint") != fingerprint:
-            return None
-        return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(header["metrics"])
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # the header first: the tensors only if they match
+            header = handle.metadata() or {}
+            if header.get("round") != str(round_) or header.get("fingerprint") != fingerprint:
+                return None
+            return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(header["metrics"])
+    except (SafetensorError, ValueError, KeyError):  # an unreadable file: trained anew (and counted), never stuck
+        return None

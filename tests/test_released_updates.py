@@ -73,3 +73,11 @@ def test_the_next_round_trains_anew_and_replaces_the_kept_update(client_run):
     # round 1's update is no longer kept: asked for again, round 1 is trained (and counted) again
     _, again = train_one_round(cfg, _message(state, 1), _fresh_process_context())
     assert again["attempt"] == 2
+
+
+def test_an_unreadable_kept_update_means_a_new_counted_attempt_not_a_stuck_client(client_run):
+    cfg, state = client_run
+    train_one_round(cfg, _message(state, 1), _fresh_process_context())
+    (ledger_path(cfg, _fresh_process_context()).parent / "released.safetensors").write_bytes(b"not a safetensors file")
+    _, metrics = train_one_round(cfg, _message(state, 1), _fresh_process_context())
+    assert metrics["attempt"] == 2
