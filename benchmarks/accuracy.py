@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import study_cells
 from study_cells import Cell, Grid, with_lr
@@ -143,6 +144,29 @@ def pending_cells(grid: Grid, results: dict[str, dict]) -> tuple[list[Cell], lis
     return ready, waiting
 
 
+def time_left(cells: list[Cell], results: dict[str, dict]) -> float | None:
+    """Seconds the given cells will take, from the median wall time of the finished cells of the same kind (a sweep
+    run or a final, federated or centralized: a final scores the whole evaluation file, `fedspec train` runs no
+    federation), or of all finished cells where a kind has none yet. None before any cell ran from start to finish."""
+
+    def kind(strategy: str, tune: bool) -> tuple[bool, bool]:
+        return strategy == study_cells.CENTRALIZED, tune
+
+    timed: dict[tuple[bool, bool], list[float]] = {}
+    for record in results.values():
+        if not record.get("resumed"):  # a resumed run's wall time counts only its last part
+            timed.setdefault(kind(record["strategy"], record["tune"]), []).append(record["seconds"])
+    everything = [seconds for times in timed.values() for seconds in times]
+    if not everything:
+        return None
+    return sum(median(timed.get(kind(cell.strategy, cell.tune), everything)) for cell in cells)
+
+
+def describe_duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
 def in_shard(index: int, shard: tuple[int, int]) -> bool:
     return index % shard[1] == shard[0]
 
@@ -186,17 +210,22 @@ def main(argv: list[str] | None = None) -> int:
             results = load_results(out)
             ready, waiting = pending_cells(grid, results)
             mine = [cell for cell in ready if in_shard(study_cells.stable_index(cell), args.shard)]
+            # A waiting final's shard depends on the rate its sweep will choose: count each shard's share of them.
+            left = time_left(mine, results)
+            eta = "" if left is None else \
+                f"about {describe_duration(left + time_left(waiting, results) / args.shard[1])} left"
             if args.list:
                 for cell in mine:
                     print(cell.key)
-                print(f"{len(mine)} to run in this shard; {len(waiting)} wait for their learning-rate sweep")
+                print(f"{len(mine)} to run in this shard; {len(waiting)} wait for their learning-rate sweep"
+                      + (f"; {eta}" if eta else ""))
                 return 0
             if not mine:
                 break
             cell = mine[0]
             total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
             done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
-            print(f"[{done + 1}/{total}] {cell.describe()} …", flush=True)
+            print(f"[{done + 1}/{total}] {cell.describe()} …" + (f" ({eta})" if eta else ""), flush=True)
             result = run_cell(cell, grid, out, args.data)
             save_result(out, result)
             ran += 1

@@ -250,6 +250,21 @@ def test_wall_time_counts_only_runs_timed_from_start_to_finish():
     assert _minutes([{"seconds": 60, "resumed": True}, {"seconds": 120, "resumed": True}]) == "≥ 2.0"
 
 
+def test_time_left_takes_the_median_of_finished_cells_of_the_same_kind():
+    def record(strategy, tune, seconds, resumed=False):
+        return {"strategy": strategy, "tune": tune, "seconds": seconds, "resumed": resumed}
+
+    results = {"a": record("fedsvd", False, 100.0), "b": record("ffa", False, 300.0),
+               "c": record("fedsvd", False, 5.0, resumed=True),  # timed from its resume only: left out
+               "d": record(CENTRALIZED, True, 50.0)}
+    final = Cell("sst2", "fedit", "lora", 3.0, "dir0.5", 1, None)
+    centralized_sweep = Cell("sst2", CENTRALIZED, "lora", 3.0, "dir0.5", 0, 0.5, tune=True)
+    federated_sweep = Cell("sst2", "fedsvd", "lora", 3.0, "dir0.5", 0, 0.5, tune=True)  # no such kind done: all
+    assert accuracy.time_left([final, centralized_sweep, federated_sweep], results) == 200.0 + 50.0 + 100.0
+    assert accuracy.time_left([final], {"c": results["c"]}) is None
+    assert accuracy.describe_duration(45 * 60) == "45 min" and accuracy.describe_duration(5.4 * 3600) == "5.4 h"
+
+
 def test_last_rounds_drop_tells_a_swing_from_a_rise():
     rising = [0.5, 0.60, 0.70, 0.75, 0.78, 0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
     assert study_cells.last_rounds_drop(rising) == 0.0
