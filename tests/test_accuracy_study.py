@@ -329,6 +329,19 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path):
     assert "…" not in output  # no cell started
     assert {p.name: p.stat().st_mtime_ns for p in (out / "smoke" / "cells").glob("*.json")} == stamps
 
+    # A finished cell run again (benchmarks/rerun_cells.py): its record goes beside the study's, which stays as it was.
+    key = next(k for k, record in cells.items() if record["strategy"] == CENTRALIZED and not record["tune"])
+    rerun = subprocess.run([sys.executable, str(BENCHMARKS / "rerun_cells.py"), f"smoke:{key}", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    again = json.loads((out / "reruns" / "smoke" / "cells" / f"{key}.json").read_text())
+    assert again["key"] == key and len(again["curve"]) == len(cells[key]["curve"]) and not again["resumed"]
+    assert f"| smoke:{key} | {cells[key]['accuracy']:.4f} | {again['accuracy']:.4f} | " in rerun.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "smoke" / "cells").glob("*.json")} == stamps
+    shown = subprocess.run([sys.executable, str(BENCHMARKS / "rerun_cells.py"), f"smoke:{key}", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 0 and "running" not in shown.stdout  # a finished rerun is only shown again
+
 
 def test_the_generative_section_shows_each_run_and_a_degraded_federation():
     import generative
