@@ -34,7 +34,8 @@ def find_cell(grid: study_cells.Grid, key: str, lr: float) -> study_cells.Cell:
 def parse_job(text: str) -> tuple[str, str]:
     grid, _, key = text.partition(":")
     if grid not in study_cells.GRIDS or not key:
-        raise argparse.ArgumentTypeError(f"{text!r}: give GRID:KEY with GRID one of {', '.join(sorted(study_cells.GRIDS))}")
+        grids = ", ".join(sorted(study_cells.GRIDS))
+        raise argparse.ArgumentTypeError(f"{text!r}: give GRID:KEY with GRID one of {grids}")
     return grid, key
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("jobs", nargs="+", type=parse_job, metavar="GRID:KEY", help="a finished cell of a grid")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with sst2/ and agnews/")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the study's results folder (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"the study's results folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
     rows = [("| cell | final accuracy: stored | rerun | rerun − stored | sweep score: stored | rerun "
              "| whole sentences: stored | rerun | stored run resumed |"),
