@@ -289,10 +289,16 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     def fail(key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
 
+    for key, value in _numbers(OmegaConf.to_container(cfg, throw_on_missing=False)):
+        if not math.isfinite(value):  # NaN passes every `x <= 0` check below, and ∞ is no setting anywhere
+            fail(key, value, "it must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             fail(key, value, "choose one of: " + ", ".join(allowed))
+    for key in ("run.seed", "audit.seed"):
+        if OmegaConf.select(cfg, key) < 0:  # numpy's generators take no negative seed
+            fail(key, OmegaConf.select(cfg, key), "a seed must be 0 or more")
     if cfg.adapter.method not in METHODS:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
     if cfg.adapter.rank < 1:
@@ -395,6 +401,15 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("audit.canaries", audit.canaries, "it must be >= 0 (0: no canaries)")
     if not 0.0 < audit.confidence < 1.0:
         fail("audit.confidence", audit.confidence, "it must be in (0, 1), e.g. 0.95")
+
+
+def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float value of a config tree (a plain container), with its dotted key."""
+    if isinstance(node, dict):
+        return [pair for key, value in node.items() for pair in _numbers(value, f"{prefix}{key}.")]
+    if isinstance(node, list):
+        return [pair for i, item in enumerate(node) for pair in _numbers(item, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
 
 
 def _validate_client_level(cfg: DictConfig, fail) -> None:

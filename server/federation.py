@@ -217,7 +217,10 @@ class Federation:
             self.server_optimizer.load(momentum)
         self.rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
         has_ledgers = checkpoint is not None and self.paths.ledgers.is_dir()
-        self.ledgers = load_ledgers(self.paths.ledgers) if has_ledgers else {}
+        # The mirror is saved before the checkpoint: after a failed checkpoint write it already holds the round
+        # that is about to run again, whose replies are mirrored anew (every attempt a client reports).
+        self.ledgers = ({client: ledger.up_to(checkpoint.round) for client, ledger in
+                         load_ledgers(self.paths.ledgers).items()} if has_ledgers else {})
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
         self.level_plan = plan_client_level(PlanSettings.of(cfg))
         self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, checkpoint is not None)

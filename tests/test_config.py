@@ -69,6 +69,11 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("adapter.rank=zero", "invalid config value: adapter.rank"),
     ("adapter.svd_method=krylov", "adapter.svd_method='krylov' is not allowed; choose one of: randomized, subspace, exact"),
     ("data=file_that_is_not_a_group", "bad override"),
+    # NaN slips past every `x <= 0` check, and ∞ is a setting nowhere: both are named before anything runs
+    ("privacy.max_grad_norm=nan", "privacy.max_grad_norm=nan is not allowed; it must be a finite number"),
+    ("privacy.target_epsilon=inf", "privacy.target_epsilon=inf is not allowed; it must be a finite number"),
+    ("privacy.client_level.clipping_norm=-inf", "privacy.client_level.clipping_norm=-inf is not allowed"),
+    ("run.seed=-1", "run.seed=-1 is not allowed; a seed must be 0 or more"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:

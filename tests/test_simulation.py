@@ -116,18 +116,23 @@ def test_predict_labels_the_held_out_texts_with_the_servers_accuracy_and_class_n
     assert all(sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5) for p in predictions)
 
 
-def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_path):
-    """Roll a copy of the finished run back to the state right after round 2's checkpoint (as if the server had
-    crashed before sending round 3), resume it, and compare with the uninterrupted run: same model (the server's
-    momentum and FedSVD's rotation shortcut continue as they were), same ε."""
+@pytest.mark.parametrize("crash", ["before the last round", "writing the last round's checkpoint"])
+def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_path, crash):
+    """Roll a copy of the finished run back to the state right after round 2's checkpoint, resume it, and compare
+    with the uninterrupted run: same model (the server's momentum and FedSVD's rotation shortcut continue as they
+    were), same ε. Either the server crashed before sending round 3 (no ledger holds it), or round 3's checkpoint
+    failed to write (disk full) after the ledgers were saved: the clients answer round 3 again with the update
+    they released, and the server's mirror must not count it twice."""
     cfg, result = finished_run
     copy = tmp_path / "sim"
     shutil.copytree(result.paths.root, copy)
     shutil.rmtree(copy / "checkpoints" / f"round-{ROUNDS:04d}")
-    for path in list((copy / "clients").glob("client-*/ledger.json")) + list((copy / "privacy" / "ledgers").glob("*.json")):
-        data = json.loads(path.read_text())
-        data["entries"] = [e for e in data["entries"] if e["round"] < ROUNDS]
-        path.write_text(json.dumps(data))
+    if crash == "before the last round":
+        ledgers = list((copy / "clients").glob("client-*/ledger.json")) + list((copy / "privacy" / "ledgers").glob("*.json"))
+        for path in ledgers:
+            data = json.loads(path.read_text())
+            data["entries"] = [e for e in data["entries"] if e["round"] < ROUNDS]
+            path.write_text(json.dumps(data))
     lines = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("round", 0) < ROUNDS]
     (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 

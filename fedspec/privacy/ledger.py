@@ -146,6 +146,12 @@ class PrivacyLedger:
         """1 for a round not yet recorded, else one more than the attempts already recorded for it."""
         return 1 + sum(1 for e in self._entries if e.round == round)
 
+    def up_to(self, last_round: int) -> PrivacyLedger:
+        """A copy holding only the rounds up to ``last_round``: the ledger as it was when that round ended."""
+        copy = PrivacyLedger(self._client_id, delta=self._delta, accountant=self._accountant)
+        copy._entries = [e for e in self._entries if e.round <= last_round]
+        return copy
+
     def history(self) -> list[HistoryEntry]:
         """All recorded rounds as Opacus-style `(noise_multiplier, sample_rate, steps)` entries."""
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._entries]
