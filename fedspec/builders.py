@@ -270,6 +270,11 @@ class InitStatistics:
         return {"init_statistics": section}
 
 
+def calibration_layers(adapter: AdapterSettings, model: nn.Module) -> list[str]:
+    """The layers of the (un-adapted) model whose statistics the method needs: the adapter's targets."""
+    return match_targets(model, list(adapter.targets or default_targets(model)))
+
+
 def calibrate(
     adapter: AdapterSettings,
     model: nn.Module,
@@ -281,7 +286,7 @@ def calibrate(
 ) -> Calibration:
     """The method's statistics over a seeded random subset of up to ``adapter.calibration_examples`` of these
     records, on the (un-adapted) model."""
-    layers = match_targets(model, list(adapter.targets or default_targets(model)))
+    layers = calibration_layers(adapter, model)
     n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     chosen = order[: min(adapter.calibration_examples, n)]

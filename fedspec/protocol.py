@@ -229,6 +229,26 @@ def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Te
             raise ProtocolError(f"tensor {key!r} holds NaN or Inf")
 
 
+def check_statistics(flat: Mapping[str, torch.Tensor], layout: Mapping[str, tuple[int, ...]], count_key: str,
+                     examples: int) -> None:
+    """A round-0 reply's statistic sums must be exactly the tensors ``layout`` names (the server's adapted layers and
+    the method's kinds), each finite and of that shape, and ``count_key`` the example count its metrics state."""
+    if set(flat) != set(layout):
+        missing, extra = sorted(set(layout) - set(flat)), sorted(set(flat) - set(layout))
+        raise ProtocolError(f"the statistics do not match the adapted layers: missing {missing[:3]}, extra {extra[:3]}")
+    import torch
+
+    for key, tensor in flat.items():
+        if tuple(tensor.shape) != layout[key]:
+            raise ProtocolError(f"statistic {key!r} has shape {tuple(tensor.shape)}, expected {layout[key]}")
+        if not torch.isfinite(tensor).all():
+            raise ProtocolError(f"statistic {key!r} holds NaN or Inf")
+    count = flat[count_key]
+    if count.is_floating_point() or count.dtype == torch.bool or int(count) != examples:
+        raise ProtocolError(f"the statistics count {count.item()!r} examples, the reply's metric "
+                            f"{CALIBRATION_EXAMPLES!r} {examples}")
+
+
 def check_masked(arrays: Mapping[str, torch.Tensor], size: int) -> torch.Tensor:
     """Under secure aggregation a train reply carries one tensor: the masked update, ``size`` int64 residues."""
     if set(arrays) != {MASKED}:

@@ -15,8 +15,8 @@ from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
 from fedspec import __version__
-from fedspec.adapters import Calibration, get_method, ranks_in_state
-from fedspec.builders import AdapterSettings, build_task
+from fedspec.adapters import Calibration, calibration_layout, get_method, ranks_in_state
+from fedspec.builders import AdapterSettings, ModelSettings, build_backbone, build_task, calibration_layers
 from fedspec.config import check_federated, save_config
 from fedspec.errors import FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
@@ -31,8 +31,6 @@ from fedspec.protocol import (
     TRAIN_LOSS,
     VERSION,
     ProtocolError,
-    StatisticsReply,
-    TrainReply,
     error_reason,
 )
 from fedspec.rundir import MetricsLog, RunPaths, run_paths
@@ -46,6 +44,7 @@ from .budget import BudgetTracker
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_fixed
 from .messaging import Traffic, exchange, payload_bytes
+from .mirror import check_claim, record_claim
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
 from .round_zero import collect_statistics
@@ -121,26 +120,9 @@ def _check_unique_client_ids(found: dict[int, dict]) -> None:
         seen[info[CLIENT_ID]] = node
 
 
-def _mirror_client(ledgers: dict[str, PrivacyLedger], reply: TrainReply | StatisticsReply, round_: int,
-                   cfg: DictConfig) -> None:
-    """Record in the server's mirror ledger what a client reported it spent this round.
-
-    A client that trained this round before a server crash and trains it again after the resume reports its
-    second attempt, while the mirror (reloaded from the checkpoint before the round) knows neither: every attempt
-    up to the reported one is recorded, at this reply's setting (a client's σ, q and steps are fixed for the
-    run), so the report never shows less ε than the client's own ledger."""
-    if not reply.private:
-        return
-    client = str(reply.client_id)
-    ledger = ledgers.setdefault(client, PrivacyLedger(client_id=client, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant))
-    first = ledger.next_attempt(round_)
-    for attempt in range(first, max(first, reply.attempt or first) + 1):
-        ledger.record(round_, reply.noise_multiplier, reply.sample_rate, reply.steps, attempt=attempt)
-
-
 def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,
                  ledgers: dict[str, PrivacyLedger], cfg: DictConfig, client_ids: dict[int, int],
-                 traffic: Traffic) -> None:
+                 traffic: Traffic, plan: PlanSettings) -> None:
     """One metrics line per reply (aggregated, declined, or rejected with its reason), one per client that did
     not answer in time; mirror what was spent. Client lines carry the bytes exchanged with that client this round."""
     by_node = {reply.metadata.src_node_id: reply for reply in replies}
@@ -148,7 +130,7 @@ def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: l
         fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items()}
         log.write("client", round=round_, update_bytes=payload_bytes(by_node[node]), bytes_sent=traffic.sent[node],
                   bytes_received=traffic.received[node], **fields)
-        _mirror_client(ledgers, reply, round_, cfg)
+        record_claim(ledgers, reply, round_, plan)
     for node, reply in outcome.declined:
         fields = {k.replace("-", "_"): v for k, v in reply.to_metrics().items() if k != DECLINED}
         log.write("client-declined", round=round_, **fields)
@@ -222,7 +204,8 @@ class Federation:
         self.ledgers = ({client: ledger.up_to(checkpoint.round) for client, ledger in
                          load_ledgers(self.paths.ledgers).items()} if has_ledgers else {})
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
-        self.level_plan = plan_client_level(PlanSettings.of(cfg))
+        self.plan = PlanSettings.of(cfg)
+        self.level_plan = plan_client_level(self.plan)
         self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, checkpoint is not None)
         self.start_round = checkpoint.round + 1 if checkpoint else 1
 
@@ -231,7 +214,7 @@ class Federation:
         nodes = discover_clients(self.grid, cfg.federation.clients, cfg.federation.round_timeout,
                                  self.task.train.label_names, min_clients=cfg.federation.min_clients, log=self.log)
         self.client_dp = _client_dp(cfg, self.level_plan, len(nodes))
-        self._initialize(nodes, self._round_zero(nodes))
+        self._initialize(nodes, *self._round_zero(nodes))
         stopped = None
         with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as self.progress:
             if self.checkpoint is None:
@@ -250,23 +233,30 @@ class Federation:
                             stopped=stopped, client_level=self.level_ledger)
         return self.rows
 
-    def _round_zero(self, nodes: dict[int, dict]) -> Calibration | None:
-        """A data-driven initialization needs the clients' statistics first (a fresh run only)."""
-        if self.checkpoint is not None or not AdapterSettings.of(self.cfg.adapter).calibration_kinds:
-            return None
-        calibration, replies = collect_statistics(self.grid, sorted(nodes), self.cfg, self.log)
+    def _round_zero(self, nodes: dict[int, dict]) -> tuple[Calibration | None, tuple | None]:
+        """A data-driven initialization needs the clients' statistics first (a fresh run only): (their sum, the
+        backbone loaded to check the replies' shapes), else (None, None)."""
+        adapter = AdapterSettings.of(self.cfg.adapter)
+        if self.checkpoint is not None or not adapter.calibration_kinds:
+            return None, None
+        backbone = build_backbone(ModelSettings.of(self.cfg), self.task.num_classes)
+        layout = calibration_layout(backbone[0], calibration_layers(adapter, backbone[0]), adapter.calibration_kinds)
+        calibration, replies = collect_statistics(
+            self.grid, {node: info[CLIENT_ID] for node, info in nodes.items()}, self.cfg, self.log, layout=layout,
+            check_claim=lambda reply: check_claim(self.ledgers, reply, 0, self.plan))
         for reply in replies:
-            _mirror_client(self.ledgers, reply, 0, self.cfg)
+            record_claim(self.ledgers, reply, 0, self.plan)
         self._save_ledgers()
-        return calibration
+        return calibration, backbone
 
-    def _initialize(self, nodes: dict[int, dict], calibration: Calibration | None) -> None:
+    def _initialize(self, nodes: dict[int, dict], calibration: Calibration | None, backbone: tuple | None) -> None:
         """The global model (initialized once, or loaded from the checkpoint) and the strategy around it."""
         cfg, checkpoint = self.cfg, self.checkpoint
         # Per-layer ranks (EVA) are part of the adapter's structure: a resumed server reads them off its checkpoint.
         per_layer = checkpoint is not None and get_method(cfg.adapter.method).ranks is not None
         self.model = GlobalModel(cfg, self.task, initialize=checkpoint is None, calibration=calibration,
-                                 rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None)
+                                 rank_pattern=ranks_in_state(checkpoint.state) if per_layer else None,
+                                 backbone=backbone)
         if checkpoint is not None:
             self.model.load(checkpoint.state)
         self.global_state, self.base_init = split_fixed(self.model.state(), self.model.roles())
@@ -286,6 +276,7 @@ class Federation:
             # Under secure aggregation no update is seen alone: the bounds become the clients' clip range and cap
             influence=None if secure else InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
             secure=secure,
+            check_claim=lambda reply, round_: check_claim(self.ledgers, reply, round_, self.plan),
         )
         self.secure_round = None
         if secure:
@@ -325,7 +316,7 @@ class Federation:
         self.global_state = self.model.after_round(state, round_)
         self._charge_client_level(round_)  # the noised aggregate is released: it counts, whoever took part
         _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
-                     strategy.client_ids, self.traffic)
+                     strategy.client_ids, self.traffic, self.plan)
         return summary
 
     def _secure_train_round(self, round_: int) -> dict:
@@ -344,7 +335,7 @@ class Federation:
             summary["noise-std"] = result.noise_std
         self.global_state = self.model.after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
-                     strategy.client_ids, self.traffic)
+                     strategy.client_ids, self.traffic, self.plan)
         for node, stage, reason in result.errors:
             self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
                            reason=f"secure aggregation, {stage}: {reason}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from fedspec.adapters import (
     Calibration,
@@ -24,7 +25,7 @@ from fedspec.adapters import (
     save_adapter,
 )
 from fedspec.adapters.state import FIXED, TRAINED
-from fedspec.builders import ModelSettings, Task, answer_score, build_model, encode
+from fedspec.builders import ModelSettings, Task, answer_score, apply_adapter, build_backbone, encode
 from fedspec.devices import resolve_device
 from fedspec.strategies import get_rule
 from fedspec.training import evaluate
@@ -48,15 +49,17 @@ class GlobalModel:
         initialize: bool = True,
         calibration: Calibration | None = None,
         rank_pattern: dict[str, int] | None = None,
+        backbone: tuple[nn.Module, object] | None = None,
     ) -> None:
         """``calibration``: the clients' summed round-0 statistics (data-driven methods); ``rank_pattern``: the
-        per-layer ranks of a resumed EVA adapter."""
+        per-layer ranks of a resumed EVA adapter; ``backbone``: the un-adapted model and its tokenizer, when round 0
+        already loaded them (:func:`fedspec.builders.build_backbone`)."""
         rule = get_rule(cfg.strategy.name)
         self.cfg = cfg
-        self.model, tokenizer = build_model(
-            ModelSettings.of(cfg), task.num_classes, train_A=rule.clients_train_A, initialize=initialize, calibration=calibration,
-            rank_pattern=rank_pattern, federated=True,
-        )
+        settings = ModelSettings.of(cfg)
+        self.model, tokenizer = backbone or build_backbone(settings, task.num_classes)
+        apply_adapter(settings, self.model, train_A=rule.clients_train_A, initialize=initialize,
+                      calibration=calibration, rank_pattern=rank_pattern, federated=True)
         self.device = resolve_device(cfg.federation.server_device, "federation.server_device")
         self.model.to(self.device)
         self.eval_inputs, self.eval_labels = encode(tokenizer, task.eval, cfg.model.max_length)

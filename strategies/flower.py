@@ -6,7 +6,7 @@ it needs none of Flower's ``Strategy`` machinery; only messages and replies are 
 - the global adapter is kept between ``train_contents`` and ``aggregate_train``, because FedSVD clients send
   only B updates while the new state needs A too;
 - every reply is read through ``fedspec.protocol``: its metrics, the client identity the server mapped to that
-  node at discovery, and its tensors against what was sent. A reply that does not match is quarantined with the
+  node at discovery, its privacy claim (``check_claim``), and its tensors against what was sent. A reply that does not match is quarantined with the
   reason (``last_replies``), never aggregated and never fatal; errors and declined replies (privacy budget
   spent) are left out too, and the round goes on without them;
 - each client's influence is bounded (``influence``: its update's norm and its weight, relative to the cohort's
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 
@@ -72,6 +72,7 @@ class AdapterStrategy:
         a_orthonormal: bool = False,
         influence: InfluenceBound | None = None,
         secure: bool = False,
+        check_claim: Callable[[TrainReply, int], None] | None = None,
     ) -> None:
         if weighting not in CHOICES["federation.weighting"]:
             raise ValueError(f"weighting must be one of {CHOICES['federation.weighting']}, got {weighting!r}")
@@ -90,7 +91,10 @@ class AdapterStrategy:
         self.influence = influence or InfluenceBound(None, None)
         # Secure aggregation: replies carry a masked vector (never an update) and no record count
         self.secure = secure
+        # The server's check of a reply's privacy claim (server/mirror.py): raises a ProtocolError to quarantine it
+        self.check_claim = check_claim
         self._sent_state: dict[str, torch.Tensor] | None = None
+        self._sent_round = 0
         self.last_replies = RoundReplies()
         # After the first re-factorization every A has orthonormal rows (clients never train A under FedSVD),
         # so later rounds take the r×r rotation shortcut. A resumed run passes the flag of its checkpoint: a full
@@ -119,7 +123,7 @@ class AdapterStrategy:
     def train_contents(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[int, RecordDict]:
         """What each of this round's sampled nodes is sent: the global adapter, the round, and the fixed tensors
         (``base_init``) until a reply has confirmed that the node has them."""
-        self._sent_state = dict(state)
+        self._sent_state, self._sent_round = dict(state), server_round
         arrays, config = ArrayRecord(self._sent_state), ConfigRecord({SERVER_ROUND: server_round})
         contents = {}
         for node_id in self.sample(server_round):
@@ -224,6 +228,8 @@ class AdapterStrategy:
                                 f"{self.client_ids.get(node)}")
         if parsed.declined:
             return parsed, None
+        if self.check_claim is not None:
+            self.check_claim(parsed, self._sent_round)
         if ARRAYS not in reply.content.array_records:
             raise ProtocolError(f"the reply has no {ARRAYS!r} record")
         try:

@@ -3,6 +3,7 @@ what is wrong — never aggregated, never fatal — and the round goes on with t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -83,11 +84,30 @@ BAD_REPLIES = [
     ("a device flag of 2", {**_metrics(2), "cuda": 2}, _update(seed=9), "cuda"),
     ("a decline in another client's name", {"client-id": 0, "declined": 1, "epsilon": 7.9, "budget-epsilon": 8.0},
      None, "claims client 0"),
+    # privacy claims, checked against the run's config before the update counts (server/mirror.py)
+    ("σ so small that σ² underflows (Opacus divides by zero)", _metrics(2, noise_multiplier=1e-300), _update(seed=9),
+     "no ε can be computed"),
+    ("another number of local steps", _metrics(2, steps=5), _update(seed=9), "take 4 a round"),
+    ("no DP in a private run", _metrics(2, noise_multiplier=_DROP, sample_rate=_DROP), _update(seed=9),
+     "no DP mechanism"),
 ]
 
 
+@functools.cache
+def _plan(*overrides: str):
+    """The privacy settings the server checks claims against: DP-SGD, 4 local steps (as ``_metrics`` says)."""
+    from fedspec.config import compose_config
+    from fedspec.privacy.planning import PlanSettings
+
+    return PlanSettings.of(compose_config(["train.local_steps=4", *overrides]))
+
+
 def _strategy(rule="fedsvd"):
-    strategy = AdapterStrategy(get_rule(rule), client_ids={10: 0, 11: 1, 12: 2})
+    from fedspec.server.mirror import check_claim
+
+    mirror = {}
+    strategy = AdapterStrategy(get_rule(rule), client_ids={10: 0, 11: 1, 12: 2},
+                               check_claim=lambda reply, round_: check_claim(mirror, reply, round_, _plan()))
     strategy._sent_state = _state()
     return strategy
 
@@ -140,7 +160,7 @@ def test_every_rejected_reply_is_logged_with_its_node_client_and_reason(tmp_path
     log = MetricsLog(tmp_path / "metrics.jsonl")
     cfg = OmegaConf.create({"federation": {"round_timeout": 60}, "privacy": {"delta": 1e-5, "accountant": "rdp"}})
     replies = [*_honest(), train_reply(12, _metrics(2, num_examples=-5), _update(seed=9))]
-    _log_replies(log, 1, strategy.last_replies, replies, None, {}, cfg, strategy.client_ids, Traffic())
+    _log_replies(log, 1, strategy.last_replies, replies, None, {}, cfg, strategy.client_ids, Traffic(), _plan())
     kinds = [line["kind"] for line in log.read()]
     assert kinds == ["client", "client", "client-quarantined"]
     (line,) = [line for line in log.read() if line["kind"] == "client-quarantined"]
@@ -359,7 +379,8 @@ def test_exchange_counts_the_payload_both_ways_and_a_silent_node_is_logged(flowe
     assert traffic.sent == {1: 4 * 8 * 8 + 3 + 5, 2: 264, 3: 264} and traffic.received == {1: 40, 2: 40}
     log = MetricsLog(tmp_path / "metrics.jsonl")
     cfg = OmegaConf.create({"federation": {"round_timeout": 0.3}})
-    _log_replies(log, 4, RoundReplies(), replies, BudgetTracker.__new__(BudgetTracker), {}, cfg, {3: 7}, traffic)
+    _log_replies(log, 4, RoundReplies(), replies, BudgetTracker.__new__(BudgetTracker), {}, cfg, {3: 7}, traffic,
+                 _plan())
     (line,) = log.read()
     assert (line["kind"], line["round"], line["node"], line["client"]) == ("client-error", 4, 3, 7)
     assert line["reason"] == "no reply within federation.round_timeout=0.3s"
@@ -397,21 +418,73 @@ def test_the_mirror_ledger_counts_every_attempt_a_client_reports():
     """A client trained round 3 before the server crashed (the mirror, reloaded from round 2's checkpoint, does
     not know) and trains it again after the resume: it reports attempt 2, and the mirror records both."""
     from fedspec.privacy import PrivacyLedger
-    from fedspec.server.federation import _mirror_client
+    from fedspec.server.mirror import record_claim
 
-    cfg = OmegaConf.create({"privacy": {"delta": 1e-5, "accountant": "rdp"}})
     client_ledger = PrivacyLedger(client_id="2", delta=1e-5)
     for round_, attempt in ((1, 1), (2, 1), (3, 1), (3, 2)):
         client_ledger.record(round_, 1.1, 0.25, 4, attempt=attempt)
     mirror = {"2": PrivacyLedger(client_id="2", delta=1e-5)}
     for round_ in (1, 2):
-        _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), round_, cfg)
-    _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=2), needs_examples=True), 3, cfg)
+        record_claim(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), round_, _plan())
+    record_claim(mirror, TrainReply.from_metrics(_metrics(2, attempt=2), needs_examples=True), 3, _plan())
     assert [(e.round, e.attempt) for e in mirror["2"].entries] == [(1, 1), (2, 1), (3, 1), (3, 2)]
     assert mirror["2"].epsilon() == pytest.approx(client_ledger.epsilon(), rel=1e-12)
     # A client that lost its own ledger and reports attempt 1 again: the server keeps the larger count.
-    _mirror_client(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), 3, cfg)
+    record_claim(mirror, TrainReply.from_metrics(_metrics(2, attempt=1), needs_examples=True), 3, _plan())
     assert [(e.round, e.attempt) for e in mirror["2"].entries][-1] == (3, 3)
+
+
+@pytest.mark.parametrize(("overrides", "metrics", "reason"), [
+    (["privacy.noise_multiplier=0.8"], _metrics(2), "noise-multiplier 1.1; this run sets 0.8"),
+    (["privacy.sample_rate=0.5"], _metrics(2), "sample-rate 0.25; this run sets 0.5"),
+    (["privacy=none"], _metrics(2), "a DP mechanism .* the run does not use"),
+    (["privacy.accountant=prv"], _metrics(2, noise_multiplier=1e-3), "no ε can be computed"),  # a PRV grid of 10^10
+])
+def test_a_claim_that_contradicts_the_runs_privacy_config_is_refused(overrides, metrics, reason):
+    from fedspec.server.mirror import check_claim
+
+    reply = TrainReply.from_metrics(metrics, needs_examples=True)
+    with pytest.raises(ProtocolError, match=reason):
+        check_claim({}, reply, 1, _plan(*overrides))
+    check_claim({}, TrainReply.from_metrics(_metrics(2), needs_examples=True), 1, _plan())  # the honest claim
+
+
+def test_after_a_refused_claim_the_budget_check_and_the_report_still_compute():
+    """The crash this prevents: one reply claiming σ = 1e-300 recorded in the mirror made every later ε computation
+    (the next round's budget check, the final report) divide by zero, for good: the checkpoint kept it."""
+    from fedspec.config import compose_config
+    from fedspec.server.budget import BudgetTracker
+    from fedspec.server.mirror import check_claim, record_claim
+
+    mirror, plan = {}, _plan()
+    for client, sigma in ((0, 1.1), (2, 1e-300)):
+        reply = TrainReply.from_metrics(_metrics(client, noise_multiplier=sigma), needs_examples=True)
+        try:
+            check_claim(mirror, reply, 1, plan)
+        except ProtocolError:
+            continue
+        record_claim(mirror, reply, 1, plan)
+    assert sorted(mirror) == ["0"]
+    budget = BudgetTracker(compose_config(["train.local_steps=4", "privacy.target_epsilon=8"]))
+    assert budget.stop_reason(["0", "2"], mirror) is None
+    assert 0 < mirror["0"].epsilon() < 8
+
+
+def test_round_zero_claims_follow_the_statistic_mechanism_the_run_sets():
+    from fedspec.protocol import StatisticsReply
+    from fedspec.server.mirror import check_claim
+
+    private = _plan("adapter=corda", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=5")
+    released = {"client-id": 1, "calibration-examples": 64, "privatized": 1}
+    honest = StatisticsReply.from_metrics({**released, "noise-multiplier": 5.0, "sample-rate": 1.0, "steps": 1})
+    check_claim({}, honest, 0, private)
+    for claim, reason in (({"noise-multiplier": 0.5, "sample-rate": 1.0, "steps": 1}, "this run sets 5.0"),
+                          ({"noise-multiplier": 5.0, "sample-rate": 1.0, "steps": 3}, "reports 3 DP steps"),
+                          ({}, "no DP mechanism")):
+        with pytest.raises(ProtocolError, match=reason):
+            check_claim({}, StatisticsReply.from_metrics({**released, **claim}), 0, private)
+    with pytest.raises(ProtocolError, match="the run does not use"):  # statistics released raw are not privatized
+        check_claim({}, honest, 0, _plan("adapter=corda"))
 
 
 def test_a_failing_client_app_reaches_the_server_as_one_line_with_its_traceback_in_the_node_log(tmp_path):

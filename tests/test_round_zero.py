@@ -8,6 +8,7 @@ test_calibration.py.)"""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -101,3 +102,77 @@ def test_the_privacy_report_says_the_init_statistic_was_privatized(eva_run):
     section = report["extra"]["init_statistics"]
     assert section["privatized"] and section["noise_multiplier"] == SIGMA0 and section["statistics"] == ["inputs"]
     assert "Initialization statistic (round 0): privatized." in (result.paths.privacy / "report.md").read_text()
+
+
+class _StatisticsGrid:
+    """Nodes that answer round 0's query with the replies given: {node: (metrics, statistic tensors or None)}."""
+
+    def __init__(self, replies):
+        self.replies, self.sent = replies, []
+
+    def push_messages(self, messages):
+        self.sent = list(messages)
+        return [f"m{i}" for i in range(len(self.sent))]
+
+    def pull_messages(self, ids):
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        answers = []
+        for m in self.sent:
+            metrics, flat = self.replies[m.metadata.dst_node_id]
+            content = RecordDict({"metrics": MetricRecord(metrics)})
+            if flat is not None:
+                content["statistics"] = ArrayRecord(flat)
+            answers.append(Message(content, reply_to=m))
+        self.sent = []
+        return answers
+
+
+def test_round_zero_quarantines_every_reply_that_does_not_match_and_sums_the_rest(tmp_path, flower_task):
+    """Before: a reply without its statistics record raised KeyError and ended the run, and a NaN of shape (1,)
+    with a count of -5 was broadcast into the sum, poisoning the global initialization."""
+    from fedspec.adapters import calibration_layout
+    from fedspec.adapters.calibration import COUNT_KEY
+    from fedspec.builders import AdapterSettings, calibration_layers
+    from fedspec.server.mirror import check_claim
+    from fedspec.server.round_zero import collect_statistics
+
+    cfg = _config(tmp_path, "adapter=corda", "federation.round_timeout=0.5")
+    plan = fedspec.privacy.planning.PlanSettings.of(cfg)
+    adapter = AdapterSettings.of(cfg.adapter)
+    model, _ = build_classifier(cfg.model, 2, seed=0)
+    layout = calibration_layout(model, calibration_layers(adapter, model), adapter.calibration_kinds)
+    generator = torch.Generator().manual_seed(0)
+
+    def statistics(count=24, **changes):
+        flat = {key: torch.randn(shape, generator=generator, dtype=torch.float64) for key, shape in layout.items()
+                if key != COUNT_KEY}
+        return {**flat, COUNT_KEY: torch.tensor(count), **changes}
+
+    def metrics(client, count=24, **extra):
+        return {"client-id": client, "calibration-examples": count, "privatized": 0, **extra}
+
+    xx = next(key for key in layout if key.endswith("::xx"))
+    honest = statistics()
+    replies = {
+        1: (metrics(0), honest),
+        2: (metrics(1), None),
+        3: (metrics(0), statistics()),
+        4: (metrics(3), statistics(**{xx: torch.tensor([math.nan], dtype=torch.float64)})),
+        5: (metrics(4, count=-5), statistics(count=-5)),
+        6: (metrics(5), statistics(count=10**6)),
+        7: (metrics(6, **{"noise-multiplier": -1.0, "sample-rate": 1.0, "steps": 1}), statistics()),
+        8: (metrics(7, count=25), statistics(count=25)),  # more than adapter.calibration_examples=24
+    }
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    client_ids = {node: node - 1 for node in replies}
+    total, read = collect_statistics(_StatisticsGrid(replies), client_ids, cfg, log, layout=layout,
+                                     check_claim=lambda reply: check_claim({}, reply, 0, plan))
+    assert [reply.client_id for reply in read] == [0] and total.count == 24
+    assert all(torch.equal(total.to_tensors()[key], honest[key].double()) for key in layout if key != COUNT_KEY)
+    reasons = {line["node"]: line["reason"] for line in log.read() if line["kind"] == "client-quarantined"}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8]
+    for node, words in {2: "no 'statistics' record", 3: "claims client 0", 4: "has shape (1,)",
+                        5: "must be >= 0", 6: "count 1000000 examples",
+                        7: "the run does not use", 8: "got 25"}.items():
+        assert words in reasons[node], (node, reasons[node])

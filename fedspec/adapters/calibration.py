@@ -151,6 +151,16 @@ class Calibration:
         return cls(sums, int(flat[COUNT_KEY]), noise_multiplier, max_norm, tuple(kinds))
 
 
+def calibration_layout(model: nn.Module, layers: Sequence[str], kinds: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of a :class:`Calibration` of these layers of the base model, in its
+    flat form (:meth:`Calibration.to_tensors`): what a server expects of a client's round-0 reply."""
+    shapes = {"xx": lambda w: (w.in_features, w.in_features), "x": lambda w: (w.in_features,),
+              "grad": lambda w: (w.out_features, w.in_features), "fisher": lambda w: (w.out_features,)}
+    layout = {f"{name}{_SEP}{key}": shapes[key](_linear(model, name))
+              for name in layers for kind in kinds for key in KINDS[kind]}
+    return {**layout, COUNT_KEY: ()}
+
+
 def sum_calibrations(parts: Sequence[Calibration]) -> Calibration:
     if not parts:
         raise AdapterError("no calibration statistics to sum: no client answered round 0")
