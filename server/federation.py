@@ -330,9 +330,12 @@ class Federation:
             summary["secagg-failed"] = 1
             self.log.write("secagg-failed", round=round_, reason=result.failure)
             self.progress.note(f"round {round_} skipped: {result.failure}")
-        elif self.level_plan is not None:  # the clients' noised sum was unmasked: a release
-            self._charge_client_level(round_)
+        elif self.level_plan is not None:
             summary["noise-std"] = result.noise_std
+        # The clients' noised sum was unmasked: a release, even when the server then refused it as corrupt (one
+        # client can force that every round, and each refused sum still reached the server)
+        if result.unmasked and self.level_plan is not None:
+            self._charge_client_level(round_)
         self.global_state = self.model.after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
                      strategy.client_ids, self.traffic, self.plan)

@@ -58,6 +58,8 @@ class SecureRoundResult:
     dropped: int  # clients that shared keys but sent no masked vector
     errors: list[tuple[int, str, str]]  # (node, exchange, reason) of the clients that failed in a query exchange
     noise_std: float | None = None  # distributed client-level noise: its std per coordinate of the mean
+    # The server unmasked the clients' (noised) sum, whether or not it could use it: a release that counts
+    unmasked: bool = False
 
 
 class SecureRound:
@@ -85,6 +87,7 @@ class SecureRound:
         replies: list[Message] = []
         outcome = RoundReplies()
         shares = self.noise_shares(len(contents))
+        unmasked = False
         try:
             if len(contents) > self.quantizer.max_clients():
                 raise SecAggError(f"{len(contents)} clients could wrap the masked sum around 2^62: lower "
@@ -111,12 +114,14 @@ class SecureRound:
                                   "shares make the whole noise (privacy.client_level.min_survivors)")
             request = {SURVIVORS: [str(u) for u in survivors], DROPPED: [str(u) for u in dropped]}
             answers = self._query(round_, UNMASK, {node: request for node in survivors})
-            mean, clients = self._mean(session.total(_by_node(answers)))
+            total = session.total(_by_node(answers))
+            unmasked = True
+            mean, clients = self._mean(total)
             noise_std = self.noise.std_of_mean(clients, self._dimension()) if self.noise is not None else None
-            return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors, noise_std)
+            return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors, noise_std, unmasked)
         except SecAggError as error:
             return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)),
-                                     self.errors)
+                                     self.errors, unmasked=unmasked)
 
     def _mean(self, total: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
         """The clients' (weighted) mean update from the unmasked sum, and their total weight."""

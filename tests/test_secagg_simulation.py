@@ -167,3 +167,25 @@ def test_a_round_with_fewer_clients_than_noise_shares_is_never_summed_and_costs_
     assert [r["round"] for r in failed] == [1] and "fewer than the 3 whose noise shares" in failed[0]["reason"]
     assert not [r for r in records if r["kind"] == "client"]  # refused before anyone trained
     assert PrivacyLedger.load(result.paths.privacy / "client-level-ledger.json").entries == ()
+
+
+def test_an_unmasked_sum_the_server_refuses_as_corrupt_still_costs_client_level_budget(tmp_path, monkeypatch):
+    """One client can set its weight slot so that the unmasked sum counts no client: the server refuses the sum,
+    but it did unmask the honest clients' noised updates, so the round is a release and is charged. (Before, it
+    was not: one hostile client could hand the server an unbounded number of uncharged sums.)"""
+    from fedspec.config import compose_config
+    from fedspec.privacy import PrivacyLedger
+    from fedspec.privacy.skellam import SkellamNoise
+
+    decode = SkellamNoise.decode
+    monkeypatch.setattr(SkellamNoise, "decode", lambda self, total, template: (decode(self, total, template)[0], 0))
+    cfg = compose_config(["model=tiny-bert", "data.num_examples=300", "data.eval_examples=32",
+                          "data.min_client_examples=8", "federation.clients=3", "federation.rounds=1",
+                          "federation.fraction=1.0", "train.local_steps=1", "train.batch_size=16",
+                          "federation.weighting=uniform", "federation.secure_aggregation.enabled=true",
+                          "privacy=client-dp", "run.name=corrupt", f"run.output_dir={tmp_path}", "run.progress=false"])
+    result = simulate(cfg)
+    records = list(MetricsLog(result.paths.metrics).read())
+    failed = [r for r in records if r["kind"] == "secagg-failed"]
+    assert [r["round"] for r in failed] == [1] and "counts 0 clients: it is corrupt" in failed[0]["reason"]
+    assert [e.round for e in PrivacyLedger.load(result.paths.privacy / "client-level-ledger.json").entries] == [1]
