@@ -316,7 +316,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulations.driver import simulate
 
     started = time.monotonic()
-    result = simulate(_compose(args), console)
+    result = simulate(_compose(args), console, overrides=_overrides(args))
     rows = _round_rows(result.paths)
     Console().print(rounds_table(rows, title=f"fedspec simulate — {result.paths.root}"))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")

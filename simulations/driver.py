@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from rich.console import Console
 
 from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions
 from fedspec.config import check_federated, config_to_json, load_config_file, save_config
+from fedspec.errors import ConfigError
 from fedspec.devices import resolve_device
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
@@ -44,14 +46,32 @@ class SimulationResult:
     privacy_plan: PrivacyPlan | None = None
 
 
-def _resume_config(cfg: DictConfig, paths: RunPaths) -> DictConfig:
+def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = ()) -> DictConfig:
     """A resumed run continues with the config it started with (its σ was planned for that schedule), in the
-    folder being resumed: a run folder that was moved or copied resumes where it is now, never where it started."""
+    folder being resumed: a run folder that was moved or copied resumes where it is now, never where it started.
+    ``overrides``: what the command line set; a setting there that the saved config does not have is refused,
+    never silently dropped (``--resume --rounds 10`` cannot extend a run whose noise was planned for 5)."""
     saved = load_config_file(paths.config)
+    conflicts = [change for override in overrides for change in _differences(override, cfg, saved)]
+    if conflicts:
+        raise ConfigError(f"--resume continues {paths.root} with the settings it started with, but the command sets "
+                          f"{'; '.join(conflicts[:5])}; drop them, or start a new run under another --name")
     saved.run.output_dir, saved.run.name = cfg.run.output_dir, cfg.run.name
     saved.run.resume = True
     saved.run.progress = cfg.run.progress
     return saved
+
+
+def _differences(override: str, cfg: DictConfig, saved: DictConfig) -> list[str]:
+    """'key=given (the run has kept)' for each value an override sets differently from the saved config; a group
+    override (``data=agnews``) is compared key by key. The run.* keys say where and how to run: never compared."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    if key.split(".")[0] == "run":
+        return []
+    given, kept = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
+    if isinstance(given, DictConfig) and isinstance(kept, DictConfig):
+        return [change for sub in given for change in _differences(f"{key}.{sub}=", cfg, saved)]
+    return [] if given == kept else [f"{key}={given} (the run has {kept})"]
 
 
 def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:
@@ -98,13 +118,15 @@ def _quiet_flower() -> None:
         logger.addFilter(_HideInternalNotices())
 
 
-def simulate(cfg: DictConfig, console: Console | None = None) -> SimulationResult:
+def simulate(cfg: DictConfig, console: Console | None = None, *, overrides: Sequence[str] = ()) -> SimulationResult:
+    """Run the federation ``cfg`` describes (or resume it: ``run.resume``); ``overrides``: the command line's
+    key=value settings, which a resumed run checks against the config it started with."""
     console = console or Console(stderr=True)
     for key, value in FLOWER_OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     paths = check_run_dir(cfg)
     if cfg.run.resume:
-        cfg = _resume_config(cfg, paths)
+        cfg = _resume_config(cfg, paths, overrides)
     plan = preflight(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)
     if not cfg.run.resume:

@@ -160,6 +160,23 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
     assert f"max {last['max_epsilon']:.3f}" in summary and f"| {last['max_epsilon']:.3f} |" in summary
 
 
+def test_a_setting_given_with_resume_that_the_run_does_not_have_is_refused_not_dropped(finished_run):
+    """`--resume --rounds 10` cannot extend a run whose noise was planned for 3 rounds: it used to be dropped
+    without a word. Settings equal to the run's, and where and how to run (run.*), are fine."""
+    from fedspec.config import compose_config
+    from fedspec.errors import ConfigError
+
+    cfg, result = finished_run
+    given = [*OVERRIDES[:-2], "federation.rounds=10", "adapter=lora", "run.progress=false"]
+    resumed = compose_config([*given, f"run.output_dir={cfg.run.output_dir}", "run.name=sim", "run.resume=true"])
+    with pytest.raises(ConfigError) as refused:
+        simulate(resumed, overrides=given)
+    message = str(refused.value)
+    assert "federation.rounds=10 (the run has 3)" in message and "adapter.method=lora (the run has pissa)" in message
+    assert "federation.clients" not in message and "run." not in message.split("sets", 1)[1]
+    assert "\n" not in message
+
+
 def _client_workers() -> list[int]:
     """The process ids of this process's Ray ClientApp workers (Ray titles them ``ray::ClientAppActor…``; the
     Ray cluster ray.init started is a subtree of this process — other simulations on the machine are not)."""
