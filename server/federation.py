@@ -43,7 +43,7 @@ from fedspec.strategies.server_optimizer import ServerOptimizer, split_momentum
 from .budget import BudgetTracker
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .global_model import GlobalModel, split_fixed
-from .messaging import Traffic, exchange, payload_bytes
+from .messaging import NO_REPLY_IN_TIME, Traffic, exchange, payload_bytes
 from .mirror import check_claim, record_claim
 from .progress import FederationProgress, RoundRow
 from .reports import write_final_reports
@@ -141,7 +141,7 @@ def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: l
         log.write("client-quarantined", round=round_, node=node, client=client_ids.get(node), reason=reason)
     for node in sorted(set(traffic.sent) - set(traffic.received)):
         log.write("client-error", round=round_, node=node, client=client_ids.get(node),
-                  reason=f"no reply within federation.round_timeout={cfg.federation.round_timeout:g}s")
+                  reason=f"{NO_REPLY_IN_TIME}={cfg.federation.round_timeout:g}s")
 
 
 def _max_epsilon(previous: float | None, this_round: float | None) -> float | None:

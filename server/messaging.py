@@ -18,6 +18,7 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 
 POLL_SECONDS = 0.1
+NO_REPLY_IN_TIME = "no reply within federation.round_timeout"  # a client-error line's reason
 
 
 @dataclass

@@ -24,6 +24,7 @@ from fedspec.rundir import MetricsLog, RunPaths
 from fedspec.trained import labels_metadata
 
 from .global_model import GlobalModel
+from .messaging import NO_REPLY_IN_TIME
 from .progress import RoundRow, byte_size, rounds_markdown
 
 
@@ -72,10 +73,7 @@ def write_run_privacy_report(
             target_epsilon=level_cfg.target_epsilon,
             distributed=bool(cfg.federation.secure_aggregation.enabled),
         )
-    quarantined: dict[str, list[int]] = {}
-    for line in MetricsLog(paths.metrics).read() if paths.metrics.is_file() else []:
-        if line["kind"] == "client-quarantined" and line.get("client") is not None:
-            quarantined.setdefault(str(int(line["client"])), []).append(int(line["round"]))
+    quarantined, timed_out, reported = _reply_history(paths)
     return write_privacy_report(
         paths.privacy,
         ledgers,
@@ -87,11 +85,33 @@ def write_run_privacy_report(
         client_level=level,
         declined=declined,
         quarantined=quarantined,
+        timed_out=timed_out,
+        reported=reported if cfg.privacy.enabled else None,
         server_sees=server_sees(cfg.privacy, cfg.federation, method=cfg.adapter.method,
                                 batch_size=cfg.train.batch_size),
         stopped=stopped,
         secure_aggregation=bool(cfg.federation.secure_aggregation.enabled),
     )
+
+
+def _reply_history(paths: RunPaths) -> tuple[dict[str, list[int]], dict[str, list[int]], dict[str, float]]:
+    """From metrics.jsonl: each client's rounds whose reply was rejected, those it did not answer in time, and
+    the largest ε it stated of its own ledger in any reply the server read."""
+    quarantined: dict[str, list[int]] = {}
+    timed_out: dict[str, list[int]] = {}
+    reported: dict[str, float] = {}
+    for line in MetricsLog(paths.metrics).read() if paths.metrics.is_file() else []:
+        kind, client = line["kind"], line.get("client", line.get("client_id"))
+        if client is None:
+            continue
+        client = str(int(client))
+        if kind == "client-quarantined":
+            quarantined.setdefault(client, []).append(int(line["round"]))
+        elif kind == "client-error" and str(line.get("reason", "")).startswith(NO_REPLY_IN_TIME):
+            timed_out.setdefault(client, []).append(int(line["round"]))
+        elif kind in ("client", "client-declined") and line.get("epsilon") is not None:
+            reported[client] = max(reported.get(client, 0.0), float(line["epsilon"]))
+    return quarantined, timed_out, reported
 
 
 def rewrite_run_privacy_report(cfg: DictConfig, paths: RunPaths) -> dict:

@@ -109,3 +109,36 @@ def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(t
     assert "- communication: 441 KiB sent to clients, 294 KiB received from them over 1 round" in summary
     assert byte_size(150536) == "147 KiB" and byte_size(900) == "900 B" and byte_size(3 * 2**20) == "3.0 MiB"
     assert "| 441 / 294 KiB |" in summary  # the round table's column
+
+
+def test_a_round_the_server_never_mirrored_still_reaches_the_clients_final_epsilon(tiny_cfg, tmp_path):
+    """Client 1's reply of round 2 came late: the server's copy of its ledger has round 1 only, but the client
+    trained round 2, and said so in round 3's reply (its own ε). The report shows the larger ε, says where it came
+    from, and names the round that timed out; client 0, whose copy agrees with what it stated, is unchanged."""
+    from fedspec.privacy import PrivacyLedger
+    from fedspec.rundir import MetricsLog, run_paths
+    from fedspec.server.reports import write_run_privacy_report
+
+    cfg = tiny_cfg()
+    paths = run_paths(cfg)
+    paths.privacy.mkdir(parents=True)
+    own = {c: PrivacyLedger(c, delta=cfg.privacy.delta) for c in ("0", "1")}
+    mirror = {c: PrivacyLedger(c, delta=cfg.privacy.delta) for c in ("0", "1")}
+    log = MetricsLog(paths.metrics)
+    for round_ in (1, 2, 3):
+        for client in ("0", "1"):
+            own[client].record(round_, 1.0, 0.1, 4)
+            if (client, round_) == ("1", 2):
+                log.write("client-error", round=2, node=11, client=1, reason="no reply within "
+                          "federation.round_timeout=60s")
+                continue
+            mirror[client].record(round_, 1.0, 0.1, 4)
+            log.write("client", round=round_, client_id=int(client), epsilon=own[client].epsilon())
+    report = write_run_privacy_report(cfg, paths, mirror)
+    clients = report["clients"]
+    assert clients["1"]["final_epsilon"] == own["1"].epsilon() > mirror["1"].epsilon()
+    assert clients["1"]["final_from_client"] and "final_from_client" not in clients["0"]
+    assert clients["0"]["final_epsilon"] == own["0"].epsilon() == mirror["0"].epsilon()
+    assert report["summary"]["max_epsilon"] == own["1"].epsilon() and report["timed_out"] == {"1": [2]}
+    text = (paths.privacy / "report.md").read_text()
+    assert "did not answer a round in time: 1 (round 2)" in text and "Final ε of client 1 as the client stated" in text

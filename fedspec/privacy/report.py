@@ -97,13 +97,20 @@ def build_privacy_report(
     client_level: ClientLevelSettings | None = None,
     declined: Mapping[str, Sequence[int]] | None = None,
     quarantined: Mapping[str, Sequence[int]] | None = None,
+    timed_out: Mapping[str, Sequence[int]] | None = None,
+    reported: Mapping[str, float] | None = None,
     server_sees: Sequence[str] | None = None,
     stopped: str | None = None,
     secure_aggregation: bool = False,
 ) -> dict[str, Any]:
     """The report as a dict: what is protected and what is not, settings, per-client per-round ε, final ε
-    per client with max and median, the client-level ε over rounds, the rounds clients declined and those whose
-    replies the server rejected."""
+    per client with max and median, the client-level ε over rounds, the rounds clients declined, those whose
+    replies the server rejected and those it got no reply for in time.
+
+    The ledgers are the server's copies, built from the replies it accepted: a round whose reply was rejected
+    or late is missing there, though the client spent it. ``reported``: the largest ε each client stated of its own
+    ledger in a later reply; where it exceeds the copy's, it is the client's final ε (``final_from_client``), so
+    the report never shows less than the client spent, as far as the server can know."""
     delta = validate_delta(delta)
     accountant = validate_accountant(accountant)
     if max_grad_norm is not None and not _positive(max_grad_norm):
@@ -121,6 +128,9 @@ def build_privacy_report(
         if ledger.client_id != client_id:
             raise ValueError(f"ledger under key {client_id!r} belongs to client {ledger.client_id!r}")
         clients[client_id] = _client_section(ledger, delta, accountant)
+        stated = (reported or {}).get(client_id)
+        if stated is not None and stated > clients[client_id]["final_epsilon"] * (1 + 1e-9):
+            clients[client_id].update(final_epsilon=float(stated), final_from_client=True)
 
     return {
         "format": REPORT_FORMAT,
@@ -135,6 +145,7 @@ def build_privacy_report(
         "client_level": _client_level_section(client_level) if client_level else None,
         "declined": _rounds_by_client(declined),
         "quarantined": _rounds_by_client(quarantined),
+        "timed_out": _rounds_by_client(timed_out),
         "server_sees": list(server_sees or []),
         "secure_aggregation": bool(secure_aggregation),
         "stopped": stopped,
@@ -348,6 +359,14 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
         lines += ["", f"Replies the server rejected (their updates were not used; `client-quarantined` lines in "
                       f"metrics.jsonl say why): {rejected}. What a client spent in a rejected round is in its own "
                       "ledger on its node, which can exceed the server's copy shown here."]
+    if report.get("timed_out"):
+        late = ", ".join(f"{cid} (round {', '.join(map(str, rounds))})" for cid, rounds in report["timed_out"].items())
+        lines += ["", f"Clients that did not answer a round in time: {late}. If they trained it, the server's copy of "
+                      "their history lacks that round; their own ledgers hold it."]
+    stated = [cid for cid, section in report["clients"].items() if section.get("final_from_client")]
+    if stated:
+        lines += ["", f"Final ε of client {', '.join(stated)} as the client stated it in a later reply: larger than "
+                      "the server's copy of its history, which lacks a round whose reply was rejected or late."]
     if report["stopped"]:
         lines += ["", f"**The run stopped early:** {report['stopped']}"]
     return lines
