@@ -105,6 +105,26 @@ def test_a_client_refuses_to_reveal_both_secrets_of_one_client():
         clients[1].unmask(survivors=[2], dropped=[1])
 
 
+def test_a_second_unmask_request_cannot_get_the_other_secret_of_a_client():
+    """Asked once with client 2 surviving (its seed's shares) and again with client 2 dropped (its mask key's),
+    the clients would hand the server both secrets of client 2, and with them its update in the clear. Every
+    client refuses the second request, also after its session went through the node's state."""
+    vectors = {u: torch.tensor([11 * u, 22 * u, 33 * u, 44 * u], dtype=torch.int64) for u in (1, 2, 3, 4, 5)}
+    clients = {u: ClientSession(node=u, round=1, fraction=0.5) for u in vectors}
+    server = ServerSession(round=1, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    for u in clients:
+        clients[u].mask(vectors[u], inbox[u])
+    others = [u for u in clients if u != 2 and 2 in clients[u].inbox]
+    for u in others:
+        clients[u].unmask(survivors=[2], dropped=[])
+        stored = ClientSession.from_record(clients[u].to_record())
+        with pytest.raises(SecAggError, match="other secret of clients \\[2\\]"):
+            stored.unmask(survivors=[], dropped=[2])
+        assert stored.unmask(survivors=[2], dropped=[]).keys() == {2}  # the same request again is answered
+
+
 def test_a_misrouted_or_altered_share_does_not_decrypt():
     clients = {u: ClientSession(node=u, round=1, fraction=0.5) for u in (1, 2, 3)}
     server = ServerSession(round=1, fraction=0.5)

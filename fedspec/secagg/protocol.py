@@ -118,6 +118,9 @@ class ClientSession:
     peers: dict[int, Advertisement] = field(default_factory=dict)
     inbox: dict[int, bytes] = field(default_factory=dict)  # sender → its encrypted shares for this client
     masked_with: tuple[int, ...] = ()
+    # The secret already revealed for each neighbour: True its seed's share (a survivor), False its mask key's (a
+    # dropout). The other one is never revealed after it: with both, the server could unmask that one update.
+    revealed: dict[int, bool] = field(default_factory=dict)
 
     def advertise(self) -> Advertisement:
         return Advertisement(self.share_keys.public, self.mask_keys.public, commitment(self.seed))
@@ -158,7 +161,9 @@ class ClientSession:
 
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
         """For each listed neighbour, the share the server needs: of its seed (a survivor) or of its mask private
-        key (dropped). Refuses a request that names a client in both lists or this client as dropped."""
+        key (dropped). Refuses a request that names a client in both lists or this client as dropped, and one that
+        asks for the other secret of a client than an earlier request of this round did (keep the session between
+        requests: ``to_record``)."""
         survivors, dropped = set(survivors), set(dropped)
         if survivors & dropped:
             raise SecAggError(f"the server asked for both secrets of clients {sorted(survivors & dropped)}: refused")
@@ -174,6 +179,11 @@ class ClientSession:
             if len(plain) != 2 * _SHARE_BYTES:
                 raise SecAggError(f"client {peer}'s shares have the wrong length")
             out[peer] = plain[:_SHARE_BYTES] if peer in survivors else plain[_SHARE_BYTES:]
+        switched = sorted(peer for peer in out if self.revealed.get(peer, peer in survivors) != (peer in survivors))
+        if switched:  # a second unmask request that lists a survivor of the first as dropped, or the reverse
+            raise SecAggError(f"the server asked for the other secret of clients {switched} after an earlier unmask "
+                              "request: refused")
+        self.revealed.update((peer, peer in survivors) for peer in out)
         return out
 
     def to_record(self) -> dict[str, bytes | str | float | list[str]]:
@@ -184,6 +194,8 @@ class ClientSession:
             "mask-private": self.mask_keys.private, "mask-public": self.mask_keys.public, "seed": self.seed,
             "masked-with": [str(p) for p in self.masked_with], "peers": [str(p) for p in sorted(self.peers)],
             "inbox": [str(p) for p in sorted(self.inbox)],
+            "revealed-seed": [str(p) for p, seed in sorted(self.revealed.items()) if seed],
+            "revealed-key": [str(p) for p, seed in sorted(self.revealed.items()) if not seed],
         }
         for peer, ad in self.peers.items():
             record[f"peer-{peer}"] = ad.to_bytes()
@@ -200,6 +212,8 @@ class ClientSession:
             mask_keys=KeyPair(record["mask-private"], record["mask-public"]), seed=record["seed"], peers=peers,
             inbox={int(p): record[f"inbox-{p}"] for p in record["inbox"]},
             masked_with=tuple(int(p) for p in record["masked-with"]),
+            revealed={**{int(p): True for p in record.get("revealed-seed", [])},
+                      **{int(p): False for p in record.get("revealed-key", [])}},
         )
 
 
