@@ -7,6 +7,8 @@ else with fedspec's plain template::
     User: <content>
     Assistant: <content><eos>
 
+(the generation prompt ends with ``Assistant:``; the space after it is the answer's first character)
+
 Only the assistant turns are trained (their content and the end-of-turn token that teaches the model to stop);
 everything else — system and user turns, the template's markup, padding — carries the label ``IGNORE``. The
 rendering is done turn by turn: the text of the conversation up to an assistant turn (with the template's
@@ -44,7 +46,10 @@ def render(tokenizer, messages: tuple[Message, ...], *, generation_prompt: bool 
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
     eos = end_of_turn(tokenizer)
     text = "".join(f"{PLAIN_ROLES[role]}: {content}{eos if role == 'assistant' else ''}\n" for role, content in messages)
-    return text + ("Assistant: " if generation_prompt else "")
+    # The prompt ends at the colon: the space after it belongs to the answer, as BPE and SentencePiece tokenizers
+    # join it to the answer's first word ("Ġpositive"). Ending the prompt with the space would leave that token
+    # untrained (it starts before the answer) and make generation continue from a lone space token.
+    return text + ("Assistant:" if generation_prompt else "")
 
 
 def assistant_spans(tokenizer, messages: tuple[Message, ...]) -> tuple[str, list[tuple[int, int]]]:
@@ -83,8 +88,10 @@ def encode_conversations(tokenizer, conversations: Conversations, max_length: in
         text, spans = assistant_spans(tokenizer, record)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = encoded["input_ids"]
-        labels = [token if any(lo <= start < hi for lo, hi in spans) else IGNORE
-                  for token, (start, _) in zip(ids, encoded["offset_mapping"])]
+        # A token is trained when it overlaps a response: one that joins the template's last character to the
+        # answer's first (a space, a newline) is the answer's first token.
+        labels = [token if any(lo <= start < hi or (start < hi and end > lo) for lo, hi in spans) else IGNORE
+                  for token, (start, end) in zip(ids, encoded["offset_mapping"])]
         if len(ids) > max_length or all(label == IGNORE for label in labels[1:]):
             continue
         rows.append(ids)

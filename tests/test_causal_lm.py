@@ -81,6 +81,21 @@ def test_plain_template_trains_every_assistant_turn_and_its_end_token_and_nothin
     assert torch.equal(encoded.labels[trained], encoded.inputs.input_ids[trained])
 
 
+def test_with_a_bpe_tokenizer_the_plain_template_trains_the_answers_first_token_and_generation_continues_it():
+    """SmolLM2's byte-level BPE joins the space after "Assistant:" to the answer ("Ġpositive"): that token must be
+    trained, and the generation prompt must end right before it (not on a lone space token training never saw)."""
+    bpe = load_tokenizer("smollm2")
+    bpe.chat_template = None  # the plain template, as for a base model without one
+    records = Conversations([(("user", "Review: great film"), ("assistant", "positive"))], [0], ["-"])
+    encoded = encode_conversations(bpe, records, 64)
+    assert _trained_text(bpe, encoded, 0) == " positive" + bpe.eos_token + "\n"
+    prompt = generation_prompts(bpe, records)
+    prompt_ids = prompt.input_ids[0][prompt.attention_mask[0].bool()].tolist()
+    record_ids = encoded.inputs.input_ids[0][encoded.inputs.attention_mask[0].bool()].tolist()
+    first_trained = next(i for i, label in enumerate(encoded.labels[0].tolist()) if label != IGNORE)
+    assert record_ids[:first_trained] == prompt_ids  # training's context of the answer is the generation prompt
+
+
 def test_chat_template_renders_turns_and_the_generation_prompt_is_the_text_before_the_answer(tokenizer):
     chat = load_tokenizer("tiny-llama")
     chat.chat_template = CHATML
