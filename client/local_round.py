@@ -31,7 +31,7 @@ from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
 from fedspec.strategies import client_update, get_rule
 from fedspec.training import DPSettings, train_steps
 
-from .released import load_released, received_fingerprint, store_released
+from .released import load_released, received_fingerprint, settings_fingerprint, store_released
 from .runtime import (
     client_id,
     ledger_path,
@@ -63,8 +63,8 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
     plan = PlanSettings.of(cfg)
     dp = None
     if cfg.privacy.enabled:
-        fingerprint = received_fingerprint(round_, received)
-        released = load_released(ledger_path(cfg, context).parent, round_, fingerprint)
+        fingerprint, settings = received_fingerprint(round_, received), settings_fingerprint(cfg)
+        released = load_released(ledger_path(cfg, context).parent, round_, fingerprint, settings)
         if released is not None:  # the server resumed into a round this client had answered: the same answer
             return released
         sigma = noise_multiplier(plan, context, len(data))
@@ -113,7 +113,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         store_ledger(cfg, context, ledger)
         reply = replace(reply, noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate,
                         epsilon=ledger.epsilon(), attempt=attempt)
-        store_released(ledger_path(cfg, context).parent, round_, fingerprint, update, reply.to_metrics())
+        store_released(ledger_path(cfg, context).parent, round_, fingerprint, update, reply.to_metrics(), settings)
     return update, reply.to_metrics()
 
 

@@ -11,7 +11,9 @@ and makes the resumed run the one that would have run without the crash.
 
 The update is replayed only for the same round *and* the same received state (a SHA-256 fingerprint of every
 received tensor): a server resumed from an older checkpoint, whose global adapter differs, gets a fresh (and
-counted) attempt instead. One slot per client: each DP round overwrites the last. It is written after the ledger,
+counted) attempt instead, and so does a client whose settings changed (a new run that reuses the run name under a
+node's state-dir: the same seed sends the same first global adapter, but its lr or data may differ). One slot per
+client: each DP round overwrites the last. It is written after the ledger,
 so a kept update always has its round in the ledger; a crash between the two loses the update, never the ε.
 """
 
@@ -22,11 +24,12 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save
 
 from fedspec.privacy.atomic import write_atomic
 
-__all__ = ["load_released", "received_fingerprint", "store_released"]
+__all__ = ["load_released", "received_fingerprint", "settings_fingerprint", "store_released"]
 
 FILE_NAME = "released.safetensors"
 
@@ -41,16 +44,27 @@ def received_fingerprint(round_: int, received: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def settings_fingerprint(cfg: DictConfig) -> str:
+    """SHA-256 of the run's config without ``run.*`` (where and how it runs: a resume changes those, not what
+    trains)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings.pop("run", None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def store_released(folder: Path, round_: int, fingerprint: str, update: dict[str, torch.Tensor],
-                   metrics: dict) -> None:
-    """Keep this round's released update and reply metrics in `folder` (atomically, replacing the last round's)."""
-    header = {"round": str(round_), "fingerprint": fingerprint, "metrics": json.dumps(metrics)}
+                   metrics: dict, settings: str) -> None:
+    """Keep this round's released update and reply metrics in `folder` (atomically, replacing the last round's);
+    ``settings``: :func:`settings_fingerprint` of the run."""
+    header = {"round": str(round_), "fingerprint": fingerprint, "metrics": json.dumps(metrics), "settings": settings}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in update.items()}
     write_atomic(folder / FILE_NAME, save(tensors, metadata=header))
 
 
-def load_released(folder: Path, round_: int, fingerprint: str) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The (update, metrics) released for this round from this received state, or None if there is none."""
+def load_released(folder: Path, round_: int, fingerprint: str, settings: str,
+                  ) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The (update, metrics) released for this round from this received state under these settings, or None if
+    there is none. (A file kept before the settings were recorded matches on the round and the state alone.)"""
     path = folder / FILE_NAME
     if not path.is_file():
         return None
@@ -60,6 +74,8 @@ def load_released(folder: Path, round_: int, fingerprint: str) -> tuple[dict[str
         with safe_open(str(path), framework="pt") as handle:  # the header first: the tensors only if they match
             header = handle.metadata() or {}
             if header.get("round") != str(round_) or header.get("fingerprint") != fingerprint:
+                return None
+            if header.get("settings", settings) != settings:
                 return None
             return {name: handle.get_tensor(name) for name in handle.keys()}, json.loads(header["metrics"])
     except (SafetensorError, ValueError, KeyError):  # an unreadable file: trained anew (and counted), never stuck

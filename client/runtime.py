@@ -32,7 +32,7 @@ from fedspec.config import DEVICE_PATTERN, config_from_json, config_to_json
 from fedspec.data import load_examples
 from fedspec.data.instructions import cast_classification, load_conversations
 from fedspec.devices import resolve_device
-from fedspec.errors import FedspecError
+from fedspec.errors import ConfigError, FedspecError
 from fedspec.models import Tokenized, load_tokenizer
 from fedspec.privacy import PrivacyLedger
 from fedspec.privacy.audit import run_canaries, with_canaries
@@ -215,13 +215,25 @@ def ledger_path(cfg: DictConfig, context: Context) -> Path:
 
 
 def load_ledger(cfg: DictConfig, context: Context) -> PrivacyLedger:
+    """The client's ledger: the longer of the node-state and disk copies (a ledger only grows). The disk copy can be
+    the newer one: a process restarted, a run resumed, or a retried message brought back the node state as it was
+    before a round whose ledger was already written; an older copy saved over it would forget that round."""
+    copies = []
+    path = ledger_path(cfg, context)
+    if path.is_file():
+        copies.append(PrivacyLedger.load(path))
     record = context.state.config_records.get(LEDGER_STATE_KEY)
     if record is not None:
-        return PrivacyLedger.from_json(str(record["json"]))
-    path = ledger_path(cfg, context)
-    if path.is_file():  # the process restarted, or the run resumed: the disk copy is authoritative
-        return PrivacyLedger.load(path)
-    return PrivacyLedger(client_id=str(client_id(context)), delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+        copies.append(PrivacyLedger.from_json(str(record["json"])))
+    expected = {"client": str(client_id(context)), "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant}
+    for ledger in copies:  # one history is one guarantee: another δ or accountant cannot be composed into it
+        found = {"client": ledger.client_id, "delta": ledger.delta, "accountant": ledger.accountant}
+        if found != expected:
+            raise ConfigError(f"{path} holds the privacy ledger of an earlier run with {found}, but this run has "
+                              f"{expected}; give this run another run.name, or move the old ledger away")
+    if copies:
+        return max(copies, key=lambda ledger: len(ledger.entries))  # the first, the disk's, on a tie
+    return PrivacyLedger(client_id=expected["client"], delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
 
 
 def store_ledger(cfg: DictConfig, context: Context, ledger: PrivacyLedger) -> None:

@@ -81,3 +81,38 @@ def test_an_unreadable_kept_update_means_a_new_counted_attempt_not_a_stuck_clien
     (ledger_path(cfg, _fresh_process_context()).parent / "released.safetensors").write_bytes(b"not a safetensors file")
     _, metrics = train_one_round(cfg, _message(state, 1), _fresh_process_context())
     assert metrics["attempt"] == 2
+
+
+def test_a_node_state_from_before_a_written_round_never_saves_over_it(client_run):
+    """A retried message brings back the node state as it was before round 2 (its worker died after writing the
+    ledger): round 3 must extend the disk ledger, which holds round 2, not the state's older copy."""
+    from fedspec.client.runtime import load_ledger, store_ledger
+
+    cfg, _ = client_run
+    before, after = _fresh_process_context(), _fresh_process_context()
+    ledger = PrivacyLedger("0", delta=cfg.privacy.delta)
+    ledger.record(1, 1.0, 0.1, 4)
+    store_ledger(cfg, before, ledger)  # the state and the disk after round 1
+    ledger.record(2, 1.0, 0.1, 4)
+    store_ledger(cfg, after, ledger)  # round 2 written by the worker that died; `before` still holds round 1
+    resumed = load_ledger(cfg, before)
+    assert [e.round for e in resumed.entries] == [1, 2]
+    resumed.record(3, 1.0, 0.1, 4)
+    store_ledger(cfg, before, resumed)
+    assert [e.round for e in PrivacyLedger.load(ledger_path(cfg, before)).entries] == [1, 2, 3]
+
+
+def test_a_new_run_under_a_reused_run_name_trains_anew_and_refuses_a_ledger_of_another_delta(client_run, tiny_cfg):
+    """A deployment that reuses run.name under the node's state-dir sends the same first global adapter (same
+    seed), but trains with other settings: the kept update of the old run is not replayed. A ledger kept at
+    another δ cannot be extended: one history is one guarantee."""
+    from fedspec.errors import ConfigError
+
+    cfg, state = client_run
+    first, _ = train_one_round(cfg, _message(state, 1), _fresh_process_context())
+    changed = tiny_cfg("adapter=lora", "federation.rounds=3", "privacy.target_epsilon=8", "train.lr=0.5")
+    again, metrics = train_one_round(changed, _message(state, 1), _fresh_process_context())
+    assert metrics["attempt"] == 2 and not all(torch.equal(first[k], again[k]) for k in first)
+    other_delta = tiny_cfg("adapter=lora", "federation.rounds=3", "privacy.target_epsilon=8", "privacy.delta=1e-6")
+    with pytest.raises(ConfigError, match="another run.name"):
+        train_one_round(other_delta, _message(state, 2), _fresh_process_context())
