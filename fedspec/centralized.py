@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
@@ -165,7 +165,8 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
             bar = progress.add_task(f"epoch {epoch}/{len(plan)}", total=steps)
             result = train_steps(
                 model, train_inputs, train_labels, steps=steps, batch_size=cfg.train.batch_size,
-                optimizer=cfg.train.optimizer, lr=centralized_lr(cfg.train), dp=dp, seed=cfg.run.seed + epoch,
+                optimizer=cfg.train.optimizer, lr=centralized_lr(cfg.train), dp=_for_epoch(dp, epoch),
+                seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
                 first_step=sum(plan[:epoch - 1]), total_steps=sum(plan),
                 physical_batch_size=cfg.train.physical_batch_size,
@@ -186,6 +187,14 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                                  statistics.report(calibration))
     paths.summary.write_text(_summary(cfg, rows, peft_export, sum(plan), _device_line(device)))
     return CentralResult(paths, rows, dp.noise_multiplier if dp else None)
+
+
+def _for_epoch(dp: DPSettings | None, epoch: int) -> DPSettings | None:
+    """Seeded noise (privacy.seed_noise, tests only) seeded anew each epoch, as clients seed each round: one seed
+    for every epoch would draw the same batches and the same noise in each, adding up instead of averaging out."""
+    if dp is None or dp.seed is None:
+        return dp
+    return replace(dp, seed=dp.seed * 1_000_003 + epoch)
 
 
 def write_central_privacy_report(

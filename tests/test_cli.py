@@ -173,3 +173,17 @@ def test_privacy_report_command_rewrites_the_report_from_the_ledgers(capsys, tmp
 
 def test_privacy_report_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     _fails(capsys, ["privacy-report", str(tmp_path)], "is not a fedspec run folder")
+
+
+def test_seeded_centralized_noise_is_seeded_anew_each_epoch():
+    """One seed for every epoch drew the same Poisson batches and the same noise in each: the noise added up over
+    the epochs instead of averaging out. Each epoch now has its own seed, reproducible from the run's."""
+    from fedspec.centralized import _for_epoch
+    from fedspec.training import DPSettings
+
+    seeded = DPSettings(1.0, 1.0, "rdp", seed=7)
+    seeds = [_for_epoch(seeded, epoch).seed for epoch in (1, 2, 3)]
+    assert len(set(seeds)) == 3 and seeds == [_for_epoch(seeded, epoch).seed for epoch in (1, 2, 3)]
+    assert _for_epoch(seeded, 2).noise_multiplier == 1.0
+    fresh = DPSettings(1.0, 1.0, "rdp")  # OS entropy: nothing to reseed
+    assert _for_epoch(fresh, 2) is fresh and _for_epoch(None, 2) is None

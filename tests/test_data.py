@@ -428,6 +428,15 @@ def test_split_holdout_keeps_every_example_once():
     assert sorted(train.texts + evaluation.texts) == sorted(examples.texts)
 
 
+def test_a_carved_held_out_set_of_zero_records_is_refused():
+    """0 means every row of data.eval_path; carved from the training data it would leave nothing to score (every
+    round's accuracy NaN)."""
+    from fedspec.data import load_task
+
+    with pytest.raises(DataError, match="data.eval_examples=0 must be at least 1 .* when one is given"):
+        load_task({"source": "synthetic", "num_examples": 100, "eval_examples": 0})
+
+
 # --------------------------------------------------------------------------------------------------
 # Partitioners
 # --------------------------------------------------------------------------------------------------

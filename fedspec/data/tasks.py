@@ -91,10 +91,11 @@ def split_holdout(examples: TextExamples, eval_size: int, seed: int) -> tuple[Te
     Stratified so that a small eval split still has every class in the data's proportions; both
     splits keep the original order of the examples.
     """
-    if not 0 <= eval_size < len(examples):
+    if not 0 < eval_size < len(examples):  # an empty held-out set would score every round as NaN
         raise DataError(
-            f"data.eval_examples={eval_size} must be at least 0 and less than the {len(examples)} examples "
-            "it is carved from; lower data.eval_examples or give data.eval_path"
+            f"data.eval_examples={eval_size} must be at least 1 and less than the {len(examples)} examples the "
+            "held-out set is carved from (0 means every row of data.eval_path, when one is given); change "
+            "data.eval_examples or give data.eval_path"
         )
     rng = np.random.default_rng(seed)
     labels = np.asarray(examples.labels, dtype=np.int64)
