@@ -210,6 +210,23 @@ def error_reason(reason: str) -> str:
     return (message.splitlines() or [""])[0][:500]
 
 
+def claimed_identity(claimed: int, node: int, client: int | None) -> None:
+    """A reply must come from the client the server mapped to its node at discovery."""
+    if claimed != client:
+        raise ProtocolError(f"the reply claims client {claimed}, but node {node} is client {client}")
+
+
+def reply_tensors(array_records: Mapping, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a reply's array record ``name`` (a Flower ``ArrayRecord``), or a ProtocolError when the
+    record is missing or cannot be read as tensors."""
+    if name not in array_records:
+        raise ProtocolError(f"the reply has no {name!r} record")
+    try:
+        return array_records[name].to_torch_state_dict()
+    except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
+        raise ProtocolError(f"the {name!r} record cannot be read as tensors: {error}") from None
+
+
 def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], expected: Collection[str]) -> None:
     """A client's update must carry exactly the ``expected`` keys, each a finite floating tensor of the shape the
     server sent: nothing is broadcast, nothing is missing, nothing extra rides along."""

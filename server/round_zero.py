@@ -33,7 +33,9 @@ from fedspec.protocol import (
     ProtocolError,
     StatisticsReply,
     check_statistics,
+    claimed_identity,
     error_reason,
+    reply_tensors,
 )
 from fedspec.rundir import MetricsLog
 
@@ -89,17 +91,10 @@ def _read_reply(reply: Message, client: int | None, layout: dict[str, tuple[int,
     if METRICS not in reply.content.metric_records:
         raise ProtocolError(f"the reply has no {METRICS!r} record")
     parsed = StatisticsReply.from_metrics(reply.content.metric_records[METRICS])
-    if parsed.client_id != client:
-        raise ProtocolError(f"the reply claims client {parsed.client_id}, but node {reply.metadata.src_node_id} is "
-                            f"client {client}")
+    claimed_identity(parsed.client_id, reply.metadata.src_node_id, client)
     if not 1 <= parsed.calibration_examples <= max_examples:  # a client sums at most that many of its records
         raise ProtocolError(f"metric {CALIBRATION_EXAMPLES!r} must be in 1..adapter.calibration_examples="
                             f"{max_examples}, got {parsed.calibration_examples}")
-    if STATISTICS not in reply.content.array_records:
-        raise ProtocolError(f"the reply has no {STATISTICS!r} record")
-    try:
-        flat = reply.content.array_records[STATISTICS].to_torch_state_dict()
-    except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
-        raise ProtocolError(f"the {STATISTICS!r} record cannot be read as tensors: {error}") from None
+    flat = reply_tensors(reply.content.array_records, STATISTICS)
     check_statistics(flat, layout, COUNT_KEY, parsed.calibration_examples)
     return parsed, flat

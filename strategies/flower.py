@@ -46,7 +46,9 @@ from fedspec.protocol import (
     TrainReply,
     check_masked,
     check_update,
+    claimed_identity,
     error_reason,
+    reply_tensors,
 )
 
 from .aggregation import AggregationRule, apply_mean_update, trained_keys, weighted_mean
@@ -223,19 +225,12 @@ class AdapterStrategy:
             raise ProtocolError(f"the reply has no {METRICS!r} record")
         parsed = TrainReply.from_metrics(reply.content.metric_records[METRICS],
                                          needs_examples=self.weighting == "examples" and not self.secure)
-        if parsed.client_id != self.client_ids.get(node):
-            raise ProtocolError(f"the reply claims client {parsed.client_id}, but node {node} is client "
-                                f"{self.client_ids.get(node)}")
+        claimed_identity(parsed.client_id, node, self.client_ids.get(node))
         if parsed.declined:
             return parsed, None
         if self.check_claim is not None:
             self.check_claim(parsed, self._sent_round)
-        if ARRAYS not in reply.content.array_records:
-            raise ProtocolError(f"the reply has no {ARRAYS!r} record")
-        try:
-            update = reply.content.array_records[ARRAYS].to_torch_state_dict()
-        except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
-            raise ProtocolError(f"the {ARRAYS!r} record cannot be read as tensors: {error}") from None
+        update = reply_tensors(reply.content.array_records, ARRAYS)
         if self.secure:
             size = sum(t.numel() for t in self.trained_template().values()) + 1  # the weighted update, its weight
             return parsed, check_masked(update, size)
