@@ -26,6 +26,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from fedspec.errors import FedspecError
+from fedspec.launch import listening
 
 WORKER_NODE_CONFIG = "worker"  # node-config key: the warm worker's socket path
 _OK, _FAILED = b"\x00", b"\x01"
@@ -88,7 +89,7 @@ def serve(socket_path: str | Path, handlers: dict[str, Callable[[Message, Contex
     path = Path(socket_path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        if _listening(path):
+        if listening(path):
             raise FedspecError(f"a warm worker already listens on {path}")
         path.unlink()  # left by a worker that was killed
 
@@ -129,14 +130,3 @@ def serve(socket_path: str | Path, handlers: dict[str, Callable[[Message, Contex
             pass
         finally:
             path.unlink(missing_ok=True)
-
-
-def _listening(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -144,6 +145,29 @@ def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path
     return launch
 
 
+def listening(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _clear_stale_socket(path: Path, name: str) -> None:
+    """A socket file left by a stopped process (SIGTERM does not remove it) would read as ready before the new
+    process listens; one another process still listens on is another node's, in the same folder."""
+    if not path.exists():
+        return
+    if listening(path):
+        raise ConfigError(f"another process already listens on {path} (a {name} of another `fedspec node` in this "
+                          "folder?); stop it, or start this node in another folder")
+    path.unlink()
+
+
 def run(launch: Launch, workdir: Path) -> int:
     """Start the processes in order, wait for each to be ready, then until one exits; stop the rest."""
     workdir = Path(workdir).expanduser().resolve()
@@ -165,6 +189,8 @@ def run(launch: Launch, workdir: Path) -> int:
     previous = {sig: signal.signal(sig, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)) for sig in (signal.SIGTERM,)}
     try:
         for name, command in launch.commands:
+            if name in launch.wait_for:
+                _clear_stale_socket(launch.wait_for[name], name)
             print(f"fedspec: starting {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
             started.append((name, subprocess.Popen(command, env=env, cwd=workdir)))
             ready = launch.wait_for.get(name)

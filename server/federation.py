@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
@@ -313,7 +314,7 @@ class Federation:
         replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
                            on_reply=lambda _: self.progress.client_done(), traffic=self.traffic)
         state, summary = strategy.aggregate_train(round_, replies)
-        self.global_state = self.model.after_round(state, round_)
+        self._after_round(state, round_)
         self._charge_client_level(round_)  # the noised aggregate is released: it counts, whoever took part
         _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
                      strategy.client_ids, self.traffic, self.plan)
@@ -336,13 +337,22 @@ class Federation:
         # client can force that every round, and each refused sum still reached the server)
         if result.unmasked and self.level_plan is not None:
             self._charge_client_level(round_)
-        self.global_state = self.model.after_round(state, round_)
+        self._after_round(state, round_)
         _log_replies(self.log, round_, strategy.last_replies, result.replies, self.budget, self.ledgers, self.cfg,
                      strategy.client_ids, self.traffic, self.plan)
         for node, stage, reason in result.errors:
             self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
                            reason=f"secure aggregation, {stage}: {reason}")
         return summary
+
+    def _after_round(self, state: dict, round_: int) -> None:
+        """The method's server step on the aggregated state (e.g. SST's resampling), then the broadcast state. A
+        tensor the step changed has a new layout (SST permutes its spectrum and swaps its trainable singular
+        vectors): its server-momentum buffer, in the old layout, would push other triplets, so it is dropped, as
+        SST's centralized optimizer resets its moments on every resample."""
+        self.global_state = self.model.after_round(state, round_)
+        self.server_optimizer.forget(key for key, value in state.items()
+                                     if key in self.global_state and not torch.equal(value, self.global_state[key]))
 
     def _charge_client_level(self, round_: int) -> None:
         if self.level_ledger is not None:

@@ -83,7 +83,7 @@ class GlobalModel:
         if step is None:
             return state
         self.load(state)
-        step(self.model, config, round_)
+        step(self.model, config, round_, int(self.cfg.run.seed))
         broadcast, _ = split_fixed(self.state(), self.roles())
         return broadcast
 

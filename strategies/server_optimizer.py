@@ -17,6 +17,7 @@ so the buffer is carried over to the new basis as M·A·A′ᵀ, which represent
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,11 @@ class ServerOptimizer:
             a_key = key[: -len(B_SUFFIX)] + A_SUFFIX
             old_a, new_a = before[a_key].to(torch.float64), after[a_key].to(torch.float64)
             self.buffers[key] = self.buffers[key] @ (old_a @ new_a.T)
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Drop the buffers of these tensors (their next step starts without momentum)."""
+        for key in keys:
+            self.buffers.pop(key, None)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The buffers, for the server's checkpoint."""

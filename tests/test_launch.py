@@ -129,3 +129,28 @@ def test_the_capped_clock_shortens_only_flowers_idle_sleep():
     for bad in ("fast", "0", "10"):
         with pytest.raises(SystemExit, match=IDLE_POLL_ENV):
             idle_poll_seconds({IDLE_POLL_ENV: bad})
+
+
+def test_a_socket_left_by_a_stopped_node_is_cleared_before_its_process_starts(tmp_path):
+    """SIGTERM leaves worker.sock behind: at the next start it read as ready before the new worker listened. The
+    stale file is removed first; a socket another running process listens on is refused."""
+    import socket
+    import sys
+
+    from fedspec.launch import Launch, run
+
+    path, seen = tmp_path / "worker.sock", tmp_path / "seen"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    worker = (f"import os, socket, time; open({str(seen)!r}, 'w').write(str(os.path.exists({str(path)!r}))); "
+              f"s = socket.socket(socket.AF_UNIX); s.bind({str(path)!r}); s.listen(); time.sleep(0.5)")
+    launch = Launch(commands=[("worker", [sys.executable, "-c", worker])], wait_for={"worker": path})
+    assert run(launch, tmp_path) == 0
+    assert seen.read_text() == "False"  # started with the stale file gone, then ready once it listened
+    path.unlink()
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        with pytest.raises(ConfigError, match="another process already listens on"):
+            run(launch, tmp_path)

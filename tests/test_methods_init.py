@@ -273,6 +273,19 @@ def test_merged_equals_unmerged(method):
     assert torch.allclose(outputs(model, batch), adapted, atol=1e-5)
 
 
+def test_a_merged_factorized_layer_keeps_the_models_low_precision():
+    """FWSVD's layer replaces the weight by float32 factors; merged, it must compute in the model's bfloat16, or the
+    next bfloat16 input fails (mat1 and mat2 must have the same dtype)."""
+    from torch import nn
+
+    from fedspec.adapters.layers import FactorizedLinear
+
+    layer = FactorizedLinear(nn.Linear(16, 12).bfloat16(), 4, 1.0)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    merged = layer.to_linear()
+    assert merged.weight.dtype == torch.bfloat16 and merged(x).dtype == layer(x).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_save_load_round_trip_on_a_fresh_base_model_is_exact(tmp_path, method):
     model, batch = _adapted(method)

@@ -394,9 +394,23 @@ def test_sst_server_step_redraws_the_trained_vectors_without_changing_the_weight
     perturb(model)
     before = {n: layer.adapted_weight().detach().clone() for n, layer in adapter_layers(model).items()}
     chosen = {n: layer.sel_left.weight.detach().clone() for n, layer in adapter_layers(model).items()}
-    METHODS["sst"].server_step(model, fedspec.adapters.adapter_config(model), 4)  # round 4: with a re-SVD
+    METHODS["sst"].server_step(model, fedspec.adapters.adapter_config(model), 4, 0)  # round 4: with a re-SVD
     for name, layer in adapter_layers(model).items():
         assert torch.allclose(layer.adapted_weight(), before[name], atol=1e-5)
         assert not torch.equal(layer.sel_left.weight, chosen[name])
         U = torch.cat([layer.sel_left.weight, layer.rest_left.weight], 1)
         assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-5)  # re-orthogonalized
+
+
+def test_sst_server_step_draws_by_the_run_seed():
+    """Runs of different seeds draw different triplets (their seed-to-seed spread is a real one); the same seed
+    draws the same (a resumed run)."""
+    def drawn(seed: int) -> dict:
+        model, _ = tiny_classifier()
+        fedspec.adapt(model, "sst", 4, federated=True)
+        METHODS["sst"].server_step(model, fedspec.adapters.adapter_config(model), 1, seed)
+        return {n: layer.sel_left.weight.detach().clone() for n, layer in adapter_layers(model).items()}
+
+    zero, again, other = drawn(0), drawn(0), drawn(1)
+    assert all(torch.equal(zero[n], again[n]) for n in zero)
+    assert not all(torch.equal(zero[n], other[n]) for n in zero)

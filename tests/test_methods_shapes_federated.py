@@ -60,6 +60,26 @@ def test_server_round_step_of_sst_redraws_vectors_and_keeps_the_global_weight(ti
     assert server.after_round(broadcast, 1) is broadcast
 
 
+def test_server_momentum_of_a_tensor_the_sst_step_relaid_out_is_dropped(tiny_cfg):
+    """SST's resampling permutes the spectrum and swaps the trainable singular vectors: a momentum buffer kept in
+    the old layout would push other triplets next round (strategy=fedavg carries momentum 0.5). The buffers of the
+    tensors the step changed are dropped; the others (the head's) keep their momentum."""
+    from types import SimpleNamespace
+
+    from fedspec.server.federation import Federation
+    from fedspec.strategies.server_optimizer import ServerOptimizer
+
+    cfg = tiny_cfg("adapter=sst", "adapter.rank=4", "strategy=fedavg")
+    server = GlobalModel(cfg, build_task(cfg.data, cfg.run.seed))
+    broadcast, _ = split_fixed(server.state(), server.roles())
+    optimizer = ServerOptimizer(0.5, 0.5, {k: torch.ones_like(v, dtype=torch.float64) for k, v in broadcast.items()})
+    federation = SimpleNamespace(model=server, server_optimizer=optimizer)
+    Federation._after_round(federation, broadcast, 4)
+    changed = {k for k in broadcast if not torch.equal(broadcast[k], federation.global_state[k])}
+    assert changed and any(k.endswith("sel_left.weight") for k in changed)
+    assert set(optimizer.buffers) == set(broadcast) - changed and any(k.startswith("head.") for k in optimizer.buffers)
+
+
 def test_simulation_of_a_fedavg_method_with_frozen_bases_sent_once(tiny_cfg):
     from fedspec.simulations.driver import simulate
 

@@ -53,7 +53,8 @@ class MethodSpec:
     # Layer tensors clients do not train in a federation (the server owns them, e.g. LoLDU's scalar σ, which makes
     # the method linear in what clients train).
     federated_frozen: tuple[str, ...] = ()
-    # A step the server runs on the global model after aggregating each round: (model, AdapterConfig, round).
+    # A step the server runs on the global model after aggregating each round: (model, AdapterConfig, round,
+    # run seed).
     server_step: Callable[..., None] | None = None
     # The dtype the initializer reads the stacked weights in: (one weight, **options) -> dtype; None: float32
     # (float64 for float64 weights). PiSSA's randomized SVD reads W only through its passes, so it takes the stack

@@ -21,6 +21,7 @@ class FactorizedLinear(AdapterLayer):
         super().__init__()
         factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self._in_features, self._out_features = base.in_features, base.out_features
+        self.base_dtype = base.weight.dtype  # what the merged layer computes in: the model's precision
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
         with torch.no_grad():
@@ -77,10 +78,10 @@ class FactorizedLinear(AdapterLayer):
         """See :meth:`merge`."""
 
     def to_linear(self) -> nn.Linear:
-        """A dense ``nn.Linear`` with weight s·B·A, computing the same function."""
+        """A dense ``nn.Linear`` with weight s·B·A in the model's precision, computing the same function."""
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.lora_A.weight.device, dtype=self.lora_A.weight.dtype,
+            device=self.lora_A.weight.device, dtype=self.base_dtype,
         )
         with torch.no_grad():
             linear.weight.copy_(self.delta_weight())

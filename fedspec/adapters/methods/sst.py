@@ -78,12 +78,13 @@ def hooks(model: nn.Module, config: AdapterConfig, context: HookContext) -> list
     return [SpectralResampler(int(config.options["resample_every"]), int(config.options["resvd_every"]), context)]
 
 
-def server_step(model: nn.Module, config: AdapterConfig, round_: int) -> None:
+def server_step(model: nn.Module, config: AdapterConfig, round_: int, seed: int) -> None:
     """Federated SST: after aggregating round t, the server folds the averaged vectors, re-SVDs every
-    ``resvd_every`` rounds, and draws the next round's r triplets per layer (seeded by the round, so a resumed run
-    draws the same); the new frozen vectors are broadcast with the rest of the state."""
+    ``resvd_every`` rounds, and draws the next round's r triplets per layer (seeded by the run's seed and the round,
+    so a resumed run draws the same and runs of other seeds draw others); the new frozen vectors are broadcast with
+    the rest of the state."""
     resvd_every = int(config.options["resvd_every"])
-    resample_all(model, _generator(0, round_), resvd=resvd_every > 0 and round_ % resvd_every == 0)
+    resample_all(model, _generator(seed, round_), resvd=resvd_every > 0 and round_ % resvd_every == 0)
 
 
 register(MethodSpec(name="sst", initializer=initialize, base_policy="owned", layer=build_layer,
