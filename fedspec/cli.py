@@ -175,13 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a self-signed CA (ca.crt, ca.key), a SuperLink certificate signed by it (server.pem, "
         "server.key; valid for localhost, 127.0.0.1, ::1 and every --host) and one ECDSA P-384 key pair per "
         "SuperNode (supernodes/node-<i>, node-<i>.pub, OpenSSH format) into OUT_DIR. Private keys are mode 0600; "
-        "existing credentials are never overwritten. See docs/deployment.md.",
+        "existing credentials are never overwritten. With --renew-server: a new SuperLink certificate and key "
+        "signed by OUT_DIR's CA (the old pair kept as *.old), so no node needs new files. See docs/deployment.md.",
     )
     creds.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the credentials into")
-    creds.add_argument("--nodes", type=int, required=True, help="number of SuperNode key pairs")
+    creds.add_argument("--nodes", type=int, help="number of SuperNode key pairs (required unless --renew-server)")
+    creds.add_argument("--renew-server", action="store_true",
+                       help="only renew the SuperLink certificate of OUT_DIR, signed by its ca.key")
     creds.add_argument("--host", action="append", default=[], metavar="NAME",
                        help="a host name or IP address SuperNodes use to reach the SuperLink (repeatable)")
-    creds.add_argument("--days", type=int, default=365, help="validity of the certificates in days (default 365)")
+    creds.add_argument("--days", type=int, default=365,
+                       help="validity of the SuperLink certificate in days (default 365; the CA's: 3650)")
 
     worker = sub.add_parser(
         "worker",
@@ -489,8 +493,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
-    from .deployment import create_credentials
+    from .deployment import create_credentials, renew_server_certificate
 
+    if args.renew_server:
+        creds = renew_server_certificate(args.out_dir, args.host, args.days)
+        print(f"wrote {creds.server_cert} and {creds.server_key} (the old pair: *.old); restart the SuperLink "
+              "with them: the nodes keep their ca.crt and keys")
+        return 0
+    if args.nodes is None:
+        raise FedspecError("--nodes N is required: the number of SuperNode key pairs to create")
     creds = create_credentials(args.out_dir, args.nodes, args.host, args.days)
     lines = [
         f"wrote {creds.root}:",

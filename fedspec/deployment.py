@@ -5,7 +5,9 @@
 - ``ca.crt`` / ``ca.key``: a self-signed certificate authority. Clients (``flower-supernode
   --root-certificates``, the ``root-certificates`` of a ``flwr`` connection) trust the SuperLink through
   ``ca.crt``. ``ca.key`` signs server certificates only: keep it offline, it is needed again only to renew
-  the server certificate.
+  the server certificate (``renew_server_certificate``, ``fedspec credentials DIR --renew-server``). The CA is
+  valid for ``ca_days`` (default 10 years), the server certificate for ``days`` (default 365): a renewal before
+  the server certificate expires keeps every node's ``ca.crt`` and keys.
 - ``server.pem`` / ``server.key``: the SuperLink's certificate, signed by the CA, valid for ``localhost``,
   ``127.0.0.1``, ``::1`` and every host name or IP address given (the address SuperNodes dial must be among
   them, or TLS verification fails).
@@ -38,6 +40,7 @@ CURVE = ec.SECP384R1  # the curve Flower's SuperNode-authentication example uses
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
 FOLDER_MODE = 0o700
+CA_DAYS = 3650  # the CA outlives many server certificates: renewing one keeps every node's ca.crt
 
 
 @dataclass(frozen=True)
@@ -170,14 +173,15 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
 
 
 def create_credentials(
-    out_dir: str | os.PathLike[str], nodes: int, hosts: list[str] | tuple[str, ...] = (), days: int = 365
+    out_dir: str | os.PathLike[str], nodes: int, hosts: list[str] | tuple[str, ...] = (), days: int = 365,
+    ca_days: int = CA_DAYS,
 ) -> Credentials:
     """Write a CA, a SuperLink certificate for ``localhost``/loopback plus ``hosts``, and ``nodes`` SuperNode
     key pairs into ``out_dir``. Refuses (before writing anything) if any of these files exists."""
     if nodes < 0:
         raise ConfigError(f"--nodes {nodes} is negative; give the number of SuperNodes (0 or more)")
-    if days < 1:
-        raise ConfigError(f"--days {days} must be at least 1")
+    if not 1 <= days <= ca_days:
+        raise ConfigError(f"--days {days} must be at least 1 and at most the CA's {ca_days} days")
     creds = Credentials(Path(out_dir).expanduser().resolve(), nodes)
     existing = [p for p in creds.files() if p.exists()]
     if existing:
@@ -191,13 +195,8 @@ def create_credentials(
     ca_key = ec.generate_private_key(CURVE())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedspec"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "fedspec federation CA")])
-    ca_cert = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key, days, ca=True)
-
-    server_key = ec.generate_private_key(CURVE())
-    server_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedspec"),
-                             x509.NameAttribute(NameOID.COMMON_NAME, given[0] if given else "localhost")])
-    server_cert = _certificate(server_name, ca_name, server_key.public_key(), ca_key, days, ca=False,
-                               hosts=all_hosts, issuer_key=ca_key)
+    ca_cert = _certificate(ca_name, ca_name, ca_key.public_key(), ca_key, ca_days, ca=True)
+    server_key, server_cert = _server_certificate(ca_name, ca_key, all_hosts, days)
 
     _private_folder(creds.root)
     _write_new(creds.ca_key, _pem_private(ca_key), PRIVATE_MODE)
@@ -211,4 +210,46 @@ def create_credentials(
         public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write_new(creds.node_key(i), private, PRIVATE_MODE)
         _write_new(creds.node_public_key(i), public + f" fedspec-node-{i}\n".encode(), PUBLIC_MODE)
+    return creds
+
+
+def _server_certificate(ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey, hosts: list[str], days: int,
+                        ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A new SuperLink key and its certificate for ``hosts`` (the first one not on loopback names it)."""
+    key = ec.generate_private_key(CURVE())
+    named = [h for h in hosts if h not in DEFAULT_HOSTS]
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedspec"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, named[0] if named else "localhost")])
+    return key, _certificate(name, ca_name, key.public_key(), ca_key, days, ca=False, hosts=hosts, issuer_key=ca_key)
+
+
+def renew_server_certificate(folder: str | os.PathLike[str], hosts: list[str] | tuple[str, ...] = (),
+                             days: int = 365) -> Credentials:
+    """A new SuperLink key and certificate, signed by the folder's CA (``ca.key``), for the hosts of the old
+    certificate plus ``hosts``: every node keeps its ``ca.crt`` and keys. The old pair is kept as
+    ``server.pem.old`` / ``server.key.old``. Refused when the CA would expire before the new certificate."""
+    creds = Credentials(Path(folder).expanduser().resolve(), 0)
+    missing = [p for p in (creds.ca_cert, creds.ca_key, creds.server_cert) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{missing[0]} does not exist; --renew-server needs the folder `fedspec credentials` wrote")
+    if days < 1:
+        raise ConfigError(f"--days {days} must be at least 1")
+    ca_cert = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)
+    if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
+        raise ConfigError(f"{creds.ca_key} is not the key of {creds.ca_cert}")
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
+    if ca_cert.not_valid_after_utc < expires:
+        raise ConfigError(f"the CA in {creds.ca_cert} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before a "
+                          f"{days}-day certificate would; lower --days, or create new credentials (every node then "
+                          "needs the new ca.crt)")
+    old = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    old_hosts = [str(name.value) for name in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
+    all_hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *old_hosts, *(_check_host(h) for h in hosts)]))
+    key, cert = _server_certificate(ca_cert.subject, ca_key, all_hosts, days)
+    for path in (creds.server_cert, creds.server_key):
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".old"))
+    _write_new(creds.server_key, _pem_private(key), PRIVATE_MODE)
+    _write_new(creds.server_cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
     return creds

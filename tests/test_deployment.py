@@ -9,6 +9,7 @@ file), one SuperNode with an unregistered key, and `flwr run`.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import os
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from fedspec.cli import main as cli_main
-from fedspec.deployment import create_credentials
+from fedspec.deployment import create_credentials, renew_server_certificate
 from fedspec.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,30 @@ def test_server_certificate_is_refused_for_a_host_it_does_not_name_and_by_anothe
     with pytest.raises(VerificationError):
         PolicyBuilder().store(Store([_load_cert(other.ca_cert)])).build_server_verifier(
             x509.DNSName("localhost")).verify(_load_cert(creds.server_cert), [])
+
+
+def test_a_renewed_server_certificate_chains_to_the_same_ca_for_the_old_and_new_hosts(tmp_path, capsys):
+    """The CA outlives the server certificate (10 years against 365 days); --renew-server signs a new one with
+    ca.key, so every node keeps its ca.crt. It keeps the old certificate's hosts, adds new ones, keeps the old
+    pair as *.old, and refuses a certificate that would outlive the CA."""
+    creds = create_credentials(tmp_path / "creds", nodes=1, hosts=["superlink.example.org"], days=30)
+    ca = _load_cert(creds.ca_cert)
+    assert ca.not_valid_after_utc - ca.not_valid_before_utc > datetime.timedelta(days=3000)
+    old = creds.server_cert.read_bytes()
+    node_key = creds.node_key(0).read_bytes()
+    assert cli_main(["credentials", str(creds.root), "--renew-server", "--host", "10.0.0.9"]) == 0
+    assert "the nodes keep their ca.crt" in capsys.readouterr().out
+    renewed = _load_cert(creds.server_cert)
+    assert creds.server_cert.read_bytes() != old and (creds.root / "server.pem.old").read_bytes() == old
+    assert creds.ca_cert.read_bytes() == ca.public_bytes(serialization.Encoding.PEM)
+    assert creds.node_key(0).read_bytes() == node_key
+    for name in (x509.DNSName("superlink.example.org"), x509.IPAddress(ipaddress.ip_address("10.0.0.9"))):
+        verifier = PolicyBuilder().store(Store([ca])).build_server_verifier(name)
+        assert verifier.verify(renewed, [])[0] == renewed
+    key = serialization.load_pem_private_key(creds.server_key.read_bytes(), password=None)
+    assert key.public_key() == renewed.public_key() and stat.S_IMODE(creds.server_key.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="expires on .* before a 5000-day certificate would"):
+        renew_server_certificate(creds.root, days=5000)
 
 
 def test_server_key_matches_its_certificate_and_the_ca_is_a_ca(creds):
@@ -122,6 +147,10 @@ def test_cli_writes_credentials_and_refuses_bad_input_in_one_line(tmp_path, caps
     err = capsys.readouterr().err
     assert "--host" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+    assert cli_main(["credentials", str(tmp_path / "none")]) == 2
+    assert "--nodes N is required" in capsys.readouterr().err
+    assert cli_main(["credentials", str(tmp_path / "none"), "--renew-server"]) == 2
+    assert "ca.crt does not exist; --renew-server needs the folder" in capsys.readouterr().err
 
 
 def test_app_bundle_carries_no_code_that_could_shadow_the_installed_package(tmp_path):
