@@ -277,6 +277,9 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
         )
     # Ghost mode returns its own criterion: its backward() runs the norm pass and the clipped pass.
     loss_fn = ghost_loss[0] if ghost_loss else loss_fn
+    # Opacus divides the noised sum by int(n · q); with q = 1/k and n = m·k the float product can land just below m
+    # and truncate to m − 1: a step m/(m − 1) too large, or a division by zero when m = 1 (49 records, batch 1).
+    dp_opt.expected_batch_size = max(1, math.floor(len(dataset) * rate + 1e-9))
     try:
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.

@@ -116,6 +116,18 @@ def test_empty_poisson_batches_still_take_a_noisy_step():
     assert not torch.equal(model.head.weight, before)
 
 
+def test_a_batch_of_one_record_in_49_divides_the_noised_sum_by_one_not_zero():
+    """Opacus divides by int(n · q), and 49 · (1/49) is 0.9999999999999999 in floating point: without the fix the
+    first step divided by zero and every trained tensor became ±inf."""
+    texts, labels = (TEXTS * 9)[:49], torch.arange(49) % 3
+    model, batch, labels = _batch(texts, labels)
+    fedspec.adapt(model, "lora", 2)
+    model.head.requires_grad_(True)
+    train_steps(model, batch, labels, steps=3, batch_size=1, lr=1e-2,
+                dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=3))
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_seeded_dp_training_is_reproducible_and_unseeded_is_not():
     def run(seed):
         model, batch, labels = _batch(TEXTS * 2, LABELS.repeat(2))
