@@ -19,8 +19,8 @@ from rich.console import Console
 
 from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions
 from fedspec.config import check_federated, config_to_json, load_config_file, save_config
-from fedspec.errors import ConfigError
 from fedspec.devices import resolve_device
+from fedspec.errors import ConfigError
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
 from fedspec.render import plan_table

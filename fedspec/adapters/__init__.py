@@ -2,7 +2,13 @@
 methods (``METHODS``)."""
 
 from . import methods as _methods  # noqa: F401  (registers the built-in methods)
-from .calibration import Calibration, StatisticsPrivacy, calibration_layout, collect_calibration, sum_calibrations
+from .calibration import (
+    Calibration,
+    StatisticsPrivacy,
+    calibration_layout,
+    collect_calibration,
+    sum_calibrations,
+)
 from .hooks import HookContext, PenaltyStep, TrainingHook, training_hooks
 from .inject import AdapterConfig, adapt, adapter_config, adapter_layers
 from .layers import AdapterLayer, FactorizedLinear, LowRankLinear
