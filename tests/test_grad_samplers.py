@@ -19,6 +19,7 @@ from fedspec.privacy.grad_samplers import (
     check_exact_rules,
     functorch_fallback_modules,
     linear_norm_sample,
+    register_rule,
 )
 from fedspec.training import DPSettings, train_steps
 
@@ -173,6 +174,45 @@ def test_diagonal_scale_rules_are_exact(no_functorch):
                 torch.testing.assert_close(scale._norm_sample, per_example.norm(dim=1))
         finally:
             hooks.cleanup()
+
+
+class TwoScales(nn.Module):
+    """Two trainable vectors; its (deliberately wrong) rule below forgets the second."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.ones(d))
+        self.second = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * self.first * self.second
+
+
+def _forgets_second(layer: TwoScales, activations, backprops):
+    return {layer.first: (backprops * activations[0] * layer.second).reshape(len(backprops), -1, layer.first.numel()).sum(1)}
+
+
+register_rule(TwoScales, _forgets_second)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_rule_that_leaves_out_a_trainable_parameter_is_refused(mode):
+    """Opacus clips by the norms its rules return; a parameter left out would be clipped by a stale norm (ghost)
+    or not at all, so the step is refused, naming the rule and the parameter."""
+    model = nn.Sequential(TwoScales(4), nn.Linear(4, 2))
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 0])
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    hooks, optimizer, *criterion, _ = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader, noise_multiplier=0.0,
+        max_grad_norm=1.0, poisson_sampling=False, wrap_model=False, grad_sample_mode=mode,
+        criterion=nn.CrossEntropyLoss(),
+    )
+    loss_fn = criterion[0] if criterion else nn.CrossEntropyLoss()
+    try:
+        with pytest.raises(AdapterError, match=r"_forgets_second of TwoScales returned nothing for its trainable second"):
+            loss_fn(model(x), y).backward()
+    finally:
+        hooks.cleanup()
 
 
 @pytest.mark.parametrize(("steps", "d_in", "d_out"), [(3, 16, 4), (3, 4, 16), (40, 8, 4), (2, 32, 32)])

@@ -58,8 +58,9 @@ def register_rule(module_type: type[nn.Module], grad_sampler: GradSampler, norm_
     clipping; without one, the norms of the grad sampler's output are used (exact, same cost as hooks mode).
     ``backprops`` is already scaled by Opacus for the loss reduction.
     """
+    grad_sampler = _covering_every_trainable(grad_sampler)
     register_grad_sampler(module_type)(grad_sampler)
-    register_norm_sampler(module_type)(norm_sampler or _norms_of(grad_sampler))
+    register_norm_sampler(module_type)(_covering_every_trainable(norm_sampler) if norm_sampler else _norms_of(grad_sampler))
 
 
 def has_rule(module_type: type[nn.Module]) -> bool:
@@ -68,6 +69,29 @@ def has_rule(module_type: type[nn.Module]) -> bool:
 
 def has_norm_rule(module_type: type[nn.Module]) -> bool:
     return module_type in GradSampleHooksFastGradientClipping.NORM_SAMPLERS
+
+
+def _covering_every_trainable(sampler: GradSampler) -> GradSampler:
+    """``sampler``, refusing a result that leaves out a trainable parameter of the module.
+
+    Opacus stores what a norm sampler returns in each parameter's ``_norm_sample`` and clips by the norms of
+    *all* trainable parameters; one left out keeps the previous batch's norm (or none), so its gradient would be
+    clipped by a stale value — a privacy failure, not an error. Checked on every call: it costs a set of ids.
+    """
+
+    def checked(module, activations, backprops):
+        out = sampler(module, activations, backprops)
+        covered = {id(p) for p in out}
+        missing = [name for name, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
+        if missing:
+            raise AdapterError(
+                f"the per-sample rule {getattr(sampler, '__qualname__', sampler)} of {type(module).__name__} "
+                f"returned nothing for its trainable {', '.join(missing)}: DP-SGD cannot clip a gradient it has "
+                "no per-sample value for; return an entry for every parameter with requires_grad"
+            )
+        return out
+
+    return checked
 
 
 def _norms_of(grad_sampler: GradSampler) -> GradSampler:
@@ -149,4 +173,4 @@ def linear_norm_sample(layer: nn.Linear, activations: Activations, backprops: to
     return out
 
 
-register_norm_sampler(nn.Linear)(linear_norm_sample)
+register_norm_sampler(nn.Linear)(_covering_every_trainable(linear_norm_sample))
