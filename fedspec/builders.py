@@ -57,6 +57,13 @@ def build_task(data: DictConfig, seed: int) -> Task:
 
 def client_partitions(labels: list[int], data: DictConfig, *, clients: int, seed: int) -> list[list[int]]:
     """The indices of each client's records: a seeded IID or Dirichlet label-skew split (``data.partition``)."""
+    if data.partition == "dirichlet" and len(set(labels)) == 1:
+        # One class (instruction data): a Dirichlet draw over it skews only the clients' sizes, and with them
+        # their sampling rates and noise, which is not the label skew the setting asks for.
+        raise ConfigError(
+            "data.partition=dirichlet splits by label, but every record has the same one (instruction data has no "
+            "classes): set data.partition=iid"
+        )
     try:
         return partition(labels, clients, scheme=data.partition, alpha=data.alpha, seed=seed,
                          min_size=data.min_client_examples)

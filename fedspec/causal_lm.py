@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import AdapterError, ConfigError
 
 IGNORE = -100  # the label of a position that is not trained on (PyTorch's and transformers' ignore_index)
 SMOLLM2 = "smollm2"
@@ -101,6 +101,7 @@ class CausalLM(nn.Module):
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
         self.lm = lm
+        self._head_is_plain: bool | None = None
 
     @property
     def config(self):
@@ -108,9 +109,25 @@ class CausalLM(nn.Module):
 
     @property
     def _plain_head(self) -> bool:
-        """Whether the logits are the LM head of the decoder's last hidden state, nothing after (no soft-capping
-        or scaling), so they can be computed at chosen positions only."""
-        return not any(getattr(self.config, key, None) for key in ("final_logit_softcapping", "logit_scale"))
+        """Whether the logits are the LM head of the decoder's last hidden state, nothing after, so they can be
+        computed at chosen positions only. Measured once on a probe input rather than read from config keys:
+        models scale their logits in many ways (Gemma 2 soft-caps, Granite divides by ``logits_scaling``,
+        Falcon-H1 multiplies by ``lm_head_multiplier``, Cohere by ``logit_scale``)."""
+        if self._head_is_plain is None:
+            self._head_is_plain = self._probe_head()
+        return self._head_is_plain
+
+    @torch.no_grad()
+    def _probe_head(self) -> bool:
+        was_training = self.training
+        self.eval()
+        try:
+            ids = torch.arange(min(8, self.config.vocab_size), device=next(self.parameters()).device)[None]
+            full = self.lm(input_ids=ids, use_cache=False).logits
+            hidden = self.lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            return torch.allclose(self.lm.get_output_embeddings()(hidden).float(), full.float(), rtol=1e-4, atol=1e-5)
+        finally:
+            self.train(was_training)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor | ResponseLogits:
@@ -118,14 +135,44 @@ class CausalLM(nn.Module):
         predicted (:class:`ResponseLogits`), for :class:`ResponseLoss`."""
         if labels is None or not self._plain_head:
             return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        head = self.lm.get_output_embeddings()
+        if any(p.requires_grad for p in head.parameters()):
+            # Rows below are response tokens, not records: Opacus would clip each token's gradient on its own.
+            raise AdapterError("the LM head must stay frozen: it is applied per response token, so DP-SGD would "
+                               "clip its per-token, not per-record, gradients")
         hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         trained = response_mask(labels)
         rows = trained.nonzero()[:, 0]
-        logits = self.lm.get_output_embeddings()(hidden.last_hidden_state[:, :-1][trained])
+        logits = head(hidden.last_hidden_state[:, :-1][trained])
         return ResponseLogits(logits, labels[:, 1:][trained], rows, len(labels))
 
     def criterion(self) -> nn.Module:
         return ResponseLoss()
+
+    @torch.no_grad()
+    def response_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                        chunk_tokens: int = 1024) -> tuple[float, int, int]:
+        """(summed negative log-likelihood, correctly predicted, count) of the response tokens, for evaluation.
+        Vocabulary-wide logits exist for at most ``chunk_tokens`` positions at a time: for a whole batch they would
+        be batch × tokens × vocabulary floats (128 × 256 × 49,152 for SmolLM2: 6 GiB, then copied)."""
+        trained = response_mask(labels)
+        targets = labels[:, 1:][trained]
+        if self._plain_head:
+            hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            positions = hidden.last_hidden_state[:, :-1][trained]
+            head = self.lm.get_output_embeddings()
+            pieces = ((head(positions[i:i + chunk_tokens]), targets[i:i + chunk_tokens])
+                      for i in range(0, len(targets), chunk_tokens))
+        else:
+            rows = max(1, chunk_tokens // input_ids.shape[1])
+            pieces = ((self.lm(input_ids=input_ids[i:i + rows], attention_mask=attention_mask[i:i + rows],
+                               use_cache=False).logits[:, :-1][trained[i:i + rows]],
+                       labels[i:i + rows, 1:][trained[i:i + rows]]) for i in range(0, len(labels), rows))
+        nll, correct = 0.0, 0
+        for logits, expected in pieces:
+            nll += nn.functional.cross_entropy(logits.float(), expected, reduction="sum").item()
+            correct += int((logits.argmax(-1) == expected).sum())
+        return nll, correct, len(targets)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,

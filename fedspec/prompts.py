@@ -39,13 +39,24 @@ def end_of_turn(tokenizer) -> str:
     return token
 
 
+def _bos(tokenizer) -> str:
+    """The BOS text a tokenizer puts before every input by its own convention (Llama, Mistral and Gemma base
+    models rely on it), or "". Chat templates write their own; the plain template writes it here, because
+    conversations are tokenized with ``add_special_tokens=False`` (the template decides every special token)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ""
+    adds = tokenizer("x")["input_ids"][:1] == [bos] and tokenizer("x", add_special_tokens=False)["input_ids"][:1] != [bos]
+    return tokenizer.bos_token if adds else ""
+
+
 def render(tokenizer, messages: tuple[Message, ...], *, generation_prompt: bool = False) -> str:
     """The text of ``messages``; with ``generation_prompt`` it ends where the assistant's answer begins."""
     if getattr(tokenizer, "chat_template", None):
         chat = [{"role": role, "content": content} for role, content in messages]
         return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
     eos = end_of_turn(tokenizer)
-    text = "".join(f"{PLAIN_ROLES[role]}: {content}{eos if role == 'assistant' else ''}\n" for role, content in messages)
+    text = _bos(tokenizer) + "".join(f"{PLAIN_ROLES[role]}: {content}{eos if role == 'assistant' else ''}\n" for role, content in messages)
     # The prompt ends at the colon: the space after it belongs to the answer, as BPE and SentencePiece tokenizers
     # join it to the answer's first word ("Ġpositive"). Ending the prompt with the space would leave that token
     # untrained (it starts before the answer) and make generation continue from a lone space token.

@@ -336,19 +336,14 @@ def evaluate(model: nn.Module, data: Tokenized, labels: torch.Tensor, batch_size
 
 @torch.no_grad()
 def _evaluate_tokens(model: nn.Module, data: Tokenized, labels: torch.Tensor, batch_size: int) -> dict[str, float]:
-    from .causal_lm import response_mask, response_token_losses
-
     was_training = model.training
     model.eval()
     total_nll, correct, tokens = 0.0, 0, 0
     device = _model_device(model)
     for rows in _by_length(data.attention_mask, batch_size):
         ids, mask, y = _on(device, *_trim(data.input_ids[rows], data.attention_mask[rows], labels[rows]))
-        logits = model(ids, mask)
-        trained = response_mask(y)
-        total_nll += response_token_losses(logits, y).sum().item()
-        correct += ((logits[:, :-1].argmax(-1) == y[:, 1:]) & trained).sum().item()
-        tokens += int(trained.sum())
+        nll, right, count = model.response_scores(ids, mask, y)
+        total_nll, correct, tokens = total_nll + nll, correct + right, tokens + count
     model.train(was_training)
     loss = total_nll / max(tokens, 1)
     return {"loss": loss, "accuracy": correct / max(tokens, 1), "perplexity": math.exp(min(loss, 700.0))}

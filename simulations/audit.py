@@ -79,6 +79,9 @@ def default_canaries(cfg: DictConfig) -> int:
 
 
 def run_audit(cfg: DictConfig, console: Console | None = None) -> AuditOutcome:
+    if cfg.data.task != "classification":
+        raise ConfigError(f"fedspec audit plants labelled canary records, so it needs a classification task; "
+                          f"data.task={cfg.data.task} has none (audit a classifier with the same privacy settings)")
     if cfg.audit.canaries < 1:
         cfg = OmegaConf.merge(cfg, {"audit": {"canaries": default_canaries(cfg)}})
         (console or Console(stderr=True)).print(

@@ -220,3 +220,12 @@ def test_an_unset_canary_count_defaults_to_one_that_could_refute_the_target(tiny
         default_canaries(tiny_cfg("privacy.target_epsilon=8"))
     with pytest.raises(ConfigError, match="could refute ε = 50"):
         default_canaries(tiny_cfg("privacy.target_epsilon=50"))
+
+
+def test_an_audit_of_a_causal_lm_task_is_refused_before_anything_runs(tiny_cfg):
+    from fedspec.errors import ConfigError
+    from fedspec.simulations.audit import run_audit
+
+    cfg = tiny_cfg("model=tiny-llama", "data.task=causal_lm", "data.prompt='{text}'", "audit.canaries=10")
+    with pytest.raises(ConfigError, match="needs a classification task; data.task=causal_lm"):
+        run_audit(cfg)

@@ -14,8 +14,8 @@ from fedspec.adapters.targets import match_targets
 from fedspec.causal_lm import IGNORE, ResponseLoss, load_causal_lm
 from fedspec.data import DataError, TextExamples
 from fedspec.data.instructions import Conversations, cast_classification, load_conversations, load_prompts
-from fedspec.errors import ConfigError
-from fedspec.generation import answer_matches, gsm8k_number
+from fedspec.errors import AdapterError, ConfigError
+from fedspec.generation import answer_matches, gsm8k_number, stop_tokens
 from fedspec.models import load_tokenizer
 from fedspec.prompts import assistant_spans, encode_conversations, generation_prompts
 from fedspec.training import DPSettings, train_steps
@@ -94,6 +94,22 @@ def test_with_a_bpe_tokenizer_the_plain_template_trains_the_answers_first_token_
     record_ids = encoded.inputs.input_ids[0][encoded.inputs.attention_mask[0].bool()].tolist()
     first_trained = next(i for i, label in enumerate(encoded.labels[0].tolist()) if label != IGNORE)
     assert record_ids[:first_trained] == prompt_ids  # training's context of the answer is the generation prompt
+
+
+def test_the_plain_template_starts_with_bos_where_the_tokenizer_adds_one():
+    """Base Llama/Mistral/Gemma tokenizers put BOS first and their models rely on it: training records and
+    generation prompts both start with it (conversations are tokenized without the tokenizer's special tokens)."""
+    bpe = load_tokenizer("smollm2")
+    bpe.chat_template = None
+    records = Conversations([(("user", "Review: great film"), ("assistant", "positive"))], [0], ["-"])
+    without = encode_conversations(bpe, records, 64).inputs.input_ids[0, 0].item()
+    bpe.add_bos_token = True
+    encoded = encode_conversations(bpe, records, 64)
+    prompt = generation_prompts(bpe, records)
+    assert without != bpe.bos_token_id
+    assert encoded.inputs.input_ids[0, 0].item() == bpe.bos_token_id == prompt.input_ids[0, 0].item()
+    assert (encoded.inputs.input_ids[0] == bpe.bos_token_id).sum() == 1  # once, as a special token
+    assert _trained_text(bpe, encoded, 0) == " positive" + bpe.eos_token + "\n"
 
 
 def test_chat_template_renders_turns_and_the_generation_prompt_is_the_text_before_the_answer(tokenizer):
@@ -211,6 +227,20 @@ def test_per_sample_gradients_on_every_decoder_projection_match_a_per_example_lo
     assert_opacus_matches_per_example_loop(model, encoded.inputs, encoded.labels, loss=ResponseLoss(), atol=1e-5)
 
 
+def test_the_lm_head_is_never_an_adapter_target(tokenizer):
+    """The (tied) output layer is applied per response token: adapting it would clip per token under DP-SGD and
+    rewrite the tied input embeddings. A catch-all pattern leaves it out; naming it alone is refused."""
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+    everything = match_targets(model, [".*"])
+    assert everything and not any(name.endswith("lm_head") for name in everything)
+    with pytest.raises(AdapterError, match=r"'lm_head' matches only the model's output layer \(lm.lm_head\)"):
+        match_targets(model, ["lm_head"])
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    model.lm.get_output_embeddings().requires_grad_(True)
+    with pytest.raises(AdapterError, match="LM head must stay frozen"):
+        model(encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels)
+
+
 def test_ghost_clipping_takes_the_same_causal_lm_step_as_hooks(tokenizer):
     """σ = 0, same Poisson batches: ghost clipping reads the per-record losses from ResponseLoss(reduction=none)."""
     encoded = encode_conversations(tokenizer, Conversations(RECORDS.records * 3, [0] * 9, ["-"]), 32)
@@ -252,6 +282,22 @@ def test_answers_are_scored_by_exact_word_or_gsm8k_number():
     assert gsm8k_number("so the answer is 42.") == "42"
     assert answer_matches("... #### 18", "work\n#### 18", "gsm8k")
     assert not answer_matches("no number", "#### 18", "gsm8k")
+    assert gsm8k_number("#### 5.00") == gsm8k_number("#### 5") == "5" and gsm8k_number("#### .5") == "0.5"
+    assert gsm8k_number("#### -0.50") == "-0.5" and gsm8k_number("#### 007") == "7"
+    assert gsm8k_number("so #### 72\nuser: another?\nassistant: #### 5") == "72"  # the first answer, not a made-up turn's
+
+
+def test_generation_stops_at_the_templates_end_of_turn_where_it_is_not_eos():
+    """Training teaches the chat template's end-of-turn token; where a tokenizer's EOS is another token (Gemma's
+    <end_of_turn>, Llama 3's <|eot_id|>) generation must stop at it too, not run on into made-up turns."""
+    bpe = load_tokenizer("smollm2")
+    bpe.eos_token = "<|endoftext|>"
+    model = load_causal_lm("tiny-llama", vocab_size=len(bpe), seed=0)
+    stops = stop_tokens(model, bpe)
+    assert stops[0] == bpe.convert_tokens_to_ids("<|im_end|>") != bpe.eos_token_id
+    assert bpe.eos_token_id in stops
+    bpe.chat_template = None  # the plain template ends turns with EOS
+    assert stop_tokens(model, bpe)[0] == bpe.eos_token_id
 
 
 def test_peft_export_of_a_decoder_generates_the_same_tokens_as_fedspec(tokenizer, tmp_path):
@@ -335,3 +381,47 @@ def test_logits_at_response_positions_only_give_the_same_loss_and_gradients(toke
     torch.testing.assert_close(compact, full, rtol=1e-5, atol=1e-6)
     for name, grad in full_grads.items():
         torch.testing.assert_close(compact_grads[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def _tiny_granite(vocab_size: int):
+    """A Granite decoder, whose logits are the LM head's divided by ``logits_scaling``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from fedspec.causal_lm import CausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0, tie_word_embeddings=True)
+    return CausalLM(GraniteForCausalLM(config).eval())
+
+
+def test_a_model_that_scales_its_logits_trains_on_the_scaled_ones(tokenizer):
+    """Response-only logits apply the bare LM head; a model that scales its logits after it (Granite, Gemma 2,
+    Falcon-H1) is detected on a probe input and trains on its full, scaled logits instead."""
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    ids, mask, labels = encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels
+    granite = _tiny_granite(len(tokenizer))
+    assert not granite._plain_head
+    scaled = ResponseLoss()(granite(ids, mask, labels), labels)
+    torch.testing.assert_close(scaled, ResponseLoss()(granite(ids, mask), labels))
+    assert _decoder(tokenizer, "pissa", encoded)._plain_head
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "granite"])
+def test_held_out_scores_in_chunks_equal_those_of_the_full_logits(tokenizer, model_kind):
+    """Evaluation never builds batch × tokens × vocabulary logits: chunked over positions (plain head) or rows
+    (scaled logits), it sums the same negative log-likelihood and counts the same right predictions."""
+    from fedspec.causal_lm import response_mask, response_token_losses
+
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    ids, mask, labels = encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels
+    model = _decoder(tokenizer, "pissa", encoded) if model_kind == "llama" else _tiny_granite(len(tokenizer))
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids, mask)
+    nll = response_token_losses(logits, labels).sum().item()
+    right = int(((logits[:, :-1].argmax(-1) == labels[:, 1:]) & response_mask(labels)).sum())
+    for chunk in (3, 40, 10_000):
+        total, correct, count = model.response_scores(ids, mask, labels, chunk_tokens=chunk)
+        assert count == int(response_mask(labels).sum()) and correct == right
+        assert total == pytest.approx(nll, rel=1e-5)

@@ -527,3 +527,16 @@ def test_one_based_integer_labels_are_still_accepted(tmp_path):
     path = write(tmp_path / "d.tsv", "text\tlabel\n" + "".join(f"t{i}\t{1 + i % 2}\n" for i in range(10)))
     train, _ = load_task(DataConfig(source="file", path=str(path), eval_examples=2))
     assert train.label_names == ["0", "1", "2"]
+
+
+def test_a_dirichlet_split_of_one_class_data_is_refused(tiny_cfg):
+    """Instruction data has one "class": a Dirichlet draw over it skews only the clients' sizes (and so their
+    sampling rates and noise), which data.partition=dirichlet does not ask for."""
+    from fedspec.builders import client_partitions
+    from fedspec.errors import ConfigError
+
+    cfg = tiny_cfg()
+    with pytest.raises(ConfigError, match="every record has the same one.*set data.partition=iid"):
+        client_partitions([0] * 200, cfg.data, clients=4, seed=0)
+    iid = tiny_cfg("data.partition=iid")
+    assert sorted(i for part in client_partitions([0] * 200, iid.data, clients=4, seed=0) for i in part) == list(range(200))

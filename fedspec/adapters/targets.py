@@ -39,14 +39,40 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     )
 
 
+def output_layers(model: nn.Module) -> set[int]:
+    """ids of the modules a ``transformers`` model names as its output embeddings (a causal LM's ``lm_head``)."""
+    found = set()
+    for module in model.modules():
+        get = getattr(module, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Module):
+            found.add(id(head))
+    return found
+
+
 def match_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of the ``nn.Linear`` layers matched by any pattern; a pattern matching nothing is an error."""
+    """Names of the ``nn.Linear`` layers matched by any pattern; a pattern matching nothing is an error.
+
+    A language model's output layer (``lm_head``) is never a target, as under PEFT's ``all-linear``: it often
+    shares its weight with the input embeddings (an adapter's residual would rewrite them), and fedspec applies it
+    to each response token separately, so DP-SGD would clip per token instead of per record. A pattern that
+    matches other layers too (``.*``) leaves it out; one that matches only the output layer is an error.
+    """
     if isinstance(patterns, str):
         patterns = [patterns]
-    linear_names = [name for name, module in model.named_modules() if type(module) is nn.Linear]
+    heads = output_layers(model)
+    modules = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    linear_names = [name for name, module in modules if id(module) not in heads]
+    head_names = [name for name, module in modules if id(module) in heads]
     matched: list[str] = []
     for pattern in patterns:
         hits = [name for name in linear_names if pattern_matches(pattern, name)]
+        if not hits and any(pattern_matches(pattern, name) for name in head_names):
+            raise AdapterError(
+                f"adapter.targets pattern {pattern!r} matches only the model's output layer "
+                f"({', '.join(head_names)}), which stays frozen: it is applied to each response token separately, "
+                "so DP-SGD would clip per token, not per record, and it is often tied to the input embeddings"
+            )
         if not hits:
             examples = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in linear_names})[:12])
             raise AdapterError(
