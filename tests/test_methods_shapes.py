@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.utils.module_utils import trainable_modules
@@ -153,6 +154,20 @@ def test_loldu_bases_come_from_an_lu_with_pivoting():
         assert torch.allclose(layer.delta_weight().double(), 2.0 * leading, atol=1e-5)  # σ·P·L_r·diag(z)·U_r
         assert float(layer.spectrum.scale.detach()) == pytest.approx(2.0)  # σ = α/r
         assert torch.allclose(torch.diagonal(layer.right.weight[:, :4]), torch.ones(4))  # unit upper triangular
+
+
+def test_loldu_with_a_zero_pivot_keeps_the_layer_finite_and_unchanged():
+    """A dead input column gives an exact zero pivot: its basis row stays undivided (z starts at 0 there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0.0
+    x = torch.randn(5, 8)
+    before = model(x).detach()
+    fedspec.adapt(model, "loldu", 2, targets=["0"])
+    after = model(x)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_sst_samples_r_triplets_and_dora_starts_with_the_row_norms():
@@ -414,3 +429,13 @@ def test_sst_server_step_draws_by_the_run_seed():
     zero, again, other = drawn(0), drawn(0), drawn(1)
     assert all(torch.equal(zero[n], again[n]) for n in zero)
     assert not all(torch.equal(zero[n], other[n]) for n in zero)
+
+
+@pytest.mark.parametrize("method", ["sst", "clip_svd"])
+def test_dropout_is_refused_where_the_adapter_carries_the_whole_weight(method):
+    """Dropout on the input of an adapter that holds all of W would drop the pretrained path itself."""
+    from fedspec.errors import AdapterError
+
+    with pytest.raises(AdapterError, match="adapter.dropout=0.1: this method's adapter carries the layer's whole weight"):
+        fedspec.adapt(nn.Sequential(nn.Linear(8, 8)), method, 2, targets=["0"], dropout=0.1)
+    fedspec.adapt(nn.Sequential(nn.Linear(8, 8)), "lora", 2, targets=["0"], dropout=0.1)

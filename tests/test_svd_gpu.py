@@ -117,3 +117,30 @@ def test_the_rotation_step_replays_a_captured_graph_with_each_rounds_values(monk
     monkeypatch.setattr(refactor_module, "GPU_CAPTURE_ROTATION", True)
     refactor_lowrank_grouped(pairs(3, rows=150), assume_orthonormal_rows=True)
     assert refactor_module._captured_rotation is not graph  # other shapes: captured anew
+
+
+def adapt_every_method_on(device: str, method: str) -> None:
+    """Initialize ``method`` (data-driven ones from calibration statistics) on a model already on ``device``, as
+    ``fedspec train train.device=cuda`` does: every tensor stays there and the outputs are finite."""
+    from fedspec.adapters import METHODS, collect_calibration
+    from fedspec.adapters.targets import match_targets
+    from fedspec.models import tokenize
+
+    from helpers import tiny_classifier
+
+    model, tokenizer = tiny_classifier()
+    model.to(device)
+    batch = tokenize(tokenizer, ["the team won the cup", "stocks fell sharply", "a new chip was shown"], 10)
+    ids, mask, labels = batch.input_ids.to(device), batch.attention_mask.to(device), torch.tensor([0, 1, 2], device=device)
+    calibration = None
+    if METHODS[method].calibration:
+        calibration = collect_calibration(model, [(ids, mask, labels)], match_targets(model, ["query", "value"]),
+                                          METHODS[method].calibration)
+    fedspec.adapt(model, method, 4, ["query", "value"], calibration=calibration)
+    assert all(p.device.type == device for p in model.parameters())
+    assert torch.isfinite(model(ids, mask)).all()
+
+
+@pytest.mark.parametrize("method", sorted(fedspec.adapters.METHODS))
+def test_every_method_initializes_on_a_cuda_model(method):
+    adapt_every_method_on("cuda", method)

@@ -25,7 +25,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import AdapterError
+
 BASE_POLICIES = ("keep", "residual", "truncated", "owned", "replace")
+
+
+def check_dropout(dropout: float, base_policy: str) -> None:
+    """Dropout acts on the adapter's input. Where the adapter carries the layer's whole weight ("owned",
+    "replace") it would drop the pretrained path itself, unlike LoRA's update, which starts at zero."""
+    if dropout > 0 and base_policy in ("owned", "replace"):
+        raise AdapterError(f"adapter.dropout={dropout}: this method's adapter carries the layer's whole weight, so "
+                           "dropout on its input would drop the pretrained path too; use adapter.dropout=0")
 
 
 def adapter_dtype(t: torch.Tensor) -> torch.dtype:
@@ -100,6 +110,7 @@ class AdapterLayer(nn.Module):
     def _setup(self, base: nn.Linear, scaling: float, dropout: float, base_policy: str) -> dict:
         if base_policy not in BASE_POLICIES:
             raise ValueError(f"base_policy must be one of {BASE_POLICIES}, got {base_policy!r}")
+        check_dropout(dropout, base_policy)
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, check_dropout
 
 
 class FactorizedLinear(AdapterLayer):
@@ -19,6 +19,7 @@ class FactorizedLinear(AdapterLayer):
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, *, dropout: float = 0.0) -> None:
         super().__init__()
+        check_dropout(dropout, "replace")
         factory = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self._in_features, self._out_features = base.in_features, base.out_features
         self.base_dtype = base.weight.dtype  # what the merged layer computes in: the model's precision

@@ -18,7 +18,7 @@ def _damped(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """CorDA's damping, per matrix: C̃ = C + λ·I with λ = damp·mean(diag C), damp = 0.01 doubled until
     ‖C̃·C̃⁻¹ − I‖_F < 0.05 (as the reference and PEFT). Returns (C̃, C̃⁻¹)."""
     n = covariance.shape[-1]
-    eye = torch.eye(n, dtype=covariance.dtype)
+    eye = torch.eye(n, dtype=covariance.dtype, device=covariance.device)
     damped, inverses = [], []
     for C in covariance:
         damp = 0.01

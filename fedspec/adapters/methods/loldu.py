@@ -23,7 +23,10 @@ def initialize(weights: torch.Tensor, rank: int, scaling: float, **_: object) ->
     P, L, U_lu = (torch.stack(t) for t in zip(*(torch.linalg.lu(w) for w in weights)))
     D = torch.diagonal(U_lu, dim1=-2, dim2=-1)[..., :rank]
     left = P @ L[..., :rank]
-    right = U_lu[..., :rank, :] / D.unsqueeze(-1)
+    # A (near-)zero pivot — a dead input column, or leading columns that depend on earlier ones — keeps its row of
+    # U_lu undivided: z starts at that pivot (≈ 0), so the product is unchanged, and no inf or NaN reaches the model.
+    tiny = torch.finfo(D.dtype).eps * D.abs().amax(-1, keepdim=True)
+    right = U_lu[..., :rank, :] / torch.where(D.abs() > tiny, D, torch.ones_like(D)).unsqueeze(-1)
     b = weights.shape[0]
     scale = torch.full((b, 1), scaling, dtype=weights.dtype)
     return cast({"left.weight": left, "right.weight": right, "spectrum.weight": D, "spectrum.scale": scale,
