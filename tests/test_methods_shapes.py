@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.utils.module_utils import trainable_modules
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fedspec
