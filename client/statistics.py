@@ -1,13 +1,17 @@
 """Round 0 on a client: its calibration statistics for a data-driven initialization (CorDA, EVA, LoRA-GA, FWSVD).
 
-The client computes the per-layer sums over up to ``adapter.calibration_examples`` of its records (a seeded
-subset) on the un-adapted model, and replies with the sums only. With ``privacy.private_init_stats`` the sums are
+The client computes the per-layer sums over up to ``adapter.calibration_examples`` of its records (those with the
+smallest seeded hash of their content) on the un-adapted model, and replies with the sums and the number of records
+they cover (under ``federation.weighting=uniform`` with privatized sums, the public cap instead: the count would
+reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
 clipped per record and noised (the Gaussian mechanism, ``fedspec.adapters.calibration``) and the release is
 recorded in the client's privacy ledger as round 0, (σ₀, q = 1, 1 step), before it leaves the client, so it
 composes with every later DP-SGD step in the client's ε.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from flwr.app import Context
@@ -47,6 +51,11 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     model, data = base_model_and_data(cfg, context)
     client = client_id(context)
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
+    if calibration.privatized and cfg.federation.weighting != "examples":
+        # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;
+        # a client that keeps n to itself reports the public cap, and the server averages over it (a client
+        # with fewer records then weighs a little less in the mean, as its records do in the sums).
+        calibration = dataclasses.replace(calibration, count=cfg.adapter.calibration_examples)
     metrics = {
         CLIENT_ID: client,
         CALIBRATION_EXAMPLES: calibration.count,

@@ -6,6 +6,7 @@ frozen settings below, each built from the app config once with ``.of(cfg)``."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -257,7 +258,7 @@ class InitStatistics:
         if not self.private:
             return None
         generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
-        return StatisticsPrivacy(self.noise_multiplier, self.max_norm, generator)
+        return StatisticsPrivacy.subset_of(self.noise_multiplier, self.max_norm, generator)
 
     def report(self, calibration: Calibration | None) -> dict:
         """What the privacy report says about the statistic (empty for methods without one)."""
@@ -291,14 +292,29 @@ def calibrate(
     privacy: StatisticsPrivacy | None = None,
     seed: int = 0,
 ) -> Calibration:
-    """The method's statistics over a seeded random subset of up to ``adapter.calibration_examples`` of these
-    records, on the (un-adapted) model."""
+    """The method's statistics over up to ``adapter.calibration_examples`` of these records, on the (un-adapted)
+    model: those whose seeded hash of their content is smallest (:func:`calibration_subset`)."""
     layers = calibration_layers(adapter, model)
-    n = len(labels)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    chosen = order[: min(adapter.calibration_examples, n)]
+    chosen = calibration_subset(inputs, labels, adapter.calibration_examples, seed)
     batch = (inputs.input_ids[chosen], inputs.attention_mask[chosen], labels[chosen])
     return collect_calibration(model, [batch], layers, adapter.calibration_kinds, privacy=privacy)
+
+
+def calibration_subset(inputs: Tokenized, labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of the ``size`` records with the smallest seeded hash of their tokens and label (all of them when
+    there are fewer).
+
+    Chosen by content, not by position: adding or removing one record then changes the subset by at most one
+    record in and one out, so a privatized sum moves by at most 2C (``StatisticsPrivacy.subset_of``). A seeded
+    permutation of positions would not do: it depends on the number of records, and one record more reshuffles
+    the whole subset."""
+    key = seed.to_bytes(8, "little", signed=True)
+    hashes = []
+    for ids, mask, label in zip(inputs.input_ids, inputs.attention_mask, labels):
+        content = ids[mask.bool()].numpy().tobytes() + label.numpy().tobytes()
+        hashes.append(int.from_bytes(hashlib.blake2b(content, key=key, digest_size=8).digest(), "little"))
+    order = sorted(range(len(hashes)), key=hashes.__getitem__)
+    return torch.tensor(order[:size], dtype=torch.long)
 
 
 # --- what a finished run writes and says -----------------------------------------------------------------------

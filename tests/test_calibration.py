@@ -131,16 +131,19 @@ def test_one_record_moves_the_clipped_release_by_at_most_the_clipping_norm(setup
     assert float(_flat(exact).norm()) > C
 
 
-def test_noise_has_the_calibrated_scale(setup):
+@pytest.mark.parametrize("subset", [False, True])
+def test_noise_has_the_calibrated_scale(setup, subset):
+    """σ·C over every record; σ·2C over a fixed-size subset (the mechanism a run's round 0 uses)."""
     model, batch, layers = setup
     exact = _collect(model, batch, layers, range(6), kinds=("gradients",))
     sigma, C = 2.0, 1e6  # C above every record's norm: only the noise differs from the exact sums
-    noisy = _collect(model, batch, layers, range(6), kinds=("gradients",),
-                     privacy=StatisticsPrivacy(sigma, C, torch.Generator().manual_seed(1)))
+    generator = torch.Generator().manual_seed(1)
+    mechanism = StatisticsPrivacy.subset_of(sigma, C, generator) if subset else StatisticsPrivacy(sigma, C, generator)
+    noisy = _collect(model, batch, layers, range(6), kinds=("gradients",), privacy=mechanism)
     noise = _flat(noisy) - _flat(exact)
     assert noisy.privatized and noisy.noise_multiplier == sigma
-    assert float(noise.std()) == pytest.approx(sigma * C, rel=0.05)  # thousands of coordinates
-    assert abs(float(noise.mean())) < 0.05 * sigma * C
+    assert float(noise.std()) == pytest.approx(sigma * C * (2 if subset else 1), rel=0.05)  # thousands of coordinates
+    assert abs(float(noise.mean())) < 0.05 * sigma * C * (2 if subset else 1)
 
 
 def test_covariance_noise_is_symmetric(setup):
@@ -191,3 +194,32 @@ def test_calibration_needs_the_base_model(setup):
     layers = match_targets(model, ["query"])
     with pytest.raises(AdapterError, match="calibration needs the base model"):
         collect_calibration(adapted, [(batch.input_ids, batch.attention_mask, LABELS)], layers, ["inputs"])
+
+
+def test_the_calibration_subset_changes_by_one_record_in_and_one_out_when_a_record_is_added(setup):
+    """The round-0 subset is chosen by a seeded hash of each record's content, so a neighbouring dataset (one record
+    more) changes it by at most one record in and one out, wherever the new record sits: the sensitivity 2C the
+    noise is sized to. A seeded permutation of positions would reshuffle it whole."""
+    from fedspec.builders import calibration_subset
+    from fedspec.models import Tokenized
+
+    _, batch, _ = setup
+    contents = lambda inputs, labels, idx: {(tuple(inputs.input_ids[i][inputs.attention_mask[i].bool()].tolist()),  # noqa: E731
+                                             int(labels[i])) for i in idx.tolist()}
+    for new in range(len(TEXTS)):  # leave record `new` out, then add it back at the end
+        keep = [i for i in range(len(TEXTS)) if i != new] + [new]
+        for rows in (keep[:-1], keep):
+            assert len(calibration_subset(Tokenized(batch.input_ids[rows], batch.attention_mask[rows]), LABELS[rows],
+                                          9, seed=3)) == len(rows)  # fewer records than the cap: all of them
+        small = Tokenized(batch.input_ids[keep[:-1]], batch.attention_mask[keep[:-1]])
+        large = Tokenized(batch.input_ids[keep], batch.attention_mask[keep])
+        before = contents(small, LABELS[keep[:-1]], calibration_subset(small, LABELS[keep[:-1]], 3, seed=3))
+        after = contents(large, LABELS[keep], calibration_subset(large, LABELS[keep], 3, seed=3))
+        assert len(before) == len(after) == 3 and len(after - before) <= 1 and len(before - after) <= 1
+    assert not torch.equal(calibration_subset(batch, LABELS, 3, seed=3), calibration_subset(batch, LABELS, 3, seed=4))
+
+
+def test_a_fixed_size_subset_is_noised_for_twice_the_clipping_norm():
+    mechanism = StatisticsPrivacy.subset_of(1.5, 0.25)
+    assert mechanism.noise_std == pytest.approx(2 * 1.5 * 0.25)
+    assert StatisticsPrivacy(1.5, 0.25).noise_std == pytest.approx(1.5 * 0.25)  # every record summed: C

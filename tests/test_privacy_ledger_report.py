@@ -336,5 +336,5 @@ def test_what_the_server_sees_follows_the_settings():
     assert "**Round-0 statistics of client data:** adapter.method=corda initializes from" in exact
     assert "not privatized in this run (set privacy.private_init_stats=true)" in exact
     private = "\n".join(_server_sees(["adapter=corda", "privacy.private_init_stats=true"]))
-    assert "each client clipped and noised its sums (Gaussian mechanism, σ = 5)" in private
+    assert "each client clipped and noised its sums over a fixed-size subset of its records (Gaussian mechanism, noise σ = 5 times the subset's sensitivity 2C)" in private
     assert "not privatized" not in private

@@ -20,12 +20,14 @@ The loss is the classifier's cross-entropy on the example's label; padding token
 
 Privatized release (:class:`StatisticsPrivacy`): each example's contribution to EVERY statistic of EVERY layer,
 seen as one vector, is clipped to L2 norm ``max_norm`` = C, the clipped contributions are summed, and Gaussian
-noise N(0, σ²C²) is added to every released coordinate (for the symmetric ``xx`` the upper triangle is noised and
-mirrored, which is post-processing). Adding or removing one record moves the released vector by at most C, so
-this is the Gaussian mechanism with sensitivity C: its Rényi DP is ε(α) = α/(2σ²), exactly that of one DP-SGD step
-with sample rate q = 1. A privacy ledger records it as the entry (σ, q = 1, steps = 1), which composes with the
-client's DP-SGD steps by the same accountant. The number of examples is released as is (as clients already release
-their number of records for weighting).
+noise N(0, σ²Δ²) is added to every released coordinate (for the symmetric ``xx`` the upper triangle is noised and
+mirrored, which is post-processing). Δ is the sensitivity: adding or removing one record moves the clipped sum by at
+most C when every record is summed, and by at most 2C when the sum covers a fixed-size subset (one record in, one
+out; ``StatisticsPrivacy.sensitivity``). Noise σ·Δ makes it the Gaussian mechanism whose Rényi DP is
+ε(α) = α/(2σ²), exactly that of one DP-SGD step with sample rate q = 1. A privacy ledger records it as the entry
+(σ, q = 1, steps = 1), which composes with the client's DP-SGD steps by the same accountant. The number of
+examples a sum covers is not private: a client releases it only where it releases its number of records anyway
+(``federation.weighting=examples``; see ``client/statistics.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ class StatisticsPrivacy:
     max_norm: float
     # Seeded noise is reproducible and therefore not private against anyone who knows the seed: tests only.
     generator: torch.Generator | None = None
+    # How far one record more or less moves the clipped sum (L2): C when every record of the batches is summed;
+    # 2C for a fixed-size subset of the records (one record in, one out): the noise is σ times this.
+    sensitivity: float | None = None
+
+    @classmethod
+    def subset_of(cls, noise_multiplier: float, max_norm: float, generator: torch.Generator | None = None):
+        """The mechanism on a fixed-size subset chosen by content (``fedspec.builders.calibration_subset``)."""
+        return cls(noise_multiplier, max_norm, generator, sensitivity=2.0 * max_norm)
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * (self.sensitivity if self.sensitivity is not None else self.max_norm)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
@@ -334,7 +348,7 @@ def collect_calibration(
     if count == 0:
         raise AdapterError("calibration got no examples; give it at least one batch")
     if privacy is not None:
-        std = privacy.noise_multiplier * privacy.max_norm
+        std = privacy.noise_std
         sums = {
             name: {key: _noised(key, stats[key], std, privacy.generator) for key in keys}
             for name, stats in sums.items()
