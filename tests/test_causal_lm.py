@@ -200,6 +200,21 @@ def test_classification_cast_as_generation_answers_with_label_words():
         cast_classification(examples, "{text}", ["only"])
     with pytest.raises(DataError, match="must contain {text}"):
         cast_classification(examples, "no slot", None)
+    news = TextExamples(["a", "b"], [0, 3], ["Business", "Sci/Tech", "Sports", "World"])
+    with pytest.raises(DataError, match=r"class names in another order.*\['Business', 'Sci/Tech', 'Sports', 'World'\]"):
+        cast_classification(news, "{text}", ["World", "Sports", "Business", "Sci/Tech"])
+
+
+def test_the_agnews_recipe_answers_each_class_with_its_own_name(shared_data):
+    """data=agnews data.task=causal_lm: the word a record is trained to answer is its class's name."""
+    from fedspec.builders import build_task
+    from fedspec.config import compose_config
+
+    cfg = compose_config(["data=agnews", f"data.path={shared_data / 'agnews' / 'train.tsv'}", "data.max_examples=400",
+                          "data.eval_examples=100", "data.task=causal_lm", "model=tiny-llama"])
+    task = build_task(cfg.data, cfg.run.seed)
+    assert task.train.records and all(record[-1][1] == task.train.label_names[label]
+                                      for record, label in zip(task.train.records, task.train.labels))
 
 
 # --- exact per-sample gradients on decoder layers ------------------------------------------------------------------

@@ -147,6 +147,11 @@ def cast_classification(examples: TextExamples, prompt: str, label_words: Sequen
     if len(words) != examples.num_classes:
         raise DataError(f"data.label_words has {len(words)} words for {examples.num_classes} classes "
                         f"({examples.label_names}); give one word per class")
+    names = [str(name).lower() for name in examples.label_names]
+    if sorted(w.lower() for w in words) == sorted(names) and [w.lower() for w in words] != names:
+        # The class names themselves in another order: every record would answer with another class's name.
+        raise DataError(f"data.label_words {words} are the class names in another order; label_words[i] is the "
+                        f"word of class i, and the classes are, in order: {list(examples.label_names)}")
     if "{text}" not in prompt:
         raise DataError(f"data.prompt={prompt!r} must contain {{text}}, where each record's text goes")
     records = [(("user", prompt.replace("{text}", text)), ("assistant", words[label]))
