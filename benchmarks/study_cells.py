@@ -1,5 +1,5 @@
 """The accuracy study's grid: its cells, the command each one runs, the record it leaves, and how a
-learning rate is chosen. Pure functions (no torch, no Flower) except :func:`subgroup_accuracy`; :func:`run_config`
+learning rate is chosen. Pure functions (no torch, no Flower) except :func:`subgroup_scores`; :func:`run_config`
 composes Hydra's config."""
 
 from __future__ import annotations
@@ -457,7 +457,7 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
         init = next((line for line in lines if line["kind"] == "init"), {})
         record["trainable"] = init.get("trainable_adapter", 0) + init.get("trainable_other", 0)
     if not cell.tune and DATASETS[cell.dataset][1] is not None:
-        record["subgroup_accuracy"] = subgroup_accuracy(run_dir)
+        record.update(subgroup_scores(run_dir))
     summary = f"accuracy {record['accuracy']:.4f}"
     if "subgroup_accuracy" in record:
         summary += f", whole sentences {record['subgroup_accuracy']:.4f}"
@@ -475,23 +475,44 @@ def last_rounds_drop(curve: list[float], rounds: int = 5) -> float:
     return max((max(trained[: i + 1]) - trained[i] for i in range(start, len(trained))), default=0.0)
 
 
-def subgroup_accuracy(run_dir: Path) -> float:
-    """Accuracy of the run's final adapter on the evaluation file's whole sentences (>= 15 words). SST-2's rows are
-    phrases of its parse trees as well as whole sentences (22 % of the rows have 15 words or more, in train.tsv and
-    validation.tsv alike); the long ones are the harder part."""
+def subgroup_scores(run_dir: Path) -> dict[str, float | int]:
+    """Accuracy of the run's final adapter on two parts of the evaluation file: its whole sentences (>= 15 words;
+    SST-2's rows are phrases of its parse trees as well as whole sentences, 22 % of the rows have 15 words or more,
+    in train.tsv and validation.tsv alike, and the long ones are the harder part), and its rows that no row the run
+    trained on contains (:func:`unseen_rows`)."""
     from fedspec.adapters import load_adapter
     from fedspec.builders import build_task, encode
     from fedspec.config import load_config_file
     from fedspec.models import build_classifier
-    from fedspec.training import evaluate
+    from fedspec.training import predict_logits
 
     cfg = load_config_file(run_dir / "config.yaml")
     task = build_task(cfg.data, cfg.run.seed)
-    long = [i for i, text in enumerate(task.eval.texts) if len(text.split()) >= WHOLE_SENTENCE_WORDS]
     model, tokenizer = build_classifier(cfg.model, task.num_classes, seed=cfg.run.seed)
     load_adapter(model, run_dir / "adapter")
-    inputs, labels = encode(tokenizer, task.eval.subset(long), cfg.model.max_length)
-    return evaluate(model, inputs, labels, cfg.train.eval_batch_size)["accuracy"]
+    inputs, labels = encode(tokenizer, task.eval, cfg.model.max_length)
+    right = (predict_logits(model, inputs, cfg.train.eval_batch_size).argmax(-1) == labels).tolist()
+    long = [i for i, text in enumerate(task.eval.texts) if len(text.split()) >= WHOLE_SENTENCE_WORDS]
+    unseen = unseen_rows(list(task.train.texts), list(task.eval.texts))
+    return {"subgroup_accuracy": sum(right[i] for i in long) / len(long),
+            "unseen_accuracy": sum(right[i] for i in unseen) / len(unseen) if unseen else None,
+            "unseen_rows": len(unseen)}
+
+
+def unseen_rows(train_texts: list[str], eval_texts: list[str]) -> list[int]:
+    """Indices of the evaluation rows that are no run of whole words inside any training row.
+
+    SST-2's rows are the phrases of its sentences' parse trees, and a validation file carved from GLUE's training
+    rows (as ``validation.tsv`` is) holds phrases of sentences whose other phrases, or whole sentence, are in
+    ``train.tsv``: a model has then trained on the words it is scored on. These rows are the ones it has not."""
+    spans: dict[int, set[tuple[str, ...]]] = {}
+    wanted = {len(text.split()) for text in eval_texts}
+    for text in train_texts:
+        words = tuple(text.split())
+        for length in wanted:
+            if length <= len(words):
+                spans.setdefault(length, set()).update(words[i:i + length] for i in range(len(words) - length + 1))
+    return [i for i, text in enumerate(eval_texts) if tuple(text.split()) not in spans.get(len(text.split()), ())]
 
 
 def with_lr(cell: Cell, lr: float) -> Cell:

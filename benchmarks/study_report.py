@@ -85,17 +85,22 @@ def _lr_source(grid: Grid) -> str:
 
 
 def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
-    lines = [("| data | strategy | adapter | ε | partition | lr | final accuracy | whole sentences | last-5 spread "
-              "| last-5 drop | max client ε | bytes / client / round | minutes / run |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    # Rows no training row contains: scored by cells that finished since the study began to score them.
+    unseen_column = any(r.get("unseen_accuracy") is not None for r in results.values())
+    lines = [("| data | strategy | adapter | ε | partition | lr | final accuracy | whole sentences "
+              + ("| rows unseen in training " if unseen_column else "")
+              + "| last-5 spread | last-5 drop | max client ε | bytes / client / round | minutes / run |"),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if unseen_column else "") + "---|---|---|---|---|"]
     for (dataset, strategy, adapter, eps, partition), records in sorted(_config_groups(grid, results).items()):
         subgroup = [r["subgroup_accuracy"] for r in records if r.get("subgroup_accuracy") is not None]
+        unseen = [r["unseen_accuracy"] for r in records if r.get("unseen_accuracy") is not None]
         epsilons = [r["max_epsilon"] for r in records if r.get("max_epsilon") is not None]
         sent = [r["bytes_per_client_round"] for r in records if r.get("bytes_per_client_round")]
         cells = [
             dataset, strategy, adapter, eps, "pooled" if strategy == CENTRALIZED else partition, f"{records[0]['lr']:g}",
             _mean_ci([r["accuracy"] for r in records]),
             _mean_ci(subgroup) if subgroup else "—",
+            *([_mean_ci(unseen) if unseen else "—"] if unseen_column else []),
             "—" if strategy == CENTRALIZED else f"{max(r['last5_spread'] for r in records):.3f}",  # one epoch
             "—" if strategy == CENTRALIZED else f"{max(last_rounds_drop(r['curve']) for r in records):.3f}",
             f"{max(epsilons):.3f}" if epsilons else "—",

@@ -371,3 +371,9 @@ def test_the_missing_cells_are_listed_when_few_and_counted_by_group_when_many():
     sweep_rates = len(MINIMUM.rates(ran.strategy))
     assert rows[ran.group][0] == sweep_rates - 1  # the one sweep cell that ran is not missing
     assert ("agnews", "fedavg", "svfit") in rows and ("sst2", "fedavg", "pissa") not in rows
+
+
+def test_unseen_rows_are_those_no_training_row_contains_as_a_run_of_whole_words():
+    train = ["a gorgeous , witty film", "the plot is thin", "bad"]
+    evaluation = ["gorgeous , witty", "witty film !", "the plot", "plot is thin but fun", "bad", "ba", "thin"]
+    assert study_cells.unseen_rows(train, evaluation) == [1, 3, 5]  # "ba" is in "bad" as letters, not as a word
