@@ -56,6 +56,7 @@ def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
         _remove(run_dir)
     log = out / "logs" / f"{cell.key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    code = code_state()  # before the run starts: a commit made while it runs is not the code it ran
     started = time.monotonic()
     env = {**os.environ, "FLWR_HOME": str(out / "flwr-home")}
     with log.open("a") as handle:
@@ -63,14 +64,22 @@ def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"cell {cell.key} failed (exit {done.returncode}); see {log}")
     record = study_cells.result(cell, run_dir, seconds=time.monotonic() - started, resumed=resuming)
-    return {**record, "commit": _commit()}
+    return {**record, **code}
 
 
-def _commit() -> str | None:
-    """The fedspec commit a cell ran on (results of different code must not be pooled silently)."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
-    return done.stdout.strip() or None
+def code_state() -> dict:
+    """The fedspec commit a cell runs on, and whether tracked files differed from it (results of different code
+    must not be pooled silently). None for both outside a git checkout."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or None,
+            "uncommitted_changes": None if commit is None or changed is None else bool(changed)}
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command in the fedspec checkout, or None where it fails."""
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _remove(path: Path) -> None:

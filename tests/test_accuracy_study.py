@@ -33,7 +33,7 @@ from study_cells import (
     tuning_cells,
     with_lr,
 )
-from study_report import confidence_interval, paired_table
+from study_report import code_version, confidence_interval, paired_table
 
 
 def test_minimum_grid_covers_the_issue_and_keys_are_unique():
@@ -279,6 +279,46 @@ def test_shards_split_the_grid_without_overlap():
     assert set.union(*shards) == {c.key for c in cells}
     assert sum(len(s) for s in shards) == len(cells)
     assert min(len(s) for s in shards) > len(cells) / 6  # roughly balanced
+
+
+def test_a_cell_records_the_commit_its_run_started_on(tmp_path, monkeypatch):
+    """Not the one checked out when it finished: here a commit lands, and a tracked file changes, while it runs."""
+    for variable in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(variable, "test@example.com")
+    repo = tmp_path / "repo"
+    real_run = subprocess.run
+
+    def git(*args: str) -> str:
+        return real_run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    repo.mkdir()
+    git("init", "-q")
+    (repo / "code.py").write_text("v1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "v1")
+    started_on = git("rev-parse", "--short", "HEAD")
+
+    def run(command, *args, **kwargs):
+        if "fedspec.cli" not in command:
+            return real_run(command, *args, **kwargs)
+        (repo / "code.py").write_text("v2\n")
+        git("commit", "-qam", "v2")
+        (repo / "code.py").write_text("v3, not committed\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(accuracy, "ROOT", repo)
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(study_cells, "result", lambda cell, run_dir, **_: {"key": cell.key})
+    record = accuracy.run_cell(tuning_cells(SMOKE)[0], SMOKE, tmp_path / "out", tmp_path)
+    assert (record["commit"], record["uncommitted_changes"]) == (started_on, False)
+    assert code_version(record) == started_on  # the report marks a cell run on uncommitted changes
+    assert code_version({**record, "uncommitted_changes": True}) == f"{started_on} with uncommitted changes"
+    assert accuracy.code_state() == {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes": True}
+    git("checkout", "code.py")
+    (repo / "scratch.txt").write_text("an untracked file is not part of the code a cell runs\n")
+    assert accuracy.code_state()["uncommitted_changes"] is False
+    monkeypatch.setattr(accuracy, "ROOT", tmp_path / "out")  # not a git checkout
+    assert accuracy.code_state() == {"commit": None, "uncommitted_changes": None}
 
 
 def test_confidence_interval_known_value():
