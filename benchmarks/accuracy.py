@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py                      # the quick grid, then docs/results.md
     python benchmarks/accuracy.py --grid minimum       # the issue's minimum grid (days of CPU; hours on a GPU)
-    python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (any machine)
+    python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (shards share --out)
     python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
     python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
     python benchmarks/accuracy.py --grid batch32       # the batch-32 recipe SST-2 had before, across ε
@@ -14,12 +14,20 @@
 Every cell is one real run — `fedspec simulate` (Flower's simulation runtime, Opacus DP-SGD on every client)
 or `fedspec train` (the centralized baseline at the same ε and a matched number of DP-SGD steps) — in its own
 process, on the real SST-2 / AG News files. A cell's result is one JSON file written when it finishes, so a
-killed study continues where it stopped (a half-finished federation resumes from its last checkpoint), and
-shards on several machines only need their `cells/` folders copied together before `--report`. Grids share runs:
-a cell whose configuration another grid has finished (under the same --out) is adopted from it, not run again.
+killed study continues where it stopped (a half-finished federation resumes from its last checkpoint). Grids share
+runs: a cell whose configuration another grid has finished (under the same --out) is adopted from it, not run again.
 
 Learning rates are tuned per (dataset, strategy, adapter) on a validation split carved from the *training*
 file (`data.validation=true`); the chosen rate then runs on the evaluation file, which no run trains or tunes on.
+So a final cell can run only once every cell of its sweep has finished, whichever shard ran them.
+
+Shards: `--shard I/N` runs every N-th sweep cell and every N-th final, a final's shard fixed by its configuration
+before the rate is chosen. Shards that share one --out folder (processes on one machine) see each other's results:
+a shard with nothing to run while its finals wait for sweep cells another shard runs waits for them (reading cells/
+every --wait-interval seconds), and exits once its own cells are all done.
+Shards on separate machines, each with its own --out, cannot see each other's sweeps: run them with --no-wait, copy
+their cells/ folders together, then run every shard again (or one process without --shard) for the finals; only
+then `--report` has them all.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
         _remove(run_dir)
     log = out / "logs" / f"{cell.key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    code = code_state()  # before the run starts: a commit made while it runs is not the code it ran
     started = time.monotonic()
     env = {**os.environ, "FLWR_HOME": str(out / "flwr-home")}
     with log.open("a") as handle:
@@ -63,14 +72,22 @@ def run_cell(cell: Cell, grid: Grid, out: Path, data_root: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"cell {cell.key} failed (exit {done.returncode}); see {log}")
     record = study_cells.result(cell, run_dir, seconds=time.monotonic() - started, resumed=resuming)
-    return {**record, "commit": _commit()}
+    return {**record, **code}
 
 
-def _commit() -> str | None:
-    """The fedspec commit a cell ran on (results of different code must not be pooled silently)."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=False)
-    return done.stdout.strip() or None
+def code_state() -> dict:
+    """The fedspec commit a cell runs on, and whether tracked files differed from it (results of different code
+    must not be pooled silently). None for both outside a git checkout."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    changed = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or None,
+            "uncommitted_changes": None if commit is None or changed is None else bool(changed)}
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command in the fedspec checkout, or None where it fails."""
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _remove(path: Path) -> None:
@@ -167,8 +184,20 @@ def describe_duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
-def in_shard(index: int, shard: tuple[int, int]) -> bool:
-    return index % shard[1] == shard[0]
+def in_shard(cell: Cell, shard: tuple[int, int]) -> bool:
+    """Whether ``shard`` (I, N) runs ``cell``. A final is placed by its key before the rate is chosen, so each shard
+    knows its finals while their sweeps still run, whichever rate the sweep chooses."""
+    placed = cell if cell.tune else with_lr(cell, None)
+    return study_cells.stable_index(placed) % shard[1] == shard[0]
+
+
+def describe_wait(grid: Grid, finals: list[Cell], results: dict[str, dict]) -> str:
+    """What a shard with nothing to run waits for: the unfinished sweep cells of its waiting finals (all of them
+    other shards' cells, or it would be running one)."""
+    groups = {cell.group for cell in finals}
+    sweeps = [c for c in study_cells.tuning_cells(grid) if c.group in groups and c.key not in results]
+    return (f"{len(finals)} finals of this shard wait for {len(sweeps)} sweep cells other shards run "
+            f"(e.g. {sweeps[0].key})")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -186,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--grid", choices=sorted(study_cells.GRIDS), default="quick", help="which grid (default quick)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: run every N-th cell from the I-th")
+    parser.add_argument("--wait-interval", type=float, default=30.0, metavar="SECONDS",
+                        help="how often a shard whose finals wait for other shards' sweeps reads cells/ (default 30)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="exit instead of waiting for other shards' sweeps (shards on separate machines)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with sst2/ and agnews/")
     parser.add_argument("--page", type=Path, default=None,
@@ -206,22 +239,33 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             parser.error(f"--data {args.data} has no {', '.join(missing)}/ folder")
         ran = 0
+        said = None  # what this shard last said it waits for
         while args.max_cells is None or ran < args.max_cells:
             results = load_results(out)
             ready, waiting = pending_cells(grid, results)
-            mine = [cell for cell in ready if in_shard(study_cells.stable_index(cell), args.shard)]
-            # A waiting final's shard depends on the rate its sweep will choose: count each shard's share of them.
-            left = time_left(mine, results)
-            eta = "" if left is None else \
-                f"about {describe_duration(left + time_left(waiting, results) / args.shard[1])} left"
+            mine, mine_waiting = ([c for c in cells if in_shard(c, args.shard)] for cells in (ready, waiting))
+            left = time_left(mine + mine_waiting, results)
+            eta = "" if left is None else f"about {describe_duration(left)} left"
             if args.list:
                 for cell in mine:
                     print(cell.key)
-                print(f"{len(mine)} to run in this shard; {len(waiting)} wait for their learning-rate sweep"
+                print(f"{len(mine)} to run in this shard; {len(mine_waiting)} wait for their learning-rate sweep"
                       + (f"; {eta}" if eta else ""))
                 return 0
             if not mine:
-                break
+                if not mine_waiting:
+                    break  # all of this shard's cells are done
+                waits = describe_wait(grid, mine_waiting, results)
+                if args.no_wait:
+                    print(f"{waits}: once those are in cells/ (copied from the other machines), run this shard "
+                          "again", flush=True)
+                    break
+                if waits != said:  # once, and again as other shards finish sweep cells
+                    print(f"{waits}; reading cells/ every {args.wait_interval:g} s (separate machines: --no-wait)",
+                          flush=True)
+                    said = waits
+                time.sleep(args.wait_interval)
+                continue
             cell = mine[0]
             total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
             done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates

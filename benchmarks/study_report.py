@@ -284,6 +284,13 @@ def shared_note(results: dict[str, dict]) -> list[str]:
     return [note, ""]
 
 
+def code_version(record: dict) -> str:
+    """The commit a cell ran on, marked where tracked files differed from it (cells before that was recorded are
+    not marked)."""
+    commit = record.get("commit") or "unrecorded"
+    return f"{commit} with uncommitted changes" if record.get("uncommitted_changes") else commit
+
+
 def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) -> None:
     images = page.parent / "img"
     images.mkdir(parents=True, exist_ok=True)
@@ -321,7 +328,7 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         lines += [f"![accuracy vs ε](img/{eps_plot.name})", ""]
     if has_rounds:
         lines += [f"![accuracy over rounds](img/{rounds_plot.name})", ""]
-    commits = sorted({r.get("commit") or "unrecorded" for r in results.values()})
+    commits = sorted({code_version(r) for r in results.values()})
     code = f"Code: commit{'s' if len(commits) > 1 else ''} {', '.join(commits)} (each cell records the commit it ran on)."
     lines += [code, "", *shared_note(results)]
     if grid.tuned:

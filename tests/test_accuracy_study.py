@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from study_cells import (
     tuning_cells,
     with_lr,
 )
-from study_report import confidence_interval, paired_table
+from study_report import code_version, confidence_interval, paired_table
 
 
 def test_minimum_grid_covers_the_issue_and_keys_are_unique():
@@ -275,10 +276,120 @@ def test_last_rounds_drop_tells_a_swing_from_a_rise():
 
 def test_shards_split_the_grid_without_overlap():
     cells = tuning_cells(MINIMUM) + final_cells(MINIMUM)
-    shards = [{c.key for c in cells if accuracy.in_shard(study_cells.stable_index(c), (i, 3))} for i in range(3)]
+    shards = [{c.key for c in cells if accuracy.in_shard(c, (i, 3))} for i in range(3)]
     assert set.union(*shards) == {c.key for c in cells}
     assert sum(len(s) for s in shards) == len(cells)
     assert min(len(s) for s in shards) > len(cells) / 6  # roughly balanced
+    # a final's shard is known before its sweep chooses the rate, and is the same at every rate
+    for final in final_cells(MINIMUM):
+        rates = study_cells.lrs_for(MINIMUM, final.strategy)
+        assert len({accuracy.in_shard(with_lr(final, lr), (0, 3)) for lr in (None, *rates)}) == 1
+
+
+def _fake_cells(monkeypatch, seconds: float = 0.0) -> list[str]:
+    """Make accuracy.main run no real cell: each takes ``seconds`` and a sweep cell scores best at lr 1. Returns the
+    keys of the cells run, in order (shared by every thread)."""
+    ran, lock = [], threading.Lock()
+
+    def run_cell(cell, grid, out, data_root):
+        time.sleep(seconds)
+        with lock:
+            ran.append(cell.key)
+        return {**cell.__dict__, "key": cell.key, "score": 1 / (1 + abs(math.log(cell.lr))), "seconds": seconds,
+                "resumed": False, "summary": "fake"}
+
+    monkeypatch.setattr(accuracy, "run_cell", run_cell)
+    monkeypatch.setattr(accuracy, "write_report", lambda grid, results, page, out: None)
+    return ran
+
+
+def _study_args(tmp_path: Path, shard: str, *extra: str) -> list[str]:
+    data = tmp_path / "data"
+    for name in ("sst2", "agnews"):
+        (data / name).mkdir(parents=True, exist_ok=True)
+    return ["--grid", "quick", "--out", str(tmp_path / "out"), "--data", str(data), "--page",
+            str(tmp_path / "results.md"), "--shard", shard, *extra]
+
+
+def test_concurrent_shards_wait_for_each_others_sweeps_and_run_every_final_once(tmp_path, monkeypatch):
+    """A final is ready only once its whole sweep has run, part of it in the other shard: a shard that ran out of
+    ready cells used to exit and leave its finals unrun (6 of the quick grid's 12 with equal cell times)."""
+    grid = study_cells.QUICK
+    ran = _fake_cells(monkeypatch, seconds=0.02)
+    exits = {}
+
+    def shard(index: int) -> None:
+        exits[index] = accuracy.main(_study_args(tmp_path, f"{index}/2", "--wait-interval", "0.01"))
+
+    threads = [threading.Thread(target=shard, args=(i,), daemon=True) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads) and exits == {0: 0, 1: 0}
+    finals = {with_lr(c, 1.0).key for c in final_cells(grid)}  # the fake sweeps choose lr 1
+    assert len(ran) == len(set(ran)) == len(tuning_cells(grid)) + len(finals)  # each cell once
+    assert finals <= set(ran) and finals <= set(accuracy.load_results(tmp_path / "out" / "quick"))
+
+
+def test_separate_machines_run_their_finals_in_a_second_pass_after_the_sweeps_are_merged(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--no-wait: a shard whose finals wait for another machine's sweep cells says so and exits; once those cells
+    are copied into its cells/ folder, running it again runs its finals."""
+    grid = study_cells.QUICK
+    ran = _fake_cells(monkeypatch)
+    assert accuracy.main(_study_args(tmp_path, "0/2", "--no-wait")) == 0
+    mine = [c for c in tuning_cells(grid) if accuracy.in_shard(c, (0, 2))]
+    my_finals = [c for c in final_cells(grid) if accuracy.in_shard(c, (0, 2))]
+    assert set(ran) >= {c.key for c in mine} and "run this shard again" in capsys.readouterr().out
+    for cell in tuning_cells(grid):  # the other machine's sweep cells (from the fake runner), copied in
+        if cell not in mine:
+            accuracy.save_result(tmp_path / "out" / "quick", accuracy.run_cell(cell, grid, tmp_path, tmp_path))
+    assert accuracy.main(_study_args(tmp_path, "0/2", "--no-wait")) == 0
+    assert "run this shard again" not in capsys.readouterr().out
+    results = accuracy.load_results(tmp_path / "out" / "quick")
+    assert all(with_lr(c, 1.0).key in results for c in my_finals)
+    assert not any(with_lr(c, 1.0).key in results for c in final_cells(grid) if c not in my_finals)
+
+
+def test_a_cell_records_the_commit_its_run_started_on(tmp_path, monkeypatch):
+    """Not the one checked out when it finished: here a commit lands, and a tracked file changes, while it runs."""
+    for variable in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(variable, "test@example.com")
+    repo = tmp_path / "repo"
+    real_run = subprocess.run
+
+    def git(*args: str) -> str:
+        return real_run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    repo.mkdir()
+    git("init", "-q")
+    (repo / "code.py").write_text("v1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "v1")
+    started_on = git("rev-parse", "--short", "HEAD")
+
+    def run(command, *args, **kwargs):
+        if "fedspec.cli" not in command:
+            return real_run(command, *args, **kwargs)
+        (repo / "code.py").write_text("v2\n")
+        git("commit", "-qam", "v2")
+        (repo / "code.py").write_text("v3, not committed\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(accuracy, "ROOT", repo)
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(study_cells, "result", lambda cell, run_dir, **_: {"key": cell.key})
+    record = accuracy.run_cell(tuning_cells(SMOKE)[0], SMOKE, tmp_path / "out", tmp_path)
+    assert (record["commit"], record["uncommitted_changes"]) == (started_on, False)
+    assert code_version(record) == started_on  # the report marks a cell run on uncommitted changes
+    assert code_version({**record, "uncommitted_changes": True}) == f"{started_on} with uncommitted changes"
+    assert accuracy.code_state() == {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes": True}
+    git("checkout", "code.py")
+    (repo / "scratch.txt").write_text("an untracked file is not part of the code a cell runs\n")
+    assert accuracy.code_state()["uncommitted_changes"] is False
+    monkeypatch.setattr(accuracy, "ROOT", tmp_path / "out")  # not a git checkout
+    assert accuracy.code_state() == {"commit": None, "uncommitted_changes": None}
 
 
 def test_confidence_interval_known_value():

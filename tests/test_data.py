@@ -246,6 +246,42 @@ def test_error_format_and_structure(tmp_path):
     assert "line 3" in error_of(load_examples, short_row)
 
 
+def test_a_row_with_a_stray_tab_is_refused_not_made_a_class(tmp_path):
+    """The lenient reader took the extra field as the label: 'stray' became a third class."""
+    path = write(tmp_path / "d.tsv", "text\tlabel\ngood\tpos\nbad\tstray\tneg\nfine\tpos\n")
+    message = error_of(load_examples, path)
+    assert f"line 3 of {path} has 3 fields ['bad', 'stray', 'neg'], but the first row (line 1) has 2" in message
+    headerless = write(tmp_path / "h.tsv", "a\tWorld\nb\tSports\nc\tWorld\n\nd\n")  # too few: blank lines count
+    assert f"line 5 of {headerless} has 1 fields ['d']" in error_of(load_examples, headerless)
+
+
+def test_an_unclosed_quote_is_refused_instead_of_swallowing_the_rows_after_it(tmp_path):
+    # the lenient reader read lines 2-4 as one record (text 'oops\t1\nfine\t0\nquoted"'), losing two rows
+    later_quote = write(tmp_path / "a.tsv", 'text\tlabel\n"oops\t1\nfine\t0\n"quoted"\t1\nlast\t0\n')
+    message = error_of(load_examples, later_quote)
+    assert f"line 2 of {later_quote} could not be parsed as TSV" in message and "read up to line 4" in message
+    never_closed = write(tmp_path / "b.tsv", 'text\tlabel\na\t1\n"oops\t1\nfine\t0\n')
+    assert f"line 3 of {never_closed} could not be parsed as TSV (unexpected end of data" in error_of(
+        load_examples, never_closed)
+    # closed right before a tab, the swallowed rows make a field of the right count: its tabs give it away
+    closed_late = write(tmp_path / "c.tsv", 'text\tlabel\n"oops\t1\nfine\t0\nends here"\t1\nnext\t0\n')
+    assert f"lines 2-4 of {closed_late} were read as one quoted field" in error_of(load_examples, closed_late)
+
+
+def test_properly_quoted_files_with_crlf_bom_and_blank_lines_still_load(tmp_path):
+    # AG News as its CSV ships: every field quoted, commas and doubled quotes inside, the label first
+    agnews = write(tmp_path / "agnews.csv", '\ufeff"3","Wall St. Bears Claw Back","Short-sellers, Wall Street\'s '
+                   'dwindling band, see ""green"" again."\r\n\r\n"4","Tech","A chip, faster."\r\n')
+    examples = load_examples(agnews, has_header=False, text_field=2, label_field=0)
+    assert examples.texts == ['Short-sellers, Wall Street\'s dwindling band, see "green" again.', "A chip, faster."]
+    assert examples.labels == [3, 4] and examples.label_names == ["0", "1", "2", "3", "4"]
+    # pandas' to_csv(sep="\t") quotes a text that holds a tab, a quote or a line break: all are kept
+    tsv = write(tmp_path / "d.tsv", 'text\tlabel\r\n"tab\there"\t1\r\n"first line\r\nsecond line"\t0\r\n'
+                '"say ""hi"""\t1\r\n\r\n')
+    examples = load_examples(tsv)
+    assert examples.texts == ["tab\there", "first line\r\nsecond line", 'say "hi"'] and examples.labels == [1, 0, 1]
+
+
 def test_load_hf_dataset_without_datasets_says_it_is_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     assert "not installed" in error_of(load_hf_dataset, "ag_news", "train")

@@ -19,7 +19,11 @@ Header rows (TSV / CSV)
     strings); the default names "text" and "label" mean columns 0 and 1 of a two-column file.
 
 Quoting follows the csv module's defaults (RFC 4180 style ``"..."`` with doubled quotes), which is how
-pandas and the csv writer save TSV files too.
+pandas and the csv writer save TSV files too, parsed strictly: a field that opens with ``"`` must close it right
+before the next delimiter or the line end. Every row must have as many fields as the first (the header, if any):
+a stray delimiter would otherwise shift a text into the label column and make a class of it. A quoted field may
+span lines (a review with paragraphs), but in a TSV not lines that hold tabs: that is what rows swallowed by an
+unclosed ``"`` look like. Blank lines, CRLF line ends and a UTF-8 byte order mark are fine.
 """
 
 from __future__ import annotations
@@ -275,23 +279,64 @@ def _not_utf8(file: Path, error: UnicodeDecodeError) -> DataError:
 
 
 def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
-    """Non-blank rows with the file line each ends on (quoted fields may span lines)."""
+    """Non-blank rows with the file line each ends on (quoted fields may span lines), each checked by
+    :func:`_check_row`. The csv module's default, lenient mode would take an unclosed quote as the start of a
+    field that swallows the rows after it; strict mode refuses it."""
     rows: list[tuple[int, list[str]]] = []
+    start = 1  # the line the row being parsed starts on
     try:
         with file.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
+            reader = csv.reader(handle, delimiter=delimiter, strict=True)
             for row in reader:
                 if any(cell.strip() for cell in row):
+                    first = rows[0] if rows else None
+                    _check_row(file, delimiter, row, (start, reader.line_num), first)
                     rows.append((reader.line_num, row))
+                start = reader.line_num + 1
     except UnicodeDecodeError as error:
         raise _not_utf8(file, error) from error
     except csv.Error as error:
-        raise DataError(f"{file} could not be parsed as {_format_name(delimiter)} ({error})") from error
+        reason = str(error).replace("\t", "\\t")  # csv names the tab it expected as a raw tab
+        raise DataError(
+            f"line {start} of {file} could not be parsed as {_format_name(delimiter)} ({reason}, read up to line "
+            f"{reader.line_num}); a field that opens with a quote must close it right before the next "
+            f"{_delimiter_name(delimiter)} or the line end, and quotes inside it are doubled (\"\")"
+        ) from error
     return rows
+
+
+def _check_row(
+    file: Path, delimiter: str, row: list[str], lines: tuple[int, int], first: tuple[int, list[str]] | None
+) -> None:
+    """Refuse a row whose fields do not line up with the first row's, or (TSV) rows swallowed by a quote."""
+    start, end = lines
+    if first is not None and len(row) != len(first[1]):
+        shown = _shorten(repr(row))
+        raise DataError(
+            f"line {start} of {file} has {len(row)} fields {shown}, but the first row (line {first[0]}) has "
+            f"{len(first[1])}; every row needs the same columns: check for a stray "
+            f"{_delimiter_name(delimiter)} or quote on that line"
+        )
+    # Only a quoted field holds a line break; lines that hold tabs inside one are rows it swallowed
+    swallowed = delimiter == "\t" and any(("\n" in cell or "\r" in cell) and "\t" in cell for cell in row)
+    if swallowed:
+        raise DataError(
+            f"lines {start}-{end} of {file} were read as one quoted field that spans tab-separated lines: "
+            f"the quote that opens it at line {start} is probably never closed, so the rows after it became its "
+            "text; remove that quote, double it (\"\"), or close the field before its tab"
+        )
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _format_name(delimiter: str) -> str:
     return "TSV" if delimiter == "\t" else "CSV"
+
+
+def _delimiter_name(delimiter: str) -> str:
+    return "tab" if delimiter == "\t" else "comma"
 
 
 def _fields_from_delimited(
@@ -324,16 +369,10 @@ def _fields_from_delimited(
             f"data.text_field and data.label_field both name column {text_column} of {file}; "
             "they must be different columns"
         )
-    needed = max(text_column, label_column) + 1
     texts: list[str] = []
     raw_labels: list[str] = []
     line_numbers: list[int] = []
-    for line_number, row in data_rows:
-        if len(row) < needed:
-            raise DataError(
-                f"line {line_number} of {file} has {len(row)} field(s) but column {needed - 1} is needed; "
-                f"check the delimiter ({_format_name(delimiter)} expected) and the column settings"
-            )
+    for line_number, row in data_rows:  # every row as wide as the first (_read_rows): both columns are there
         texts.append(row[text_column])
         raw_labels.append(row[label_column])
         line_numbers.append(line_number)
