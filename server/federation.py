@@ -8,6 +8,7 @@ its reports, when too few clients have budget left (or the client-level guarante
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -230,6 +231,8 @@ class Federation:
                 summary = self._train_round(round_)
                 self._record_round(round_, summary, time.monotonic() - started)
                 self._save_checkpoint(round_)
+            if stopped and self.rows[-1].round > 0 and self.rows[-1].answer_accuracy is None:
+                self._score_final_answers()
         write_final_reports(cfg, self.paths, self.model, self.rows, self.ledgers, declined=self.budget.declined,
                             stopped=stopped, client_level=self.level_ledger)
         return self.rows
@@ -293,6 +296,14 @@ class Federation:
                                   time.monotonic() - started, evaluation["answer_accuracy"]))
         self.log.write("round", **vars(self.rows[-1]))
         self.progress.round_done(self.rows[-1])
+
+    def _score_final_answers(self) -> None:
+        """A causal LM's answers are scored at the last round (greedy decoding is costly); a run the privacy budgets
+        stopped before it scores its final model's here, so the summary still compares start and end."""
+        answers = self.model.evaluate(self.global_state, answers=True).get("answer_accuracy")
+        if answers is not None:
+            self.rows[-1] = dataclasses.replace(self.rows[-1], answer_accuracy=answers)
+            self.log.write("answers", round=self.rows[-1].round, answer_accuracy=answers)
 
     def _stop_reason(self, round_: int) -> str | None:
         """Why the run ends before this round (privacy budgets), logged; None to go on."""

@@ -84,3 +84,21 @@ def test_a_deployed_node_reads_its_own_instruction_or_classification_file_as_the
     tokenizer = load_tokenizer("tiny-llama")
     answers = [tokenizer.decode([t for t in row.tolist() if t != IGNORE]) for row in own.labels]
     assert answers == ["positive [SEP]", "negative [SEP]"]
+
+
+def test_a_federation_the_budgets_stop_early_still_scores_its_final_answers(instruction_file, tmp_path):
+    """Answers are scored at the last round; a run whose clients' budgets end it after round 1 of 3 (σ = 1,
+    q = 1/5: ε 3.45 after one round's two steps, 4.24 after two) scores its final model's answers there."""
+    from fedspec.simulations.driver import simulate
+
+    cfg = compose_config([*_overrides(instruction_file, tmp_path, "run.name=stopped"), "federation.clients=2",
+                          "federation.rounds=3", "federation.fraction=1.0", "privacy.target_epsilon=null",
+                          "privacy.noise_multiplier=1.0", "privacy.budget_epsilon=4.0"])
+    simulate(cfg)
+    lines = MetricsLog(tmp_path / "stopped" / "metrics.jsonl").read()
+    rounds = [r for r in lines if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    answers = [r for r in lines if r["kind"] == "answers"]
+    assert len(answers) == 1 and answers[0]["round"] == 1 and answers[0]["answer_accuracy"] is not None
+    summary = (tmp_path / "stopped" / "summary.md").read_text()
+    assert f"→ {answers[0]['answer_accuracy']:.4f} (round 1)" in summary  # start → end, as a full run says
