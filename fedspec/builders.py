@@ -297,7 +297,8 @@ def calibrate(
     layers = calibration_layers(adapter, model)
     chosen = calibration_subset(inputs, labels, adapter.calibration_examples, seed)
     batch = (inputs.input_ids[chosen], inputs.attention_mask[chosen], labels[chosen])
-    return collect_calibration(model, [batch], layers, adapter.calibration_kinds, privacy=privacy)
+    return collect_calibration(model, [batch], layers, adapter.calibration_kinds, privacy=privacy,
+                               response_only=get_method(adapter.method).calibration_response_only)
 
 
 def calibration_subset(inputs: Tokenized, labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:

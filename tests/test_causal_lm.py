@@ -440,3 +440,30 @@ def test_held_out_scores_in_chunks_equal_those_of_the_full_logits(tokenizer, mod
         total, correct, count = model.response_scores(ids, mask, labels, chunk_tokens=chunk)
         assert count == int(response_mask(labels).sum()) and correct == right
         assert total == pytest.approx(nll, rel=1e-5)
+
+
+def test_evas_statistics_of_a_causal_lm_cover_its_response_tokens_only(tokenizer):
+    """EVA (as PEFT's use_label_mask) sums each record's layer inputs over its response tokens; CorDA, whose
+    reference covers the whole sequence, over every real token."""
+    from fedspec.builders import AdapterSettings, calibrate
+    from fedspec.config import compose_config
+
+    encoded = encode_conversations(tokenizer, RECORDS, 32)
+    ids, mask, labels = encoded.inputs.input_ids, encoded.inputs.attention_mask, encoded.labels
+    model = load_causal_lm("tiny-llama", vocab_size=len(tokenizer), seed=0)
+    layer = "lm.model.layers.0.self_attn.q_proj"
+    seen = []
+    handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model(ids, mask)
+    handle.remove()
+    inputs = seen[0].double()
+    expected = {}
+    for name, keep in (("eva", labels != IGNORE), ("corda", mask.bool())):
+        per_record = [inputs[i][keep[i]] for i in range(len(ids))]
+        expected[name] = sum(x.T @ x / len(x) for x in per_record)
+    for name in ("eva", "corda"):
+        cfg = compose_config([f"adapter={name}", "model=tiny-llama", f"adapter.targets=[{layer}]"])
+        calibration = calibrate(AdapterSettings.of(cfg.adapter), model, encoded.inputs, labels)
+        torch.testing.assert_close(calibration.sums[layer]["xx"], expected[name])
+    assert not torch.allclose(expected["eva"], expected["corda"])

@@ -16,7 +16,9 @@ x_1..x_T at the layer's input and output gradients δ_1..δ_T of that example's 
 - ``"fisher"``: ``fisher`` = row sums of (∇_W ℓ)², i.e. Σ_j (∇_W ℓ)_{ij}² (out): the empirical Fisher with equal
   importance within a row (FWSVD).
 
-The loss is the classifier's cross-entropy on the example's label; padding tokens never enter ``inputs``.
+The loss is the classifier's cross-entropy on the example's label; padding tokens never enter ``inputs``. For a
+causal LM, ``response_only`` (EVA's setting, as PEFT's ``use_label_mask``) keeps the prompt's tokens out of
+``inputs`` too: T counts the response tokens.
 
 Privatized release (:class:`StatisticsPrivacy`): each example's contribution to EVERY statistic of EVERY layer,
 seen as one vector, is clipped to L2 norm ``max_norm`` = C, the clipped contributions are summed, and Gaussian
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..causal_lm import IGNORE
 from ..errors import AdapterError
 
 KINDS: dict[str, tuple[str, ...]] = {
@@ -283,6 +286,7 @@ def collect_calibration(
     kinds: Sequence[str],
     *,
     privacy: StatisticsPrivacy | None = None,
+    response_only: bool = False,
 ) -> Calibration:
     """Sum the statistics ``kinds`` of ``layers`` (names of ``nn.Linear`` modules of the base model) over
     ``batches`` of ``(input_ids, attention_mask, labels)``; the model is called as ``model(input_ids,
@@ -327,6 +331,8 @@ def collect_calibration(
                     X = _as_tokens(capture.inputs[name], name, len(y))
                     D = _as_tokens(capture.grads[name], name, len(y)) if backward else None
                     m = mask[:, : X.shape[1]].to(torch.float64)
+                    if response_only and y.dim() == 2:  # a causal LM's prompt tokens carry the label IGNORE
+                        m = m * (y[:, : X.shape[1]] != IGNORE)
                     contributions[name] = _per_example(kinds, X, m, D)
                 weights = torch.ones(len(y), dtype=torch.float64)
                 if privacy is not None:

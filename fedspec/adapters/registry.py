@@ -41,6 +41,9 @@ class MethodSpec:
     # The calibration statistics the initializer reads (kinds of fedspec.adapters.calibration.KINDS); a method
     # with any cannot be initialized without calibration=... (an AdapterError, never a silent fallback).
     calibration: tuple[str, ...] = ()
+    # A causal LM's "inputs" statistics over its response tokens only (EVA, as PEFT's use_label_mask), rather than
+    # over every real token of the conversation (CorDA, whose reference covers the whole sequence).
+    calibration_response_only: bool = False
     # Per-layer ranks from the calibration statistics (EVA): (per-layer statistics, rank, **options) ->
     # {layer: rank}; a layer given rank 0 keeps its plain nn.Linear.
     ranks: Callable[..., dict] | None = None

@@ -89,4 +89,5 @@ def initialize(
 
 
 register(MethodSpec(name="eva", initializer=initialize, base_policy="keep", ranks=ranks,
-                    init_needs="calibration data: per-layer input mean and covariance", calibration=("inputs",)))
+                    init_needs="calibration data: per-layer input mean and covariance", calibration=("inputs",),
+                    calibration_response_only=True))
