@@ -31,7 +31,6 @@ from fedspec.protocol import (
     DECLINED,
     LABELS,
     METRICS,
-    NUM_EXAMPLES,
     SECAGG,
     SECAGG_STAGE,
     SERVER_ROUND,
@@ -146,11 +145,10 @@ def _query(config_json: str | None) -> Callable[[Message, Context], Message]:
             statistics, metrics = client_statistics(cfg, context)
             content = RecordDict({STATISTICS: ArrayRecord(statistics), METRICS: MetricRecord(metrics)})
             return Message(content, reply_to=msg)
-        data = local_data(cfg, context)
-        metrics = {CLIENT_ID: client_id(context)}
-        if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
-            metrics[NUM_EXAMPLES] = len(data)
-        return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+        local_data(cfg, context)  # a node whose data cannot load says so now, not in round 1
+        # Only the id: the server weighs updates by the counts they carry, so a count here would only reveal n where
+        # the run keeps it private (uniform weighting, secure aggregation).
+        return Message(RecordDict({METRICS: MetricRecord({CLIENT_ID: client_id(context)})}), reply_to=msg)
 
     return query
 

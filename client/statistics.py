@@ -2,8 +2,8 @@
 
 The client computes the per-layer sums over up to ``adapter.calibration_examples`` of its records (those with the
 smallest seeded hash of their content) on the un-adapted model, and replies with the sums and the number of records
-they cover (under ``federation.weighting=uniform`` with privatized sums, the public cap instead: the count would
-reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
+they cover (where the run keeps the clients' record counts private, with privatized sums, the public cap instead: the count
+would reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
 clipped per record and noised (the Gaussian mechanism, ``fedspec.adapters.calibration``) and the release is
 recorded in the client's privacy ledger as round 0, (σ₀, q = 1, 1 step), before it leaves the client, so it
 composes with every later DP-SGD step in the client's ε.
@@ -46,12 +46,18 @@ def local_calibration(
                      seed=cfg.run.seed * 7919 + client)
 
 
+def reveals_record_count(cfg: DictConfig) -> bool:
+    """Whether the server learns each client's number of records: under weighting by examples in the clear; not under
+    uniform weighting, nor under secure aggregation, where it learns only the sum of the counts."""
+    return cfg.federation.weighting == "examples" and not cfg.federation.secure_aggregation.enabled
+
+
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     """(flat statistic tensors, metrics) of this client's round-0 reply."""
     model, data = base_model_and_data(cfg, context)
     client = client_id(context)
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
-    if calibration.privatized and cfg.federation.weighting != "examples":
+    if calibration.privatized and not reveals_record_count(cfg):
         # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;
         # a client that keeps n to itself reports the public cap, and the server averages over it (a client
         # with fewer records then weighs a little less in the mean, as its records do in the sums).
@@ -61,7 +67,7 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
         CALIBRATION_EXAMPLES: calibration.count,
         PRIVATIZED: int(calibration.privatized),
     }
-    if cfg.federation.weighting == "examples":  # uniform weighting: the server never learns the count
+    if reveals_record_count(cfg):
         metrics[NUM_EXAMPLES] = len(data)
     if calibration.privatized:
         ledger = load_ledger(cfg, context)

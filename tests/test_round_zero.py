@@ -178,18 +178,21 @@ def test_round_zero_quarantines_every_reply_that_does_not_match_and_sums_the_res
         assert words in reasons[node], (node, reasons[node])
 
 
-@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+@pytest.mark.parametrize("weighting", ["examples", "uniform", "secure"])
 def test_a_client_that_keeps_its_record_count_private_reports_the_public_cap(tmp_path, weighting):
     """A privatized round-0 sum covers min(n, calibration_examples) records; that count would tell the server n
-    for a client with fewer records, so under uniform weighting (chosen to keep n private) it reports the cap."""
+    for a client with fewer records, so where the run keeps n private (uniform weighting; secure aggregation, where
+    the server sees only the sum of the counts) it reports the cap."""
     from flwr.app import Context, RecordDict
 
     from fedspec.adapters.calibration import COUNT_KEY
     from fedspec.client.statistics import client_statistics
     from fedspec.protocol import CALIBRATION_EXAMPLES, NUM_EXAMPLES
 
+    how = (["federation.weighting=examples", "federation.secure_aggregation.enabled=true"] if weighting == "secure"
+           else [f"federation.weighting={weighting}"])
     cfg = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "adapter.calibration_examples=200",
-                  f"federation.weighting={weighting}", "run.name=count")
+                  *how, "run.name=count")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     tensors, metrics = client_statistics(cfg, context)
     held = 240 // 3  # every record of this client's share is in its sums
