@@ -152,6 +152,17 @@ def _max_epsilon(previous: float | None, this_round: float | None) -> float | No
     return max(values) if values else None
 
 
+def _check_finite_init(state: dict[str, torch.Tensor], method: str) -> None:
+    """A global adapter initialized from the clients' statistics must be finite: training from NaN would waste every
+    round (non-privatized statistics have no bound a server could check a reply against)."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise FedspecError(f"round 0: initializing adapter.method={method} from the clients' summed statistics gave "
+                           f"NaN or Inf in {', '.join(bad[:3])}; a client sent statistics out of all proportion (its "
+                           "client line of round 0 in metrics.jsonl); set privacy.private_init_stats=true to have "
+                           "every reply bounded by its clipping")
+
+
 def _client_dp(cfg: DictConfig, plan: ClientLevelPlan | None, num_clients: int) -> ClientDP | None:
     """The server's client-level noise; None when client-level DP is off or the clients add the noise."""
     if plan is None or plan.distributed is not None:
@@ -263,6 +274,8 @@ class Federation:
                                  backbone=backbone)
         if checkpoint is not None:
             self.model.load(checkpoint.state)
+        elif calibration is not None:
+            _check_finite_init(self.model.state(), cfg.adapter.method)
         self.global_state, self.base_init = split_fixed(self.model.state(), self.model.roles())
         secure = bool(cfg.federation.secure_aggregation.enabled)
         self.strategy = AdapterStrategy(

@@ -6,12 +6,13 @@ its statistics (clipped and noised when ``privacy.private_init_stats``, see ``fe
 its count. The server adds them: the sum of the clients' sums is the statistic of the pooled data, so only a
 sum is needed and secure aggregation could sit underneath. A client that fails, or whose reply does not match
 what the server expects (its identity, the adapted layers' shapes, a count within adapter.calibration_examples,
-the statistic mechanism the run sets), is left out: its statistic is missing from the sum, the others are
+the statistic mechanism the run sets, privatized sums no larger than clipping and noise allow), is left out: its statistic is missing from the sum, the others are
 unaffected; round 0 needs at least one answer.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from omegaconf import DictConfig
 
-from fedspec.adapters import Calibration, sum_calibrations
+from fedspec.adapters import Calibration, StatisticsPrivacy, sum_calibrations
 from fedspec.adapters.calibration import COUNT_KEY
 from fedspec.builders import InitStatistics
 from fedspec.errors import FedspecError
@@ -67,6 +68,8 @@ def collect_statistics(
         try:
             parsed, flat = _read_reply(reply, client_ids.get(node), layout, cfg.adapter.calibration_examples)
             check_claim(parsed)
+            if statistics.private:
+                check_privatized_norm(flat, parsed.calibration_examples, statistics.noise_multiplier, statistics.max_norm)
         except ProtocolError as error:
             log.write("client-quarantined", round=0, node=node, client=client_ids.get(node), reason=str(error))
             continue
@@ -98,3 +101,22 @@ def _read_reply(reply: Message, client: int | None, layout: dict[str, tuple[int,
     flat = reply_tensors(reply.content.array_records, STATISTICS)
     check_statistics(flat, layout, COUNT_KEY, parsed.calibration_examples)
     return parsed, flat
+
+
+# Tail of the noise's norm: for Gaussian noise of std s in d coordinates, P(‖noise‖ > s·(√d + t)) ≤ exp(−t²/2).
+NOISE_NORM_TAIL = 10.0  # exp(−50): an honest reply is never refused
+
+
+def check_privatized_norm(flat: dict[str, torch.Tensor], count: int, noise_multiplier: float, max_norm: float) -> None:
+    """Refuse a privatized reply no honest client could send: its sums are at most ``count`` records' contributions,
+    each clipped to C, plus noise of std σ·2C per coordinate (a covariance's noise is mirrored, at most √2 times
+    the norm of its upper triangle). A client could otherwise send a finite but enormous statistic, which would
+    make the global initialization non-finite, or steer it."""
+    sums = [t.double().flatten() for key, t in flat.items() if key != COUNT_KEY]
+    size = sum(len(t) for t in sums)
+    norm = float(torch.cat(sums).norm())
+    noise_std = StatisticsPrivacy.subset_of(noise_multiplier, max_norm).noise_std
+    bound = count * max_norm + math.sqrt(2) * noise_std * (math.sqrt(size) + NOISE_NORM_TAIL)
+    if not norm <= bound:
+        raise ProtocolError(f"the statistics' norm {norm:.4g} exceeds what {count} records clipped to "
+                            f"C = {max_norm:g} plus their noise can reach ({bound:.4g})")

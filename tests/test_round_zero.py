@@ -15,6 +15,7 @@ import torch
 
 import fedspec
 from fedspec.adapters import adapter_layers, load_adapter, sum_calibrations
+from fedspec.adapters.calibration import COUNT_KEY
 from fedspec.builders import build_task, client_partitions, encode
 from fedspec.models import build_classifier
 from fedspec.privacy import PrivacyLedger, load_ledgers
@@ -199,3 +200,30 @@ def test_a_client_that_keeps_its_record_count_private_reports_the_public_cap(tmp
     expected = held if weighting == "examples" else 200
     assert metrics[CALIBRATION_EXAMPLES] == expected == int(tensors[COUNT_KEY])
     assert (NUM_EXAMPLES in metrics) == (weighting == "examples")
+
+
+@pytest.mark.parametrize("sigma", [0.5, 4.0])
+def test_a_privatized_reply_larger_than_clipping_and_noise_allow_is_refused(sigma):
+    """Honest privatized sums (any σ) pass the norm bound; the same sums scaled up by a client, still finite,
+    do not: an enormous statistic would make the global initialization non-finite."""
+    from fedspec.adapters import StatisticsPrivacy, collect_calibration
+    from fedspec.adapters.targets import match_targets
+    from fedspec.models import tokenize
+    from fedspec.protocol import ProtocolError
+    from fedspec.server.round_zero import check_privatized_norm
+
+    from helpers import tiny_classifier
+
+    model, tokenizer = tiny_classifier()
+    batch = tokenize(tokenizer, ["the team won", "stocks fell", "a new chip", "rain again"], 8)
+    C = 0.5
+    for seed in range(5):
+        calibration = collect_calibration(
+            model, [(batch.input_ids, batch.attention_mask, torch.tensor([0, 1, 2, 0]))],
+            match_targets(model, ["query", "value"]), ("inputs",),
+            privacy=StatisticsPrivacy.subset_of(sigma, C, torch.Generator().manual_seed(seed)))
+        flat = calibration.to_tensors()
+        check_privatized_norm(flat, 4, sigma, C)
+    scaled = {key: (value if key == COUNT_KEY else value * 1e6) for key, value in flat.items()}
+    with pytest.raises(ProtocolError, match="exceeds what 4 records clipped to C = 0.5 plus their noise can reach"):
+        check_privatized_norm(scaled, 4, sigma, C)
