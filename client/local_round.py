@@ -26,7 +26,8 @@ from fedspec.adapters import (
 from fedspec.adapters.state import TRAINED
 from fedspec.devices import peak_memory_mib, reset_peak_memory
 from fedspec.errors import FedspecError
-from fedspec.privacy.planning import PlanSettings, client_sample_rate
+from fedspec.privacy.disclosures import reveals_record_count
+from fedspec.privacy.planning import PlanSettings, check_delta, client_sample_rate
 from fedspec.protocol import ARRAYS, BASE_INIT, CONFIG, SERVER_ROUND, TrainReply
 from fedspec.strategies import client_update, get_rule
 from fedspec.training import DPSettings, train_steps
@@ -67,6 +68,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
         released = load_released(ledger_path(cfg, context).parent, round_, fingerprint, settings)
         if released is not None:  # the server resumed into a round this client had answered: the same answer
             return released
+        check_delta(float(cfg.privacy.delta), [len(data)], [client])  # a node with its own data: the server never saw n
         sigma = noise_multiplier(plan, context, len(data))
         declined = _decline_if_over_budget(plan, cfg, context, client, sigma, len(data))
         if declined is not None:
@@ -76,6 +78,7 @@ def train_one_round(cfg: DictConfig, msg: Message, context: Context) -> tuple[di
                         grad_sample_mode=cfg.privacy.grad_sample_mode,
                         head_clip_share=cfg.privacy.get("head_clip_share"),
                         sample_rate=client_sample_rate(plan, len(data)) if plan.fixed_sample_rate else None,
+                        batch_normalizer=None if reveals_record_count(cfg) else cfg.train.batch_size,
                         seed=seed)
 
     load_adapter_state(model, {**received, **base_init})

@@ -21,6 +21,7 @@ from torch import nn
 from fedspec.adapters import Calibration
 from fedspec.builders import AdapterSettings, InitStatistics, calibrate
 from fedspec.models import Tokenized
+from fedspec.privacy.disclosures import reveals_record_count
 from fedspec.privacy.planning import init_statistics_entries
 from fedspec.protocol import (
     CALIBRATION_EXAMPLES,
@@ -44,12 +45,6 @@ def local_calibration(
     privacy = InitStatistics.of(cfg).mechanism(seed=noise_seed)
     return calibrate(AdapterSettings.of(cfg.adapter), model, inputs, labels, privacy=privacy,
                      seed=cfg.run.seed * 7919 + client)
-
-
-def reveals_record_count(cfg: DictConfig) -> bool:
-    """Whether the server learns each client's number of records: under weighting by examples in the clear; not under
-    uniform weighting, nor under secure aggregation, where it learns only the sum of the counts."""
-    return cfg.federation.weighting == "examples" and not cfg.federation.secure_aggregation.enabled
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:

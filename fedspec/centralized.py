@@ -36,7 +36,7 @@ from .config import save_config
 from .devices import device_name, peak_memory_mib, reset_peak_memory, resolve_device
 from .errors import ConfigError
 from .privacy import PrivacyLedger, ledger_filename, plan_noise, write_privacy_report
-from .privacy.accounting import sample_rate
+from .privacy.accounting import epsilon_text, sample_rate
 from .privacy.disclosures import server_sees
 from .privacy.planning import check_delta, init_statistics_entries
 from .render import markdown_table, number, results_table
@@ -218,7 +218,7 @@ EPOCH_HEADERS = ["epoch", "train loss", "eval accuracy", "eval loss", "ε", "sec
 
 def _cells(row: EpochRow) -> list[str]:
     return [str(row.epoch), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
-            number(row.epsilon, ".3f"), f"{row.seconds:.1f}"]
+            epsilon_text(row.epsilon), f"{row.seconds:.1f}"]
 
 
 def epochs_table(rows: list[EpochRow]) -> Table:

@@ -420,6 +420,15 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
         fail("federation.weighting", cfg.federation.weighting,
              "client-level DP (privacy.client_level.enabled=true) needs federation.weighting=uniform: a client's "
              "weight must not depend on its data, or one client could move the aggregate by more than C/n")
+    from .adapters import METHODS
+
+    if cfg.adapter.method in METHODS and METHODS[cfg.adapter.method].calibration:
+        # Round 0 sums each client's statistics over up to calibration_examples records, clipped per record at best:
+        # against a whole client that is noise σ₀·2C for up to 256·C of signal, which no client-level ε covers.
+        fail("adapter.method", cfg.adapter.method,
+             "client-level DP cannot cover a data-driven initialization: round 0's statistics are each client's, "
+             "clipped per record at most, so the first global adapter would carry one client's data with no "
+             "client-level noise; use a method that initializes from the weights alone (e.g. adapter=pissa)")
     if level.clipping_norm <= 0:
         fail("privacy.client_level.clipping_norm", level.clipping_norm, "the clipping norm must be > 0")
     if not 0.0 < level.delta < 1.0:

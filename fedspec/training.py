@@ -39,6 +39,10 @@ class DPSettings:
     # A Poisson rate fixed by the server (1/k): k batches per epoch at that rate. None: q = 1/⌈n/batch_size⌉, the
     # rate Opacus derives from a loader of that batch size.
     sample_rate: float | None = None
+    # What the noised sum of clipped gradients is divided by. None: ⌊n·q⌋, the expected batch. A client that keeps n
+    # private (weighting=uniform, secure aggregation) passes a public number (train.batch_size): ⌊n·q⌋ shows in the
+    # update's noise scale, σC/⌊n·q⌋, so one record more would be visible where the ε says nothing of n.
+    batch_normalizer: int | None = None
     # Seeded noise and sampling are reproducible — and therefore not private against anyone who knows the
     # seed. Tests only; by default both come from generators seeded with OS entropy.
     seed: int | None = None
@@ -279,7 +283,8 @@ def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSet
     loss_fn = ghost_loss[0] if ghost_loss else loss_fn
     # Opacus divides the noised sum by int(n · q); with q = 1/k and n = m·k the float product can land just below m
     # and truncate to m − 1: a step m/(m − 1) too large, or a division by zero when m = 1 (49 records, batch 1).
-    dp_opt.expected_batch_size = max(1, math.floor(len(dataset) * rate + 1e-9))
+    expected = max(1, math.floor(len(dataset) * rate + 1e-9))
+    dp_opt.expected_batch_size = dp.batch_normalizer or expected
     try:
         with warnings.catch_warnings():
             # Frozen embeddings mean no input of the hooked layers requires grad; the hook is still correct.

@@ -32,9 +32,12 @@ class BudgetTracker:
         out = set(self.declined)
         steps = int(self.cfg.train.local_steps)
         for client, ledger in ledgers.items():
-            if client in out or not ledger.entries:
+            # The next round repeats the client's last DP-SGD round; round 0's entry is the statistic of a
+            # data-driven init (σ₀, q = 1), no DP-SGD step: a client with only that has not trained yet.
+            trained = [entry for entry in ledger.entries if entry.round >= 1]
+            if client in out or not trained:
                 continue
-            last = ledger.entries[-1]
+            last = trained[-1]
             if ledger.would_exceed(self.budget, noise_multiplier=last.noise_multiplier,
                                    sample_rate=last.sample_rate, steps=steps):
                 out.add(client)

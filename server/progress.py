@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedspec.privacy.accounting import epsilon_text
 from fedspec.render import markdown_table, number, results_table
 
 
@@ -49,7 +50,7 @@ def traffic_cell(sent: int, received: int) -> str:
 def _cells(row: RoundRow) -> list[str]:
     traffic = traffic_cell(row.bytes_sent, row.bytes_received) if row.round else "—"
     return [str(row.round), number(row.train_loss, ".4f"), f"{row.eval_accuracy:.4f}", f"{row.eval_loss:.4f}",
-            str(row.clients), str(row.quarantined), number(row.max_epsilon, ".3f"), traffic, f"{row.seconds:.1f}"]
+            str(row.clients), str(row.quarantined), epsilon_text(row.max_epsilon), traffic, f"{row.seconds:.1f}"]
 
 
 def rounds_table(rows: list[RoundRow], title: str = "fedspec federation") -> Table:
@@ -106,7 +107,7 @@ class FederationProgress:
             self._progress.advance(self._rounds)
         if self.enabled:
             loss = "—" if row.train_loss is None else f"{row.train_loss:.4f}"
-            eps = "" if row.max_epsilon is None else f"  max ε {row.max_epsilon:.3f}"
+            eps = "" if row.max_epsilon is None else f"  max ε {epsilon_text(row.max_epsilon)}"
             self.console.print(
                 f"round {row.round}/{self.total_rounds}  train loss {loss}  eval acc {row.eval_accuracy:.4f}  "
                 f"clients {row.clients}{eps}  ({row.seconds:.1f}s)"

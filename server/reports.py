@@ -16,6 +16,7 @@ from fedspec.builders import (
 )
 from fedspec.devices import device_name
 from fedspec.privacy import PrivacyLedger, load_ledgers, write_privacy_report
+from fedspec.privacy.accounting import epsilon_text
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE
 from fedspec.privacy.disclosures import server_sees
 from fedspec.privacy.planning import PlanSettings
@@ -183,13 +184,13 @@ def summary_markdown(
         epsilons = [c["final_epsilon"] for c in privacy_report.get("clients", {}).values()]
         privacy = (
             f"record-level DP-SGD, each client's ε over the whole run at δ = {cfg.privacy.delta:g} "
-            f"({cfg.privacy.accountant.upper()}): max {max(epsilons):.3f}" if epsilons else "no client trained"
+            f"({cfg.privacy.accountant.upper()}): max {epsilon_text(max(epsilons))}" if epsilons else "no client trained"
         )
     else:
         privacy = "**no record-level differential privacy** (privacy.enabled=false)"
     level = privacy_report.get("client_level")
     if level:
-        privacy += (f"; client-level DP of the aggregate: ε = {level['final_epsilon']:.3f} at δ = {level['delta']:g} "
+        privacy += (f"; client-level DP of the aggregate: ε = {epsilon_text(level['final_epsilon'])} at δ = {level['delta']:g} "
                     f"after {level['rounds_released']} rounds")
     declined = privacy_report.get("declined") or {}
     lines = [

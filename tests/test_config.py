@@ -118,3 +118,11 @@ def test_secure_aggregation_with_client_level_dp_plans_the_clients_noise():
                         "federation.secure_aggregation.enabled=true"])
 
 
+
+
+@pytest.mark.parametrize("method", ["eva", "corda", "lora_ga", "fwsvd"])
+def test_client_level_dp_refuses_a_data_driven_initialization(method):
+    """Round 0's statistics are each client's own (clipped per record at most): no client-level ε covers them."""
+    with pytest.raises(ConfigError, match=f"adapter.method='{method}' is not allowed; client-level DP cannot cover"):
+        compose_config(["privacy=client-dp", "federation.weighting=uniform", f"adapter={method}"])
+    compose_config(["privacy=client-dp", "federation.weighting=uniform", "adapter=pissa"])

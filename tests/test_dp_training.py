@@ -128,6 +128,25 @@ def test_a_batch_of_one_record_in_49_divides_the_noised_sum_by_one_not_zero():
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
+def test_a_public_normalizer_keeps_the_record_count_out_of_the_updates_noise_scale():
+    """The noised sum is divided by ⌊n·q⌋ by default: at q = 0.05, 399 records divide by 19 and 400 by 20, so the
+    update's noise scale shows one record more. A client that keeps n private divides by a public number instead."""
+    def update_scale(n: int, normalizer: int | None) -> float:
+        texts, labels = (TEXTS * n)[:n], torch.arange(n) % 3
+        model, batch, labels = _batch(texts, labels)
+        fedspec.adapt(model, "lora", 2)
+        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        train_steps(model, batch, labels, steps=1, batch_size=20, optimizer="sgd", lr=1.0,
+                    dp=DPSettings(noise_multiplier=1e4, max_grad_norm=1.0, sample_rate=0.05, seed=5,
+                                  batch_normalizer=normalizer))  # σ this large: the noise is the whole update
+        moved = torch.cat([(p.detach() - before[name]).flatten() for name, p in model.named_parameters()
+                           if p.requires_grad])
+        return float(moved.std())
+
+    assert update_scale(399, None) / update_scale(400, None) == pytest.approx(20 / 19, rel=1e-3)
+    assert update_scale(399, 20) / update_scale(400, 20) == pytest.approx(1.0, rel=1e-3)
+
+
 def test_seeded_dp_training_is_reproducible_and_unseeded_is_not():
     def run(seed):
         model, batch, labels = _batch(TEXTS * 2, LABELS.repeat(2))

@@ -249,3 +249,12 @@ def test_prv_refuses_a_grid_that_would_exhaust_memory():
     # ~10^9 grid points (about 150 GB) if handed to Opacus; must fail fast with a way out.
     with pytest.raises(ValueError, match="accountant='rdp'"):
         epsilon([(0.1, 0.5, 1000)], DELTA, "prv")
+
+
+def test_a_shown_epsilon_is_rounded_up_never_below_the_bound():
+    from fedspec.privacy.accounting import epsilon_text
+
+    assert epsilon_text(1.23449) == "1.235" and epsilon_text(1.2341) == "1.235"
+    assert epsilon_text(3.0) == "3.000" and epsilon_text(2.9999999999) == "3.000"  # float noise is no excess
+    assert epsilon_text(3.0004) == "3.001" and epsilon_text(0.0) == "0.000"
+    assert epsilon_text(None) == "—" and epsilon_text(float("inf")) == "∞"

@@ -112,3 +112,22 @@ def test_uniform_weighting_keeps_record_counts_from_the_server(stopped_run):
     md = (result.paths.privacy / "report.md").read_text()
     assert "No record counts as weights" in md
     assert "reveal its number of records n to within one batch of B = 16 records" in md
+
+
+def test_the_servers_budget_check_prices_the_next_round_at_the_last_dp_sgd_round_not_round_0():
+    """Round 0's entry is a data-driven init's statistic (σ₀, q = 1, one release), not a training round: pricing the
+    next round at it (local_steps full-batch Gaussian steps) stopped runs whose clients had budget left."""
+    from fedspec.config import compose_config
+    from fedspec.server.budget import BudgetTracker
+
+    budget = BudgetTracker(compose_config(["train.local_steps=8", "privacy.target_epsilon=2"]))
+    ledger = PrivacyLedger("0", delta=1e-5)
+    ledger.record(0, 5.0, 1.0, 1)  # the round-0 statistic: ε 0.8 or so
+    assert 0 < ledger.epsilon() < 2
+    assert ledger.would_exceed(2.0, noise_multiplier=5.0, sample_rate=1.0, steps=8)  # what the old check priced
+    assert budget.out_of_budget({"0": ledger}) == set()  # not trained yet: nothing to price
+    ledger.record(1, 0.9, 1 / 64, 8)
+    assert budget.out_of_budget({"0": ledger}) == set()  # its next DP-SGD round fits
+    ledger.record(2, 0.9, 1 / 64, 8)
+    spent = ledger.would_exceed(2.0, noise_multiplier=0.9, sample_rate=1 / 64, steps=8)
+    assert (budget.out_of_budget({"0": ledger}) == {"0"}) == spent

@@ -230,9 +230,12 @@ def test_report_markdown_explains_the_guarantee_and_has_both_tables(tmp_path):
     )
     assert clients_header in md
     assert "| client | round | σ | q | steps | ε after round |" in md
+    from fedspec.privacy.accounting import epsilon_text
+
     final_0 = report["clients"]["0"]["final_epsilon"]
-    assert f"| 0 | 5 | 460 | 0.9–1.3 | 0.01–0.025 | {final_0:.4g} |" in md
-    assert f"| 1 | 3 | 1.5 | 0.01 | 100 | {report['clients']['1']['final_epsilon']:.4g} |" in md
+    assert f"| 0 | 5 | 460 | 0.9–1.3 | 0.01–0.025 | {epsilon_text(final_0)} |" in md  # rounded up
+    assert f"| 1 | 3 | 1.5 | 0.01 | 100 | {epsilon_text(report['clients']['1']['final_epsilon'])} |" in md
+    assert float(epsilon_text(final_0)) >= final_0
 
 
 def test_plot_is_a_png_and_copes_with_many_clients(tmp_path):

@@ -116,3 +116,14 @@ def test_a_new_run_under_a_reused_run_name_trains_anew_and_refuses_a_ledger_of_a
     other_delta = tiny_cfg("adapter=lora", "federation.rounds=3", "privacy.target_epsilon=8", "privacy.delta=1e-6")
     with pytest.raises(ConfigError, match="another run.name"):
         train_one_round(other_delta, _message(state, 2), _fresh_process_context())
+
+
+def test_a_client_refuses_to_train_at_a_delta_not_below_one_over_its_record_count(tiny_cfg, flower_task):
+    """The server checks δ < 1/n only for data it knows; a node's own file is checked by the node, before any step."""
+    from fedspec.errors import ConfigError
+
+    cfg = tiny_cfg("adapter=lora", "privacy.target_epsilon=8", "privacy.delta=0.05")  # clients hold ~100 records
+    state = GlobalModel(cfg, build_task(cfg.data, cfg.run.seed)).state()
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.05 is not below 1/n for client 0"):
+        train_one_round(cfg, _message(state, 1), _fresh_process_context())
+    assert not ledger_path(cfg, _fresh_process_context()).exists()

@@ -155,9 +155,12 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit for bit
     # summary.md agrees with itself: the privacy line's max ε is the round table's last max client ε
+    from fedspec.privacy.accounting import epsilon_text
+
     summary = (resumed.paths.root / "summary.md").read_text()
     last = _rounds(resumed.paths)[-1]
-    assert f"max {last['max_epsilon']:.3f}" in summary and f"| {last['max_epsilon']:.3f} |" in summary
+    shown = epsilon_text(last["max_epsilon"])
+    assert f"max {shown}" in summary and f"| {shown} |" in summary
 
 
 def test_a_setting_given_with_resume_that_the_run_does_not_have_is_refused_not_dropped(finished_run):

@@ -41,6 +41,7 @@ def sample_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / math.ceil(num_examples / batch_size)
 
 __all__ = [
+    "epsilon_text",
     "ACCOUNTANTS",
     "MAX_NOISE_MULTIPLIER",
     "PRV_DELTA_ERROR_FRACTION",
@@ -81,6 +82,17 @@ class PrivacyBudgetError(FedspecError, ValueError):
 
 
 # ----------------------------------------------------------------------------------------- validation
+
+
+def epsilon_text(value: float | None, decimals: int = 3) -> str:
+    """ε for people to read, rounded *up* to ``decimals`` places: a shown ε is never below the bound computed (a
+    value a float's last bits above a round number, 2.9999999999, still shows as 3.000)."""
+    if value is None:
+        return "—"
+    if math.isinf(value):
+        return "∞"
+    scale = 10**decimals
+    return f"{math.ceil(round(value * scale, 6)) / scale:.{decimals}f}"
 
 
 def _real(name: str, value: object) -> float:

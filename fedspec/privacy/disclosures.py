@@ -15,6 +15,14 @@ from ..adapters.registry import get_method
 __all__ = ["init_uses_client_data", "server_sees"]
 
 
+
+def reveals_record_count(cfg: DictConfig) -> bool:
+    """Whether the server learns each client's number of records: under weighting by examples in the clear; not under
+    uniform weighting, nor under secure aggregation, where it learns only the sum of the counts. Where it does not,
+    nothing a client sends may depend on its count beyond what its sample rate says (DP-SGD's normalizer, round 0's
+    count)."""
+    return cfg.federation.weighting == "examples" and not cfg.federation.secure_aggregation.enabled
+
 def init_uses_client_data(method: str) -> tuple[bool, str]:
     """(whether the method's initialization needs statistics of client data, what it needs): the registry's
     ``calibration`` kinds say it, not the free-text description."""

@@ -23,7 +23,7 @@ from functools import lru_cache
 from omegaconf import DictConfig
 
 from ..errors import ConfigError
-from .accounting import SKELLAM, PrivacyBudgetError, epsilon, plan_noise, sample_rate
+from .accounting import SKELLAM, PrivacyBudgetError, epsilon, epsilon_text, plan_noise, sample_rate
 from .client_level import noise_std_of_mean
 from .skellam import SkellamNoise, noise_multiplier_for
 
@@ -158,9 +158,10 @@ def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)
 
 
-def check_delta(delta: float, sizes: list[int]) -> None:
-    """δ must be well below 1/n for every client's dataset: δ ≥ 1/n allows leaking one whole record."""
-    for client, n in enumerate(sizes):
+def check_delta(delta: float, sizes: list[int], clients: list[int] | None = None) -> None:
+    """δ must be well below 1/n for every client's dataset: δ ≥ 1/n allows leaking one whole record. ``clients``: the
+    ids of the datasets (default 0, 1, …)."""
+    for client, n in zip(clients if clients is not None else range(len(sizes)), sizes):
         if delta >= 1.0 / n:
             raise ConfigError(
                 f"privacy.delta={delta:g} is not below 1/n for client {client} (n={n} records, 1/n={1.0 / n:.3g}); "
@@ -356,13 +357,13 @@ def client_level_lines(plan: ClientLevelPlan) -> list[str]:
             f"clipped to C = {plan.clipping_norm:g} and rounded to integers; the clients' Skellam noise shares add up "
             f"to z = {plan.noise_multiplier:.4f} times the sensitivity in the masked sum, which nobody sees un-noised "
             f"(noise std ≈ {plan.noise_std:.3g} per coordinate of the mean of {plan.expected_clients:g} clients); "
-            f"ε = {plan.epsilon:.3f} at δ = {plan.delta:g} after {plan.rounds} rounds, each charged in full "
+            f"ε = {epsilon_text(plan.epsilon)} at δ = {plan.delta:g} after {plan.rounds} rounds, each charged in full "
             f"(zero-out adjacency, no amplification by sampling: the server knows the cohort)",
         ]
     return [
         f"client-level DP: each sampled client's whole update clipped to C = {plan.clipping_norm:g}, "
         f"Gaussian noise σ·C on the sum with σ = {plan.noise_multiplier:.4f}, divided by q·N = "
         f"{plan.expected_clients:g} expected clients (noise std {plan.noise_std:.3g} per coordinate of the mean update); "
-        f"clients Poisson-sampled with q = {plan.sample_rate:g}; ε = {plan.epsilon:.3f} at δ = {plan.delta:g} "
+        f"clients Poisson-sampled with q = {plan.sample_rate:g}; ε = {epsilon_text(plan.epsilon)} at δ = {plan.delta:g} "
         f"after {plan.rounds} rounds",
     ]

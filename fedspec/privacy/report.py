@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .accounting import validate_accountant, validate_delta
+from .accounting import epsilon_text, validate_accountant, validate_delta
 from .atomic import write_atomic
 from .ledger import PrivacyLedger, client_sort_key
 
@@ -309,7 +309,9 @@ def _header(report: Mapping[str, Any]) -> list[str]:
             f"rate {_fmt(level['sample_rate'])} and weighted uniformly. The global models it releases carry one "
             f"(ε, δ) guarantee for all clients, at δ = {level['delta']:g}, over every round released. It "
             "protects against anyone who sees the global models (other clients, users of the final adapter), "
-            "not against the server itself, which sees each update before the noise.",
+            "not against the server itself, which sees each update before the noise. Its ε is amplified by the "
+            "sampling, which holds only while who took part in which round stays secret: this report's round "
+            "tables and the run's metrics.jsonl name them, so release the adapter without them.",
         ]
     else:
         lines += ["- **Whether a client took part: not protected.** Client-level DP is off "
@@ -331,8 +333,8 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
         if summary["clients_trained"]:
             line = (f"Record-level: accountant {_ACCOUNTANT_NAMES[report['accountant']]}. "
                     f"Clients: {summary['num_clients']}, of which {summary['clients_trained']} trained. "
-                    f"Max ε: {_fmt(summary['max_epsilon'])} (client {summary['max_epsilon_client']}). "
-                    f"Median ε over all clients: {_fmt(summary['median_epsilon'])}.")
+                    f"Max ε: {epsilon_text(summary['max_epsilon'])} (client {summary['max_epsilon_client']}). "
+                    f"Median ε over all clients: {epsilon_text(summary['median_epsilon'])}.")
         else:
             line = "Record-level: no client trained, so no client spent any privacy."
         if summary["target_epsilon"] is not None:
@@ -346,7 +348,7 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
     level = report["client_level"]
     if level:
         target = level["target_epsilon"]
-        lines += ["", (f"Client-level: ε = {_fmt(level['final_epsilon'])} at δ = {level['delta']:g} after "
+        lines += ["", (f"Client-level: ε = {epsilon_text(level['final_epsilon'])} at δ = {level['delta']:g} after "
                        f"{level['rounds_released']} released rounds (σ = {_fmt(level['noise_multiplier'])}, "
                        f"q = {_fmt(level['sample_rate'])}, {_ACCOUNTANT_NAMES[level['accountant']]}"
                        + (": σ bounds the clients' summed Skellam noise" if level.get("distributed") else "") + ")"
@@ -385,7 +387,7 @@ def _clients_table(report: Mapping[str, Any]) -> list[str]:
         q = _span([r["sample_rate"] for r in rounds])
         lines.append(
             f"| {client_id} | {section['rounds_taken_part']} | {section['total_steps']} | {sigma} | {q} "
-            f"| {_fmt(section['final_epsilon'])} |"
+            f"| {epsilon_text(section['final_epsilon'])} |"
         )
     if not report["clients"]:
         lines.append("| – | 0 | 0 | – | – | 0 |")
@@ -395,7 +397,7 @@ def _clients_table(report: Mapping[str, Any]) -> list[str]:
 def _client_level_table(report: Mapping[str, Any]) -> list[str]:
     level = report["client_level"]
     lines = ["## Client-level ε over rounds", "", "| round | ε after round |", "|---:|---:|"]
-    lines += [f"| {r['round']} | {_fmt(r['epsilon'])} |" for r in level["rounds"]]
+    lines += [f"| {r['round']} | {epsilon_text(r['epsilon'])} |" for r in level["rounds"]]
     return lines
 
 
@@ -412,7 +414,7 @@ def _declined_table(report: Mapping[str, Any]) -> list[str]:
     for client_id, rounds in report["declined"].items():
         section = report["clients"].get(client_id)
         eps = section["final_epsilon"] if section else 0.0
-        lines.append(f"| {client_id} | {', '.join(map(str, rounds))} | {_fmt(eps)} |")
+        lines.append(f"| {client_id} | {', '.join(map(str, rounds))} | {epsilon_text(eps)} |")
     return lines
 
 
@@ -429,7 +431,7 @@ def _rounds_table(report: Mapping[str, Any]) -> list[str]:
         for r in section["rounds"]:
             lines.append(
                 f"| {client_id} | {r['round']} | {_fmt(r['noise_multiplier'])} | {_fmt(r['sample_rate'])} "
-                f"| {r['steps']} | {_fmt(r['epsilon'])} |"
+                f"| {r['steps']} | {epsilon_text(r['epsilon'])} |"
             )
     return lines
 
