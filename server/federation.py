@@ -290,6 +290,7 @@ class Federation:
             client_trained=self.model.client_trained(),
             server_optimizer=self.server_optimizer,
             a_orthonormal=bool(checkpoint.meta.get("a_orthonormal", False)) if checkpoint else False,
+            reference_norm=checkpoint.meta.get("reference_norm") if checkpoint else None,
             # Under secure aggregation no update is seen alone: the bounds become the clients' clip range and cap
             influence=None if secure else InfluenceBound(cfg.federation.update_clip, cfg.federation.weight_cap),
             secure=secure,
@@ -338,6 +339,7 @@ class Federation:
         replies = exchange(self.grid, messages, timeout=cfg.federation.round_timeout,
                            on_reply=lambda _: self.progress.client_done(), traffic=self.traffic)
         state, summary = strategy.aggregate_train(round_, replies)
+        self._note_rejected(round_, summary)
         self._after_round(state, round_)
         self._charge_client_level(round_)  # the noised aggregate is released: it counts, whoever took part
         _log_replies(self.log, round_, strategy.last_replies, replies, self.budget, self.ledgers, cfg,
@@ -350,6 +352,7 @@ class Federation:
         self.progress.start_round(round_, len(strategy.sample(round_)), round_ - 1)
         result = self.secure_round.run(round_, self.global_state)
         state, summary = strategy.aggregate_secure(result.outcome, result.mean)
+        self._note_rejected(round_, summary)
         summary["secagg-dropped"] = result.dropped
         if result.failure is not None:
             summary["secagg-failed"] = 1
@@ -368,6 +371,11 @@ class Federation:
             self.log.write("client-error", round=round_, node=node, client=strategy.client_ids.get(node),
                            reason=f"secure aggregation, {stage}: {reason}")
         return summary
+
+    def _note_rejected(self, round_: int, summary: dict) -> None:
+        if "rejected" in summary:
+            self.log.write("round-rejected", round=round_, reason=summary["rejected"])
+            self.progress.note(f"round {round_}: {summary['rejected']}; the global adapter stays as it was")
 
     def _after_round(self, state: dict, round_: int) -> None:
         """The method's server step on the aggregated state (e.g. SST's resampling), then the broadcast state. A
@@ -420,7 +428,8 @@ class Federation:
             round_,
             {**self.global_state, **self.base_init, **self.server_optimizer.state()},
             {"strategy": self.rule.name, "seed": self.cfg.run.seed, "rows": [vars(r) for r in self.rows],
-             "declined": self.budget.declined, "a_orthonormal": self.strategy.a_orthonormal},
+             "declined": self.budget.declined, "a_orthonormal": self.strategy.a_orthonormal,
+             "reference_norm": self.strategy.reference_norm},
         )
 
 

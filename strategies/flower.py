@@ -72,6 +72,7 @@ class AdapterStrategy:
         client_trained: set[str] | None = None,
         server_optimizer: ServerOptimizer | None = None,
         a_orthonormal: bool = False,
+        reference_norm: float | None = None,
         influence: InfluenceBound | None = None,
         secure: bool = False,
         check_claim: Callable[[TrainReply, int], None] | None = None,
@@ -102,6 +103,8 @@ class AdapterStrategy:
         # so later rounds take the r×r rotation shortcut. A resumed run passes the flag of its checkpoint: a full
         # re-factorization instead of the shortcut could flip the signs of A's rows, and the runs would diverge.
         self._a_orthonormal = a_orthonormal
+        # The median update norm of the last round with peers: what bounds a round's lone update (checkpointed).
+        self.reference_norm = reference_norm
 
     @property
     def a_orthonormal(self) -> bool:
@@ -151,8 +154,10 @@ class AdapterStrategy:
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
                 return {k: v.clone() for k, v in self._sent_state.items()}, summary
-            bounded = bound_influence(updates, weights, self.influence)
+            bounded = bound_influence(updates, weights, self.influence, self.reference_norm)
             summary["norm-clipped"], summary["weight-capped"] = bounded.clipped, bounded.capped
+            if bounded.median_norm is not None:
+                self.reference_norm = bounded.median_norm
             mean = weighted_mean(bounded.updates, bounded.weights)
         else:  # client-level DP releases a noised mean every round, with or without replies
             private = private_mean(
@@ -165,7 +170,7 @@ class AdapterStrategy:
             summary["clipped"] = private.clipped
             summary["noise-std"] = private.noise_std
             mean = private.mean
-        return self.apply_mean(mean), summary
+        return self._apply_or_keep(mean, summary), summary
 
     def aggregate_secure(
         self, outcome: RoundReplies, mean: dict[str, torch.Tensor] | None
@@ -181,7 +186,7 @@ class AdapterStrategy:
         if mean is None:
             summary["clients"] = 0
             return {k: v.clone() for k, v in self._sent_state.items()}, summary
-        return self.apply_mean(mean), summary
+        return self._apply_or_keep(mean, summary), summary
 
     def apply_mean(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The server step on the clients' mean update, then the rule's update (FedSVD: the re-factorization)."""
@@ -189,6 +194,22 @@ class AdapterStrategy:
                                       a_orthonormal=self._a_orthonormal, client_trained=self.client_trained)
         self.server_optimizer.change_basis(self.rule, self._sent_state, new_state)
         self._a_orthonormal = self.rule.refactor and not self.rule.clients_train_A
+        return new_state
+
+    def _apply_or_keep(self, mean: dict[str, torch.Tensor], summary: dict) -> dict[str, torch.Tensor]:
+        """:meth:`apply_mean`, unless its result is not finite or the re-factorization fails on it (an update
+        scaled beyond float range): then the global state, the server optimizer and A's orthonormality stay as
+        they were, and ``summary["rejected"]`` says why. A federation goes on from a round it could not apply."""
+        buffers, orthonormal = dict(self.server_optimizer.buffers), self._a_orthonormal
+        try:
+            new_state = self.apply_mean(mean)
+            bad = [key for key, value in new_state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+            if bad:
+                raise ValueError(f"the new {bad[0]} would hold NaN or Inf")
+        except (ValueError, RuntimeError) as error:  # torch.linalg.LinAlgError is a RuntimeError
+            self.server_optimizer.buffers, self._a_orthonormal = buffers, orthonormal
+            summary["rejected"] = f"the round's aggregate could not be applied: {error}"
+            return {k: v.clone() for k, v in self._sent_state.items()}
         return new_state
 
     def trained_template(self) -> dict[str, torch.Tensor]:

@@ -254,6 +254,34 @@ def test_an_honest_cohort_aggregates_exactly_as_without_bounds():
         assert torch.equal(bounded[key], value)
 
 
+def test_a_lone_update_is_clipped_against_the_last_cohort_with_peers():
+    """A round with one accepted reply has no peers to bound it by: the median norm of the last round that had
+    peers does (the strategy keeps it, and the checkpoint carries it)."""
+    from fedspec.strategies.influence import update_norm
+
+    strategy = _bounded_strategy()
+    strategy.aggregate_train(1, _cohort())
+    reference = strategy.reference_norm
+    assert reference is not None and reference == pytest.approx(sorted(update_norm(_update(seed=i + 1)) for i in range(6))[2])
+    strategy._sent_state = _state()
+    lone = train_reply(10, _metrics(0), _update(scale=1e6, seed=5))
+    _, summary = strategy.aggregate_train(2, [lone])
+    assert summary["norm-clipped"] == 1 and "rejected" not in summary
+    assert strategy.reference_norm == reference  # a lone update sets no new reference
+
+
+@pytest.mark.parametrize("rule", ["fedsvd", "ffa"])
+def test_an_aggregate_that_cannot_be_applied_leaves_the_state_and_the_federation_goes_on(rule):
+    """A finite update far beyond float range (no peers to clip it, no reference yet) used to crash FedSVD's
+    re-factorization or turn the global state to Inf: the round is rejected and the state stays."""
+    strategy = AdapterStrategy(get_rule(rule), client_ids={10: 0}, influence=None)
+    strategy._sent_state = _state()
+    huge = {key: value.double() * 1e300 for key, value in _update(seed=3).items()}
+    state, summary = strategy.aggregate_train(1, [train_reply(10, _metrics(0), huge)])
+    assert "could not be applied" in summary["rejected"]
+    assert all(torch.equal(state[key], value) for key, value in _state().items())
+
+
 @pytest.mark.parametrize("factor", [0.5, -1.0])
 def test_a_bound_below_the_median_is_refused(factor):
     from fedspec.strategies.influence import InfluenceBound
