@@ -387,8 +387,12 @@ class Federation:
                                      if key in self.global_state and not torch.equal(value, self.global_state[key]))
 
     def _charge_client_level(self, round_: int) -> None:
+        """Charge the release to the client-level ledger, on disk at once: the round's line in metrics.jsonl comes
+        before the checkpoint, and a run killed in between and resumed would otherwise release the round again,
+        with fresh noise, while counting it once."""
         if self.level_ledger is not None:
             self.level_ledger.record(round_, *self.level_plan.charged, 1, attempt=self.level_ledger.next_attempt(round_))
+            self.level_ledger.save(self.paths.privacy / CLIENT_LEVEL_LEDGER_FILE)
 
     def _record_round(self, round_: int, summary: dict, seconds: float) -> None:
         """Evaluate the new global model; its row in metrics.jsonl and on screen."""
