@@ -20,6 +20,7 @@ one client could otherwise move the model without limit.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -183,13 +184,18 @@ def _advertisements(replies: dict[int, dict]) -> dict[int, Advertisement]:
     return adverts
 
 
+# A node id as the protocol writes it: a uint64 in plain ASCII decimal. Not str.isdigit, which also accepts "²"
+# (int refuses it) and strings too long for int to parse.
+_NODE_ID = re.compile(r"[0-9]{1,20}")
+
+
 def _by_node(replies: dict[int, dict]) -> dict[int, dict[int, bytes]]:
     """{sender: {node id: bytes}} with node ids parsed; entries that are not (id string → bytes) are left out."""
     parsed = {}
     for sender, payload in replies.items():
         entries = {}
         for key, value in payload.items():
-            if isinstance(value, bytes) and key.isdigit():
+            if isinstance(value, bytes) and isinstance(key, str) and _NODE_ID.fullmatch(key):
                 entries[int(key)] = value
         parsed[sender] = entries
     return parsed

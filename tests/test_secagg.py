@@ -326,3 +326,14 @@ def test_the_secure_round_refuses_a_sum_out_of_range_as_a_skipped_round():
         secure._mean(hostile, survivors=2, shares=2)
     with pytest.raises(SecAggError, match="total weight 4 is outside 5..5000000"):
         secure._mean(total, survivors=5, shares=5)  # five honest survivors weigh at least 5
+
+
+# ------------------------------------------------------------------------ malformed replies and shares
+
+def test_reply_keys_that_are_not_plain_ascii_node_ids_are_left_out_not_a_crash():
+    """"²".isdigit() is True but int("²") raises: a client's reply with such a key ended the server."""
+    from fedspec.server.secure_round import _by_node
+
+    replies = {7: {"²": b"x", "٣": b"x", "1" * 5000: b"x", " 12": b"x", "12\n": b"x", "-12": b"x", "13": "text",
+                   "101": b"share", "0": b"zero"}}
+    assert _by_node(replies) == {7: {101: b"share", 0: b"zero"}}
