@@ -8,14 +8,15 @@ import torch
 
 from fedspec.secagg import ClientSession, Quantizer, SecAggError, ServerSession, neighbourhoods, threshold
 from fedspec.secagg.primitives import combine_shares, mask, split_secret
-from fedspec.secagg.protocol import MODULUS
+from fedspec.secagg.protocol import MODULUS, SPARE_COMBINATIONS
 
 
 def run_round(vectors: dict[int, torch.Tensor], *, fraction=0.5, neighbours=None, drop_before_mask=(),
-              drop_before_unmask=(), round_=3, tamper=None):
+              drop_before_unmask=(), round_=3, tamper=None, spare_combinations=SPARE_COMBINATIONS):
     """All four exchanges, in process, as the federation carries them; returns (server total, server)."""
     clients = {u: ClientSession(node=u, round=round_, fraction=fraction) for u in vectors}
-    server = ServerSession(round=round_, fraction=fraction, neighbours=neighbours)
+    server = ServerSession(round=round_, fraction=fraction, neighbours=neighbours,
+                           spare_combinations=spare_combinations)
     peers = server.peers({u: c.advertise() for u, c in clients.items()})
     shares = {u: clients[u].share(peers[u]) for u in clients}
     inbox = server.route(shares)
@@ -337,3 +338,39 @@ def test_reply_keys_that_are_not_plain_ascii_node_ids_are_left_out_not_a_crash()
     replies = {7: {"²": b"x", "٣": b"x", "1" * 5000: b"x", " 12": b"x", "12\n": b"x", "-12": b"x", "13": "text",
                    "101": b"share", "0": b"zero"}}
     assert _by_node(replies) == {7: {101: b"share", 0: b"zero"}}
+
+
+def _alter_middle_responders_shares(responses):
+    responder = sorted(responses)[1]
+    for owner, share in responses[responder].items():
+        altered = bytearray(share)
+        altered[5] ^= 1
+        responses[responder][owner] = bytes(altered)
+
+
+def test_a_wrong_share_between_good_ones_is_skipped():
+    """t = 2 of 3 neighbours: with shares [good, wrong, good] both windows of two held the wrong one, though the
+    first and last rebuild the secret."""
+    vectors = residues(4, 10, seed=3)
+    assert threshold(3, 0.5) == 2
+    total, _ = run_round(vectors, tamper=_alter_middle_responders_shares)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_a_share_under_another_holders_index_is_left_out():
+    """The first responder relabels its shares with index 2, the next holder's: two shares of one index among the
+    first t ended the round, though the two other holders' shares rebuild the secret."""
+    vectors = residues(4, 10, seed=3)
+
+    def relabel(responses):
+        responder = min(responses)
+        for owner, share in responses[responder].items():
+            responses[responder][owner] = (2).to_bytes(2, "little") + share[2:]
+
+    total, _ = run_round(vectors, tamper=relabel)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_the_search_for_good_shares_stops_when_the_rounds_spare_tries_are_spent():
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        run_round(residues(4, 10, seed=3), tamper=_alter_middle_responders_shares, spare_combinations=0)
