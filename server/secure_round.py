@@ -12,10 +12,15 @@ With client-level DP the clients add the noise (``noise``: distributed Skellam n
 each sends its clipped, integer update plus 1/m of the noise, m = ``privacy.client_level.min_survivors`` or the
 cohort's size, told in the train message; the server unmasks only when at least m masked updates arrived, so the
 sum it learns always carries the whole noise.
+
+The server cannot see what a client masked, so it checks the unmasked sum against what the survivors could send
+honestly (``Quantizer.check_sum``, ``SkellamNoise.check_sum``): a sum beyond those limits skips the round, since
+one client could otherwise move the model without limit.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,23 +121,27 @@ class SecureRound:
             answers = self._query(round_, UNMASK, {node: request for node in survivors})
             total = session.total(_by_node(answers))
             unmasked = True
-            mean, clients = self._mean(total)
+            mean, clients = self._mean(total, len(survivors), shares)
             noise_std = self.noise.std_of_mean(clients, self._dimension()) if self.noise is not None else None
             return SecureRoundResult(replies, outcome, mean, None, len(dropped), self.errors, noise_std, unmasked)
         except SecAggError as error:
             return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)),
                                      self.errors, unmasked=unmasked)
 
-    def _mean(self, total: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
-        """The clients' (weighted) mean update from the unmasked sum, and their total weight."""
+    def _mean(self, total: torch.Tensor, survivors: int, shares: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The clients' (weighted) mean update from the unmasked sum of ``survivors`` masked vectors (``shares``:
+        the noise shares each carries), and their total weight. A sum the survivors could not send honestly is
+        refused (SecAggError): a client masked a vector of its own choosing."""
         template = self.strategy.trained_template()
         if self.noise is not None:
-            try:  # the sum is of what clients sent: a wrong size skips the round, like the quantizer's
+            try:  # the sum is of what clients sent: a wrong size or value skips the round, like the quantizer's
                 sums, weight = self.noise.decode(total, template)
+                self.noise.check_sum(total, survivors, shares)
             except ValueError as error:
                 raise SecAggError(str(error)) from None
         else:
             sums, weight = self.quantizer.decode(total, template)
+            self.quantizer.check_sum(total, survivors)
         if weight < 1:
             raise SecAggError(f"the unmasked sum counts {weight} clients: it is corrupt")
         return {k: v / weight for k, v in sums.items()}, weight
@@ -175,13 +184,18 @@ def _advertisements(replies: dict[int, dict]) -> dict[int, Advertisement]:
     return adverts
 
 
+# A node id as the protocol writes it: a uint64 in plain ASCII decimal. Not str.isdigit, which also accepts "²"
+# (int refuses it) and strings too long for int to parse.
+_NODE_ID = re.compile(r"[0-9]{1,20}")
+
+
 def _by_node(replies: dict[int, dict]) -> dict[int, dict[int, bytes]]:
     """{sender: {node id: bytes}} with node ids parsed; entries that are not (id string → bytes) are left out."""
     parsed = {}
     for sender, payload in replies.items():
         entries = {}
         for key, value in payload.items():
-            if isinstance(value, bytes) and key.isdigit():
+            if isinstance(value, bytes) and isinstance(key, str) and _NODE_ID.fullmatch(key):
                 entries[int(key)] = value
         parsed[sender] = entries
     return parsed

@@ -160,6 +160,6 @@ def test_a_masked_sum_of_the_wrong_size_skips_the_round_instead_of_ending_the_ru
     secure.noise, secure.quantizer = SkellamNoise(1.0, 1.0), None
     secure.strategy = SimpleNamespace(trained_template=lambda: {"x": torch.zeros(4)})
     with pytest.raises(SecAggError, match="coordinates"):
-        secure._mean(torch.zeros(7, dtype=torch.int64))
-    mean, clients = secure._mean(torch.tensor([0, 0, 0, 0, 2], dtype=torch.int64))
+        secure._mean(torch.zeros(7, dtype=torch.int64), survivors=2, shares=2)
+    mean, clients = secure._mean(torch.tensor([0, 0, 0, 0, 2], dtype=torch.int64), survivors=2, shares=2)
     assert clients == 2 and torch.equal(mean["x"], torch.zeros(4, dtype=torch.float64))

@@ -8,14 +8,15 @@ import torch
 
 from fedspec.secagg import ClientSession, Quantizer, SecAggError, ServerSession, neighbourhoods, threshold
 from fedspec.secagg.primitives import combine_shares, mask, split_secret
-from fedspec.secagg.protocol import MODULUS
+from fedspec.secagg.protocol import MODULUS, SPARE_COMBINATIONS
 
 
 def run_round(vectors: dict[int, torch.Tensor], *, fraction=0.5, neighbours=None, drop_before_mask=(),
-              drop_before_unmask=(), round_=3, tamper=None):
+              drop_before_unmask=(), round_=3, tamper=None, spare_combinations=SPARE_COMBINATIONS):
     """All four exchanges, in process, as the federation carries them; returns (server total, server)."""
     clients = {u: ClientSession(node=u, round=round_, fraction=fraction) for u in vectors}
-    server = ServerSession(round=round_, fraction=fraction, neighbours=neighbours)
+    server = ServerSession(round=round_, fraction=fraction, neighbours=neighbours,
+                           spare_combinations=spare_combinations)
     peers = server.peers({u: c.advertise() for u, c in clients.items()})
     shares = {u: clients[u].share(peers[u]) for u in clients}
     inbox = server.route(shares)
@@ -204,3 +205,172 @@ def test_quantization_counts_clipped_coordinates_and_refuses_bad_input():
     with pytest.raises(SecAggError, match="outside 1..100"):
         quantizer.encode({"x": torch.zeros(1)}, 101, g)
     assert quantizer.max_clients() == 2**62 // (100 * 2**12)
+
+
+# ------------------------------------------------------------------------ what the server accepts as a sum
+# A client masks whatever it likes and the server sees only the sum: it refuses sums no honest survivors could send
+
+def _add(index, amount):
+    return lambda vector: vector.index_add_(0, torch.tensor([index]), torch.tensor([amount]))
+
+
+def _set(index, value):
+    return lambda vector: vector.index_fill_(0, torch.tensor([index]), value)
+
+
+def _encoded(quantizer, updates_and_weights, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {100 + i: quantizer.encode(update, weight, g)[0] for i, (update, weight) in enumerate(updates_and_weights)}
+
+
+def test_honest_sums_pass_the_servers_check_even_at_the_extremes():
+    quantizer = Quantizer(clip=4.0, bits=24, max_weight=1_000_000)
+    g = torch.Generator().manual_seed(1)
+    random = [({"b": 0.01 * torch.randn(4, generator=g)}, w) for w in (120, 80, 100)]
+    top = [({"b": torch.full((4,), 9.0)}, 1_000_000)] * 3  # every level at its highest, every weight at its cap
+    bottom = [({"b": torch.full((4,), -9.0)}, 1)] * 3  # the lowest levels, the smallest weights
+    for clients in (random, top, bottom):
+        total, _ = run_round(_encoded(quantizer, clients))
+        quantizer.check_sum(total, clients=3)
+
+
+@pytest.mark.parametrize("attack, reason", [
+    (_add(0, 2**55), "coordinate\\(s\\) of the unmasked sum are outside"),
+    (_add(1, -(2**40)), "coordinate\\(s\\) of the unmasked sum are outside"),  # below 0: a residue near 2^62
+    (_set(4, 5_000_000), "total weight .* is outside 3..3000000"),  # the weight slot
+    (_set(4, -300), "total weight .* is outside 3..3000000"),
+])
+def test_a_sum_no_honest_clients_could_send_is_refused(attack, reason):
+    """The reviewer's case first: one of three clients adds 2^55 to a coordinate of its encoding (and sets its
+    weight to 1); unchecked, the decoded mean moved by 8.5e7 with clip_range 4."""
+    quantizer = Quantizer(clip=4.0, bits=24, max_weight=1_000_000)
+    g = torch.Generator().manual_seed(0)
+    vectors = _encoded(quantizer, [({"b": 0.01 * torch.randn(4, generator=g)}, w) for w in (120, 80, 100)])
+    hostile = attack(vectors[102].clone())
+    if reason.startswith("coordinate"):
+        hostile[-1] = 1
+    vectors[102] = hostile % MODULUS
+    total, _ = run_round(vectors)
+    with pytest.raises(SecAggError, match=reason):
+        quantizer.check_sum(total, clients=3)
+
+
+def _skellam_sum(noise, updates, shares, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {100 + i: noise.encode(update, shares, g)[0] for i, update in enumerate(updates)}
+
+
+@pytest.mark.parametrize("z", [1e-6, 1.0, 5.0])
+def test_honest_sums_with_distributed_noise_pass_the_servers_check(z):
+    """Noise pushes coordinates past the clipped signal, negative ones wrap to residues near 2^62: both pass, with
+    more survivors than noise shares too, and with updates that put their whole norm on one coordinate."""
+    from fedspec.privacy.skellam import SkellamNoise
+
+    noise = SkellamNoise(z, 1.0)
+    g = torch.Generator().manual_seed(2)
+    spiky = [{"x": torch.zeros(1000).index_fill_(0, torch.tensor([7]), sign * 3.0)} for sign in (1, 1, -1, 1)]
+    random = [{"x": torch.randn(1000, generator=g)} for _ in range(4)]
+    for updates in (spiky, random):
+        for shares in (4, 2):
+            total, _ = run_round(_skellam_sum(noise, updates, shares))
+            noise.check_sum(total, clients=4, shares=shares)
+
+
+@pytest.mark.parametrize("attack, reason", [
+    (_add(0, 2**55), "coordinate\\(s\\) of the unmasked sum are beyond"),
+    (_add(3, -(2**20)), "coordinate\\(s\\) of the unmasked sum are beyond"),
+    (_set(1000, 0), "counts 3 clients, but 4 masked vectors were summed"),  # the count slot
+    (_set(1000, 2), "counts 5 clients, but 4 masked vectors were summed"),
+])
+def test_a_sum_with_distributed_noise_no_honest_clients_could_send_is_refused(attack, reason):
+    from fedspec.privacy.skellam import SkellamNoise
+
+    noise = SkellamNoise(1.0, 1.0)
+    g = torch.Generator().manual_seed(3)
+    vectors = _skellam_sum(noise, [{"x": torch.randn(1000, generator=g)} for _ in range(4)], 4)
+    vectors[101] = attack(vectors[101].clone()) % MODULUS
+    total, _ = run_round(vectors)
+    with pytest.raises(ValueError, match=reason):
+        noise.check_sum(total, clients=4, shares=4)
+
+
+def test_the_noise_bound_is_a_bernstein_tail_of_the_summed_variance():
+    """b solves b²/(2(V + b/3)) = 100: about 14 standard deviations once V is large, a few units when it is tiny."""
+    from fedspec.privacy.skellam import SkellamNoise
+
+    for z in (1e-6, 1.0, 10.0):
+        noise = SkellamNoise(z, 1.0)
+        variance = noise.summed_variance(1000) * 5 / 3
+        bound = noise.noise_bound(1000, clients=5, shares=3)
+        assert bound**2 / (2 * (variance + bound / 3)) == pytest.approx(100, rel=1e-3, abs=1.0)
+        assert bound >= 14 * variance**0.5
+
+
+def test_the_secure_round_refuses_a_sum_out_of_range_as_a_skipped_round():
+    """Where the server decodes the sum (``_mean``): the error is a SecAggError, which ``run`` turns into a skipped,
+    logged round; an honest sum gives the weighted mean."""
+    from types import SimpleNamespace
+
+    from fedspec.server.secure_round import SecureRound
+
+    quantizer = Quantizer(clip=4.0, bits=24, max_weight=1_000_000)
+    secure = SecureRound.__new__(SecureRound)  # only what _mean reads
+    secure.noise, secure.quantizer = None, quantizer
+    secure.strategy = SimpleNamespace(trained_template=lambda: {"b": torch.zeros(4)})
+    updates = [({"b": torch.full((4,), 0.5)}, 3), ({"b": torch.full((4,), -0.5)}, 1)]
+    total = sum(_encoded(quantizer, updates).values()) % MODULUS
+    mean, weight = secure._mean(total, survivors=2, shares=2)
+    assert weight == 4 and (mean["b"] - 0.25).abs().max() <= quantizer.step
+    hostile = total.clone()
+    hostile[0] += 2**55
+    with pytest.raises(SecAggError, match="outside 0.."):
+        secure._mean(hostile, survivors=2, shares=2)
+    with pytest.raises(SecAggError, match="total weight 4 is outside 5..5000000"):
+        secure._mean(total, survivors=5, shares=5)  # five honest survivors weigh at least 5
+
+
+# ------------------------------------------------------------------------ malformed replies and shares
+
+def test_reply_keys_that_are_not_plain_ascii_node_ids_are_left_out_not_a_crash():
+    """"²".isdigit() is True but int("²") raises: a client's reply with such a key ended the server."""
+    from fedspec.server.secure_round import _by_node
+
+    replies = {7: {"²": b"x", "٣": b"x", "1" * 5000: b"x", " 12": b"x", "12\n": b"x", "-12": b"x", "13": "text",
+                   "101": b"share", "0": b"zero"}}
+    assert _by_node(replies) == {7: {101: b"share", 0: b"zero"}}
+
+
+def _alter_middle_responders_shares(responses):
+    responder = sorted(responses)[1]
+    for owner, share in responses[responder].items():
+        altered = bytearray(share)
+        altered[5] ^= 1
+        responses[responder][owner] = bytes(altered)
+
+
+def test_a_wrong_share_between_good_ones_is_skipped():
+    """t = 2 of 3 neighbours: with shares [good, wrong, good] both windows of two held the wrong one, though the
+    first and last rebuild the secret."""
+    vectors = residues(4, 10, seed=3)
+    assert threshold(3, 0.5) == 2
+    total, _ = run_round(vectors, tamper=_alter_middle_responders_shares)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_a_share_under_another_holders_index_is_left_out():
+    """The first responder relabels its shares with index 2, the next holder's: two shares of one index among the
+    first t ended the round, though the two other holders' shares rebuild the secret."""
+    vectors = residues(4, 10, seed=3)
+
+    def relabel(responses):
+        responder = min(responses)
+        for owner, share in responses[responder].items():
+            responses[responder][owner] = (2).to_bytes(2, "little") + share[2:]
+
+    total, _ = run_round(vectors, tamper=relabel)
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+def test_the_search_for_good_shares_stops_when_the_rounds_spare_tries_are_spent():
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        run_round(residues(4, 10, seed=3), tamper=_alter_middle_responders_shares, spare_combinations=0)

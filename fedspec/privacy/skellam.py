@@ -34,6 +34,17 @@ with μ = z²Δ₂² and Δ₁ ≤ √d·Δ₂ ≤ Δ₂²/6 (as √d ≤ S/64) 
 — the Gaussian mechanism's RDP at multiplier σ, at integer orders. The ledger records σ with sample rate 1 under the
 ``skellam`` accountant, which composes at integer orders only. No amplification by sampling is claimed (the server
 knows the cohort), and every summed round is charged in full to every client: an upper bound for each of them.
+
+What the server checks (``check_sum``). It cannot see what a client masked, so it refuses a sum that n honest
+clients would not send: its count slot must be exactly n (nothing is added to it), and every coordinate within
+``n·(S + 1) + b`` in magnitude — each client's rounded coordinate is at most S (+1 for float rounding at the edge)
+and ``b`` bounds the summed noise, Skellam of variance ``V = n·μ/m``: as a difference of two Poisson variables it
+obeys Bernstein's inequality ``P(|X| ≥ b) ≤ 2·exp(−b²/(2(V + b/3)))``, and ``b`` makes that 2·e^−100
+(< 10^−43 per coordinate: an honest sum is never refused in practice; about 14 standard deviations once V is
+large).
+Nothing wraps: ``check_headroom`` keeps the signal and 40 standard deviations below 2^61, so the signed lift of
+the residues is the integer sum itself. A client that masks a vector of its own choosing can move a coordinate of
+the decoded mean by at most about C·(1 + b/(n·S)), never without limit.
 """
 
 from __future__ import annotations
@@ -55,6 +66,9 @@ MIN_UNITS = 2**12  # the coarsest resolution S: the accounted σ holds for every
 # drawn as sums of Poisson variables of rate at most this, and more parts than _MAX_PARTS are refused.
 _MAX_POISSON_RATE = float(2**40)
 _MAX_PARTS = 4096
+# The tail the server's check allows the summed noise, in nats: an honest coordinate is refused with probability
+# at most 2·e^−100 (Bernstein's inequality, see the module docstring)
+_TAIL_NATS = 100.0
 
 
 def units(dimension: int) -> int:
@@ -115,6 +129,32 @@ class SkellamNoise:
             raise ConfigError(f"distributed client-level noise with z = {self.noise_multiplier:.4g} and {clients} "
                               "clients could wrap the masked sum around 2^62: lower the noise or the clients")
 
+    def noise_bound(self, dimension: int, clients: int, shares: int) -> int:
+        """b: the summed noise of ``clients`` shares exceeds it on a coordinate with probability at most 2·e^−100.
+        Bernstein's inequality for Skellam noise of variance V, P(|X| ≥ b) ≤ 2·exp(−b²/(2(V + b/3))), solved for
+        b: b = L/3 + √(L²/9 + 2LV) with L = 100 (the log-MGF V(cosh t − 1) meets Bernstein's condition)."""
+        variance = self.summed_variance(dimension) * clients / shares
+        tail = _TAIL_NATS
+        return math.ceil(tail / 3 + math.sqrt(tail * tail / 9 + 2 * tail * variance))
+
+    def check_sum(self, total: torch.Tensor, clients: int, shares: int) -> None:
+        """Refuse (ValueError) an unmasked sum (residues modulo 2^62) of ``clients`` encodings with ``shares``
+        noise shares that no honest clients could send: a count other than ``clients``, or a coordinate beyond
+        ``clients·(S + 1) + noise_bound`` in magnitude (see the module docstring)."""
+        signed = _signed(total)
+        count = int(signed[-1])
+        if count != clients:
+            raise ValueError(f"the unmasked sum counts {count} clients, but {clients} masked vectors were summed: a "
+                             "client masked a vector it did not encode")
+        dimension = total.numel() - 1
+        bound = clients * (units(dimension) + 1) + self.noise_bound(dimension, clients, shares)
+        outside = (signed[:-1].abs() > bound).nonzero().flatten()
+        if outside.numel():
+            first = int(outside[0])
+            raise ValueError(f"{outside.numel()} coordinate(s) of the unmasked sum are beyond ±{bound} ({clients} "
+                             f"clipped updates and their noise), the first #{first} at {int(signed[first])}: a "
+                             "client masked a vector it did not encode")
+
     # ------------------------------------------------------------------------------------------ client side
 
     def encode(
@@ -149,11 +189,16 @@ class SkellamNoise:
         sizes = [like[key].numel() for key in sorted(like)]
         if total.numel() != sum(sizes) + 1:
             raise ValueError(f"the masked sum has {total.numel()} coordinates, the update {sum(sizes)} + 1")
-        half = 2 ** (MODULUS_BITS - 1)
-        signed = torch.where(total >= half, total - 2 * half, total)
+        signed = _signed(total)
         clients = int(signed[-1])
         values = signed[:-1].to(torch.float64) * (self.clipping_norm / units(sum(sizes)))
         return unflatten(values, like), clients
+
+
+def _signed(total: torch.Tensor) -> torch.Tensor:
+    """Residues modulo 2^62 lifted to the signed integers in [−2^61, 2^61) (two's complement, as clients encode)."""
+    half = 2 ** (MODULUS_BITS - 1)
+    return torch.where(total >= half, total - 2 * half, total)
 
 
 def skellam(variance: float, size: int, generator: torch.Generator) -> torch.Tensor:

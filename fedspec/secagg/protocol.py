@@ -19,14 +19,17 @@ One round, four exchanges (the server relays every message; clients never talk d
 
 Threat model: an honest-but-curious server and clients; a client also refuses requests that would unmask a
 survivor. The server checks every reconstructed secret against the client's own commitment or public key, so a
-wrong share is caught (the round is skipped, never silently corrupted). Fewer than ``t`` shares for any client:
-the round cannot be summed and is skipped.
+wrong share is caught, never silently summed: a share must carry its holder's index, and when a combination of
+``t`` shares fails the check the server tries others (the earliest shares first, a few dozen per round at most),
+so a wrong share among spare ones does not cost the round. Fewer than ``t`` shares for any client, or no
+combination that checks out: the round cannot be summed and is skipped.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +53,9 @@ MODULUS = 1 << MODULUS_BITS
 SHARE_PURPOSE = b"share-encryption"
 MASK_PURPOSE = b"pairwise-mask"
 _SHARE_BYTES = 2 + KEY_BYTES  # a Shamir share of a 32-byte secret: 2-byte index + two 16-byte blocks
+# Combinations of shares a round may try beyond the first per secret, when a wrong share spoils one: each costs a
+# Shamir combination (~0.4 s at t = 51 in pure Python), so hostile shares cannot hold the server up for long
+SPARE_COMBINATIONS = 64
 
 
 def threshold(neighbours: int, fraction: float) -> int:
@@ -229,6 +235,7 @@ class ServerSession:
     graph: dict[int, list[int]] = field(default_factory=dict)
     shared: set[int] = field(default_factory=set)  # clients whose shares went out (U2)
     masked: dict[int, torch.Tensor] = field(default_factory=dict)  # survivors' masked vectors (U3)
+    spare_combinations: int = SPARE_COMBINATIONS  # what is left of the round's spare tries (``_rebuild``)
 
     def peers(self, advertised: Mapping[int, Advertisement]) -> dict[int, dict[int, Advertisement]]:
         """Each advertising client's neighbours and their public keys (the message of exchange 2)."""
@@ -268,7 +275,7 @@ class ServerSession:
             if responder not in survivors:
                 continue
             for owner, share in shares.items():
-                if owner in holders and responder in self.graph[owner] and len(share) == _SHARE_BYTES:
+                if owner in holders and self._is_share_of(owner, responder, share):
                     holders[owner].append(share)
         size = next(iter(self.masked.values())).numel()
         terms = [(1, y) for y in self.masked.values()]
@@ -283,13 +290,35 @@ class ServerSession:
                     terms.append((-1 if peer < owner else 1, mask(seed, size, MODULUS_BITS, self.round)))
         return _signed_sum(terms, size)
 
+    def _is_share_of(self, owner: int, responder: int, share: bytes) -> bool:
+        """Whether ``share`` can be the one ``owner`` gave ``responder``: a neighbour's, of the right length, with
+        the index of the responder's place among the owner's neighbours (``split_secret`` numbers them in sorted
+        order, as ``graph`` lists them). A share under another index is left out, so no two carry the same."""
+        neighbours = self.graph[owner]
+        return (responder in neighbours and len(share) == _SHARE_BYTES
+                and int.from_bytes(share[:2], "little") == neighbours.index(responder) + 1)
+
     def _rebuild(self, owner: int, shares: list[bytes], check) -> bytes:
         t = threshold(len(self.graph[owner]), self.fraction)
         if len(shares) < t:
             raise SecAggError(f"client {owner}'s secret needs {t} shares, {len(shares)} arrived: too many dropouts")
-        # The first t shares, then (if a share was wrong) each other window of t: a bad share is caught by the check
-        for start in range(0, len(shares) - t + 1):
-            secret = combine_shares(shares[start:start + t])
+        # A wrong share spoils every combination that holds it, and only the check tells: the first t shares, then
+        # other combinations while the round's spare tries last (any t good shares give the secret)
+        for tried, subset in enumerate(_earliest_first(len(shares), t)):
+            if tried:
+                if self.spare_combinations == 0:
+                    break
+                self.spare_combinations -= 1
+            secret = combine_shares([shares[i] for i in subset])
             if check(secret):
                 return secret
         raise SecAggError(f"client {owner}'s secret does not match its commitment: a share was altered")
+
+
+def _earliest_first(count: int, size: int) -> Iterator[tuple[int, ...]]:
+    """Every ``size``-subset of ``range(count)``, by its largest member: those within the first ``size + j``
+    positions come before any that reaches further, so one wrong share costs at most ``size`` more tries
+    (consecutive windows would never skip a wrong share in the middle)."""
+    for last in range(size - 1, count):
+        for head in itertools.combinations(range(last), size - 1):
+            yield (*head, last)

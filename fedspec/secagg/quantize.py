@@ -9,6 +9,14 @@ sum: the server never learns it alone). From the sums the server recovers
 
 exact up to the rounding: every coordinate of the mean is within ``step`` of the unquantized mean (a coordinate
 beyond ±clip is clipped first; clients count those and report the count).
+
+The server cannot see what a client masked, so it checks the sum (``check_sum``): n honest clients, each with
+``1 ≤ w ≤ max_weight`` and ``0 ≤ q ≤ 2^bits − 1``, sum to ``n ≤ Σ w ≤ n·max_weight`` and to
+``0 ≤ Σ w·q ≤ (2^bits − 1)·Σ w`` on every coordinate, exactly: nothing is added to the levels (no noise here:
+client-level DP encodes with ``fedspec.privacy.skellam`` instead), nothing wraps modulo 2^bits, and
+``max_clients`` keeps every such sum below the modulus 2^62, so the residues are the integer sums themselves. A
+sum outside those limits is refused; one inside decodes to a mean within [−clip, clip] on every coordinate, so a
+client that masks a vector of its own choosing moves the model at most that far, never without limit.
 """
 
 from __future__ import annotations
@@ -61,6 +69,21 @@ class Quantizer:
         levels = low + (torch.rand(scaled.shape, generator=generator, dtype=torch.float64) < scaled - low)
         levels = levels.clamp(0, 2**self.bits - 1).to(torch.int64)
         return torch.cat([levels * weight, torch.tensor([weight], dtype=torch.int64)]), clipped
+
+    def check_sum(self, total: torch.Tensor, clients: int) -> None:
+        """Refuse (SecAggError) an unmasked sum of ``clients`` encodings that no honest clients could send: its
+        total weight outside ``clients..clients·max_weight``, or a coordinate outside ``0..(2^bits − 1)·weight``."""
+        weight, heaviest = int(total[-1]), clients * self.max_weight
+        if not clients <= weight <= heaviest:
+            raise SecAggError(f"the unmasked sum's total weight {weight} is outside {clients}..{heaviest} ({clients} "
+                              f"clients of weight 1..{self.max_weight}): a client masked a vector it did not encode")
+        top = (2**self.bits - 1) * weight  # below 2^62 (max_clients): an exact int64 comparison
+        outside = ((total[:-1] < 0) | (total[:-1] > top)).nonzero().flatten()
+        if outside.numel():
+            first = int(outside[0])
+            raise SecAggError(f"{outside.numel()} coordinate(s) of the unmasked sum are outside 0..{top} "
+                              f"((2^{self.bits} − 1) × total weight {weight}), the first #{first} at "
+                              f"{int(total[first])}: a client masked a vector it did not encode")
 
     def decode(self, total: torch.Tensor, like: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         """(Σ w·x per key, Σ w) from the unmasked sum of the clients' encodings; ``like`` gives keys and shapes."""
