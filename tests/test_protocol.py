@@ -366,6 +366,42 @@ def test_discovery_leaves_out_nodes_that_fail_or_answer_nonsense_and_logs_them(f
         discover_clients(_MixedGrid(set()), 3, 0.3, ["a", "b"], min_clients=2)
 
 
+class _TwinGrid(_SilentGrid):
+    """Nodes 1 and 2 answer as clients 0 and 1; node 3 claims client 0 too (an impostor, or a SuperNode started with
+    node 1's partition-id by mistake)."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        claims = {1: 0, 2: 1, 3: 0}
+        replies = [Message(RecordDict({"metrics": MetricRecord({"client-id": claims[m.metadata.dst_node_id]})}),
+                           reply_to=m) for m in self.sent]
+        self.sent = []
+        return replies
+
+
+def test_discovery_leaves_out_both_nodes_that_claim_one_client_id_and_names_them(flower_task, tmp_path, caplog):
+    from fedspec.errors import FedspecError
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.federation import discover_clients
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    assert discover_clients(_TwinGrid(set()), 3, 0.3, ["a", "b"], min_clients=1, log=log) == {2: {"client-id": 1}}
+    clash = ("nodes 1 and 3 both claim client id 0 (partition-id=0), so neither takes part; start every SuperNode "
+             "with its own --node-config 'partition-id=<i>'")
+    errors = {line["node"]: line["reason"] for line in log.read() if line["kind"] == "client-error"}
+    assert errors == {1: clash, 3: clash} and all(line["round"] == 0 for line in log.read())
+    assert f"Discovery: {clash}" in caplog.text  # on the server's console too: a misconfiguration is not silent
+    with pytest.raises(FedspecError, match=r"only 1 of 3 nodes answered.*min_clients=2 \(nodes 1 and 3 both claim"):
+        discover_clients(_TwinGrid(set()), 3, 0.3, ["a", "b"], min_clients=2)
+
+    from fedspec.server.federation import _client_id_clashes
+
+    triplets = _client_id_clashes({5: {"client-id": 4}, 1: {"client-id": 4}, 2: {"client-id": 0}, 3: {"client-id": 4}})
+    assert [(nodes, reason.split(" (")[0]) for nodes, reason in triplets] == [
+        ([5, 1, 3], "nodes 1, 3 and 5 all claim client id 4")]
+
+
 class _CountingGrid(_SilentGrid):
     """Every node answers with a tensor of 10 float32 values, except node 3, which never answers."""
 
