@@ -218,13 +218,35 @@ def claimed_identity(claimed: int, node: int, client: int | None) -> None:
 
 def reply_tensors(array_records: Mapping, name: str) -> dict[str, torch.Tensor]:
     """The tensors of a reply's array record ``name`` (a Flower ``ArrayRecord``), or a ProtocolError when the
-    record is missing or cannot be read as tensors."""
+    record is missing, or naming the tensor that cannot be read (see :func:`_reply_tensor`)."""
     if name not in array_records:
         raise ProtocolError(f"the reply has no {name!r} record")
+    return {key: _reply_tensor(name, key, array) for key, array in array_records[name].items()}
+
+
+def _reply_tensor(record: str, key: str, array) -> torch.Tensor:
+    """One tensor of a reply, read from its bytes (numpy's format). Its header (dtype and shape strings beside the
+    bytes) is the client's word, passed on unchecked by Flower and read by the server's traffic count: it must
+    say what the bytes hold."""
+    import torch
+
+    where = f"tensor {_brief(key)} of the {record!r} record"
     try:
-        return array_records[name].to_torch_state_dict()
+        values = array.numpy()
+        header_matches = array.dtype == str(values.dtype) and tuple(array.shape) == values.shape
+        tensor = torch.from_numpy(values)
     except Exception as error:  # noqa: BLE001 — whatever a client put there, it is not the server's crash
-        raise ProtocolError(f"the {name!r} record cannot be read as tensors: {error}") from None
+        raise ProtocolError(f"{where} cannot be read: {str(error)[:200]}") from None
+    if not header_matches:
+        raise ProtocolError(f"{where} declares dtype {_brief(array.dtype)} and shape {_brief(array.shape)}, "
+                            f"but its data holds {values.dtype} of shape {values.shape}")
+    return tensor
+
+
+def _brief(value, limit: int = 120) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a client's strings go into the server's log lines."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def check_update(update: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor], expected: Collection[str]) -> None:

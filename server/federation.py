@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from logging import WARNING
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore import log as flower_log
 from omegaconf import DictConfig
 
 from fedspec import __version__
@@ -60,9 +62,10 @@ def discover_clients(
     log: MetricsLog | None = None,
 ) -> dict[int, dict]:
     """Ask every node who it is: {node id: {CLIENT_ID: its client id}}. Waits for ``expected`` nodes and fails
-    when fewer than ``min_clients`` answer. A node that fails to start or answers something else is left out of
-    the run (a ``client-error`` line in ``log``), never the end of it. The query carries the task's class names:
-    a node with its own data file labels it with them."""
+    when fewer than ``min_clients`` remain. A node that fails to start or answers something else, and every node
+    of a client id that more than one node claims, is left out of the run (a ``client-error`` line in ``log``),
+    never the end of it. The query carries the task's class names: a node with its own data file labels it with
+    them."""
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
     while len(node_ids) < expected:
@@ -86,8 +89,13 @@ def discover_clients(
             found[node] = {CLIENT_ID: _client_id(reply)}
         except ProtocolError as problem:
             problems.append(f"node {node}: {problem}")
-            if log is not None:
-                log.write("client-error", round=0, node=node, reason=str(problem))
+            _log_left_out(log, node, str(problem))
+    for nodes, clash in _client_id_clashes(found):
+        problems.append(clash)
+        flower_log(WARNING, "Discovery: %s", clash)  # a misconfiguration, or an impostor: said out loud
+        for node in nodes:
+            del found[node]
+            _log_left_out(log, node, clash)
     if len(found) < min_clients:
         raise FedspecError(
             f"only {len(found)} of {len(node_ids)} nodes answered who they are within federation.round_timeout="
@@ -95,8 +103,12 @@ def discover_clients(
             + (f" ({'; '.join(problems)})" if problems else "")
             + "; check the SuperNodes' logs, or raise the timeout"
         )
-    _check_unique_client_ids(found)
     return found
+
+
+def _log_left_out(log: MetricsLog | None, node: int, reason: str) -> None:
+    if log is not None:
+        log.write("client-error", round=0, node=node, reason=reason)
 
 
 def _client_id(reply: Message) -> int:
@@ -110,16 +122,26 @@ def _client_id(reply: Message) -> int:
     return value
 
 
-def _check_unique_client_ids(found: dict[int, dict]) -> None:
-    """Two SuperNodes started with the same partition-id would share one privacy ledger and one identity."""
-    seen: dict[int, int] = {}
+def _client_id_clashes(found: dict[int, dict]) -> list[tuple[list[int], str]]:
+    """(the nodes, why they are left out) for every client id more than one node claims. Two SuperNodes started
+    with the same partition-id would share one privacy ledger and one identity; which one is the client, or
+    whether one is an impostor, the server cannot tell: none of them takes part."""
+    by_client: dict[int, list[int]] = {}
     for node, info in found.items():
-        if info[CLIENT_ID] in seen:
-            raise FedspecError(
-                f"nodes {seen[info[CLIENT_ID]]} and {node} both have partition-id={info[CLIENT_ID]}; "
-                "start every SuperNode with its own --node-config 'partition-id=<i>'"
-            )
-        seen[info[CLIENT_ID]] = node
+        by_client.setdefault(info[CLIENT_ID], []).append(node)
+    return [(nodes, _clash_reason(nodes, client)) for client, nodes in sorted(by_client.items()) if len(nodes) > 1]
+
+
+def _clash_reason(nodes: list[int], client: int) -> str:
+    both, neither = ("both", "neither") if len(nodes) == 2 else ("all", "none")
+    return (f"nodes {_listed(nodes)} {both} claim client id {client} (partition-id={client}), so {neither} takes "
+            "part; start every SuperNode with its own --node-config 'partition-id=<i>'")
+
+
+def _listed(items: list) -> str:
+    """'1 and 3', '1, 3 and 5'."""
+    words = [str(item) for item in sorted(items)]
+    return ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: list[Message], budget: BudgetTracker,

@@ -7,6 +7,7 @@ passed), built on the Grid's public ``push_messages`` / ``pull_messages``.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,15 +36,35 @@ class Traffic:
 
 def payload_bytes(message: Message) -> int:
     """What a message carries: its tensors and the byte strings and strings of its config records (secure
-    aggregation's keys and shares). Flower's framing and the few scalar metrics are left out."""
+    aggregation's keys and shares). Flower's framing and the few scalar metrics are left out. Never raises: a
+    reply is counted as it arrives, before anything checks it."""
     if message.has_error():
         return 0
     content = message.content
-    tensors = sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize
-                  for record in content.array_records.values() for array in record.values())
+    tensors = sum(_array_bytes(array) for record in content.array_records.values() for array in record.values())
     strings = sum(len(value) if isinstance(value, bytes) else len(value.encode()) if isinstance(value, str) else 0
                   for record in content.config_records.values() for value in record.values())
     return tensors + strings
+
+
+def _array_bytes(array) -> int:
+    """A tensor's size as its header declares it (dtype × shape, without numpy's file header). Flower does not
+    check a client's header: one it cannot read (an unknown dtype string, a shape that is not whole numbers)
+    counts the raw bytes that arrived instead, and the reply's checks quarantine it (``protocol.reply_tensors``)."""
+    declared = _declared_bytes(array)
+    if declared is None:
+        return len(array.data) if isinstance(array.data, bytes) else 0
+    return declared
+
+
+def _declared_bytes(array) -> int | None:
+    """dtype × shape as the array's header states them; None when they do not make a size."""
+    try:
+        shape = [operator.index(size) for size in array.shape]
+        itemsize = np.dtype(array.dtype).itemsize
+    except Exception:  # noqa: BLE001 — whatever a client put in the header, counting it must not crash the server
+        return None
+    return math.prod(shape) * itemsize if all(size >= 0 for size in shape) else None
 
 
 def exchange(

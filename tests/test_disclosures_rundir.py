@@ -94,6 +94,45 @@ def test_a_round_logged_twice_across_a_resume_is_shown_once_with_its_last_result
     assert [(r.round, r.eval_accuracy) for r in rows] == [(0, 0.5), (1, 0.6), (2, 0.75), (3, 0.8)]
 
 
+def test_a_line_a_crash_cut_short_is_cut_off_when_the_resumed_run_appends(tmp_path, caplog):
+    """Disk full or power loss mid-write leaves a partial last line. The resumed run's first line used to be glued
+    onto it: both lost, and the final reports, after every round had trained, could not read the log."""
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.reports import _reply_history
+
+    path = tmp_path / "metrics.jsonl"
+    MetricsLog(path).write("round", round=1, eval_accuracy=0.5)
+    MetricsLog(path).write("client", round=2, client_id=3, epsilon=1.2)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-15])  # the run died mid-line
+    fragment = whole[whole.index(b"\n") + 1:-15]
+    resumed = MetricsLog(path)
+    resumed.write("client-quarantined", round=2, node=7, client=3, reason="tensor 'w' holds NaN or Inf")
+    resumed.write("round", round=2, eval_accuracy=0.6)
+    lines = resumed.read()
+    assert [line["kind"] for line in lines] == ["round", "log-repaired", "client-quarantined", "round"]
+    assert (lines[1]["cut_bytes"], lines[1]["cut"]) == (len(fragment), fragment.decode())  # a note of what was cut
+    assert f"{path} ended in a partial line" in caplog.text
+    assert _reply_history(type("Paths", (), {"metrics": path}))[0] == {"3": [2]}  # as write_final_reports reads it
+
+
+def test_reading_skips_a_cut_short_last_line_and_names_a_damaged_line_before_it(tmp_path, caplog):
+    from fedspec.errors import DataError
+    from fedspec.rundir import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for round_ in (1, 2):
+        log.write("round", round=round_, eval_accuracy=0.5)
+    whole = path.read_bytes()
+    path.write_bytes(whole + '{"kind": "client", "reason": "\u20ac'.encode()[:-1])  # cut inside a UTF-8 character
+    assert [line["round"] for line in log.read()] == [1, 2]
+    assert f"{path} line 3 is not whole" in caplog.text
+    path.write_bytes(whole.replace(b'"kind": "round",', b'"kind": "round"', 1))
+    with pytest.raises(DataError, match=r"metrics.jsonl line 1 is not a JSON object, and more lines follow it"):
+        log.read()
+
+
 def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(tiny_cfg, tmp_path):
     from fedspec.privacy.report import build_privacy_report, render_markdown
     from fedspec.server.progress import RoundRow, byte_size

@@ -50,6 +50,17 @@ def _bad_update(change):
     return update
 
 
+def _forged(key, **header):
+    """An honest update as Flower Arrays, with tensor ``key``'s header (dtype, shape) or bytes replaced by the
+    client's own: Flower passes them on unchecked, from the wire as from a ClientApp."""
+    from flwr.app import Array
+
+    arrays = {k: Array(v.numpy()) for k, v in _update(seed=9).items()}
+    for field, value in header.items():
+        setattr(arrays[key], field, value)
+    return arrays
+
+
 # (what is wrong, its metrics, its update, a word the reason must contain)
 BAD_REPLIES = [
     ("missing tensor", _metrics(2), {"l0.lora_B.weight": _update()["l0.lora_B.weight"]}, "missing"),
@@ -90,6 +101,14 @@ BAD_REPLIES = [
     ("another number of local steps", _metrics(2, steps=5), _update(seed=9), "take 4 a round"),
     ("no DP in a private run", _metrics(2, noise_multiplier=_DROP, sample_rate=_DROP), _update(seed=9),
      "no DP mechanism"),
+    # a tensor's header and bytes, as the client wrote them: the reason names the tensor
+    ("a dtype string numpy does not know", _metrics(2), _forged("head.weight", dtype="bogus"),
+     "tensor 'head.weight' of the 'arrays' record declares dtype 'bogus'"),
+    ("a negative size", _metrics(2), _forged("head.weight", shape=(-2, 5)), "tensor 'head.weight'"),
+    ("a header that hides the data's shape", _metrics(2), _forged("l0.lora_B.weight", shape=(1, 4)),
+     "tensor 'l0.lora_B.weight'"),
+    ("bytes that are no numpy array", _metrics(2), _forged("head.weight", data=b"\0" * 40),
+     "tensor 'head.weight' of the 'arrays' record cannot be read"),
 ]
 
 
@@ -375,6 +394,42 @@ def test_discovery_leaves_out_nodes_that_fail_or_answer_nonsense_and_logs_them(f
         discover_clients(_MixedGrid(set()), 3, 0.3, ["a", "b"], min_clients=2)
 
 
+class _TwinGrid(_SilentGrid):
+    """Nodes 1 and 2 answer as clients 0 and 1; node 3 claims client 0 too (an impostor, or a SuperNode started with
+    node 1's partition-id by mistake)."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Message, MetricRecord, RecordDict
+
+        claims = {1: 0, 2: 1, 3: 0}
+        replies = [Message(RecordDict({"metrics": MetricRecord({"client-id": claims[m.metadata.dst_node_id]})}),
+                           reply_to=m) for m in self.sent]
+        self.sent = []
+        return replies
+
+
+def test_discovery_leaves_out_both_nodes_that_claim_one_client_id_and_names_them(flower_task, tmp_path, caplog):
+    from fedspec.errors import FedspecError
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.federation import discover_clients
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    assert discover_clients(_TwinGrid(set()), 3, 0.3, ["a", "b"], min_clients=1, log=log) == {2: {"client-id": 1}}
+    clash = ("nodes 1 and 3 both claim client id 0 (partition-id=0), so neither takes part; start every SuperNode "
+             "with its own --node-config 'partition-id=<i>'")
+    errors = {line["node"]: line["reason"] for line in log.read() if line["kind"] == "client-error"}
+    assert errors == {1: clash, 3: clash} and all(line["round"] == 0 for line in log.read())
+    assert f"Discovery: {clash}" in caplog.text  # on the server's console too: a misconfiguration is not silent
+    with pytest.raises(FedspecError, match=r"only 1 of 3 nodes answered.*min_clients=2 \(nodes 1 and 3 both claim"):
+        discover_clients(_TwinGrid(set()), 3, 0.3, ["a", "b"], min_clients=2)
+
+    from fedspec.server.federation import _client_id_clashes
+
+    triplets = _client_id_clashes({5: {"client-id": 4}, 1: {"client-id": 4}, 2: {"client-id": 0}, 3: {"client-id": 4}})
+    assert [(nodes, reason.split(" (")[0]) for nodes, reason in triplets] == [
+        ([5, 1, 3], "nodes 1, 3 and 5 all claim client id 4")]
+
+
 class _CountingGrid(_SilentGrid):
     """Every node answers with a tensor of 10 float32 values, except node 3, which never answers."""
 
@@ -412,6 +467,71 @@ def test_exchange_counts_the_payload_both_ways_and_a_silent_node_is_logged(flowe
     (line,) = log.read()
     assert (line["kind"], line["round"], line["node"], line["client"]) == ("client-error", 4, 3, 7)
     assert line["reason"] == "no reply within federation.round_timeout=0.3s"
+
+
+def test_traffic_counts_a_tensor_header_it_cannot_read_as_the_bytes_that_arrived(flower_task):
+    from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+
+    from fedspec.server.messaging import payload_bytes
+
+    def carrying(record):
+        return Message(RecordDict({"arrays": record}), dst_node_id=1, message_type=MessageType.TRAIN)
+
+    honest = payload_bytes(carrying(ArrayRecord(_forged("head.weight"))))
+    assert honest == (20 + 10) * 4  # dtype × shape of B and the head, as declared
+    for header in ({"dtype": "bogus"}, {"shape": ("2", 5.5)}, {"shape": (-2, 5)}):
+        record = ArrayRecord(_forged("head.weight"))
+        for field, value in header.items():  # after the record's constructor, which would refuse a shape of strings
+            setattr(record["head.weight"], field, value)
+        raw = len(record["head.weight"].data)  # numpy's file header and the 10 float32 values
+        assert payload_bytes(carrying(record)) == 20 * 4 + raw
+
+
+class _ForgedHeaderGrid(_SilentGrid):
+    """Nodes 10 and 11 (clients 0 and 1) train honestly; node 12 (client 2) sends a tensor whose header names a dtype
+    numpy does not know. Every reply goes through Flower's wire format, which checks none of it."""
+
+    def get_node_ids(self):
+        return [10, 11, 12]
+
+    def pull_messages(self, ids):
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+        from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+        honest = {reply.metadata.src_node_id: reply.content for reply in _honest()}
+        replies = []
+        for m in self.sent:
+            node = m.metadata.dst_node_id
+            if node == 12:
+                arrays, metrics = ArrayRecord(_forged("head.weight", dtype="bogus")), _metrics(2)
+            else:
+                arrays, metrics = honest[node].array_records["arrays"], honest[node].metric_records["metrics"]
+            content = RecordDict({"arrays": arrays, "metrics": MetricRecord(dict(metrics))})
+            replies.append(Message(recorddict_from_proto(recorddict_to_proto(content)), reply_to=m))
+        self.sent = []
+        return replies
+
+
+def test_a_tensor_header_numpy_cannot_read_is_quarantined_not_a_server_crash(flower_task, tmp_path):
+    """The server's round as it runs: exchange (which counts the bytes), aggregate, log."""
+    from fedspec.rundir import MetricsLog
+    from fedspec.server.federation import _log_replies
+    from fedspec.server.messaging import Traffic, exchange
+
+    honest_only, _ = _strategy().aggregate_train(1, _honest())
+    strategy, traffic = _strategy(), Traffic()
+    replies = exchange(_ForgedHeaderGrid(set()), strategy.train_messages(1, _state()), timeout=0.3, traffic=traffic)
+    arrays, summary = strategy.aggregate_train(1, replies)
+    assert summary["clients"] == 2 and summary["quarantined"] == 1
+    for key in honest_only:
+        torch.testing.assert_close(arrays[key], honest_only[key], rtol=0, atol=0)
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    cfg = OmegaConf.create({"federation": {"round_timeout": 0.3}})
+    _log_replies(log, 1, strategy.last_replies, replies, None, {}, cfg, strategy.client_ids, traffic, _plan())
+    (line,) = [line for line in log.read() if line["kind"] == "client-quarantined"]
+    assert (line["node"], line["client"]) == (12, 2)
+    assert line["reason"].startswith("tensor 'head.weight' of the 'arrays' record declares dtype 'bogus'")
+    assert traffic.received[10] == traffic.received[11] == 120 < traffic.received[12]
 
 
 class _OfflineNodeGrid(_SilentGrid):

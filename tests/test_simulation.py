@@ -133,8 +133,12 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
             data = json.loads(path.read_text())
             data["entries"] = [e for e in data["entries"] if e["round"] < ROUNDS]
             path.write_text(json.dumps(data))
-    lines = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("round", 0) < ROUNDS]
-    (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("round", 0) < ROUNDS]
+    cut_short = ""
+    if crash == "writing the last round's checkpoint":  # the full disk also cut round 3's first log line short
+        cut_short = next(line for line in lines if json.loads(line).get("round", 0) == ROUNDS)[:40]
+    (copy / "metrics.jsonl").write_text("\n".join(kept) + "\n" + cut_short)
 
     resumed_cfg = cfg.copy()
     resumed_cfg.run.output_dir = str(tmp_path)
@@ -142,6 +146,8 @@ def test_a_resumed_run_reports_what_an_uninterrupted_run_does(finished_run, tmp_
     resumed = simulate(resumed_cfg)
     assert resumed.paths.root == copy  # the copy resumed (not the folder the run started in)
     assert [r["round"] for r in _rounds(resumed.paths)] == list(range(ROUNDS + 1))  # round 3 ran again, once
+    repaired = [r for r in MetricsLog(resumed.paths.metrics).read() if r["kind"] == "log-repaired"]
+    assert [r["cut"] for r in repaired] == ([cut_short] if cut_short else [])  # cut off, noted, nothing glued to it
 
     original = json.loads((result.paths.privacy / "report.json").read_text())["clients"]
     again = json.loads((resumed.paths.privacy / "report.json").read_text())["clients"]
