@@ -6,7 +6,9 @@ the exchanges and are replaced every round. A node that lost them (a restart mid
 round, before spending any privacy budget: the server counts it as dropped.
 
 With client-level DP the vector is the clipped update rounded to integers plus this client's share of the Skellam
-noise (fedspec.privacy.skellam), so the sum the server unmasks is already noised.
+noise (fedspec.privacy.skellam), so the sum the server unmasks is already noised. The server says how many shares m
+make the whole noise; the client checks m against its own config (the run's config, the same for every message:
+the server cannot change it mid-run), and at the unmask step refuses a request that names fewer than m survivors.
 """
 
 from __future__ import annotations
@@ -83,9 +85,12 @@ def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: Clien
     # A fresh generator per round from OS entropy: rounding needs unpredictable coins, the noise secret ones
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     if cfg.privacy.client_level.enabled:
-        noise = distributed_noise(cfg)
-        vector, norm = noise.encode(update, noise_shares(cfg, msg), generator)
+        noise, shares = distributed_noise(cfg), noise_shares(cfg, msg)
+        vector, norm = noise.encode(update, shares, generator)
         metrics[NORM_CLIPPED] = int(norm > noise.clipping_norm)
+        # Unmasked with fewer than m others, the sum would carry less than the whole noise: ClientSession.unmask
+        # refuses such a request (the value travels in the node's state with the session)
+        session.min_survivors = shares
     else:
         quantizer = Quantizer(secagg.clip_range, secagg.bits, secagg.max_weight)
         weight = min(int(examples), secagg.max_weight) if examples is not None else 1
@@ -102,13 +107,23 @@ def distributed_noise(cfg: DictConfig) -> SkellamNoise:
 
 
 def noise_shares(cfg: DictConfig, msg: Message) -> int:
-    """m, as the server tells it in the train message; checked (before training, too: a bad request costs no
-    privacy budget), since too large an m would make this client add too little noise."""
+    """m, as the server tells it in the train message, checked against the m this client's config plans
+    (PlanSettings.noise_shares: ``privacy.client_level.min_survivors`` exactly, else at most the cohort), since too
+    large an m would make this client add too little noise. Checked before training, too: a bad request costs no
+    privacy budget."""
     told = msg.content.config_records[CONFIG].get(NOISE_SHARES)
-    fixed = cfg.privacy.client_level.min_survivors
-    if isinstance(told, bool) or not isinstance(told, int) or not 2 <= told <= cfg.federation.clients:
-        raise SecAggError(f"the server's {NOISE_SHARES!r}={told!r} is not a number of clients in "
-                          f"2..{cfg.federation.clients}: refusing to add noise for it")
-    if fixed is not None and told != fixed:
-        raise SecAggError(f"the server asks for 1/{told} of the noise, but privacy.client_level.min_survivors={fixed}")
+    if isinstance(told, bool) or not isinstance(told, int) or told < 2:
+        raise SecAggError(f"the server's {NOISE_SHARES!r}={told!r} is not a number of clients of at least 2: "
+                          "refusing to add noise for it")
+    planned = PlanSettings.of(cfg).noise_shares
+    if cfg.privacy.client_level.min_survivors is not None:
+        if told != planned:
+            raise SecAggError(f"the server asks for 1/{told} of the noise, but privacy.client_level.min_survivors="
+                              f"{planned}: refusing to add noise for it")
+    elif told > planned:
+        # Fewer is safe (a larger share each, and the unmask step waits for m survivors): the server samples
+        # fewer clients when fewer nodes answered at the start
+        raise SecAggError(f"the server asks for 1/{told} of the noise, but the run's cohort is {planned} clients "
+                          "(federation.fraction of federation.clients, at least federation.min_clients): refusing "
+                          "to add noise for it")
     return told

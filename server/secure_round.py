@@ -11,7 +11,9 @@ goes on; the privacy ledgers still record what every client that trained spent, 
 With client-level DP the clients add the noise (``noise``: distributed Skellam noise, fedspec.privacy.skellam):
 each sends its clipped, integer update plus 1/m of the noise, m = ``privacy.client_level.min_survivors`` or the
 cohort's size, told in the train message; the server unmasks only when at least m masked updates arrived, so the
-sum it learns always carries the whole noise.
+sum it learns always carries the whole noise. The clients check both (client/secure_aggregation.py: m against
+their config, the survivors named in the unmask request against m); a client that refuses to unmask answers with
+an error, and a round without enough shares to unmask is skipped like any other.
 
 The server cannot see what a client masked, so it checks the unmasked sum against what the survivors could send
 honestly (``Quantizer.check_sum``, ``SkellamNoise.check_sum``): a sum beyond those limits skips the round, since
@@ -100,9 +102,7 @@ class SecureRound:
             if self.noise is not None:
                 # A setting that cannot work ends the run here (ConfigError), before any client trains
                 self.noise.check_headroom(self._dimension(), len(contents), shares)
-                if len(contents) < shares:
-                    raise SecAggError(f"{len(contents)} clients sampled, fewer than the {shares} whose noise shares "
-                                      "make the whole noise (privacy.client_level.min_survivors)")
+                self._check_whole_noise(f"{len(contents)} clients sampled", len(contents), shares)
                 for content in contents.values():
                     content[CONFIG][NOISE_SHARES] = shares
             adverts = self._query(round_, ADVERTISE, {node: {} for node in contents})
@@ -113,10 +113,9 @@ class SecureRound:
             replies = self._train(round_, {node: contents[node] for node in inbox}, inbox)
             outcome = self.strategy.read_replies(replies)
             survivors, dropped = session.unmask_request({node: vector for node, _, vector in outcome.accepted})
-            if self.noise is not None and len(survivors) < shares:
+            if self.noise is not None:
                 # Unmasked, their sum would carry only part of the noise: it is never computed
-                raise SecAggError(f"only {len(survivors)} masked updates arrived, fewer than the {shares} whose noise "
-                                  "shares make the whole noise (privacy.client_level.min_survivors)")
+                self._check_whole_noise(f"only {len(survivors)} masked updates arrived", len(survivors), shares)
             request = {SURVIVORS: [str(u) for u in survivors], DROPPED: [str(u) for u in dropped]}
             answers = self._query(round_, UNMASK, {node: request for node in survivors})
             total = session.total(_by_node(answers))
@@ -127,6 +126,14 @@ class SecureRound:
         except SecAggError as error:
             return SecureRoundResult(replies, outcome, None, str(error), len(session.shared - set(session.masked)),
                                      self.errors, unmasked=unmasked)
+
+    @staticmethod
+    def _check_whole_noise(what: str, clients: int, shares: int) -> None:
+        """A SecAggError (the round is skipped) when fewer than the m clients whose noise shares make the whole
+        noise take part. The clients check the same at the unmask step, whatever the server does."""
+        if clients < shares:
+            raise SecAggError(f"{what}, fewer than the {shares} whose noise shares make the whole noise "
+                              "(privacy.client_level.min_survivors, else the cohort)")
 
     def _mean(self, total: torch.Tensor, survivors: int, shares: int) -> tuple[dict[str, torch.Tensor], int]:
         """The clients' (weighted) mean update from the unmasked sum of ``survivors`` masked vectors (``shares``:

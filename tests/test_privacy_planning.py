@@ -58,6 +58,17 @@ def test_participation_probability_follows_the_sampling():
     assert client_level.participation_probability == 0.1  # Poisson: exactly the fraction
 
 
+def test_the_distributed_noise_is_planned_for_the_cohort_or_the_fixed_survivors():
+    """m, the clients whose noise shares make the whole noise: what each client accepts from the server at most."""
+    distributed = ["privacy=client-dp", "federation.weighting=uniform", "federation.secure_aggregation.enabled=true",
+                   "federation.clients=10", "privacy.client_level.delta=1e-3"]
+    assert settings_with(*distributed, "federation.fraction=0.5").noise_shares == 5  # ⌈0.5·10⌉, not all 10
+    assert settings_with(*distributed, "federation.fraction=0.05").noise_shares == 2  # at least min_clients
+    assert settings_with(*distributed, "federation.fraction=0.7").cohort == 7  # 0.7·10 is 7.000000000000001
+    fixed = settings_with(*distributed, "federation.fraction=0.5", "privacy.client_level.min_survivors=3")
+    assert fixed.noise_shares == 3 and fixed.cohort == 5
+
+
 def test_rounds_within_budget_at_a_given_sigma():
     sigma, q, steps, budget = 1.0, 0.05, 20, 2.5
     k = rounds_within_budget(sigma, q, steps, budget, 1e-5, "rdp", limit=1000)

@@ -127,25 +127,96 @@ def test_settings_that_would_wrap_or_carry_bad_input_are_refused():
         skellam(2.0**60, 10, torch.Generator())
 
 
-@pytest.mark.parametrize("told,fixed,ok", [(3, None, True), (5, None, False), (1, None, False), (True, None, False),
-                                           ("3", None, False), (3, 3, True), (4, 3, False)])
-def test_a_client_adds_noise_only_for_a_share_count_it_can_check(told, fixed, ok, flower_task):
-    """Too large an m would make every client add too little noise: a client refuses it before training."""
+def _client_dp_config(*overrides: str):
+    from fedspec.config import compose_config
+
+    return compose_config(["federation.secure_aggregation.enabled=true", "privacy=client-dp",
+                           "federation.weighting=uniform", *overrides])
+
+
+# 4 clients: at fraction 0.5 the server samples a cohort of 2 (federation.min_clients is 2), at 1.0 all 4
+@pytest.mark.parametrize("fraction,fixed,told,ok", [
+    (0.5, None, 2, True), (0.5, None, 3, False), (0.5, None, 4, False),  # m = N: the cohort's shares make 2/4
+    (1.0, None, 4, True), (1.0, None, 3, True),  # fewer sampled (nodes missing): a larger share each, still safe
+    (1.0, None, 5, False), (1.0, None, 1, False), (1.0, None, True, False), (1.0, None, "3", False),
+    (0.5, 3, 3, True), (0.5, 3, 4, False), (0.5, 3, 2, False)])
+def test_a_client_adds_noise_only_for_a_share_count_its_config_plans(fraction, fixed, told, ok, flower_task):
+    """Too large an m would make every client add too little noise: a client refuses an m above the one its own
+    config plans (privacy.client_level.min_survivors, else the cohort the server samples), before training."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedspec.client.secure_aggregation import noise_shares
-    from fedspec.config import compose_config
     from fedspec.protocol import CONFIG, NOISE_SHARES
     from fedspec.secagg import SecAggError
 
-    cfg = compose_config(["federation.clients=4", "federation.secure_aggregation.enabled=true", "privacy=client-dp",
-                          "federation.weighting=uniform", f"privacy.client_level.min_survivors={fixed or 'null'}"])
+    cfg = _client_dp_config("federation.clients=4", f"federation.fraction={fraction}",
+                            f"privacy.client_level.min_survivors={fixed or 'null'}")
     msg = Message(RecordDict({CONFIG: ConfigRecord({NOISE_SHARES: told})}), dst_node_id=1, message_type="train")
     if ok:
         assert noise_shares(cfg, msg) == told
     else:
-        with pytest.raises(SecAggError, match="noise"):
+        with pytest.raises(SecAggError, match="noise") as refused:
             noise_shares(cfg, msg)
+        planned = fixed or (2 if fraction == 0.5 else 4)
+        if isinstance(told, int) and told >= 2:  # the message names both numbers
+            assert f"1/{told} of the noise" in str(refused.value) and f"{planned}" in str(refused.value)
+
+
+def test_a_client_refuses_to_unmask_for_fewer_survivors_than_its_noise_shares(flower_task):
+    """A server that names fewer survivors than m would unmask a sum with only part of the noise (k/m of its
+    variance): every client refuses to send its shares, whatever the server checked itself."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedspec.client.secure_aggregation import answer_query, masked_reply, round_session
+    from fedspec.protocol import (
+        ADVERTISE,
+        ARRAYS,
+        CONFIG,
+        DROPPED,
+        MASKED,
+        NOISE_SHARES,
+        SECAGG,
+        SECAGG_STAGE,
+        SERVER_ROUND,
+        SHARE,
+        SURVIVORS,
+        UNMASK,
+        reply_tensors,
+    )
+    from fedspec.secagg import Advertisement, SecAggError, ServerSession
+
+    cfg = _client_dp_config("federation.clients=3", "federation.fraction=1.0")  # m = the cohort = 3
+    nodes = [11, 22, 33]
+    contexts = {u: Context(run_id=1, node_id=u, node_config={}, state=RecordDict(), run_config={}) for u in nodes}
+
+    def query(node: int, stage: str, payload: dict) -> dict:
+        config = ConfigRecord({SERVER_ROUND: 1, SECAGG_STAGE: stage})
+        msg = Message(RecordDict({CONFIG: config, SECAGG: ConfigRecord(payload)}), dst_node_id=node,
+                      message_type="query")
+        return dict(answer_query(cfg, msg, contexts[node])[SECAGG])
+
+    server = ServerSession(round=1, fraction=cfg.federation.secure_aggregation.threshold)
+    adverts = {u: query(u, ADVERTISE, {}) for u in nodes}
+    peers = server.peers({u: Advertisement.from_bytes(a["key"]) for u, a in adverts.items()})
+    shared = {u: query(u, SHARE, {str(v): ad.to_bytes() for v, ad in peers[u].items()}) for u in nodes}
+    inbox = server.route({u: {int(v): c for v, c in out.items()} for u, out in shared.items()})
+    masked = {}
+    for u in nodes:
+        content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: 1, NOISE_SHARES: 3}),
+                              SECAGG: ConfigRecord({str(v): c for v, c in inbox[u].items()})})
+        reply = masked_reply(cfg, Message(content, dst_node_id=u, message_type="train"), contexts[u],
+                             round_session(contexts[u], 1), {"x": torch.zeros(8)}, {})
+        masked[u] = reply_tensors(reply.array_records, ARRAYS)[MASKED]
+
+    survivors, dropped = server.unmask_request(masked)
+    short = {SURVIVORS: [str(u) for u in survivors[:2]], DROPPED: [str(u) for u in survivors[2:]]}
+    for u in survivors[:2]:
+        with pytest.raises(SecAggError, match="names 2 survivors, fewer than the 3"):
+            query(u, UNMASK, short)
+    # Refusing revealed nothing: the full request is still answered, and the sum is the noised sum of all three
+    full = {SURVIVORS: [str(u) for u in survivors], DROPPED: [str(u) for u in dropped]}
+    total = server.total({u: {int(v): s for v, s in query(u, UNMASK, full).items()} for u in survivors})
+    assert int(total[-1]) == 3  # the count slot: all three clients, each with its 1/3 noise share
 
 
 def test_a_masked_sum_of_the_wrong_size_skips_the_round_instead_of_ending_the_run():

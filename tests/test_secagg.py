@@ -159,6 +159,25 @@ def test_client_session_survives_a_round_trip_through_its_stored_form():
     survivors, dropped = server.unmask_request(masked)
     total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
     assert torch.equal(total, sum(vectors.values()) % MODULUS)
+    assert ClientSession.from_record(ClientSession(node=1, round=1, fraction=0.5, min_survivors=3).to_record()
+                                     ).min_survivors == 3
+
+
+def test_a_client_refuses_to_unmask_when_fewer_than_its_min_survivors_are_named():
+    """Distributed client-level noise: a sum of fewer than m noise shares carries too little noise. Listing
+    a survivor twice does not count it twice; refusing reveals nothing, so a correct request still works."""
+    vectors = residues(4, 6, seed=5)
+    clients = {u: ClientSession(node=u, round=1, fraction=0.5, min_survivors=4) for u in vectors}
+    server = ServerSession(round=1, fraction=0.5)
+    peers = server.peers({u: c.advertise() for u, c in clients.items()})
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    masked = {u: clients[u].mask(vectors[u], inbox[u]) for u in clients}
+    first, *others = sorted(vectors)
+    with pytest.raises(SecAggError, match="names 3 survivors, fewer than the 4"):
+        clients[first].unmask(survivors=[first, *others[:2], first], dropped=others[2:])
+    survivors, dropped = server.unmask_request(masked)
+    total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
 
 
 def test_ring_neighbourhoods_are_symmetric_and_sized():

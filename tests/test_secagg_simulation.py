@@ -18,13 +18,15 @@ BITS, CLIP = 16, 4.0  # a coarse step (1.2e-4), far above float32 rounding, so t
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """One round of the same seeded federation, plain and under secure aggregation."""
+    """One round of the same seeded federation, plain and under secure aggregation. Clients of 100 records in
+    batches of 20: under secure aggregation a client divides its noised gradient sum by train.batch_size (⌊n·q⌋
+    would reveal n, which the masked sum keeps private), in the clear by ⌊n·q⌋; here both are 20."""
     from fedspec.config import compose_config
 
     out = tmp_path_factory.mktemp("runs")
     common = ["model=tiny-bert", "data.num_examples=400", "data.eval_examples=64", "data.min_client_examples=8",
-              "federation.clients=4", "federation.rounds=1", "federation.fraction=0.75", "train.local_steps=2",
-              "train.batch_size=16", "privacy.seed_noise=true", f"run.output_dir={out}", "run.progress=false",
+              "data.partition=iid", "federation.clients=4", "federation.rounds=1", "federation.fraction=0.75",
+              "train.local_steps=2", "train.batch_size=20", "privacy.seed_noise=true", f"run.output_dir={out}", "run.progress=false",
               f"federation.secure_aggregation.bits={BITS}", f"federation.secure_aggregation.clip_range={CLIP}"]
     plain = simulate(compose_config([*common, "run.name=plain"]))
     secure = simulate(compose_config([*common, "run.name=secure", "federation.secure_aggregation.enabled=true"]))
@@ -189,3 +191,34 @@ def test_an_unmasked_sum_the_server_refuses_as_corrupt_still_costs_client_level_
     failed = [r for r in records if r["kind"] == "secagg-failed"]
     assert [r["round"] for r in failed] == [1] and "counts 0 clients: it is corrupt" in failed[0]["reason"]
     assert [e.round for e in PrivacyLedger.load(result.paths.privacy / "client-level-ledger.json").entries] == [1]
+
+
+def test_a_server_naming_fewer_survivors_than_noise_shares_is_refused_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A server that skips its own check and asks the clients to unmask 2 survivors when each added 1/3 of the
+    noise: every client refuses (its error is logged), the round is skipped and charged nothing, and the
+    federation finishes instead of crashing."""
+    from fedspec.config import compose_config
+    from fedspec.privacy import PrivacyLedger
+    from fedspec.secagg import ServerSession
+    from fedspec.server.secure_round import SecureRound
+
+    unmask_request = ServerSession.unmask_request
+
+    def one_survivor_short(self, masked):
+        survivors, dropped = unmask_request(self, masked)
+        return survivors[:-1], [*dropped, survivors[-1]]
+
+    monkeypatch.setattr(SecureRound, "_check_whole_noise", staticmethod(lambda what, clients, shares: None))
+    monkeypatch.setattr(ServerSession, "unmask_request", one_survivor_short)
+    cfg = compose_config(["model=tiny-bert", "data.num_examples=300", "data.eval_examples=32",
+                          "data.min_client_examples=8", "federation.clients=3", "federation.rounds=1",
+                          "federation.fraction=1.0", "train.local_steps=1", "train.batch_size=16",
+                          "federation.weighting=uniform", "federation.secure_aggregation.enabled=true",
+                          "privacy=client-dp", "run.name=short-list", f"run.output_dir={tmp_path}",
+                          "run.progress=false"])
+    result = simulate(cfg)
+    records = list(MetricsLog(result.paths.metrics).read())
+    assert [r["round"] for r in records if r["kind"] == "secagg-failed"] == [1]
+    refusals = [r for r in records if r["kind"] == "client-error" and "fewer than the 3" in r["reason"]]
+    assert len(refusals) == 2  # both clients the short list names refused to unmask
+    assert PrivacyLedger.load(result.paths.privacy / "client-level-ledger.json").entries == ()

@@ -93,6 +93,7 @@ class ClientLevelTarget:
     clipping_norm: float
     delta: float
     distributed: bool  # under secure aggregation the clients add the noise (fedspec.privacy.skellam)
+    min_survivors: int | None = None  # distributed: m, the clients whose noise shares make the whole noise
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ class PlanSettings:
             client_level=ClientLevelTarget(
                 enabled=bool(level.enabled), target_epsilon=_optional_float(level.target_epsilon),
                 noise_multiplier=_optional_float(level.noise_multiplier), clipping_norm=float(level.clipping_norm),
-                delta=float(level.delta),
-                distributed=bool(federation.secure_aggregation.enabled)),
+                delta=float(level.delta), distributed=bool(federation.secure_aggregation.enabled),
+                min_survivors=_optional_int(level.min_survivors)),
         )
 
     @property
@@ -150,12 +151,29 @@ class PlanSettings:
         """
         if self.client_level.enabled and not self.client_level.distributed:
             return self.fraction
-        sampled = min(self.clients, max(math.ceil(self.fraction * self.clients), self.min_clients))
-        return sampled / self.clients
+        return self.cohort / self.clients
+
+    @property
+    def cohort(self) -> int:
+        """The clients the server samples in a round when it does not Poisson-sample: ⌈fraction·N⌉, at least
+        ``min_clients``, at most N (strategies.flower.AdapterStrategy.sample)."""
+        return min(self.clients, max(math.ceil(self.fraction * self.clients), self.min_clients))
+
+    @property
+    def noise_shares(self) -> int:
+        """Distributed client-level noise: m, the number of clients whose noise shares make the whole noise
+        (each adds 1/m of it) — ``privacy.client_level.min_survivors``, else the whole cohort: the largest m a
+        client accepts from the server (client/secure_aggregation.py)."""
+        fixed = self.client_level.min_survivors
+        return fixed if fixed is not None else self.cohort
 
 
 def _optional_float(value: object) -> float | None:
     return None if value is None else float(value)
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else int(value)
 
 
 def check_delta(delta: float, sizes: list[int], clients: list[int] | None = None) -> None:
@@ -298,7 +316,7 @@ def plan_client_level(settings: PlanSettings) -> ClientLevelPlan | None:
             f"choose privacy.client_level.delta < {1.0 / n:.3g} (well below: it is the chance of exposing a whole client)"
         )
     if level.distributed:  # the cohort is ⌈fraction·N⌉ clients (at least min_clients), not Poisson-sampled
-        return _plan_distributed(level, settings.participation_probability * n, q, rounds)
+        return _plan_distributed(level, float(settings.cohort), q, rounds)
     if level.noise_multiplier is not None:
         sigma = level.noise_multiplier
     else:

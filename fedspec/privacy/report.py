@@ -47,8 +47,10 @@ CLIENT_LEVEL_GUARANTEE = (
 DISTRIBUTED_GUARANTEE = (
     "client-level (epsilon, delta)-DP of the aggregate under zero-out adjacency: each round's global update is the "
     "sum of the clients' clipped, integer updates plus the Skellam noise shares they added themselves, unmasked by "
-    "secure aggregation, so no party (the server included) sees an un-noised sum and the global models reveal "
-    "little about any one client's data; every summed round is charged in full, without amplification by sampling"
+    "secure aggregation, so no party (the server included) sees a sum with less than the whole noise and the global "
+    "models reveal little about any one client's data; every summed round is charged in full, without "
+    "amplification by sampling. Against the server it assumes honest clients (each adds its noise share) and a "
+    "server that relays the secure-aggregation protocol as written"
 )
 _ACCOUNTANT_NAMES = {"rdp": "RDP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)",
                      "skellam": "Skellam RDP at integer orders (Agarwal et al. 2021), Opacus' RDP conversion"}
@@ -296,10 +298,17 @@ def _header(report: Mapping[str, Any]) -> list[str]:
             "- **One client's data as a whole (client-level DP, noise added by the clients).** Each client clips "
             f"its whole update to L2 norm {level['clipping_norm']:g}, rounds it to integers and adds its share of "
             "Skellam noise before masking; secure aggregation lets the server unmask only the sum, and only when "
-            "enough clients survived for the shares to make the whole noise. The global models carry one (ε, δ) "
+            "enough clients survived for the shares to make the whole noise: each client checks the number of "
+            "shares the server asks for against the run's plan, and refuses to unmask when the server names fewer "
+            "survivors than that. The global models carry one (ε, δ) "
             f"guarantee for every client at δ = {level['delta']:g}, against anyone, the server included: as if "
             "one client's update had been replaced by zero (zero-out adjacency; the server knows who took part). "
-            "Every summed round is charged in full.",
+            "Every summed round is charged in full. Against the server this assumes that the clients follow the "
+            "protocol (honest clients): a client that adds no noise share, or a smaller one, lowers the noise in "
+            "the sum for everyone, and no other client can tell. It also assumes that the server relays the "
+            "secure-aggregation protocol as written (honest-but-curious): the clients' keys are not signed, so a "
+            "server that forged clients' keys or survivor lists could unmask a sum with less than the whole noise, "
+            "or a single client's update.",
         ]
     elif level:
         lines += [

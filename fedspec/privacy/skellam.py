@@ -18,7 +18,10 @@ and the server unmasks Σ y_k over the clients that survived, then divides by th
 ``S = units(d)`` is the smallest power of two ≥ 64·√d (at least 2^12), so rounding inflates the sensitivity by at
 most 1/64; ``μ = (z·Δ₂)²`` with ``Δ₂ = S + √d`` makes the summed noise's standard deviation z times the
 sensitivity, like σ in the central mechanism. A round is summed only when at least ``m`` clients survive, so the
-summed noise has variance at least μ.
+summed noise has variance at least μ. The clients enforce it, not only the server: each accepts an ``m`` no larger
+than its config plans (``PlanSettings.noise_shares``; a smaller one only enlarges its share) and refuses to unmask
+when fewer than ``m`` survivors are named (client/secure_aggregation.py) — assuming honest clients, each adding its
+share, and a server that relays the secure-aggregation protocol as written (its keys are not signed).
 
 Guarantee (what the ledger composes). Neighbouring runs differ in one client's whole data, which becomes a zero
 update (*zero-out* adjacency: the server knows which clients take part, so it is the content of a client's data

@@ -18,11 +18,12 @@ One round, four exchanges (the server relays every message; clients never talk d
    ``t`` shares per client the server removes every survivor's ``PRG(b)`` and the dropped clients' pairwise masks.
 
 Threat model: an honest-but-curious server and clients; a client also refuses requests that would unmask a
-survivor. The server checks every reconstructed secret against the client's own commitment or public key, so a
-wrong share is caught, never silently summed: a share must carry its holder's index, and when a combination of
-``t`` shares fails the check the server tries others (the earliest shares first, a few dozen per round at most),
-so a wrong share among spare ones does not cost the round. Fewer than ``t`` shares for any client, or no
-combination that checks out: the round cannot be summed and is skipped.
+survivor, and requests that name fewer survivors than it masked its vector for (``min_survivors``). The server
+checks every reconstructed secret against the client's own commitment or public key, so a wrong share is caught,
+never silently summed: a share must carry its holder's index, and when a combination of ``t`` shares fails the
+check the server tries others (the earliest shares first, a few dozen per round at most), so a wrong share among
+spare ones does not cost the round. Fewer than ``t`` shares for any client, or no combination that checks out: the
+round cannot be summed and is skipped.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ class ClientSession:
     # The secret already revealed for each neighbour: True its seed's share (a survivor), False its mask key's (a
     # dropout). The other one is never revealed after it: with both, the server could unmask that one update.
     revealed: dict[int, bool] = field(default_factory=dict)
+    # The fewest survivors this client unmasks for (0: no floor). Under distributed client-level noise it is m:
+    # each client adds 1/m of the noise, so a sum of fewer than m updates would carry too little of it
+    min_survivors: int = 0
 
     def advertise(self) -> Advertisement:
         return Advertisement(self.share_keys.public, self.mask_keys.public, commitment(self.seed))
@@ -167,10 +171,13 @@ class ClientSession:
 
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
         """For each listed neighbour, the share the server needs: of its seed (a survivor) or of its mask private
-        key (dropped). Refuses a request that names a client in both lists or this client as dropped, and one that
-        asks for the other secret of a client than an earlier request of this round did (keep the session between
-        requests: ``to_record``)."""
+        key (dropped). Refuses a request that names fewer than ``min_survivors`` survivors, a client in both lists
+        or this client as dropped, and one that asks for the other secret of a client than an earlier request of
+        this round did (keep the session between requests: ``to_record``)."""
         survivors, dropped = set(survivors), set(dropped)
+        if len(survivors) < self.min_survivors:
+            raise SecAggError(f"the server names {len(survivors)} survivors, fewer than the {self.min_survivors} "
+                              f"client {self.node} masked its update for (min_survivors): refused")
         if survivors & dropped:
             raise SecAggError(f"the server asked for both secrets of clients {sorted(survivors & dropped)}: refused")
         if self.node in dropped:
@@ -202,6 +209,7 @@ class ClientSession:
             "inbox": [str(p) for p in sorted(self.inbox)],
             "revealed-seed": [str(p) for p, seed in sorted(self.revealed.items()) if seed],
             "revealed-key": [str(p) for p, seed in sorted(self.revealed.items()) if not seed],
+            "min-survivors": self.min_survivors,
         }
         for peer, ad in self.peers.items():
             record[f"peer-{peer}"] = ad.to_bytes()
@@ -220,6 +228,7 @@ class ClientSession:
             masked_with=tuple(int(p) for p in record["masked-with"]),
             revealed={**{int(p): True for p in record.get("revealed-seed", [])},
                       **{int(p): False for p in record.get("revealed-key", [])}},
+            min_survivors=int(record.get("min-survivors", 0)),
         )
 
 
