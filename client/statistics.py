@@ -2,8 +2,8 @@
 
 The client computes the per-layer sums over up to ``adapter.calibration_examples`` of its records (those with the
 smallest seeded hash of their content) on the un-adapted model, and replies with the sums and the number of records
-they cover (where the run keeps the clients' record counts private, with privatized sums, the public cap instead: the count
-would reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
+they cover (where the run keeps record counts private and the sums are privatized, the public cap instead: the
+count would reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
 clipped per record and noised (the Gaussian mechanism, ``fedspec.adapters.calibration``) and the release is
 recorded in the client's privacy ledger as round 0, (σ₀, q = 1, 1 step), before it leaves the client, so it
 composes with every later DP-SGD step in the client's ε.

@@ -29,7 +29,7 @@ out; ``StatisticsPrivacy.sensitivity``). Noise σ·Δ makes it the Gaussian mech
 ε(α) = α/(2σ²), exactly that of one DP-SGD step with sample rate q = 1. A privacy ledger records it as the entry
 (σ, q = 1, steps = 1), which composes with the client's DP-SGD steps by the same accountant. The number of
 examples a sum covers is not private: a client releases it only where it releases its number of records anyway
-(``federation.weighting=examples``; see ``client/statistics.py``).
+(weighting by examples in the clear; see ``client/statistics.py``).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: s
                      f"{needs}; each client clipped and noised its sums over a fixed-size subset of its records "
                      f"(Gaussian mechanism, noise σ = {privacy.init_noise_multiplier:g} times the subset's sensitivity "
                      "2C), counted in its ε as round 0. The number of records the sums cover is released only "
-                     "where the client's number of records is (federation.weighting=examples).")
+                     "where the client's number of records is (federation.weighting=examples in the clear).")
     elif uses_data:
         items.append(f"**Round-0 statistics of client data:** adapter.method={method} initializes from "
                      f"{needs}; these statistics are not privatized in this run (set privacy.private_init_stats=true).")
