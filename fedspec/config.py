@@ -50,6 +50,7 @@ class DataConfig:
     alpha: float = MISSING
     min_client_examples: int = MISSING
     validation: bool = MISSING  # tuning: score on a split carved from the training records, never on the held-out data
+    holdout_seed: int = 0  # seeds the held-out carve (or the sample of eval_path), fixed whatever run.seed is
     has_header: bool | None = None  # file sources: whether the first row names the columns (None: detect it)
     label_names: list[str] | None = None  # file sources: the class names in class-id order (None: from the file)
     task: str = "classification"  # classification | causal_lm
@@ -296,7 +297,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             fail(key, value, "choose one of: " + ", ".join(allowed))
-    for key in ("run.seed", "audit.seed"):
+    for key in ("run.seed", "audit.seed", "data.holdout_seed"):
         if OmegaConf.select(cfg, key) < 0:  # numpy's generators take no negative seed
             fail(key, OmegaConf.select(cfg, key), "a seed must be 0 or more")
     if cfg.adapter.method not in METHODS:

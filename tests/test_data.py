@@ -373,6 +373,7 @@ class DataConfig:
     max_examples: int | None = None
     validation: bool = False
     seed: int = 0
+    holdout_seed: int = 0
 
 
 def test_load_task_synthetic_splits_are_balanced_disjoint_and_deterministic():
@@ -415,6 +416,22 @@ def test_validation_mode_scores_on_training_records_only(tmp_path, with_eval_fil
     assert not set(validation.texts) & set(held_out.texts)
     share = train.label_counts()[0] / len(train)
     assert abs(validation.label_counts()[0] - share * 30) < 1  # stratified like the training records
+
+
+def test_every_run_seed_is_scored_on_the_same_held_out_rows_and_tunes_on_none_of_them(tmp_path):
+    """The held-out carve follows data.holdout_seed, not the run's seed: otherwise seed 1's held-out rows could sit
+    in the validation split that seed 0's learning-rate sweep tuned on (a tenth of AG News' did)."""
+    lines = ["text\tlabel"] + [f"example {i}\t{'ab'[i % 4 == 0]}" for i in range(400)]
+    path = write(tmp_path / "d.tsv", "\n".join(lines) + "\n")
+    held_out = [load_task(DataConfig(source="file", path=str(path), eval_examples=80, seed=seed))[1]
+                for seed in range(3)]
+    assert held_out[0] == held_out[1] == held_out[2]
+    for seed in range(3):
+        _, validation = load_task(DataConfig(source="file", path=str(path), eval_examples=80, seed=seed,
+                                             validation=True))
+        assert not set(validation.texts) & set(held_out[0].texts)
+    other = load_task(DataConfig(source="file", path=str(path), eval_examples=80, holdout_seed=1))[1]
+    assert set(other.texts) != set(held_out[0].texts)  # the carve is seeded, by holdout_seed
 
 
 def test_validation_split_takes_at_most_a_fifth_of_the_training_records(tmp_path):

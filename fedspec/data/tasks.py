@@ -33,7 +33,8 @@ VALIDATION_SEED_OFFSET = 7919  # the validation carve differs from a held-out ca
 
 
 def load_task(cfg: Any) -> tuple[TextExamples, TextExamples] | tuple[Conversations, Conversations]:
-    """Return (train, eval) examples for the configured data source; the seed drives every choice.
+    """Return (train, eval) examples for the configured data source; the run's seed drives every choice but the
+    held-out rows, which data.holdout_seed fixes.
 
     ``task="causal_lm"`` gives :class:`Conversations`: the records of a JSON-lines instruction file, or — when
     ``prompt`` is set — the classification data cast as generation (``prompt`` around the text, the class's
@@ -43,7 +44,7 @@ def load_task(cfg: Any) -> tuple[TextExamples, TextExamples] | tuple[Conversatio
         raise DataError(f"data.task={task!r} is not one of: {', '.join(TASKS)}")
     prompt = _option(cfg, "prompt", None)
     if task == "causal_lm" and not prompt:
-        return _held_out(cfg, *_instruction_task(cfg, int(_option(cfg, "seed", 0))))
+        return _held_out(cfg, *_instruction_task(cfg, _holdout_seed(cfg)))
     train, evaluation = _classification_task(cfg)
     if task == "causal_lm":
         words = _option(cfg, "label_words", None)
@@ -57,9 +58,9 @@ def _classification_task(cfg: Any) -> tuple[TextExamples, TextExamples]:
     if source == "synthetic":
         train, evaluation = _synthetic_task(cfg, seed)
     elif source == "file":
-        train, evaluation = _file_task(cfg, seed)
+        train, evaluation = _file_task(cfg, _holdout_seed(cfg))
     elif source == "hf":
-        train, evaluation = _hf_task(cfg, seed)
+        train, evaluation = _hf_task(cfg, _holdout_seed(cfg))
     else:
         raise DataError(f"data.source={source!r} is not one of: {', '.join(SOURCES)}")
     present = sorted(set(cap_examples(train, _non_negative_int(cfg, "max_examples", 0), seed).labels))
@@ -133,7 +134,14 @@ def _synthetic_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
     return split_holdout(pool, eval_examples, seed)
 
 
-def _file_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
+def _holdout_seed(cfg: Any) -> int:
+    """The seed of the held-out carve (or of the sample of an evaluation file): data.holdout_seed, not the run's
+    seed. Every seed of a study is then scored on the same rows, and no seed's held-out rows can sit in the
+    validation split that another seed's learning-rate sweep tuned on."""
+    return _non_negative_int(cfg, "holdout_seed", 0)
+
+
+def _file_task(cfg: Any, holdout_seed: int) -> tuple[TextExamples, TextExamples]:
     path = _option(cfg, "path", None)
     if not path:
         raise DataError(
@@ -147,11 +155,11 @@ def _file_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
         options["label_names"] = train.label_names
         evaluation = load_examples(eval_path, path_key="data.eval_path", **options)
         # data.eval_examples caps a large eval file: the server evaluates on it every round.
-        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), seed)
-    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), holdout_seed)
+    return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
 
 
-def _instruction_task(cfg: Any, seed: int) -> tuple[Conversations, Conversations]:
+def _instruction_task(cfg: Any, holdout_seed: int) -> tuple[Conversations, Conversations]:
     path = _option(cfg, "path", None)
     if not path or _option(cfg, "source", "file") != "file":
         raise DataError("a causal-LM task reads a JSON-lines file: set data.source=file and data.path (or set "
@@ -160,11 +168,11 @@ def _instruction_task(cfg: Any, seed: int) -> tuple[Conversations, Conversations
     eval_path = _option(cfg, "eval_path", None)
     if eval_path:
         evaluation = load_conversations(eval_path, path_key="data.eval_path")
-        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), seed)
-    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), holdout_seed)
+    return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
 
 
-def _hf_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
+def _hf_task(cfg: Any, holdout_seed: int) -> tuple[TextExamples, TextExamples]:
     name = _option(cfg, "path", None) or _option(cfg, "name", None)
     if not name:
         raise DataError("data.path must name the Hugging Face dataset when data.source='hf'")
@@ -178,7 +186,7 @@ def _hf_task(cfg: Any, seed: int) -> tuple[TextExamples, TextExamples]:
     if eval_split:
         evaluation = load_hf_dataset(str(name), str(eval_split), label_names=train.label_names, **fields)
         return train, evaluation
-    return split_holdout(train, _holdout_size(cfg, len(train)), seed)
+    return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
 
 
 # --------------------------------------------------------------------------------------------------
