@@ -134,7 +134,10 @@ class TextClassifier(nn.Module):
         if self.pooling == "mean":
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         else:
-            last = attention_mask.sum(1).clamp(min=1) - 1
+            # The last real token wherever the padding is: a tokenizer that pads on the left (padding_side="left",
+            # common for decoders) puts it at the end, not at sum(mask) - 1, which would pool a padding token.
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.long() * positions).argmax(1)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(pooled.to(self.head.weight.dtype))  # a float32 head on a low-precision backbone
 

@@ -101,3 +101,26 @@ def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
     run, _ = classifier_run
     assert main(["generate", str(run), "--prompt", "hello"]) == 2
     assert "fedspec predict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_pooling_reads_the_last_real_token_whichever_side_the_tokenizer_pads(side):
+    """A decoder classifier pools its last real token: a tokenizer that pads on the left (many decoders' do) must
+    give a text the logits it gets alone, not a padding token's."""
+    import torch
+
+    from fedspec.models import tokenize
+
+    from helpers import tiny_classifier
+
+    model, tokenizer = tiny_classifier("tiny-llama")
+    model.eval()
+    texts = ["a short one", "a much longer text with many more words in it than the other"]
+    tokenizer.padding_side = side
+    batch = tokenize(tokenizer, texts, 24)
+    assert not bool(batch.attention_mask[0].all())  # the short text is padded
+    with torch.no_grad():
+        together = model(batch.input_ids, batch.attention_mask)
+        for row, text in enumerate(texts):
+            alone = tokenize(tokenizer, [text], int(batch.attention_mask[row].sum()))
+            assert torch.allclose(together[row], model(alone.input_ids, alone.attention_mask)[0], atol=1e-5)
