@@ -51,6 +51,12 @@ def _resolve_source(name: str, path: str | None) -> str:
     return name  # a hub name; transformers raises if it is neither cached nor reachable
 
 
+def model_source(name: str, path: str | None = None) -> str:
+    """The folder (or hub name) the backbone of ``model.name`` / ``model.path`` loads from (as :func:`load_encoder`
+    does); a tiny test model's name."""
+    return name if name in TINY_MODELS else _resolve_source(name, path)
+
+
 def load_tokenizer(name: str, path: str | None = None):
     from transformers import AutoTokenizer
 
