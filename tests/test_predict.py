@@ -124,3 +124,23 @@ def test_last_token_pooling_reads_the_last_real_token_whichever_side_the_tokeniz
         for row, text in enumerate(texts):
             alone = tokenize(tokenizer, [text], int(batch.attention_mask[row].sum()))
             assert torch.allclose(together[row], model(alone.input_ids, alone.attention_mask)[0], atol=1e-5)
+
+
+def test_a_run_with_a_frozen_head_predicts_and_exports_with_the_head_it_was_scored_with(classifier_run, tmp_path,
+                                                                                         capsys):
+    """adapter.train_head=false saves no head: the run scored with the head its seed initializes, which predict
+    and export-peft rebuild (they refused the run: "holds no classification head")."""
+    run, held_out = classifier_run
+    train = held_out.parent / "train.jsonl"  # the fixture's training file
+    assert main(["train", "model=tiny-bert", "data.source=file", f"data.path={train}", f"data.eval_path={held_out}",
+                 "data.eval_examples=0", "privacy=none", "train.batch_size=16", "adapter.train_head=false",
+                 "run.name=frozen", f"run.output_dir={tmp_path}", "run.progress=false"]) == 0
+    frozen = tmp_path / "frozen"
+    capsys.readouterr()
+    assert main(["predict", str(frozen), "--file", str(held_out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = [json.loads(line)["label"] for line in held_out.read_text().splitlines()]
+    accuracy = sum(line["label"] == label for line, label in zip(lines, expected)) / len(lines)
+    epochs = [r for r in MetricsLog(frozen / "metrics.jsonl").read() if r["kind"] == "epoch"]
+    assert accuracy == pytest.approx(epochs[-1]["eval_accuracy"], abs=1e-6)
+    assert main(["export-peft", str(frozen / "adapter"), str(tmp_path / "peft")]) == 0
