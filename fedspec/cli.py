@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
         "written beside (classifier_head.safetensors, fedspec_head.json).",
     )
-    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter")
+    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter (a run folder: its adapter/)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
 
     generate = sub.add_parser(
@@ -387,6 +387,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from .trained import load_trained
 
     adapter_dir = Path(args.adapter_dir)
+    if (adapter_dir / "config.yaml").is_file():  # a run folder: its final adapter (load_trained's error says it may)
+        adapter_dir = adapter_dir / "adapter"
     run = load_trained(adapter_dir.parent, adapter_dir=adapter_dir)
     reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:

@@ -144,3 +144,13 @@ def test_a_run_with_a_frozen_head_predicts_and_exports_with_the_head_it_was_scor
     epochs = [r for r in MetricsLog(frozen / "metrics.jsonl").read() if r["kind"] == "epoch"]
     assert accuracy == pytest.approx(epochs[-1]["eval_accuracy"], abs=1e-6)
     assert main(["export-peft", str(frozen / "adapter"), str(tmp_path / "peft")]) == 0
+
+
+def test_export_peft_takes_the_run_folder_as_well_as_its_adapter_folder(classifier_run, tmp_path, capsys):
+    """A missing config.yaml says "give a run folder (runs/NAME) or its adapter/ folder": export-peft took only
+    the second, and answered a run folder with that same line."""
+    run, _ = classifier_run
+    assert main(["export-peft", str(run), str(tmp_path / "from-run")]) == 0
+    assert main(["export-peft", str(run / "adapter"), str(tmp_path / "from-adapter")]) == 0
+    for name in ("adapter_model.safetensors", "classifier_head.safetensors"):
+        assert (tmp_path / "from-run" / name).read_bytes() == (tmp_path / "from-adapter" / name).read_bytes()
