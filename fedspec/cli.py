@@ -406,6 +406,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 meant the default; < 0 a traceback
+        raise FedspecError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 token")
     run = load_trained(Path(args.run_dir), with_adapter=not args.base)
     if not run.settings.causal_lm:
         raise FedspecError(f"{args.run_dir} trained a classifier: label texts with `fedspec predict`")

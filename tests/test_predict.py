@@ -154,3 +154,12 @@ def test_export_peft_takes_the_run_folder_as_well_as_its_adapter_folder(classifi
     assert main(["export-peft", str(run / "adapter"), str(tmp_path / "from-adapter")]) == 0
     for name in ("adapter_model.safetensors", "classifier_head.safetensors"):
         assert (tmp_path / "from-run" / name).read_bytes() == (tmp_path / "from-adapter" / name).read_bytes()
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_generate_refuses_a_max_new_tokens_below_one(classifier_run, capsys, count):
+    """0 silently meant the run's default and a negative count ended in transformers' traceback."""
+    run, _ = classifier_run
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", count]) == 2
+    assert f"--max-new-tokens {count}: give at least 1 token" in capsys.readouterr().err
