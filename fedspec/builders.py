@@ -325,15 +325,14 @@ def write_peft_export(model: nn.Module, directory, settings: ModelSettings) -> s
     reason = peft_exportable(model)
     if reason is None:
         from .causal_lm import resolve_causal_lm
-        from .models import packaged_minilm_path
+        from .models import model_source
 
         model_cfg = settings.model
         if settings.causal_lm:  # the PEFT adapter of the plain AutoModelForCausalLM inside fedspec's CausalLM
             export_peft(model, directory, backbone="lm", base_model_name_or_path=resolve_causal_lm(
                 model_cfg.name, model_cfg.get("path")))
-        else:
-            base = model_cfg.path or (str(packaged_minilm_path()) if model_cfg.name == "minilm" else model_cfg.name)
-            export_peft(model, directory, base_model_name_or_path=base)
+        else:  # the folder AutoModel loaded the backbone from (a packaged model's too: model=smollm2 as a classifier)
+            export_peft(model, directory, base_model_name_or_path=model_source(model_cfg.name, model_cfg.get("path")))
     return reason
 
 

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
         "written beside (classifier_head.safetensors, fedspec_head.json).",
     )
-    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter")
+    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter (a run folder: its adapter/)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
 
     generate = sub.add_parser(
@@ -387,6 +387,8 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     from .trained import load_trained
 
     adapter_dir = Path(args.adapter_dir)
+    if (adapter_dir / "config.yaml").is_file():  # a run folder: its final adapter (load_trained's error says it may)
+        adapter_dir = adapter_dir / "adapter"
     run = load_trained(adapter_dir.parent, adapter_dir=adapter_dir)
     reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:
@@ -404,6 +406,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 meant the default; < 0 a traceback
+        raise FedspecError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 token")
     run = load_trained(Path(args.run_dir), with_adapter=not args.base)
     if not run.settings.causal_lm:
         raise FedspecError(f"{args.run_dir} trained a classifier: label texts with `fedspec predict`")

@@ -51,6 +51,12 @@ def _resolve_source(name: str, path: str | None) -> str:
     return name  # a hub name; transformers raises if it is neither cached nor reachable
 
 
+def model_source(name: str, path: str | None = None) -> str:
+    """The folder (or hub name) the backbone of ``model.name`` / ``model.path`` loads from (as :func:`load_encoder`
+    does); a tiny test model's name."""
+    return name if name in TINY_MODELS else _resolve_source(name, path)
+
+
 def load_tokenizer(name: str, path: str | None = None):
     from transformers import AutoTokenizer
 
@@ -134,7 +140,10 @@ class TextClassifier(nn.Module):
         if self.pooling == "mean":
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         else:
-            last = attention_mask.sum(1).clamp(min=1) - 1
+            # The last real token wherever the padding is: a tokenizer that pads on the left (padding_side="left",
+            # common for decoders) puts it at the end, not at sum(mask) - 1, which would pool a padding token.
+            positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            last = (attention_mask.long() * positions).argmax(1)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(pooled.to(self.head.weight.dtype))  # a float32 head on a low-precision backbone
 

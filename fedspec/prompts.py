@@ -96,15 +96,10 @@ def encode_conversations(tokenizer, conversations: Conversations, max_length: in
     truncated response would teach the model to stop mid-answer)."""
     rows, label_rows, kept = [], [], []
     for index, record in enumerate(conversations.records):
-        text, spans = assistant_spans(tokenizer, record)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = encoded["input_ids"]
-        # A token is trained when it overlaps a response: one that joins the template's last character to the
-        # answer's first (a space, a newline) is the answer's first token.
-        labels = [token if any(lo <= start < hi or (start < hi and end > lo) for lo, hi in spans) else IGNORE
-                  for token, (start, end) in zip(ids, encoded["offset_mapping"])]
-        if len(ids) > max_length or all(label == IGNORE for label in labels[1:]):
+        encoded = _encode_record(tokenizer, record, max_length)
+        if encoded is None:
             continue
+        ids, labels = encoded
         rows.append(ids)
         label_rows.append(labels)
         kept.append(index)
@@ -121,6 +116,27 @@ def encode_conversations(tokenizer, conversations: Conversations, max_length: in
         attention_mask[row, :len(ids)] = 1
         labels[row, :len(ids)] = torch.tensor(targets)
     return EncodedConversations(Tokenized(input_ids, attention_mask), labels, kept, len(conversations) - len(rows))
+
+
+def _encode_record(tokenizer, record: tuple[Message, ...], max_length: int) -> tuple[list[int], list[int]] | None:
+    """A record's token ids and response labels, or None when it is left out (longer than ``max_length`` tokens,
+    or no response token to predict)."""
+    text, spans = assistant_spans(tokenizer, record)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    # A token is trained when it overlaps a response: one that joins the template's last character to the
+    # answer's first (a space, a newline) is the answer's first token.
+    labels = [token if any(lo <= start < hi or (start < hi and end > lo) for lo, hi in spans) else IGNORE
+              for token, (start, end) in zip(ids, encoded["offset_mapping"])]
+    if len(ids) > max_length or all(label == IGNORE for label in labels[1:]):
+        return None
+    return ids, labels
+
+
+def trained_records(tokenizer, conversations: Conversations, max_length: int) -> list[bool]:
+    """Whether :func:`encode_conversations` keeps each record: the records a client trains on, and so the count
+    its sample rate and noise are planned and accounted for."""
+    return [_encode_record(tokenizer, record, max_length) is not None for record in conversations.records]
 
 
 def generation_prompts(tokenizer, conversations: Conversations) -> Tokenized:

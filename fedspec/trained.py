@@ -68,14 +68,17 @@ def load_trained(run_dir: Path, *, adapter_dir: Path | None = None, with_adapter
 
 def _class_names(adapter_dir: Path) -> list[str]:
     """The head's classes: their number from the saved head, their names from the adapter's metadata (runs made
-    before the names were saved there get "0".."K-1")."""
+    before the names were saved there get "0".."K-1"). A run with a frozen head (adapter.train_head=false) saves
+    none: its head is the one the run seed initializes, which build_backbone rebuilds, with the saved names' count."""
     from safetensors import safe_open
 
+    names = json.loads((adapter_dir / "adapter_config.json").read_text()).get("metadata", {}).get(LABELS)
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as weights:
         if HEAD_WEIGHT not in weights.keys():
-            raise FedspecError(f"{adapter_dir} holds no classification head (adapter.train_head=false?)")
+            if isinstance(names, list) and len(names) >= 2:
+                return [str(name) for name in names]
+            raise FedspecError(f"{adapter_dir} holds no classification head and no class names")
         num_classes = weights.get_slice(HEAD_WEIGHT).get_shape()[0]
-    names = json.loads((adapter_dir / "adapter_config.json").read_text()).get("metadata", {}).get(LABELS)
     if isinstance(names, list) and len(names) == num_classes:
         return [str(name) for name in names]
     return [str(index) for index in range(num_classes)]

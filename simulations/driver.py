@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions
+from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions, is_causal_lm
 from fedspec.config import check_federated, config_to_json, load_config_file, save_config
 from fedspec.devices import resolve_device
 from fedspec.errors import ConfigError
+from fedspec.models import load_tokenizer
 from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
+from fedspec.prompts import trained_records
 from fedspec.render import plan_table
 from fedspec.rundir import RunPaths, check_run_dir
 from fedspec.strategies import get_rule
@@ -78,7 +80,18 @@ def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:
     """Every client's number of training records, as the clients will build them: the partition of the
     configured data, plus the included canaries of an audited run. Fails on missing files or too many clients."""
     task = task or build_task(cfg.data, cfg.run.seed)
-    sizes = [len(p) for p in client_partitions(task.train.labels, cfg.data, clients=cfg.federation.clients, seed=cfg.run.seed)]
+    parts = client_partitions(task.train.labels, cfg.data, clients=cfg.federation.clients, seed=cfg.run.seed)
+    if is_causal_lm(cfg.data):
+        # A client leaves out the records longer than model.max_length (encode): it trains, and is accounted, at
+        # the sample rate of the records it keeps, so that is the count its noise and ε are planned for.
+        fits = trained_records(load_tokenizer(cfg.model.name, cfg.model.get("path")), task.train,
+                               int(cfg.model.max_length))
+        parts = [[index for index in part if fits[index]] for part in parts]
+        empty = [client for client, part in enumerate(parts) if not part]
+        if empty:
+            raise ConfigError(f"none of client {empty[0]}'s records fits in model.max_length={cfg.model.max_length} "
+                              "tokens (prompt and response together); raise model.max_length")
+    sizes = [len(p) for p in parts]
     if cfg.audit.canaries:
         extra = canary_assignment(cfg.audit.canaries, len(sizes), task.num_classes, cfg.audit.seed)
         sizes = [n + k for n, k in zip(sizes, extra.included_per_client(len(sizes)))]

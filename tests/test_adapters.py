@@ -209,6 +209,21 @@ def test_target_matching_nothing_is_a_clear_error():
         fedspec.adapt(model, "lora", 4, ["q_proj"])
 
 
+def test_the_classification_head_is_never_an_adapter_target(tmp_path):
+    """`.*` (every linear layer) adapted the head too: the classifier's forward then failed ('LowRankLinear' object
+    has no attribute 'weight'), and the PEFT export could not address it. It trains in full instead."""
+    model, tokenizer = tiny_classifier()
+    fedspec.adapt(model, "lora", 2, [".*"])
+    assert "head" not in adapter_layers(model) and len(adapter_layers(model)) > 0
+    model.eval()
+    batch = tokenize(tokenizer, ["a text"], 8)
+    with torch.no_grad():
+        assert model(batch.input_ids, batch.attention_mask).shape == (1, 3)
+    fedspec.adapters.export_peft(model, tmp_path / "peft")
+    with pytest.raises(AdapterError, match="pattern 'head' matches only the classification head"):
+        fedspec.adapt(tiny_classifier()[0], "lora", 2, ["head"])
+
+
 def test_targets_by_suffix_and_by_regex():
     model, _ = tiny_classifier()
     fedspec.adapt(model, "lora", 2, ["key", r".*layer\.1\..*intermediate\.dense"])

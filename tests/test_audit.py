@@ -229,3 +229,18 @@ def test_an_audit_of_a_causal_lm_task_is_refused_before_anything_runs(tiny_cfg):
     cfg = tiny_cfg("model=tiny-llama", "data.task=causal_lm", "data.prompt='{text}'", "audit.canaries=10")
     with pytest.raises(ConfigError, match="needs a classification task; data.task=causal_lm"):
         run_audit(cfg)
+
+
+@pytest.mark.parametrize("method", ["corda", "eva", "lora_ga", "fwsvd"])
+def test_an_audit_of_a_data_driven_initialization_is_refused_before_anything_runs(tiny_cfg, monkeypatch, method):
+    """The canary scores need the initial global model, which a data-driven method computes from the clients'
+    round-0 statistics: the auditor cannot rebuild it, and used to fail only after the whole federation ran."""
+    from fedspec.errors import ConfigError
+    from fedspec.simulations import audit
+
+    def no_run(*_, **__):
+        raise AssertionError("the federation started")
+
+    monkeypatch.setattr(audit, "simulate", no_run)
+    with pytest.raises(ConfigError, match=f"adapter.method={method} computes from the clients' round-0 statistics"):
+        audit.run_audit(tiny_cfg(f"adapter={method}", "audit.canaries=10"))

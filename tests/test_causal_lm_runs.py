@@ -102,3 +102,31 @@ def test_a_federation_the_budgets_stop_early_still_scores_its_final_answers(inst
     assert len(answers) == 1 and answers[0]["round"] == 1 and answers[0]["answer_accuracy"] is not None
     summary = (tmp_path / "stopped" / "summary.md").read_text()
     assert f"→ {answers[0]['answer_accuracy']:.4f} (round 1)" in summary  # start → end, as a full run says
+
+
+def test_the_privacy_plan_counts_the_records_a_client_trains_on_not_those_max_length_leaves_out(tmp_path, capsys):
+    """A client leaves out records longer than model.max_length and is accounted at the sample rate of those it
+    keeps: `fedspec privacy-plan` and the checks before a run must plan for that count, or with a given σ the ε
+    they print is below what the run charges (here q = 1/5 planned against 1/4 trained: ε 4.24 against 4.87)."""
+    from fedspec.client import runtime
+    from fedspec.config import config_to_json
+    from fedspec.privacy.planning import PlanSettings, plan_clients
+    from fedspec.simulations.driver import client_sizes
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps({"question": f"what is {a} plus {b}",
+                                        "answer": f"{a} + {b}\n#### {a + b}" if (a + b) % 3 else "long " * 40}) + "\n"
+                            for a in range(12) for b in range(8)))
+    overrides = [*_overrides(path, tmp_path, "run.name=plan"), "federation.clients=2", "federation.rounds=2",
+                 "federation.fraction=1.0", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
+    cfg = compose_config(overrides)
+    key = config_to_json(cfg)
+    trained = [len(runtime._cached_partition(key, client)) for client in range(2)]
+    assert trained != [40, 40]  # records were left out
+    assert client_sizes(cfg) == trained
+    charged = plan_clients(PlanSettings.of(cfg), trained)
+    capsys.readouterr()
+    assert main(["privacy-plan", *overrides]) == 0
+    printed = capsys.readouterr().out
+    for plan in charged:
+        assert f"{plan.epsilon:.3f}" in printed

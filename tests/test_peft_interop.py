@@ -328,3 +328,24 @@ def test_a_run_without_a_lora_export_says_why_in_its_summary(tiny_cfg):
     result = train_centralized(cfg)
     assert not result.paths.adapter_peft.exists()
     assert "- no `adapter-peft/`: adapter.method=dora is no low-rank update" in result.paths.summary.read_text()
+
+
+@pytest.mark.parametrize(("name", "folder"), [("minilm", "packaged_minilm_path"), ("smollm2", "packaged_smollm2_path")])
+def test_a_classifier_export_names_the_folder_its_backbone_loads_from(tmp_path, monkeypatch, name, folder):
+    """adapter_config.json's base_model_name_or_path is what AutoPeftModel loads: a packaged backbone's folder,
+    not fedspec's short name (model=smollm2 as a classifier wrote "smollm2", which no hub or folder resolves)."""
+    from omegaconf import OmegaConf
+
+    import fedspec.causal_lm
+    import fedspec.models
+    from fedspec.builders import ModelSettings, write_peft_export
+
+    model, _ = tiny_classifier()
+    fedspec.adapt(model, "lora", 4)
+    source = tmp_path / "backbone"
+    source.mkdir()
+    module = fedspec.causal_lm if folder == "packaged_smollm2_path" else fedspec.models
+    monkeypatch.setattr(module, folder, lambda: source)
+    settings = ModelSettings(OmegaConf.create({"name": name, "path": None}), None, False, 0)
+    assert write_peft_export(model, tmp_path / "peft", settings) is None
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(source)

@@ -101,3 +101,65 @@ def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
     run, _ = classifier_run
     assert main(["generate", str(run), "--prompt", "hello"]) == 2
     assert "fedspec predict" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_token_pooling_reads_the_last_real_token_whichever_side_the_tokenizer_pads(side):
+    """A decoder classifier pools its last real token: a tokenizer that pads on the left (many decoders' do) must
+    give a text the logits it gets alone, not a padding token's."""
+    import torch
+
+    from fedspec.models import tokenize
+
+    from helpers import tiny_classifier
+
+    model, tokenizer = tiny_classifier("tiny-llama")
+    model.eval()
+    texts = ["a short one", "a much longer text with many more words in it than the other"]
+    tokenizer.padding_side = side
+    batch = tokenize(tokenizer, texts, 24)
+    assert not bool(batch.attention_mask[0].all())  # the short text is padded
+    with torch.no_grad():
+        together = model(batch.input_ids, batch.attention_mask)
+        for row, text in enumerate(texts):
+            alone = tokenize(tokenizer, [text], int(batch.attention_mask[row].sum()))
+            assert torch.allclose(together[row], model(alone.input_ids, alone.attention_mask)[0], atol=1e-5)
+
+
+def test_a_run_with_a_frozen_head_predicts_and_exports_with_the_head_it_was_scored_with(classifier_run, tmp_path,
+                                                                                         capsys):
+    """adapter.train_head=false saves no head: the run scored with the head its seed initializes, which predict
+    and export-peft rebuild (they refused the run: "holds no classification head")."""
+    run, held_out = classifier_run
+    train = held_out.parent / "train.jsonl"  # the fixture's training file
+    assert main(["train", "model=tiny-bert", "data.source=file", f"data.path={train}", f"data.eval_path={held_out}",
+                 "data.eval_examples=0", "privacy=none", "train.batch_size=16", "adapter.train_head=false",
+                 "run.name=frozen", f"run.output_dir={tmp_path}", "run.progress=false"]) == 0
+    frozen = tmp_path / "frozen"
+    capsys.readouterr()
+    assert main(["predict", str(frozen), "--file", str(held_out)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = [json.loads(line)["label"] for line in held_out.read_text().splitlines()]
+    accuracy = sum(line["label"] == label for line, label in zip(lines, expected)) / len(lines)
+    epochs = [r for r in MetricsLog(frozen / "metrics.jsonl").read() if r["kind"] == "epoch"]
+    assert accuracy == pytest.approx(epochs[-1]["eval_accuracy"], abs=1e-6)
+    assert main(["export-peft", str(frozen / "adapter"), str(tmp_path / "peft")]) == 0
+
+
+def test_export_peft_takes_the_run_folder_as_well_as_its_adapter_folder(classifier_run, tmp_path, capsys):
+    """A missing config.yaml says "give a run folder (runs/NAME) or its adapter/ folder": export-peft took only
+    the second, and answered a run folder with that same line."""
+    run, _ = classifier_run
+    assert main(["export-peft", str(run), str(tmp_path / "from-run")]) == 0
+    assert main(["export-peft", str(run / "adapter"), str(tmp_path / "from-adapter")]) == 0
+    for name in ("adapter_model.safetensors", "classifier_head.safetensors"):
+        assert (tmp_path / "from-run" / name).read_bytes() == (tmp_path / "from-adapter" / name).read_bytes()
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_generate_refuses_a_max_new_tokens_below_one(classifier_run, capsys, count):
+    """0 silently meant the run's default and a negative count ended in transformers' traceback."""
+    run, _ = classifier_run
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", count]) == 2
+    assert f"--max-new-tokens {count}: give at least 1 token" in capsys.readouterr().err

@@ -56,17 +56,27 @@ def match_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     A language model's output layer (``lm_head``) is never a target, as under PEFT's ``all-linear``: it often
     shares its weight with the input embeddings (an adapter's residual would rewrite them), and fedspec applies it
     to each response token separately, so DP-SGD would clip per token instead of per record. A pattern that
-    matches other layers too (``.*``) leaves it out; one that matches only the output layer is an error.
+    matches other layers too (``.*``) leaves it out; one that matches only the output layer is an error. The same
+    holds for a classifier's head (``head``), which trains in full instead.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
     heads = output_layers(model)
+    # A classifier's own head (fedspec's TextClassifier.head) trains in full or stays frozen (adapter.train_head):
+    # an adapter there breaks its forward pass and is no layer of the backbone a PEFT export could address.
+    head = getattr(model, "head", None)
+    classifier_head = id(head) if isinstance(head, nn.Linear) else None
     modules = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
-    linear_names = [name for name, module in modules if id(module) not in heads]
+    linear_names = [name for name, module in modules if id(module) not in heads and id(module) != classifier_head]
     head_names = [name for name, module in modules if id(module) in heads]
     matched: list[str] = []
     for pattern in patterns:
         hits = [name for name in linear_names if pattern_matches(pattern, name)]
+        if not hits and classifier_head is not None and pattern_matches(pattern, "head"):
+            raise AdapterError(
+                f"adapter.targets pattern {pattern!r} matches only the classification head, which takes no adapter: "
+                "it trains in full (adapter.train_head=true) or stays frozen; target the backbone's layers"
+            )
         if not hits and any(pattern_matches(pattern, name) for name in head_names):
             raise AdapterError(
                 f"adapter.targets pattern {pattern!r} matches only the model's output layer "
