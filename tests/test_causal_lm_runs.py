@@ -130,3 +130,24 @@ def test_the_privacy_plan_counts_the_records_a_client_trains_on_not_those_max_le
     printed = capsys.readouterr().out
     for plan in charged:
         assert f"{plan.epsilon:.3f}" in printed
+
+
+def test_generate_wraps_each_prompt_in_the_data_prompt_a_cast_classification_run_trained_on(
+        instruction_file, tmp_path, monkeypatch, capsys):
+    """`data=sst2 data.task=causal_lm` trains on data.prompt around each review: `generate --prompt TEXT` must put
+    TEXT in the same place, or the model answers a turn unlike any it learned from."""
+    from fedspec import generation
+
+    reviews = tmp_path / "reviews.tsv"
+    reviews.write_text("sentence\tlabel\n" + "".join(f"film {i} was {'good' if i % 2 else 'bad'}\t{i % 2}\n"
+                                                     for i in range(48)))
+    overrides = [*_overrides(instruction_file, tmp_path, "run.name=cast"), "data=sst2", "data.task=causal_lm",
+                 f"data.path={reviews}", f"data.eval_path={reviews}", "data.eval_examples=8", "train.max_steps=1"]
+    assert main(["train", *overrides]) == 0
+    template = compose_config(overrides).data.prompt
+    seen = []
+    monkeypatch.setattr(generation, "generate_responses",
+                        lambda model, tokenizer, records, **_: seen.extend(records.records) or ["-"] * len(records))
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "cast"), "--prompt", "a moving film"]) == 0
+    assert seen[0][0] == ("user", template.replace("{text}", "a moving film"))
