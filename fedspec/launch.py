@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -157,15 +158,26 @@ def listening(path: Path) -> bool:
         probe.close()
 
 
+def remove_stale_socket(path: Path, busy: str) -> None:
+    """Remove a Unix socket file nobody listens on any more (left by a stopped process), so a new one can bind
+    there. Anything else at ``path`` is refused, never deleted: a mistyped ``--socket`` may name the user's data
+    file (or a folder), and a socket another process listens on is in use (``busy`` says by whom)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a Unix socket: it is left as it is; choose another socket path")
+    if listening(path):
+        raise ConfigError(f"another process already listens on {path}{busy}")
+    path.unlink()
+
+
 def _clear_stale_socket(path: Path, name: str) -> None:
     """A socket file left by a stopped process (SIGTERM does not remove it) would read as ready before the new
     process listens; one another process still listens on is another node's, in the same folder."""
-    if not path.exists():
-        return
-    if listening(path):
-        raise ConfigError(f"another process already listens on {path} (a {name} of another `fedspec node` in this "
-                          "folder?); stop it, or start this node in another folder")
-    path.unlink()
+    remove_stale_socket(path, f" (a {name} of another `fedspec node` in this folder?); stop it, or start this "
+                              "node in another folder")
 
 
 def run(launch: Launch, workdir: Path) -> int:

@@ -4,6 +4,7 @@ worker and the safe environment, and --insecure is refused off loopback. (The de
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 
 import pytest
@@ -154,3 +155,15 @@ def test_a_socket_left_by_a_stopped_node_is_cleared_before_its_process_starts(tm
         live.listen()
         with pytest.raises(ConfigError, match="another process already listens on"):
             run(launch, tmp_path)
+
+
+def test_a_socket_path_that_names_another_file_is_refused_never_deleted(tmp_path):
+    """Only a stale Unix socket is cleared before a node's process starts; a file in its place stays, refused."""
+    from fedspec.launch import Launch, run
+
+    path = tmp_path / "worker.sock"
+    path.write_text("not a socket")
+    launch = Launch(commands=[("worker", [sys.executable, "-c", "pass"])], wait_for={"worker": path})
+    with pytest.raises(ConfigError, match="is not a Unix socket"):
+        run(launch, tmp_path)
+    assert path.read_text() == "not a socket"
