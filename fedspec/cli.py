@@ -496,6 +496,9 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     from .deployment import create_credentials, renew_server_certificate
 
     if args.renew_server:
+        if args.nodes is not None:  # it would be ignored: the user would expect node keys that were never written
+            raise FedspecError("--nodes does not go with --renew-server, which writes only a new SuperLink "
+                               "certificate and keeps every node's files; node keys come with a new credentials folder")
         creds = renew_server_certificate(args.out_dir, args.host, args.days)
         print(f"wrote {creds.server_cert} and {creds.server_key} (the old pair: *.old); restart the SuperLink "
               "with them: the nodes keep their ca.crt and keys")
