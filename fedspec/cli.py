@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ca", metavar="FILE", help="the federation's CA certificate (ca.crt)")
     node.add_argument("--key", metavar="FILE", help="this node's private key (supernodes/node-<i>)")
     node.add_argument("--data-path", metavar="FILE", help="this node's own data (else: its share of the task's)")
-    node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path)")
+    node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path): the run's "
+                      "federation.clients; a node with another number refuses to start")
     node.add_argument("--device", metavar="DEVICE", help="where this node trains: auto, cpu, cuda or cuda:N "
                       "(default: the run's train.device, itself auto: the first GPU torch sees, else the CPU)")
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
