@@ -415,3 +415,21 @@ def test_an_advertisement_no_neighbour_could_use_drops_only_its_sender(advert):
     survivors, dropped = server.unmask_request({u: clients[u].mask(vectors[u], inbox[u]) for u in inbox})
     total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
     assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+@pytest.mark.parametrize("client_level", [False, True])
+def test_the_privacy_report_lists_the_clipping_counts_each_client_sends_in_the_clear(tiny_cfg, client_level):
+    """Under secure aggregation a client's reply carries, beside its masked vector, its own clipped-coordinate count
+    (or, under distributed client-level noise, whether its whole update exceeded C): a function of that update
+    alone. The report's list of what the server sees said only "the sum of each round's updates"."""
+    from fedspec.privacy.disclosures import server_sees
+
+    overrides = ["federation.secure_aggregation.enabled=true"]
+    if client_level:
+        overrides += ["privacy=client-dp", "federation.weighting=uniform"]
+    cfg = tiny_cfg(*overrides)
+    seen = " ".join(server_sees(cfg.privacy, cfg.federation, method="pissa", batch_size=32))
+    if client_level:
+        assert "`norm_clipped`" in seen and "outside the client-level guarantee" in seen
+    else:
+        assert "`clipped_coordinates`" in seen and "a statistic of each update alone" in seen
