@@ -180,11 +180,28 @@ def _clear_stale_socket(path: Path, name: str) -> None:
                               "node in another folder")
 
 
+def _state_folder(folder: Path) -> None:
+    """A state folder only its owner can write to: created 0700, refused when it exists writable by others. Anyone
+    who can write there can put their own socket in place of the node's worker or launcher socket (the ClientApp
+    would then hand that process the node's state and its Flower token) or replace the SuperLink's database of
+    registered node keys."""
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+            os.chmod(folder, 0o700)
+        except OSError as error:
+            raise ConfigError(f"cannot create the state folder {folder}: {error.strerror or error}") from None
+    if stat.S_IMODE(folder.stat().st_mode) & 0o022:
+        raise ConfigError(f"{folder} is writable by other users; keep the state folder one only you can write to "
+                          f"(chmod go-w {folder}, or choose another --state-dir)")
+
+
 def run(launch: Launch, workdir: Path) -> int:
     """Start the processes in order, wait for each to be ready, then until one exits; stop the rest."""
     workdir = Path(workdir).expanduser().resolve()
-    for folder in (workdir, *launch.folders):
-        folder.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in launch.folders:
+        _state_folder(folder)
     env = {**os.environ, **launch.env}
     started: list[tuple[str, subprocess.Popen]] = []
 
