@@ -69,7 +69,9 @@ def serve(socket_path: Path) -> None:
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel: no zombies, no waiting
     socket_path = Path(socket_path)
-    socket_path.unlink(missing_ok=True)
+    from fedspec.launch import remove_stale_socket
+
+    remove_stale_socket(socket_path, ": a launcher of this node is running already")  # never another file
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         previous = os.umask(0o177)  # the socket is its owner's only
         try:

@@ -148,6 +148,14 @@ def local_data(cfg: DictConfig, context: Context) -> LocalData:
     data_path = context.node_config.get("data-path")
     if data_path:
         return _cached_own_data(key, str(Path(str(data_path)).expanduser()), label_names(context))
+    # The task is split into federation.clients shares, as in `fedspec simulate`. A node that names another number
+    # of shares (Flower's usual num-partitions, `fedspec node --num-partitions`) expects a split that never happens:
+    # refused, rather than training silently on a share of another split.
+    shares = context.node_config.get("num-partitions")
+    if shares is not None and int(shares) != cfg.federation.clients:
+        raise ConfigError(f"this node's num-partitions={shares}, but the run splits the task's data into "
+                          f"federation.clients={cfg.federation.clients} shares; start the node with "
+                          f"--num-partitions {cfg.federation.clients} (or none), or give it its own data-path")
     return _cached_partition(key, client_id(context))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from fedspec.errors import FedspecError
-from fedspec.launch import listening
+from fedspec.launch import remove_stale_socket
 
 WORKER_NODE_CONFIG = "worker"  # node-config key: the warm worker's socket path
 _OK, _FAILED = b"\x00", b"\x01"
@@ -88,10 +88,7 @@ def serve(socket_path: str | Path, handlers: dict[str, Callable[[Message, Contex
 
     path = Path(socket_path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        if listening(path):
-            raise FedspecError(f"a warm worker already listens on {path}")
-        path.unlink()  # left by a worker that was killed
+    remove_stale_socket(path, ": a warm worker of this node is running already")  # one a killed worker left
 
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:

@@ -230,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--ca", metavar="FILE", help="the federation's CA certificate (ca.crt)")
     node.add_argument("--key", metavar="FILE", help="this node's private key (supernodes/node-<i>)")
     node.add_argument("--data-path", metavar="FILE", help="this node's own data (else: its share of the task's)")
-    node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path)")
+    node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path): the run's "
+                      "federation.clients; a node with another number refuses to start")
     node.add_argument("--device", metavar="DEVICE", help="where this node trains: auto, cpu, cuda or cuda:N "
                       "(default: the run's train.device, itself auto: the first GPU torch sees, else the CPU)")
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
@@ -505,6 +506,9 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     from .deployment import create_credentials, renew_server_certificate
 
     if args.renew_server:
+        if args.nodes is not None:  # it would be ignored: the user would expect node keys that were never written
+            raise FedspecError("--nodes does not go with --renew-server, which writes only a new SuperLink "
+                               "certificate and keeps every node's files; node keys come with a new credentials folder")
         creds = renew_server_certificate(args.out_dir, args.host, args.days)
         print(f"wrote {creds.server_cert} and {creds.server_key} (the old pair: *.old); restart the SuperLink "
               "with them: the nodes keep their ca.crt and keys")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -223,6 +224,17 @@ def _server_certificate(ca_name: x509.Name, ca_key: ec.EllipticCurvePrivateKey, 
     return key, _certificate(name, ca_name, key.public_key(), ca_key, days, ca=False, hosts=hosts, issuer_key=ca_key)
 
 
+def _read(path: Path, load, what: str):
+    """``load(path's bytes)``; a file that is not ``what`` (a passphrase-protected key, a damaged or foreign file)
+    is one line naming it, not a traceback."""
+    try:
+        return load(path.read_bytes())
+    except (TypeError, ValueError, UnsupportedAlgorithm) as error:
+        hint = ("; decrypt it first (openssl pkey -in ca.key -out ca.key.plain, then move it in place, mode 0600)"
+                if "encrypted" in str(error) else "")
+        raise ConfigError(f"{path} is not {what} that --renew-server can read ({error}){hint}") from None
+
+
 def renew_server_certificate(folder: str | os.PathLike[str], hosts: list[str] | tuple[str, ...] = (),
                              days: int = 365) -> Credentials:
     """A new SuperLink key and certificate, signed by the folder's CA (``ca.key``), for the hosts of the old
@@ -234,8 +246,9 @@ def renew_server_certificate(folder: str | os.PathLike[str], hosts: list[str] | 
         raise ConfigError(f"{missing[0]} does not exist; --renew-server needs the folder `fedspec credentials` wrote")
     if days < 1:
         raise ConfigError(f"--days {days} must be at least 1")
-    ca_cert = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)
+    ca_cert = _read(creds.ca_cert, x509.load_pem_x509_certificate, "a PEM certificate")
+    ca_key = _read(creds.ca_key, lambda data: serialization.load_pem_private_key(data, password=None),
+                   "an unencrypted PEM private key")
     if ca_cert.public_key().public_numbers() != ca_key.public_key().public_numbers():
         raise ConfigError(f"{creds.ca_key} is not the key of {creds.ca_cert}")
     expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
@@ -243,10 +256,11 @@ def renew_server_certificate(folder: str | os.PathLike[str], hosts: list[str] | 
         raise ConfigError(f"the CA in {creds.ca_cert} expires on {ca_cert.not_valid_after_utc:%Y-%m-%d}, before a "
                           f"{days}-day certificate would; lower --days, or create new credentials (every node then "
                           "needs the new ca.crt)")
-    old = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    old = _read(creds.server_cert, x509.load_pem_x509_certificate, "a PEM certificate")
     old_hosts = [str(name.value) for name in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
     all_hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *old_hosts, *(_check_host(h) for h in hosts)]))
     key, cert = _server_certificate(ca_cert.subject, ca_key, all_hosts, days)
+    _private_folder(creds.root)  # refused before the old pair moves aside, never after: the SuperLink keeps a pair
     for path in (creds.server_cert, creds.server_key):
         if path.exists():
             os.replace(path, path.with_name(path.name + ".old"))

@@ -15,6 +15,7 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -157,22 +158,50 @@ def listening(path: Path) -> bool:
         probe.close()
 
 
+def remove_stale_socket(path: Path, busy: str) -> None:
+    """Remove a Unix socket file nobody listens on any more (left by a stopped process), so a new one can bind
+    there. Anything else at ``path`` is refused, never deleted: a mistyped ``--socket`` may name the user's data
+    file (or a folder), and a socket another process listens on is in use (``busy`` says by whom)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"{path} exists and is not a Unix socket: it is left as it is; choose another socket path")
+    if listening(path):
+        raise ConfigError(f"another process already listens on {path}{busy}")
+    path.unlink()
+
+
 def _clear_stale_socket(path: Path, name: str) -> None:
     """A socket file left by a stopped process (SIGTERM does not remove it) would read as ready before the new
     process listens; one another process still listens on is another node's, in the same folder."""
-    if not path.exists():
-        return
-    if listening(path):
-        raise ConfigError(f"another process already listens on {path} (a {name} of another `fedspec node` in this "
-                          "folder?); stop it, or start this node in another folder")
-    path.unlink()
+    remove_stale_socket(path, f" (a {name} of another `fedspec node` in this folder?); stop it, or start this "
+                              "node in another folder")
+
+
+def _state_folder(folder: Path) -> None:
+    """A state folder only its owner can write to: created 0700, refused when it exists writable by others. Anyone
+    who can write there can put their own socket in place of the node's worker or launcher socket (the ClientApp
+    would then hand that process the node's state and its Flower token) or replace the SuperLink's database of
+    registered node keys."""
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True)
+            os.chmod(folder, 0o700)
+        except OSError as error:
+            raise ConfigError(f"cannot create the state folder {folder}: {error.strerror or error}") from None
+    if stat.S_IMODE(folder.stat().st_mode) & 0o022:
+        raise ConfigError(f"{folder} is writable by other users; keep the state folder one only you can write to "
+                          f"(chmod go-w {folder}, or choose another --state-dir)")
 
 
 def run(launch: Launch, workdir: Path) -> int:
     """Start the processes in order, wait for each to be ready, then until one exits; stop the rest."""
     workdir = Path(workdir).expanduser().resolve()
-    for folder in (workdir, *launch.folders):
-        folder.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for folder in launch.folders:
+        _state_folder(folder)
     env = {**os.environ, **launch.env}
     started: list[tuple[str, subprocess.Popen]] = []
 

@@ -99,6 +99,33 @@ def test_a_renewed_server_certificate_chains_to_the_same_ca_for_the_old_and_new_
         renew_server_certificate(creds.root, days=5000)
 
 
+def test_a_renewal_refuses_unreadable_files_in_one_line_and_keeps_the_old_pair(tmp_path, capsys):
+    """A passphrase-protected ca.key (the docs say: keep it offline), or a damaged certificate, made --renew-server
+    end in a traceback; --nodes was silently ignored. Each is one line now, and the server pair stays in place."""
+    creds = create_credentials(tmp_path / "creds", nodes=1)
+    server, ca_cert = creds.server_cert.read_bytes(), creds.ca_cert.read_bytes()
+    ca_key = serialization.load_pem_private_key(creds.ca_key.read_bytes(), password=None)
+    creds.ca_key.write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.BestAvailableEncryption(b"passphrase")))
+    assert cli_main(["credentials", str(creds.root), "--renew-server"]) == 2
+    err = capsys.readouterr().err
+    assert "ca.key is not an unencrypted PEM private key" in err and "decrypt it first" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    creds.ca_key.write_bytes(ca_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    creds.ca_cert.write_bytes(b"not a certificate")
+    with pytest.raises(ConfigError, match="ca.crt is not a PEM certificate"):
+        renew_server_certificate(creds.root)
+    assert cli_main(["credentials", str(creds.root), "--renew-server", "--nodes", "3"]) == 2
+    assert "--nodes does not go with --renew-server" in capsys.readouterr().err
+    creds.ca_cert.write_bytes(ca_cert)
+    os.chmod(creds.root, 0o770)  # a folder others may write to: refused before the old pair is moved aside
+    with pytest.raises(ConfigError, match="writable by other users"):
+        renew_server_certificate(creds.root)
+    assert creds.server_key.exists()
+    assert creds.server_cert.read_bytes() == server and not (creds.root / "server.pem.old").exists()
+
+
 def test_server_key_matches_its_certificate_and_the_ca_is_a_ca(creds):
     key = serialization.load_pem_private_key(creds.server_key.read_bytes(), password=None)
     assert key.public_key() == _load_cert(creds.server_cert).public_key()

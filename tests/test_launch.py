@@ -4,6 +4,7 @@ worker and the safe environment, and --insecure is refused off loopback. (The de
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 
 import pytest
@@ -154,3 +155,35 @@ def test_a_socket_left_by_a_stopped_node_is_cleared_before_its_process_starts(tm
         live.listen()
         with pytest.raises(ConfigError, match="another process already listens on"):
             run(launch, tmp_path)
+
+
+def test_a_socket_path_that_names_another_file_is_refused_never_deleted(tmp_path):
+    """Only a stale Unix socket is cleared before a node's process starts; a file in its place stays, refused."""
+    from fedspec.launch import Launch, run
+
+    path = tmp_path / "worker.sock"
+    path.write_text("not a socket")
+    launch = Launch(commands=[("worker", [sys.executable, "-c", "pass"])], wait_for={"worker": path})
+    with pytest.raises(ConfigError, match="is not a Unix socket"):
+        run(launch, tmp_path)
+    assert path.read_text() == "not a socket"
+
+
+def test_a_state_folder_others_can_write_to_is_refused_and_a_new_one_is_private(tmp_path):
+    """The node's worker and launcher sockets (and the SuperLink's database of node keys) live in the state folder:
+    in one that others can write to (say under /tmp), another user could bind the socket path after the worker
+    stopped, and the ClientApp would forward the node's state to it. Such a folder is refused; a new one is 0700."""
+    import os
+    import stat
+
+    from fedspec.launch import Launch, run
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    launch = Launch(commands=[("worker", [sys.executable, "-c", "pass"])], folders=[shared])
+    with pytest.raises(ConfigError, match="writable by other users"):
+        run(launch, tmp_path)
+    fresh = tmp_path / "fresh" / "state"
+    assert run(Launch(commands=[("worker", [sys.executable, "-c", "pass"])], folders=[fresh]), tmp_path) == 0
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700

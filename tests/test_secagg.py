@@ -393,3 +393,43 @@ def test_a_share_under_another_holders_index_is_left_out():
 def test_the_search_for_good_shares_stops_when_the_rounds_spare_tries_are_spent():
     with pytest.raises(SecAggError, match="does not match its commitment"):
         run_round(residues(4, 10, seed=3), tamper=_alter_middle_responders_shares, spare_combinations=0)
+
+
+@pytest.mark.parametrize("advert", ["s" * 96, list(range(96)), bytes(96), bytes(32) + bytes([1]) + bytes(63)],
+                         ids=["string", "list", "zero-keys", "low-order-mask-key"])
+def test_an_advertisement_no_neighbour_could_use_drops_only_its_sender(advert):
+    """A string (or list) of 96 passed the server's length check, a low-order X25519 key (0 or 1) any check; each
+    then failed in every neighbour's key agreement, which dropped them all: one client's bad advertisement skipped
+    the round for everyone. The server now leaves that client out, and the others sum exactly."""
+    from fedspec.server.secure_round import _advertisements
+
+    vectors = residues(3, 10, seed=5)
+    clients = {u: ClientSession(node=u, round=3, fraction=0.5) for u in vectors}
+    replies = {u: {"key": c.advertise().to_bytes()} for u, c in clients.items()}
+    replies[999] = {"key": advert}
+    adverts = _advertisements(replies)
+    assert set(adverts) == set(vectors)
+    server = ServerSession(round=3, fraction=0.5)
+    peers = server.peers(adverts)
+    inbox = server.route({u: clients[u].share(peers[u]) for u in clients})
+    survivors, dropped = server.unmask_request({u: clients[u].mask(vectors[u], inbox[u]) for u in inbox})
+    total = server.total({u: clients[u].unmask(survivors, dropped) for u in survivors})
+    assert torch.equal(total, sum(vectors.values()) % MODULUS)
+
+
+@pytest.mark.parametrize("client_level", [False, True])
+def test_the_privacy_report_lists_the_clipping_counts_each_client_sends_in_the_clear(tiny_cfg, client_level):
+    """Under secure aggregation a client's reply carries, beside its masked vector, its own clipped-coordinate count
+    (or, under distributed client-level noise, whether its whole update exceeded C): a function of that update
+    alone. The report's list of what the server sees said only "the sum of each round's updates"."""
+    from fedspec.privacy.disclosures import server_sees
+
+    overrides = ["federation.secure_aggregation.enabled=true"]
+    if client_level:
+        overrides += ["privacy=client-dp", "federation.weighting=uniform"]
+    cfg = tiny_cfg(*overrides)
+    seen = " ".join(server_sees(cfg.privacy, cfg.federation, method="pissa", batch_size=32))
+    if client_level:
+        assert "`norm_clipped`" in seen and "outside the client-level guarantee" in seen
+    else:
+        assert "`clipped_coordinates`" in seen and "a statistic of each update alone" in seen

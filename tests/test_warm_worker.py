@@ -111,3 +111,36 @@ def test_a_worker_that_dies_mid_message_fails_that_message_in_one_line(tmp_path)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_a_socket_path_that_names_another_file_is_refused_never_deleted(tmp_path):
+    """`fedspec worker --socket PATH` removed whatever was at PATH when nothing listened there: a mistyped path
+    deleted the user's file (here: their data). Only a stale socket is removed; anything else is refused."""
+    data, folder = tmp_path / "records.jsonl", tmp_path / "state"
+    data.write_text('{"text": "a", "label": 0}\n')
+    folder.mkdir()
+    for path in (data, folder):
+        errors = []
+
+        def run(path=path, errors=errors):
+            try:
+                serve(path, local_handlers())
+            except FedspecError as error:
+                errors.append(str(error))
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive() and "is not a Unix socket" in errors[0]
+    assert data.read_text() == '{"text": "a", "label": 0}\n' and folder.is_dir()
+
+
+def test_a_node_that_expects_another_split_of_the_task_refuses_to_start(tmp_path):
+    """`fedspec node --num-partitions N` went into the node config and was never read: the node trained on share i
+    of federation.clients shares whatever N said. A number other than federation.clients is refused at start."""
+    content = RecordDict({CONFIG: ConfigRecord({LABELS: ["a", "b", "c", "d"]})})
+    context = _context(tmp_path)
+    context.node_config["num-partitions"] = 3  # the run (OVERRIDES) splits into federation.clients=2
+    with pytest.raises(FedspecError, match="num-partitions=3, but the run splits .* federation.clients=2"):
+        local_handlers()["query"](_message(content), context)
+    assert local_handlers()["query"](_message(content), _context(tmp_path)).content[METRICS][CLIENT_ID] == 1

@@ -53,6 +53,15 @@ def public_key_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(_RAW, serialization.PublicFormat.Raw)
 
 
+def check_public_key(public: bytes) -> None:
+    """Refuse (SecAggError) what no peer could agree a key with: not 32 bytes, or a low-order point, whose shared
+    secret is all zeros whatever the private key (``cryptography`` refuses the exchange). Checked against a
+    throwaway key, so a client that advertises one is left out before its neighbours' key agreement fails."""
+    if not isinstance(public, bytes) or len(public) != KEY_BYTES:
+        raise SecAggError(f"a public key must be {KEY_BYTES} bytes")
+    agree(X25519PrivateKey.generate().private_bytes_raw(), public, b"check")
+
+
 def agree(private: bytes, peer_public: bytes, purpose: bytes) -> bytes:
     """A 32-byte key both ends derive alone: X25519(private, peer) through HKDF-SHA256, bound to ``purpose``
     (one key for share encryption, another for masks: never the same bytes for two uses)."""

@@ -40,6 +40,7 @@ from .primitives import (
     KeyPair,
     SecAggError,
     agree,
+    check_public_key,
     combine_shares,
     commitment,
     decrypt,
@@ -92,9 +93,16 @@ class Advertisement:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Advertisement:
-        if len(blob) != 3 * KEY_BYTES:
-            raise SecAggError(f"an advertisement is {3 * KEY_BYTES} bytes, got {len(blob)}")
-        return cls(blob[:KEY_BYTES], blob[KEY_BYTES:2 * KEY_BYTES], blob[2 * KEY_BYTES:])
+        """The advertisement in ``blob``; a SecAggError for anything its neighbours could not use: not bytes (a
+        string or list of the right length passed the length check, then failed in every neighbour's key
+        agreement, which dropped them all from the round), the wrong length, or a key no one can agree with."""
+        if not isinstance(blob, bytes) or len(blob) != 3 * KEY_BYTES:
+            raise SecAggError(f"an advertisement is {3 * KEY_BYTES} bytes, got {type(blob).__name__} of length "
+                              f"{len(blob) if hasattr(blob, '__len__') else '?'}")
+        advertisement = cls(blob[:KEY_BYTES], blob[KEY_BYTES:2 * KEY_BYTES], blob[2 * KEY_BYTES:])
+        check_public_key(advertisement.share_key)
+        check_public_key(advertisement.mask_key)
+        return advertisement
 
 
 def _associated(round_: int, sender: int, receiver: int) -> bytes:
