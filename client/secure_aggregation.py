@@ -30,7 +30,6 @@ from fedspec.protocol import (
     MASKED,
     METRICS,
     NOISE_SHARES,
-    NORM_CLIPPED,
     NUM_EXAMPLES,
     SECAGG,
     SECAGG_STAGE,
@@ -86,8 +85,9 @@ def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: Clien
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     if cfg.privacy.client_level.enabled:
         noise, shares = distributed_noise(cfg), noise_shares(cfg, msg)
-        vector, norm = noise.encode(update, shares, generator)
-        metrics[NORM_CLIPPED] = int(norm > noise.clipping_norm)
+        # Whether this update was clipped stays here: a bit of one update in the clear would sit outside the
+        # client-level guarantee, which covers only the noised sum
+        vector, _ = noise.encode(update, shares, generator)
         # Unmasked with fewer than m others, the sum would carry less than the whole noise: ClientSession.unmask
         # refuses such a request (the value travels in the node's state with the session)
         session.min_survivors = shares

@@ -55,7 +55,6 @@ BUDGET_EPSILON = "budget-epsilon"
 CALIBRATION_EXAMPLES = "calibration-examples"
 PRIVATIZED = "privatized"
 CLIPPED_COORDINATES = "clipped-coordinates"  # secure aggregation: coordinates clipped to ±clip_range before quantizing
-NORM_CLIPPED = "norm-clipped"  # distributed client-level noise: 1 when the update was longer than the clipping norm
 
 # A record count above this is not a client's dataset but an attempt to take over the weighted mean.
 MAX_NUM_EXAMPLES = 10**9
@@ -101,7 +100,6 @@ class TrainReply:
     # that round) must count both.
     attempt: int | None = None
     clipped_coordinates: int | None = None  # secure aggregation: coordinates clipped to ±clip_range
-    norm_clipped: bool | None = None  # distributed client-level noise: the update was clipped to the norm bound
     train_seconds: float | None = None
     step_seconds: float | None = None
     cuda: bool | None = None
@@ -121,7 +119,6 @@ class TrainReply:
                            (SAMPLE_RATE, self.sample_rate), (EPSILON, self.epsilon),
                            (BUDGET_EPSILON, self.budget_epsilon), (ATTEMPT, self.attempt),
                            (CLIPPED_COORDINATES, self.clipped_coordinates), (TRAIN_SECONDS, self.train_seconds),
-                           (NORM_CLIPPED, None if self.norm_clipped is None else int(self.norm_clipped)),
                            (STEP_SECONDS, self.step_seconds), (CUDA, None if self.cuda is None else int(self.cuda)),
                            (PEAK_MEMORY_MIB, self.peak_memory_mib)):
             if value is not None:
@@ -165,12 +162,9 @@ class TrainReply:
         cuda = _number(metrics, CUDA, integer=True, required=False)
         if cuda not in (None, 0, 1):
             raise ProtocolError(f"metric {CUDA!r} must be 0 or 1, got {cuda}")
-        norm_clipped = _number(metrics, NORM_CLIPPED, integer=True, required=False)
-        if norm_clipped not in (None, 0, 1):
-            raise ProtocolError(f"metric {NORM_CLIPPED!r} must be 0 or 1, got {norm_clipped}")
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS), steps=steps, num_examples=examples,
                    noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped,
-                   train_seconds=seconds, norm_clipped=None if norm_clipped is None else bool(norm_clipped),
+                   train_seconds=seconds,
                    step_seconds=step_seconds, cuda=None if cuda is None else bool(cuda), peak_memory_mib=peak)
 
 

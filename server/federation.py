@@ -460,8 +460,10 @@ class Federation:
 
 
 def _client_level_fields(summary, level_ledger: PrivacyLedger | None) -> dict:
-    """Extra fields of a round's metrics line under client-level DP: its ε so far, how many updates were clipped."""
+    """Extra fields of a round's metrics line under client-level DP: its ε so far, how many updates were clipped
+    (None under secure aggregation, where only each client knows)."""
     if level_ledger is None:
         return {}
-    return {"client_level_epsilon": level_ledger.epsilon(), "clipped": int(summary.get("clipped", 0)),
+    clipped = summary.get("clipped", 0)
+    return {"client_level_epsilon": level_ledger.epsilon(), "clipped": None if clipped is None else int(clipped),
             "noise_std": float(summary.get("noise-std", 0.0))}

@@ -182,7 +182,7 @@ class AdapterStrategy:
         accepted = [reply for _, reply, _ in outcome.accepted]
         summary = summarize_train_metrics(accepted, [1.0] * len(accepted))
         summary["quarantined"] = len(outcome.quarantined)
-        summary["clipped"] = sum(1 for reply in accepted if reply.norm_clipped)  # distributed client-level noise
+        summary["clipped"] = None  # distributed client-level noise: no client tells whether it clipped (privacy)
         if mean is None:
             summary["clients"] = 0
             return {k: v.clone() for k, v in self._sent_state.items()}, summary

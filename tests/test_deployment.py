@@ -416,7 +416,7 @@ def test_real_superlink_and_supernodes_with_tls_and_node_auth(tmp_path, mode):
     assert sorted((r["round"], r["client_id"]) for r in fits) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     for i, size in enumerate(sizes):  # each node trained on all of its own file
         if secure:  # no count, and each node clipped its whole update itself
-            assert all("num_examples" not in r and r["norm_clipped"] in (0, 1) for r in fits)
+            assert all("num_examples" not in r and "norm_clipped" not in r for r in fits)
         else:
             assert {r["num_examples"] for r in fits if r["client_id"] == i} == {size}
     assert all(r["kind"] not in ("client-error", "secagg-failed") for r in records)

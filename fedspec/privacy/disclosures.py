@@ -57,17 +57,16 @@ def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: s
                f" The server cannot check an update's norm: each client clips every coordinate to "
                f"±{secagg.clip_range:g} and caps its weight at {secagg.max_weight}.")
         )
-        # Beside its masked vector every client reports, in the clear, how much of its own update it clipped (the
-        # operator's check on the clipping bound): a function of one update, not of the sum, so it must be listed
-        items.append(
-            ("**Whether each client's whole update was longer than the clipping norm** (`norm_clipped`, 0 or 1, in "
-             "the clear beside its masked vector): one bit of each update alone, outside the client-level guarantee, "
-             "which covers only the noised sum" if level else
-             "**How many coordinates of each client's update were beyond ±clip_range** (`clipped_coordinates`, in "
-             "the clear beside its masked vector): a statistic of each update alone, not of the sum")
-            + (" (each update is a record-level DP release, so the ε shown covers it)." if privacy.enabled
-               else " (without record-level DP, nothing covers it).")
-        )
+        if not level:
+            # Beside its masked vector each client reports, in the clear, how many coordinates it clipped (the
+            # operator's check on clip_range): a function of one update, not of the sum, so it must be listed. Under
+            # client-level DP nothing of one update leaves in the clear: the guarantee covers only the noised sum.
+            items.append(
+                "**How many coordinates of each client's update were beyond ±clip_range** (`clipped_coordinates`, in "
+                "the clear beside its masked vector): a statistic of each update alone, not of the sum"
+                + (" (each update is a record-level DP release, so the ε shown covers it)." if privacy.enabled
+                   else " (without record-level DP, nothing covers it).")
+            )
     elif privacy.enabled:
         items.append(
             "**Each sampled client's update, in the clear, before aggregation** (fedspec has no secure "
