@@ -36,6 +36,7 @@ from fedspec.protocol import (
     SERVER_ROUND,
     SHARE,
     SURVIVORS,
+    TRAIN_LOSS,
     UNMASK,
 )
 from fedspec.secagg import Advertisement, ClientSession, Quantizer, SecAggError
@@ -85,9 +86,10 @@ def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: Clien
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     if cfg.privacy.client_level.enabled:
         noise, shares = distributed_noise(cfg), noise_shares(cfg, msg)
-        # Whether this update was clipped stays here: a bit of one update in the clear would sit outside the
-        # client-level guarantee, which covers only the noised sum
+        # Whether this update was clipped, and its training loss, stay here: anything of one client's data in the
+        # clear would sit outside the client-level guarantee, which covers only the noised sum
         vector, _ = noise.encode(update, shares, generator)
+        metrics.pop(TRAIN_LOSS, None)
         # Unmasked with fewer than m others, the sum would carry less than the whole noise: ClientSession.unmask
         # refuses such a request (the value travels in the node's state with the session)
         session.min_survivors = shares

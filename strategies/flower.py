@@ -271,10 +271,13 @@ class RoundReplies:
 
 
 def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> dict:
-    """Weighted mean loss, number of clients aggregated, and the largest client ε so far."""
+    """Weighted mean loss (of the clients that report one), number of clients aggregated, and the largest client ε
+    so far."""
     summary = {"clients": len(replies)}
+    losses = [(r.train_loss, w) for r, w in zip(replies, weights) if r.train_loss is not None]
+    if losses:
+        summary[TRAIN_LOSS] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses)
     if replies:
-        summary[TRAIN_LOSS] = sum(r.train_loss * w for r, w in zip(replies, weights)) / sum(weights)
         epsilons = [r.epsilon for r in replies if r.epsilon is not None]
         if epsilons:
             summary["max-epsilon"] = max(epsilons)

@@ -81,7 +81,7 @@ BAD_REPLIES = [
     ("list-valued num-examples", _metrics(2, num_examples=[1, 2]), _update(seed=9), "num-examples"),
     ("num-examples = 1e12 (takes over the mean)", _metrics(2, num_examples=10**12), _update(seed=9), "num-examples"),
     ("NaN weight", _metrics(2, num_examples=math.nan), _update(seed=9), "num-examples"),
-    ("missing train-loss", _metrics(2, train_loss=_DROP), _update(seed=9), "train-loss"),
+    ("list-valued train-loss", _metrics(2, train_loss=[0.1, 0.2]), _update(seed=9), "train-loss"),
     ("list-valued epsilon", _metrics(2, epsilon=[1.0, 2.0]), _update(seed=9), "epsilon"),
     ("missing metrics record", None, _update(seed=9), "metrics"),
     ("missing arrays record", _metrics(2), None, "arrays"),
@@ -665,3 +665,16 @@ def test_a_reply_reports_its_device_peak_memory_and_step_time():
     read = TrainReply.from_metrics(reply.to_metrics(), needs_examples=True)
     assert (read.cuda, read.peak_memory_mib, read.step_seconds) == (True, 7912.5, 0.5)
     assert reply.to_metrics()["cuda"] == 1  # metrics are numbers: the flag travels as 0 / 1
+
+
+def test_a_reply_without_a_training_loss_counts_and_the_round_loss_is_the_others_mean():
+    """Under distributed client-level noise a client keeps its loss to itself (data outside the noised sum's
+    guarantee): its reply is valid, and the round's loss is the mean of the losses the others sent (None if none)."""
+    from fedspec.protocol import TrainReply
+    from fedspec.strategies.flower import summarize_train_metrics
+
+    silent = TrainReply.from_metrics(_metrics(1, train_loss=_DROP), needs_examples=True)
+    told = TrainReply.from_metrics(_metrics(2, train_loss=0.25), needs_examples=True)
+    assert silent.train_loss is None and "train-loss" not in silent.to_metrics()
+    assert summarize_train_metrics([silent, told], [1.0, 3.0])["train-loss"] == 0.25
+    assert "train-loss" not in summarize_train_metrics([silent], [1.0])

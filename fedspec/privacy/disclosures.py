@@ -103,8 +103,9 @@ def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: s
             "private. `privacy.sample_rate=1/k` (the same q, hence the same σ, for every client) closes this "
             "channel."
         )
-    items.append("**Each client's mean training loss in every round it trained** (computed on its records "
-                 "without noise: not covered by DP), its number of local steps, its training time" +
+    items.append(("Each client's number of local steps and training time" if level and secagg.enabled else
+                  "**Each client's mean training loss in every round it trained** (computed on its records without "
+                  "noise: not covered by DP), its number of local steps, its training time") +
                  (", its ε" if privacy.enabled else "") + ".")
     items.append("**Who took part when:** which clients were sampled, which replied, which declined a round "
                  "because their budget was spent, and which failed.")
