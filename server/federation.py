@@ -194,6 +194,8 @@ def _client_dp(cfg: DictConfig, plan: ClientLevelPlan | None, num_clients: int) 
 
 
 def _load_client_level_ledger(plan: ClientLevelPlan | None, paths: RunPaths, resuming: bool) -> PrivacyLedger | None:
+    """The client-level ledger: on a resume, the one on disk, whether or not the run reached a checkpoint (a release
+    is charged to it at once, so it may already hold a round the checkpoints do not)."""
     if plan is None:
         return None
     path = paths.privacy / CLIENT_LEVEL_LEDGER_FILE
@@ -241,7 +243,7 @@ class Federation:
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
         self.plan = PlanSettings.of(cfg)
         self.level_plan = plan_client_level(self.plan)
-        self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, checkpoint is not None)
+        self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, bool(cfg.run.resume))
         self.start_round = checkpoint.round + 1 if checkpoint else 1
 
     def run(self) -> list[RoundRow]:

@@ -1,0 +1,128 @@
+"""A server killed at a given point and resumed, in one process: the federation's messages go straight to the
+ClientApp's handlers (no Ray), so a kill can land exactly where a test puts it — during round 0, after a round's
+aggregation and before its checkpoint — and each test takes seconds. (The whole simulation killed with SIGKILL
+and resumed: test_simulation.py.)"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from fedspec.privacy import PrivacyLedger, load_ledgers  # noqa: E402
+from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE  # noqa: E402
+
+EVA = ["adapter=eva", "strategy=ffa", "adapter.targets=[query,value]", "adapter.rank=4",
+       "adapter.calibration_examples=24", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=4.0",
+       "privacy.init_max_norm.inputs=1.0"]
+
+
+class Killed(BaseException):
+    """The server process dies here (not an Exception: nothing on the way may catch it)."""
+
+
+class LocalGrid:
+    """One node per client, each answered by the ClientApp's own handlers in this process. A fresh grid is a fresh
+    set of client processes: their node state is gone, their ledgers and kept updates on disk stay."""
+
+    def __init__(self, cfg, before=None):
+        from fedspec.client.app import local_handlers
+        from fedspec.config import config_to_json
+
+        self.handlers = local_handlers(config_to_json(cfg))
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i},
+                                          state=RecordDict(), run_config={}) for i in range(cfg.federation.clients)}
+        self.ids, self.queue, self.before = itertools.count(), [], before
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            ids.append(f"m{next(self.ids)}")
+            message.metadata.__dict__["_message_id"] = ids[-1]  # what the SuperLink does
+            self.queue.append(message)
+        return ids
+
+    def pull_messages(self, ids):
+        replies = []
+        for message in [m for m in self.queue if m.metadata.message_id in ids]:
+            self.queue.remove(message)
+            if self.before is not None:
+                self.before(message)
+            kind = "train" if message.metadata.message_type == "train" else "query"
+            replies.append(self.handlers[kind](message, self.contexts[message.metadata.dst_node_id]))
+        return replies
+
+
+def _run(cfg, before=None) -> bool:
+    """Run the federation; False when it was killed."""
+    from fedspec.server.federation import Federation
+
+    try:
+        Federation(LocalGrid(cfg, before), cfg).run()
+    except Killed:
+        return False
+    return True
+
+
+def _resume(cfg) -> None:
+    cfg = cfg.copy()
+    cfg.run.resume = True
+    assert _run(cfg)
+
+
+def _kill_at(monkeypatch, owner, name, when):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            monkeypatch.setattr(owner, name, original)  # one kill: the resumed run goes through
+            raise Killed
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def _own_ledgers(root: Path) -> dict[str, list[tuple[int, int]]]:
+    return {path.parent.name.removeprefix("client-"): [(e.round, e.attempt) for e in PrivacyLedger.load(path).entries]
+            for path in sorted((root / "clients").glob("client-*/ledger.json"))}
+
+
+def _mirror(root: Path) -> dict[str, list[tuple[int, int]]]:
+    return {client: [(e.round, e.attempt) for e in ledger.entries]
+            for client, ledger in load_ledgers(root / "privacy" / "ledgers").items()}
+
+
+@pytest.fixture
+def run_cfg(tiny_cfg, flower_task):
+    def make(*overrides):
+        return tiny_cfg("federation.rounds=1", "federation.fraction=0.5", "train.local_steps=1",
+                        "privacy.seed_noise=true", *overrides)
+
+    return make
+
+
+def test_a_client_level_release_before_the_first_checkpoint_stays_counted_after_a_resume(run_cfg, monkeypatch):
+    """The server charges round 1's noised aggregate to the client-level ledger at once (its metrics line comes
+    before the checkpoint). Killed before round 1's checkpoint, the resumed run started a new client-level ledger:
+    the release before the kill was forgotten, and the report showed one release where there were two."""
+    from fedspec.server.federation import Federation
+
+    cfg = run_cfg("privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.noise_multiplier=1.0",
+                  "privacy.client_level.target_epsilon=null")  # no client-level budget: round 1 runs again
+    _kill_at(monkeypatch, Federation, "_save_checkpoint", lambda self, round_: round_ == 1)
+    assert not _run(cfg)
+    path = Path(cfg.run.output_dir) / cfg.run.name / "privacy" / CLIENT_LEVEL_LEDGER_FILE
+    assert [(e.round, e.attempt) for e in PrivacyLedger.load(path).entries] == [(1, 1)]
+    _resume(cfg)
+    assert [(e.round, e.attempt) for e in PrivacyLedger.load(path).entries] == [(1, 1), (1, 2)]
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["client_level"]["rounds_released"] == 2
