@@ -24,6 +24,7 @@ from fedspec.models import Tokenized
 from fedspec.privacy.disclosures import reveals_record_count
 from fedspec.privacy.planning import init_statistics_entries
 from fedspec.protocol import (
+    ATTEMPT,
     CALIBRATION_EXAMPLES,
     CLIENT_ID,
     EPSILON,
@@ -67,8 +68,10 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     if calibration.privatized:
         ledger = load_ledger(cfg, context)
         for sigma, q, steps in init_statistics_entries(cfg.privacy, cfg.adapter.method):
-            ledger.record(0, sigma, q, steps, attempt=ledger.next_attempt(0))
-            metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps})
+            attempt = ledger.next_attempt(0)
+            ledger.record(0, sigma, q, steps, attempt=attempt)
+            # > 1 when a resumed server asks again: the server's mirror must count every release this client made
+            metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps, ATTEMPT: attempt})
         store_ledger(cfg, context, ledger)
         metrics[EPSILON] = ledger.epsilon()
     return calibration.to_tensors(), metrics

@@ -126,3 +126,34 @@ def test_a_client_level_release_before_the_first_checkpoint_stays_counted_after_
     assert [(e.round, e.attempt) for e in PrivacyLedger.load(path).entries] == [(1, 1), (1, 2)]
     report = json.loads((path.parent / "report.json").read_text())
     assert report["client_level"]["rounds_released"] == 2
+
+
+def _kill_at_statistics_query(count: int):
+    """Kill the server once ``count`` clients have answered round 0's query (their statistics are released)."""
+    asked = itertools.count(1)
+
+    def before(message):
+        config = message.content.config_records.get("config")
+        if config is not None and config.get("calibration-statistics") and next(asked) > count:
+            raise Killed
+
+    return before
+
+
+def test_a_round_zero_statistic_released_again_after_a_resume_is_counted_in_the_mirror(run_cfg):
+    """Killed during round 0, after client 0 released its privatized statistic: resumed, round 0 runs again and
+    client 0 releases a second one, its ledger's round 0 attempt 2. Its reply did not say so (round 0 replies
+    carried no attempt) and the resumed mirror started empty, so the server's mirror — its budget checks and
+    the privacy report — counted one release where the client had made two."""
+    cfg = run_cfg(*EVA)
+    assert not _run(cfg, before=_kill_at_statistics_query(1))
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    assert _own_ledgers(root) == {"0": [(0, 1)]}
+    _resume(cfg)
+    own = _own_ledgers(root)
+    assert own["0"][:2] == [(0, 1), (0, 2)] and all(entries[0] == (0, 1) for entries in own.values())
+    assert _mirror(root) == own
+    report = json.loads((root / "privacy" / "report.json").read_text())["clients"]
+    for client, entries in own.items():
+        ledger = PrivacyLedger.load(root / "clients" / f"client-{client}" / "ledger.json")
+        assert report[client]["final_epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
