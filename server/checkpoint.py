@@ -2,9 +2,10 @@
 
 ``checkpoints/round-NNNN/`` holds the global adapter state (with the residual init factors), the strategy
 name and seed (client sampling is a pure function of seed and round, so no RNG state is needed) and the
-evaluation history. The mirrored privacy ledgers live beside them in ``privacy/ledgers/``. ``fedspec
-simulate --resume`` continues from the newest complete checkpoint; every round's checkpoint is kept (an
-adapter is small), so any round's global model can be loaded later.
+evaluation history; ``round-0000/`` is the initialized adapter, before any training round and its first
+evaluation (a data-driven initialization's round 0 never runs twice). The mirrored privacy ledgers live beside
+them in ``privacy/ledgers/``. ``fedspec simulate --resume`` continues from the newest complete checkpoint; every
+round's checkpoint is kept (an adapter is small), so any round's global model can be loaded later.
 """
 
 from __future__ import annotations

@@ -254,12 +254,17 @@ class Federation:
                                  self.task.train.label_names, min_clients=cfg.federation.min_clients, log=self.log)
         self.client_dp = _client_dp(cfg, self.level_plan, len(nodes))
         self._initialize(nodes, *self._round_zero(nodes))
+        if self.checkpoint is None:
+            # Round 0 is checkpointed too, before the (possibly long) first evaluation: resumed from here, a run
+            # never asks the clients for their round-0 statistics again (a second release each) nor initializes
+            # anew (another initialization, without seeded noise)
+            self._save_checkpoint(0)
         stopped = None
         with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as self.progress:
-            if self.checkpoint is None:
-                self._evaluate_start()
-            else:
+            if self.checkpoint is not None:
                 self.progress.note(f"resuming {self.paths.root} after round {self.checkpoint.round}")
+            if not self.rows:  # a fresh run, or one killed after round 0's checkpoint, before its first evaluation
+                self._evaluate_start()
             for round_ in range(self.start_round, cfg.federation.rounds + 1):
                 stopped = self._stop_reason(round_)
                 if stopped:
@@ -449,7 +454,7 @@ class Federation:
         except OSError as error:
             raise FedspecError(f"could not write round {round_}'s checkpoint under {self.paths.root}: "
                                f"{error.strerror or error}; free the disk or fix the folder, then continue with "
-                               f"--resume (from round {round_ - 1})") from None
+                               f"--resume ({f'from round {round_ - 1}' if round_ else 'round 0 runs again'})") from None
 
     def _write_checkpoint(self, round_: int) -> None:
         self._save_ledgers()

@@ -157,3 +157,31 @@ def test_a_round_zero_statistic_released_again_after_a_resume_is_counted_in_the_
     for client, entries in own.items():
         ledger = PrivacyLedger.load(root / "clients" / f"client-{client}" / "ledger.json")
         assert report[client]["final_epsilon"] == pytest.approx(ledger.epsilon(), rel=1e-9)
+
+
+@pytest.mark.parametrize("kill", ["in the first evaluation", "before round 1's checkpoint"])
+def test_a_server_killed_before_its_first_training_checkpoint_does_not_ask_for_round_zero_again(
+        run_cfg, monkeypatch, kill):
+    """Round 0 (the clients' privatized statistics and the initialization) is checkpointed before the first
+    evaluation. Before, a server killed anywhere before round 1's checkpoint ran round 0 again on resume: every
+    client released its statistic a second time (ε above the uninterrupted run's), and with unseeded noise the
+    resumed run started from another initialization."""
+    from fedspec.server.federation import Federation
+
+    cfg = run_cfg(*EVA)
+    if kill == "in the first evaluation":
+        _kill_at(monkeypatch, Federation, "_evaluate_start", lambda self: True)
+    else:
+        _kill_at(monkeypatch, Federation, "_save_checkpoint", lambda self, round_: round_ == 1)
+    assert not _run(cfg)
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    trained = {client for client, entries in _own_ledgers(root).items() if (1, 1) in entries}
+    _resume(cfg)
+    own = _own_ledgers(root)
+    assert sorted(own) == ["0", "1", "2", "3"]  # one statistic each, round 1 once for those sampled
+    assert all(entries in ([(0, 1)], [(0, 1), (1, 1)]) for entries in own.values())
+    assert trained <= {client for client, entries in own.items() if (1, 1) in entries}
+    assert _mirror(root) == own
+    lines = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [line["kind"] for line in lines].count("init") == 1
+    assert {line["round"] for line in lines if line["kind"] == "round"} == {0, 1}
