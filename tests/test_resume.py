@@ -185,3 +185,36 @@ def test_a_server_killed_before_its_first_training_checkpoint_does_not_ask_for_r
     lines = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [line["kind"] for line in lines].count("init") == 1
     assert {line["round"] for line in lines if line["kind"] == "round"} == {0, 1}
+
+
+@pytest.mark.parametrize("damage", ["torn meta.json", "meta.json without its round", "torn state", "no state file"])
+def test_a_damaged_checkpoint_is_named_with_the_way_out_and_nothing_is_deleted(tmp_path, damage):
+    """Checkpoints are written whole (a temporary folder, then a rename), so a damaged one was damaged afterwards
+    (a disk error, a hand edit). Before, the resume died on a JSONDecodeError or SafetensorError traceback, or
+    silently went back to an older round and then wrote over the damaged folder."""
+    import torch
+
+    from fedspec.errors import FedspecError
+    from fedspec.server.checkpoint import load_checkpoint, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    for round_ in (0, 1, 2):
+        save_checkpoint(folder, round_, {"w": torch.full((2,), float(round_))}, {"rows": []})
+    newest = folder / "round-0002"
+    if damage == "torn meta.json":
+        (newest / "meta.json").write_text('{"round": 2, "ro')
+    elif damage == "meta.json without its round":
+        (newest / "meta.json").write_text('{"rows": []}')
+    elif damage == "torn state":
+        (newest / "state.safetensors").write_bytes(b"\0" * 5)
+    else:
+        (newest / "state.safetensors").unlink()
+    files = sorted(p.name for p in newest.iterdir())
+    with pytest.raises(FedspecError) as refused:
+        load_checkpoint(folder)
+    message = str(refused.value)
+    assert f"checkpoint {newest}" in message and "move it out of" in message and "round 1" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in newest.iterdir()) == files  # nothing deleted
+    (newest.rename(tmp_path / "kept"))
+    assert load_checkpoint(folder).round == 1 and torch.equal(load_checkpoint(folder).state["w"], torch.ones(2))
