@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from fedspec import __version__
 from fedspec.adapters import Calibration, calibration_layout, get_method, ranks_in_state
 from fedspec.builders import AdapterSettings, ModelSettings, build_backbone, build_task, calibration_layers
-from fedspec.config import check_federated, save_config
-from fedspec.errors import FedspecError
+from fedspec.config import check_federated, config_differences, load_config_file, save_config
+from fedspec.errors import ConfigError, FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
 from fedspec.privacy.planning import ClientLevelPlan, PlanSettings, plan_client_level
@@ -204,6 +204,16 @@ def _load_client_level_ledger(plan: ClientLevelPlan | None, paths: RunPaths, res
     return client_level_ledger(plan.delta, plan.accountant)
 
 
+def _check_same_settings(cfg: DictConfig, paths: RunPaths) -> None:
+    """A resumed run continues with the settings it started with (config.yaml): its checkpoints, its clients' noise
+    plans and ledgers were made with them."""
+    changed = config_differences(cfg, load_config_file(paths.config))
+    if changed:
+        raise ConfigError(f"run.resume continues {paths.root} with the settings it started with ({paths.config}), but "
+                          f"this run sets {'; '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}; give the "
+                          "overrides it started with, or start a new run under another run.name")
+
+
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
     return Federation(grid, cfg).run()
 
@@ -219,6 +229,8 @@ class Federation:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if not self.paths.config.is_file():  # under `flwr run` no driver wrote it
             save_config(cfg, self.paths.config)
+        elif cfg.run.resume:  # under `flwr run` the config is the run_config's overrides: they may have changed
+            _check_same_settings(cfg, self.paths)
         self.log = MetricsLog(self.paths.metrics)
         self.traffic = Traffic()  # this round's payload bytes to and from each node
         self.rule = get_rule(cfg.strategy.name)

@@ -218,3 +218,41 @@ def test_a_damaged_checkpoint_is_named_with_the_way_out_and_nothing_is_deleted(t
     assert sorted(p.name for p in newest.iterdir()) == files  # nothing deleted
     (newest.rename(tmp_path / "kept"))
     assert load_checkpoint(folder).round == 1 and torch.equal(load_checkpoint(folder).state["w"], torch.ones(2))
+
+
+def test_resume_refuses_a_seed_the_run_did_not_start_with(tiny_cfg):
+    """`fedspec simulate --resume --seed 7` continued the run with its own seed and said nothing: every run.* key
+    was taken for where and how to run, but run.seed decides the partition, the sampling and the init."""
+    from fedspec.config import save_config
+    from fedspec.errors import ConfigError
+    from fedspec.rundir import run_paths
+    from fedspec.simulations.driver import _resume_config
+
+    cfg = tiny_cfg()
+    paths = run_paths(cfg)
+    paths.root.mkdir(parents=True)
+    save_config(cfg, paths.config)
+    given = tiny_cfg("run.seed=7", "run.progress=true", "run.resume=true")
+    with pytest.raises(ConfigError, match=r"run.seed=7 \(the run has 0\)") as refused:
+        _resume_config(given, paths, ["run.seed=7", "run.progress=true", "run.resume=true"])
+    assert "run.progress" not in str(refused.value) and "run.resume" not in str(refused.value)
+    assert _resume_config(tiny_cfg("run.progress=true"), paths, ["run.progress=true", "run.seed=0"]).run.progress
+
+
+def test_a_deployed_server_refuses_to_resume_with_other_settings_than_the_run_started_with(run_cfg):
+    """Under `flwr run` the server's config is the run_config's overrides, and the docs say to resume with the same
+    ones plus run.resume=true; other ones were used as given: the run went on with another learning rate (or
+    rounds, or privacy settings) than its checkpoints and ledgers were made with, without a word."""
+    from fedspec.errors import ConfigError
+    from fedspec.server.federation import Federation
+
+    cfg = run_cfg("adapter=lora")
+    assert _run(cfg)
+    resumed = run_cfg("adapter=lora", "train.lr=0.5", "federation.rounds=3", "run.resume=true")
+    with pytest.raises(ConfigError) as refused:
+        Federation(LocalGrid(resumed), resumed)
+    message = str(refused.value)
+    assert "federation.rounds=3 (the run has 1)" in message and "train.lr=0.5 (the run has 1.0)" in message
+    assert "\n" not in message
+    again = run_cfg("adapter=lora", "run.resume=true", "run.progress=true")  # where and how to run may change
+    Federation(LocalGrid(again), again)
