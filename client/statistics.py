@@ -35,7 +35,14 @@ from fedspec.protocol import (
     STEPS,
 )
 
-from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
+from .released import (
+    STATISTICS_FILE,
+    load_released,
+    received_fingerprint,
+    settings_fingerprint,
+    store_released,
+)
+from .runtime import base_model_and_data, client_id, ledger_path, load_ledger, store_ledger
 
 
 def local_calibration(
@@ -49,9 +56,17 @@ def local_calibration(
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
-    """(flat statistic tensors, metrics) of this client's round-0 reply."""
-    model, data = base_model_and_data(cfg, context)
+    """(flat statistic tensors, metrics) of this client's round-0 reply. A privatized statistic is kept beside the
+    ledger (:mod:`.released`): a server that crashed during round 0 and asks again gets the same one, at no new
+    cost, as the uninterrupted run would have."""
     client = client_id(context)
+    folder, settings = ledger_path(cfg, context).parent, settings_fingerprint(cfg)
+    fingerprint = received_fingerprint(0, {})  # round 0 receives no state: the settings decide
+    if InitStatistics.of(cfg).private:
+        kept = load_released(folder, 0, fingerprint, settings, name=STATISTICS_FILE)
+        if kept is not None:
+            return kept
+    model, data = base_model_and_data(cfg, context)
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     if calibration.privatized and not reveals_record_count(cfg):
         # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;
@@ -74,4 +89,7 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
             metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps, ATTEMPT: attempt})
         store_ledger(cfg, context, ledger)
         metrics[EPSILON] = ledger.epsilon()
-    return calibration.to_tensors(), metrics
+    tensors = calibration.to_tensors()
+    if calibration.privatized:  # after the ledger: a kept statistic always has its release counted
+        store_released(folder, 0, fingerprint, tensors, metrics, settings, name=STATISTICS_FILE)
+    return tensors, metrics

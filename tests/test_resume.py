@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
@@ -149,6 +150,8 @@ def test_a_round_zero_statistic_released_again_after_a_resume_is_counted_in_the_
     assert not _run(cfg, before=_kill_at_statistics_query(1))
     root = Path(cfg.run.output_dir) / cfg.run.name
     assert _own_ledgers(root) == {"0": [(0, 1)]}
+    # its kept statistic lost (a crash between its ledger and that file): it must compute and release a new one
+    (root / "clients" / "client-0" / "released-statistics.safetensors").unlink()
     _resume(cfg)
     own = _own_ledgers(root)
     assert own["0"][:2] == [(0, 1), (0, 2)] and all(entries[0] == (0, 1) for entries in own.values())
@@ -256,3 +259,24 @@ def test_a_deployed_server_refuses_to_resume_with_other_settings_than_the_run_st
     assert "\n" not in message
     again = run_cfg("adapter=lora", "run.resume=true", "run.progress=true")  # where and how to run may change
     Federation(LocalGrid(again), again)
+
+
+def test_a_round_zero_asked_for_again_gets_the_same_statistic_at_no_new_cost(run_cfg):
+    """A server killed during round 0 asks again on resume: a client that had answered sends the statistic it
+    released then (unseeded noise: the same noised sums), so its ledger, and the initialization, are those of the
+    uninterrupted run. Before, it computed and released a new one, a second round-0 release in its ε."""
+    from fedspec.client.statistics import client_statistics
+
+    cfg = run_cfg(*EVA, "privacy.seed_noise=false")
+
+    def fresh_process():
+        return Context(run_id=1, node_id=100, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    first, metrics = client_statistics(cfg, fresh_process())
+    again, metrics_again = client_statistics(cfg, fresh_process())
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert metrics_again == metrics and metrics["attempt"] == 1
+    assert _own_ledgers(Path(cfg.run.output_dir) / cfg.run.name) == {"0": [(0, 1)]}
+    other = run_cfg(*EVA, "privacy.seed_noise=false", "privacy.init_noise_multiplier=5.0")
+    _, metrics_other = client_statistics(other, fresh_process())  # other settings: a new, counted release
+    assert metrics_other["attempt"] == 2
