@@ -277,6 +277,7 @@ class Federation:
                 self.progress.note(f"resuming {self.paths.root} after round {self.checkpoint.round}")
             if not self.rows:  # a fresh run, or one killed after round 0's checkpoint, before its first evaluation
                 self._evaluate_start()
+                self._save_checkpoint(0)  # again, with the evaluation's row: a resume from it need not evaluate again
             for round_ in range(self.start_round, cfg.federation.rounds + 1):
                 stopped = self._stop_reason(round_)
                 if stopped:
