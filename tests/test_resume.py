@@ -281,3 +281,22 @@ def test_a_round_zero_asked_for_again_gets_the_same_statistic_at_no_new_cost(run
     other = run_cfg(*EVA, "privacy.seed_noise=false", "privacy.init_noise_multiplier=5.0")
     _, metrics_other = client_statistics(other, fresh_process())  # other settings: a new, counted release
     assert metrics_other["attempt"] == 2
+
+
+def test_a_round_run_again_after_a_resume_is_listed_once_in_the_privacy_report(tiny_cfg):
+    """metrics.jsonl is append-only: a round logged before a kill and run again after the resume has its declined,
+    rejected and late replies twice. The report listed them twice ("client 3 (round 2, 2)")."""
+    from fedspec.rundir import MetricsLog, run_paths
+    from fedspec.server.reports import rewrite_run_privacy_report
+
+    cfg = tiny_cfg()
+    paths = run_paths(cfg)
+    paths.privacy.mkdir(parents=True)
+    log = MetricsLog(paths.metrics)
+    for _ in range(2):  # round 2 before the kill, and again after the resume
+        log.write("client-declined", round=2, client_id=1, epsilon=7.9)
+        log.write("client-quarantined", round=2, node=103, client=3, reason="bad")
+        log.write("client-error", round=2, node=102, client=2, reason="no reply within federation.round_timeout=5s")
+    report = rewrite_run_privacy_report(cfg, paths)
+    assert (report["declined"], report["quarantined"], report["timed_out"]) == ({"1": [2]}, {"3": [2]}, {"2": [2]})
+    assert "round 2, 2" not in (paths.privacy / "report.md").read_text()
