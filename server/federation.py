@@ -247,12 +247,11 @@ class Federation:
             checkpoint.state, momentum = split_momentum(checkpoint.state)
             self.server_optimizer.load(momentum)
         self.rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
-        has_ledgers = bool(cfg.run.resume) and self.paths.ledgers.is_dir()
+        has_ledgers = checkpoint is not None and self.paths.ledgers.is_dir()
         # The mirror is saved before the checkpoint: after a failed checkpoint write it already holds the round
         # that is about to run again, whose replies are mirrored anew (every attempt a client reports). Without a
-        # checkpoint, round 0 runs again: the statistics released before the crash stay counted.
-        last = checkpoint.round if checkpoint is not None else 0
-        self.ledgers = ({client: ledger.up_to(last) for client, ledger in
+        # checkpoint, round 0 runs again from an empty mirror, for the same reason.
+        self.ledgers = ({client: ledger.up_to(checkpoint.round) for client, ledger in
                          load_ledgers(self.paths.ledgers).items()} if has_ledgers else {})
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
         self.plan = PlanSettings.of(cfg)

@@ -300,3 +300,20 @@ def test_a_round_run_again_after_a_resume_is_listed_once_in_the_privacy_report(t
     report = rewrite_run_privacy_report(cfg, paths)
     assert (report["declined"], report["quarantined"], report["timed_out"]) == ({"1": [2]}, {"3": [2]}, {"2": [2]})
     assert "round 2, 2" not in (paths.privacy / "report.md").read_text()
+
+
+def test_a_round_zero_answered_again_after_its_mirror_was_saved_is_counted_once(run_cfg, monkeypatch):
+    """Killed after round 0's replies were mirrored to disk, before the initialization was checkpointed: resumed,
+    round 0 runs again and every client sends the statistic it released (attempt 1). The mirror must hold one
+    release each, as the clients' own ledgers do, not the saved one plus the same one again."""
+    from fedspec.server.federation import Federation
+
+    cfg = run_cfg(*EVA)
+    _kill_at(monkeypatch, Federation, "_initialize", lambda self, nodes, calibration, backbone: True)
+    assert not _run(cfg)
+    root = Path(cfg.run.output_dir) / cfg.run.name
+    assert _mirror(root) == _own_ledgers(root) == {client: [(0, 1)] for client in "0123"}
+    _resume(cfg)
+    own = _own_ledgers(root)
+    assert all(entries[0] == (0, 1) and (0, 2) not in entries for entries in own.values())
+    assert _mirror(root) == own
