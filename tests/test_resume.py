@@ -281,6 +281,8 @@ def test_a_round_zero_asked_for_again_gets_the_same_statistic_at_no_new_cost(run
     other = run_cfg(*EVA, "privacy.seed_noise=false", "privacy.init_noise_multiplier=5.0")
     _, metrics_other = client_statistics(other, fresh_process())  # other settings: a new, counted release
     assert metrics_other["attempt"] == 2
+    reseeded = run_cfg(*EVA, "privacy.seed_noise=false", "privacy.init_noise_multiplier=5.0", "run.seed=1")
+    assert client_statistics(reseeded, fresh_process())[1]["attempt"] == 3  # another seed sums other records
 
 
 def test_a_round_run_again_after_a_resume_is_listed_once_in_the_privacy_report(tiny_cfg):
