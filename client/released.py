@@ -49,10 +49,10 @@ def received_fingerprint(round_: int, received: dict[str, torch.Tensor]) -> str:
 
 
 def settings_fingerprint(cfg: DictConfig) -> str:
-    """SHA-256 of the run's config without ``run.*`` (where and how it runs: a resume changes those, not what
-    trains)."""
+    """SHA-256 of the run's config without where and how it runs (``run.*`` but ``run.seed``: a resume changes
+    those, not what trains; the seed chooses a client's records, batches and noise)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("run", None)
+    settings["run"] = {"seed": settings.get("run", {}).get("seed")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

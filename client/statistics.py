@@ -61,9 +61,7 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     cost, as the uninterrupted run would have."""
     client = client_id(context)
     folder, settings = ledger_path(cfg, context).parent, settings_fingerprint(cfg)
-    # round 0 receives no state: the settings decide, and run.seed (the records summed, the noise), which the
-    # settings' fingerprint leaves out
-    fingerprint = received_fingerprint(0, {"run.seed": torch.tensor(int(cfg.run.seed))})
+    fingerprint = received_fingerprint(0, {})  # round 0 receives no state: the settings (and seed) decide
     if InitStatistics.of(cfg).private:
         kept = load_released(folder, 0, fingerprint, settings, name=STATISTICS_FILE)
         if kept is not None:
