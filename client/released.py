@@ -15,6 +15,9 @@ counted) attempt instead, and so does a client whose settings changed (a new run
 node's state-dir: the same seed sends the same first global adapter, but its lr or data may differ). One slot per
 client: each DP round overwrites the last. It is written after the ledger,
 so a kept update always has its round in the ledger; a crash between the two loses the update, never the ε.
+
+Round 0's privatized calibration statistic (data-driven initializations) is kept the same way, in a slot of its own
+(``STATISTICS_FILE``): a server killed during round 0 asks for it again.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from safetensors.torch import save
 
 from fedspec.privacy.atomic import write_atomic
 
-__all__ = ["load_released", "received_fingerprint", "settings_fingerprint", "store_released"]
+__all__ = ["STATISTICS_FILE", "load_released", "received_fingerprint", "settings_fingerprint", "store_released"]
 
 FILE_NAME = "released.safetensors"
+STATISTICS_FILE = "released-statistics.safetensors"  # round 0's statistic: not overwritten by the training rounds
 
 
 def received_fingerprint(round_: int, received: dict[str, torch.Tensor]) -> str:
@@ -45,27 +49,27 @@ def received_fingerprint(round_: int, received: dict[str, torch.Tensor]) -> str:
 
 
 def settings_fingerprint(cfg: DictConfig) -> str:
-    """SHA-256 of the run's config without ``run.*`` (where and how it runs: a resume changes those, not what
-    trains)."""
+    """SHA-256 of the run's config without where and how it runs (``run.*`` but ``run.seed``: a resume changes
+    those, not what trains; the seed chooses a client's records, batches and noise)."""
     settings = OmegaConf.to_container(cfg, resolve=True)
-    settings.pop("run", None)
+    settings["run"] = {"seed": settings.get("run", {}).get("seed")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def store_released(folder: Path, round_: int, fingerprint: str, update: dict[str, torch.Tensor],
-                   metrics: dict, settings: str) -> None:
+                   metrics: dict, settings: str, *, name: str = FILE_NAME) -> None:
     """Keep this round's released update and reply metrics in `folder` (atomically, replacing the last round's);
-    ``settings``: :func:`settings_fingerprint` of the run."""
+    ``settings``: :func:`settings_fingerprint` of the run; ``name``: the slot's file."""
     header = {"round": str(round_), "fingerprint": fingerprint, "metrics": json.dumps(metrics), "settings": settings}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in update.items()}
-    write_atomic(folder / FILE_NAME, save(tensors, metadata=header))
+    write_atomic(folder / name, save(tensors, metadata=header))
 
 
-def load_released(folder: Path, round_: int, fingerprint: str, settings: str,
+def load_released(folder: Path, round_: int, fingerprint: str, settings: str, *, name: str = FILE_NAME,
                   ) -> tuple[dict[str, torch.Tensor], dict] | None:
     """The (update, metrics) released for this round from this received state under these settings, or None if
     there is none. (A file kept before the settings were recorded matches on the round and the state alone.)"""
-    path = folder / FILE_NAME
+    path = folder / name
     if not path.is_file():
         return None
     from safetensors import SafetensorError, safe_open

@@ -24,6 +24,7 @@ from fedspec.models import Tokenized
 from fedspec.privacy.disclosures import reveals_record_count
 from fedspec.privacy.planning import init_statistics_entries
 from fedspec.protocol import (
+    ATTEMPT,
     CALIBRATION_EXAMPLES,
     CLIENT_ID,
     EPSILON,
@@ -34,7 +35,14 @@ from fedspec.protocol import (
     STEPS,
 )
 
-from .runtime import base_model_and_data, client_id, load_ledger, store_ledger
+from .released import (
+    STATISTICS_FILE,
+    load_released,
+    received_fingerprint,
+    settings_fingerprint,
+    store_released,
+)
+from .runtime import base_model_and_data, client_id, ledger_path, load_ledger, store_ledger
 
 
 def local_calibration(
@@ -48,9 +56,17 @@ def local_calibration(
 
 
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
-    """(flat statistic tensors, metrics) of this client's round-0 reply."""
-    model, data = base_model_and_data(cfg, context)
+    """(flat statistic tensors, metrics) of this client's round-0 reply. A privatized statistic is kept beside the
+    ledger (:mod:`.released`): a server that crashed during round 0 and asks again gets the same one, at no new
+    cost, as the uninterrupted run would have."""
     client = client_id(context)
+    folder, settings = ledger_path(cfg, context).parent, settings_fingerprint(cfg)
+    fingerprint = received_fingerprint(0, {})  # round 0 receives no state: the settings (and seed) decide
+    if InitStatistics.of(cfg).private:
+        kept = load_released(folder, 0, fingerprint, settings, name=STATISTICS_FILE)
+        if kept is not None:
+            return kept
+    model, data = base_model_and_data(cfg, context)
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     if calibration.privatized and not reveals_record_count(cfg):
         # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;
@@ -67,8 +83,13 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     if calibration.privatized:
         ledger = load_ledger(cfg, context)
         for sigma, q, steps in init_statistics_entries(cfg.privacy, cfg.adapter.method):
-            ledger.record(0, sigma, q, steps, attempt=ledger.next_attempt(0))
-            metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps})
+            attempt = ledger.next_attempt(0)
+            ledger.record(0, sigma, q, steps, attempt=attempt)
+            # > 1 when a resumed server asks again: the server's mirror must count every release this client made
+            metrics.update({NOISE_MULTIPLIER: sigma, SAMPLE_RATE: q, STEPS: steps, ATTEMPT: attempt})
         store_ledger(cfg, context, ledger)
         metrics[EPSILON] = ledger.epsilon()
-    return calibration.to_tensors(), metrics
+    tensors = calibration.to_tensors()
+    if calibration.privatized:  # after the ledger: a kept statistic always has its release counted
+        store_released(folder, 0, fingerprint, tensors, metrics, settings, name=STATISTICS_FILE)
+    return tensors, metrics

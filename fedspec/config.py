@@ -546,11 +546,36 @@ def load_config_file(path: str | Path) -> DictConfig:
     return to_structured(OmegaConf.load(path))
 
 
+# Where and how a run runs, not what it computes: a resumed run may change these and nothing else (run.seed is
+# what it computes: the partition, the client sampling, the initialization).
+RUN_PLACE_KEYS = frozenset({"run.name", "run.output_dir", "run.resume", "run.progress"})
+
+
+def config_differences(given: DictConfig, saved: DictConfig) -> list[str]:
+    """'key=given (the run has saved)' for every setting ``given`` has otherwise than ``saved``, the keys of
+    :data:`RUN_PLACE_KEYS` aside."""
+    ours = _leaves(OmegaConf.to_container(given, resolve=True))
+    theirs = _leaves(OmegaConf.to_container(saved, resolve=True))
+    return [f"{key}={ours.get(key)} (the run has {theirs.get(key)})" for key in sorted(ours.keys() | theirs.keys())
+            if key not in RUN_PLACE_KEYS and ours.get(key) != theirs.get(key)]
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    leaves = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
 __all__ = [
     "MISSING",
     "check_federated",
     "FedspecConfig",
     "compose_config",
+    "config_differences",
     "config_from_json",
     "config_to_json",
     "load_config_file",

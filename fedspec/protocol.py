@@ -148,9 +148,7 @@ class TrainReply:
         if sigma is not None and (sigma <= 0 or not 0 < q <= 1):
             raise ProtocolError(f"metrics {NOISE_MULTIPLIER!r}={sigma} and {SAMPLE_RATE!r}={q} are not a DP-SGD "
                                 "setting (σ > 0, 0 < q <= 1)")
-        attempt = _number(metrics, ATTEMPT, integer=True, required=False)
-        if attempt is not None and not 1 <= attempt <= MAX_ATTEMPTS:
-            raise ProtocolError(f"metric {ATTEMPT!r} must be in 1..{MAX_ATTEMPTS}, got {attempt}")
+        attempt = _attempt(metrics)
         clipped = _number(metrics, CLIPPED_COORDINATES, integer=True, required=False)
         if clipped is not None and clipped < 0:
             raise ProtocolError(f"metric {CLIPPED_COORDINATES!r} must be >= 0, got {clipped}")
@@ -179,7 +177,7 @@ class StatisticsReply:
     noise_multiplier: float | None = None  # a privatized release: one Gaussian mechanism, counted in its ε
     sample_rate: float | None = None
     steps: int = 0
-    attempt: int | None = None  # round 0 is not retried by attempt count: its release is recorded once
+    attempt: int | None = None  # > 1: the client released round 0 before, to a server that then crashed and resumed
 
     @property
     def private(self) -> bool:
@@ -194,7 +192,16 @@ class StatisticsReply:
         sigma = _number(metrics, NOISE_MULTIPLIER, required=False)
         if sigma is None:
             return cls(client, examples, bool(_number(metrics, PRIVATIZED, integer=True)))
-        return cls(client, examples, True, sigma, _number(metrics, SAMPLE_RATE), _number(metrics, STEPS, integer=True))
+        return cls(client, examples, True, sigma, _number(metrics, SAMPLE_RATE), _number(metrics, STEPS, integer=True),
+                   _attempt(metrics))
+
+
+def _attempt(metrics: Mapping) -> int | None:
+    """The optional metric ``attempt``: how many times the client has released this round."""
+    attempt = _number(metrics, ATTEMPT, integer=True, required=False)
+    if attempt is not None and not 1 <= attempt <= MAX_ATTEMPTS:
+        raise ProtocolError(f"metric {ATTEMPT!r} must be in 1..{MAX_ATTEMPTS}, got {attempt}")
+    return attempt
 
 
 def error_reason(reason: str) -> str:

@@ -21,8 +21,8 @@ from omegaconf import DictConfig
 from fedspec import __version__
 from fedspec.adapters import Calibration, calibration_layout, get_method, ranks_in_state
 from fedspec.builders import AdapterSettings, ModelSettings, build_backbone, build_task, calibration_layers
-from fedspec.config import check_federated, save_config
-from fedspec.errors import FedspecError
+from fedspec.config import check_federated, config_differences, load_config_file, save_config
+from fedspec.errors import ConfigError, FedspecError
 from fedspec.privacy import PrivacyLedger, load_ledgers
 from fedspec.privacy.client_level import CLIENT_LEVEL_LEDGER_FILE, client_level_ledger
 from fedspec.privacy.planning import ClientLevelPlan, PlanSettings, plan_client_level
@@ -194,12 +194,24 @@ def _client_dp(cfg: DictConfig, plan: ClientLevelPlan | None, num_clients: int) 
 
 
 def _load_client_level_ledger(plan: ClientLevelPlan | None, paths: RunPaths, resuming: bool) -> PrivacyLedger | None:
+    """The client-level ledger: on a resume, the one on disk, whether or not the run reached a checkpoint (a release
+    is charged to it at once, so it may already hold a round the checkpoints do not)."""
     if plan is None:
         return None
     path = paths.privacy / CLIENT_LEVEL_LEDGER_FILE
     if resuming and path.is_file():
         return PrivacyLedger.load(path)
     return client_level_ledger(plan.delta, plan.accountant)
+
+
+def _check_same_settings(cfg: DictConfig, paths: RunPaths) -> None:
+    """A resumed run continues with the settings it started with (config.yaml): its checkpoints, its clients' noise
+    plans and ledgers were made with them."""
+    changed = config_differences(cfg, load_config_file(paths.config))
+    if changed:
+        raise ConfigError(f"run.resume continues {paths.root} with the settings it started with ({paths.config}), but "
+                          f"this run sets {'; '.join(changed[:5])}{' and more' if len(changed) > 5 else ''}; give the "
+                          "overrides it started with, or start a new run under another run.name")
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> list[RoundRow]:
@@ -217,6 +229,8 @@ class Federation:
         self.paths.root.mkdir(parents=True, exist_ok=True)
         if not self.paths.config.is_file():  # under `flwr run` no driver wrote it
             save_config(cfg, self.paths.config)
+        elif cfg.run.resume:  # under `flwr run` the config is the run_config's overrides: they may have changed
+            _check_same_settings(cfg, self.paths)
         self.log = MetricsLog(self.paths.metrics)
         self.traffic = Traffic()  # this round's payload bytes to and from each node
         self.rule = get_rule(cfg.strategy.name)
@@ -235,13 +249,14 @@ class Federation:
         self.rows = [RoundRow(**row) for row in checkpoint.meta["rows"]] if checkpoint else []
         has_ledgers = checkpoint is not None and self.paths.ledgers.is_dir()
         # The mirror is saved before the checkpoint: after a failed checkpoint write it already holds the round
-        # that is about to run again, whose replies are mirrored anew (every attempt a client reports).
+        # that is about to run again, whose replies are mirrored anew (every attempt a client reports). Without a
+        # checkpoint, round 0 runs again from an empty mirror, for the same reason.
         self.ledgers = ({client: ledger.up_to(checkpoint.round) for client, ledger in
                          load_ledgers(self.paths.ledgers).items()} if has_ledgers else {})
         self.budget = BudgetTracker(cfg, checkpoint.meta.get("declined") if checkpoint else None)
         self.plan = PlanSettings.of(cfg)
         self.level_plan = plan_client_level(self.plan)
-        self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, checkpoint is not None)
+        self.level_ledger = _load_client_level_ledger(self.level_plan, self.paths, bool(cfg.run.resume))
         self.start_round = checkpoint.round + 1 if checkpoint else 1
 
     def run(self) -> list[RoundRow]:
@@ -250,12 +265,18 @@ class Federation:
                                  self.task.train.label_names, min_clients=cfg.federation.min_clients, log=self.log)
         self.client_dp = _client_dp(cfg, self.level_plan, len(nodes))
         self._initialize(nodes, *self._round_zero(nodes))
+        if self.checkpoint is None:
+            # Round 0 is checkpointed too, before the (possibly long) first evaluation: resumed from here, a run
+            # never asks the clients for their round-0 statistics again (a second release each) nor initializes
+            # anew (another initialization, without seeded noise)
+            self._save_checkpoint(0)
         stopped = None
         with FederationProgress(cfg.federation.rounds, enabled=cfg.run.progress) as self.progress:
-            if self.checkpoint is None:
-                self._evaluate_start()
-            else:
+            if self.checkpoint is not None:
                 self.progress.note(f"resuming {self.paths.root} after round {self.checkpoint.round}")
+            if not self.rows:  # a fresh run, or one killed after round 0's checkpoint, before its first evaluation
+                self._evaluate_start()
+                self._save_checkpoint(0)  # again, with the evaluation's row: a resume from it need not evaluate again
             for round_ in range(self.start_round, cfg.federation.rounds + 1):
                 stopped = self._stop_reason(round_)
                 if stopped:
@@ -445,7 +466,7 @@ class Federation:
         except OSError as error:
             raise FedspecError(f"could not write round {round_}'s checkpoint under {self.paths.root}: "
                                f"{error.strerror or error}; free the disk or fix the folder, then continue with "
-                               f"--resume (from round {round_ - 1})") from None
+                               f"--resume ({f'from round {round_ - 1}' if round_ else 'round 0 runs again'})") from None
 
     def _write_checkpoint(self, round_: int) -> None:
         self._save_ledgers()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions, is_causal_lm
-from fedspec.config import check_federated, config_to_json, load_config_file, save_config
+from fedspec.config import RUN_PLACE_KEYS, check_federated, config_to_json, load_config_file, save_config
 from fedspec.devices import resolve_device
 from fedspec.errors import ConfigError
 from fedspec.models import load_tokenizer
@@ -66,9 +66,9 @@ def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = 
 
 def _differences(override: str, cfg: DictConfig, saved: DictConfig) -> list[str]:
     """'key=given (the run has kept)' for each value an override sets differently from the saved config; a group
-    override (``data=agnews``) is compared key by key. The run.* keys say where and how to run: never compared."""
+    override (``data=agnews``) is compared key by key. Where and how to run (``RUN_PLACE_KEYS``): never compared."""
     key = override.split("=", 1)[0].lstrip("+~")
-    if key.split(".")[0] == "run":
+    if key in RUN_PLACE_KEYS:
         return []
     given, kept = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
     if isinstance(given, DictConfig) and isinstance(kept, DictConfig):

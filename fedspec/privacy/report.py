@@ -156,7 +156,8 @@ def build_privacy_report(
 
 
 def _rounds_by_client(rounds_of: Mapping[str, Sequence[int]] | None) -> dict[str, list[int]]:
-    return {cid: sorted(int(r) for r in rounds) for cid, rounds in sorted(
+    """Each round once: a round run again after a resume is logged twice in metrics.jsonl."""
+    return {cid: sorted({int(r) for r in rounds}) for cid, rounds in sorted(
         (rounds_of or {}).items(), key=lambda item: client_sort_key(item[0])) if rounds}
 
 
