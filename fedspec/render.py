@@ -49,11 +49,13 @@ def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = T
     sigma = ("given" if cfg.privacy.noise_multiplier is not None
              else f"planned for ε ≤ {cfg.privacy.target_epsilon:g} in the worst case")
     limit = plans[0].rounds_limit if plans else rounds
+    fixed_rate = cfg.privacy.get("sample_rate")
+    batch = (f"q = {fixed_rate:g} for every client (privacy.sample_rate)" if fixed_rate is not None else
+             f"expected batch {cfg.train.batch_size}, q = 1/⌈records/batch⌉")
     table = Table(
         title=f"record-level DP-SGD plan (δ = {cfg.privacy.delta:g}, {cfg.privacy.accountant.upper()} accountant)",
         caption=(
-            f"σ {sigma}; {rounds} rounds × {cfg.train.local_steps} local steps, expected batch "
-            f"{cfg.train.batch_size}, q = 1/⌈records/batch⌉. ε expected: averaged over how often the client is "
+            f"σ {sigma}; {rounds} rounds × {cfg.train.local_steps} local steps, {batch}. ε expected: averaged over how often the client is "
             f"sampled (probability {p:.3g} per round, {p * rounds:.3g} rounds on average). ε worst case: sampled in "
             f"all {rounds} rounds. Both stop growing where a client's budget runs out (it declines from then on). "
             f"Rounds in budget: rounds of taking part that keep ε ≤ "

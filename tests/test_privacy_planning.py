@@ -117,6 +117,14 @@ def test_privacy_plan_command_prints_every_client(capsys):
     assert "ε expected" in out and "ε worst case" in out and "rounds in budget" in out
 
 
+def test_the_plan_caption_gives_the_fixed_sample_rate_when_privacy_sample_rate_sets_one(capsys):
+    """With privacy.sample_rate every client samples at that q, not at 1/⌈records/batch⌉: the caption says which."""
+    argv = ["privacy-plan", "--sizes", "6000,800", "--target-epsilon", "3", "--rounds", "5", "privacy.sample_rate=0.05"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "q = 0.05 for every client (privacy.sample_rate)" in out and "1/⌈records/batch⌉" not in out
+
+
 def test_privacy_plan_names_the_clients_a_given_noise_shuts_out(capsys):
     """A σ too small for a budget leaves the smallest clients (largest sample rate) without a single round."""
     argv = ["privacy-plan", "--sizes", "12000,3000,400", "--noise-multiplier", "0.8", "--budget-epsilon", "3",
