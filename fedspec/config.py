@@ -443,7 +443,8 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
     if level.min_survivors is not None:
         if not cfg.federation.secure_aggregation.enabled:
             fail("privacy.client_level.min_survivors", level.min_survivors,
-                 "it only applies when the clients add the noise, under secure aggregation (federation=secure)")
+                 "it only applies when the clients add the noise, under secure aggregation "
+                 "(federation.secure_aggregation.enabled=true)")
         if not 2 <= level.min_survivors <= cfg.federation.clients:
             fail("privacy.client_level.min_survivors", level.min_survivors,
                  f"it must be in 2..federation.clients={cfg.federation.clients}")

@@ -111,8 +111,10 @@ def test_secure_aggregation_with_client_level_dp_plans_the_clients_noise():
     plan = plan_client_level(PlanSettings.of(cfg))
     assert plan.distributed is not None and plan.accountant == SKELLAM and plan.charged[1] == 1.0
     assert plan.epsilon <= cfg.privacy.client_level.target_epsilon
-    with pytest.raises(ConfigError, match="only applies when the clients add the noise"):
+    with pytest.raises(ConfigError, match="only applies when the clients add the noise") as refused:
         compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=3"])
+    # the remedy it names is a real setting (it used to name federation=secure, a config group option that does not exist)
+    assert "(federation.secure_aggregation.enabled=true)" in str(refused.value)
     with pytest.raises(ConfigError, match="must be in 2..federation.clients"):
         compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=1",
                         "federation.secure_aggregation.enabled=true"])
