@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
         "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
         "written beside (classifier_head.safetensors, fedspec_head.json).",
     )
-    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter")
+    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter "
+                        "(a run folder stands for its final adapter/)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
 
     generate = sub.add_parser(
@@ -382,12 +383,21 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _run_and_adapter(path: str) -> tuple[Path, Path]:
+    """(run folder, adapter folder) of a run folder (its final adapter/) or of an adapter folder inside one: the
+    commands that load a finished run take either, as their error for a folder that is neither says."""
+    given = Path(path)
+    if not (given / "config.yaml").is_file() and (given.parent / "config.yaml").is_file():
+        return given.parent, given
+    return given, given / "adapter"
+
+
 def cmd_export_peft(args: argparse.Namespace) -> int:
     from .builders import write_peft_export
     from .trained import load_trained
 
-    adapter_dir = Path(args.adapter_dir)
-    run = load_trained(adapter_dir.parent, adapter_dir=adapter_dir)
+    run_dir, adapter_dir = _run_and_adapter(args.adapter_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir)
     reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:
         raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
@@ -404,7 +414,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
-    run = load_trained(Path(args.run_dir), with_adapter=not args.base)
+    run_dir, adapter_dir = _run_and_adapter(args.run_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir, with_adapter=not args.base)
     if not run.settings.causal_lm:
         raise FedspecError(f"{args.run_dir} trained a classifier: label texts with `fedspec predict`")
     records = Conversations([(("user", text), ("assistant", "")) for text in args.prompt], [0] * len(args.prompt),
@@ -432,7 +443,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.text and not args.file:
         raise FedspecError("give --text TEXT (repeatable) or --file TEXTS (one per line, or JSON lines)")
     texts = load_texts(args.file, args.field) if args.file else []
-    run = load_trained(Path(args.run_dir))
+    run_dir, adapter_dir = _run_and_adapter(args.run_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir)
     predictions = classify(run, [*args.text, *texts])
     for text, prediction in zip(args.text, predictions):
         console.print(f"[bold]{prediction.label}[/] ({prediction.probabilities[prediction.label]:.3f})  {text}",

@@ -97,6 +97,16 @@ def test_predict_needs_a_finished_run_folder(classifier_run, tmp_path, capsys):
     assert "has no adapter/ yet (is the run finished?)" in capsys.readouterr().err.replace("\n", "")
 
 
+def test_predict_takes_the_runs_adapter_folder_too(classifier_run, capsys):
+    """The error for a wrong folder says "give a run folder (runs/NAME) or its adapter/ folder": both work."""
+    run, _ = classifier_run
+    assert main(["predict", str(run), "--text", "a moving film"]) == 0
+    from_run = capsys.readouterr().err  # the label of a --text goes to the console (stderr)
+    assert "a moving film" in from_run
+    assert main(["predict", str(run / "adapter"), "--text", "a moving film"]) == 0
+    assert capsys.readouterr().err == from_run
+
+
 def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
     run, _ = classifier_run
     assert main(["generate", str(run), "--prompt", "hello"]) == 2
