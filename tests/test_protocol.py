@@ -665,3 +665,48 @@ def test_a_reply_reports_its_device_peak_memory_and_step_time():
     read = TrainReply.from_metrics(reply.to_metrics(), needs_examples=True)
     assert (read.cuda, read.peak_memory_mib, read.step_seconds) == (True, 7912.5, 0.5)
     assert reply.to_metrics()["cuda"] == 1  # metrics are numbers: the flag travels as 0 / 1
+
+
+# --- the round's summary: what the round table and summary.md show -------------------------------------------------
+
+def test_the_rounds_train_loss_weighs_a_greedy_client_as_the_aggregate_does():
+    """A client that claims 10⁹ records has its weight capped in the aggregate; the round's train loss must not
+    weigh its claimed loss by the uncapped count (it used to be ~1000, all the liar's)."""
+    greedy = train_reply(16, _metrics(6, num_examples=10**9, train_loss=1000.0), _update(seed=99))
+    _, summary = _bounded_strategy().aggregate_train(1, [*_cohort(), greedy])
+    assert summary["weight-capped"] == 1
+    weights = [100.0 + 10 * i for i in range(6)]
+    cap = 5 * sorted([*weights, 1e9])[3]  # 5 × the lower median, as bound_influence caps it
+    expected = (0.5 * sum(weights) + 1000.0 * cap) / (sum(weights) + cap)
+    assert summary["train-loss"] == pytest.approx(expected)
+
+
+def test_the_rounds_train_loss_of_huge_finite_claims_is_finite():
+    """Finite losses near float's range with large weights overflowed the weighted sum to inf."""
+    replies = [train_reply(10 + i, _metrics(i, num_examples=10**9, train_loss=1e308), _update(seed=i + 1))
+               for i in range(2)]
+    _, summary = _bounded_strategy(0, 0).aggregate_train(1, replies)
+    assert summary["train-loss"] == pytest.approx(1e308)
+
+
+def test_the_rounds_max_epsilon_is_the_accountants_not_a_clients_claim():
+    """The round table's max client ε used to be the largest ε the round's clients *stated*: a client reporting
+    ε = 0.01 (or none) showed a far smaller ε than the server's own accountant computes from its σ, q and steps,
+    and than the privacy report states. The row takes the larger of the two per client, as the report does."""
+    from fedspec.server.federation import _round_max_epsilon
+    from fedspec.server.mirror import record_claim
+
+    plan, ledgers = _plan(), {}
+    liar = train_reply(10, _metrics(0, epsilon=0.01), _update(seed=1))
+    silent = train_reply(11, _metrics(1, epsilon=_DROP), _update(seed=2))
+    strategy = _strategy()
+    _, summary = strategy.aggregate_train(1, [liar, silent])
+    for _, reply, _ in strategy.last_replies.accepted:
+        record_claim(ledgers, reply, 1, plan)
+    accounted = max(ledger.epsilon() for ledger in ledgers.values())
+    assert accounted > 1.0 and summary["max-epsilon"] == 0.01
+    assert _round_max_epsilon(None, summary, strategy.last_replies, ledgers) == pytest.approx(accounted)
+    # a client that states more than the mirror holds (a round the server missed) still counts in full
+    assert _round_max_epsilon(None, {"max-epsilon": 50.0}, strategy.last_replies, ledgers) == 50.0
+    assert _round_max_epsilon(60.0, summary, strategy.last_replies, ledgers) == 60.0  # ε never shrinks
+    assert _round_max_epsilon(None, {}, strategy.last_replies, {}) is None  # no DP: no ε
