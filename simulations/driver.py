@@ -64,9 +64,10 @@ def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = 
 
 def _differences(override: str, cfg: DictConfig, saved: DictConfig) -> list[str]:
     """'key=given (the run has kept)' for each value an override sets differently from the saved config; a group
-    override (``data=agnews``) is compared key by key. The run.* keys say where and how to run: never compared."""
+    override (``data=agnews``) is compared key by key. The run.* keys that say where and how to run are never
+    compared; run.seed is compared (it drew the partition, the sampling and the initialization)."""
     key = override.split("=", 1)[0].lstrip("+~")
-    if key.split(".")[0] == "run":
+    if key.split(".")[0] == "run" and key != "run.seed":
         return []
     given, kept = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
     if isinstance(given, DictConfig) and isinstance(kept, DictConfig):
