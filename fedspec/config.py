@@ -303,6 +303,16 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    if cfg.adapter.alpha is not None and cfg.adapter.alpha <= 0:  # s = α/r: PiSSA and others divide by it
+        fail("adapter.alpha", cfg.adapter.alpha, "it must be > 0 (or null: alpha = rank)")
+    for key in ("adapter.dropout", "model.dropout"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            fail(key, value, "it must be in [0, 1), a probability of dropping" + (" (or null: the checkpoint's)"
+                                                                                 if key == "model.dropout" else ""))
+    for key in ("adapter.niter", "adapter.oversample", "data.min_client_examples"):
+        if OmegaConf.select(cfg, key) < 0:
+            fail(key, OmegaConf.select(cfg, key), "it must be 0 or more")
     spec = METHODS[cfg.adapter.method]
     for key in cfg.adapter.options or {}:
         if key not in spec.options:
@@ -327,6 +337,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail(key, value, "it must be >= 1 (a multiple of the cohort's median) or 0 (off)")
     if cfg.federation.min_clients < 1:
         fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
+    for key in ("federation.client_cpus", "federation.round_timeout"):  # Ray divides by the CPUs per client
+        if OmegaConf.select(cfg, key) <= 0:
+            fail(key, OmegaConf.select(cfg, key), "it must be > 0")
     _validate_secure_aggregation(cfg.federation.secure_aggregation, fail)
     for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",
                 "model.max_length"):

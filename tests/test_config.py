@@ -74,6 +74,17 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("privacy.target_epsilon=inf", "privacy.target_epsilon=inf is not allowed; it must be a finite number"),
     ("privacy.client_level.clipping_norm=-inf", "privacy.client_level.clipping_norm=-inf is not allowed"),
     ("run.seed=-1", "run.seed=-1 is not allowed; a seed must be 0 or more"),
+    # each of these used to run: α <= 0 trained on NaN (PiSSA divides by s = α/r) with exit status 0; the others
+    # ended in a traceback from torch, the SVD engine, or Flower's Ray backend (client_cpus=0: a division by zero)
+    ("adapter.alpha=0", "adapter.alpha=0.0 is not allowed; it must be > 0"),
+    ("adapter.alpha=-4", "adapter.alpha=-4.0 is not allowed; it must be > 0"),
+    ("adapter.dropout=1.5", r"adapter.dropout=1.5 is not allowed; it must be in \[0, 1\)"),
+    ("model.dropout=1.0", r"model.dropout=1.0 is not allowed; it must be in \[0, 1\)"),
+    ("adapter.niter=-1", "adapter.niter=-1 is not allowed; it must be 0 or more"),
+    ("adapter.oversample=-3", "adapter.oversample=-3 is not allowed; it must be 0 or more"),
+    ("federation.client_cpus=0", "federation.client_cpus=0.0 is not allowed; it must be > 0"),
+    ("federation.round_timeout=0", "federation.round_timeout=0.0 is not allowed; it must be > 0"),
+    ("data.min_client_examples=-1", "data.min_client_examples=-1 is not allowed; it must be 0 or more"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:
