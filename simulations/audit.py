@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from fedspec.adapters import load_adapter
+from fedspec.adapters import get_method, load_adapter
 from fedspec.builders import ModelSettings, build_model, build_task
 from fedspec.errors import ConfigError
 from fedspec.models import build_classifier, tokenize
@@ -82,6 +82,12 @@ def run_audit(cfg: DictConfig, console: Console | None = None) -> AuditOutcome:
     if cfg.data.task != "classification":
         raise ConfigError(f"fedspec audit plants labelled canary records, so it needs a classification task; "
                           f"data.task={cfg.data.task} has none (audit a classifier with the same privacy settings)")
+    if get_method(cfg.adapter.method).calibration:
+        # the canaries are scored against the initial global model, rebuilt here from the config: a data-driven one
+        # comes from the clients' round-0 statistics, which only the run's server saw
+        raise ConfigError(f"fedspec audit rebuilds the run's initial global model to score the canaries, but "
+                          f"adapter.method={cfg.adapter.method} initializes from the clients' data (round 0); audit a "
+                          "method that initializes from the weights (e.g. adapter=pissa) with the same privacy settings")
     if cfg.audit.canaries < 1:
         cfg = OmegaConf.merge(cfg, {"audit": {"canaries": default_canaries(cfg)}})
         (console or Console(stderr=True)).print(

@@ -229,3 +229,17 @@ def test_an_audit_of_a_causal_lm_task_is_refused_before_anything_runs(tiny_cfg):
     cfg = tiny_cfg("model=tiny-llama", "data.task=causal_lm", "data.prompt='{text}'", "audit.canaries=10")
     with pytest.raises(ConfigError, match="needs a classification task; data.task=causal_lm"):
         run_audit(cfg)
+
+
+@pytest.mark.parametrize("method", ["eva", "corda"])
+def test_an_audit_of_a_data_driven_initialization_is_refused_before_anything_runs(tiny_cfg, monkeypatch, method):
+    """The auditor scores the canaries against the initial global model, which it rebuilds from the config; a
+    data-driven method's comes from the clients' round-0 statistics, which it cannot rebuild: the whole federation
+    used to run first, and only then did the audit fail."""
+    from fedspec.errors import ConfigError
+    from fedspec.simulations import audit
+
+    monkeypatch.setattr(audit, "simulate", lambda *a, **k: pytest.fail("the federation ran"))
+    cfg = tiny_cfg(f"adapter={method}", "strategy=fedsvd", "audit.canaries=10")
+    with pytest.raises(ConfigError, match=f"adapter.method={method} initializes from the clients' data"):
+        audit.run_audit(cfg)
