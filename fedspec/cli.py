@@ -460,8 +460,14 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     from .render import plan_table
 
     sizes = _sizes(args.sizes) if args.sizes else None
-    if sizes:
-        args.clients = len(sizes)
+    if sizes:  # --sizes sets the number of clients: another one beside it is refused, not silently replaced
+        overridden = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") == "federation.clients"]
+        given = [(f"--clients {args.clients}", args.clients)] if args.clients is not None else []
+        for text, value in [*given, *((o, o.split("=", 1)[1]) for o in overridden)]:
+            if str(value).strip() != str(len(sizes)):
+                raise FedspecError(f"--sizes lists {len(sizes)} clients, and {text} sets another number; give one")
+        if not overridden:
+            args.clients = len(sizes)
     cfg = _compose(args)
     if not cfg.privacy.enabled and not cfg.privacy.client_level.enabled:
         raise FedspecError("privacy.enabled=false and privacy.client_level.enabled=false: there is nothing to plan")
