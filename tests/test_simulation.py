@@ -319,3 +319,21 @@ def test_a_seed_given_with_resume_that_the_run_does_not_have_is_refused(tmp_path
     same = ["run.seed=0", "run.progress=true", f"run.output_dir={tmp_path}"]
     resumed = _resume_config(compose_config([*base, *same, "run.resume=true"]), paths, same)
     assert resumed.run.seed == 0 and resumed.run.progress and resumed.run.resume
+
+
+def test_resuming_a_centralized_run_is_refused_before_it_overwrites_it(tmp_path):
+    """`fedspec simulate --resume --name <a fedspec train run>` used to start a federation in that folder (no
+    checkpoint: from round 1) and overwrite the baseline's adapter, summary and privacy report."""
+    from fedspec.config import compose_config, save_config
+    from fedspec.errors import ConfigError
+    from fedspec.rundir import MetricsLog
+
+    base = [*OVERRIDES, f"run.output_dir={tmp_path}"]
+    root = tmp_path / "sim"
+    root.mkdir()
+    save_config(compose_config(base), root / "config.yaml")
+    MetricsLog(root / "metrics.jsonl").write("epoch", epoch=0, train_loss=None, eval_accuracy=0.25)
+    (root / "summary.md").write_text("the baseline\n")
+    with pytest.raises(ConfigError, match="is a `fedspec train` run"):
+        simulate(compose_config([*base, "run.resume=true"]), overrides=[])
+    assert (root / "summary.md").read_text() == "the baseline\n"
