@@ -318,6 +318,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         if key not in spec.options:
             fail(f"adapter.options.{key}", cfg.adapter.options[key],
                  f"adapter.method={spec.name} has the options: " + (", ".join(sorted(spec.options)) or "none"))
+        _check_option_type(f"adapter.options.{key}", cfg.adapter.options[key], spec.options[key], fail)
     if spec.calibration and cfg.adapter.calibration_examples < 1:
         fail("adapter.calibration_examples", cfg.adapter.calibration_examples,
              f"adapter.method={spec.name} initializes from data: it must be at least 1")
@@ -414,6 +415,20 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("audit.canaries", audit.canaries, "it must be >= 0 (0: no canaries)")
     if not 0.0 < audit.confidence < 1.0:
         fail("audit.confidence", audit.confidence, "it must be in (0, 1), e.g. 0.95")
+
+
+def _check_option_type(key: str, value: Any, default: Any, fail) -> None:
+    """A method's option is typed by its default (the schema types it Any): a number stays a number, a string a
+    string, so ``adapter.options.beta=abc`` is named here, not a ValueError from inside the method."""
+    def kind(x: Any) -> str | None:
+        if isinstance(x, bool):
+            return "true or false"
+        if isinstance(x, (int, float)):
+            return "a number"
+        return "a string" if isinstance(x, str) else None
+
+    if default is not None and value is not None and kind(default) is not None and kind(value) != kind(default):
+        fail(key, value, f"it must be {kind(default)} (default {default!r})")
 
 
 def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:

@@ -85,10 +85,15 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("federation.client_cpus=0", "federation.client_cpus=0.0 is not allowed; it must be > 0"),
     ("federation.round_timeout=0", "federation.round_timeout=0.0 is not allowed; it must be > 0"),
     ("data.min_client_examples=-1", "data.min_client_examples=-1 is not allowed; it must be 0 or more"),
+    # a method's options are typed by their defaults (a ValueError from inside KaSA before)
+    ("adapter=kasa adapter.options.beta=abc", "adapter.options.beta='abc' is not allowed; it must be a number"),
+    ("adapter=sst adapter.options.resample_every=true", "adapter.options.resample_every=True is not allowed; it must "
+                                                        "be a number"),
+    ("adapter=corda adapter.options.mode=1", "adapter.options.mode=1 is not allowed; it must be a string"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:
-        compose_config([override])
+        compose_config(override.split())
     assert "\n" not in str(error.value)
 
 
