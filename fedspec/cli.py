@@ -414,6 +414,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 fell back to the run's length unsaid
+        raise FedspecError(f"--max-new-tokens {args.max_new_tokens}: the longest answer must be at least 1 token")
     run_dir, adapter_dir = _run_and_adapter(args.run_dir)
     run = load_trained(run_dir, adapter_dir=adapter_dir, with_adapter=not args.base)
     if not run.settings.causal_lm:

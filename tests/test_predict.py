@@ -107,6 +107,13 @@ def test_predict_takes_the_runs_adapter_folder_too(classifier_run, capsys):
     assert capsys.readouterr().err == from_run
 
 
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_generate_refuses_an_answer_length_below_one_token(tmp_path, capsys, tokens):
+    """--max-new-tokens 0 silently answered at the run's data.max_new_tokens; a negative count reached the decoder."""
+    assert main(["generate", str(tmp_path), "--prompt", "hello", "--max-new-tokens", tokens]) == 2
+    assert f"--max-new-tokens {tokens}: the longest answer must be at least 1 token" in capsys.readouterr().err
+
+
 def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
     run, _ = classifier_run
     assert main(["generate", str(run), "--prompt", "hello"]) == 2
