@@ -96,10 +96,13 @@ def discover_clients(
         for node in nodes:
             del found[node]
             _log_left_out(log, node, clash)
-    if len(found) < min_clients:
+    # min_clients is capped at the federation's size, as in sampling, planning and the budget stop: a federation of
+    # one client (--clients 1, default min_clients 2) needs its one node, not two
+    needed = min(min_clients, expected)
+    if len(found) < needed:
         raise FedspecError(
             f"only {len(found)} of {len(node_ids)} nodes answered who they are within federation.round_timeout="
-            f"{timeout:g}s, fewer than federation.min_clients={min_clients}"
+            f"{timeout:g}s, fewer than federation.min_clients={needed}"
             + (f" ({'; '.join(problems)})" if problems else "")
             + "; check the SuperNodes' logs, or raise the timeout"
         )

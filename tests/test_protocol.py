@@ -362,6 +362,18 @@ def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
                                                                                           3: {"client-id": 3}}
 
 
+def test_discovery_of_a_federation_smaller_than_min_clients_needs_every_node_not_more(flower_task):
+    """`fedspec simulate --clients 1` (min_clients 2 by default) failed after every node answered: "only 1 of 1
+    nodes answered ... fewer than federation.min_clients=2". Sampling, planning and the budget stop all cap
+    min_clients at the federation's size; discovery does too."""
+    from fedspec.errors import FedspecError
+    from fedspec.server.federation import discover_clients
+
+    assert list(discover_clients(_SilentGrid({1, 2, 3}), 3, 0.3, ["a", "b"], min_clients=5)) == [1, 2, 3]
+    with pytest.raises(FedspecError, match="only 2 of 3 nodes answered"):
+        discover_clients(_SilentGrid({1, 2}), 3, 0.3, ["a", "b"], min_clients=5)
+
+
 class _MixedGrid(_SilentGrid):
     """Node 1 answers who it is, node 2's ClientApp fails to start, node 3 answers without a client id."""
 
