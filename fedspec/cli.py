@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import FedspecError
 from .launch import DEFAULT_IDLE_POLL
@@ -41,7 +42,9 @@ def _epilog() -> str:
 
 EPILOG = _epilog()
 
-console = Console(stderr=True)
+# What the user gave, paths and model answers are printed verbatim: escape() keeps rich from reading [words] as
+# markup (dropped from the line), and emoji=False keeps :x: from becoming an emoji.
+console = Console(stderr=True, emoji=False)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -323,8 +326,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = simulate(_compose(args), console, overrides=_overrides(args))
     rows = _round_rows(result.paths)
-    Console().print(rounds_table(rows, title=f"fedspec simulate — {result.paths.root}"))
-    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
+    Console(emoji=False).print(rounds_table(rows, title=f"fedspec simulate — {escape(str(result.paths.root))}"))
+    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
 
@@ -334,7 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = train_centralized(_compose(args), console)
     Console().print(epochs_table(result.rows))
-    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
+    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
 
@@ -369,7 +372,7 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         from .server.reports import rewrite_run_privacy_report
 
         rewrite_run_privacy_report(cfg, paths)
-    Console().print((paths.privacy / "report.md").read_text())
+    Console(emoji=False).print((paths.privacy / "report.md").read_text(), markup=False)
     return 0
 
 
@@ -401,7 +404,7 @@ def cmd_export_peft(args: argparse.Namespace) -> int:
     reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:
         raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
-    console.print(f"PEFT LoRA adapter written to {args.out_dir}")
+    console.print(f"PEFT LoRA adapter written to {escape(args.out_dir)}")
     return 0
 
 
@@ -429,7 +432,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     answers = generate_responses(run.model, run.tokenizer, records, max_new_tokens=max_new)
     for index, (record, answer) in enumerate(zip(records.records, answers)):
         if index < len(args.prompt):
-            console.print(f"[bold]prompt:[/] {record[0][1]}\n[bold]answer:[/] {answer}\n", highlight=False)
+            console.print(f"[bold]prompt:[/] {escape(record[0][1])}\n[bold]answer:[/] {escape(answer)}\n",
+                          highlight=False)
         else:
             line = {"prompt": record[-2][1], "response": answer, **({"reference": record[-1][1]} if record[-1][1] else {})}
             print(json.dumps(line, ensure_ascii=False))
@@ -449,7 +453,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     run = load_trained(run_dir, adapter_dir=adapter_dir)
     predictions = classify(run, [*args.text, *texts])
     for text, prediction in zip(args.text, predictions):
-        console.print(f"[bold]{prediction.label}[/] ({prediction.probabilities[prediction.label]:.3f})  {text}",
+        probability = prediction.probabilities[prediction.label]
+        console.print(f"[bold]{escape(prediction.label)}[/] ({probability:.3f})  {escape(text)}",
                       highlight=False, soft_wrap=True)
     for text, prediction in zip(texts, predictions[len(args.text):]):
         print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities},
@@ -508,7 +513,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if outcome.client_level_epsilon is not None:
         claimed["client-level ε claimed by the accountant"] = outcome.client_level_epsilon
     Console().print("\n".join(summary_lines(outcome.result, claimed)))
-    console.print(f"done in {time.monotonic() - started:.1f}s; audit report: {outcome.paths.root / 'audit' / 'report.md'}")
+    report = outcome.paths.root / "audit" / "report.md"
+    console.print(f"done in {time.monotonic() - started:.1f}s; audit report: {escape(str(report))}")
     return 0
 
 
@@ -605,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FedspecError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; continue the run with --resume --name <name>")

@@ -97,6 +97,14 @@ def test_predict_needs_a_finished_run_folder(classifier_run, tmp_path, capsys):
     assert "has no adapter/ yet (is the run finished?)" in capsys.readouterr().err.replace("\n", "")
 
 
+def test_predict_prints_the_text_as_given(classifier_run, capsys):
+    """rich used to read a text's [words] as markup (dropped) and :x: as an emoji code."""
+    run, _ = classifier_run
+    text = "a [bold] moving [neg,pos] film :x:"
+    assert main(["predict", str(run), "--text", text]) == 0
+    assert text in capsys.readouterr().err
+
+
 def test_predict_takes_the_runs_adapter_folder_too(classifier_run, capsys):
     """The error for a wrong folder says "give a run folder (runs/NAME) or its adapter/ folder": both work."""
     run, _ = classifier_run
