@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import FedspecError
 from .launch import DEFAULT_IDLE_POLL
@@ -41,7 +42,9 @@ def _epilog() -> str:
 
 EPILOG = _epilog()
 
-console = Console(stderr=True)
+# What the user gave, paths and model answers are printed verbatim: escape() keeps rich from reading [words] as
+# markup (dropped from the line), and emoji=False keeps :x: from becoming an emoji.
+console = Console(stderr=True, emoji=False)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
         "written beside (classifier_head.safetensors, fedspec_head.json).",
     )
-    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter (a run folder: its adapter/)")
+    export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter "
+                        "(a run folder stands for its final adapter/)")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the PEFT adapter")
 
     generate = sub.add_parser(
@@ -325,8 +329,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = simulate(_compose(args), console, overrides=_overrides(args))
     rows = _round_rows(result.paths)
-    Console().print(rounds_table(rows, title=f"fedspec simulate — {result.paths.root}"))
-    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
+    Console(emoji=False).print(rounds_table(rows, title=f"fedspec simulate — {escape(str(result.paths.root))}"))
+    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
 
@@ -336,7 +340,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = train_centralized(_compose(args), console)
     Console().print(epochs_table(result.rows))
-    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {result.paths.summary}")
+    console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
 
@@ -371,7 +375,7 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         from .server.reports import rewrite_run_privacy_report
 
         rewrite_run_privacy_report(cfg, paths)
-    Console().print((paths.privacy / "report.md").read_text())
+    Console(emoji=False).print((paths.privacy / "report.md").read_text(), markup=False)
     return 0
 
 
@@ -385,18 +389,25 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _run_and_adapter(path: str) -> tuple[Path, Path]:
+    """(run folder, adapter folder) of a run folder (its final adapter/) or of an adapter folder inside one: the
+    commands that load a finished run take either, as their error for a folder that is neither says."""
+    given = Path(path)
+    if not (given / "config.yaml").is_file() and (given.parent / "config.yaml").is_file():
+        return given.parent, given
+    return given, given / "adapter"
+
+
 def cmd_export_peft(args: argparse.Namespace) -> int:
     from .builders import write_peft_export
     from .trained import load_trained
 
-    adapter_dir = Path(args.adapter_dir)
-    if (adapter_dir / "config.yaml").is_file():  # a run folder: its final adapter (load_trained's error says it may)
-        adapter_dir = adapter_dir / "adapter"
-    run = load_trained(adapter_dir.parent, adapter_dir=adapter_dir)
+    run_dir, adapter_dir = _run_and_adapter(args.adapter_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir)
     reason = write_peft_export(run.model, Path(args.out_dir), run.settings)
     if reason is not None:
         raise FedspecError(f"cannot export a PEFT LoRA adapter: {reason}")
-    console.print(f"PEFT LoRA adapter written to {args.out_dir}")
+    console.print(f"PEFT LoRA adapter written to {escape(args.out_dir)}")
     return 0
 
 
@@ -409,9 +420,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.file:
         raise FedspecError("give --prompt TEXT (repeatable) or --file PROMPTS.jsonl")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 meant the default; < 0 a traceback
-        raise FedspecError(f"--max-new-tokens {args.max_new_tokens}: give at least 1 token")
-    run = load_trained(Path(args.run_dir), with_adapter=not args.base)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # 0 fell back to the run's length unsaid
+        raise FedspecError(f"--max-new-tokens {args.max_new_tokens}: the longest answer must be at least 1 token")
+    run_dir, adapter_dir = _run_and_adapter(args.run_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir, with_adapter=not args.base)
     if not run.settings.causal_lm:
         raise FedspecError(f"{args.run_dir} trained a classifier: label texts with `fedspec predict`")
     # A run that cast classification data as generation trained on data.prompt around each record's text: a
@@ -426,7 +438,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     answers = generate_responses(run.model, run.tokenizer, records, max_new_tokens=max_new)
     for index, (record, answer) in enumerate(zip(records.records, answers)):
         if index < len(args.prompt):
-            console.print(f"[bold]prompt:[/] {record[0][1]}\n[bold]answer:[/] {answer}\n", highlight=False)
+            console.print(f"[bold]prompt:[/] {escape(record[0][1])}\n[bold]answer:[/] {escape(answer)}\n",
+                          highlight=False)
         else:
             line = {"prompt": record[-2][1], "response": answer, **({"reference": record[-1][1]} if record[-1][1] else {})}
             print(json.dumps(line, ensure_ascii=False))
@@ -442,10 +455,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.text and not args.file:
         raise FedspecError("give --text TEXT (repeatable) or --file TEXTS (one per line, or JSON lines)")
     texts = load_texts(args.file, args.field) if args.file else []
-    run = load_trained(Path(args.run_dir))
+    run_dir, adapter_dir = _run_and_adapter(args.run_dir)
+    run = load_trained(run_dir, adapter_dir=adapter_dir)
     predictions = classify(run, [*args.text, *texts])
     for text, prediction in zip(args.text, predictions):
-        console.print(f"[bold]{prediction.label}[/] ({prediction.probabilities[prediction.label]:.3f})  {text}",
+        probability = prediction.probabilities[prediction.label]
+        console.print(f"[bold]{escape(prediction.label)}[/] ({probability:.3f})  {escape(text)}",
                       highlight=False, soft_wrap=True)
     for text, prediction in zip(texts, predictions[len(args.text):]):
         print(json.dumps({"text": text, "label": prediction.label, "probabilities": prediction.probabilities},
@@ -458,8 +473,14 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     from .render import plan_table
 
     sizes = _sizes(args.sizes) if args.sizes else None
-    if sizes:
-        args.clients = len(sizes)
+    if sizes:  # --sizes sets the number of clients: another one beside it is refused, not silently replaced
+        overridden = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") == "federation.clients"]
+        given = [(f"--clients {args.clients}", args.clients)] if args.clients is not None else []
+        for text, value in [*given, *((o, o.split("=", 1)[1]) for o in overridden)]:
+            if str(value).strip() != str(len(sizes)):
+                raise FedspecError(f"--sizes lists {len(sizes)} clients, and {text} sets another number; give one")
+        if not overridden:
+            args.clients = len(sizes)
     cfg = _compose(args)
     if not cfg.privacy.enabled and not cfg.privacy.client_level.enabled:
         raise FedspecError("privacy.enabled=false and privacy.client_level.enabled=false: there is nothing to plan")
@@ -498,7 +519,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if outcome.client_level_epsilon is not None:
         claimed["client-level ε claimed by the accountant"] = outcome.client_level_epsilon
     Console().print("\n".join(summary_lines(outcome.result, claimed)))
-    console.print(f"done in {time.monotonic() - started:.1f}s; audit report: {outcome.paths.root / 'audit' / 'report.md'}")
+    report = outcome.paths.root / "audit" / "report.md"
+    console.print(f"done in {time.monotonic() - started:.1f}s; audit report: {escape(str(report))}")
     return 0
 
 
@@ -598,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FedspecError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; continue the run with --resume --name <name>")

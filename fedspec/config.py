@@ -304,11 +304,22 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    if cfg.adapter.alpha is not None and cfg.adapter.alpha <= 0:  # s = α/r: PiSSA and others divide by it
+        fail("adapter.alpha", cfg.adapter.alpha, "it must be > 0 (or null: alpha = rank)")
+    for key in ("adapter.dropout", "model.dropout"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            fail(key, value, "it must be in [0, 1), a probability of dropping" + (" (or null: the checkpoint's)"
+                                                                                 if key == "model.dropout" else ""))
+    for key in ("adapter.niter", "adapter.oversample", "data.min_client_examples"):
+        if OmegaConf.select(cfg, key) < 0:
+            fail(key, OmegaConf.select(cfg, key), "it must be 0 or more")
     spec = METHODS[cfg.adapter.method]
     for key in cfg.adapter.options or {}:
         if key not in spec.options:
             fail(f"adapter.options.{key}", cfg.adapter.options[key],
                  f"adapter.method={spec.name} has the options: " + (", ".join(sorted(spec.options)) or "none"))
+        _check_option_type(f"adapter.options.{key}", cfg.adapter.options[key], spec.options[key], fail)
     if spec.calibration and cfg.adapter.calibration_examples < 1:
         fail("adapter.calibration_examples", cfg.adapter.calibration_examples,
              f"adapter.method={spec.name} initializes from data: it must be at least 1")
@@ -328,6 +339,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             fail(key, value, "it must be >= 1 (a multiple of the cohort's median) or 0 (off)")
     if cfg.federation.min_clients < 1:
         fail("federation.min_clients", cfg.federation.min_clients, "it must be at least 1")
+    for key in ("federation.client_cpus", "federation.round_timeout"):  # Ray divides by the CPUs per client
+        if OmegaConf.select(cfg, key) <= 0:
+            fail(key, OmegaConf.select(cfg, key), "it must be > 0")
     _validate_secure_aggregation(cfg.federation.secure_aggregation, fail)
     for key in ("train.lr", "train.batch_size", "train.local_steps", "train.epochs", "train.eval_batch_size",
                 "model.max_length"):
@@ -404,6 +418,20 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("audit.confidence", audit.confidence, "it must be in (0, 1), e.g. 0.95")
 
 
+def _check_option_type(key: str, value: Any, default: Any, fail) -> None:
+    """A method's option is typed by its default (the schema types it Any): a number stays a number, a string a
+    string, so ``adapter.options.beta=abc`` is named here, not a ValueError from inside the method."""
+    def kind(x: Any) -> str | None:
+        if isinstance(x, bool):
+            return "true or false"
+        if isinstance(x, (int, float)):
+            return "a number"
+        return "a string" if isinstance(x, str) else None
+
+    if default is not None and value is not None and kind(default) is not None and kind(value) != kind(default):
+        fail(key, value, f"it must be {kind(default)} (default {default!r})")
+
+
 def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
     """Every float value of a config tree (a plain container), with its dotted key."""
     if isinstance(node, dict):
@@ -444,7 +472,8 @@ def _validate_client_level(cfg: DictConfig, fail) -> None:
     if level.min_survivors is not None:
         if not cfg.federation.secure_aggregation.enabled:
             fail("privacy.client_level.min_survivors", level.min_survivors,
-                 "it only applies when the clients add the noise, under secure aggregation (federation=secure)")
+                 "it only applies when the clients add the noise, under secure aggregation "
+                 "(federation.secure_aggregation.enabled=true)")
         if not 2 <= level.min_survivors <= cfg.federation.clients:
             fail("privacy.client_level.min_survivors", level.min_survivors,
                  f"it must be in 2..federation.clients={cfg.federation.clients}")

@@ -96,10 +96,13 @@ def discover_clients(
         for node in nodes:
             del found[node]
             _log_left_out(log, node, clash)
-    if len(found) < min_clients:
+    # min_clients is capped at the federation's size, as in sampling, planning and the budget stop: a federation of
+    # one client (--clients 1, default min_clients 2) needs its one node, not two
+    needed = min(min_clients, expected)
+    if len(found) < needed:
         raise FedspecError(
             f"only {len(found)} of {len(node_ids)} nodes answered who they are within federation.round_timeout="
-            f"{timeout:g}s, fewer than federation.min_clients={min_clients}"
+            f"{timeout:g}s, fewer than federation.min_clients={needed}"
             + (f" ({'; '.join(problems)})" if problems else "")
             + "; check the SuperNodes' logs, or raise the timeout"
         )
@@ -168,9 +171,15 @@ def _log_replies(log: MetricsLog, round_: int, outcome: RoundReplies, replies: l
                   reason=f"{NO_REPLY_IN_TIME}={cfg.federation.round_timeout:g}s")
 
 
-def _max_epsilon(previous: float | None, this_round: float | None) -> float | None:
-    """The largest ε of any client so far: ε only grows, and only this round's clients spent more."""
-    values = [v for v in (previous, this_round) if v is not None]
+def _round_max_epsilon(previous: float | None, summary: dict, outcome: RoundReplies,
+                       ledgers: dict[str, PrivacyLedger]) -> float | None:
+    """The largest ε of any client so far: ε only grows, and only this round's clients spent more. A client's ε is
+    what the server's accountant computes from its mirrored ledger, or what it states of its own ledger where that
+    is larger (a round the mirror missed), as in the privacy report: its statement alone could understate it (a
+    client may state ε = 0, or nothing)."""
+    accounted = [ledgers[str(reply.client_id)].epsilon() for _, reply, _ in outcome.accepted
+                 if str(reply.client_id) in ledgers]
+    values = [v for v in (previous, summary.get("max-epsilon"), *accounted) if v is not None]
     return max(values) if values else None
 
 
@@ -441,7 +450,8 @@ class Federation:
         """Evaluate the new global model; its row in metrics.jsonl and on screen."""
         evaluation = self.model.evaluate(self.global_state, answers=round_ == self.cfg.federation.rounds)
         row = RoundRow(round_, summary.get(TRAIN_LOSS), evaluation["accuracy"], evaluation["loss"],
-                       int(summary["clients"]), _max_epsilon(self.rows[-1].max_epsilon, summary.get("max-epsilon")),
+                       int(summary["clients"]),
+                       _round_max_epsilon(self.rows[-1].max_epsilon, summary, self.strategy.last_replies, self.ledgers),
                        seconds, evaluation.get("answer_accuracy"), quarantined=int(summary.get("quarantined", 0)),
                        bytes_sent=sum(self.traffic.sent.values()), bytes_received=sum(self.traffic.received.values()))
         self.rows.append(row)

@@ -114,5 +114,5 @@ class FederationProgress:
             )
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text)
+        if self.enabled:  # verbatim: paths and reasons, whose [words] rich would read as markup and drop
+            self.console.print(text, markup=False, emoji=False)

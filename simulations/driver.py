@@ -26,7 +26,7 @@ from fedspec.privacy.audit import canary_assignment
 from fedspec.privacy.planning import ClientPlan, PlanSettings, PrivacyPlan, client_level_lines, plan_run
 from fedspec.prompts import trained_records
 from fedspec.render import plan_table
-from fedspec.rundir import RunPaths, check_run_dir
+from fedspec.rundir import MetricsLog, RunPaths, check_run_dir
 from fedspec.strategies import get_rule
 
 FLOWER_OFFLINE_ENV = {
@@ -53,6 +53,9 @@ def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = 
     folder being resumed: a run folder that was moved or copied resumes where it is now, never where it started.
     ``overrides``: what the command line set; a setting there that the saved config does not have is refused,
     never silently dropped (``--resume --rounds 10`` cannot extend a run whose noise was planned for 5)."""
+    if any(line["kind"] == "epoch" for line in MetricsLog(paths.metrics).read()):  # epochs: `fedspec train` wrote it
+        raise ConfigError(f"cannot resume {paths.root}: it is a `fedspec train` run (centralized), and a federation "
+                          "resumed there would overwrite its adapter and reports; start one under another --name")
     saved = load_config_file(paths.config)
     conflicts = [change for override in overrides for change in _differences(override, cfg, saved)]
     if conflicts:

@@ -149,12 +149,15 @@ class AdapterStrategy:
         accepted = self.last_replies.accepted
         updates = [update for _, _, update in accepted]
         weights = [float(reply.num_examples) if self.weighting == "examples" else 1.0 for _, reply, _ in accepted]
+        if self.client_dp is None and updates:
+            bounded = bound_influence(updates, weights, self.influence, self.reference_norm)
+            # the round's loss weighs each client as the aggregate does: a claimed count of 10⁹ records is capped
+            weights = bounded.weights
         summary = summarize_train_metrics([reply for _, reply, _ in accepted], weights)
         summary["quarantined"] = len(self.last_replies.quarantined)
         if self.client_dp is None:
             if not updates:  # nothing to aggregate: the state (and whether A is orthonormal) stays as it is
                 return {k: v.clone() for k, v in self._sent_state.items()}, summary
-            bounded = bound_influence(updates, weights, self.influence, self.reference_norm)
             summary["norm-clipped"], summary["weight-capped"] = bounded.clipped, bounded.capped
             if bounded.median_norm is not None:
                 self.reference_norm = bounded.median_norm
@@ -276,7 +279,8 @@ def summarize_train_metrics(replies: list[TrainReply], weights: list[float]) -> 
     summary = {"clients": len(replies)}
     losses = [(r.train_loss, w) for r, w in zip(replies, weights) if r.train_loss is not None]
     if losses:
-        summary[TRAIN_LOSS] = sum(loss * w for loss, w in losses) / sum(w for _, w in losses)
+        total = sum(w for _, w in losses)  # each weight divided first: finite losses times large weights can overflow
+        summary[TRAIN_LOSS] = sum(loss * (w / total) for loss, w in losses)
     if replies:
         epsilons = [r.epsilon for r in replies if r.epsilon is not None]
         if epsilons:

@@ -45,6 +45,9 @@ def test_help_explains_the_commands(capsys):
     (["adapter.rank=64"], "adapter.rank=64 is larger than layer"),
     (["adapter.targets=[q_proj]"], "adapter.targets pattern 'q_proj' matches no nn.Linear layer"),
     (["data.source=file", "data.path=/nonexistent/train.tsv"], "data.path='/nonexistent/train.tsv' does not exist"),
+    # the error line is printed verbatim: rich used to read [2024] as markup and :x: as an emoji code
+    (["data.source=file", "data.path='/nonexistent/[2024]/train:x:.tsv'"],
+     "data.path='/nonexistent/[2024]/train:x:.tsv' does not exist"),
     (["privacy.delta=0.05"], "privacy.delta=0.05 is not below 1/n for client"),
     (["privacy.target_epsilon=0.01"], "target_epsilon=0.01 is unreachable"),
     (["--clients", "500"], "clients"),

@@ -74,10 +74,26 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("privacy.target_epsilon=inf", "privacy.target_epsilon=inf is not allowed; it must be a finite number"),
     ("privacy.client_level.clipping_norm=-inf", "privacy.client_level.clipping_norm=-inf is not allowed"),
     ("run.seed=-1", "run.seed=-1 is not allowed; a seed must be 0 or more"),
+    # each of these used to run: α <= 0 trained on NaN (PiSSA divides by s = α/r) with exit status 0; the others
+    # ended in a traceback from torch, the SVD engine, or Flower's Ray backend (client_cpus=0: a division by zero)
+    ("adapter.alpha=0", "adapter.alpha=0.0 is not allowed; it must be > 0"),
+    ("adapter.alpha=-4", "adapter.alpha=-4.0 is not allowed; it must be > 0"),
+    ("adapter.dropout=1.5", r"adapter.dropout=1.5 is not allowed; it must be in \[0, 1\)"),
+    ("model.dropout=1.0", r"model.dropout=1.0 is not allowed; it must be in \[0, 1\)"),
+    ("adapter.niter=-1", "adapter.niter=-1 is not allowed; it must be 0 or more"),
+    ("adapter.oversample=-3", "adapter.oversample=-3 is not allowed; it must be 0 or more"),
+    ("federation.client_cpus=0", "federation.client_cpus=0.0 is not allowed; it must be > 0"),
+    ("federation.round_timeout=0", "federation.round_timeout=0.0 is not allowed; it must be > 0"),
+    ("data.min_client_examples=-1", "data.min_client_examples=-1 is not allowed; it must be 0 or more"),
+    # a method's options are typed by their defaults (a ValueError from inside KaSA before)
+    ("adapter=kasa adapter.options.beta=abc", "adapter.options.beta='abc' is not allowed; it must be a number"),
+    ("adapter=sst adapter.options.resample_every=true", "adapter.options.resample_every=True is not allowed; it must "
+                                                        "be a number"),
+    ("adapter=corda adapter.options.mode=1", "adapter.options.mode=1 is not allowed; it must be a string"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:
-        compose_config([override])
+        compose_config(override.split())
     assert "\n" not in str(error.value)
 
 
@@ -111,8 +127,10 @@ def test_secure_aggregation_with_client_level_dp_plans_the_clients_noise():
     plan = plan_client_level(PlanSettings.of(cfg))
     assert plan.distributed is not None and plan.accountant == SKELLAM and plan.charged[1] == 1.0
     assert plan.epsilon <= cfg.privacy.client_level.target_epsilon
-    with pytest.raises(ConfigError, match="only applies when the clients add the noise"):
+    with pytest.raises(ConfigError, match="only applies when the clients add the noise") as refused:
         compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=3"])
+    # the remedy it names is a real setting (it used to name federation=secure, a config group option that does not exist)
+    assert "(federation.secure_aggregation.enabled=true)" in str(refused.value)
     with pytest.raises(ConfigError, match="must be in 2..federation.clients"):
         compose_config(["privacy=client-dp", "federation.weighting=uniform", "privacy.client_level.min_survivors=1",
                         "federation.secure_aggregation.enabled=true"])

@@ -181,3 +181,18 @@ def test_a_round_the_server_never_mirrored_still_reaches_the_clients_final_epsil
     assert report["summary"]["max_epsilon"] == own["1"].epsilon() and report["timed_out"] == {"1": [2]}
     text = (paths.privacy / "report.md").read_text()
     assert "did not answer a round in time: 1 (round 2)" in text and "Final ε of client 1 as the client stated" in text
+
+
+def test_progress_notes_are_printed_verbatim():
+    """A note carries paths and reasons from elsewhere (a rejected round's error, a stop reason): rich used to read
+    their [words] as markup, dropped from the line, and :x: as an emoji."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fedspec.server.progress import FederationProgress
+
+    out = StringIO()
+    note = "resuming runs/[2024]/sim after round 3: weights [q_proj] :x:"
+    FederationProgress(3, console=Console(file=out, width=200)).note(note)
+    assert note in out.getvalue()

@@ -318,6 +318,11 @@ def test_cli_export_peft_from_a_run_folder(tmp_path, tiny_cfg):
     with torch.no_grad():
         assert torch.allclose(loaded(**enc).last_hidden_state, model.encoder(**enc).last_hidden_state, atol=1e-5)
     assert main(["export-peft", str(tmp_path / "nowhere"), str(out)]) == 2
+    # the run folder itself stands for its final adapter (the error for a wrong folder offers both): it used to look
+    # for config.yaml in the folder above the run and fail
+    again = tmp_path / "from-run-folder"
+    assert main(["export-peft", str(result.paths.root), str(again)]) == 0
+    assert (again / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
 
 
 def test_a_run_without_a_lora_export_says_why_in_its_summary(tiny_cfg):

@@ -97,6 +97,31 @@ def test_predict_needs_a_finished_run_folder(classifier_run, tmp_path, capsys):
     assert "has no adapter/ yet (is the run finished?)" in capsys.readouterr().err.replace("\n", "")
 
 
+def test_predict_prints_the_text_as_given(classifier_run, capsys):
+    """rich used to read a text's [words] as markup (dropped) and :x: as an emoji code."""
+    run, _ = classifier_run
+    text = "a [bold] moving [neg,pos] film :x:"
+    assert main(["predict", str(run), "--text", text]) == 0
+    assert text in capsys.readouterr().err
+
+
+def test_predict_takes_the_runs_adapter_folder_too(classifier_run, capsys):
+    """The error for a wrong folder says "give a run folder (runs/NAME) or its adapter/ folder": both work."""
+    run, _ = classifier_run
+    assert main(["predict", str(run), "--text", "a moving film"]) == 0
+    from_run = capsys.readouterr().err  # the label of a --text goes to the console (stderr)
+    assert "a moving film" in from_run
+    assert main(["predict", str(run / "adapter"), "--text", "a moving film"]) == 0
+    assert capsys.readouterr().err == from_run
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_generate_refuses_an_answer_length_below_one_token(tmp_path, capsys, tokens):
+    """--max-new-tokens 0 silently answered at the run's data.max_new_tokens; a negative count reached the decoder."""
+    assert main(["generate", str(tmp_path), "--prompt", "hello", "--max-new-tokens", tokens]) == 2
+    assert f"--max-new-tokens {tokens}: the longest answer must be at least 1 token" in capsys.readouterr().err
+
+
 def test_generate_on_a_classifier_run_points_to_predict(classifier_run, capsys):
     run, _ = classifier_run
     assert main(["generate", str(run), "--prompt", "hello"]) == 2
@@ -154,12 +179,3 @@ def test_export_peft_takes_the_run_folder_as_well_as_its_adapter_folder(classifi
     assert main(["export-peft", str(run / "adapter"), str(tmp_path / "from-adapter")]) == 0
     for name in ("adapter_model.safetensors", "classifier_head.safetensors"):
         assert (tmp_path / "from-run" / name).read_bytes() == (tmp_path / "from-adapter" / name).read_bytes()
-
-
-@pytest.mark.parametrize("count", ["0", "-3"])
-def test_generate_refuses_a_max_new_tokens_below_one(classifier_run, capsys, count):
-    """0 silently meant the run's default and a negative count ended in transformers' traceback."""
-    run, _ = classifier_run
-    capsys.readouterr()
-    assert main(["generate", str(run), "--prompt", "x", "--max-new-tokens", count]) == 2
-    assert f"--max-new-tokens {count}: give at least 1 token" in capsys.readouterr().err

@@ -141,3 +141,11 @@ def test_privacy_plan_command_errors_are_one_line(capsys):
     assert "privacy.target_epsilon=0.01 is unreachable" in err and len(err.splitlines()) == 1
     assert main(["privacy-plan", "--sizes", "12,x"]) == 2
     assert "--sizes='12,x'" in capsys.readouterr().err
+    # --sizes sets the number of clients: another number given beside it is refused, not silently replaced (the
+    # plan was for 2 clients while --clients said 5) nor blamed on a --clients the user never typed
+    for other in (["--clients", "5"], ["federation.clients=5"]):
+        assert main(["privacy-plan", "--sizes", "600,800", *other]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "--sizes lists 2 clients" in err and other[-1] in err, err
+    for same in (["--clients", "2"], ["federation.clients=2"]):  # the same number is fine
+        assert main(["privacy-plan", "--sizes", "6000,8000", *same]) == 0

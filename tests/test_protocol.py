@@ -362,6 +362,18 @@ def test_discovery_fails_clearly_when_too_few_nodes_answer(flower_task):
                                                                                           3: {"client-id": 3}}
 
 
+def test_discovery_of_a_federation_smaller_than_min_clients_needs_every_node_not_more(flower_task):
+    """`fedspec simulate --clients 1` (min_clients 2 by default) failed after every node answered: "only 1 of 1
+    nodes answered ... fewer than federation.min_clients=2". Sampling, planning and the budget stop all cap
+    min_clients at the federation's size; discovery does too."""
+    from fedspec.errors import FedspecError
+    from fedspec.server.federation import discover_clients
+
+    assert list(discover_clients(_SilentGrid({1, 2, 3}), 3, 0.3, ["a", "b"], min_clients=5)) == [1, 2, 3]
+    with pytest.raises(FedspecError, match="only 2 of 3 nodes answered"):
+        discover_clients(_SilentGrid({1, 2}), 3, 0.3, ["a", "b"], min_clients=5)
+
+
 class _MixedGrid(_SilentGrid):
     """Node 1 answers who it is, node 2's ClientApp fails to start, node 3 answers without a client id."""
 
@@ -678,3 +690,48 @@ def test_a_reply_without_a_training_loss_counts_and_the_round_loss_is_the_others
     assert silent.train_loss is None and "train-loss" not in silent.to_metrics()
     assert summarize_train_metrics([silent, told], [1.0, 3.0])["train-loss"] == 0.25
     assert "train-loss" not in summarize_train_metrics([silent], [1.0])
+
+
+# --- the round's summary: what the round table and summary.md show -------------------------------------------------
+
+def test_the_rounds_train_loss_weighs_a_greedy_client_as_the_aggregate_does():
+    """A client that claims 10⁹ records has its weight capped in the aggregate; the round's train loss must not
+    weigh its claimed loss by the uncapped count (it used to be ~1000, all the liar's)."""
+    greedy = train_reply(16, _metrics(6, num_examples=10**9, train_loss=1000.0), _update(seed=99))
+    _, summary = _bounded_strategy().aggregate_train(1, [*_cohort(), greedy])
+    assert summary["weight-capped"] == 1
+    weights = [100.0 + 10 * i for i in range(6)]
+    cap = 5 * sorted([*weights, 1e9])[3]  # 5 × the lower median, as bound_influence caps it
+    expected = (0.5 * sum(weights) + 1000.0 * cap) / (sum(weights) + cap)
+    assert summary["train-loss"] == pytest.approx(expected)
+
+
+def test_the_rounds_train_loss_of_huge_finite_claims_is_finite():
+    """Finite losses near float's range with large weights overflowed the weighted sum to inf."""
+    replies = [train_reply(10 + i, _metrics(i, num_examples=10**9, train_loss=1e308), _update(seed=i + 1))
+               for i in range(2)]
+    _, summary = _bounded_strategy(0, 0).aggregate_train(1, replies)
+    assert summary["train-loss"] == pytest.approx(1e308)
+
+
+def test_the_rounds_max_epsilon_is_the_accountants_not_a_clients_claim():
+    """The round table's max client ε used to be the largest ε the round's clients *stated*: a client reporting
+    ε = 0.01 (or none) showed a far smaller ε than the server's own accountant computes from its σ, q and steps,
+    and than the privacy report states. The row takes the larger of the two per client, as the report does."""
+    from fedspec.server.federation import _round_max_epsilon
+    from fedspec.server.mirror import record_claim
+
+    plan, ledgers = _plan(), {}
+    liar = train_reply(10, _metrics(0, epsilon=0.01), _update(seed=1))
+    silent = train_reply(11, _metrics(1, epsilon=_DROP), _update(seed=2))
+    strategy = _strategy()
+    _, summary = strategy.aggregate_train(1, [liar, silent])
+    for _, reply, _ in strategy.last_replies.accepted:
+        record_claim(ledgers, reply, 1, plan)
+    accounted = max(ledger.epsilon() for ledger in ledgers.values())
+    assert accounted > 1.0 and summary["max-epsilon"] == 0.01
+    assert _round_max_epsilon(None, summary, strategy.last_replies, ledgers) == pytest.approx(accounted)
+    # a client that states more than the mirror holds (a round the server missed) still counts in full
+    assert _round_max_epsilon(None, {"max-epsilon": 50.0}, strategy.last_replies, ledgers) == 50.0
+    assert _round_max_epsilon(60.0, summary, strategy.last_replies, ledgers) == 60.0  # ε never shrinks
+    assert _round_max_epsilon(None, {}, strategy.last_replies, {}) is None  # no DP: no ε

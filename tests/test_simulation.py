@@ -299,3 +299,41 @@ def test_a_server_killed_mid_run_resumes_bit_for_bit_and_reports_every_attempt(f
             assert entry["final_epsilon"] == pytest.approx(own.epsilon(), rel=1e-9), client
             assert all(e.attempt == 1 for e in own.entries), f"{client} trained a round twice"
     assert _rounds(type("Paths", (), {"metrics": root / "metrics.jsonl"}))[-1]["round"] == ROUNDS
+
+
+def test_a_seed_given_with_resume_that_the_run_does_not_have_is_refused(tmp_path):
+    """run.seed draws the partition, the client sampling and the initialization: `--resume --seed 5` on a run that
+    started with seed 0 used to be dropped without a word, as if it said where or how to run."""
+    from fedspec.config import compose_config, save_config
+    from fedspec.errors import ConfigError
+    from fedspec.rundir import RunPaths
+    from fedspec.simulations.driver import _resume_config
+
+    base = [*OVERRIDES, f"run.output_dir={tmp_path}"]
+    (tmp_path / "sim").mkdir()
+    save_config(compose_config(base), tmp_path / "sim" / "config.yaml")
+    paths = RunPaths(tmp_path / "sim")
+    given = ["run.seed=5", "run.progress=true"]
+    with pytest.raises(ConfigError, match=r"run.seed=5 \(the run has 0\)"):
+        _resume_config(compose_config([*base, *given, "run.resume=true"]), paths, given)
+    same = ["run.seed=0", "run.progress=true", f"run.output_dir={tmp_path}"]
+    resumed = _resume_config(compose_config([*base, *same, "run.resume=true"]), paths, same)
+    assert resumed.run.seed == 0 and resumed.run.progress and resumed.run.resume
+
+
+def test_resuming_a_centralized_run_is_refused_before_it_overwrites_it(tmp_path):
+    """`fedspec simulate --resume --name <a fedspec train run>` used to start a federation in that folder (no
+    checkpoint: from round 1) and overwrite the baseline's adapter, summary and privacy report."""
+    from fedspec.config import compose_config, save_config
+    from fedspec.errors import ConfigError
+    from fedspec.rundir import MetricsLog
+
+    base = [*OVERRIDES, f"run.output_dir={tmp_path}"]
+    root = tmp_path / "sim"
+    root.mkdir()
+    save_config(compose_config(base), root / "config.yaml")
+    MetricsLog(root / "metrics.jsonl").write("epoch", epoch=0, train_loss=None, eval_accuracy=0.25)
+    (root / "summary.md").write_text("the baseline\n")
+    with pytest.raises(ConfigError, match="is a `fedspec train` run"):
+        simulate(compose_config([*base, "run.resume=true"]), overrides=[])
+    assert (root / "summary.md").read_text() == "the baseline\n"
