@@ -42,7 +42,7 @@ from .privacy.planning import check_delta, init_statistics_entries
 from .render import markdown_table, number, results_table
 from .rundir import MetricsLog, RunPaths, check_run_dir
 from .trained import labels_metadata
-from .training import DPSettings, evaluate, train_steps
+from .training import DPSettings, evaluate, make_optimizer, train_steps
 
 CENTRAL_CLIENT = "centralized"
 
@@ -159,13 +159,17 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
     log.write("epoch", **vars(rows[-1]))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True, disable=not cfg.run.progress)
+    # One optimizer for the whole run: a new one each epoch would reset Adam's moments and bias correction at every
+    # epoch boundary, which no centralized baseline does.
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train.optimizer,
+                               centralized_lr(cfg.train))
     with progress:
         for epoch, steps in enumerate(plan, start=1):
             started = time.monotonic()
             bar = progress.add_task(f"epoch {epoch}/{len(plan)}", total=steps)
             result = train_steps(
                 model, train_inputs, train_labels, steps=steps, batch_size=cfg.train.batch_size,
-                optimizer=cfg.train.optimizer, lr=centralized_lr(cfg.train), dp=_for_epoch(dp, epoch),
+                optimizer=optimizer, lr=centralized_lr(cfg.train), dp=_for_epoch(dp, epoch),
                 seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
                 first_step=sum(plan[:epoch - 1]), total_steps=sum(plan),

@@ -113,7 +113,7 @@ def train_steps(
     *,
     steps: int,
     batch_size: int,
-    optimizer: str = "adam",
+    optimizer: str | torch.optim.Optimizer = "adam",
     lr: float = 1e-3,
     dp: DPSettings | None = None,
     seed: int = 0,
@@ -139,6 +139,10 @@ def train_steps(
     After every step the adapter method's hooks run (see ``fedspec.adapters.hooks``). When this call is one part
     of a longer training (an epoch, a federated round), ``first_step`` is the global index of its first step and
     ``total_steps`` the length of the whole training, for schedules; by default this call is all of it.
+
+    ``optimizer`` is a name (a fresh optimizer over the trainable parameters at ``lr``, as a federated client makes
+    each round) or an optimizer the caller keeps across calls, so its state (Adam's moments and step count) spans
+    them: `fedspec train` passes one for all its epochs.
     """
     if len(data) == 0:
         raise ValueError("train_steps got an empty dataset")
@@ -146,7 +150,7 @@ def train_steps(
     if not params:
         raise ValueError("the model has no trainable parameters; call fedspec.adapt first")
     model.train()
-    opt = make_optimizer(params, optimizer, lr)
+    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(params, optimizer, lr)
     loss_fn = criterion(model)
     dataset = _dataset(data, labels)
     schedule = (first_step, total_steps if total_steps is not None else first_step + steps, lr, seed)

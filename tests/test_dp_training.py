@@ -287,3 +287,25 @@ def test_dp_training_on_cuda_draws_its_noise_there_reproducibly():
         results.append(trained)
     for name, tensor in results[0].items():  # same seed, same noise (up to CUDA's reduction order)
         torch.testing.assert_close(tensor, results[1][name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("privacy", ["privacy.noise_multiplier=1.0", "privacy=none"])
+def test_fedspec_train_keeps_one_adam_across_its_epochs(tiny_cfg, monkeypatch, privacy):
+    """A new Adam each epoch reset its moments and bias correction at every epoch boundary: the baseline's third
+    epoch started like its first. One optimizer spans the run, its step count every step of every epoch."""
+    from fedspec.centralized import epoch_steps, train_centralized
+
+    made: list[torch.optim.Adam] = []
+
+    class RecordedAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordedAdam)
+    cfg = tiny_cfg("train.optimizer=adam", "train.epochs=3", "data.num_examples=64", "data.eval_examples=16",
+                   "adapter.rank=2", privacy)
+    train_centralized(cfg)
+    steps = sum(epoch_steps(cfg.train, 64))  # 3 epochs of ⌈64/16⌉ steps
+    assert len(made) == 1
+    assert {int(state["step"]) for state in made[0].state.values()} == {steps}
