@@ -47,6 +47,13 @@ EPILOG = _epilog()
 console = Console(stderr=True, emoji=False)
 
 
+def _table_console() -> Console:
+    """Standard output for a results table: piped or captured (a log file), rich would cut it at 80 columns and
+    clip the headers ("accur…"); 120 fit every table fedspec prints."""
+    out = Console(emoji=False)
+    return out if out.is_terminal else Console(emoji=False, width=120)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (Hydra syntax)")
     parser.add_argument("--name", help="run name: results go to runs/<name>/ (default: <command>-<timestamp>)")
@@ -329,7 +336,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     result = simulate(_compose(args), console, overrides=_overrides(args))
     rows = _round_rows(result.paths)
-    Console(emoji=False).print(rounds_table(rows, title=f"fedspec simulate — {escape(str(result.paths.root))}"))
+    _table_console().print(rounds_table(rows, title=f"fedspec simulate — {escape(str(result.paths.root))}"))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
@@ -339,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     result = train_centralized(_compose(args), console)
-    Console().print(epochs_table(result.rows))
+    _table_console().print(epochs_table(result.rows))
     console.print(f"done in {time.monotonic() - started:.1f}s; summary: {escape(str(result.paths.summary))}")
     return 0
 
@@ -489,9 +496,7 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
 
         sizes = client_sizes(cfg)
     plan = plan_run(PlanSettings.of(cfg), sizes, rounds_limit=10 * int(cfg.federation.rounds))
-    out = Console()
-    if not out.is_terminal:  # piped or captured: rich would wrap the table at 80 columns
-        out = Console(width=120)
+    out = _table_console()
     if plan.clients:
         out.print(plan_table(cfg, plan.clients))
         short = [p for p in plan.clients if p.rounds_within_budget is not None and p.rounds_within_budget < cfg.federation.rounds]

@@ -190,3 +190,16 @@ def test_seeded_centralized_noise_is_seeded_anew_each_epoch():
     assert _for_epoch(seeded, 2).noise_multiplier == 1.0
     fresh = DPSettings(1.0, 1.0, "rdp")  # OS entropy: nothing to reseed
     assert _for_epoch(fresh, 2) is fresh and _for_epoch(None, 2) is None
+
+
+def test_a_results_table_piped_to_a_log_keeps_its_headers_whole(capsys):
+    """Piped or captured, rich cut the rounds table at 80 columns: "accur…", "rejec…" in every log."""
+    from fedspec.cli import _table_console
+    from fedspec.server.progress import RoundRow, rounds_table
+
+    row = RoundRow(round=10, train_loss=0.43, eval_accuracy=0.87, eval_loss=0.35, clients=20, max_epsilon=2.999,
+                   seconds=123.4, answer_accuracy=None, quarantined=1, bytes_sent=3_000_000, bytes_received=2_900_000)
+    _table_console().print(rounds_table([row], title="fedspec simulate"))
+    out = capsys.readouterr().out
+    for header in ("eval accuracy", "rejected", "max client ε", "sent / received"):
+        assert header in out
