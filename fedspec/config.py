@@ -304,6 +304,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         fail("adapter.method", cfg.adapter.method, "choose one of: " + ", ".join(sorted(METHODS)))
     if cfg.adapter.rank < 1:
         fail("adapter.rank", cfg.adapter.rank, "it must be a positive integer")
+    if cfg.adapter.targets is not None and len(cfg.adapter.targets) == 0:  # [] used to mean the default targets
+        fail("adapter.targets", [], "give at least one module-name pattern, or null: the model family's query/value")
     if cfg.adapter.alpha is not None and cfg.adapter.alpha <= 0:  # s = α/r: PiSSA and others divide by it
         fail("adapter.alpha", cfg.adapter.alpha, "it must be > 0 (or null: alpha = rank)")
     for key in ("adapter.dropout", "model.dropout"):
@@ -382,6 +384,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if cfg.data.alpha <= 0:
         fail("data.alpha", cfg.data.alpha, "the Dirichlet concentration must be > 0 (smaller = more skewed)")
     privacy = cfg.privacy
+    if privacy.private_init_stats and not privacy.enabled:  # nothing would noise or account the statistics
+        fail("privacy.private_init_stats", True, "noised round-0 statistics are charged to record-level DP's ledger: "
+             "it needs privacy.enabled=true (privacy=dp)")
     if privacy.enabled:
         if not 0.0 < privacy.delta < 1.0:
             fail("privacy.delta", privacy.delta, "it must be in (0, 1), well below 1/(client dataset size)")

@@ -90,6 +90,10 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("adapter=sst adapter.options.resample_every=true", "adapter.options.resample_every=True is not allowed; it must "
                                                         "be a number"),
     ("adapter=corda adapter.options.mode=1", "adapter.options.mode=1 is not allowed; it must be a string"),
+    # both used to be dropped without a word: [] meant the default targets, and nothing noised the statistics
+    ("adapter.targets=[]", r"adapter.targets=\[\] is not allowed; give at least one module-name pattern"),
+    ("privacy=none adapter=eva privacy.private_init_stats=true", "privacy.private_init_stats=True is not allowed; "
+                                                                  "noised round-0 statistics"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message) as error:
