@@ -201,7 +201,8 @@ def summary_markdown(
         f"- federation: {cfg.federation.clients} clients, {cfg.federation.rounds} rounds, "
         f"fraction {cfg.federation.fraction}, {cfg.train.local_steps} local steps of batch {cfg.train.batch_size}, "
         f"weighting `{cfg.federation.weighting}`",
-        f"- data: `{cfg.data.source}` ({cfg.data.partition}, α = {cfg.data.alpha})",
+        f"- data: `{cfg.data.source}` ("
+        + (f"Dirichlet α = {cfg.data.alpha:g}" if cfg.data.partition == "dirichlet" else cfg.data.partition) + ")",
         f"- privacy: {privacy}",
     ]
     if compute:

@@ -148,6 +148,8 @@ def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(t
     assert "- communication: 441 KiB sent to clients, 294 KiB received from them over 1 round" in summary
     assert byte_size(150536) == "147 KiB" and byte_size(900) == "900 B" and byte_size(3 * 2**20) == "3.0 MiB"
     assert "| 441 / 294 KiB |" in summary  # the round table's column
+    assert "(Dirichlet α = " in summary
+    assert "- data: `synthetic` (iid)\n" in summary_markdown(tiny_cfg("data.partition=iid"), rows, report, None)
 
 
 def test_a_round_the_server_never_mirrored_still_reaches_the_clients_final_epsilon(tiny_cfg, tmp_path):
