@@ -98,6 +98,8 @@ def superlink_launch(credentials: Path | None, *, host: str, port: int, state_di
 def node_launch(superlink: str, *, partition_id: int, ca: Path | None, key: Path | None, state_dir: Path,
                 data_path: Path | None, port: int, num_partitions: int | None, warm: bool, insecure: bool,
                 idle_poll: float = DEFAULT_IDLE_POLL, launcher: bool = True, device: str | None = None) -> Launch:
+    if partition_id < 0:  # the server would only say that the reply "states no client id"
+        raise ConfigError(f"--id {partition_id}: a node's client id is 0 or more (its partition of the task)")
     state_dir = Path(state_dir).expanduser().resolve()
     host = superlink.rsplit(":", 1)[0]
     config = [f"partition-id={partition_id}", f'state-dir="{state_dir}"']

@@ -62,6 +62,10 @@ def test_node_starts_its_warm_worker_first_and_names_its_socket(creds, tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="--device=cuda but torch sees no CUDA device"):
         on_gpu_node("cuda")
+    with pytest.raises(ConfigError, match="--id -1: a node's client id is 0 or more"):
+        node_launch("link.example.org:8000", partition_id=-1, ca=creds.ca_cert, key=creds.node_key(0),
+                    state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
+                    insecure=False)
     with pytest.raises(ConfigError, match="--device gpu"):
         node_launch("link.example.org:8000", partition_id=3, ca=creds.ca_cert, key=creds.node_key(0),
                     state_dir=tmp_path / "state", data_path=None, port=9100, num_partitions=2, warm=False,
