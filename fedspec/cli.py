@@ -377,13 +377,27 @@ def cmd_privacy_report(args: argparse.Namespace) -> int:
         from .privacy import load_ledgers
 
         ledgers = load_ledgers(paths.ledgers) if paths.ledgers.is_dir() else {}
-        write_central_privacy_report(cfg, paths, ledgers, InitStatistics.of(cfg).report(None))
+        statistics = InitStatistics.of(cfg).report(None)
+        if statistics:  # how many records the statistic summed is known only from the report the run wrote
+            statistics["init_statistics"] |= _written_count(paths.privacy / "report.json")
+        write_central_privacy_report(cfg, paths, ledgers, statistics)
     else:
         from .server.reports import rewrite_run_privacy_report
 
         rewrite_run_privacy_report(cfg, paths)
     Console(emoji=False).print((paths.privacy / "report.md").read_text(), markup=False)
     return 0
+
+
+def _written_count(report: Path) -> dict:
+    """{"examples_total": N} from a privacy report a centralized run wrote (empty when it is gone or unreadable)."""
+    import json
+
+    try:
+        section = json.loads(report.read_text())["extra"]["init_statistics"]
+        return {"examples_total": int(section["examples_total"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _sizes(text: str) -> list[int]:

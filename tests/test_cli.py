@@ -174,6 +174,16 @@ def test_privacy_report_command_rewrites_the_report_from_the_ledgers(capsys, tmp
     assert (privacy / "epsilon.png").is_file()
 
 
+def test_privacy_report_rewrite_of_a_centralized_run_keeps_how_many_records_its_statistic_summed(capsys, tmp_path):
+    """The count is known only to the run (the rewrite has no calibration data): it used to vanish from the report."""
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "eva", *TINY, "adapter=eva"]) == 0
+    report = tmp_path / "eva" / "privacy" / "report.json"
+    before = json.loads(report.read_text())["extra"]["init_statistics"]
+    assert before["examples_total"] > 0
+    assert main(["privacy-report", str(tmp_path / "eva")]) == 0
+    assert json.loads(report.read_text())["extra"]["init_statistics"] == before
+
+
 def test_privacy_report_of_a_folder_that_is_not_a_run(capsys, tmp_path):
     _fails(capsys, ["privacy-report", str(tmp_path)], "is not a fedspec run folder")
 
