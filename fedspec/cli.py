@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load ADAPTER_DIR (e.g. runs/NAME/adapter; the run's config.yaml beside it names the model) on "
         "the original base model and write OUT_DIR/adapter_config.json + adapter_model.safetensors in PEFT's "
         "format, which peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), OUT_DIR) loads with the "
-        "same outputs; residual methods (PiSSA, CorDA, ...) become a rank-2r LoRA. The classification head is "
-        "written beside (classifier_head.safetensors, fedspec_head.json).",
+        "same outputs (AutoModelForCausalLM for a causal-LM run); residual methods (PiSSA, CorDA, ...) become a "
+        "rank-2r LoRA. A classifier's head is written beside (classifier_head.safetensors, fedspec_head.json).",
     )
     export.add_argument("adapter_dir", metavar="ADAPTER_DIR", help="a saved fedspec adapter, e.g. runs/NAME/adapter "
                         "(a run folder stands for its final adapter/)")
@@ -242,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--key", metavar="FILE", help="this node's private key (supernodes/node-<i>)")
     node.add_argument("--data-path", metavar="FILE", help="this node's own data (else: its share of the task's)")
     node.add_argument("--num-partitions", type=int, help="shares of the task's data (without --data-path): the run's "
-                      "federation.clients; a node with another number refuses to start")
+                      "federation.clients; a node with another number fails the server's first query and is left "
+                      "out of the run (a client-error line)")
     node.add_argument("--device", metavar="DEVICE", help="where this node trains: auto, cpu, cuda or cuda:N "
                       "(default: the run's train.device, itself auto: the first GPU torch sees, else the CPU)")
     node.add_argument("--state-dir", required=True, metavar="DIR", help="the node's privacy ledger and worker socket")
