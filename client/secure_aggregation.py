@@ -82,14 +82,16 @@ def masked_reply(cfg: DictConfig, msg: Message, context: Context, session: Clien
     inside the sum). Under client-level DP: ``[x̃ + noise share, 1]`` (fedspec.privacy.skellam) instead."""
     secagg = cfg.federation.secure_aggregation
     examples = metrics.pop(NUM_EXAMPLES, None)
+    # The training loss stays here too: computed on the client's records without noise, it is covered by no DP
+    # guarantee, and secure aggregation promises the server nothing of one client's data but what the sum holds
+    metrics.pop(TRAIN_LOSS, None)
     # A fresh generator per round from OS entropy: rounding needs unpredictable coins, the noise secret ones
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     if cfg.privacy.client_level.enabled:
         noise, shares = distributed_noise(cfg), noise_shares(cfg, msg)
-        # Whether this update was clipped, and its training loss, stay here: anything of one client's data in the
-        # clear would sit outside the client-level guarantee, which covers only the noised sum
+        # Whether this update was clipped stays here: a bit of one update in the clear would sit outside the
+        # client-level guarantee, which covers only the noised sum
         vector, _ = noise.encode(update, shares, generator)
-        metrics.pop(TRAIN_LOSS, None)
         # Unmasked with fewer than m others, the sum would carry less than the whole noise: ClientSession.unmask
         # refuses such a request (the value travels in the node's state with the session)
         session.min_survivors = shares

@@ -160,7 +160,7 @@ class TrainReply:
         cuda = _number(metrics, CUDA, integer=True, required=False)
         if cuda not in (None, 0, 1):
             raise ProtocolError(f"metric {CUDA!r} must be 0 or 1, got {cuda}")
-        # No loss under distributed client-level noise: a client's own loss is data outside the noised sum's guarantee
+        # No loss under secure aggregation: a client's own loss is data no DP guarantee covers
         return cls(client, train_loss=_number(metrics, TRAIN_LOSS, required=False), steps=steps, num_examples=examples,
                    noise_multiplier=sigma, sample_rate=q, epsilon=epsilon, attempt=attempt, clipped_coordinates=clipped,
                    train_seconds=seconds,

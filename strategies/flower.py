@@ -186,6 +186,7 @@ class AdapterStrategy:
         summary = summarize_train_metrics(accepted, [1.0] * len(accepted))
         summary["quarantined"] = len(outcome.quarantined)
         summary["clipped"] = None  # distributed client-level noise: no client tells whether it clipped (privacy)
+        # No client sends its loss under secure aggregation (summarize_train_metrics leaves the round's out)
         if mean is None:
             summary["clients"] = 0
             return {k: v.clone() for k, v in self._sent_state.items()}, summary

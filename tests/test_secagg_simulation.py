@@ -61,6 +61,8 @@ def test_the_server_receives_only_masked_vectors_and_no_record_counts(two_runs):
             for name, res in (("plain", plain), ("secure", secure))}
     assert len(rows["secure"]) == len(rows["plain"]) == 3
     assert all("num_examples" in r for r in rows["plain"]) and not any("num_examples" in r for r in rows["secure"])
+    # nor any client's training loss (its records' loss, under no DP guarantee), so the round has none
+    assert all("train_loss" in r for r in rows["plain"]) and not any("train_loss" in r for r in rows["secure"])
     trained = sum(v.numel() for k, v in _state(plain).items()
                   if not k.startswith("server-momentum.") and (k.endswith("lora_B.weight") or k.startswith("head.")))
     assert all(r["update_bytes"] == 8 * (trained + 1) for r in rows["secure"])  # [w·update, w] as int64
@@ -70,6 +72,7 @@ def test_the_server_receives_only_masked_vectors_and_no_record_counts(two_runs):
     assert epsilons["secure"] == epsilons["plain"]
     round_row = [r for r in MetricsLog(secure.paths.metrics).read() if r["kind"] == "round"][-1]
     assert round_row["secagg_failed"] == 0 and round_row["secagg_dropped"] == 0 and round_row["clients"] == 3
+    assert round_row.get("train_loss") is None
 
 
 def test_the_privacy_report_says_the_server_saw_only_the_sum(two_runs):

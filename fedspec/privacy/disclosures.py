@@ -103,7 +103,7 @@ def server_sees(privacy: DictConfig, federation: DictConfig | None, *, method: s
             "private. `privacy.sample_rate=1/k` (the same q, hence the same σ, for every client) closes this "
             "channel."
         )
-    items.append(("Each client's number of local steps and training time" if level and secagg.enabled else
+    items.append(("Each client's number of local steps and training time" if secagg.enabled else
                   "**Each client's mean training loss in every round it trained** (computed on its records without "
                   "noise: not covered by DP), its number of local steps, its training time") +
                  (", its ε" if privacy.enabled else "") + ".")
