@@ -302,6 +302,12 @@ def test_report_shows_both_guarantees_declines_and_what_the_server_sees(tmp_path
                    "## Client-level ε over rounds", "| 2 | 4, 5 |", "**The run stopped early:** only 1 client left"):
         assert phrase in md, phrase
     assert md.index("Record-level ε per client") < md.index("Client-level ε over rounds")
+    assert section["expected_clients"] == 5.0
+    # Distributed noise (secure aggregation): the mean divides by the clients summed, so no fixed q·N is reported
+    distributed = write_privacy_report(
+        tmp_path / "distributed", three_clients(), delta=DELTA, accountant="rdp", max_grad_norm=1.0,
+        client_level=ClientLevelSettings(level, clipping_norm=0.5, expected_clients=5.0, distributed=True))
+    assert distributed["client_level"]["expected_clients"] is None
 
 
 def test_report_without_record_level_dp_says_records_are_not_protected(tmp_path):

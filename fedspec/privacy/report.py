@@ -199,7 +199,8 @@ def _client_level_section(settings: ClientLevelSettings) -> dict[str, Any]:
         "clipping_norm": settings.clipping_norm,
         "noise_multiplier": entries[-1].noise_multiplier if entries else None,
         "sample_rate": entries[-1].sample_rate if entries else None,
-        "expected_clients": settings.expected_clients,
+        # Under distributed noise the server divides by the clients it summed, not by a fixed q·N
+        "expected_clients": None if settings.distributed else settings.expected_clients,
         "target_epsilon": settings.target_epsilon,
         "rounds_released": len(entries),
         "final_epsilon": by_round[-1][1] if by_round else 0.0,
