@@ -15,6 +15,7 @@ import json
 import math
 import re
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,8 +291,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     def fail(key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
 
-    for key, value in _numbers(OmegaConf.to_container(cfg, throw_on_missing=False)):
-        if not math.isfinite(value):  # NaN passes every `x <= 0` check below, and ∞ is no setting anywhere
+    for key, value in _leaves(OmegaConf.to_container(cfg, throw_on_missing=False)).items():
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every `x <= 0` check below, and ∞ is no setting anywhere
             fail(key, value, "it must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -437,15 +438,6 @@ def _check_option_type(key: str, value: Any, default: Any, fail) -> None:
         fail(key, value, f"it must be {kind(default)} (default {default!r})")
 
 
-def _numbers(node: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """Every float value of a config tree (a plain container), with its dotted key."""
-    if isinstance(node, dict):
-        return [pair for key, value in node.items() for pair in _numbers(value, f"{prefix}{key}.")]
-    if isinstance(node, list):
-        return [pair for i, item in enumerate(node) for pair in _numbers(item, f"{prefix}{i}.")]
-    return [(prefix.rstrip("."), node)] if isinstance(node, float) else []
-
-
 def _validate_client_level(cfg: DictConfig, fail) -> None:
     level = cfg.privacy.client_level
     if not level.enabled:
@@ -585,23 +577,26 @@ def load_config_file(path: str | Path) -> DictConfig:
 RUN_PLACE_KEYS = frozenset({"run.name", "run.output_dir", "run.resume", "run.progress"})
 
 
-def config_differences(given: DictConfig, saved: DictConfig) -> list[str]:
+def config_differences(given: DictConfig, saved: DictConfig, *, only: Iterable[str] | None = None) -> list[str]:
     """'key=given (the run has saved)' for every setting ``given`` has otherwise than ``saved``, the keys of
-    :data:`RUN_PLACE_KEYS` aside."""
+    :data:`RUN_PLACE_KEYS` aside. ``only``: dotted keys or groups (``data``) to compare, and nothing else."""
     ours = _leaves(OmegaConf.to_container(given, resolve=True))
     theirs = _leaves(OmegaConf.to_container(saved, resolve=True))
+    scopes = None if only is None else tuple(only)
     return [f"{key}={ours.get(key)} (the run has {theirs.get(key)})" for key in sorted(ours.keys() | theirs.keys())
-            if key not in RUN_PLACE_KEYS and ours.get(key) != theirs.get(key)]
+            if key not in RUN_PLACE_KEYS and ours.get(key) != theirs.get(key)
+            and (scopes is None or any(key == scope or key.startswith(f"{scope}.") for scope in scopes))]
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-    leaves = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            leaves.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config tree (a plain container), by its dotted key; a list's items by their index."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return {prefix.rstrip("."): node}
+    return {key: value for name, child in items for key, value in _leaves(child, f"{prefix}{name}.").items()}
 
 
 __all__ = [

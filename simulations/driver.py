@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fedspec.builders import ModelSettings, Task, build_model, build_task, client_partitions, is_causal_lm
-from fedspec.config import RUN_PLACE_KEYS, check_federated, config_to_json, load_config_file, save_config
+from fedspec.config import check_federated, config_differences, config_to_json, load_config_file, save_config
 from fedspec.devices import resolve_device
 from fedspec.errors import ConfigError
 from fedspec.models import load_tokenizer
@@ -57,7 +57,8 @@ def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = 
         raise ConfigError(f"cannot resume {paths.root}: it is a `fedspec train` run (centralized), and a federation "
                           "resumed there would overwrite its adapter and reports; start one under another --name")
     saved = load_config_file(paths.config)
-    conflicts = [change for override in overrides for change in _differences(override, cfg, saved)]
+    set_keys = [override.split("=", 1)[0].lstrip("+~") for override in overrides]  # a group (data=agnews): its keys
+    conflicts = config_differences(cfg, saved, only=set_keys)
     if conflicts:
         raise ConfigError(f"--resume continues {paths.root} with the settings it started with, but the command sets "
                           f"{'; '.join(conflicts[:5])}; drop them, or start a new run under another --name")
@@ -65,18 +66,6 @@ def _resume_config(cfg: DictConfig, paths: RunPaths, overrides: Sequence[str] = 
     saved.run.resume = True
     saved.run.progress = cfg.run.progress
     return saved
-
-
-def _differences(override: str, cfg: DictConfig, saved: DictConfig) -> list[str]:
-    """'key=given (the run has kept)' for each value an override sets differently from the saved config; a group
-    override (``data=agnews``) is compared key by key. Where and how to run (``RUN_PLACE_KEYS``): never compared."""
-    key = override.split("=", 1)[0].lstrip("+~")
-    if key in RUN_PLACE_KEYS:
-        return []
-    given, kept = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
-    if isinstance(given, DictConfig) and isinstance(kept, DictConfig):
-        return [change for sub in given for change in _differences(f"{key}.{sub}=", cfg, saved)]
-    return [] if given == kept else [f"{key}={given} (the run has {kept})"]
 
 
 def client_sizes(cfg: DictConfig, task: Task | None = None) -> list[int]:

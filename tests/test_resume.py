@@ -319,3 +319,21 @@ def test_a_round_zero_answered_again_after_its_mirror_was_saved_is_counted_once(
     own = _own_ledgers(root)
     assert all(entries[0] == (0, 1) and (0, 2) not in entries for entries in own.values())
     assert _mirror(root) == own
+
+
+def test_one_comparison_serves_both_resumes_scoped_to_what_the_command_line_set(tiny_cfg):
+    """`fedspec simulate --resume` compares only what its command line sets (the rest is taken from the run), a
+    deployed server the whole tree: one function does both, and a group override compares every key of the group."""
+    from fedspec.config import config_differences
+
+    saved = tiny_cfg("adapter.targets=[query,value]")
+    given = tiny_cfg("train.lr=0.123", "run.seed=7", "run.name=elsewhere", "adapter.rank=2", "adapter.targets=[query]")
+    everything = config_differences(given, saved)
+    assert any(change.startswith("train.lr=0.123 (the run has ") for change in everything)
+    assert any(change.startswith("adapter.rank=2 ") for change in everything)
+    assert not any(change.startswith("run.name=") for change in everything)  # where a run is, not what it computes
+    assert "adapter.targets.1=None (the run has value)" in everything  # a list, item by item
+    assert [c.split("=")[0] for c in config_differences(given, saved, only=["train"])] == ["train.lr"]
+    assert [c.split("=")[0] for c in config_differences(given, saved, only=["run.seed", "adapter"])] == \
+        ["adapter.rank", "adapter.targets.1", "run.seed"]
+    assert config_differences(given, saved, only=["train.l", "data"]) == []  # a key's prefix is no scope
