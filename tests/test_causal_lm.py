@@ -162,6 +162,19 @@ def test_the_three_record_shapes_load(tmp_path):
     assert chat.records == [(("system", "s"), ("user", "u"), ("assistant", "a"))]
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_json_lines_whose_text_holds_unicode_line_separators_load_with_their_line_numbers(tmp_path, separator):
+    """JSON lines are separated by "\\n" only: json.dumps(..., ensure_ascii=False) (and `fedspec generate`'s own
+    output) writes U+2028, U+2029 and U+0085 raw inside strings, and str.splitlines() cut such a record in two
+    ("line 1 is not valid JSON")."""
+    path = tmp_path / "raw.jsonl"
+    records = [{"question": f"two{separator}plus two", "answer": "#### 4"}, {"question": "q"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert load_prompts(path).records[0] == (("user", f"two{separator}plus two"), ("assistant", "#### 4"))
+    with pytest.raises(DataError, match='line 2 of .*: field "answer" is missing'):
+        load_conversations(path)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "p"}, r'line 2 of .*: field "response" is missing'),
     ({"prompt": "p", "response": "  "}, r'line 2 of .*: field "response" is empty'),

@@ -205,7 +205,9 @@ def read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
         numbered = list(enumerate(items, start=1))
     else:
         numbered = []
-        for line_number, line in enumerate(content.splitlines(), start=1):
+        # JSON lines end at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON
+        # (and json.dumps with ensure_ascii=False) leaves raw inside strings.
+        for line_number, line in enumerate(content.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
