@@ -315,6 +315,18 @@ def test_answers_are_scored_by_exact_word_or_gsm8k_number():
     assert gsm8k_number("so #### 72\nuser: another?\nassistant: #### 5") == "72"  # the first answer, not a made-up turn's
 
 
+def test_exact_answers_keep_the_punctuation_that_tells_label_words_apart():
+    """`exact` ignores a sentence's trailing punctuation and quotes around the answer, not every punctuation mark
+    at either end: stripping them all made "C++" and "C#" match "C", and "-1" match "+1", so with such label words
+    a wrong class scored as right."""
+    assert not answer_matches("C++", "C", "exact") and not answer_matches("C#", "C", "exact")
+    assert not answer_matches("-1", "+1", "exact") and not answer_matches("+1", "-1", "exact")
+    assert answer_matches("C++.", "C++", "exact") and answer_matches("-1", "-1", "exact")
+    for said in ["Positive.", '"Positive"', "'positive'.", "**Positive**", "positive!", "  positive  \nmore"]:
+        assert answer_matches(said, "positive", "exact"), said
+    assert answer_matches("Sci/Tech.", "Sci/Tech", "exact") and not answer_matches("Sci", "Sci/Tech", "exact")
+
+
 def test_generation_stops_at_the_templates_end_of_turn_where_it_is_not_eos():
     """Training teaches the chat template's end-of-turn token; where a tokenizer's EOS is another token (Gemma's
     <end_of_turn>, Llama 3's <|eot_id|>) generation must stop at it too, not run on into made-up turns."""
