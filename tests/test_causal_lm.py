@@ -175,6 +175,16 @@ def test_json_lines_whose_text_holds_unicode_line_separators_load_with_their_lin
         load_conversations(path)
 
 
+def test_plain_texts_to_label_are_one_per_line_whatever_unicode_separators_they_hold(tmp_path):
+    """`fedspec predict --file` on a plain-text file: one text per line ("\\n" or "\\r\\n"); str.splitlines() also cut a
+    text at U+2028, U+2029 and U+0085, so one review became two predictions."""
+    from fedspec.data.sources import load_texts
+
+    path = tmp_path / "texts.txt"
+    path.write_bytes("first\u2028still first\r\n\nsecond\u0085 too\nthird".encode())
+    assert load_texts(path) == ["first\u2028still first", "second\u0085 too", "third"]
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "p"}, r'line 2 of .*: field "response" is missing'),
     ({"prompt": "p", "response": "  "}, r'line 2 of .*: field "response" is empty'),

@@ -238,7 +238,8 @@ def load_texts(path: str | Path, field: str = "text", *, path_key: str = "--file
                                 f"{', '.join(map(str, record))}); name the text field with --field")
             texts.append(record[field])
     else:
-        texts = [line for line in _read_text(file).splitlines() if line.strip()]
+        # "\n" (or "\r\n") ends a line; str.splitlines() would also cut a text at U+2028, U+2029 or U+0085
+        texts = [line.removesuffix("\r") for line in _read_text(file).split("\n") if line.strip()]
     if not texts:
         raise DataError(f"{path_key}={str(path)!r} holds no texts")
     return texts
