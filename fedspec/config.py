@@ -379,9 +379,10 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if cfg.data.task == "causal_lm" and cfg.model.name in ("minilm", "tiny-bert"):
         fail("model.name", cfg.model.name, "data.task=causal_lm needs a decoder: model=smollm2, model=tiny-llama or "
              "model.path=<folder of a causal LM>")
-    for key in ("data.generation_examples", "data.max_new_tokens"):
-        if OmegaConf.select(cfg, key) < 0:
-            fail(key, OmegaConf.select(cfg, key), "it must be 0 or more")
+    if cfg.data.generation_examples < 0:
+        fail("data.generation_examples", cfg.data.generation_examples, "it must be 0 or more")
+    if cfg.data.max_new_tokens < 1:  # greedy decoding (the answer score, `fedspec generate`) needs a token to write
+        fail("data.max_new_tokens", cfg.data.max_new_tokens, "an answer is at least 1 token")
     if cfg.data.alpha <= 0:
         fail("data.alpha", cfg.data.alpha, "the Dirichlet concentration must be > 0 (smaller = more skewed)")
     privacy = cfg.privacy

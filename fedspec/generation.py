@@ -3,8 +3,9 @@
 Greedy decoding with a KV cache (``transformers``' ``generate``), prompts left-padded in batches. A generated
 answer is scored against the record's reference response by ``data.answer``:
 
-- ``exact``: the first line of the generation equals the reference, ignoring case, surrounding whitespace and
-  trailing punctuation ("Positive." matches "positive") — for label words and other short answers;
+- ``exact``: the first line of the generation equals the reference, ignoring case, surrounding whitespace, quotes
+  around it and a sentence's trailing punctuation ("Positive." matches "positive", "C++" does not match "C") — for
+  label words and other short answers;
 - ``gsm8k``: the number after the first ``####`` (or, when the model wrote none, the last number it wrote) equals
   the number after ``####`` in the reference; thousands separators, leading and trailing zeros are ignored.
 """
@@ -12,7 +13,6 @@ answer is scored against the record's reference response by ``data.answer``:
 from __future__ import annotations
 
 import re
-import string
 
 from .causal_lm import CausalLM
 from .data.instructions import Conversations
@@ -20,11 +20,15 @@ from .prompts import assistant_spans, end_of_turn, generation_prompts
 
 ANSWERS = ("exact", "gsm8k")
 _NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_WRAPPERS = "\"'`*_"  # quotes and Markdown emphasis around an answer
+_SENTENCE_END = ".,;:!?"
 
 
 def normalized_text(text: str) -> str:
+    """The first line, lowercased, without the quotes or emphasis around it and a sentence's trailing punctuation.
+    Only those: a label word's own marks tell classes apart ("C++" from "C", "-1" from "+1")."""
     first_line = text.strip().splitlines()[0] if text.strip() else ""
-    return first_line.strip().strip(string.punctuation + " ").lower()
+    return first_line.strip(_WRAPPERS + " ").rstrip(_SENTENCE_END + _WRAPPERS + " ").lower()
 
 
 def gsm8k_number(text: str) -> str | None:

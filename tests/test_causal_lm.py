@@ -162,6 +162,29 @@ def test_the_three_record_shapes_load(tmp_path):
     assert chat.records == [(("system", "s"), ("user", "u"), ("assistant", "a"))]
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_json_lines_whose_text_holds_unicode_line_separators_load_with_their_line_numbers(tmp_path, separator):
+    """JSON lines are separated by "\\n" only: json.dumps(..., ensure_ascii=False) (and `fedspec generate`'s own
+    output) writes U+2028, U+2029 and U+0085 raw inside strings, and str.splitlines() cut such a record in two
+    ("line 1 is not valid JSON")."""
+    path = tmp_path / "raw.jsonl"
+    records = [{"question": f"two{separator}plus two", "answer": "#### 4"}, {"question": "q"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert load_prompts(path).records[0] == (("user", f"two{separator}plus two"), ("assistant", "#### 4"))
+    with pytest.raises(DataError, match='line 2 of .*: field "answer" is missing'):
+        load_conversations(path)
+
+
+def test_plain_texts_to_label_are_one_per_line_whatever_unicode_separators_they_hold(tmp_path):
+    """`fedspec predict --file` on a plain-text file: one text per line ("\\n" or "\\r\\n"); str.splitlines() also cut a
+    text at U+2028, U+2029 and U+0085, so one review became two predictions."""
+    from fedspec.data.sources import load_texts
+
+    path = tmp_path / "texts.txt"
+    path.write_bytes("first\u2028still first\r\n\nsecond\u0085 too\nthird".encode())
+    assert load_texts(path) == ["first\u2028still first", "second\u0085 too", "third"]
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "p"}, r'line 2 of .*: field "response" is missing'),
     ({"prompt": "p", "response": "  "}, r'line 2 of .*: field "response" is empty'),
@@ -300,6 +323,18 @@ def test_answers_are_scored_by_exact_word_or_gsm8k_number():
     assert gsm8k_number("#### 5.00") == gsm8k_number("#### 5") == "5" and gsm8k_number("#### .5") == "0.5"
     assert gsm8k_number("#### -0.50") == "-0.5" and gsm8k_number("#### 007") == "7"
     assert gsm8k_number("so #### 72\nuser: another?\nassistant: #### 5") == "72"  # the first answer, not a made-up turn's
+
+
+def test_exact_answers_keep_the_punctuation_that_tells_label_words_apart():
+    """`exact` ignores a sentence's trailing punctuation and quotes around the answer, not every punctuation mark
+    at either end: stripping them all made "C++" and "C#" match "C", and "-1" match "+1", so with such label words
+    a wrong class scored as right."""
+    assert not answer_matches("C++", "C", "exact") and not answer_matches("C#", "C", "exact")
+    assert not answer_matches("-1", "+1", "exact") and not answer_matches("+1", "-1", "exact")
+    assert answer_matches("C++.", "C++", "exact") and answer_matches("-1", "-1", "exact")
+    for said in ["Positive.", '"Positive"', "'positive'.", "**Positive**", "positive!", "  positive  \nmore"]:
+        assert answer_matches(said, "positive", "exact"), said
+    assert answer_matches("Sci/Tech.", "Sci/Tech", "exact") and not answer_matches("Sci", "Sci/Tech", "exact")
 
 
 def test_generation_stops_at_the_templates_end_of_turn_where_it_is_not_eos():

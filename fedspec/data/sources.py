@@ -205,7 +205,9 @@ def read_json_records(file: Path) -> list[tuple[int, dict[str, Any]]]:
         numbered = list(enumerate(items, start=1))
     else:
         numbered = []
-        for line_number, line in enumerate(content.splitlines(), start=1):
+        # JSON lines end at "\n" only: str.splitlines() also splits at U+2028, U+2029 and U+0085, which JSON
+        # (and json.dumps with ensure_ascii=False) leaves raw inside strings.
+        for line_number, line in enumerate(content.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -236,7 +238,8 @@ def load_texts(path: str | Path, field: str = "text", *, path_key: str = "--file
                                 f"{', '.join(map(str, record))}); name the text field with --field")
             texts.append(record[field])
     else:
-        texts = [line for line in _read_text(file).splitlines() if line.strip()]
+        # "\n" (or "\r\n") ends a line; str.splitlines() would also cut a text at U+2028, U+2029 or U+0085
+        texts = [line.removesuffix("\r") for line in _read_text(file).split("\n") if line.strip()]
     if not texts:
         raise DataError(f"{path_key}={str(path)!r} holds no texts")
     return texts
