@@ -227,3 +227,28 @@ def test_a_privatized_reply_larger_than_clipping_and_noise_allow_is_refused(sigm
     scaled = {key: (value if key == COUNT_KEY else value * 1e6) for key, value in flat.items()}
     with pytest.raises(ProtocolError, match="exceeds what 4 records clipped to C = 0.5 plus their noise can reach"):
         check_privatized_norm(scaled, 4, sigma, C)
+
+
+def test_a_client_never_releases_a_round_0_statistic_that_would_exceed_its_budget(tmp_path):
+    """Clients enforce privacy.budget_epsilon before every DP-SGD round, but round 0's privatized statistic was
+    released unchecked: at σ₀ = 5 its ε alone is about 1, and a node with budget 0.5 sent it and recorded ε ≈ 1 (in a
+    deployment nothing preflights the plan; only `fedspec simulate` refused such a config before starting)."""
+    from flwr.app import Context, RecordDict
+
+    from fedspec.client.runtime import ledger_path
+    from fedspec.client.statistics import client_statistics
+    from fedspec.errors import FedspecError
+
+    cfg = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=5.0",
+                  "privacy.noise_multiplier=2.0", "privacy.budget_epsilon=0.5", "run.name=budget0")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(FedspecError, match=r"round-0 statistic .* privacy.budget_epsilon=0.5"):
+        client_statistics(cfg, context)
+    path = ledger_path(cfg, context)
+    assert not path.exists() or PrivacyLedger.load(path).epsilon() <= 0.5
+    assert not (path.parent / "released-statistics.safetensors").exists()
+
+    roomy = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=5.0",
+                    "privacy.noise_multiplier=2.0", "privacy.budget_epsilon=2", "run.name=budget2")
+    _, metrics = client_statistics(roomy, context)  # within its budget: released and counted as before
+    assert 0.5 < metrics["epsilon"] <= 2
