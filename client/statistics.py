@@ -24,7 +24,7 @@ from fedspec.errors import FedspecError
 from fedspec.models import Tokenized
 from fedspec.privacy.accounting import epsilon, epsilon_text
 from fedspec.privacy.disclosures import reveals_record_count
-from fedspec.privacy.planning import PlanSettings, init_statistics_entries
+from fedspec.privacy.planning import PlanSettings, check_delta, init_statistics_entries
 from fedspec.protocol import (
     ATTEMPT,
     CALIBRATION_EXAMPLES,
@@ -57,10 +57,11 @@ def local_calibration(
                      seed=cfg.run.seed * 7919 + client)
 
 
-def _check_budget(cfg: DictConfig, context: Context, client: int) -> None:
-    """Refuse a privatized statistic whose release would push this client's ε past its budget: the budget holds for
-    every release, round 0's as well as each DP-SGD round's (a deployed run has no preflight that would refuse such
-    a config before it starts)."""
+def _check_release(cfg: DictConfig, context: Context, client: int, n: int) -> None:
+    """Refuse a privatized statistic that this client's DP settings do not cover, as before every DP-SGD round
+    (a deployed run has no preflight that would refuse such a config before it starts): δ must be below 1/n on
+    its own n records, and the release must not push its ε past its budget."""
+    check_delta(float(cfg.privacy.delta), [n], [client])
     plan = PlanSettings.of(cfg)
     if plan.budget_epsilon is None:
         return
@@ -85,8 +86,9 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
         kept = load_released(folder, 0, fingerprint, settings, name=STATISTICS_FILE)
         if kept is not None:
             return kept
-        _check_budget(cfg, context, client)
     model, data = base_model_and_data(cfg, context)
+    if InitStatistics.of(cfg).private:
+        _check_release(cfg, context, client, len(data))
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     if calibration.privatized and not reveals_record_count(cfg):
         # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;

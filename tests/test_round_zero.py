@@ -252,3 +252,21 @@ def test_a_client_never_releases_a_round_0_statistic_that_would_exceed_its_budge
                     "privacy.noise_multiplier=2.0", "privacy.budget_epsilon=2", "run.name=budget2")
     _, metrics = client_statistics(roomy, context)  # within its budget: released and counted as before
     assert 0.5 < metrics["epsilon"] <= 2
+
+
+def test_a_client_never_releases_a_round_0_statistic_at_a_delta_not_below_one_over_its_record_count(tmp_path):
+    """A node checked δ < 1/n on its own data before its first DP-SGD round, but not before round 0: with 80 records
+    and δ = 0.05 it released its privatized statistic (and recorded an ε at that δ, which allows leaking a whole
+    record) before the check in round 1 refused to go on."""
+    from flwr.app import Context, RecordDict
+
+    from fedspec.client.runtime import ledger_path
+    from fedspec.client.statistics import client_statistics
+    from fedspec.errors import ConfigError
+
+    cfg = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.target_epsilon=50",
+                  "privacy.delta=0.05", "run.name=delta0")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.05 is not below 1/n for client 0"):
+        client_statistics(cfg, context)
+    assert not ledger_path(cfg, context).exists()
