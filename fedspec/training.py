@@ -250,6 +250,9 @@ def _poisson_loader(dataset, rate: float, generator):
 
     batches = round(1 / rate)
     grid = 2**24  # torch.rand's float32 resolution
+    if batches > grid:
+        raise ValueError(f"a Poisson rate of 1/{batches} is below torch.rand's resolution of 2^-24, so Opacus cannot "
+                         "sample it; raise train.batch_size (or privacy.sample_rate)")
     loader = DPDataLoader(dataset, sample_rate=math.floor(grid / batches) / grid, generator=generator)
     loader.batch_sampler.steps = batches  # len(loader): Opacus accounts q = 1/batches
     return loader
