@@ -6,7 +6,7 @@ they cover (where the run keeps record counts private and the sums are privatize
 count would reveal the number of records of a client with fewer). With ``privacy.private_init_stats`` the sums are
 clipped per record and noised (the Gaussian mechanism, ``fedspec.adapters.calibration``) and the release is
 recorded in the client's privacy ledger as round 0, (σ₀, q = 1, 1 step), before it leaves the client, so it
-composes with every later DP-SGD step in the client's ε.
+composes with every later DP-SGD step in the client's ε; a client whose budget it would exceed refuses to release it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from torch import nn
 
 from fedspec.adapters import Calibration
 from fedspec.builders import AdapterSettings, InitStatistics, calibrate
+from fedspec.errors import FedspecError
 from fedspec.models import Tokenized
+from fedspec.privacy.accounting import epsilon, epsilon_text
 from fedspec.privacy.disclosures import reveals_record_count
-from fedspec.privacy.planning import init_statistics_entries
+from fedspec.privacy.planning import PlanSettings, check_delta, init_statistics_entries
 from fedspec.protocol import (
     ATTEMPT,
     CALIBRATION_EXAMPLES,
@@ -55,6 +57,24 @@ def local_calibration(
                      seed=cfg.run.seed * 7919 + client)
 
 
+def _check_release(cfg: DictConfig, context: Context, client: int, n: int) -> None:
+    """Refuse a privatized statistic that this client's DP settings do not cover, as before every DP-SGD round
+    (a deployed run has no preflight that would refuse such a config before it starts): δ must be below 1/n on
+    its own n records, and the release must not push its ε past its budget."""
+    check_delta(float(cfg.privacy.delta), [n], [client])
+    plan = PlanSettings.of(cfg)
+    if plan.budget_epsilon is None:
+        return
+    ledger = load_ledger(cfg, context)
+    spent = epsilon([*ledger.history(), *init_statistics_entries(cfg.privacy, cfg.adapter.method)], ledger.delta,
+                    ledger.accountant)
+    if spent > plan.budget_epsilon:
+        raise FedspecError(
+            f"client {client}: its round-0 statistic (privacy.init_noise_multiplier={cfg.privacy.init_noise_multiplier:g}) "
+            f"would bring its ε to {epsilon_text(spent)} at δ = {ledger.delta:g}, past {plan.budget_key}="
+            f"{plan.budget_epsilon:g}; it is not released: raise privacy.init_noise_multiplier or the budget")
+
+
 def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
     """(flat statistic tensors, metrics) of this client's round-0 reply. A privatized statistic is kept beside the
     ledger (:mod:`.released`): a server that crashed during round 0 and asks again gets the same one, at no new
@@ -67,6 +87,8 @@ def client_statistics(cfg: DictConfig, context: Context) -> tuple[dict, dict]:
         if kept is not None:
             return kept
     model, data = base_model_and_data(cfg, context)
+    if InitStatistics.of(cfg).private:
+        _check_release(cfg, context, client, len(data))
     calibration = local_calibration(cfg, client, model, data.inputs, data.labels)
     if calibration.privatized and not reveals_record_count(cfg):
         # The sums cover min(n, calibration_examples) records, which would tell the server n for a smaller client;

@@ -239,18 +239,23 @@ def _micro_batches(size: int, split: int | None) -> list[slice]:
 
 
 def _poisson_loader(dataset, rate: float, generator):
-    """Opacus' Poisson loader at ``rate`` = 1/k, built here rather than by Opacus from a batched loader: it runs
-    int(1/rate) batches per epoch and Opacus accounts q = 1/(that number), and 1/(1/k) rounds below k in floating
-    point for 6 % of all k (93, 99, 105 …): Opacus' own conversion then accounts 1/(k−1) where fedspec planned σ for
-    1/k, and a client's ε overshoots its target. The rate one ulp lower keeps both at k (sampling at most the
-    accounted q)."""
+    """Opacus' Poisson loader at ``rate`` = 1/k, built here rather than by Opacus from a batched loader, so that it
+    samples at most the rate Opacus accounts, q = 1/(its number of batches per epoch):
+    - Opacus runs int(1/rate) batches per epoch, and 1/(1/k) rounds below k in floating point for 6 % of all k
+      (93, 99, 105 …): it would account 1/(k−1) where fedspec planned σ for 1/k. The loader is told to run k.
+    - It keeps a record when torch.rand, a float32 on a grid of 2^-24, is below the rate cast to float32: a record
+      is kept with chance ⌈fl32(rate)·2^24⌉/2^24, up to 2^-24 above 1/k (at 1/k = 1/40,000, ε 3.0006 where 3.000 was
+      accounted). A multiple of 2^-24 is exact in float32 and kept with exactly that chance: the largest one <= 1/k."""
     from opacus.data_loader import DPDataLoader
 
     batches = round(1 / rate)
-    sampled = 1.0 / batches
-    if int(1 / sampled) != batches:
-        sampled = math.nextafter(sampled, 0.0)
-    return DPDataLoader(dataset, sample_rate=sampled, generator=generator)
+    grid = 2**24  # torch.rand's float32 resolution
+    if batches > grid:
+        raise ValueError(f"a Poisson rate of 1/{batches} is below torch.rand's resolution of 2^-24, so Opacus cannot "
+                         "sample it; raise train.batch_size (or privacy.sample_rate)")
+    loader = DPDataLoader(dataset, sample_rate=math.floor(grid / batches) / grid, generator=generator)
+    loader.batch_sampler.steps = batches  # len(loader): Opacus accounts q = 1/batches
+    return loader
 
 
 def _train_private(model, opt, loss_fn, dataset, *, steps, batch_size, dp: DPSettings, on_step, schedule,

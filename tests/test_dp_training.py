@@ -103,6 +103,37 @@ def test_a_server_fixed_sample_rate_gives_every_client_the_same_q_and_sigma():
         compose_config(["privacy.sample_rate=0.03"])
 
 
+class _Rows(torch.utils.data.Dataset):
+    """A dataset of ``n`` rows that only the sampler reads (its rows are never fetched but the first)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor]:
+        return (torch.zeros(1),)
+
+
+@pytest.mark.parametrize("batches", [1, 3, 93, 2105, 40_000])
+def test_poisson_batches_keep_each_record_with_at_most_the_accounted_rate(monkeypatch, batches):
+    """Opacus keeps a record when torch.rand — float32, on a grid of 2^-24 — is below the rate (cast to float32), so
+    a record was kept with chance ⌈fl32(q)·2^24⌉/2^24, above the q accounted: 0.33333337 at q = 1/3, and 1.06e-4
+    above q (relative) at SST-2's 2,105 batches per epoch; every ε was computed for a lower rate than the one
+    sampled. Fed every point of that grid once, a batch must keep at most q of them, and the loader must still
+    run 1/q batches per epoch, the number Opacus accounts q from."""
+    from fedspec.training import _poisson_loader
+
+    grid = torch.arange(2**24, dtype=torch.float32) / 2**24  # every value torch.rand can return, once
+    loader = _poisson_loader(_Rows(2**24), 1 / batches, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: grid)
+    kept = len(next(iter(loader.batch_sampler)))
+    assert len(loader) == batches
+    assert kept / 2**24 <= 1 / batches
+    assert kept / 2**24 > 1 / batches - 2**-24  # and no lower than it need be
+
+
 def test_empty_poisson_batches_still_take_a_noisy_step():
     model, batch, labels = _batch(TEXTS[:2], LABELS[:2])
     fedspec.adapt(model, "lora", 2)

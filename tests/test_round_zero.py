@@ -227,3 +227,46 @@ def test_a_privatized_reply_larger_than_clipping_and_noise_allow_is_refused(sigm
     scaled = {key: (value if key == COUNT_KEY else value * 1e6) for key, value in flat.items()}
     with pytest.raises(ProtocolError, match="exceeds what 4 records clipped to C = 0.5 plus their noise can reach"):
         check_privatized_norm(scaled, 4, sigma, C)
+
+
+def test_a_client_never_releases_a_round_0_statistic_that_would_exceed_its_budget(tmp_path):
+    """Clients enforce privacy.budget_epsilon before every DP-SGD round, but round 0's privatized statistic was
+    released unchecked: at σ₀ = 5 its ε alone is about 1, and a node with budget 0.5 sent it and recorded ε ≈ 1 (in a
+    deployment nothing preflights the plan; only `fedspec simulate` refused such a config before starting)."""
+    from flwr.app import Context, RecordDict
+
+    from fedspec.client.runtime import ledger_path
+    from fedspec.client.statistics import client_statistics
+    from fedspec.errors import FedspecError
+
+    cfg = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=5.0",
+                  "privacy.noise_multiplier=2.0", "privacy.budget_epsilon=0.5", "run.name=budget0")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(FedspecError, match=r"round-0 statistic .* privacy.budget_epsilon=0.5"):
+        client_statistics(cfg, context)
+    path = ledger_path(cfg, context)
+    assert not path.exists() or PrivacyLedger.load(path).epsilon() <= 0.5
+    assert not (path.parent / "released-statistics.safetensors").exists()
+
+    roomy = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.init_noise_multiplier=5.0",
+                    "privacy.noise_multiplier=2.0", "privacy.budget_epsilon=2", "run.name=budget2")
+    _, metrics = client_statistics(roomy, context)  # within its budget: released and counted as before
+    assert 0.5 < metrics["epsilon"] <= 2
+
+
+def test_a_client_never_releases_a_round_0_statistic_at_a_delta_not_below_one_over_its_record_count(tmp_path):
+    """A node checked δ < 1/n on its own data before its first DP-SGD round, but not before round 0: with 80 records
+    and δ = 0.05 it released its privatized statistic (and recorded an ε at that δ, which allows leaking a whole
+    record) before the check in round 1 refused to go on."""
+    from flwr.app import Context, RecordDict
+
+    from fedspec.client.runtime import ledger_path
+    from fedspec.client.statistics import client_statistics
+    from fedspec.errors import ConfigError
+
+    cfg = _config(tmp_path, "adapter=eva", "privacy.private_init_stats=true", "privacy.target_epsilon=50",
+                  "privacy.delta=0.05", "run.name=delta0")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.05 is not below 1/n for client 0"):
+        client_statistics(cfg, context)
+    assert not ledger_path(cfg, context).exists()
