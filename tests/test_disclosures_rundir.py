@@ -141,6 +141,11 @@ def test_rejected_replies_and_traffic_reach_the_summary_and_the_privacy_report(t
     report = build_privacy_report({}, delta=1e-5, accountant="rdp", record_level=False, quarantined={"2": [3, 1]})
     assert report["quarantined"] == {"2": [1, 3]}
     assert "Replies the server rejected" in render_markdown(report) and "2 (round 1, 3)" in render_markdown(report)
+    assert "never past the budget" not in render_markdown(report)  # no budget was enforced: no cap to name
+    capped = build_privacy_report({}, delta=1e-5, accountant="rdp", record_level=False, timed_out={"2": [3]},
+                                  quarantined={"1": [2]}, extra={"budget_epsilon": 3.0})
+    # what the server's copy lacks is in the clients' own ledgers, which they check against the budget every round
+    assert render_markdown(capped).count("(never past the budget ε ≤ 3 each client enforces)") == 2
     rows = [RoundRow(0, None, 0.5, 0.7, 0, None, 1.0),
             RoundRow(1, 0.6, 0.6, 0.6, 3, 1.0, 2.0, quarantined=1, bytes_sent=3 * 150536, bytes_received=2 * 150536)]
     summary = summary_markdown(tiny_cfg(), rows, report, None)

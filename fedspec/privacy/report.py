@@ -367,15 +367,18 @@ def _numbers(report: Mapping[str, Any]) -> list[str]:
     if report["declined"]:
         lines += ["", f"Clients that declined a round because it would have exceeded their budget: "
                       f"{', '.join(report['declined'])}."]
+    budget = report["extra"].get("budget_epsilon")
+    # Clients check their own ledgers, which hold the rounds the server's copy lacks, before every round.
+    capped = f" (never past the budget ε ≤ {_fmt(budget)} each client enforces)" if budget is not None else ""
     if report.get("quarantined"):
         rejected = ", ".join(f"{cid} (round {', '.join(map(str, rounds))})" for cid, rounds in report["quarantined"].items())
         lines += ["", f"Replies the server rejected (their updates were not used; `client-quarantined` lines in "
                       f"metrics.jsonl say why): {rejected}. What a client spent in a rejected round is in its own "
-                      "ledger on its node, which can exceed the server's copy shown here."]
+                      f"ledger on its node, which can exceed the server's copy shown here{capped}."]
     if report.get("timed_out"):
         late = ", ".join(f"{cid} (round {', '.join(map(str, rounds))})" for cid, rounds in report["timed_out"].items())
         lines += ["", f"Clients that did not answer a round in time: {late}. If they trained it, the server's copy of "
-                      "their history lacks that round; their own ledgers hold it."]
+                      f"their history lacks that round; their own ledgers hold it{capped}."]
     stated = [cid for cid, section in report["clients"].items() if section.get("final_from_client")]
     if stated:
         lines += ["", f"Final ε of client {', '.join(stated)} as the client stated it in a later reply: larger than "
