@@ -133,12 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of --file (JSON lines of {\"prompt\"}, {\"question\"} or {\"messages\": [...]}; written to stdout as JSON "
         "lines with the response, and the reference when the record had one). Prompts are rendered with the "
         "tokenizer's chat template, as in training; a run that cast classification data as generation "
-        "(data.prompt) wraps each --prompt in its data.prompt, as it wrapped each record's text.",
+        "(data.prompt) wraps each --prompt, and each \"prompt\" or \"question\" of --file, in its data.prompt, as it "
+        "wrapped each record's text.",
     )
     generate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run folder of a causal-LM task")
     generate.add_argument("--prompt", action="append", default=[],
                           help="a prompt to answer (repeatable); with a data.prompt run, the text to put in it")
-    generate.add_argument("--file", help="a JSON-lines file of prompts")
+    generate.add_argument("--file", help="a JSON-lines file of prompts (with a data.prompt run, of texts to put in it)")
     generate.add_argument("--max-new-tokens", type=int, help="the longest answer (default: the run's data.max_new_tokens)")
     generate.add_argument("--base", action="store_true", help="answer with the base model, without the adapter")
 
@@ -453,7 +454,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     template = run.cfg.data.get("prompt")
     turns = [template.replace("{text}", text) if template else text for text in args.prompt]
     records = Conversations([(("user", turn), ("assistant", "")) for turn in turns], [0] * len(turns), ["-"])
-    from_file = load_prompts(args.file) if args.file else None
+    from_file = load_prompts(args.file, template=template) if args.file else None
     if from_file is not None:
         records = Conversations([*records.records, *from_file.records], [0] * (len(records) + len(from_file)), ["-"])
     max_new = args.max_new_tokens or int(run.cfg.data.max_new_tokens)

@@ -135,7 +135,8 @@ def test_the_privacy_plan_counts_the_records_a_client_trains_on_not_those_max_le
 def test_generate_wraps_each_prompt_in_the_data_prompt_a_cast_classification_run_trained_on(
         instruction_file, tmp_path, monkeypatch, capsys):
     """`data=sst2 data.task=causal_lm` trains on data.prompt around each review: `generate --prompt TEXT` must put
-    TEXT in the same place, or the model answers a turn unlike any it learned from."""
+    TEXT in the same place, or the model answers a turn unlike any it learned from; `--file` did not (its prompts
+    reached the model bare)."""
     from fedspec import generation
 
     reviews = tmp_path / "reviews.tsv"
@@ -151,3 +152,9 @@ def test_generate_wraps_each_prompt_in_the_data_prompt_a_cast_classification_run
     capsys.readouterr()
     assert main(["generate", str(tmp_path / "cast"), "--prompt", "a moving film"]) == 0
     assert seen[0][0] == ("user", template.replace("{text}", "a moving film"))
+    # --file's texts too ("messages" records are whole chats, as given)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a dull film"}\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    seen.clear()
+    assert main(["generate", str(tmp_path / "cast"), "--file", str(prompts)]) == 0
+    assert [record[0] for record in seen] == [("user", template.replace("{text}", "a dull film")), ("user", "hi")]

@@ -73,9 +73,11 @@ def load_conversations(path: str | Path, *, path_key: str = "data.path") -> Conv
     return Conversations(records, [0] * len(records), [NO_CLASS])
 
 
-def load_prompts(path: str | Path, *, path_key: str = "--file") -> Conversations:
+def load_prompts(path: str | Path, *, path_key: str = "--file", template: str | None = None) -> Conversations:
     """Prompts to answer, from JSON lines of the instruction shapes; the response (or a final assistant turn) is
-    optional and, when present, kept as the reference answer (else the last turn is an empty assistant turn)."""
+    optional and, when present, kept as the reference answer (else the last turn is an empty assistant turn).
+    ``template`` (a run's ``data.prompt``, with ``{text}``): each "prompt" or "question" is the text put in it, as
+    the run's training put each record's text; a "messages" record is a whole chat, used as it is."""
     file = existing_file(path, path_key)
     records = []
     for line, item in read_json_records(file):
@@ -88,7 +90,9 @@ def load_prompts(path: str | Path, *, path_key: str = "--file") -> Conversations
             if field is None:
                 raise DataError(f"{where}: a prompt record needs \"prompt\", \"question\" or \"messages\"")
             reference = item.get(SHAPES[field])
-            turns = (("user", _text(item, field, where)), ("assistant", reference if isinstance(reference, str) else ""))
+            text = _text(item, field, where)
+            turns = (("user", template.replace("{text}", text) if template else text),
+                     ("assistant", reference if isinstance(reference, str) else ""))
         records.append(turns)
     if not records:
         raise DataError(f"{path_key}={str(path)!r} holds no records")
