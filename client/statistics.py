@@ -70,7 +70,8 @@ def _check_release(cfg: DictConfig, context: Context, client: int, n: int) -> No
                     ledger.accountant)
     if spent > plan.budget_epsilon:
         raise FedspecError(
-            f"client {client}: its round-0 statistic (privacy.init_noise_multiplier={cfg.privacy.init_noise_multiplier:g}) "
+            f"client {client}: its round-0 statistic "
+            f"(privacy.init_noise_multiplier={cfg.privacy.init_noise_multiplier:g}) "
             f"would bring its ε to {epsilon_text(spent)} at δ = {ledger.delta:g}, past {plan.budget_key}="
             f"{plan.budget_epsilon:g}; it is not released: raise privacy.init_noise_multiplier or the budget")
 

@@ -291,8 +291,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     def fail(key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; {allowed}")
 
+    # NaN passes every `x <= 0` check below, and ∞ is no setting anywhere
     for key, value in _leaves(OmegaConf.to_container(cfg, throw_on_missing=False)).items():
-        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every `x <= 0` check below, and ∞ is no setting anywhere
+        if isinstance(value, float) and not math.isfinite(value):
             fail(key, value, "it must be a finite number")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)

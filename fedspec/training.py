@@ -244,8 +244,9 @@ def _poisson_loader(dataset, rate: float, generator):
     - Opacus runs int(1/rate) batches per epoch, and 1/(1/k) rounds below k in floating point for 6 % of all k
       (93, 99, 105 …): it would account 1/(k−1) where fedspec planned σ for 1/k. The loader is told to run k.
     - It keeps a record when torch.rand, a float32 on a grid of 2^-24, is below the rate cast to float32: a record
-      is kept with chance ⌈fl32(rate)·2^24⌉/2^24, up to 2^-24 above 1/k (at 1/k = 1/40,000, ε 3.0006 where 3.000 was
-      accounted). A multiple of 2^-24 is exact in float32 and kept with exactly that chance: the largest one <= 1/k."""
+      is kept with chance ⌈fl32(rate)·2^24⌉/2^24, up to 2^-24 above 1/k (at 1/k = 1/40,000, ε 3.0006 where 3.000
+      was accounted). A multiple of 2^-24 is exact in float32 and kept with exactly that chance: the largest one
+      <= 1/k."""
     from opacus.data_loader import DPDataLoader
 
     batches = round(1 / rate)
