@@ -129,11 +129,28 @@ def test_sorsa_regularizer_is_a_step_of_size_gamma_independent_of_the_learning_r
             layer.lora_B.weight.mul_(1.5)  # away from orthonormal
     B = layers[0].lora_B.weight
     start = B.detach().clone()
-    penalty = sum(factor_gaps(layer) for layer in layers) / len(layers)
+    penalty = sum(factor_gaps(layer) for layer in layers) / (2 * len(layers))
     (grad,) = torch.autograd.grad(penalty, [B])
     assert isinstance(training_hooks(model, HookContext(lr=123.0, total_steps=1))[0], OrthonormalStep)
     train_steps(model, batch, LABELS, steps=1, batch_size=12, optimizer="sgd", lr=0.0)  # only the hook moves B
     assert torch.allclose(B, start - 0.1 * grad, atol=1e-6)
+
+
+def test_sorsa_regularizer_is_the_mean_over_factor_matrices_as_sorsas_calc_ortho():
+    """SORSA's reference ``calc_ortho`` averages ‖UᵀU − I‖_F and ‖VᵀV − I‖_F over every factor matrix (two per
+    layer), and its γ = 4e-4 is calibrated against that mean; fedspec divided the sum by the number of layers, so
+    the default γ acted twice as strongly as SORSA's."""
+    model, _ = _adapted("sorsa", 4, gamma=0.1)
+    layers = list(adapter_layers(model).values())
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            layer.lora_B.weight.mul_(1.0 + 0.1 * (i + 1))
+            layer.lora_A.weight.mul_(1.0 - 0.05 * (i + 1))
+    gaps = [gap for layer in layers for gap in (torch.linalg.matrix_norm(
+        layer.lora_B.weight.T @ layer.lora_B.weight - torch.eye(4)), torch.linalg.matrix_norm(
+        layer.lora_A.weight @ layer.lora_A.weight.T - torch.eye(4)))]
+    (hook,) = training_hooks(model, HookContext(lr=1e-2, total_steps=1))
+    assert torch.allclose(hook.penalty(model), sum(gaps) / len(gaps))
 
 
 @pytest.mark.parametrize(("method", "options"), [
