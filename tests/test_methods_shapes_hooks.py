@@ -109,13 +109,29 @@ def test_sora_soft_threshold_is_the_l1_proximal_operator():
 
 def test_sora_gates_are_pruned_in_training_and_only_with_a_penalty():
     zeros = {}
-    for lam in (0.0, 50.0):
+    for lam in (0.0, 0.5):
         model, batch = _adapted("sora", 4, sparse_lambda=lam)
         train_steps(model, batch, LABELS, steps=3, batch_size=6, lr=1e-2)
         gates = torch.cat([layer.core.weight.detach() for layer in adapter_layers(model).values()])
         zeros[lam] = int((gates == 0).sum())
     assert zeros[0.0] == 0
-    assert zeros[50.0] > 4  # threshold lr·λ = 0.5 per step against gates ~ N(0, 1)
+    assert zeros[0.5] > 4  # threshold 0.5 per step against gates ~ N(0, 1)
+
+
+def test_sora_threshold_is_the_references_per_step_value_whatever_the_learning_rate():
+    """SoRA's reference (SparseAdamW, as its run_glue.py builds it) soft-thresholds the gates by sparse_lambda_2
+    (1e-3 by default, 3e-4 in its GLUE scripts) per step, whatever the learning rate. fedspec thresholded by
+    lr·λ with λ = 1: under its own DP-SGD recipe (SGD, lr 1.0) that is 1.0 a step against gates ~ N(0, 1), and
+    every gate was zero within five steps — SoRA then trained nothing but the head."""
+    for lr in (1.0, 1e-3):
+        model, _ = _adapted("sora", 4)
+        (hook,) = training_hooks(model, HookContext(lr=lr, total_steps=5))
+        assert hook.threshold == pytest.approx(1e-3)
+    model, batch = _adapted("sora", 8)
+    train_steps(model, batch, LABELS, steps=5, batch_size=12, optimizer="sgd", lr=1.0,
+                dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    gates = torch.cat([layer.core.weight.detach() for layer in adapter_layers(model).values()])
+    assert int((gates != 0).sum()) > gates.numel() // 2
 
 
 # --- SORSA, SALT, Effort: penalty steps -------------------------------------------------------------------------
