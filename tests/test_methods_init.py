@@ -351,6 +351,14 @@ def test_soma_weight_decay_is_cosine_annealed_over_the_run():
     assert schedule.decay(500) == pytest.approx(1e-5)
 
 
+def test_soma_refuses_a_decay_that_would_zero_or_flip_every_tensor_at_a_dp_sgd_learning_rate():
+    """θ ← (1 − lr·λ)·θ with AdamW's λ = 0.05 at the SGD rates DP-SGD uses (16 on SST-2's recipe) shrank every
+    trainable tensor by 80 % a step, and above lr 20 flipped its sign each step, without a word."""
+    with pytest.raises(AdapterError, match=r"1 − lr·λ = 0 per step \(lr 20, adapter.options.weight_decay=0.05\)"):
+        AnnealedWeightDecay(0.05, 1e-5, total_steps=10, lr=20.0)
+    AnnealedWeightDecay(0.05, 1e-5, total_steps=10, lr=16.0)  # a strong decay, but still a decay
+
+
 def test_soma_hook_decays_the_trainable_tensors_at_the_runs_global_step():
     model, _ = tiny_classifier()
     fedspec.adapt(model, "soma", 2)

@@ -26,6 +26,13 @@ class AnnealedWeightDecay:
             raise AdapterError(f"adapter.options.weight_decay={start!r} and weight_decay_end={end!r} must be >= 0")
         if total_steps < 1:
             raise AdapterError(f"the weight-decay schedule needs total_steps >= 1, got {total_steps!r}")
+        if lr * start >= 1:
+            # θ ← (1 − η·λ)·θ: at η·λ = 1 every trainable tensor is zeroed each step, beyond it its sign flips.
+            # λ = 0.05 is an AdamW value (η ~ 1e-4); DP-SGD's rates of 1 and more need a λ scaled down to match.
+            raise AdapterError(
+                f"SoMA's weight decay would shrink every trainable tensor by a factor 1 − lr·λ = {1 - lr * start:.3g} "
+                f"per step (lr {lr:g}, adapter.options.weight_decay={start:g}), zeroing or flipping it: lower "
+                f"adapter.options.weight_decay below 1/lr = {1 / lr:.3g} (about 1e-4/lr keeps AdamW's decay per step)")
         self.start, self.end, self.total_steps, self.lr = float(start), float(end), int(total_steps), float(lr)
 
     def decay(self, step: int) -> float:

@@ -23,14 +23,15 @@ def initialize(weights: torch.Tensor, rank: int, scaling: float, **_: object) ->
 
 
 class OrthonormalStep(PenaltyStep):
-    """SORSA's regularizer L_orth = mean over layers of ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F, applied as
+    """SORSA's regularizer L_orth = the mean of ‖U_pᵀU_p − I‖_F and ‖V_pᵀV_p − I‖_F over every factor matrix (two
+    per layer, as SORSA's ``calc_ortho``, against which its γ = 4e-4 is set), applied as
     θ ← θ − γ·∇L_orth after the optimizer step (``lr=1``): its strength γ does not depend on the learning rate and it
     is never clipped, as in SORSA, where the gradient of (γ/η)·L_orth is added after clipping. fedspec keeps it out
     of Adam's moments (SORSA's reference uses AdamW), so under DP it stays a parameter-only post-processing step."""
 
     def penalty(self, model: nn.Module) -> torch.Tensor:
         layers = layers_of(model, LowRankCoreLinear)
-        return sum(factor_gaps(layer) for layer in layers) / len(layers)
+        return sum(factor_gaps(layer) for layer in layers) / (2 * len(layers))
 
 
 def hooks(model: nn.Module, config: AdapterConfig, context: HookContext) -> list:
