@@ -169,6 +169,18 @@ def test_header_detected_from_label_column_when_fields_are_indices(tmp_path):
     assert examples.texts == ["great", "awful", "ok"] and examples.labels == [1, 0, 1]
 
 
+def test_a_headerless_first_record_of_a_rare_class_is_kept_not_taken_for_a_header(tmp_path):
+    """Header detection looked at the next 200 rows only: a first record whose (string) class does not recur among
+    them was read as a header, and silently dropped. A header name never recurs in its own column further down."""
+    rows = ["first text of a rare class\trare"] + [f"text {i}\t{'a' if i % 2 else 'b'}" for i in range(300)]
+    path = write(tmp_path / "d.tsv", "\n".join([*rows, "another rare one\trare"]) + "\n")
+    examples = load_examples(path, text_field="0", label_field="1")
+    assert len(examples) == 302 and examples.texts[0] == "first text of a rare class"
+    assert examples.label_counts()[examples.label_names.index("rare")] == 2
+    header = write(tmp_path / "h.tsv", "\n".join(["review\tstars", *rows[1:]]) + "\n")  # a real header: still one
+    assert len(load_examples(header, text_field="0", label_field="1")) == 300
+
+
 def test_explicit_has_header_overrides_detection(tmp_path):
     path = write(tmp_path / "d.tsv", "a\t0\nb\t1\n")
     assert load_examples(path, has_header=True, text_field="a", label_field="0").texts == ["b"]

@@ -14,7 +14,8 @@ Header rows (TSV / CSV)
     (``label_field`` when that is a column index, otherwise the last column) is not a label while the next
     rows' values (up to 200 of them) are. "Is a label" means: one of ``label_names`` when given; otherwise
     an integer when the next rows all hold integers; otherwise a value that repeats among the next rows
-    (string labels repeat, a header name does not). Set ``has_header`` when a small file defeats the rule.
+    (string labels repeat, a header name does not) and that the first row's value is not (it occurs nowhere
+    further down the column, as a header name would not). Set ``has_header`` when a small file defeats the rule.
     Without a header, fields are column positions: ``text_field``/``label_field`` are indices (int or digit
     strings); the default names "text" and "label" mean columns 0 and 1 of a two-column file.
 
@@ -432,7 +433,10 @@ def _first_row_is_header(
     if all(_INTEGER.fullmatch(value) for value in following):
         return not _INTEGER.fullmatch(candidate)
     labels_repeat = len(set(following)) <= len(following) // 2
-    return labels_repeat and candidate not in following
+    # A header name never recurs in its own column; a label can, past the sample too (a rare class): a first value
+    # found anywhere further down is a label, and taking its row for a header would drop a record without a word.
+    further_down = {row[label_column].strip() for _, row in rows[1:]}  # rows are all as wide as the first
+    return labels_repeat and candidate not in further_down
 
 
 # --------------------------------------------------------------------------------------------------
