@@ -258,6 +258,19 @@ def test_error_format_and_structure(tmp_path):
     assert "line 3" in error_of(load_examples, short_row)
 
 
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line_and_byte_of_the_bad_byte(tmp_path):
+    """The TSV/CSV reader decodes in chunks, and the error named the byte's offset inside its chunk (4,125 for a
+    byte at 36,893 of the file) and no line: the user could not find the bad row."""
+    tsv = "".join(f"text number {i}\t{i % 2}\n" for i in range(2000)) + "caf\xe9 au lait\t1\n"
+    jsonl = "".join(f'{{"text": "text number {i}", "label": {i % 2}}}\n' for i in range(2000))
+    for name, content in (("d.tsv", tsv), ("d.jsonl", jsonl + '{"text": "caf\xe9", "label": 1}\n')):
+        path = tmp_path / name
+        path.write_bytes(content.encode("latin-1"))
+        bad = path.read_bytes().index(b"\xe9")
+        message = error_of(load_examples, path)
+        assert f"line 2001 of {path} is not UTF-8 text" in message and f"at byte {bad})" in message
+
+
 def test_a_row_with_a_stray_tab_is_refused_not_made_a_class(tmp_path):
     """The lenient reader took the extra field as the label: 'stray' became a third class."""
     path = write(tmp_path / "d.tsv", "text\tlabel\ngood\tpos\nbad\tstray\tneg\nfine\tpos\n")

@@ -275,11 +275,20 @@ def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise _not_utf8(file, error) from error
+        raise _not_utf8(file) from error
 
 
-def _not_utf8(file: Path, error: UnicodeDecodeError) -> DataError:
-    return DataError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+def _not_utf8(file: Path) -> DataError:
+    """Where the file stops being UTF-8. Found by decoding its bytes once more: a reader that decodes in chunks (the
+    csv module's) reports the offset inside its chunk, not in the file."""
+    data = file.read_bytes()
+    try:
+        data.decode("utf-8")  # a byte order mark is UTF-8 too, so offsets count from the file's first byte
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return DataError(f"line {line} of {file} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save the file as UTF-8")
+    return DataError(f"{file} is not UTF-8 text; save it as UTF-8")
 
 
 def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
@@ -298,7 +307,7 @@ def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
                     rows.append((reader.line_num, row))
                 start = reader.line_num + 1
     except UnicodeDecodeError as error:
-        raise _not_utf8(file, error) from error
+        raise _not_utf8(file) from error
     except csv.Error as error:
         reason = str(error).replace("\t", "\\t")  # csv names the tab it expected as a raw tab
         raise DataError(
