@@ -618,3 +618,13 @@ def test_a_dirichlet_split_of_one_class_data_is_refused(tiny_cfg):
         client_partitions([0] * 200, cfg.data, clients=4, seed=0)
     iid = tiny_cfg("data.partition=iid")
     assert sorted(i for part in client_partitions([0] * 200, iid.data, clients=4, seed=0) for i in part) == list(range(200))
+
+
+def test_no_client_is_left_without_records(tiny_cfg):
+    """data.min_client_examples=0 was allowed: a skewed Dirichlet draw then gave clients no records, and the run
+    stopped in the privacy planning with a bare ZeroDivisionError (1/n for n = 0)."""
+    from fedspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.min_client_examples=0 is not allowed; it must be at least 1"):
+        tiny_cfg("data.min_client_examples=0")
+    assert tiny_cfg("data.min_client_examples=1").data.min_client_examples == 1
