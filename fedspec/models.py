@@ -158,8 +158,11 @@ class Tokenized:
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> Tokenized:
+    """Every text to ``max_length`` tokens (longer ones truncated), padded on the right whatever side the tokenizer
+    pads on: training and evaluation cut a batch to its longest record by dropping trailing columns
+    (:func:`fedspec.training._trim`), which on left padding would drop the shorter records' tokens."""
     encoded = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt", padding_side="right"
     )
     return Tokenized(encoded["input_ids"], encoded["attention_mask"])
 
