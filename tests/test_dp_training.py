@@ -315,6 +315,21 @@ def test_a_tokenizer_that_pads_on_the_left_still_gives_the_model_every_token(mod
     torch.testing.assert_close(predict_logits(model, left, batch_size=4), alone, rtol=1e-4, atol=1e-5)
 
 
+def test_a_max_length_beyond_the_backbones_positions_is_refused_naming_the_setting():
+    """model.max_length above a BERT-style backbone's learned positions (512 for MiniLM, 128 for tiny-bert) failed
+    only at the first forward pass, deep in the model: "The expanded size of the tensor (256) must match the existing
+    size (128)"."""
+    from omegaconf import OmegaConf
+
+    from fedspec.errors import ConfigError
+    from fedspec.models import build_classifier
+
+    with pytest.raises(ConfigError, match="model.max_length=256 is more than the 128 positions"):
+        build_classifier(OmegaConf.create({"name": "tiny-bert", "max_length": 128 * 2}), 2)
+    model, tokenizer = build_classifier(OmegaConf.create({"name": "tiny-bert", "max_length": 128}), 2)
+    assert predict_logits(model, tokenize(tokenizer, ["word " * 300], 128)).shape == (1, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dp_training_on_cuda_draws_its_noise_there_reproducibly():
