@@ -399,6 +399,7 @@ class DataConfig:
     validation: bool = False
     seed: int = 0
     holdout_seed: int = 0
+    label_names: list[str] | None = None
 
 
 def test_load_task_synthetic_splits_are_balanced_disjoint_and_deterministic():
@@ -474,6 +475,25 @@ def test_load_task_eval_file_reuses_train_label_mapping(tmp_path):
     train, evaluation = load_task(DataConfig(source="file", path=str(train_path), eval_path=str(eval_path)))
     assert evaluation.label_names == train.label_names == ["Business", "Sports", "World"]
     assert evaluation.labels == [2]
+
+
+def test_class_ids_in_an_eval_file_are_refused_when_no_list_says_which_id_is_which_class(tmp_path):
+    """The training file names its classes (sorted: Business, Sci/Tech, Sports, World); an evaluation file that holds
+    class ids instead (a Hugging Face export: 0 World, 1 Sports, 2 Business, 3 Sci/Tech) was read with the ids taken
+    as positions in that sorted list: every class scored as another one, without a word."""
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    train_path = write(tmp_path / "train.tsv", "text\tlabel\n" + "".join(f"t{i}\t{names[i % 4]}\n" for i in range(8)))
+    eval_path = write(tmp_path / "eval.tsv", "text\tlabel\n" + "".join(f"e{i}\t{i % 4}\n" for i in range(4)))
+    message = error_of(load_task, DataConfig(source="file", path=str(train_path), eval_path=str(eval_path)))
+    assert f"label '0' at line 2 of {eval_path} is a class id" in message and "data.label_names" in message
+    # data.label_names says which id is which class: ids and names then agree in both files
+    train, evaluation = load_task(DataConfig(source="file", path=str(train_path), eval_path=str(eval_path),
+                                             label_names=names))
+    assert [train.label_names[label] for label in train.labels[:4]] == names
+    assert [evaluation.label_names[label] for label in evaluation.labels] == names
+    # ids in both files: the names are the ids themselves, nothing to guess
+    ids_path = write(tmp_path / "ids.tsv", "text\tlabel\n" + "".join(f"t{i}\t{i % 4}\n" for i in range(8)))
+    assert load_task(DataConfig(source="file", path=str(ids_path), eval_path=str(eval_path)))[1].labels == [0, 1, 2, 3]
 
 
 def test_load_task_errors_name_the_key(tmp_path):

@@ -7,6 +7,9 @@ Labels
     Integers are kept as class ids (``label_names`` default to "0".."K-1"). Strings are mapped to ids in
     sorted order ("Business" < "Sci/Tech" < "Sports" < "World"), so the mapping does not depend on row
     order. Passing ``label_names`` fixes the order instead (and lets an eval file reuse the train mapping).
+    With ``label_names``, a label may be a class name or a class id (its position in the list), unless
+    ``allow_ids=False``: names taken from another file's labels in sorted order say nothing about which id is which
+    class (a file of ids from another source would have every class read as another one).
 
 Header rows (TSV / CSV)
     ``has_header=True`` / ``False`` says it outright. With ``None`` (auto) the first row is a header when
@@ -61,6 +64,7 @@ def load_examples(
     format: str = "auto",
     has_header: bool | None = None,
     label_names: Sequence[str] | None = None,
+    allow_ids: bool = True,
     path_key: str = "data.path",
 ) -> TextExamples:
     """Load a local TSV, CSV or JSON lines file of labelled texts.
@@ -86,7 +90,7 @@ def load_examples(
             f"{len(empty)} of {len(texts)} examples in {file} have an empty text (first at line {empty[0]}; "
             f"data.text_field={text_field!r}); remove those rows or point data.text_field at the text column"
         )
-    label_ids, names = _label_ids(raw_labels, line_numbers, label_names, file, label_field)
+    label_ids, names = _label_ids(raw_labels, line_numbers, label_names, file, label_field, allow_ids)
     return TextExamples(texts=texts, labels=label_ids, label_names=names)
 
 
@@ -478,6 +482,7 @@ def _label_ids(
     label_names: Sequence[str] | None,
     origin: object,
     label_field: Field,
+    allow_ids: bool = True,
 ) -> tuple[list[int], list[str]]:
     """Map raw label values to class ids and return (ids, label_names)."""
     normalized = [_normalize_label(value) for value in raw_labels]
@@ -489,7 +494,7 @@ def _label_ids(
             )
     if label_names is not None:
         names = list(label_names)
-        return _ids_from_names(normalized, raw_labels, line_numbers, names, origin), names
+        return _ids_from_names(normalized, raw_labels, line_numbers, names, origin, allow_ids), names
     first_kind = type(normalized[0])
     for value, raw, line in zip(normalized, raw_labels, line_numbers):
         if type(value) is not first_kind:
@@ -524,15 +529,22 @@ def _ids_from_integers(
 
 
 def _ids_from_names(
-    values: list[Any], raw_labels: list[Any], line_numbers: list[int], names: list[str], origin: object
+    values: list[Any], raw_labels: list[Any], line_numbers: list[int], names: list[str], origin: object,
+    allow_ids: bool = True,
 ) -> list[int]:
     name_to_id = {name: index for index, name in enumerate(names)}
     ids: list[int] = []
     for value, raw, line in zip(values, raw_labels, line_numbers):
         if str(value) in name_to_id:
             ids.append(name_to_id[str(value)])
-        elif isinstance(value, int) and 0 <= value < len(names):
+        elif isinstance(value, int) and 0 <= value < len(names) and allow_ids:
             ids.append(value)
+        elif isinstance(value, int) and 0 <= value < len(names):
+            raise DataError(
+                f"label {raw!r} at line {line} of {origin} is a class id, but the classes {names} are named by the "
+                "training file's labels (in sorted order), and nothing says which id is which of them; write the "
+                "class names in this file, or set data.label_names to the classes in id order"
+            )
         else:
             raise DataError(
                 f"unparseable label {raw!r} at line {line} of {origin}: not one of the label names "

@@ -151,9 +151,12 @@ def _file_task(cfg: Any, holdout_seed: int) -> tuple[TextExamples, TextExamples]
     train = load_examples(path, path_key="data.path", **options)
     eval_path = _option(cfg, "eval_path", None)
     if eval_path:
-        # Reuse the train label mapping so label 2 means the same class in both files.
+        # Reuse the train label mapping so label 2 means the same class in both files. A bare class id in the eval
+        # file is read as a position in that list only when data.label_names gave it: names sorted from the training
+        # file's labels say nothing about which id is which class.
+        allow_ids = options["label_names"] is not None
         options["label_names"] = train.label_names
-        evaluation = load_examples(eval_path, path_key="data.eval_path", **options)
+        evaluation = load_examples(eval_path, path_key="data.eval_path", allow_ids=allow_ids, **options)
         # data.eval_examples caps a large eval file: the server evaluates on it every round.
         return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), holdout_seed)
     return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
