@@ -469,6 +469,16 @@ def test_validation_split_takes_at_most_a_fifth_of_the_training_records(tmp_path
     assert (len(tune_train), len(validation)) == (80, 20)  # not 80 validation records out of 100
 
 
+def test_too_few_training_records_for_a_validation_split_names_data_validation(tmp_path):
+    """With fewer than 5 training records (after data.max_examples) the validation split (a fifth of them) is empty:
+    the error blamed data.eval_examples=0, a value the user never set."""
+    path = write(tmp_path / "d.tsv", "text\tlabel\n" + "".join(f"t{i}\t{i % 2}\n" for i in range(8)))
+    message = error_of(load_task, DataConfig(source="file", path=str(path), eval_examples=2, max_examples=4,
+                                             validation=True))
+    assert "data.validation=true" in message and "4 training records" in message
+    assert "data.eval_examples=0" not in message
+
+
 def test_load_task_eval_file_reuses_train_label_mapping(tmp_path):
     train_path = write(tmp_path / "train.tsv", "text\tlabel\na\tWorld\nb\tSports\nc\tBusiness\n")
     eval_path = write(tmp_path / "eval.tsv", "text\tlabel\nd\tWorld\n")

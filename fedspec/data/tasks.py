@@ -82,6 +82,11 @@ def _held_out(cfg: Any, train, evaluation):
         # its own seed, the size of the held-out set but at most a fifth of the training records, so that a large
         # evaluation file does not take the training data away) stands in for it; the model trains on the rest.
         size = min(len(evaluation), int(len(train) * DEFAULT_HOLDOUT_SHARE))
+        if size < 1:  # split_holdout's own error would blame data.eval_examples, which did not choose this size
+            raise DataError(
+                f"data.validation=true carves its validation split from the {len(train)} training records (a fifth "
+                "of them at most), which leaves it empty; give more training records (data.max_examples, data.path)"
+            )
         return split_holdout(train, size, seed + VALIDATION_SEED_OFFSET)
     return train, evaluation
 
