@@ -133,6 +133,9 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
             label_field=cfg.data.label_field,
             format=cfg.data.format,
             label_names=list(label_names),
+            # a bare class id is a position in the class names only where data.label_names set their order: names
+            # sorted from the server's training file say nothing about which id is which class
+            allow_ids=cfg.data.label_names is not None,
             path_key="data-path",  # a node-config key, not a config key
         )
         if is_causal_lm(cfg.data):  # classification records answered with label words, as on the server

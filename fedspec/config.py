@@ -315,9 +315,12 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         if value is not None and not 0.0 <= value < 1.0:
             fail(key, value, "it must be in [0, 1), a probability of dropping" + (" (or null: the checkpoint's)"
                                                                                  if key == "model.dropout" else ""))
-    for key in ("adapter.niter", "adapter.oversample", "data.min_client_examples"):
+    for key in ("adapter.niter", "adapter.oversample"):
         if OmegaConf.select(cfg, key) < 0:
             fail(key, OmegaConf.select(cfg, key), "it must be 0 or more")
+    if cfg.data.min_client_examples < 1:  # 0 lets a Dirichlet draw leave a client no records: nothing to train on
+        fail("data.min_client_examples", cfg.data.min_client_examples,
+             "it must be at least 1: every client needs records to train on (its sample rate is batch/records)")
     spec = METHODS[cfg.adapter.method]
     for key in cfg.adapter.options or {}:
         if key not in spec.options:

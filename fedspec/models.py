@@ -158,8 +158,11 @@ class Tokenized:
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> Tokenized:
+    """Every text to ``max_length`` tokens (longer ones truncated), padded on the right whatever side the tokenizer
+    pads on: training and evaluation cut a batch to its longest record by dropping trailing columns
+    (:func:`fedspec.training._trim`), which on left padding would drop the shorter records' tokens."""
     encoded = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt", padding_side="right"
     )
     return Tokenized(encoded["input_ids"], encoded["attention_mask"])
 
@@ -169,11 +172,25 @@ def build_classifier(model_cfg, num_classes: int, *, seed: int = 0) -> tuple[Tex
     tokenizer = load_tokenizer(model_cfg.name, getattr(model_cfg, "path", None))
     encoder = load_encoder(model_cfg.name, getattr(model_cfg, "path", None), vocab_size=len(tokenizer), seed=seed,
                            dtype=getattr(model_cfg, "dtype", None) or "float32")
+    _check_max_length(getattr(model_cfg, "max_length", None), encoder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = TextClassifier(encoder, num_classes, getattr(model_cfg, "pooling", "mean"))
     _disable_dropout_if_asked(model, getattr(model_cfg, "dropout", None))
     return model, tokenizer
+
+
+def _check_max_length(max_length: int | None, encoder: nn.Module) -> None:
+    """A BERT-style backbone learns one embedding per position: a longer input fails only at the first forward pass,
+    deep in the model ("The expanded size of the tensor ... must match"), so the setting is named here."""
+    positions = getattr(getattr(encoder, "embeddings", None), "position_embeddings", None)
+    if max_length is None or not isinstance(positions, nn.Embedding):
+        return  # rotary and other relative positions have no table to run past
+    # RoBERTa-style tables start counting after the padding index
+    limit = positions.num_embeddings - (positions.padding_idx + 1 if positions.padding_idx is not None else 0)
+    if max_length > limit:
+        raise ConfigError(f"model.max_length={max_length} is more than the {limit} positions the backbone has "
+                          f"embeddings for; set model.max_length to {limit} or less")
 
 
 def _disable_dropout_if_asked(model: nn.Module, dropout: float | None) -> None:

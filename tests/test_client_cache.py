@@ -34,3 +34,22 @@ def test_virtual_clients_share_one_model_per_process(tiny_cfg, monkeypatch):
     finally:
         runtime._cached_model.cache_clear()
         runtime._cached_partition.cache_clear()
+
+
+def test_a_node_reads_class_ids_in_its_own_file_only_where_data_label_names_says_which_is_which(tiny_cfg, tmp_path):
+    """A node labels its own file with the server task's class names; where those were the training file's labels in
+    sorted order, a node file of class ids (another export's convention) had each id read as a position in that list:
+    its records trained as other classes, without a word."""
+    from fedspec.errors import DataError
+
+    train = tmp_path / "train.tsv"
+    train.write_text("text\tlabel\n" + "".join(f"t{i}\t{('World', 'Sports')[i % 2]}\n" for i in range(40)))
+    node_file = tmp_path / "node.tsv"
+    node_file.write_text("text\tlabel\nn0\t0\nn1\t1\n")
+    names = ("Sports", "World")  # what the server sends: its training file's labels, sorted
+    cfg = tiny_cfg("data.source=file", f"data.path={train}", "data.eval_examples=8", "federation.clients=2")
+    with pytest.raises(DataError, match=f"label '0' at line 2 of {node_file} is a class id"):
+        runtime._cached_own_data(runtime._key(cfg), str(node_file), names)
+    named = tiny_cfg("data.source=file", f"data.path={train}", "data.eval_examples=8", "federation.clients=2",
+                     "data.label_names=[Sports,World]")
+    assert runtime._cached_own_data(runtime._key(named), str(node_file), names).labels.tolist() == [0, 1]

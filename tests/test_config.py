@@ -84,7 +84,7 @@ def test_a_client_parses_the_config_without_the_servers_files(tmp_path):
     ("adapter.oversample=-3", "adapter.oversample=-3 is not allowed; it must be 0 or more"),
     ("federation.client_cpus=0", "federation.client_cpus=0.0 is not allowed; it must be > 0"),
     ("federation.round_timeout=0", "federation.round_timeout=0.0 is not allowed; it must be > 0"),
-    ("data.min_client_examples=-1", "data.min_client_examples=-1 is not allowed; it must be 0 or more"),
+    ("data.min_client_examples=-1", "data.min_client_examples=-1 is not allowed; it must be at least 1"),
     # "0 or more" let 0 through: greedy decoding (data.generation_examples, `fedspec generate`) then died in
     # transformers' generate ("`max_new_tokens` must be greater than 0")
     ("model=tiny-llama data.max_new_tokens=0", "data.max_new_tokens=0 is not allowed; an answer is at least 1 token"),

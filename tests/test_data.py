@@ -169,6 +169,18 @@ def test_header_detected_from_label_column_when_fields_are_indices(tmp_path):
     assert examples.texts == ["great", "awful", "ok"] and examples.labels == [1, 0, 1]
 
 
+def test_a_headerless_first_record_of_a_rare_class_is_kept_not_taken_for_a_header(tmp_path):
+    """Header detection looked at the next 200 rows only: a first record whose (string) class does not recur among
+    them was read as a header, and silently dropped. A header name never recurs in its own column further down."""
+    rows = ["first text of a rare class\trare"] + [f"text {i}\t{'a' if i % 2 else 'b'}" for i in range(300)]
+    path = write(tmp_path / "d.tsv", "\n".join([*rows, "another rare one\trare"]) + "\n")
+    examples = load_examples(path, text_field="0", label_field="1")
+    assert len(examples) == 302 and examples.texts[0] == "first text of a rare class"
+    assert examples.label_counts()[examples.label_names.index("rare")] == 2
+    header = write(tmp_path / "h.tsv", "\n".join(["review\tstars", *rows[1:]]) + "\n")  # a real header: still one
+    assert len(load_examples(header, text_field="0", label_field="1")) == 300
+
+
 def test_explicit_has_header_overrides_detection(tmp_path):
     path = write(tmp_path / "d.tsv", "a\t0\nb\t1\n")
     assert load_examples(path, has_header=True, text_field="a", label_field="0").texts == ["b"]
@@ -244,6 +256,19 @@ def test_error_format_and_structure(tmp_path):
     assert "must be a column index" in error_of(load_examples, headerless_names, text_field="body")
     short_row = write(tmp_path / "s.csv", "text,label\na,1\nb\n")
     assert "line 3" in error_of(load_examples, short_row)
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_the_line_and_byte_of_the_bad_byte(tmp_path):
+    """The TSV/CSV reader decodes in chunks, and the error named the byte's offset inside its chunk (4,125 for a
+    byte at 36,893 of the file) and no line: the user could not find the bad row."""
+    tsv = "".join(f"text number {i}\t{i % 2}\n" for i in range(2000)) + "caf\xe9 au lait\t1\n"
+    jsonl = "".join(f'{{"text": "text number {i}", "label": {i % 2}}}\n' for i in range(2000))
+    for name, content in (("d.tsv", tsv), ("d.jsonl", jsonl + '{"text": "caf\xe9", "label": 1}\n')):
+        path = tmp_path / name
+        path.write_bytes(content.encode("latin-1"))
+        bad = path.read_bytes().index(b"\xe9")
+        message = error_of(load_examples, path)
+        assert f"line 2001 of {path} is not UTF-8 text" in message and f"at byte {bad})" in message
 
 
 def test_a_row_with_a_stray_tab_is_refused_not_made_a_class(tmp_path):
@@ -374,6 +399,7 @@ class DataConfig:
     validation: bool = False
     seed: int = 0
     holdout_seed: int = 0
+    label_names: list[str] | None = None
 
 
 def test_load_task_synthetic_splits_are_balanced_disjoint_and_deterministic():
@@ -443,12 +469,41 @@ def test_validation_split_takes_at_most_a_fifth_of_the_training_records(tmp_path
     assert (len(tune_train), len(validation)) == (80, 20)  # not 80 validation records out of 100
 
 
+def test_too_few_training_records_for_a_validation_split_names_data_validation(tmp_path):
+    """With fewer than 5 training records (after data.max_examples) the validation split (a fifth of them) is empty:
+    the error blamed data.eval_examples=0, a value the user never set."""
+    path = write(tmp_path / "d.tsv", "text\tlabel\n" + "".join(f"t{i}\t{i % 2}\n" for i in range(8)))
+    message = error_of(load_task, DataConfig(source="file", path=str(path), eval_examples=2, max_examples=4,
+                                             validation=True))
+    assert "data.validation=true" in message and "4 training records" in message
+    assert "data.eval_examples=0" not in message
+
+
 def test_load_task_eval_file_reuses_train_label_mapping(tmp_path):
     train_path = write(tmp_path / "train.tsv", "text\tlabel\na\tWorld\nb\tSports\nc\tBusiness\n")
     eval_path = write(tmp_path / "eval.tsv", "text\tlabel\nd\tWorld\n")
     train, evaluation = load_task(DataConfig(source="file", path=str(train_path), eval_path=str(eval_path)))
     assert evaluation.label_names == train.label_names == ["Business", "Sports", "World"]
     assert evaluation.labels == [2]
+
+
+def test_class_ids_in_an_eval_file_are_refused_when_no_list_says_which_id_is_which_class(tmp_path):
+    """The training file names its classes (sorted: Business, Sci/Tech, Sports, World); an evaluation file that holds
+    class ids instead (a Hugging Face export: 0 World, 1 Sports, 2 Business, 3 Sci/Tech) was read with the ids taken
+    as positions in that sorted list: every class scored as another one, without a word."""
+    names = ["World", "Sports", "Business", "Sci/Tech"]
+    train_path = write(tmp_path / "train.tsv", "text\tlabel\n" + "".join(f"t{i}\t{names[i % 4]}\n" for i in range(8)))
+    eval_path = write(tmp_path / "eval.tsv", "text\tlabel\n" + "".join(f"e{i}\t{i % 4}\n" for i in range(4)))
+    message = error_of(load_task, DataConfig(source="file", path=str(train_path), eval_path=str(eval_path)))
+    assert f"label '0' at line 2 of {eval_path} is a class id" in message and "data.label_names" in message
+    # data.label_names says which id is which class: ids and names then agree in both files
+    train, evaluation = load_task(DataConfig(source="file", path=str(train_path), eval_path=str(eval_path),
+                                             label_names=names))
+    assert [train.label_names[label] for label in train.labels[:4]] == names
+    assert [evaluation.label_names[label] for label in evaluation.labels] == names
+    # ids in both files: the names are the ids themselves, nothing to guess
+    ids_path = write(tmp_path / "ids.tsv", "text\tlabel\n" + "".join(f"t{i}\t{i % 4}\n" for i in range(8)))
+    assert load_task(DataConfig(source="file", path=str(ids_path), eval_path=str(eval_path)))[1].labels == [0, 1, 2, 3]
 
 
 def test_load_task_errors_name_the_key(tmp_path):
@@ -593,3 +648,13 @@ def test_a_dirichlet_split_of_one_class_data_is_refused(tiny_cfg):
         client_partitions([0] * 200, cfg.data, clients=4, seed=0)
     iid = tiny_cfg("data.partition=iid")
     assert sorted(i for part in client_partitions([0] * 200, iid.data, clients=4, seed=0) for i in part) == list(range(200))
+
+
+def test_no_client_is_left_without_records(tiny_cfg):
+    """data.min_client_examples=0 was allowed: a skewed Dirichlet draw then gave clients no records, and the run
+    stopped in the privacy planning with a bare ZeroDivisionError (1/n for n = 0)."""
+    from fedspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.min_client_examples=0 is not allowed; it must be at least 1"):
+        tiny_cfg("data.min_client_examples=0")
+    assert tiny_cfg("data.min_client_examples=1").data.min_client_examples == 1

@@ -300,6 +300,36 @@ def test_evaluation_in_length_order_returns_every_row_in_its_own_place(model_nam
     assert evaluate(model, data, labels, batch_size=4)["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_a_tokenizer_that_pads_on_the_left_still_gives_the_model_every_token(model_name):
+    """tokenize followed the tokenizer's padding side, but training and evaluation drop the trailing columns that no
+    record of a batch uses: with a tokenizer that pads on the left (common for decoders) they cut the shorter
+    records' tokens and kept their padding, and the model scored and trained on nothing of them, without a word."""
+    texts = ["a", "the bank raised its rates again today after the long meeting", "rain", "stocks fell sharply"]
+    model, tokenizer = tiny_classifier(model_name)
+    right = tokenize(tokenizer, texts, 16)
+    tokenizer.padding_side = "left"  # as a decoder checkpoint's tokenizer_config.json may set it
+    left = tokenize(tokenizer, texts, 16)
+    assert torch.equal(left.input_ids, right.input_ids) and torch.equal(left.attention_mask, right.attention_mask)
+    alone = torch.cat([predict_logits(model, tokenize(tokenizer, [text], 16)) for text in texts])
+    torch.testing.assert_close(predict_logits(model, left, batch_size=4), alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_max_length_beyond_the_backbones_positions_is_refused_naming_the_setting():
+    """model.max_length above a BERT-style backbone's learned positions (512 for MiniLM, 128 for tiny-bert) failed
+    only at the first forward pass, deep in the model: "The expanded size of the tensor (256) must match the existing
+    size (128)"."""
+    from omegaconf import OmegaConf
+
+    from fedspec.errors import ConfigError
+    from fedspec.models import build_classifier
+
+    with pytest.raises(ConfigError, match="model.max_length=256 is more than the 128 positions"):
+        build_classifier(OmegaConf.create({"name": "tiny-bert", "max_length": 128 * 2}), 2)
+    model, tokenizer = build_classifier(OmegaConf.create({"name": "tiny-bert", "max_length": 128}), 2)
+    assert predict_logits(model, tokenize(tokenizer, ["word " * 300], 128)).shape == (1, 2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dp_training_on_cuda_draws_its_noise_there_reproducibly():

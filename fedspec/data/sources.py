@@ -7,6 +7,9 @@ Labels
     Integers are kept as class ids (``label_names`` default to "0".."K-1"). Strings are mapped to ids in
     sorted order ("Business" < "Sci/Tech" < "Sports" < "World"), so the mapping does not depend on row
     order. Passing ``label_names`` fixes the order instead (and lets an eval file reuse the train mapping).
+    With ``label_names``, a label may be a class name or a class id (its position in the list), unless
+    ``allow_ids=False``: names taken from another file's labels in sorted order say nothing about which id is which
+    class (a file of ids from another source would have every class read as another one).
 
 Header rows (TSV / CSV)
     ``has_header=True`` / ``False`` says it outright. With ``None`` (auto) the first row is a header when
@@ -14,7 +17,8 @@ Header rows (TSV / CSV)
     (``label_field`` when that is a column index, otherwise the last column) is not a label while the next
     rows' values (up to 200 of them) are. "Is a label" means: one of ``label_names`` when given; otherwise
     an integer when the next rows all hold integers; otherwise a value that repeats among the next rows
-    (string labels repeat, a header name does not). Set ``has_header`` when a small file defeats the rule.
+    (string labels repeat, a header name does not) and that the first row's value is not (it occurs nowhere
+    further down the column, as a header name would not). Set ``has_header`` when a small file defeats the rule.
     Without a header, fields are column positions: ``text_field``/``label_field`` are indices (int or digit
     strings); the default names "text" and "label" mean columns 0 and 1 of a two-column file.
 
@@ -60,6 +64,7 @@ def load_examples(
     format: str = "auto",
     has_header: bool | None = None,
     label_names: Sequence[str] | None = None,
+    allow_ids: bool = True,
     path_key: str = "data.path",
 ) -> TextExamples:
     """Load a local TSV, CSV or JSON lines file of labelled texts.
@@ -85,7 +90,7 @@ def load_examples(
             f"{len(empty)} of {len(texts)} examples in {file} have an empty text (first at line {empty[0]}; "
             f"data.text_field={text_field!r}); remove those rows or point data.text_field at the text column"
         )
-    label_ids, names = _label_ids(raw_labels, line_numbers, label_names, file, label_field)
+    label_ids, names = _label_ids(raw_labels, line_numbers, label_names, file, label_field, allow_ids)
     return TextExamples(texts=texts, labels=label_ids, label_names=names)
 
 
@@ -274,11 +279,20 @@ def _read_text(file: Path) -> str:
     try:
         return file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise _not_utf8(file, error) from error
+        raise _not_utf8(file) from error
 
 
-def _not_utf8(file: Path, error: UnicodeDecodeError) -> DataError:
-    return DataError(f"{file} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8")
+def _not_utf8(file: Path) -> DataError:
+    """Where the file stops being UTF-8. Found by decoding its bytes once more: a reader that decodes in chunks (the
+    csv module's) reports the offset inside its chunk, not in the file."""
+    data = file.read_bytes()
+    try:
+        data.decode("utf-8")  # a byte order mark is UTF-8 too, so offsets count from the file's first byte
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        return DataError(f"line {line} of {file} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                         "save the file as UTF-8")
+    return DataError(f"{file} is not UTF-8 text; save it as UTF-8")
 
 
 def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
@@ -297,7 +311,7 @@ def _read_rows(file: Path, delimiter: str) -> list[tuple[int, list[str]]]:
                     rows.append((reader.line_num, row))
                 start = reader.line_num + 1
     except UnicodeDecodeError as error:
-        raise _not_utf8(file, error) from error
+        raise _not_utf8(file) from error
     except csv.Error as error:
         reason = str(error).replace("\t", "\\t")  # csv names the tab it expected as a raw tab
         raise DataError(
@@ -432,7 +446,10 @@ def _first_row_is_header(
     if all(_INTEGER.fullmatch(value) for value in following):
         return not _INTEGER.fullmatch(candidate)
     labels_repeat = len(set(following)) <= len(following) // 2
-    return labels_repeat and candidate not in following
+    # A header name never recurs in its own column; a label can, past the sample too (a rare class): a first value
+    # found anywhere further down is a label, and taking its row for a header would drop a record without a word.
+    further_down = {row[label_column].strip() for _, row in rows[1:]}  # rows are all as wide as the first
+    return labels_repeat and candidate not in further_down
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,6 +482,7 @@ def _label_ids(
     label_names: Sequence[str] | None,
     origin: object,
     label_field: Field,
+    allow_ids: bool = True,
 ) -> tuple[list[int], list[str]]:
     """Map raw label values to class ids and return (ids, label_names)."""
     normalized = [_normalize_label(value) for value in raw_labels]
@@ -476,7 +494,7 @@ def _label_ids(
             )
     if label_names is not None:
         names = list(label_names)
-        return _ids_from_names(normalized, raw_labels, line_numbers, names, origin), names
+        return _ids_from_names(normalized, raw_labels, line_numbers, names, origin, allow_ids), names
     first_kind = type(normalized[0])
     for value, raw, line in zip(normalized, raw_labels, line_numbers):
         if type(value) is not first_kind:
@@ -511,15 +529,22 @@ def _ids_from_integers(
 
 
 def _ids_from_names(
-    values: list[Any], raw_labels: list[Any], line_numbers: list[int], names: list[str], origin: object
+    values: list[Any], raw_labels: list[Any], line_numbers: list[int], names: list[str], origin: object,
+    allow_ids: bool = True,
 ) -> list[int]:
     name_to_id = {name: index for index, name in enumerate(names)}
     ids: list[int] = []
     for value, raw, line in zip(values, raw_labels, line_numbers):
         if str(value) in name_to_id:
             ids.append(name_to_id[str(value)])
-        elif isinstance(value, int) and 0 <= value < len(names):
+        elif isinstance(value, int) and 0 <= value < len(names) and allow_ids:
             ids.append(value)
+        elif isinstance(value, int) and 0 <= value < len(names):
+            raise DataError(
+                f"label {raw!r} at line {line} of {origin} is a class id, but the classes {names} are named by the "
+                "training file's labels (in sorted order), and nothing says which id is which of them; write the "
+                "class names in this file, or set data.label_names to the classes in id order"
+            )
         else:
             raise DataError(
                 f"unparseable label {raw!r} at line {line} of {origin}: not one of the label names "

@@ -82,6 +82,11 @@ def _held_out(cfg: Any, train, evaluation):
         # its own seed, the size of the held-out set but at most a fifth of the training records, so that a large
         # evaluation file does not take the training data away) stands in for it; the model trains on the rest.
         size = min(len(evaluation), int(len(train) * DEFAULT_HOLDOUT_SHARE))
+        if size < 1:  # split_holdout's own error would blame data.eval_examples, which did not choose this size
+            raise DataError(
+                f"data.validation=true carves its validation split from the {len(train)} training records (a fifth "
+                "of them at most), which leaves it empty; give more training records (data.max_examples, data.path)"
+            )
         return split_holdout(train, size, seed + VALIDATION_SEED_OFFSET)
     return train, evaluation
 
@@ -151,9 +156,12 @@ def _file_task(cfg: Any, holdout_seed: int) -> tuple[TextExamples, TextExamples]
     train = load_examples(path, path_key="data.path", **options)
     eval_path = _option(cfg, "eval_path", None)
     if eval_path:
-        # Reuse the train label mapping so label 2 means the same class in both files.
+        # Reuse the train label mapping so label 2 means the same class in both files. A bare class id in the eval
+        # file is read as a position in that list only when data.label_names gave it: names sorted from the training
+        # file's labels say nothing about which id is which class.
+        allow_ids = options["label_names"] is not None
         options["label_names"] = train.label_names
-        evaluation = load_examples(eval_path, path_key="data.eval_path", **options)
+        evaluation = load_examples(eval_path, path_key="data.eval_path", allow_ids=allow_ids, **options)
         # data.eval_examples caps a large eval file: the server evaluates on it every round.
         return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), holdout_seed)
     return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
