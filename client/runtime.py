@@ -132,6 +132,7 @@ def _cached_own_data(model_key: str, data_path: str, label_names: tuple[str, ...
             text_field=cfg.data.text_field,
             label_field=cfg.data.label_field,
             format=cfg.data.format,
+            has_header=cfg.data.has_header,
             label_names=list(label_names),
             # a bare class id is a position in the class names only where data.label_names set their order: names
             # sorted from the server's training file say nothing about which id is which class

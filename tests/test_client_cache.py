@@ -53,3 +53,20 @@ def test_a_node_reads_class_ids_in_its_own_file_only_where_data_label_names_says
     named = tiny_cfg("data.source=file", f"data.path={train}", "data.eval_examples=8", "federation.clients=2",
                      "data.label_names=[Sports,World]")
     assert runtime._cached_own_data(runtime._key(named), str(node_file), names).labels.tolist() == [0, 1]
+
+
+def test_a_node_reads_its_own_file_with_the_runs_data_has_header(tiny_cfg, tmp_path):
+    """data.has_header=false says the first row is a record: the server's loader honoured it, a node's own file was
+    always auto-detected, so a first record whose label is no class (a typo) was taken for a header and dropped
+    without a word instead of refused."""
+    from fedspec.errors import DataError
+
+    train = tmp_path / "train.tsv"
+    train.write_text("".join(f"t{i}\t{('World', 'Sports')[i % 2]}\n" for i in range(40)))
+    node_file = tmp_path / "node.tsv"
+    node_file.write_text("n0\tSprots\nn1\tWorld\nn2\tSports\n")
+    names = ("Sports", "World")
+    cfg = tiny_cfg("data.source=file", f"data.path={train}", "data.eval_examples=8", "federation.clients=2",
+                   "data.has_header=false")
+    with pytest.raises(DataError, match="Sprots"):
+        runtime._cached_own_data(runtime._key(cfg), str(node_file), names)
