@@ -67,6 +67,6 @@ def test_a_node_reads_its_own_file_with_the_runs_data_has_header(tiny_cfg, tmp_p
     node_file.write_text("n0\tSprots\nn1\tWorld\nn2\tSports\n")
     names = ("Sports", "World")
     cfg = tiny_cfg("data.source=file", f"data.path={train}", "data.eval_examples=8", "federation.clients=2",
-                   "data.has_header=false")
-    with pytest.raises(DataError, match="Sprots"):
+                   "data.has_header=false", "data.text_field=0", "data.label_field=1")
+    with pytest.raises(DataError, match=f"unparseable label 'Sprots' at line 1 of {node_file}"):
         runtime._cached_own_data(runtime._key(cfg), str(node_file), names)
