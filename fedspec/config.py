@@ -53,6 +53,8 @@ class DataConfig:
     validation: bool = MISSING  # tuning: score on a split carved from the training records, never on the held-out data
     holdout_seed: int = 0  # seeds the held-out carve (or the sample of eval_path), fixed whatever run.seed is
     has_header: bool | None = None  # file sources: whether the first row names the columns (None: detect it)
+    split: str = "train"  # source=hf: the split to train on (a slice too, quoted: data.split="'train[:10%]'")
+    eval_split: str | None = None  # source=hf: the split to score on (None: a held-out set carved from `split`)
     label_names: list[str] | None = None  # file sources: the class names in class-id order (None: from the file)
     task: str = "classification"  # classification | causal_lm
     prompt: str | None = None  # causal_lm on classification data: the user turn, "{text}" replaced by the record's text

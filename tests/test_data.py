@@ -332,6 +332,32 @@ def test_load_hf_dataset_maps_columns_and_class_names(monkeypatch):
     assert "available fields: text, label" in error_of(load_hf_dataset, "imdb", "train", "sentence")
 
 
+def test_a_hugging_face_task_takes_its_splits_from_the_command_line_and_caps_the_eval_split(monkeypatch):
+    """data.split and data.eval_split were read by the task builder but missing from the config schema, so no
+    override could set them; and eval_examples did not cap an eval split as it caps an eval file."""
+    from fedspec.builders import build_task
+    from fedspec.config import compose_config
+
+    class FakeDataset:
+        column_names = ["text", "label"]
+        features = {"label": types.SimpleNamespace(names=["neg", "pos"])}
+
+        def __init__(self, split):
+            self.rows = {"train[:50%]": 40, "test": 30}[split]
+
+        def __getitem__(self, column):
+            return {"text": [f"t{i}" for i in range(self.rows)], "label": [i % 2 for i in range(self.rows)]}[column]
+
+    monkeypatch.setitem(sys.modules, "datasets", _fake_datasets(lambda name, split: FakeDataset(split)))
+    cfg = compose_config(["data.source=hf", "data.path=imdb", "data.split='train[:50%]'", "data.eval_split=test",
+                          "data.eval_examples=10"])
+    task = build_task(cfg.data, seed=0)
+    assert len(task.train) == 40 and len(task.eval) == 10
+    carved = build_task(compose_config(["data.source=hf", "data.path=imdb", "data.split='train[:50%]'",
+                                        "data.eval_examples=10"]).data, 0)
+    assert (len(carved.train), len(carved.eval)) == (30, 10)  # no eval split: carved from the training split
+
+
 def test_load_hf_dataset_offline_error_is_explicit(monkeypatch):
     def offline(name, split):
         raise ConnectionError("Couldn't reach the Hub")

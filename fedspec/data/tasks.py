@@ -193,7 +193,8 @@ def _hf_task(cfg: Any, holdout_seed: int) -> tuple[TextExamples, TextExamples]:
     eval_split = _option(cfg, "eval_split", None)
     if eval_split:
         evaluation = load_hf_dataset(str(name), str(eval_split), label_names=train.label_names, **fields)
-        return train, evaluation
+        # data.eval_examples caps it as it caps an eval file: the server evaluates on it every round.
+        return train, cap_examples(evaluation, _non_negative_int(cfg, "eval_examples", 0), holdout_seed)
     return split_holdout(train, _holdout_size(cfg, len(train)), holdout_seed)
 
 
