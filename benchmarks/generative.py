@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedspec.rundir import MetricsLog
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "generative"
 DATA = ROOT.parent / "shared" / "data"
@@ -63,8 +65,10 @@ def run(name: str, data: Path) -> dict:
 
 
 def summarize(name: str, run_dir: Path, seconds: float) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if r["kind"] in ("epoch", "round")]
+    rows = MetricsLog(run_dir / "metrics.jsonl").read()
+    # a resumed federation logs its rounds again from the checkpoint on: keep the last line of each
+    evals = list({(r["kind"], r.get("epoch", r.get("round"))): r for r in rows if r["kind"] in ("epoch", "round")}
+                 .values())
     failures = [r["reason"] for r in rows if r["kind"] == "client-error"]
     first, last = evals[0], evals[-1]
     report = json.loads((run_dir / "privacy" / "report.json").read_text())

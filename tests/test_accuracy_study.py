@@ -466,6 +466,23 @@ def test_the_generative_section_shows_each_run_and_a_degraded_federation():
     assert "| 0.780 → 0.240 | 2.18 → 1.27 | 0.230 → 0.600 | 2.07 | 5, 1, 1, 1 (12 client failures, 12 out of memory) |" in text
 
 
+def test_a_resumed_generative_federation_is_summarized_with_each_round_once(tmp_path):
+    """A federation resumed from its round-1 checkpoint logs rounds 2 and 3 again: the summary listed them twice
+    (clients per round 5, 5, 5, 5, 5) and could take a superseded evaluation for its last."""
+    import json
+
+    import generative
+
+    (tmp_path / "privacy").mkdir()
+    (tmp_path / "privacy" / "report.json").write_text(json.dumps({"clients": {"0": {"final_epsilon": 2.5}}}))
+    rounds = [(0, None, 0.7), (1, 5, 0.6), (2, 5, 0.5), (3, 5, 0.45), (2, 4, 0.52), (3, 3, 0.4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "round", "round": r, "clients": c, "eval_loss": loss, "eval_accuracy": 0.5,
+                    "answer_accuracy": 0.5}) + "\n" for r, c, loss in rounds))
+    summary = generative.summarize("fedsvd", tmp_path, 1.0)
+    assert summary["clients_per_round"] == [5, 4, 3] and summary["loss"] == [0.7, 0.4]
+
+
 def test_the_missing_cells_are_listed_when_few_and_counted_by_group_when_many():
     from study_report import MISSING_LISTED, missing_section
 
