@@ -8,6 +8,7 @@ import statistics
 from omegaconf import DictConfig
 from rich.table import Table
 
+from .privacy.accounting import epsilon_text
 from .privacy.planning import ClientPlan, PlanSettings
 
 
@@ -69,8 +70,8 @@ def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = T
     if per_client:
         for plan in plans:
             table.add_row(str(plan.client), str(plan.num_examples), f"{plan.sample_rate:.4f}",
-                          f"{plan.noise_multiplier:.4f}", f"{plan.expected_epsilon:.3f}", f"{plan.epsilon:.3f}",
-                          _rounds_cell(plan, rounds))
+                          f"{plan.noise_multiplier:.4f}", epsilon_text(plan.expected_epsilon),
+                          epsilon_text(plan.epsilon), _rounds_cell(plan, rounds))
         return table
     for name, pick in (("min", min), ("median", statistics.median), ("max", max)):
         within = [p.rounds_within_budget for p in plans if p.rounds_within_budget is not None]
@@ -79,8 +80,8 @@ def plan_table(cfg: DictConfig, plans: list[ClientPlan], *, per_client: bool = T
             f"{pick(p.num_examples for p in plans):g}",
             f"{pick(p.sample_rate for p in plans):.4f}",
             f"{pick(p.noise_multiplier for p in plans):.4f}",
-            f"{pick(p.expected_epsilon for p in plans):.3f}",
-            f"{pick(p.epsilon for p in plans):.3f}",
+            epsilon_text(pick(p.expected_epsilon for p in plans)),  # rounded up, as every ε shown
+            epsilon_text(pick(p.epsilon for p in plans)),
             f"{pick(within):g}" if within else "no cap",
         )
     return table

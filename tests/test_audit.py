@@ -203,6 +203,7 @@ def test_the_audit_states_the_largest_eps_it_could_show_and_the_canaries_a_claim
     assert needed is not None and max_detectable_epsilon(needed, 0.95, 1e-5) > 2.0
     assert needed == 100 or max_detectable_epsilon(needed // 2, 0.95, 1e-5) <= 2.0  # the fewest on the grid
     assert "cannot refute" not in "\n".join(summary_lines(result, {"claimed": 0.5}))
+    assert "claimed: 2.442" in "\n".join(summary_lines(result, {"claimed": 2.4412}))  # rounded up, as every ε shown
 
 
 def test_an_unset_canary_count_defaults_to_one_that_could_refute_the_target(tiny_cfg):

@@ -10,6 +10,7 @@ import pytest
 from fedspec.cli import main
 from fedspec.config import compose_config
 from fedspec.errors import ConfigError
+from fedspec.privacy.accounting import epsilon_text
 from fedspec.rundir import MetricsLog
 
 
@@ -129,7 +130,7 @@ def test_the_privacy_plan_counts_the_records_a_client_trains_on_not_those_max_le
     assert main(["privacy-plan", *overrides]) == 0
     printed = capsys.readouterr().out
     for plan in charged:
-        assert f"{plan.epsilon:.3f}" in printed
+        assert epsilon_text(plan.epsilon) in printed
 
 
 def test_generate_wraps_each_prompt_in_the_data_prompt_a_cast_classification_run_trained_on(

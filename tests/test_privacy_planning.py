@@ -12,6 +12,7 @@ from fedspec.cli import main
 from fedspec.config import compose_config
 from fedspec.errors import ConfigError
 from fedspec.privacy import PrivacyBudgetError, epsilon
+from fedspec.privacy.accounting import epsilon_text
 from fedspec.privacy.planning import PlanSettings, plan_clients, plan_run, rounds_within_budget
 
 SIZES = [60000, 5000, 800]
@@ -112,7 +113,7 @@ def test_privacy_plan_command_prints_every_client(capsys):
     plans = plan_clients(settings_with(), SIZES)
     for plan in plans:
         cells = [plan.client, plan.num_examples, f"{plan.sample_rate:.4f}", f"{plan.noise_multiplier:.4f}",
-                 f"{plan.expected_epsilon:.3f}", f"{plan.epsilon:.3f}", plan.rounds_within_budget]
+                 epsilon_text(plan.expected_epsilon), epsilon_text(plan.epsilon), plan.rounds_within_budget]
         assert re.search(r"│\s+" + r"\s+│\s+".join(re.escape(str(c)) for c in cells) + r"\s+│", out), out
     assert "ε expected" in out and "ε worst case" in out and "rounds in budget" in out
 

@@ -35,6 +35,7 @@ from scipy.stats import binom
 from torch import nn
 
 from ..data import TextExamples
+from .accounting import epsilon_text
 
 __all__ = [
     "AuditResult",
@@ -361,11 +362,11 @@ def summary_lines(result: AuditResult, claimed: Mapping[str, float | None]) -> l
     lines.append(f"the largest ε̂ this audit could show (every guess of its best rule right): "
                  f"{result.max_detectable:.3f}")
     for name, value in claimed.items():
-        lines.append(f"{name}: {'none (no DP)' if value is None else f'{value:.3f}'}")
+        lines.append(f"{name}: {'none (no DP)' if value is None else epsilon_text(value)}")  # up, as every ε shown
         if value is not None and value >= result.max_detectable:
             needed = canaries_to_refute(value, result.confidence, result.delta)
             more = (f"about {needed} canaries could" if needed else
                     f"not even {MAX_DEFAULT_CANARIES} canaries could")
-            lines.append(f"  this audit cannot refute ε = {value:.3f}: it could show at most ε̂ = "
+            lines.append(f"  this audit cannot refute ε = {epsilon_text(value)}: it could show at most ε̂ = "
                          f"{result.max_detectable:.3f} ({more})")
     return lines
