@@ -466,7 +466,9 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
     if "subgroup_accuracy" in record:
         summary += f", whole sentences {record['subgroup_accuracy']:.4f}"
     if record["max_epsilon"] is not None:
-        summary += f", ε {record['max_epsilon']:.3f}"
+        from fedspec.privacy.accounting import epsilon_text  # rounded up, as every ε fedspec shows
+
+        summary += f", ε {epsilon_text(record['max_epsilon'])}"
     record["summary"] = summary
     return record
 

@@ -85,6 +85,8 @@ def _lr_source(grid: Grid) -> str:
 
 
 def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
+    from fedspec.privacy.accounting import epsilon_text  # rounded up, as every ε fedspec shows
+
     # Rows no training row contains: scored by cells that finished since the study began to score them.
     unseen_column = any(r.get("unseen_accuracy") is not None for r in results.values())
     lines = [("| data | strategy | adapter | ε | partition | lr | final accuracy | whole sentences "
@@ -103,7 +105,7 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
             *([_mean_ci(unseen) if unseen else "—"] if unseen_column else []),
             "—" if strategy == CENTRALIZED else f"{max(r['last5_spread'] for r in records):.3f}",  # one epoch
             "—" if strategy == CENTRALIZED else f"{max(last_rounds_drop(r['curve']) for r in records):.3f}",
-            f"{max(epsilons):.3f}" if epsilons else "—",
+            epsilon_text(max(epsilons)) if epsilons else "—",
             f"{mean(sent) / 1024:.0f} KiB" if sent else "—",
             _minutes(records),
         ]

@@ -505,3 +505,28 @@ def test_unseen_rows_are_those_no_training_row_contains_as_a_run_of_whole_words(
     train = ["a gorgeous , witty film", "the plot is thin", "bad"]
     evaluation = ["gorgeous , witty", "witty film !", "the plot", "plot is thin but fun", "bad", "ba", "thin"]
     assert study_cells.unseen_rows(train, evaluation) == [1, 3, 5]  # "ba" is in "bad" as letters, not as a word
+
+
+def _final_records(grid, values: dict[tuple[str, int], dict]) -> dict[str, dict]:
+    """Records of an untuned grid's finals at ε = 3: (strategy, seed) → the fields that differ."""
+    results = {}
+    for (strategy, seed), fields in values.items():
+        cell = Cell("sst2", strategy, "pissa", 3.0, "dir0.5", seed, chosen_lr(grid, Cell(
+            "sst2", strategy, "pissa", 3.0, "dir0.5", seed, None), {}))
+        curve = fields.pop("curve", [0.5] + [0.8] * grid.rounds)
+        results[cell.key] = {**cell.__dict__, "key": cell.key, "accuracy": curve[-1], "curve": curve,
+                             "last5_spread": 0.0, "seconds": 60.0, "max_epsilon": 2.99, **fields}
+    return results
+
+
+def test_the_table_rounds_each_clients_epsilon_up_as_every_epsilon_shown():
+    """The table's max client ε was rounded to nearest (the quick grid's AG News FedSVD runs, ε 2.89909, showed
+    2.899): a shown ε must never be below the bound computed (fedspec.privacy.accounting.epsilon_text)."""
+    from study_report import results_table
+
+    grid = study_cells.DEFAULTS
+    results = _final_records(grid, {("fedsvd", seed): {"max_epsilon": eps, "bytes_per_client_round": 150536}
+                                    for seed, eps in ((0, 2.8990930558121932), (1, 2.85), (2, 2.8))})
+    row = next(line for line in results_table(grid, results) if "| fedsvd |" in line)
+    assert "| 2.900 |" in row and "2.899" not in row
+
