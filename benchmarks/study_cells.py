@@ -444,6 +444,9 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
     epsilons = [rows[i].get("max_epsilon", rows[i].get("epsilon")) for i in sorted(rows)]
     uploads = [line["update_bytes"] for line in lines if line["kind"] == "client" and "update_bytes" in line]
     trained = curve[1:] or curve  # round (epoch) 0 is the untrained model: it scores nothing
+    # A federation stops before its last round when too few clients have budget left for another: its last round
+    # is then not the grid's (the report flags it)
+    stopped = next((line["reason"] for line in reversed(lines) if line["kind"] == "stopped"), None)
     tail = trained[-5:]
     record = {
         **{k: v for k, v in cell.__dict__.items()}, "key": cell.key,
@@ -456,6 +459,7 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
         "bytes_per_client_round": mean(uploads) if uploads else None,
         "seconds": seconds,
         "resumed": resumed,
+        "stopped": stopped,
     }
     if kind == "epoch":
         init = next((line for line in lines if line["kind"] == "init"), {})
@@ -469,6 +473,8 @@ def result(cell: Cell, run_dir: Path, *, seconds: float, resumed: bool = False) 
         from fedspec.privacy.accounting import epsilon_text  # rounded up, as every ε fedspec shows
 
         summary += f", ε {epsilon_text(record['max_epsilon'])}"
+    if stopped is not None:
+        summary += f"; stopped after {kind} {len(curve) - 1}: {stopped}"
     record["summary"] = summary
     return record
 

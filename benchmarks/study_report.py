@@ -113,6 +113,27 @@ def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:
     return lines
 
 
+def stopped_section(grid: Grid, results: dict[str, dict]) -> list[str]:
+    """The runs this page uses that stopped before the grid's last round (a federation whose clients ran out of
+    budget: fedspec ends it there), each with the round it reached. A record stored before records said why is
+    known by its curve: fewer rounds than the grid runs. Empty when every run went the whole way."""
+    used = [results[cell.key] for cell in tuning_cells(grid) if cell.key in results]
+    used += [record for records in _config_groups(grid, results).values() for record in records]
+    lines = []
+    for record in used:
+        trained = len(record["curve"]) - 1
+        short = record["strategy"] != CENTRALIZED and trained < grid.rounds
+        if record.get("stopped") or short:
+            reached = f"after {trained} of {grid.rounds} rounds" if short else f"after {trained} epochs"
+            why = record.get("stopped") or "no reason recorded: the record predates it"
+            lines.append(f"- `{record['key']}`: {reached} ({why})")
+    if not lines:
+        return []
+    note = ("Runs that stopped before their last round: each scores the last round it ran, and the table above and "
+            "the paired differences count it with the runs that went the whole way.")
+    return [note, "", *lines]
+
+
 def _signed_ci(values: list[float]) -> str:
     if not values:
         return "—"
@@ -321,6 +342,9 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         *results_table(grid, results),
         "",
     ]
+    stopped = stopped_section(grid, results)
+    if stopped:
+        lines += [*stopped, ""]
     paired = paired_table(grid, results)
     if paired:
         lines += ["## The federation against the centralized baseline, paired by seed", "",

@@ -511,8 +511,8 @@ def _final_records(grid, values: dict[tuple[str, int], dict]) -> dict[str, dict]
     """Records of an untuned grid's finals at ε = 3: (strategy, seed) → the fields that differ."""
     results = {}
     for (strategy, seed), fields in values.items():
-        cell = Cell("sst2", strategy, "pissa", 3.0, "dir0.5", seed, chosen_lr(grid, Cell(
-            "sst2", strategy, "pissa", 3.0, "dir0.5", seed, None), {}))
+        cell = Cell(grid.datasets[0], strategy, "pissa", 3.0, "dir0.5", seed, None)
+        cell = with_lr(cell, chosen_lr(grid, cell, {}))
         curve = fields.pop("curve", [0.5] + [0.8] * grid.rounds)
         results[cell.key] = {**cell.__dict__, "key": cell.key, "accuracy": curve[-1], "curve": curve,
                              "last5_spread": 0.0, "seconds": 60.0, "max_epsilon": 2.99, **fields}
@@ -530,3 +530,32 @@ def test_the_table_rounds_each_clients_epsilon_up_as_every_epsilon_shown():
     row = next(line for line in results_table(grid, results) if "| fedsvd |" in line)
     assert "| 2.900 |" in row and "2.899" not in row
 
+
+def test_a_federation_that_stopped_before_its_last_round_is_recorded_and_flagged(tmp_path):
+    """A resumed FFA-LoRA run (methods grid, seed 2) trained a round twice, ran out of budget and stopped after 9 of
+    its 10 rounds; its record said nothing of it, and the page pooled its ninth round with full runs as a
+    10-round result."""
+    from study_report import stopped_section
+
+    grid = study_cells.AGNEWS
+    run = tmp_path / "run"
+    run.mkdir()
+    reason = "only 0 of 20 clients have record-level budget left (ε ≤ 3) for another round"
+    lines = [{"kind": "round", "round": r, "eval_accuracy": 0.5 + r / 100, "max_epsilon": r / 3 or None}
+             for r in range(10)]
+    lines.append({"kind": "stopped", "round": 10, "reason": reason})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cell = Cell("agnews", "fedsvd", "pissa", 3.0, "dir0.5", 2, 1.0)
+    record = study_cells.result(cell, run, seconds=1.0)
+    assert record["stopped"] == reason and len(record["curve"]) == 10
+    assert "stopped" in record["summary"]
+    full = record | {"stopped": None, "curve": [0.5] + [0.8] * 10}
+    assert not stopped_section(grid, {cell.key: full})
+    assert stopped_section(grid, {cell.key: record})
+    # a record stored before records said so: its curve is short of the grid's rounds
+    results = _final_records(grid, {("fedsvd", 0): {}, ("fedsvd", 2): {"curve": [0.5] + [0.8] * 9},
+                                    (CENTRALIZED, 0): {"curve": [0.5, 0.84]}})
+    text = "\n".join(stopped_section(grid, results))
+    short = next(key for key in results if "-s2-" in key)
+    assert f"`{short}`: after 9 of 10 rounds" in text
+    assert sum(f"`{key}`" in text for key in results) == 1
