@@ -331,7 +331,7 @@ def write_report(grid: Grid, results: dict[str, dict], page: Path, out: Path) ->
         "± is the 95 % Student-t interval over seeds; only differences whose intervals do not overlap are "
         "differences. Last-5 spread: the highest minus the lowest accuracy of the last five rounds; last-5 drop: "
         "how far those rounds fell below the best round before them (0 when the curve only rises). Both are the "
-        "largest over seeds."
+        "largest over seeds. Bytes / client / round: what a client uploads (its update), the mean over its replies."
         + (f" Every cell of this grid adds `{' '.join(grid.overrides)}` to the command." if grid.overrides else "")
         + "".join(f" Its `{dataset}` cells add `{' '.join(added)}`." for dataset, added in grid.dataset_overrides)
         + (f" Its centralized cells add `{' '.join(grid.centralized_overrides)}`." if grid.centralized_overrides
