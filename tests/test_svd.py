@@ -542,6 +542,21 @@ def test_refactor_rejects_unbroadcastable_batches():
         refactor_lowrank(torch.randn(2, 10, 4), torch.randn(3, 4, 20))
 
 
+def test_refactor_with_deferred_checks_redoes_a_rank_deficient_stack_instead_of_raising(monkeypatch):
+    """On a GPU the re-factorization's QR of a stack of A's is CholeskyQR2 with its trust tests read once, after
+    the eigendecomposition. An A with a zero row (rank-deficient) fails CholeskyQR2, which leaves NaN in R_a and so
+    in the r×r Gram matrix; `torch.linalg.eigh` (cuSOLVER for r > 32, or without Triton) raises on NaN before the
+    tests are read, so the round failed instead of being redone with Householder QR. Run here on the CPU with the
+    tests deferred as on a GPU (LAPACK's eigh raises on NaN too)."""
+    monkeypatch.setattr(refactor_module, "deferred_checks", lambda device: [])
+    B, A = random_pair(50, 20, 64, batch=(3,))
+    A[1, 1] = 0.0
+    B_new, A_new = refactor_lowrank(B, A)
+    assert torch.isfinite(B_new).all() and torch.isfinite(A_new).all()
+    assert rel_err(B_new @ A_new, B @ A) < 1e-12
+    assert orthonormality_err(A_new) < 1e-12
+
+
 def test_refactor_large_layer_is_fast():
     """4096×4096 with r=16: an m×n SVD would take seconds and 64 MiB per dense copy."""
     g = gen()

@@ -173,6 +173,8 @@ def _two_sided(B: torch.Tensor, A: torch.Tensor, checks: list[torch.Tensor] | No
     # only its r×r Gram matrix is formed, and it is multiplied once by an r×r matrix.
     Q_a, R_a = qr_tall(A.mT, checks=checks)  # (n, r) in A's dtype, (r, r) float64; Householder if A is deficient
     gram = R_a @ _gram(B) @ R_a.mT
+    if checks is not None:  # an untrusted QR may have left NaN, and eigh raises on it before the tests are read
+        gram = torch.nan_to_num(gram, nan=0.0, posinf=0.0, neginf=0.0)
     V, _ = _eigh_descending(gram)
     return B @ (R_a.mT @ V).to(B.dtype), (Q_a @ V.to(A.dtype)).mT
 
