@@ -713,6 +713,24 @@ def test_block_krylov_with_deferred_checks_asks_for_a_redo_on_rank_deficient_inp
     assert _block_krylov(torch.zeros(3, 300, 200), omega, 8, 3, checks=[]) is None
 
 
+def test_block_krylov_with_deferred_checks_asks_for_a_redo_on_a_wide_rank_deficient_matrix(monkeypatch):
+    """A W with fewer rows than the Krylov basis is wide (m < k) skips the Gram matrix in the Rayleigh–Ritz step
+    and took the SVD of W·P at once, without reading the basis's deferred trust tests: an untrusted basis was
+    returned as it was, and the NaN a failed CholeskyQR2 pass leaves (a zero matrix in a stack) made
+    torch.linalg.svd raise instead of the SVD being redone the checked way."""
+    import fedspec.svd.truncated as truncated_module
+    from fedspec.svd.truncated import _block_krylov, _gaussian_sketch
+
+    omega = _gaussian_sketch((200, 16), torch.float32, torch.device("cpu"), gen(5))
+    assert _block_krylov(torch.zeros(3, 20, 200), omega, 8, 3, checks=[]) is None
+    W = torch.randn(3, 20, 200, generator=gen(8))
+    W[1] = 0.0
+    monkeypatch.setattr(truncated_module, "deferred_checks", lambda device: [])  # as on a GPU
+    U, S, Vh = truncated_svd(W, 8, niter=3, oversample=8)
+    assert all(torch.isfinite(t).all() for t in (U, S, Vh))
+    assert float(error_vs_exact(W, U, S, Vh).max()) < 1e-5
+
+
 def test_off_the_cpu_a_large_batch_of_narrow_blocks_uses_cholesky_qr():
     """torch runs a batch of Householder QRs matrix by matrix on a GPU: there a large stack of blocks goes through
     CholeskyQR2 (checked on the meta device: only the choice, not the arithmetic; tests/test_svd_gpu.py runs it)."""

@@ -274,6 +274,8 @@ def _rayleigh_ritz(
     dtype = image_t.dtype
     image = image_t.mT
     if image.shape[-2] < image.shape[-1]:  # W has fewer rows than the basis is wide: W·P is small anyway
+        if checks is not None and not all_trusted(checks):  # read first: NaN from an untrusted QR makes svd raise
+            return None
         U, S, Vr = torch.linalg.svd(image, full_matrices=False)
         return U[..., :rank], S[..., :rank], Vr[..., :rank, :] @ basis_t
     # (W·P)ᵀ(W·P) = V·Σ²·Vᵀ: one product and a k×k eigendecomposition instead of a thin QR (two Gram matrices
