@@ -173,7 +173,7 @@ def train_centralized(cfg: DictConfig, console: Console | None = None) -> Centra
                 seed=cfg.run.seed + epoch,
                 on_step=lambda *_: progress.advance(bar),
                 first_step=sum(plan[:epoch - 1]), total_steps=sum(plan),
-                physical_batch_size=cfg.train.physical_batch_size,
+                physical_batch_size=cfg.train.physical_batch_size, drop_last=False,  # without DP: an epoch is one pass
             )
             if ledger is not None:
                 ledger.record(epoch, result.noise_multiplier, result.sample_rate, result.steps)

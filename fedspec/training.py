@@ -121,6 +121,7 @@ def train_steps(
     first_step: int = 0,
     total_steps: int | None = None,
     physical_batch_size: int | None = None,
+    drop_last: bool = True,
 ) -> TrainResult:
     """Run ``steps`` optimizer steps on the trainable parameters of ``model``.
 
@@ -143,6 +144,10 @@ def train_steps(
     ``optimizer`` is a name (a fresh optimizer over the trainable parameters at ``lr``, as a federated client makes
     each round) or an optimizer the caller keeps across calls, so its state (Adam's moments and step count) spans
     them: `fedspec train` passes one for all its epochs.
+
+    Without DP the batches are passes over a shuffle of the records; ``drop_last`` drops each pass's short last batch,
+    so that every step of a federated client is a full batch, or keeps it (`fedspec train`: ``ceil(n / batch_size)``
+    steps are then exactly one pass over every record). Under DP every batch is Poisson-sampled and this is unused.
     """
     if len(data) == 0:
         raise ValueError("train_steps got an empty dataset")
@@ -156,7 +161,7 @@ def train_steps(
     schedule = (first_step, total_steps if total_steps is not None else first_step + steps, lr, seed)
     if dp is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=True)
+        loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), sampler=sampler, drop_last=drop_last)
         return _loop(model, opt, loss_fn, loader, steps, on_step, schedule, split=physical_batch_size)
     return _train_private(model, opt, loss_fn, dataset, steps=steps, batch_size=batch_size, dp=dp, on_step=on_step,
                           schedule=schedule, physical_batch_size=physical_batch_size)

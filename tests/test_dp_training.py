@@ -370,3 +370,27 @@ def test_fedspec_train_keeps_one_adam_across_its_epochs(tiny_cfg, monkeypatch, p
     steps = sum(epoch_steps(cfg.train, 64))  # 3 epochs of ⌈64/16⌉ steps
     assert len(made) == 1
     assert {int(state["step"]) for state in made[0].state.values()} == {steps}
+
+
+def test_without_dp_an_epoch_of_fedspec_train_is_one_pass_over_every_record(tiny_cfg, monkeypatch):
+    """Batches without DP dropped each pass's short last batch, so ⌈n / batch⌉ steps skipped n mod batch records and
+    drew the last batch from a second shuffle: `fedspec train privacy=none` called that an epoch. Clients keep full
+    batches (drop_last); an epoch of the centralized baseline now sees every record exactly once."""
+    import fedspec.centralized as centralized
+
+    model, batch, labels = _batch()  # 6 records in batches of 4: 2 steps
+    assert train_steps(model, batch, labels, steps=2, batch_size=4, lr=0.0, drop_last=False).examples == 6
+    assert train_steps(model, batch, labels, steps=2, batch_size=4, lr=0.0).examples == 8  # a client: full batches
+
+    seen: list[int] = []
+
+    def recorded(*args, **kwargs):
+        result = train_steps(*args, **kwargs)
+        seen.append(result.examples)
+        return result
+
+    monkeypatch.setattr(centralized, "train_steps", recorded)
+    cfg = tiny_cfg("privacy=none", "train.epochs=2", "data.num_examples=40", "data.eval_examples=16",
+                   "adapter.rank=2")
+    centralized.train_centralized(cfg)
+    assert seen == [40, 40]  # 40 records in batches of 16: 3 steps each epoch, the last one of 8
