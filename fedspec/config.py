@@ -59,7 +59,7 @@ class DataConfig:
     task: str = "classification"  # classification | causal_lm
     prompt: str | None = None  # causal_lm on classification data: the user turn, "{text}" replaced by the record's text
     label_words: list[str] | None = None  # causal_lm on classification data: the response for each class
-    answer: str = "exact"  # how a generated answer is scored: exact (the whole response) | gsm8k (the number after ####)
+    answer: str = "exact"  # how a generated answer is scored: exact (its first line) | gsm8k (the number after ####)
     generation_examples: int = 0  # held-out records decoded (greedy) for the answer score; 0: none
     max_new_tokens: int = 32  # the longest generated answer
 
@@ -513,7 +513,7 @@ def check_federated(cfg: DictConfig) -> None:
 
     if cfg.train.max_steps is not None:
         raise ConfigError(f"train.max_steps={cfg.train.max_steps} counts `fedspec train`'s steps; a federation's "
-                          "clients take train.local_steps a round (--local-steps, --rounds): drop it")
+                          "clients take train.local_steps a round (train.local_steps=…, --rounds): drop it")
     if cfg.strategy.name != "fedavg" and METHODS[cfg.adapter.method].federated != "lowrank":
         lowrank = ", ".join(sorted(n for n, m in METHODS.items() if m.federated == "lowrank"))
         raise ConfigError(
