@@ -80,8 +80,10 @@ def _lr_source(grid: Grid) -> str:
     if not grid.tuned:
         return ("No sweep in this grid: each strategy runs at the one learning rate in the lr column, the rate an "
                 "earlier grid's sweep chose.")
+    fixed = "".join(f" {s} runs at the one rate an earlier grid's sweep chose for it." for s in grid.fixed)
     return (f"The learning rate of each (data, strategy, adapter) was chosen by a sweep on a validation split carved "
-            f"from the training file (ε = {_eps(grid.tune_epsilon)}, {grid.tune_partition}, seed {grid.seeds[0]}).")
+            f"from the training file (ε = {_eps(grid.tune_epsilon)}, {grid.tune_partition}, seed {grid.seeds[0]})."
+            + fixed)
 
 
 def results_table(grid: Grid, results: dict[str, dict]) -> list[str]:

@@ -101,6 +101,23 @@ def test_an_untuned_grid_runs_its_fixed_rates_without_a_sweep(tmp_path):
                          tuned=False)
 
 
+def test_a_fixed_strategy_in_a_tuned_grid_keeps_its_rate_and_runs_no_sweep(tmp_path):
+    """The agnews-steps grid sweeps only the centralized baseline's rate at the federation's step count; FedSVD keeps
+    the rate an earlier grid chose, so its finals start at once (they are the agnews grid's runs)."""
+    grid = study_cells.AGNEWS_STEPS
+    assert {c.strategy for c in tuning_cells(grid)} == {CENTRALIZED}
+    fedsvd = [c for c in final_cells(grid) if c.strategy == "fedsvd"]
+    assert fedsvd and all(chosen_lr(grid, c, {}) == 1.0 for c in fedsvd)
+    ready, waiting = accuracy.pending_cells(grid, {})
+    assert {c.strategy for c in ready} == {CENTRALIZED} | {"fedsvd"} and {c.strategy for c in waiting} == {CENTRALIZED}
+    central = with_lr(next(c for c in final_cells(grid) if c.strategy == CENTRALIZED), 0.1)
+    assert f"train.max_steps={20 * 10 * 8}" in study_cells.command(central, grid, tmp_path)
+    assert not any("max_steps" in o for o in study_cells.command(with_lr(fedsvd[0], 1.0), grid, tmp_path))
+    with pytest.raises(ValueError, match="exactly one learning rate"):
+        study_cells.Grid("bad", ("sst2",), ("fedsvd",), ("pissa",), (3.0,), ("dir0.5",), (0,), (0.5, 1.0),
+                         fixed=("fedsvd",))
+
+
 def test_final_overrides_score_only_the_finals_differently(tmp_path):
     """The methods grid tunes on the training file's 1,000-row validation split (as earlier sweeps did) and
     scores its finals on every evaluation row."""
