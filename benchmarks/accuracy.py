@@ -1,9 +1,10 @@
 """The accuracy study: what federated DP fine-tuning reaches on real data, and what privacy costs.
 
-    python benchmarks/accuracy.py                      # the quick grid, then docs/results.md
+    python benchmarks/accuracy.py                      # the headline grids in turn, then docs/results.md
     python benchmarks/accuracy.py --grid minimum       # the issue's minimum grid (days of CPU; hours on a GPU)
     python benchmarks/accuracy.py --shard 0/4          # this process's quarter of the cells (shards share --out)
-    python benchmarks/accuracy.py --report             # only rewrite docs/results.md from the cells done
+    python benchmarks/accuracy.py --report             # only rewrite docs/results.md (and its grids' pages)
+    python benchmarks/accuracy.py --grid quick         # the first grid: SST-2 and AG News, half the clients a round
     python benchmarks/accuracy.py --grid defaults      # the SST-2 defaults vs centralized DP: docs/results-defaults.md
     python benchmarks/accuracy.py --grid batch32       # the batch-32 recipe SST-2 had before, across ε
     python benchmarks/accuracy.py --grid methods       # every strategy and adapter at the batch-32 recipe's point
@@ -43,7 +44,7 @@ from statistics import median
 
 import study_cells
 from study_cells import Cell, Grid, with_lr
-from study_report import write_report
+from study_report import write_report, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,10 +211,58 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | None) -> int:
+    """Run this shard's cells of the grid that have not finished (at most ``budget``); returns how many ran."""
+    ran = 0
+    said = None  # what this shard last said it waits for
+    while budget is None or ran < budget:
+        results = load_results(out)
+        ready, waiting = pending_cells(grid, results)
+        mine, mine_waiting = ([c for c in cells if in_shard(c, args.shard)] for cells in (ready, waiting))
+        left = time_left(mine + mine_waiting, results)
+        eta = "" if left is None else f"about {describe_duration(left)} left"
+        if not mine:
+            if not mine_waiting:
+                break  # all of this shard's cells are done
+            waits = describe_wait(grid, mine_waiting, results)
+            if args.no_wait:
+                print(f"{waits}: once those are in cells/ (copied from the other machines), run this shard again",
+                      flush=True)
+                break
+            if waits != said:  # once, and again as other shards finish sweep cells
+                print(f"{waits}; reading cells/ every {args.wait_interval:g} s (separate machines: --no-wait)",
+                      flush=True)
+                said = waits
+            time.sleep(args.wait_interval)
+            continue
+        cell = mine[0]
+        total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
+        done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
+        print(f"[{done + 1}/{total}] {cell.describe()} …" + (f" ({eta})" if eta else ""), flush=True)
+        result = run_cell(cell, grid, out, args.data)
+        save_result(out, result)
+        ran += 1
+        print(f"    {result['summary']} ({result['seconds']:.0f} s)", flush=True)
+    return ran
+
+
+def list_cells(grid: Grid, out: Path, shard: tuple[int, int]) -> None:
+    results = load_results(out)
+    ready, waiting = pending_cells(grid, results)
+    mine, mine_waiting = ([c for c in cells if in_shard(c, shard)] for cells in (ready, waiting))
+    left = time_left(mine + mine_waiting, results)
+    for cell in mine:
+        print(cell.key)
+    print(f"{len(mine)} to run in this shard; {len(mine_waiting)} wait for their learning-rate sweep"
+          + ("" if left is None else f"; about {describe_duration(left)} left"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--grid", choices=sorted(study_cells.GRIDS), default="quick", help="which grid (default quick)")
+    headline = ", ".join(name for name, _ in study_cells.HEADLINE)
+    parser.add_argument("--grid", choices=sorted(study_cells.GRIDS), default=None,
+                        help=f"one grid (default: the grids of docs/results.md, in turn: {headline})")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: run every N-th cell from the I-th")
     parser.add_argument("--wait-interval", type=float, default=30.0, metavar="SECONDS",
                         help="how often a shard whose finals wait for other shards' sweeps reads cells/ (default 30)")
@@ -222,61 +271,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with sst2/ and agnews/")
     parser.add_argument("--page", type=Path, default=None,
-                        help="the page to write (default docs/results.md for the quick grid, else docs/results-GRID.md)")
-    parser.add_argument("--report", action="store_true", help="only rewrite the page from the finished cells")
+                        help="the page to write (default: docs/results-GRID.md with --grid, else docs/results.md, "
+                             "each of its grids' own page beside it)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the pages from the finished cells")
     parser.add_argument("--max-cells", type=int, default=None, help="stop after this many cells (then report)")
     parser.add_argument("--list", action="store_true", help="list the cells still to run and exit")
     args = parser.parse_args(argv)
-    grid = study_cells.GRIDS[args.grid]
-    page = args.page or ROOT / "docs" / ("results.md" if grid.name == "quick" else f"results-{grid.name}.md")
-    out = args.out / grid.name
-    adopted = adopt_shared_results(grid, args.out, args.data)
-    if adopted:
-        print(f"{len(adopted)} cells adopted from other grids that ran the same configuration: {', '.join(adopted)}")
-    if not args.report:
-        missing = [name for name in grid.datasets
-                   if study_cells.needs_data_root(name) and not (args.data / name).is_dir()]
-        if missing:
-            parser.error(f"--data {args.data} has no {', '.join(missing)}/ folder")
-        ran = 0
-        said = None  # what this shard last said it waits for
-        while args.max_cells is None or ran < args.max_cells:
-            results = load_results(out)
-            ready, waiting = pending_cells(grid, results)
-            mine, mine_waiting = ([c for c in cells if in_shard(c, args.shard)] for cells in (ready, waiting))
-            left = time_left(mine + mine_waiting, results)
-            eta = "" if left is None else f"about {describe_duration(left)} left"
-            if args.list:
-                for cell in mine:
-                    print(cell.key)
-                print(f"{len(mine)} to run in this shard; {len(mine_waiting)} wait for their learning-rate sweep"
-                      + (f"; {eta}" if eta else ""))
-                return 0
-            if not mine:
-                if not mine_waiting:
-                    break  # all of this shard's cells are done
-                waits = describe_wait(grid, mine_waiting, results)
-                if args.no_wait:
-                    print(f"{waits}: once those are in cells/ (copied from the other machines), run this shard "
-                          "again", flush=True)
-                    break
-                if waits != said:  # once, and again as other shards finish sweep cells
-                    print(f"{waits}; reading cells/ every {args.wait_interval:g} s (separate machines: --no-wait)",
-                          flush=True)
-                    said = waits
-                time.sleep(args.wait_interval)
-                continue
-            cell = mine[0]
-            total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
-            done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
-            print(f"[{done + 1}/{total}] {cell.describe()} …" + (f" ({eta})" if eta else ""), flush=True)
-            result = run_cell(cell, grid, out, args.data)
-            save_result(out, result)
-            ran += 1
-            print(f"    {result['summary']} ({result['seconds']:.0f} s)", flush=True)
-    results = load_results(out)
-    write_report(grid, results, page, out)
-    print(f"{len(results)} cells done; wrote {page}")
+    names = [args.grid] if args.grid else [name for name, _ in study_cells.HEADLINE]
+    summary = args.page or ROOT / "docs" / "results.md"  # without --grid: the headline page, its grids' beside it
+    finished: dict[str, dict[str, dict]] = {}
+    budget = args.max_cells
+    for name in names:
+        grid = study_cells.GRIDS[name]
+        out = args.out / grid.name
+        adopted = adopt_shared_results(grid, args.out, args.data)
+        if adopted:
+            print(f"{len(adopted)} cells adopted from other grids that ran the same configuration: "
+                  f"{', '.join(adopted)}")
+        if args.list:
+            if not args.grid:
+                print(f"grid {name}:")
+            list_cells(grid, out, args.shard)
+            continue
+        if not args.report:
+            missing = [d for d in grid.datasets if study_cells.needs_data_root(d) and not (args.data / d).is_dir()]
+            if missing:
+                parser.error(f"--data {args.data} has no {', '.join(missing)}/ folder")
+            ran = run_cells(grid, out, args, budget)
+            budget = None if budget is None else budget - ran
+        finished[name] = load_results(out)
+        page = (args.page or ROOT / "docs" / f"results-{grid.name}.md") if args.grid else summary.with_name(
+            f"results-{grid.name}.md")
+        write_report(grid, finished[name], page, out)
+        print(f"{len(finished[name])} cells done; wrote {page}")
+        if budget is not None and budget <= 0:
+            break
+    if not args.grid and not args.list and len(finished) == len(names):
+        sections = [(study_cells.GRIDS[name], question, finished[name]) for name, question in study_cells.HEADLINE]
+        write_summary(sections, summary)
+        print(f"wrote {summary}")
     return 0
 
 

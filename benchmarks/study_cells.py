@@ -343,8 +343,17 @@ AGNEWS_LR1 = replace(AGNEWS, name="agnews-lr1", strategies=("fedsvd",), epsilons
 FFA_LR1 = replace(METHODS, name="ffa-lr1", strategies=("ffa",), adapters=("pissa",), lrs=(1.0,), strategy_lrs=(),
                   tuned=False)
 GRIDS = {grid.name: grid
-         for grid in (QUICK, FRACTION1, BATCH32, METHODS, PARTITIONS, RECORDS, STEPS, NOISE, DEFAULTS, ROUNDS15, BATCH256,
-                      AGNEWS, AGNEWS_LR1, AGNEWS_STEPS, FFA_LR1, MINIMUM, SMOKE)}
+         for grid in (QUICK, FRACTION1, BATCH32, METHODS, PARTITIONS, RECORDS, STEPS, NOISE, DEFAULTS, ROUNDS15,
+                      BATCH256, AGNEWS, AGNEWS_LR1, AGNEWS_STEPS, FFA_LR1, MINIMUM, SMOKE)}
+# docs/results.md: what `python benchmarks/accuracy.py` runs and summarizes, each grid under the question it answers
+# (every grid also has its own page, docs/results-GRID.md, with its plots, sweep and missing cells).
+HEADLINE = (
+    ("defaults", "SST-2: the defaults against centralized DP, at ε 1, 3 and 8"),
+    ("steps", "SST-2: centralized DP at the federation's number of DP-SGD steps (ε = 3)"),
+    ("agnews", "AG News: the defaults against centralized DP, at ε 1, 3 and 8"),
+    ("agnews-steps", "AG News: centralized DP at the federation's number of DP-SGD steps (ε = 3)"),
+    ("methods", "Strategies and adapters, each at its own tuned rate (SST-2, ε = 3, the batch-32 recipe)"),
+)
 
 
 def needs_data_root(dataset: str) -> bool:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import accuracy
 import study_cells
+import study_report
 from study_cells import (
     CENTRALIZED,
     MINIMUM,
@@ -367,6 +368,38 @@ def test_separate_machines_run_their_finals_in_a_second_pass_after_the_sweeps_ar
     results = accuracy.load_results(tmp_path / "out" / "quick")
     assert all(with_lr(c, 1.0).key in results for c in my_finals)
     assert not any(with_lr(c, 1.0).key in results for c in final_cells(grid) if c not in my_finals)
+
+
+def test_the_study_without_a_grid_runs_the_headline_grids_in_turn_and_puts_their_tables_on_one_page(tmp_path,
+                                                                                                      monkeypatch):
+    """`python benchmarks/accuracy.py` is the issue's "one command": it runs every grid docs/results.md summarizes,
+    writes each grid's own page beside it, then the page with each grid's table under the question it answers."""
+    ran: list[str] = []
+
+    def run_cell(cell, grid, out, data_root):
+        ran.append(grid.name)
+        return {**cell.__dict__, "key": cell.key, "score": 1 / (1 + abs(math.log(cell.lr))), "accuracy": 0.8,
+                "last5_spread": 0.0, "curve": [0.5, 0.8], "max_epsilon": cell.epsilon, "seconds": 1.0,
+                "resumed": False, "summary": "fake"}
+
+    pages: list[Path] = []
+    monkeypatch.setattr(accuracy, "run_cell", run_cell)
+    monkeypatch.setattr(accuracy, "write_report", lambda grid, results, page, out: pages.append(page))
+    monkeypatch.setattr(study_report.generative, "load", lambda: {})
+    data = tmp_path / "data"
+    for name in ("sst2", "agnews"):
+        (data / name).mkdir(parents=True)
+    page = tmp_path / "site" / "results.md"
+    page.parent.mkdir()
+    assert accuracy.main(["--out", str(tmp_path / "out"), "--data", str(data), "--page", str(page)]) == 0
+    names = [name for name, _ in study_cells.HEADLINE]
+    assert list(dict.fromkeys(ran)) == names  # in turn; a grid's cells another grid ran are adopted, not rerun
+    assert pages == [page.with_name(f"results-{name}.md") for name in names]
+    text = page.read_text()
+    positions = [text.index(f"## {question}") for _, question in study_cells.HEADLINE]
+    assert positions == sorted(positions)
+    assert all(f"(results-{name}.md)" in text for name in names) and "have not run yet" not in text
+    assert text.count("| sst2 | fedsvd | pissa | 3 | dir0.5 | 16 | 0.800 ± 0.000 (n=3) |") == 2  # defaults, steps
 
 
 def test_a_cell_records_the_commit_its_run_started_on(tmp_path, monkeypatch):
