@@ -325,8 +325,8 @@ BATCH256 = replace(DEFAULTS, name="batch256", strategies=("fedsvd",), epsilons=(
 AGNEWS = replace(DEFAULTS, name="agnews", datasets=("agnews",), lrs=(1.0,), strategy_lrs=((CENTRALIZED, (0.1,)),),
                  centralized_overrides=("federation=default",), final_overrides=())
 # The AG News baseline at the federation's number of DP-SGD steps, as the steps grid is SST-2's: the agnews grid's
-# federation takes 20 clients × 10 rounds × 8 local steps = 1,600 steps of 32 records (about 4.4 passes over each
-# client's records), its baseline one pass (282 steps). Here `fedspec train` takes 1,600 steps on the pooled records
+# federation takes 20 clients × 10 rounds × 8 local steps = 1,600 steps of 32 records (together about 5.7 passes over
+# the pooled records), its baseline one pass (282 steps). Here `fedspec train` takes 1,600 steps on the pooled records
 # (5.7 passes; σ planned for 1,600 steps at the same ε), with its own sweep around the one-pass choice 0.1: the step
 # count moves the best rate. FedSVD keeps data=agnews' lr 1 (the agnews-lr1 grid); its cells are the agnews grid's.
 AGNEWS_FEDERATION_STEPS = AGNEWS.clients * AGNEWS.rounds * 8  # train=default's local steps, every client every round
