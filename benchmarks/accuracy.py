@@ -113,8 +113,8 @@ def load_results(out: Path) -> dict[str, dict]:
 
 def adopt_shared_results(grid: Grid, root: Path, data_root: Path) -> list[str]:
     """Copy into ``root/<grid>/cells`` each finished cell of another grid under ``root`` that ran the configuration
-    this grid's command for that cell composes (the defaults grid's ε = 3 cells are the records grid's finals, the minimum grid's
-    sweep holds the methods grid's), marked with the grid it came from. Returns the keys adopted.
+    this grid's command for that cell composes (the defaults grid's ε = 3 cells are the records grid's finals, the
+    minimum grid's sweep holds the methods grid's), marked with the grid it came from. Returns the keys adopted.
 
     Same key is not enough: the steps grid's `fedspec train` cells have the records grid's keys but train longer.
     A cell adopted before that no longer runs this grid's configuration (the grid was redefined) is dropped."""
@@ -211,15 +211,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def shard_plan(
+    grid: Grid, results: dict[str, dict], shard: tuple[int, int]
+) -> tuple[list[Cell], list[Cell], float | None]:
+    """This shard's (cells to run now, finals waiting for their sweep, seconds all of them will take or None)."""
+    ready, waiting = pending_cells(grid, results)
+    mine, mine_waiting = ([c for c in cells if in_shard(c, shard)] for cells in (ready, waiting))
+    return mine, mine_waiting, time_left(mine + mine_waiting, results)
+
+
 def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | None) -> int:
     """Run this shard's cells of the grid that have not finished (at most ``budget``); returns how many ran."""
     ran = 0
     said = None  # what this shard last said it waits for
     while budget is None or ran < budget:
         results = load_results(out)
-        ready, waiting = pending_cells(grid, results)
-        mine, mine_waiting = ([c for c in cells if in_shard(c, args.shard)] for cells in (ready, waiting))
-        left = time_left(mine + mine_waiting, results)
+        mine, mine_waiting, left = shard_plan(grid, results, args.shard)
         eta = "" if left is None else f"about {describe_duration(left)} left"
         if not mine:
             if not mine_waiting:
@@ -236,6 +243,7 @@ def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | Non
             time.sleep(args.wait_interval)
             continue
         cell = mine[0]
+        ready, waiting = pending_cells(grid, results)  # every shard's, for the [done/total] count
         total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
         done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
         print(f"[{done + 1}/{total}] {cell.describe()} …" + (f" ({eta})" if eta else ""), flush=True)
@@ -247,10 +255,7 @@ def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | Non
 
 
 def list_cells(grid: Grid, out: Path, shard: tuple[int, int]) -> None:
-    results = load_results(out)
-    ready, waiting = pending_cells(grid, results)
-    mine, mine_waiting = ([c for c in cells if in_shard(c, shard)] for cells in (ready, waiting))
-    left = time_left(mine + mine_waiting, results)
+    mine, mine_waiting, left = shard_plan(grid, load_results(out), shard)
     for cell in mine:
         print(cell.key)
     print(f"{len(mine)} to run in this shard; {len(mine_waiting)} wait for their learning-rate sweep"
