@@ -212,10 +212,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def shard_plan(
-    grid: Grid, results: dict[str, dict], shard: tuple[int, int]
+    ready: list[Cell], waiting: list[Cell], results: dict[str, dict], shard: tuple[int, int]
 ) -> tuple[list[Cell], list[Cell], float | None]:
-    """This shard's (cells to run now, finals waiting for their sweep, seconds all of them will take or None)."""
-    ready, waiting = pending_cells(grid, results)
+    """Of every shard's pending cells (``pending_cells``), this shard's: (cells to run now, finals waiting for their
+    sweep, seconds all of them will take or None)."""
     mine, mine_waiting = ([c for c in cells if in_shard(c, shard)] for cells in (ready, waiting))
     return mine, mine_waiting, time_left(mine + mine_waiting, results)
 
@@ -226,7 +226,8 @@ def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | Non
     said = None  # what this shard last said it waits for
     while budget is None or ran < budget:
         results = load_results(out)
-        mine, mine_waiting, left = shard_plan(grid, results, args.shard)
+        ready, waiting = pending_cells(grid, results)
+        mine, mine_waiting, left = shard_plan(ready, waiting, results, args.shard)
         eta = "" if left is None else f"about {describe_duration(left)} left"
         if not mine:
             if not mine_waiting:
@@ -243,7 +244,6 @@ def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | Non
             time.sleep(args.wait_interval)
             continue
         cell = mine[0]
-        ready, waiting = pending_cells(grid, results)  # every shard's, for the [done/total] count
         total = len(study_cells.tuning_cells(grid)) + len(study_cells.final_cells(grid))
         done = total - len(ready) - len(waiting)  # not len(results): a widened sweep leaves finals at other rates
         print(f"[{done + 1}/{total}] {cell.describe()} …" + (f" ({eta})" if eta else ""), flush=True)
@@ -255,7 +255,8 @@ def run_cells(grid: Grid, out: Path, args: argparse.Namespace, budget: int | Non
 
 
 def list_cells(grid: Grid, out: Path, shard: tuple[int, int]) -> None:
-    mine, mine_waiting, left = shard_plan(grid, load_results(out), shard)
+    results = load_results(out)
+    mine, mine_waiting, left = shard_plan(*pending_cells(grid, results), results, shard)
     for cell in mine:
         print(cell.key)
     print(f"{len(mine)} to run in this shard; {len(mine_waiting)} wait for their learning-rate sweep"
